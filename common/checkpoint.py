@@ -1,0 +1,215 @@
+"""The checkpoint contract (see DESIGN.md): atomic writes, resume, RNG state, and the
+one place that knows which keys hold the backbone in every supported layout."""
+import os
+import random
+import tempfile
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from common.errors import UserError
+
+METHODS = ("moco", "simclr", "lincls")
+SCRIPTS = {"moco": "main_moco.py", "simclr": "main_simclr.py", "lincls": "main_lincls.py"}
+# prefixes under which pretraining checkpoints keep the backbone, most specific first
+BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "encoder.")
+
+
+# ---------------------------------------------------------------- writing
+
+def save_atomic(state: Dict[str, Any], path: str) -> None:
+    """torch.save to a temp file in the same folder, fsync, rename: a crash mid-write
+    leaves the previous file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth.tar", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch_file: bool = True,
+                    is_best: bool = False) -> str:
+    """Write `checkpoint_last.pth.tar` (+ `checkpoint_{epoch:04d}` and `model_best`)."""
+    last = os.path.join(output_dir, "checkpoint_last.pth.tar")
+    save_atomic(state, last)
+    extra = []
+    if epoch_file:
+        extra.append(os.path.join(output_dir, f"checkpoint_{state['epoch']:04d}.pth.tar"))
+    if is_best:
+        extra.append(os.path.join(output_dir, "model_best.pth.tar"))
+    for path in extra:
+        # a hard link costs no space or time; copy where links are not allowed
+        tmp = path + ".tmp_link"
+        try:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            os.link(last, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            save_atomic(state, path)
+    return last
+
+
+def model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """State dict with the DDP `module.` prefix, whether or not the model is wrapped."""
+    sd = model.state_dict()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return sd
+    return {"module." + k: v for k, v in sd.items()}
+
+
+def load_model_state(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict)
+
+
+# ---------------------------------------------------------------- RNG
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG a run draws from, in types that load with weights_only=True."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# ---------------------------------------------------------------- reading
+
+def load_checkpoint(path: str, expected_method: Optional[str] = None) -> Dict[str, Any]:
+    """Load safely (weights_only) and check that the right script wrote it."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} does not exist; check the path (or use --resume auto)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated files, pickles of foreign classes, not a torch file
+        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        f"it is damaged or not a checkpoint of this repository")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"{path!r} is not a training checkpoint (no 'state_dict'); "
+                        f"pass a .pth.tar written by main_moco.py, main_simclr.py or main_lincls.py")
+    method = ckpt.get("method")
+    if expected_method is not None and method != expected_method:
+        wrote = SCRIPTS.get(method, "another program")
+        raise UserError(f"{path!r} was written by {wrote}, but {SCRIPTS[expected_method]} can only "
+                        f"resume its own checkpoints; pass one from a {SCRIPTS[expected_method]} run")
+    return ckpt
+
+
+def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
+    """`--resume PATH` as given; `--resume auto` -> the output folder's last checkpoint, or
+    None (a fresh start) when there is none yet."""
+    if not resume:
+        return None
+    if resume == "auto":
+        last = os.path.join(output_dir, "checkpoint_last.pth.tar")
+        return last if os.path.isfile(last) else None
+    if not os.path.isfile(resume):
+        raise UserError(f"--resume {resume!r} does not exist; pass a checkpoint file or 'auto'")
+    return resume
+
+
+def check_arch(ckpt: Dict[str, Any], arch: str, path: str) -> None:
+    saved = ckpt.get("arch")
+    if saved is not None and saved != arch:
+        raise UserError(f"checkpoint {path!r} holds a {saved} but -a/--arch is {arch}; "
+                        f"pass -a {saved} or a checkpoint of a {arch}")
+
+
+def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Backbone weights (head `fc.*` dropped, prefix stripped) from any supported layout:
+    MoCo (ours and facebookresearch/moco: `module.encoder_q.*`), SimCLR (`module.encoder.*`),
+    a classifier from main_lincls.py or torchvision (`module.*` or bare keys).
+    Returns (weights, layout name)."""
+    for prefix in BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in state_dict):
+            layout = prefix.rstrip(".")
+            break
+    else:
+        keys = list(state_dict)
+        if any(k.startswith("module.") for k in keys):
+            prefix, layout = "module.", "classifier"
+        elif "conv1.weight" in state_dict or any(k.startswith("layer1.") for k in keys):
+            prefix, layout = "", "classifier"
+        else:
+            raise UserError(f"unknown checkpoint layout (first keys: {keys[:4]}); expected keys starting with "
+                            f"{', '.join(BACKBONE_PREFIXES)} or a plain ResNet state_dict")
+    out = {k[len(prefix):]: v for k, v in state_dict.items()
+           if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")}
+    return out, layout
+
+
+def load_backbone(model: nn.Module, ckpt: Dict[str, Any], path: str = "checkpoint") -> str:
+    """Load a checkpoint's backbone into `model` (a torchvision model; its `fc` is left
+    alone). Any other missing or mismatched key is a plain error naming the likely cause."""
+    if ckpt.get("arch") is None:
+        pass  # foreign checkpoints (torchvision, reference repo) may not say; shapes decide
+    weights, layout = extract_backbone(ckpt["state_dict"])
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        saved = ckpt.get("arch", "an unknown architecture")
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {wrong[:3]}")
+        raise UserError(f"checkpoint {path!r} ({saved}) does not fit this backbone ({detail}); pass the -a/--arch "
+                        f"and --small-images/--no-small-images it was pretrained with")
+    model.load_state_dict(weights, strict=False)
+    return layout
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, args, *, method: str,
+                   epoch: int, iteration: int = 0, metrics: Optional[Dict[str, Any]] = None,
+                   **extra: Any) -> Dict[str, Any]:
+    """The checkpoint dict of DESIGN.md. `epoch` is the next epoch to run, or the current
+    one when `iteration` > 0 (a mid-epoch checkpoint: that many iterations are done)."""
+    return {
+        "epoch": epoch, "iteration": iteration, "arch": args.arch, "method": method,
+        "state_dict": model_state_dict(model), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))},
+        "rng": rng_state(), "metrics": metrics or {}, **extra,
+    }
+
+
+def restore_training_state(ckpt: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scaler=None) -> Tuple[int, int]:
+    """Load model, optimizer, scaler and RNG from `ckpt`; returns (epoch, iteration) to continue at."""
+    load_model_state(model, ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    return int(ckpt["epoch"]), int(ckpt.get("iteration", 0))

@@ -1,0 +1,49 @@
+"""Flags every training script shares (names and defaults follow facebookresearch/moco)."""
+import argparse
+from typing import Sequence
+
+from common.data import add_data_args
+from common.dist import add_dist_args
+
+
+def str2bool_or_none(v: str):
+    return None if v in (None, "auto") else v.lower() in ("1", "true", "yes", "on")
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int,
+                      schedule: Sequence[int], weight_decay: float, name: str) -> None:
+    parser.add_argument("data", metavar="DIR", nargs="?", default="",
+                        help="path to dataset (not needed for --dataset synthetic)")
+    parser.add_argument("-a", "--arch", metavar="ARCH", default="resnet50",
+                        help="torchvision model architecture (default: resnet50)")
+    parser.add_argument("-j", "--workers", default=8, type=int, metavar="N",
+                        help="data loading workers in total over this node's processes (default: 8)")
+    parser.add_argument("--epochs", default=epochs, type=int, metavar="N", help="number of total epochs to run")
+    parser.add_argument("-b", "--batch-size", default=batch_size, type=int, metavar="N",
+                        help=f"global batch size over all processes and nodes (default: {batch_size})")
+    parser.add_argument("--lr", "--learning-rate", default=lr, type=float, metavar="LR", dest="lr",
+                        help=f"initial learning rate (default: {lr})")
+    parser.add_argument("--schedule", default=list(schedule), nargs="*", type=int,
+                        help="epochs at which lr drops by 10x (ignored with --cos)")
+    parser.add_argument("--cos", action="store_true", help="use a cosine lr schedule")
+    parser.add_argument("--warmup-epochs", default=0.0, type=float, help="linear lr warmup epochs (default: 0)")
+    parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="SGD momentum")
+    parser.add_argument("--wd", "--weight-decay", default=weight_decay, type=float, metavar="W",
+                        dest="weight_decay", help=f"weight decay (default: {weight_decay})")
+    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="print every N iterations")
+    parser.add_argument("--resume", default="", type=str, metavar="PATH",
+                        help="checkpoint to resume from, or 'auto' for the output folder's last one")
+    parser.add_argument("--seed", default=None, type=int, help="seed for initialisation, data order and augmentation")
+    parser.add_argument("--output-dir", default=None, type=str,
+                        help=f"folder for checkpoints and logs (default: ./runs/{name})")
+    parser.add_argument("--crop-size", default=None, type=int,
+                        help="training crop size (default: 224; 32 for CIFAR/MNIST/synthetic, 96 for STL-10)")
+    parser.add_argument("--small-images", default=None, action=argparse.BooleanOptionalAction,
+                        help="CIFAR stem (3x3 conv1, no max-pool); on by default for crops <= 64 px")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 autocast; fp16 + GradScaler with --amp-dtype fp16)")
+    parser.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"), help="autocast dtype for --amp")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
+    parser.add_argument("--save-freq", default=1, type=int,
+                        help="keep checkpoint_NNNN.pth.tar every N epochs (checkpoint_last is always written)")
+    add_data_args(parser)
+    add_dist_args(parser)

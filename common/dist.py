@@ -1,0 +1,276 @@
+"""One distributed setup for every launcher: a single process (CPU or one GPU),
+`mp.spawn` (`--multiprocessing-distributed`), torchrun and SLURM's srun.
+
+The scripts call `launch(main_worker, args)`; each worker calls
+`setup_distributed(local_rank, args)` and gets a `DistEnv` back. Only global rank 0
+prints and writes files (`is_main_process()`).
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from common.errors import UserError, report_user_errors
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+
+# ---------------------------------------------------------------- launcher detection
+
+def detect_launcher() -> Optional[str]:
+    """'torchrun' or 'slurm' when an external launcher started this process, else None."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
+        return "torchrun"
+    ntasks = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS"))
+    if "SLURM_PROCID" in env and ntasks is not None and int(ntasks) > 1:
+        return "slurm"
+    return None
+
+
+def expand_nodelist(nodelist: str) -> List[str]:
+    """Expand a SLURM nodelist: 'node[01-03,07],gpu-a1' -> ['node01', 'node02', 'node03', 'node07', 'gpu-a1']."""
+    # split on commas that are not inside brackets
+    parts, depth, cur = [], 0, ""
+    for ch in nodelist.strip():
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth != 0:
+        raise UserError(f"cannot parse SLURM nodelist {nodelist!r}: unbalanced brackets")
+    parts.append(cur)
+
+    hosts: List[str] = []
+    for part in filter(None, parts):
+        m = re.search(r"\[([^\]]*)\]", part)
+        if m is None:
+            hosts.append(part)
+            continue
+        prefix, suffix = part[: m.start()], part[m.end():]
+        for item in m.group(1).split(","):
+            if "-" in item:
+                lo, hi = item.split("-", 1)
+                width = len(lo)
+                for i in range(int(lo), int(hi) + 1):
+                    # suffix may hold more bracket groups: expand recursively
+                    hosts.extend(expand_nodelist(f"{prefix}{i:0{width}d}{suffix}"))
+            else:
+                hosts.extend(expand_nodelist(f"{prefix}{item}{suffix}"))
+    return hosts
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    """First host of the job; `scontrol show hostnames` when SLURM is installed, else our parser."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist],
+                                 capture_output=True, text=True, check=True, timeout=30).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_nodelist(nodelist)[0]
+
+
+def _slurm_env() -> dict:
+    env = os.environ
+    missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
+               if k not in env]
+    if missing:
+        raise UserError(f"SLURM launch is missing {', '.join(missing)}; start the script with "
+                        f"`srun` inside an sbatch job (see slurm/pretrain.sbatch)")
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    addr = env.get("MASTER_ADDR") or slurm_master_addr(env["SLURM_JOB_NODELIST"])
+    # a port derived from the job id: jobs sharing a node do not collide
+    port = int(env.get("MASTER_PORT", 15000 + int(env["SLURM_JOB_ID"]) % 20000))
+    return {"rank": int(env["SLURM_PROCID"]), "world_size": ntasks,
+            "local_rank": int(env["SLURM_LOCALID"]), "init_method": f"tcp://{addr}:{port}"}
+
+
+# ---------------------------------------------------------------- setup
+
+def add_dist_args(parser: argparse.ArgumentParser) -> None:
+    """facebookresearch/moco's distributed flags, plus --nproc-per-node for CPU runs."""
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--world-size", default=1, type=int,
+                   help="number of nodes (with --multiprocessing-distributed) or processes")
+    g.add_argument("--rank", default=0, type=int, help="node rank for distributed training")
+    g.add_argument("--dist-url", default="tcp://127.0.0.1:23456", type=str,
+                   help="url used to set up distributed training")
+    g.add_argument("--dist-backend", default=None, type=str,
+                   help="distributed backend (default: nccl on GPU, gloo on CPU)")
+    g.add_argument("--multiprocessing-distributed", action="store_true",
+                   help="spawn one worker per GPU (or --nproc-per-node CPU workers) on this node")
+    g.add_argument("--nproc-per-node", default=None, type=int,
+                   help="workers per node for --multiprocessing-distributed "
+                        "(default: number of GPUs, or 1 without GPUs)")
+    g.add_argument("--gpu", default=None, type=int, help="GPU id to use for a single-process run")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+
+
+def _use_cuda(args: argparse.Namespace) -> bool:
+    return torch.cuda.is_available() and not getattr(args, "cpu", False)
+
+
+def expected_world_size(args: argparse.Namespace) -> int:
+    """World size as it will be once workers start (checked before spawning)."""
+    launcher = detect_launcher()
+    if launcher == "torchrun":
+        return int(os.environ["WORLD_SIZE"])
+    if launcher == "slurm":
+        return int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+    if args.multiprocessing_distributed:
+        return _nproc_per_node(args) * args.world_size
+    return args.world_size
+
+
+def _nproc_per_node(args: argparse.Namespace) -> int:
+    if args.nproc_per_node:
+        return args.nproc_per_node
+    return torch.cuda.device_count() if _use_cuda(args) else 1
+
+
+def per_worker(total: int, world_size: int, what: str = "--batch-size") -> int:
+    """Split a global quantity evenly over workers, or say plainly why it cannot be."""
+    if total % world_size != 0:
+        raise UserError(f"{what} {total} is not divisible by the world size {world_size}; "
+                        f"use a multiple of {world_size}")
+    return total // world_size
+
+
+def launch(worker: Callable[[Optional[int], argparse.Namespace], None], args: argparse.Namespace) -> None:
+    """Run `worker(local_rank, args)` once per process on this node.
+
+    torchrun/srun already started one process per GPU, so the worker runs directly;
+    `--multiprocessing-distributed` spawns them here.
+    """
+    wrapped = report_user_errors(worker)
+    if detect_launcher() is None and args.multiprocessing_distributed:
+        nproc = _nproc_per_node(args)
+        args.nproc_per_node = nproc
+        args.world_size = nproc * args.world_size
+        try:
+            mp.spawn(wrapped, nprocs=nproc, args=(args,))
+        except mp.ProcessExitedException as e:
+            # the worker already printed its one-line error; do not add mp's traceback
+            raise SystemExit(e.exit_code or 1)
+    else:
+        wrapped(None, args)
+
+
+def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> DistEnv:
+    """Join the process group (if any) and pick this worker's device."""
+    launcher = detect_launcher()
+    if launcher == "torchrun":
+        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        init_method = "env://"
+    elif launcher == "slurm":
+        s = _slurm_env()
+        rank, world, local, init_method = s["rank"], s["world_size"], s["local_rank"], s["init_method"]
+    else:
+        local = local_rank or 0
+        nproc = args.nproc_per_node if args.multiprocessing_distributed else 1
+        rank = args.rank * nproc + local
+        world = args.world_size
+        init_method = args.dist_url
+
+    if _use_cuda(args):
+        gpu = local if (world > 1 or args.gpu is None) else args.gpu
+        device = torch.device("cuda", gpu)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=world, rank=rank)
+    args.rank_global = rank  # kept for logging; the checkpointed args stay plain
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, distributed=distributed)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- gather helpers
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 without gradients (MoCo keys, kNN features)."""
+    world = get_world_size()
+    if world == 1:
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends every rank the gradient of its own slice,
+    summed over all ranks' losses (torch.distributed.all_gather drops it)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        world = dist.get_world_size()
+        out = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(out, tensor.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), tensor.shape[0]
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 keeping the autograd graph (SimCLR negatives from every rank)."""
+    if get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

@@ -1,0 +1,82 @@
+"""The pretraining epoch loop shared by MoCo and SimCLR. The method is the model: it
+takes the two views and returns (loss, stats); everything else here is plumbing
+(lr per iteration, AMP, progress line, mid-epoch stop)."""
+import argparse
+import contextlib
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from common.data import ResumableSampler
+from common.dist import DistEnv
+from common.logging import MeterBank, Progress, log
+
+
+def amp_dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.float16 if args.amp_dtype == "fp16" else torch.bfloat16
+
+
+def autocast(args: argparse.Namespace, device: torch.device):
+    if not args.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype(args))
+
+
+def make_scaler(args: argparse.Namespace, device: torch.device) -> torch.amp.GradScaler:
+    # only fp16 needs loss scaling; bf16 has fp32's range
+    return torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == "fp16" and device.type == "cuda")
+
+
+def make_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int, seed: int,
+                shuffle: bool = True, drop_last: bool = True) -> Tuple[DataLoader, ResumableSampler]:
+    """Per-process loader over this rank's share, batches of `batch_size` (per worker)."""
+    sampler = ResumableSampler(len(dataset), env.world_size, env.rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=env.device.type == "cuda", drop_last=drop_last,
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    return loader, sampler
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, epoch: int, iters_per_epoch: int, start_iter: int,
+                    lr_fn: Callable[[float], float], args: argparse.Namespace, env: DistEnv,
+                    after_step: Optional[Callable[[int], bool]] = None) -> Tuple[Dict[str, float], int]:
+    """One pass over `loader` (which already skips the first `start_iter` batches).
+
+    `after_step(iterations_done)` runs after every optimizer step; when it returns True
+    the epoch stops there (preemption). Returns (epoch averages, iterations done).
+    """
+    from common.schedule import set_lr
+
+    model.train()
+    meters = MeterBank(env.device)
+    progress = Progress(epoch, args.epochs, iters_per_epoch, start_iter)
+    images_seen, it = 0, start_iter
+    for it, (images, _) in enumerate(loader, start=start_iter):
+        lr = lr_fn(epoch + it / iters_per_epoch)
+        set_lr(optimizer, lr)
+        im_q, im_k = (x.to(env.device, non_blocking=True) for x in images[:2])
+        if args.channels_last:
+            im_q, im_k = im_q.to(memory_format=torch.channels_last), im_k.to(memory_format=torch.channels_last)
+
+        with autocast(args, env.device):
+            loss, stats = model(im_q, im_k)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        n = im_q.shape[0]
+        meters.update(n, loss=loss, **stats)
+        images_seen += n * env.world_size
+        if (it + 1) % args.print_freq == 0 or it + 1 == iters_per_epoch:
+            # the only host sync of the loop: reading the meters for the line
+            log(progress.line(it, images_seen, meters.latest(), meters.averages(across_ranks=False), lr))
+        if after_step is not None and after_step(it + 1):
+            return meters.averages(), it + 1
+    epoch_avg = meters.averages()
+    epoch_avg["images_per_sec"] = images_seen / max(time.time() - progress.t0, 1e-9)
+    return epoch_avg, it + 1

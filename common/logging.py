@@ -1,0 +1,89 @@
+"""What users look at while a run goes: a progress line (loss, accuracy, lr, images/s,
+ETA) and a JSON-lines metrics log. Only global rank 0 prints or writes."""
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+
+from common.dist import all_reduce_sum, is_main_process
+
+
+def log(msg: str) -> None:
+    if is_main_process():
+        print(msg, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class MeterBank:
+    """Running sums kept as device tensors: adding costs no host sync; values are read
+    (and averaged over ranks) only when a line is printed."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.last: Dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def update(self, n: int, **values: torch.Tensor) -> None:
+        for k, v in values.items():
+            v = v.detach().float()
+            self.last[k] = v
+            self.sums[k] = self.sums.get(k, torch.zeros((), device=self.device)) + v * n
+        self.count += n
+
+    def averages(self, across_ranks: bool = True) -> Dict[str, float]:
+        if not self.sums:
+            return {}
+        names = sorted(self.sums)
+        vec = torch.stack([self.sums[k] for k in names] + [torch.tensor(float(self.count), device=self.device)])
+        if across_ranks:
+            vec = all_reduce_sum(vec.clone())
+        vec = vec.tolist()
+        return {k: vec[i] / max(vec[-1], 1) for i, k in enumerate(names)}
+
+    def latest(self) -> Dict[str, float]:
+        return {k: float(v) for k, v in self.last.items()}
+
+
+class Progress:
+    """`Epoch [3/100][ 40/500] loss 6.21 (6.54) acc1 12.3 (10.1) lr 0.0300 1523 img/s eta 0:12:03 (run 2:01:00)`."""
+
+    def __init__(self, epoch: int, epochs: int, iters: int, start_iter: int = 0, prefix: str = "Epoch"):
+        self.epoch, self.epochs, self.iters, self.start_iter = epoch, epochs, iters, start_iter
+        self.prefix = prefix
+        self.t0 = time.time()
+
+    def line(self, it: int, images_seen: int, latest: Dict[str, float], avg: Dict[str, float], lr: float) -> str:
+        elapsed = time.time() - self.t0
+        done = it + 1 - self.start_iter
+        sec_per_iter = elapsed / max(done, 1)
+        eta_epoch = sec_per_iter * (self.iters - it - 1)
+        eta_run = eta_epoch + sec_per_iter * self.iters * (self.epochs - self.epoch - 1)
+        w = len(str(self.iters))
+        stats = "  ".join(f"{k} {latest[k]:.4g} ({avg.get(k, latest[k]):.4g})" for k in sorted(latest))
+        return (f"{self.prefix} [{self.epoch}/{self.epochs}][{it + 1:>{w}}/{self.iters}]  {stats}  lr {lr:.4g}  "
+                f"{images_seen / max(elapsed, 1e-9):.0f} img/s  eta {format_seconds(eta_epoch)} "
+                f"(run {format_seconds(eta_run)})")
+
+
+class MetricsLog:
+    """Appends one JSON object per line to `<output_dir>/metrics.jsonl` (rank 0 only)."""
+
+    def __init__(self, output_dir: str, name: str = "metrics.jsonl"):
+        self.path = os.path.join(output_dir, name)
+        if is_main_process():
+            os.makedirs(output_dir, exist_ok=True)
+
+    def write(self, record: Dict) -> None:
+        if not is_main_process():
+            return
+        record = {"time": datetime.datetime.now().isoformat(timespec="seconds"), **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,22 @@
+"""Learning-rate schedules: step (`--schedule`), cosine (`--cos`), linear warmup."""
+import math
+from typing import Sequence
+
+import torch
+
+
+def lr_at(epoch: float, base_lr: float, epochs: int, schedule: Sequence[int] = (),
+          cos: bool = False, warmup_epochs: float = 0.0) -> float:
+    """Learning rate at a (fractional) epoch; called every iteration."""
+    if warmup_epochs > 0 and epoch < warmup_epochs:
+        return base_lr * (epoch + 1e-8) / warmup_epochs
+    if cos:
+        progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return base_lr * 0.1 ** sum(epoch >= m for m in schedule)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr; a group may carry `lr_scale` (e.g. a slower backbone when fine-tuning)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
