@@ -200,6 +200,12 @@ def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> Di
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        # SLURM writes e.g. "2(x3)": the leading number is the per-node count
+        m = re.match(r"\d+", os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "")))
+        local_procs = int(m.group()) if m else (args.nproc_per_node if args.multiprocessing_distributed else 1)
+        if local_procs > 1:
+            # CPU workers sharing a node: oversubscribed threads slow every worker down
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
 
     distributed = world > 1
     if distributed and not dist.is_initialized():
