@@ -24,6 +24,7 @@ from common.errors import UserError, report_user_errors
 from common.knn import KnnMonitor
 from common.logging import MetricsLog, log
 from common.models import build_backbone
+from common.preempt import PreemptionHandler, add_preemption_args
 from common.schedule import lr_at
 from moco.builder import MoCo, SplitBatchNorm
 
@@ -43,6 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="BN groups that simulate multi-GPU shuffle-BN in a single-process run")
     g.add_argument("--knn-every", default=0, type=int,
                    help="kNN accuracy of the backbone on the labelled train/val split every N epochs (0: off)")
+    add_preemption_args(parser)
     return parser
 
 
@@ -71,7 +73,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     batch_size = per_worker(args.batch_size, env.world_size)
-    workers = (args.workers + max(args.nproc_per_node or 1, 1) - 1) // max(args.nproc_per_node or 1, 1)
+    # -j is per node (as in facebookresearch/moco): split it over this node's processes
+    workers = (args.workers + env.local_world_size - 1) // env.local_world_size
 
     # ---- data: two augmented views of every image, labels unused
     aug = augment.moco_v2(args.crop_size, blur=args.crop_size > 64) if args.aug_plus else augment.moco_v1(args.crop_size)
@@ -119,11 +122,14 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     lr_fn = functools.partial(lr_at, base_lr=args.lr, epochs=args.epochs, schedule=args.schedule,
                               cos=args.cos, warmup_epochs=args.warmup_epochs)
 
+    # SIGUSR1/SIGTERM (SLURM preemption) -> mid-epoch checkpoint, requeue; --save-every-iters
+    preemption = PreemptionHandler(model, optimizer, scaler, args, env, method="moco", iters_per_epoch=iters_per_epoch)
+
     # ---- epochs
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter * batch_size)
         stats, _ = train_one_epoch(model, loader, optimizer, scaler, epoch, iters_per_epoch, start_iter,
-                                   lr_fn, args, env)
+                                   lr_fn, args, env, after_step=preemption.after_step(epoch))
         start_iter = 0
         stats["skipped_images"] = int(dataset.skipped.item())
         if knn is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):

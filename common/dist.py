@@ -27,6 +27,7 @@ class DistEnv:
     local_rank: int
     device: torch.device
     distributed: bool
+    local_world_size: int = 1  # processes on this node (splits -j and CPU threads between them)
 
 
 # ---------------------------------------------------------------- launcher detection
@@ -51,6 +52,9 @@ def expand_nodelist(nodelist: str) -> List[str]:
             depth += 1
         elif ch == "]":
             depth -= 1
+        if depth < 0 or depth > 1:
+            raise UserError(f"cannot parse SLURM nodelist {nodelist!r}: misplaced brackets; "
+                            f"set MASTER_ADDR to the first host of the job instead")
         if ch == "," and depth == 0:
             parts.append(cur)
             cur = ""
@@ -68,6 +72,10 @@ def expand_nodelist(nodelist: str) -> List[str]:
             continue
         prefix, suffix = part[: m.start()], part[m.end():]
         for item in m.group(1).split(","):
+            if not re.fullmatch(r"\d+(-\d+)?", item.strip()):
+                raise UserError(f"cannot parse SLURM nodelist {nodelist!r}: {item!r} is not a number or range; "
+                                f"set MASTER_ADDR to the first host of the job instead")
+            item = item.strip()
             if "-" in item:
                 lo, hi = item.split("-", 1)
                 width = len(lo)
@@ -76,6 +84,8 @@ def expand_nodelist(nodelist: str) -> List[str]:
                     hosts.extend(expand_nodelist(f"{prefix}{i:0{width}d}{suffix}"))
             else:
                 hosts.extend(expand_nodelist(f"{prefix}{item}{suffix}"))
+    if not hosts:
+        raise UserError(f"SLURM nodelist {nodelist!r} names no host; set MASTER_ADDR to the first host of the job")
     return hosts
 
 
@@ -94,17 +104,48 @@ def slurm_master_addr(nodelist: str) -> str:
 
 def _slurm_env() -> dict:
     env = os.environ
-    missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
-               if k not in env]
+    # the step's nodelist (srun) can be a subset of the job's; rank 0 runs on its first host
+    nodelist_key = "SLURM_STEP_NODELIST" if "SLURM_STEP_NODELIST" in env else "SLURM_JOB_NODELIST"
+    required = ["SLURM_PROCID", "SLURM_LOCALID"]
+    required += [] if env.get("MASTER_ADDR") else [nodelist_key]
+    required += [] if env.get("MASTER_PORT") else ["SLURM_JOB_ID"]
+    missing = [k for k in required if not env.get(k)]
     if missing:
         raise UserError(f"SLURM launch is missing {', '.join(missing)}; start the script with "
-                        f"`srun` inside an sbatch job (see slurm/pretrain.sbatch)")
-    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
-    addr = env.get("MASTER_ADDR") or slurm_master_addr(env["SLURM_JOB_NODELIST"])
-    # a port derived from the job id: jobs sharing a node do not collide
-    port = int(env.get("MASTER_PORT", 15000 + int(env["SLURM_JOB_ID"]) % 20000))
-    return {"rank": int(env["SLURM_PROCID"]), "world_size": ntasks,
-            "local_rank": int(env["SLURM_LOCALID"]), "init_method": f"tcp://{addr}:{port}"}
+                        f"`srun` inside an sbatch job (see slurm/pretrain.sbatch), or set them yourself")
+
+    def number(key: str, value: str) -> int:
+        if not value.strip().isdigit():
+            raise UserError(f"{key}={value!r} is not a number; start the script with `srun` inside an sbatch job")
+        return int(value)
+
+    ntasks_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    ntasks = number(ntasks_key, env.get(ntasks_key, "1"))
+    rank, local = number("SLURM_PROCID", env["SLURM_PROCID"]), number("SLURM_LOCALID", env["SLURM_LOCALID"])
+    if rank >= ntasks:
+        raise UserError(f"SLURM_PROCID {rank} is not below {ntasks_key} {ntasks}; start the script with `srun`")
+    addr = env.get("MASTER_ADDR") or slurm_master_addr(env[nodelist_key])
+    # a port derived from the job id: jobs sharing a node do not collide, and a requeued
+    # job (same id) finds the same address again
+    if env.get("MASTER_PORT"):
+        port = number("MASTER_PORT", env["MASTER_PORT"])
+    else:
+        port = 15000 + number("SLURM_JOB_ID", env["SLURM_JOB_ID"]) % 20000
+    return {"rank": rank, "world_size": ntasks, "local_rank": local, "init_method": f"tcp://{addr}:{port}"}
+
+
+def _slurm_tasks_on_this_node() -> int:
+    """Tasks of this step on this node. SLURM writes e.g. '4(x2),3': the count per node, in
+    node order; SLURM_NODEID says which node this is."""
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE", os.environ.get("SLURM_TASKS_PER_NODE", ""))
+    counts: List[int] = []
+    for part in filter(None, spec.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            return 1
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = int(os.environ.get("SLURM_NODEID", "0") or 0)
+    return counts[node] if node < len(counts) else (counts[0] if counts else 1)
 
 
 # ---------------------------------------------------------------- setup
@@ -165,7 +206,14 @@ def launch(worker: Callable[[Optional[int], argparse.Namespace], None], args: ar
     `--multiprocessing-distributed` spawns them here.
     """
     wrapped = report_user_errors(worker)
-    if detect_launcher() is None and args.multiprocessing_distributed:
+    launcher = detect_launcher()
+    if launcher is not None and args.multiprocessing_distributed:
+        # srun/torchrun already started one process per task; spawning more would
+        # silently run a different world size than the one asked for
+        raise UserError(f"--multiprocessing-distributed cannot be combined with {launcher}, which already "
+                        f"started {expected_world_size(args)} processes; drop the flag and start one "
+                        f"process per GPU (srun --ntasks-per-node=GPUS, torchrun --nproc_per_node=GPUS)")
+    if launcher is None and args.multiprocessing_distributed:
         nproc = _nproc_per_node(args)
         args.nproc_per_node = nproc
         args.world_size = nproc * args.world_size
@@ -194,15 +242,26 @@ def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> Di
         world = args.world_size
         init_method = args.dist_url
 
+    if launcher == "torchrun":
+        m = re.match(r"\d+", os.environ.get("LOCAL_WORLD_SIZE", ""))
+        local_procs = int(m.group()) if m else 1
+    elif launcher == "slurm":
+        local_procs = _slurm_tasks_on_this_node()
+    else:
+        local_procs = (args.nproc_per_node or 1) if args.multiprocessing_distributed else 1
+
     if _use_cuda(args):
         gpu = local if (world > 1 or args.gpu is None) else args.gpu
+        visible = torch.cuda.device_count()
+        if launcher is not None and visible == 1:
+            gpu = 0  # srun --gpus-per-task / --gpu-bind: each task sees only its own GPU
+        elif gpu >= visible:
+            raise UserError(f"process {local} on this node needs GPU {gpu} but only {visible} are visible; "
+                            f"start one process per GPU (e.g. --ntasks-per-node={visible})")
         device = torch.device("cuda", gpu)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        # SLURM writes e.g. "2(x3)": the leading number is the per-node count
-        m = re.match(r"\d+", os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "")))
-        local_procs = int(m.group()) if m else (args.nproc_per_node if args.multiprocessing_distributed else 1)
         if local_procs > 1:
             # CPU workers sharing a node: oversubscribed threads slow every worker down
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
@@ -212,7 +271,8 @@ def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> Di
         backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, init_method=init_method, world_size=world, rank=rank)
     args.rank_global = rank  # kept for logging; the checkpointed args stay plain
-    return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, distributed=distributed)
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, distributed=distributed,
+                   local_world_size=max(local_procs, 1))
 
 
 def cleanup() -> None:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.data import ResumableSampler
 from common.dist import DistEnv
 from common.logging import MeterBank, Progress, log
+from common.preempt import ignore_preemption_signals
 
 
 def amp_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -36,7 +37,12 @@ def make_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int, s
     sampler = ResumableSampler(len(dataset), env.world_size, env.rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=env.device.type == "cuda", drop_last=drop_last,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                        worker_init_fn=ignore_preemption_signals,
+                        # the loader draws its workers' base seed when an epoch's iterator starts; from
+                        # its own generator, so that draw does not shift the global RNG a mid-epoch
+                        # checkpoint saved (augmentations are seeded per sample, not by this seed)
+                        generator=torch.Generator().manual_seed(seed))
     return loader, sampler
 
 

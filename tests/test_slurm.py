@@ -1,0 +1,338 @@
+"""SLURM without SLURM: env parsing, a 2-task srun-style gloo run, the preemption signal
+path (mid-epoch checkpoint, requeue exit code, exact resume) and the sbatch scripts."""
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common import dist as cdist
+from common.errors import UserError
+from common.preempt import REQUEUE_EXIT_CODE
+from conftest import ROOT, SYNTHETIC
+
+# 4 iterations per epoch; -j 0 and a fixed seed make runs bitwise repeatable
+TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",
+                    "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "3", "-p", "1", "--schedule", "1"]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def clean_env(**extra) -> dict:
+    """The test's environment without any SLURM_*/torchrun variables of the machine running it."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                       "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start(args, env, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "main_moco.py")] + args, cwd=ROOT, env=env,
+                            text=True, **kw)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> str:
+    """Read the child's stdout until a line contains `needle`; returns everything read."""
+    seen, t0 = [], time.time()
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+        assert time.time() - t0 < timeout, "".join(seen)
+    raise AssertionError(f"process ended before printing {needle!r}:\n" + "".join(seen))
+
+
+def assert_same_weights(a_path, b_path):
+    a, b = load(a_path), load(b_path)
+    assert a["epoch"] == b["epoch"] and a.get("iteration", 0) == b.get("iteration", 0) == 0
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+# ---------------------------------------------------------------- env parsing
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+    ("gpu-a1,gpu-b2", ["gpu-a1", "gpu-b2"]),
+    ("localhost", ["localhost"]),
+    ("node7", ["node7"]),
+    ("rack[1-2]-gpu[01-02]", ["rack1-gpu01", "rack1-gpu02", "rack2-gpu01", "rack2-gpu02"]),
+    ("a[8-10],b[001-002],c", ["a8", "a9", "a10", "b001", "b002", "c"]),
+    ("dgx-[3,5]x", ["dgx-3x", "dgx-5x"]),
+])
+def test_expand_nodelist(nodelist, hosts):
+    assert cdist.expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["", "node[01-03", "node]01[", "node[a-c]", "node[[1]]"])
+def test_bad_nodelist_is_a_user_error(nodelist):
+    with pytest.raises(UserError, match="nodelist"):
+        cdist.expand_nodelist(nodelist)
+
+
+def _set_env(monkeypatch, **values):
+    for k in list(os.environ):
+        if k.startswith("SLURM_") or k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the parser decides
+    for k, v in values.items():
+        monkeypatch.setenv(k, str(v))
+
+
+def test_slurm_env_reads_rank_world_master_and_port(monkeypatch):
+    _set_env(monkeypatch, SLURM_PROCID=5, SLURM_NTASKS=8, SLURM_LOCALID=1, SLURM_JOB_ID=123456,
+             SLURM_JOB_NODELIST="gpu[03-06]", SLURM_TASKS_PER_NODE="2(x4)", SLURM_NODEID=2)
+    assert cdist.detect_launcher() == "slurm"
+    s = cdist._slurm_env()
+    assert s == {"rank": 5, "world_size": 8, "local_rank": 1, "init_method": "tcp://gpu03:18456"}
+    assert cdist._slurm_tasks_on_this_node() == 2
+    # the step's own values win over the job's (srun -N2 -n4 inside a bigger allocation)
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[05-06]")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "6")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "4,2")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    s = cdist._slurm_env()
+    assert s["world_size"] == 6 and s["init_method"] == "tcp://gpu05:18456"
+    assert cdist._slurm_tasks_on_this_node() == 2
+    # explicit MASTER_ADDR/MASTER_PORT override; then the job id and nodelist are not needed
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST"):
+        monkeypatch.delenv(k)
+    assert cdist._slurm_env()["init_method"] == "tcp://10.0.0.1:29999"
+
+
+def test_single_task_or_torchrun_is_not_slurm(monkeypatch):
+    _set_env(monkeypatch, SLURM_PROCID=0, SLURM_NTASKS=1, SLURM_LOCALID=0, SLURM_JOB_ID=1)
+    assert cdist.detect_launcher() is None  # `srun -n1 python main_moco.py ...`: a plain run
+    _set_env(monkeypatch, SLURM_PROCID=0, SLURM_NTASKS=4, RANK=0, WORLD_SIZE=2, LOCAL_RANK=0)
+    assert cdist.detect_launcher() == "torchrun"  # torchrun inside an allocation
+
+
+@pytest.mark.parametrize("values, missing", [
+    (dict(SLURM_PROCID=0, SLURM_NTASKS=2, SLURM_JOB_ID=7, SLURM_JOB_NODELIST="n1"), "SLURM_LOCALID"),
+    (dict(SLURM_PROCID=0, SLURM_NTASKS=2, SLURM_LOCALID=0, SLURM_JOB_NODELIST="n1"), "SLURM_JOB_ID"),
+    (dict(SLURM_PROCID=0, SLURM_NTASKS=2, SLURM_LOCALID=0, SLURM_JOB_ID=7), "SLURM_JOB_NODELIST"),
+    (dict(SLURM_PROCID="x", SLURM_NTASKS=2, SLURM_LOCALID=0, SLURM_JOB_ID=7, SLURM_JOB_NODELIST="n1"),
+     "SLURM_PROCID='x' is not a number"),
+    (dict(SLURM_PROCID=3, SLURM_NTASKS=2, SLURM_LOCALID=0, SLURM_JOB_ID=7, SLURM_JOB_NODELIST="n1"),
+     "is not below SLURM_NTASKS 2"),
+])
+def test_missing_or_bad_slurm_variables_name_the_problem(monkeypatch, values, missing):
+    _set_env(monkeypatch, **values)
+    with pytest.raises(UserError, match=missing.replace("(", r"\(")) as e:
+        cdist._slurm_env()
+    assert "srun" in str(e.value)
+
+
+def test_missing_variable_is_one_sentence_from_the_script(tmp_path):
+    env = clean_env(SLURM_PROCID=0, SLURM_NTASKS=2, SLURM_LOCALID=0, SLURM_JOB_NODELIST="localhost", PATH="/nonexistent")
+    proc = subprocess.run([sys.executable, "main_moco.py"] + TINY + ["--epochs", "1", "--output-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: SLURM launch is missing SLURM_JOB_ID" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- 2 tasks, as srun starts them
+
+def _free_slurm_job_id() -> int:
+    """A job id whose derived port (15000 + id % 20000) is free right now."""
+    for _ in range(200):
+        job = random.randrange(1, 10 ** 6)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 15000 + job % 20000))
+                return job
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def test_two_srun_tasks_train_and_agree_to_stop_on_one_ranks_signal(tmp_path):
+    """Two processes with srun's variables form a gloo group (master from `scontrol show
+    hostnames`, port from the job id) and train a full epoch; SIGUSR1 to rank 1 alone
+    stops *both* at the same iteration; rank 0 checkpoints and calls `scontrol requeue`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls"
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        'if [ "$1 $2" = "show hostnames" ]; then echo localhost; fi\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    job = _free_slurm_job_id()
+    out = tmp_path / "out"
+    common = dict(SLURM_NTASKS=2, SLURM_JOB_ID=job, SLURM_JOB_NODELIST="localhost", SLURM_TASKS_PER_NODE="2",
+                  SLURM_NODEID=0, PATH=f"{bin_dir}:/usr/bin:/bin")
+    args = TINY + ["--epochs", "3", "--cpu", "--moco-k", "48", "--output-dir", str(out)]
+    logs = [open(tmp_path / f"rank{r}.log", "w+") for r in (0, 1)]
+    procs = [start(args, clean_env(SLURM_PROCID=r, SLURM_LOCALID=r, **common),
+                   stdout=subprocess.PIPE if r == 0 else logs[r], stderr=logs[r]) for r in (0, 1)]
+    try:
+        seen = wait_for_line(procs[0], "epoch 0 done")
+        procs[1].send_signal(signal.SIGUSR1)
+        seen += procs[0].stdout.read()
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    err = [open(tmp_path / f"rank{r}.log").read() for r in (0, 1)]
+    assert codes == [REQUEUE_EXIT_CODE] * 2, (seen, err)
+    assert "2 process(es)" in seen and "SIGUSR1 received" in err[1]
+    assert f"requeued SLURM job {job}" in seen
+    assert open(calls).read().split("\n")[:-1] == ["show hostnames localhost"] * 2 + [f"requeue {job}"]
+    # one full epoch of 2-rank DDP; 4 steps x 16 keys through a queue of 48
+    first = load(out / "checkpoint_0001.pth.tar")
+    assert first["epoch"] == 1 and int(first["state_dict"]["module.queue_ptr"]) == 64 % 48
+    mid = load(out / "checkpoint_last.pth.tar")
+    assert mid["epoch"] == 1 and 1 <= mid["iteration"] <= 4, (mid["epoch"], mid["iteration"])
+    assert f"(epoch 1, iteration {mid['iteration']})" in seen
+
+
+# ---------------------------------------------------------------- signal path, exact resume
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 2-epoch run: the reference the interrupted runs must reproduce."""
+    out = tmp_path_factory.mktemp("straight")
+    subprocess.run([sys.executable, "main_moco.py"] + TINY + ["--epochs", "2", "--output-dir", str(out)],
+                   cwd=ROOT, env=clean_env(), check=True, capture_output=True, timeout=300)
+    return out / "checkpoint_last.pth.tar"
+
+
+def test_sigusr1_checkpoints_mid_epoch_exits_for_requeue_and_resumes_exactly(tmp_path, straight):
+    out = tmp_path / "out"
+    args = TINY + ["--epochs", "2", "--output-dir", str(out), "--resume", "auto"]
+    # PATH without scontrol: the requeue is logged, not a crash
+    env = clean_env(SLURM_JOB_ID=4242, PATH="/nonexistent")
+    proc = start(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = wait_for_line(proc, "Epoch [0/2][2/4]")
+        proc.send_signal(signal.SIGUSR1)
+        seen += proc.stdout.read()
+        code, err = proc.wait(timeout=120), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == REQUEUE_EXIT_CODE, seen + err
+    assert "SIGUSR1 received" in err and "Traceback" not in err
+    assert "scontrol not found: cannot requeue SLURM job 4242" in seen
+    mid = load(out / "checkpoint_last.pth.tar")
+    # the epoch is not over: the checkpoint says where inside it we stopped
+    assert (mid["epoch"], mid["method"]) == (0, "moco") and 2 <= mid["iteration"] <= 4, (mid["epoch"], mid["iteration"])
+    assert not os.path.exists(out / "checkpoint_0001.pth.tar")
+
+    # the requeued job runs the very same command
+    resumed = subprocess.run([sys.executable, "main_moco.py"] + args, cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"iteration {mid['iteration']}" in resumed.stdout
+    # training continues at the next iteration: nothing repeated, nothing skipped
+    assert f"Epoch [0/2][{mid['iteration']}/4]" not in resumed.stdout
+    assert mid["iteration"] == 4 or f"Epoch [0/2][{mid['iteration'] + 1}/4]" in resumed.stdout
+    assert_same_weights(straight, out / "checkpoint_last.pth.tar")
+
+
+def test_killed_job_resumes_from_save_every_iters_checkpoint(tmp_path, straight):
+    """A hard kill (no signal handler runs) loses at most --save-every-iters iterations;
+    resuming from that checkpoint still reproduces the uninterrupted run."""
+    out = tmp_path / "out"
+    args = TINY + ["--epochs", "2", "--output-dir", str(out), "--resume", "auto", "--save-every-iters", "3"]
+    proc = start(args, clean_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_line(proc, "(epoch 1, iteration 3)")
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    mid = load(out / "checkpoint_last.pth.tar")
+    assert (mid["epoch"], mid["iteration"]) == (1, 3)
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    resumed = subprocess.run([sys.executable, "main_moco.py"] + args, cwd=ROOT, env=clean_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "Epoch [1/2][4/4]" in resumed.stdout
+    assert_same_weights(straight, out / "checkpoint_last.pth.tar")
+
+
+# ---------------------------------------------------------------- sbatch scripts
+
+SBATCH = ["pretrain.sbatch", "lincls.sbatch"]
+
+
+@pytest.mark.parametrize("name", SBATCH)
+def test_sbatch_syntax_and_headers(name):
+    path = os.path.join(ROOT, "slurm", name)
+    subprocess.run(["bash", "-n", path], check=True)
+    text = open(path).read()
+    headers = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --requeue" in headers and "#SBATCH --open-mode=append" in headers
+    if name == "pretrain.sbatch":
+        assert "#SBATCH --signal=USR1@120" in headers
+    # exactly one srun line, always resuming
+    sruns = [line for line in text.splitlines() if line.startswith("srun ")]
+    assert len(sruns) == 1 and "--resume auto" in sruns[0]
+
+
+def _dry_run(tmp_path, script, **env_extra):
+    """Run the sbatch file with `srun` and `scontrol` stubs that print instead of running."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool}-stub $*"\n')
+        (bin_dir / tool).chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}:/usr/bin:/bin", SLURM_JOB_ID=777, SLURM_SUBMIT_DIR=ROOT,
+                    SLURM_CPUS_PER_TASK=6, SLURM_NTASKS_PER_NODE=4, SLURM_JOB_NODELIST="node[1-2]", **env_extra)
+    return subprocess.run(["bash", os.path.join(ROOT, "slurm", script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_pretrain_sbatch_dry_run_prints_the_command(tmp_path):
+    proc = _dry_run(tmp_path, "pretrain.sbatch", DATA="/data/in1k", EPOCHS=800, BATCH_SIZE=1024, ARCH="resnet18",
+                    EXTRA_ARGS="--amp --save-every-iters 500")
+    assert proc.returncode == 0, proc.stderr
+    line = [x for x in proc.stdout.splitlines() if x.startswith("srun-stub")][0].split()
+    assert line[line.index("--kill-on-bad-exit=1") + 2] == "main_moco.py"
+    cmd = " ".join(line)
+    for part in ("main_moco.py /data/in1k -a resnet18 --epochs 800 -b 1024 -j 24 --output-dir runs/moco_777",
+                 "--resume auto", "--mlp --moco-t 0.2 --aug-plus --cos", "--amp --save-every-iters 500"):
+        assert part in cmd, cmd
+    assert "restart 0 on node[1-2]" in proc.stdout
+
+    proc = _dry_run(tmp_path, "pretrain.sbatch", METHOD="simclr", OUTPUT_DIR="runs/keep")
+    if os.path.exists(os.path.join(ROOT, "main_simclr.py")):
+        assert proc.returncode == 0, proc.stderr
+        assert "main_simclr.py /path/to/imagenet -a resnet50" in proc.stdout and "--output-dir runs/keep" in proc.stdout
+    else:
+        assert proc.returncode == 2 and "main_simclr.py not found" in proc.stderr
+
+    proc = _dry_run(tmp_path, "pretrain.sbatch", METHOD="byol")
+    assert proc.returncode == 2 and "METHOD=byol is not moco or simclr" in proc.stderr
+
+
+def test_lincls_sbatch_dry_run_needs_pretrained(tmp_path):
+    proc = _dry_run(tmp_path, "lincls.sbatch")
+    assert proc.returncode == 2 and "PRETRAINED is not set" in proc.stderr
+    proc = _dry_run(tmp_path, "lincls.sbatch", PRETRAINED="runs/moco_777/checkpoint_0200.pth.tar", DATA="/d")
+    if os.path.exists(os.path.join(ROOT, "main_lincls.py")):
+        assert proc.returncode == 0, proc.stderr
+        cmd = [x for x in proc.stdout.splitlines() if x.startswith("srun-stub")][0]
+        for part in ("main_lincls.py /d -a resnet50 --epochs 100 -b 256 -j 24",
+                     "--pretrained runs/moco_777/checkpoint_0200.pth.tar", "--resume auto", "--lr 30.0 --schedule 60 80"):
+            assert part in cmd, cmd
+    else:
+        assert proc.returncode == 2 and "main_lincls.py not found" in proc.stderr
