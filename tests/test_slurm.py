@@ -145,6 +145,38 @@ def test_missing_variable_is_one_sentence_from_the_script(tmp_path):
     assert "error: SLURM launch is missing SLURM_JOB_ID" in proc.stderr and "Traceback" not in proc.stderr
 
 
+# ---------------------------------------------------------------- the handler itself, in-process
+
+def test_sigterm_sets_flag_then_hook_checkpoints_and_exits_for_requeue(tmp_path, monkeypatch):
+    import argparse
+
+    from common.preempt import PREEMPT_SIGNALS, PreemptionHandler
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = argparse.Namespace(arch="resnet18", output_dir=str(tmp_path), save_every_iters=4)
+    env = cdist.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+    saved = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
+    try:
+        handler = PreemptionHandler(model, opt, None, args, env, method="moco", iters_per_epoch=8)
+        hook = handler.after_step(epoch=3)
+        assert hook(1) is False and not os.path.exists(tmp_path / "checkpoint_last.pth.tar")
+        assert hook(4) is False  # --save-every-iters 4
+        assert (load(tmp_path / "checkpoint_last.pth.tar")["iteration"]) == 4
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag
+        assert handler.requested == "SIGTERM"
+        with pytest.raises(SystemExit) as e:
+            hook(5)
+        assert e.value.code == REQUEUE_EXIT_CODE
+        ckpt = load(tmp_path / "checkpoint_last.pth.tar")
+        assert (ckpt["epoch"], ckpt["iteration"], ckpt["method"]) == (3, 5, "moco")
+        torch.testing.assert_close(ckpt["state_dict"]["module.weight"], model.weight)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
 # ---------------------------------------------------------------- 2 tasks, as srun starts them
 
 def _free_slurm_job_id() -> int:
