@@ -362,7 +362,7 @@ class ResumableSampler(Sampler):
             if pos < self.start:
                 continue
             # one seed per (run seed, epoch, sample): augmentations independent of workers/resume
-            yield idx, (self.seed * 1_000_003 + self.epoch) * 10_000_019 + idx
+            yield idx, ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + idx) % (2 ** 63)
 
     def __len__(self) -> int:
         return self.num_samples - self.start
