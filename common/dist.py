@@ -9,6 +9,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -218,12 +219,42 @@ def launch(worker: Callable[[Optional[int], argparse.Namespace], None], args: ar
         args.nproc_per_node = nproc
         args.world_size = nproc * args.world_size
         try:
-            mp.spawn(wrapped, nprocs=nproc, args=(args,))
+            # a module-level function: a functools.wraps wrapper of `worker` cannot be pickled
+            ctx = mp.spawn(_spawned_worker, nprocs=nproc, args=(worker, args), join=False)
+            _forward_preemption_signals(ctx.processes)
+            while not ctx.join():
+                pass
         except mp.ProcessExitedException as e:
             # the worker already printed its one-line error; do not add mp's traceback
             raise SystemExit(e.exit_code or 1)
     else:
         wrapped(None, args)
+
+
+def _spawned_worker(local_rank: int, worker: Callable[[Optional[int], argparse.Namespace], None],
+                    args: argparse.Namespace) -> None:
+    report_user_errors(worker)(local_rank, args)
+
+
+def _forward_preemption_signals(processes: list) -> None:
+    """`kill PARENT` (or SLURM signalling every process) must reach the spawned workers,
+    which checkpoint and exit (common/preempt.py). The first SIGUSR1/SIGTERM is passed
+    on as SIGUSR1, so a worker signalled directly as well still sees one request; a
+    later SIGTERM is passed on as SIGTERM, which ends the workers at once."""
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        out = signal.SIGTERM if signum == signal.SIGTERM and len(received) > 1 else signal.SIGUSR1
+        for p in processes:
+            if p.is_alive():
+                try:
+                    os.kill(p.pid, out)
+                except OSError:
+                    pass
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, forward)
 
 
 def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> DistEnv:

@@ -234,6 +234,27 @@ def test_two_srun_tasks_train_and_agree_to_stop_on_one_ranks_signal(tmp_path):
     assert f"(epoch 1, iteration {mid['iteration']})" in seen
 
 
+def test_sigterm_to_the_spawning_parent_reaches_its_workers(tmp_path):
+    """`--multiprocessing-distributed`: `kill PARENT` is passed on to the spawned workers,
+    which stop together, checkpoint and exit with the requeue code."""
+    out = tmp_path / "out"
+    args = TINY + ["--epochs", "3", "--cpu", "--moco-k", "48", "--output-dir", str(out), "--multiprocessing-distributed",
+                   "--nproc-per-node", "2", "--dist-url", f"tcp://127.0.0.1:{15000 + _free_slurm_job_id() % 20000}"]
+    proc = start(args, clean_env(PATH="/nonexistent"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = wait_for_line(proc, "Epoch [0/3][2/4]")
+        proc.send_signal(signal.SIGTERM)
+        seen += proc.stdout.read()
+        code, err = proc.wait(timeout=120), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == REQUEUE_EXIT_CODE, seen + err
+    assert err.count("SIGUSR1 received") == 2 and "Traceback" not in err
+    mid = load(out / "checkpoint_last.pth.tar")
+    assert mid["epoch"] == 0 and 2 <= mid["iteration"] <= 4 and f"iteration {mid['iteration']})" in seen
+
+
 # ---------------------------------------------------------------- signal path, exact resume
 
 @pytest.fixture(scope="module")
