@@ -380,12 +380,13 @@ def test_pretrain_sbatch_dry_run_prints_the_command(tmp_path):
 def test_lincls_sbatch_dry_run_needs_pretrained(tmp_path):
     proc = _dry_run(tmp_path, "lincls.sbatch")
     assert proc.returncode == 2 and "PRETRAINED is not set" in proc.stderr
-    proc = _dry_run(tmp_path, "lincls.sbatch", PRETRAINED="runs/moco_777/checkpoint_0200.pth.tar", DATA="/d")
+    proc = _dry_run(tmp_path, "lincls.sbatch", PRETRAINED="runs/moco_777/checkpoint_0200.pth.tar", DATA="/d",
+                    LINCLS_ARGS="--finetune --label-fraction 0.1")
     if os.path.exists(os.path.join(ROOT, "main_lincls.py")):
         assert proc.returncode == 0, proc.stderr
         cmd = [x for x in proc.stdout.splitlines() if x.startswith("srun-stub")][0]
         for part in ("main_lincls.py /d -a resnet50 --epochs 100 -b 256 -j 24",
-                     "--pretrained runs/moco_777/checkpoint_0200.pth.tar", "--resume auto", "--lr 30.0 --schedule 60 80"):
+                     "--pretrained runs/moco_777/checkpoint_0200.pth.tar", "--resume auto", "--finetune --label-fraction 0.1"):
             assert part in cmd, cmd
     else:
         assert proc.returncode == 2 and "main_lincls.py not found" in proc.stderr
