@@ -40,8 +40,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="stop on an unreadable image instead of skipping it with a warning")
     g.add_argument("--synthetic-size", default=2000, type=int,
                    help="number of generated training images for --dataset synthetic (val: a quarter)")
-    g.add_argument("--synthetic-classes", default=10, type=int,
-                   help="number of pattern classes for --dataset synthetic (at most 10)")
+    g.add_argument("--synthetic-classes", default=8, type=int,
+                   help="number of classes (foreground hues) for --dataset synthetic (2 to 12)")
     g.add_argument("--synthetic-image-size", default=32, type=int,
                    help="side of generated images for --dataset synthetic")
 
@@ -179,17 +179,26 @@ def _torchvision(name: str, root: str, split: str, download: bool) -> Dataset:
 # ---------------------------------------------------------------- synthetic source
 
 class SyntheticPatterns(Dataset):
-    """Generated images whose class is a shape or texture (stripes, rings, checkerboard,
-    ...) while colours, phase, scale and position are random: a network can learn the
-    classes from augmentations alone, and colour statistics say nothing about them."""
+    """Generated images a network can learn from augmentations alone.
+
+    The class is the hue of the foreground (`num_classes` hues around the colour
+    wheel). Everything else is random nuisance: which pattern draws the foreground
+    (stripes, rings, checkerboard, disc, ...), its frequency, phase and position,
+    saturation, brightness, the grey background and pixel noise. A random-init
+    network's features are dominated by that layout, so its kNN accuracy is mediocre;
+    contrastive pretraining learns to ignore what crops and flips change and keeps the
+    hue, and beats it within ~100 steps on a CPU. That makes a fast, honest test of
+    "pretraining learned something" (tests/test_main_moco.py and the probe tests).
+    """
 
     PATTERNS = ("hstripes", "vstripes", "checker", "rings", "dots", "disc", "square", "plus", "xhatch", "triangle")
+    MAX_CLASSES = 12
 
-    def __init__(self, size: int = 2000, num_classes: int = 10, image_size: int = 32, seed: int = 0):
-        if not 2 <= num_classes <= len(self.PATTERNS):
-            raise UserError(f"--synthetic-classes must be between 2 and {len(self.PATTERNS)}, got {num_classes}")
+    def __init__(self, size: int = 2000, num_classes: int = 8, image_size: int = 32, seed: int = 0):
+        if not 2 <= num_classes <= self.MAX_CLASSES:
+            raise UserError(f"--synthetic-classes must be between 2 and {self.MAX_CLASSES}, got {num_classes}")
         self.size, self.num_classes, self.image_size, self.seed = size, num_classes, image_size, seed
-        self.classes = list(self.PATTERNS[:num_classes])
+        self.classes = [f"hue{round(360 * i / num_classes):03d}" for i in range(num_classes)]
         self.targets = [i % num_classes for i in range(size)]
 
     def __len__(self) -> int:
@@ -198,42 +207,45 @@ class SyntheticPatterns(Dataset):
     def path(self, index: int) -> str:
         return f"synthetic[{self.seed}:{index}]"
 
-    def __getitem__(self, index: int):
-        label = self.targets[index]
-        rng = np.random.default_rng([self.seed, index])
-        s = self.image_size
+    @staticmethod
+    def pattern_mask(rng: np.random.Generator, s: int, name: str) -> np.ndarray:
         y, x = np.mgrid[0:s, 0:s].astype(np.float32) / s
         cy, cx = rng.uniform(0.3, 0.7, size=2)
         r = np.hypot(y - cy, x - cx)
-        freq = rng.uniform(3.0, 5.0)
-        phase = rng.uniform(0, 2 * np.pi)
-        size = rng.uniform(0.2, 0.35)
-        name = self.PATTERNS[label]
+        freq, phase, size = rng.uniform(2.0, 5.0), rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 0.4)
+        wave = lambda t: np.sin(2 * np.pi * freq * t + phase)  # noqa: E731
         if name == "hstripes":
-            m = np.sin(2 * np.pi * freq * y + phase) > 0
-        elif name == "vstripes":
-            m = np.sin(2 * np.pi * freq * x + phase) > 0
-        elif name == "checker":
-            m = (np.sin(2 * np.pi * freq * x + phase) > 0) ^ (np.sin(2 * np.pi * freq * y + phase) > 0)
-        elif name == "rings":
-            m = np.sin(2 * np.pi * freq * r + phase) > 0
-        elif name == "dots":
-            m = (np.sin(2 * np.pi * freq * x + phase) * np.sin(2 * np.pi * freq * y + phase)) > 0.5
-        elif name == "disc":
-            m = r < size
-        elif name == "square":
+            return wave(y) > 0
+        if name == "vstripes":
+            return wave(x) > 0
+        if name == "checker":
+            return (wave(x) > 0) ^ (wave(y) > 0)
+        if name == "rings":
+            return wave(r) > 0
+        if name == "dots":
+            return wave(x) * wave(y) > 0.4
+        if name == "disc":
+            return r < size
+        if name == "square":
             d = np.maximum(abs(y - cy), abs(x - cx))
-            m = (d < size) & (d > size * 0.6)
-        elif name == "plus":
-            m = ((abs(y - cy) < size * 0.25) & (abs(x - cx) < size)) | ((abs(x - cx) < size * 0.25) & (abs(y - cy) < size))
-        elif name == "xhatch":
-            m = (np.sin(2 * np.pi * freq * (x + y) + phase) > 0.3) | (np.sin(2 * np.pi * freq * (x - y) + phase) > 0.3)
-        else:  # triangle pointing up
-            m = (y - cy < size) & (y - cy > -size) & (abs(x - cx) < (y - cy + size) / 2)
-        fg, bg = rng.uniform(0, 1, size=(2, 3)).astype(np.float32)
-        if np.abs(fg - bg).sum() < 0.6:  # keep the pattern visible
-            fg = 1.0 - bg
-        img = np.where(m[..., None], fg, bg) + rng.normal(0, 0.05, size=(s, s, 3)).astype(np.float32)
+            return (d < size) & (d > size * 0.5)
+        if name == "plus":
+            return ((abs(y - cy) < size * 0.3) & (abs(x - cx) < size)) | ((abs(x - cx) < size * 0.3) & (abs(y - cy) < size))
+        if name == "xhatch":
+            return (wave(x + y) > 0.3) | (wave(x - y) > 0.3)
+        return (abs(y - cy) < size) & (abs(x - cx) < (y - cy + size) / 2)  # triangle
+
+    def __getitem__(self, index: int):
+        import colorsys
+
+        label = self.targets[index]
+        rng = np.random.default_rng([self.seed, index])
+        s = self.image_size
+        mask = self.pattern_mask(rng, s, self.PATTERNS[rng.integers(len(self.PATTERNS))])[..., None]
+        hue = (label / self.num_classes + rng.uniform(-0.03, 0.03)) % 1.0
+        fg = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)), dtype=np.float32)
+        bg = np.full(3, rng.uniform(0.0, 0.3), dtype=np.float32)
+        img = np.where(mask, fg, bg) + rng.normal(0, 0.05, size=(s, s, 3)).astype(np.float32)
         return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label
 
 
@@ -366,3 +378,121 @@ class ResumableSampler(Sampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+# ---------------------------------------------------------------- label subsets and class balance
+# (main_lincls.py --label-fraction / --balanced-sampling / --class-weights; reused by main_knn and bench)
+
+class SubsetDataset(Dataset):
+    """The images `indices` of `base`, keeping `targets`, `classes` and `path` (torch's
+    Subset drops them)."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int]):
+        self.base, self.indices = base, list(indices)
+        self.classes = list(getattr(base, "classes", []))
+        base_targets = getattr(base, "targets")
+        self.targets = [int(base_targets[i]) for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.base[self.indices[index]]
+
+    def path(self, index: int) -> str:
+        i = self.indices[index]
+        return self.base.path(i) if hasattr(self.base, "path") else str(i)
+
+
+def class_counts(targets: Sequence[int], num_classes: int) -> List[int]:
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes)
+    return [int(c) for c in counts[:num_classes]]
+
+
+def stratified_subset(targets: Sequence[int], fraction: float, seed: int = 0,
+                      class_names: Optional[Sequence[str]] = None) -> List[int]:
+    """Indices of a class-stratified `fraction` of the samples: round(fraction * n_c)
+    images of every class c, drawn without replacement from a generator seeded by
+    `seed` alone (not the run's seed), so every run, method and machine gets the same
+    subset. A class left with no image is an error, not a silently smaller problem."""
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"--label-fraction must be in (0, 1], got {fraction}")
+    targets = np.asarray(targets, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    chosen: List[int] = []
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        keep = int(math.floor(fraction * len(members) + 0.5))
+        if keep == 0:
+            name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
+            raise UserError(f"--label-fraction {fraction} leaves class {name!r} ({len(members)} images) with no "
+                            f"labelled image; use a fraction of at least {1.0 / len(members):.3g}")
+        chosen += rng.choice(members, size=keep, replace=False).tolist()
+    return sorted(chosen)
+
+
+def save_subset(path: str, indices: Sequence[int], dataset: Dataset, fraction: float, seed: int) -> None:
+    """Write a label subset as JSON (indices, plus paths so a changed dataset is noticed)."""
+    import json
+    record = {"fraction": fraction, "seed": seed, "dataset_size": len(dataset), "num_images": len(indices),
+              "indices": [int(i) for i in indices],
+              "paths": [dataset.path(i) for i in indices] if hasattr(dataset, "path") else []}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def load_subset(path: str, dataset: Dataset) -> List[int]:
+    """Read a subset written by save_subset and check it still names the same images."""
+    import json
+    if not os.path.isfile(path):
+        raise UserError(f"label subset file {path!r} does not exist; pass a label_subset.json written by main_lincls.py")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        indices = [int(i) for i in record["indices"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path!r} is not a label subset file ({type(e).__name__}); "
+                        f"pass a label_subset.json written by main_lincls.py")
+    if record.get("dataset_size") != len(dataset) or (indices and max(indices) >= len(dataset)):
+        raise UserError(f"label subset {path!r} was drawn from {record.get('dataset_size')} images but the training "
+                        f"set has {len(dataset)}; draw a new one with --label-fraction")
+    paths = record.get("paths") or []
+    if paths and hasattr(dataset, "path") and any(dataset.path(i) != p for i, p in zip(indices, paths)):
+        raise UserError(f"label subset {path!r} names images that are not at the same positions in this training "
+                        f"set; draw a new one with --label-fraction")
+    return indices
+
+
+def balanced_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Per-sample weight 1 / (images of its class): every class is drawn equally often."""
+    counts = torch.tensor(class_counts(targets, num_classes), dtype=torch.double)
+    return 1.0 / counts.clamp(min=1)[torch.as_tensor(list(targets), dtype=torch.long)]
+
+
+def class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Loss weight per class, N / (C * n_c) (sklearn's 'balanced'); 1 for a balanced set."""
+    counts = torch.tensor(class_counts(targets, num_classes), dtype=torch.float)
+    return len(targets) / (num_classes * counts.clamp(min=1))
+
+
+class BalancedSampler(ResumableSampler):
+    """ResumableSampler drawing with replacement, each sample with probability
+    proportional to 1 / (its class size) (torch's WeightedRandomSampler), so minority
+    classes are oversampled. The draw depends only on (seed, epoch), every rank takes
+    its share of one global draw, and mid-epoch starts work as in ResumableSampler."""
+
+    def __init__(self, targets: Sequence[int], num_classes: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, drop_last: bool = False):
+        super().__init__(len(targets), num_replicas, rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self.weights = balanced_weights(targets, num_classes)
+
+    def indices(self) -> List[int]:
+        from torch.utils.data import WeightedRandomSampler
+        g = torch.Generator()
+        g.manual_seed(self.seed * 100003 + self.epoch)
+        total = self.num_samples * self.num_replicas
+        order = list(WeightedRandomSampler(self.weights, total, replacement=True, generator=g))
+        return order[self.rank::self.num_replicas]
