@@ -1,5 +1,6 @@
 """Weighted kNN on L2-normalised features (InstDisc / DINO): the fastest honest
 signal of representation quality, used by main_knn.py and the --knn-every monitor."""
+import time
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -13,9 +14,14 @@ from common.data import ResumableSampler
 
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset, batch_size: int, device: torch.device, workers: int = 0,
-                     amp: bool = False, channels_last: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                     amp: bool = False, channels_last: bool = False,
+                     normalize: bool = True, amp_dtype: Optional[torch.dtype] = None,
+                     print_freq: int = 0, desc: str = "features") -> Tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features (fp16) and labels of every sample of `dataset`, in dataset
-    order, on `device`. Under DDP each rank embeds its share and all ranks get the whole."""
+    order, on `device`. Under DDP each rank embeds its share and all ranks get the whole.
+    normalize=False returns the raw fp32 outputs instead (a classifier's logits).
+    amp_dtype picks the autocast dtype (default: the device's, bf16 on CPU, fp16 on GPU);
+    print_freq > 0 prints a progress line (`desc`, images/s, ETA) every that many batches."""
     world, rank = get_world_size(), get_rank()
     sampler = ResumableSampler(len(dataset), world, rank, shuffle=False)
     # plain int indices: eval transforms are deterministic
@@ -25,14 +31,21 @@ def extract_features(model: nn.Module, dataset, batch_size: int, device: torch.d
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    for images, target in loader:
+    t0, seen, n_batches = time.time(), 0, len(loader)
+    for it, (images, target) in enumerate(loader):
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.to(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             f = model(images)
-        feats.append(F.normalize(f.float(), dim=1).half())
+        feats.append(F.normalize(f.float(), dim=1).half() if normalize else f.float())
         labels.append(target.to(device))
+        seen += images.shape[0] * world
+        if print_freq > 0 and ((it + 1) % print_freq == 0 or it + 1 == n_batches):
+            from common.logging import format_seconds, log
+            elapsed = time.time() - t0
+            log(f"{desc} [{it + 1:>{len(str(n_batches))}}/{n_batches}]  {seen / max(elapsed, 1e-9):.0f} img/s  "
+                f"eta {format_seconds(elapsed / (it + 1) * (n_batches - it - 1))}")
     model.train(was_training)
     feats, labels = torch.cat(feats), torch.cat(labels)
     if world > 1:
@@ -46,30 +59,66 @@ def extract_features(model: nn.Module, dataset, batch_size: int, device: torch.d
 
 
 @torch.no_grad()
+def knn_search(train_features: torch.Tensor, query_features: torch.Tensor, k: int, chunk_size: int = 1024,
+               train_chunk_size: Optional[int] = 65536) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities (fp32) and indices of the k nearest training features of every
+    query, best first. Queries go `chunk_size` at a time against `train_chunk_size`
+    training rows at a time (None: all), keeping a running top-k, so memory is
+    chunk x train_chunk whatever the sizes: no N x N matrix is ever built.
+
+    Each chunk is upcast to fp32 and re-normalised before the product: fp16 similarities
+    only resolve ~5e-4 near 1, which would tie an image with its near-duplicates."""
+    k = min(k, train_features.shape[0])
+    n_train = train_features.shape[0]
+    step = n_train if not train_chunk_size else train_chunk_size
+    all_sim, all_idx = [], []
+    for start in range(0, query_features.shape[0], chunk_size):
+        q = F.normalize(query_features[start:start + chunk_size].to(train_features.device).float(), dim=1)
+        best_sim = best_idx = None
+        for t0 in range(0, n_train, step):
+            t = F.normalize(train_features[t0:t0 + step].float(), dim=1)
+            sim, idx = (q @ t.T).topk(min(k, t.shape[0]), dim=1)
+            idx += t0
+            if best_sim is not None:
+                # merge with the best so far (only exact ties can order differently from one
+                # unchunked topk)
+                merged = torch.cat([best_sim, sim], dim=1)
+                sim, pos = merged.topk(min(k, merged.shape[1]), dim=1)
+                idx = torch.cat([best_idx, idx], dim=1).gather(1, pos)
+            best_sim, best_idx = sim, idx
+        all_sim.append(best_sim)
+        all_idx.append(best_idx)
+    return torch.cat(all_sim), torch.cat(all_idx)
+
+
+def knn_vote(top_sim: torch.Tensor, top_idx: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
+             k: int = 20, temperature: float = 0.07) -> torch.Tensor:
+    """Class scores from the first k columns of a knn_search result: every neighbour votes
+    for its class with weight exp(sim / T). One search with the largest k serves every k."""
+    k = min(k, top_sim.shape[1])
+    weights = (top_sim[:, :k] / temperature).exp()
+    votes = torch.zeros(top_sim.shape[0], num_classes, device=top_sim.device)
+    votes.scatter_add_(1, train_labels.to(top_idx.device)[top_idx[:, :k]].long(), weights)
+    return votes
+
+
+@torch.no_grad()
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
                 num_classes: int, k: int = 20, temperature: float = 0.07,
-                chunk_size: int = 1024) -> torch.Tensor:
+                chunk_size: int = 1024, train_chunk_size: Optional[int] = 65536) -> torch.Tensor:
     """Class scores (queries x classes) by similarity-weighted voting of the k nearest
-    training features, exp(sim / T) as weight. Queries go in chunks so no N x N matrix
-    is ever built."""
-    k = min(k, train_features.shape[0])
-    scores = []
-    for start in range(0, query_features.shape[0], chunk_size):
-        q = query_features[start:start + chunk_size].to(train_features.dtype)
-        sim = (q @ train_features.T).float()
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        votes.scatter_add_(1, train_labels[top_idx].long(), weights)
-        scores.append(votes)
-    return torch.cat(scores)
+    training features, exp(sim / T) as weight. Similarities are computed in chunks
+    (knn_search), so no N x N matrix is ever built."""
+    top_sim, top_idx = knn_search(train_features, query_features, k, chunk_size, train_chunk_size)
+    return knn_vote(top_sim, top_idx, train_labels, num_classes, k, temperature)
 
 
 def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
                  val_labels: torch.Tensor, num_classes: int, k: int = 20, temperature: float = 0.07,
-                 chunk_size: int = 1024) -> Dict[str, float]:
+                 chunk_size: int = 1024, train_chunk_size: Optional[int] = 65536) -> Dict[str, float]:
     """Top-1 / top-5 (top-k clipped to the number of classes) kNN accuracy in percent."""
-    scores = knn_predict(train_features, train_labels, val_features, num_classes, k, temperature, chunk_size)
+    scores = knn_predict(train_features, train_labels, val_features, num_classes, k, temperature, chunk_size,
+                         train_chunk_size)
     pred = scores.topk(min(5, num_classes), dim=1).indices
     correct = pred == val_labels.view(-1, 1)
     return {"knn_top1": 100.0 * correct[:, 0].float().mean().item(),

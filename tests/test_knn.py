@@ -1,0 +1,227 @@
+"""kNN (common/knn.py) and main_knn.py: exact against a brute-force reference, chunking,
+pretrained beats random init, retrieval grids, embedding export, DDP, clear errors."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.knn import knn_accuracy, knn_predict, knn_search, knn_vote
+from conftest import SYNTHETIC, run_script
+
+import main_knn
+
+# the moco_pretrained run's data, fewer images: kNN only needs a forward pass
+DATA = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "-p", "1000"]
+
+
+def random_problem(n_train=300, n_query=120, dim=32, classes=5, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    train = torch.nn.functional.normalize(torch.randn(n_train, dim, generator=g), dim=1).to(dtype)
+    query = torch.nn.functional.normalize(torch.randn(n_query, dim, generator=g), dim=1).to(dtype)
+    labels = torch.randint(0, classes, (n_train,), generator=g)
+    return train, labels, query
+
+
+def brute_force_scores(train, labels, query, classes, k, t):
+    """The definition, in float64 numpy: every pair's cosine, sort, weighted vote."""
+    tr, q = train.double().numpy(), query.double().numpy()
+    tr /= np.linalg.norm(tr, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    sim = q @ tr.T
+    scores = np.zeros((len(q), classes))
+    for i in range(len(q)):
+        nn_idx = np.argsort(-sim[i])[:k]
+        for j in nn_idx:
+            scores[i, labels[j]] += np.exp(sim[i, j] / t)
+    return scores, np.argsort(-sim, axis=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_knn_matches_brute_force(dtype):
+    train, labels, query = random_problem(dtype=dtype)
+    for k in (1, 5, 20, 200):
+        ref, order = brute_force_scores(train, labels, query, 5, k, 0.07)
+        scores = knn_predict(train, labels, query, 5, k=k, temperature=0.07, chunk_size=17, train_chunk_size=50)
+        assert torch.equal(scores.argmax(1), torch.from_numpy(ref.argmax(1))), k
+        np.testing.assert_allclose(scores.double().numpy(), ref, rtol=1e-4)
+    sim, idx = knn_search(train, query, 10)
+    assert torch.equal(idx, torch.from_numpy(order[:, :10]))
+    # top-1/top-5 from the same scores
+    val_labels = torch.randint(0, 5, (query.shape[0],), generator=torch.Generator().manual_seed(1))
+    ref, _ = brute_force_scores(train, labels, query, 5, 20, 0.07)
+    acc = knn_accuracy(train, labels, query, val_labels, 5, k=20)
+    ref_top5 = np.argsort(-ref, axis=1)[:, :5]
+    assert acc["knn_top1"] == pytest.approx(100.0 * (ref.argmax(1) == val_labels.numpy()).mean())
+    assert acc["knn_top5"] == pytest.approx(100.0 * (ref_top5 == val_labels.numpy()[:, None]).any(1).mean())
+
+
+def test_chunked_equals_unchunked():
+    train, labels, query = random_problem(n_train=1000, n_query=300, dim=64, dtype=torch.float16, seed=3)
+    full_sim, full_idx = knn_search(train, query, 40, chunk_size=10_000, train_chunk_size=None)
+    # train chunks smaller than k: the running merge has to carry candidates across chunks
+    for chunk, train_chunk in ((7, 13), (64, 333), (300, 999), (1, 1000)):
+        sim, idx = knn_search(train, query, 40, chunk_size=chunk, train_chunk_size=train_chunk)
+        assert torch.equal(idx, full_idx), (chunk, train_chunk)
+        torch.testing.assert_close(sim, full_sim)
+    # k beyond the bank is clipped; one search with the largest k serves every smaller k
+    assert knn_search(train[:30], query, 200, train_chunk_size=7)[1].shape == (300, 30)
+    for k in (1, 20):
+        torch.testing.assert_close(knn_vote(full_sim, full_idx, labels, 5, k=k),
+                                   knn_predict(train, labels, query, 5, k=k, train_chunk_size=128))
+
+
+def results(folder):
+    with open(os.path.join(folder, "knn_results.json")) as f:
+        return json.load(f)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_pretrained_beats_random_init_with_export_and_retrieval(moco_pretrained, tmp_path):
+    query = tmp_path / "mine.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 60, 3), dtype=np.uint8)).save(query)
+    pre, rnd = tmp_path / "pretrained", tmp_path / "random"
+    # -a and the stem come from the checkpoint
+    proc = run_script("main_knn.py", DATA + ["--pretrained", moco_pretrained, "--output-dir", str(pre),
+                                             "--export-embeddings", "--retrieval", "5", "--retrieval-k", "6",
+                                             "--retrieval-split", "train", "--grid-rows", "3",
+                                             "--query", str(query), "-p", "2"])
+    assert "features train [" in proc.stdout and "img/s" in proc.stdout and "eta" in proc.stdout
+    assert "per-class recall" in proc.stdout
+    main_knn.main(DATA + ["--pretrained", "none", "--output-dir", str(rnd)])  # in-process: no import cost
+    a, b = results(pre), results(rnd)
+    for k in ("20", "200"):
+        print(f"kNN k={k}: pretrained top-1 {a['knn'][k]['top1']:.2f} top-5 {a['knn'][k]['top5']:.2f} | "
+              f"random init top-1 {b['knn'][k]['top1']:.2f} top-5 {b['knn'][k]['top5']:.2f}")
+    assert a["num_train"] == 512 and a["num_val"] == 128 and a["feature_dim"] == 512
+    assert a["knn"]["20"]["top1"] > b["knn"]["20"]["top1"] + 5.0
+    per_class = read_csv(pre / "knn_per_class.csv")
+    assert len(per_class) == 8 and sum(int(r["support"]) for r in per_class) == 128
+    recalls = [float(r["recall_k20"]) for r in per_class]
+    assert np.mean(recalls) == pytest.approx(a["knn"]["20"]["macro_recall"], abs=1e-3)
+
+    # export: rows line up across features, labels and the csv
+    emb = pre / "embeddings"
+    for split, n in (("train", 512), ("val", 128)):
+        feats, labels = np.load(emb / f"{split}_features.npy"), np.load(emb / f"{split}_labels.npy")
+        rows = read_csv(emb / f"{split}.csv")
+        assert feats.shape == (n, 512) and feats.dtype == np.float16 and labels.shape == (n,)
+        np.testing.assert_allclose(np.linalg.norm(feats.astype(np.float32), axis=1), 1.0, atol=2e-3)
+        assert [int(r["label"]) for r in rows] == labels.tolist() == [i % 8 for i in range(n)]
+        assert rows[7]["path"] == f"synthetic[{0 if split == 'train' else 1}:7]" and rows[7]["class"] == "hue315"
+
+    # retrieval: 5 drawn + 1 own query, 3 rows per grid -> 2 grids of 7 columns of 32 px (+2 px padding)
+    ret = pre / "retrieval"
+    sizes = [Image.open(ret / f"grid_{i:03d}.png").size for i in range(2)]
+    assert sizes == [(7 * 34 + 2, 3 * 34 + 2)] * 2
+    caps = read_csv(ret / "captions.csv")
+    assert len(caps) == 6 * 7
+    train_queries = [c for c in caps if c["role"] == "query" and c["split"] == "train"]
+    assert len(train_queries) == 5
+    for q in train_queries:  # a training image queried against the training set finds itself first
+        first = next(c for c in caps if c["grid"] == q["grid"] and c["row"] == q["row"] and c["column"] == "1")
+        assert first["index"] == q["index"] and first["path"] == q["path"] and float(first["similarity"]) > 0.999
+    own = [c for c in caps if c["split"] == "query"]
+    assert len(own) == 1 and own[0]["path"] == str(query)
+    sims = [float(c["similarity"]) for c in caps if c["grid"] == own[0]["grid"] and c["row"] == own[0]["row"]
+            and c["role"] != "query"]
+    assert len(sims) == 6 and sims == sorted(sims, reverse=True)
+    # the grid's query cell is the query image itself (resized + centre-cropped, not normalised)
+    grid = np.asarray(Image.open(ret / "grid_000.png").convert("RGB"))
+    q0 = int(caps[0]["index"])
+    from common.data import SyntheticPatterns
+    expect = np.asarray(SyntheticPatterns(512)[q0][0])
+    assert np.abs(grid[2:34, 2:34].astype(int) - expect.astype(int)).max() <= 1
+
+
+def test_two_gloo_workers_give_the_single_process_features(tmp_path):
+    base = SYNTHETIC + ["--synthetic-size", "72", "-b", "16", "--pretrained", "none", "--export-embeddings",
+                        "--knn-k", "5", "20"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    main_knn.main(base + ["--output-dir", str(one)])
+    proc = run_script("main_knn.py", base + ["--output-dir", str(two), "--cpu", "--multiprocessing-distributed",
+                                             "--nproc-per-node", "2", "--dist-url", "tcp://127.0.0.1:29531"])
+    assert "2 process(es)" in proc.stdout
+    for split in ("train", "val"):  # 72 / 18 images: odd shares, the sampler pads and the gather unpads
+        f1, f2 = (np.load(d / "embeddings" / f"{split}_features.npy").astype(np.float32) for d in (one, two))
+        assert f1.shape == f2.shape
+        np.testing.assert_allclose(f1, f2, atol=2e-3)
+        assert np.array_equal(np.load(one / "embeddings" / f"{split}_labels.npy"),
+                              np.load(two / "embeddings" / f"{split}_labels.npy"))
+    assert results(one)["knn"]["5"]["top1"] == results(two)["knn"]["5"]["top1"]
+
+
+# ---------------------------------------------------------------- clear errors (in-process, fast)
+
+def user_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main_knn.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: " in err
+    return err
+
+
+def flat_folder(root, n=6):
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(os.path.join(root, f"{i}.png"))
+    return str(root)
+
+
+def test_clear_errors(capsys, tmp_path):
+    small = SYNTHETIC + ["--synthetic-size", "16", "-b", "8", "--output-dir", str(tmp_path / "out")]
+    assert "does not exist" in user_error(capsys, small + ["--pretrained", str(tmp_path / "nope.pth.tar")])
+    bad = tmp_path / "bad.pth.tar"
+    bad.write_bytes(b"not a checkpoint")
+    assert "cannot read checkpoint" in user_error(capsys, small + ["--pretrained", str(bad)])
+    assert "--query image" in user_error(capsys, small + ["--pretrained", "none", "--query", str(tmp_path / "x.jpg")])
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "cannot be read as an image" in user_error(capsys, small + ["--pretrained", "none", "--query",
+                                                                       str(tmp_path / "notes.txt")])
+    assert "nothing to do" in user_error(capsys, small + ["--pretrained", "none", "--skip-knn"])
+    assert "--knn-k" in user_error(capsys, small + ["--pretrained", "none", "--knn-k", "0"])
+    assert "--batch-size 7 is not divisible" in user_error(
+        capsys, small + ["--pretrained", "none", "-b", "7", "--cpu", "--multiprocessing-distributed",
+                         "--nproc-per-node", "2"])
+    # unlabelled images: no kNN accuracy, and the message names the way out
+    photos = flat_folder(tmp_path / "photos")
+    err = user_error(capsys, [photos, "-a", "resnet18", "-j", "0", "-b", "4", "--crop-size", "32", "--pretrained",
+                              "none", "--output-dir", str(tmp_path / "out")])
+    assert "have no label" in err and "--skip-knn" in err
+    # labelled train but no val split
+    os.makedirs(tmp_path / "labelled" / "a")
+    flat_folder(tmp_path / "labelled" / "a", 3)
+    err = user_error(capsys, [str(tmp_path / "labelled"), "-a", "resnet18", "-j", "0", "-b", "4", "--crop-size",
+                              "32", "--pretrained", "none", "--output-dir", str(tmp_path / "out")])
+    assert "needs a labelled val split" in err
+
+
+def test_arch_mismatch_is_a_clear_error(capsys, moco_pretrained, tmp_path):
+    err = user_error(capsys, SYNTHETIC + ["-a", "resnet50", "--pretrained", moco_pretrained, "--output-dir",
+                                          str(tmp_path)])
+    assert "resnet18" in err and "-a" in err
+    err = user_error(capsys, SYNTHETIC + ["--small-images", "--synthetic-size", "16", "-b", "8", "--pretrained",
+                                          moco_pretrained, "--output-dir", str(tmp_path)])
+    assert "does not fit this backbone" in err
+
+
+def test_unlabelled_images_export_and_retrieve_with_skip_knn(tmp_path):
+    photos = flat_folder(tmp_path / "photos", 6)
+    out = tmp_path / "out"
+    main_knn.main([photos, "-a", "resnet18", "-j", "0", "-b", "4", "--crop-size", "32", "--pretrained", "none",
+                   "--skip-knn", "--export-embeddings", "--retrieval", "2", "--retrieval-k", "3",
+                   "--output-dir", str(out)])
+    rows = read_csv(out / "embeddings" / "train.csv")
+    assert np.load(out / "embeddings" / "train_features.npy").shape == (6, 512)
+    assert [r["label"] for r in rows] == ["-1"] * 6 and rows[0]["path"].endswith("0.png")
+    assert not os.path.exists(out / "knn_results.json")
+    assert Image.open(out / "retrieval" / "grid_000.png").size == (4 * 34 + 2, 2 * 34 + 2)
