@@ -76,7 +76,9 @@ def knn_search(train_features: torch.Tensor, query_features: torch.Tensor, k: in
         q = F.normalize(query_features[start:start + chunk_size].to(train_features.device).float(), dim=1)
         best_sim = best_idx = None
         for t0 in range(0, n_train, step):
-            t = F.normalize(train_features[t0:t0 + step].float(), dim=1)
+            # copy=True: an fp32 bank must not be normalised in place; one fp32 copy per chunk
+            t = train_features[t0:t0 + step].to(torch.float32, copy=True)
+            t /= t.norm(dim=1, keepdim=True).clamp_min(1e-12)
             sim, idx = (q @ t.T).topk(min(k, t.shape[0]), dim=1)
             idx += t0
             if best_sim is not None:
