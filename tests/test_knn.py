@@ -225,7 +225,7 @@ def test_unlabelled_images_export_and_retrieve_with_skip_knn(tmp_path):
     photos = flat_folder(tmp_path / "photos", 6)
     out = tmp_path / "out"
     main_knn.main([photos, "-a", "resnet18", "-j", "0", "-b", "4", "--crop-size", "32", "--pretrained", "none",
-                   "--skip-knn", "--export-embeddings", "--retrieval", "2", "--retrieval-k", "3",
+                   "--skip-knn", "--export-embeddings", "--retrieval", "2", "--retrieval-k", "3", "--amp",
                    "--output-dir", str(out)])
     rows = read_csv(out / "embeddings" / "train.csv")
     assert np.load(out / "embeddings" / "train_features.npy").shape == (6, 512)
