@@ -213,3 +213,46 @@ def restore_training_state(ckpt: Dict[str, Any], model: nn.Module, optimizer: to
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
     return int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
+
+
+# ---------------------------------------------------------------- pretrained weights for evaluation
+
+def torchvision_weights_path(arch: str) -> str:
+    """Where torchvision caches `arch`'s default ImageNet weights (nothing is downloaded)."""
+    import torchvision.models as tvm
+    try:
+        weights = tvm.get_model_weights(arch).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(f"torchvision has no ImageNet weights for {arch!r}; pass a checkpoint to --pretrained")
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:
+    """The checkpoint behind `--pretrained`: None for 'none' (random init); for 'imagenet'
+    torchvision's weights if already cached (never a silent download); else a file from
+    main_moco.py, main_simclr.py, main_lincls.py or facebookresearch/moco. Checks the
+    architecture and that the file holds a backbone (extract_backbone knows the layouts)."""
+    if pretrained == "none":
+        return None
+    if pretrained == "imagenet":
+        path = torchvision_weights_path(arch)
+        if not os.path.isfile(path):
+            raise UserError(f"torchvision's ImageNet weights for {arch} are not cached at {path!r} and nothing is "
+                            f"downloaded here; fetch them once (python -c \"import torchvision; "
+                            f"torchvision.models.get_model('{arch}', weights='DEFAULT')\") or pass a checkpoint")
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read the cached torchvision weights {path!r} ({type(e).__name__}); "
+                            f"delete the file and fetch it again")
+        return {"state_dict": state_dict, "arch": arch, "method": "torchvision"}
+    ckpt = load_checkpoint(pretrained)
+    method = ckpt.get("method")
+    if method is not None and method not in METHODS:
+        raise UserError(f"{pretrained!r} was written by an unknown method {method!r}, not by a pretraining run; "
+                        f"pass a checkpoint from main_moco.py or main_simclr.py")
+    if not isinstance(ckpt["state_dict"], dict) or not ckpt["state_dict"]:
+        raise UserError(f"{pretrained!r} holds no model weights; pass a checkpoint from main_moco.py or main_simclr.py")
+    check_arch(ckpt, arch, pretrained)
+    extract_backbone(ckpt["state_dict"])  # unknown layout -> plain error now, before any data is read
+    return ckpt

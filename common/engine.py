@@ -32,9 +32,13 @@ def make_scaler(args: argparse.Namespace, device: torch.device) -> torch.amp.Gra
 
 
 def make_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int, seed: int,
-                shuffle: bool = True, drop_last: bool = True) -> Tuple[DataLoader, ResumableSampler]:
-    """Per-process loader over this rank's share, batches of `batch_size` (per worker)."""
-    sampler = ResumableSampler(len(dataset), env.world_size, env.rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+                shuffle: bool = True, drop_last: bool = True,
+                sampler: Optional[ResumableSampler] = None) -> Tuple[DataLoader, ResumableSampler]:
+    """Per-process loader over this rank's share, batches of `batch_size` (per worker).
+    `sampler` replaces the default one (e.g. common.data.BalancedSampler)."""
+    if sampler is None:
+        sampler = ResumableSampler(len(dataset), env.world_size, env.rank, shuffle=shuffle, seed=seed,
+                                   drop_last=drop_last)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=env.device.type == "cuda", drop_last=drop_last,
                         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,

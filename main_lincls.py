@@ -1,0 +1,441 @@
+#!/usr/bin/env python
+"""Linear probe (frozen backbone) or fine-tuning of a pretrained checkpoint, with a
+full evaluation every epoch.
+
+    python main_lincls.py --dataset synthetic -a resnet18 --pretrained runs/moco/checkpoint_last.pth.tar --epochs 10 -b 64
+    python main_lincls.py /data/imagenet -a resnet50 --lr 30.0 -b 256 --schedule 60 80 \\
+        --pretrained moco_v2_800ep_pretrain.pth.tar --multiprocessing-distributed
+
+Defaults follow facebookresearch/moco's main_lincls.py (SGD lr 30, momentum 0.9, no
+weight decay, lr /10 at epochs 60 and 80 of 100, batch 256). The backbone stays in
+eval mode, so its BatchNorm statistics do not move, and only the head is in the
+optimizer; after training every backbone tensor is checked against the checkpoint.
+"""
+import argparse
+import functools
+import json
+import os
+import random
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import augment
+from common.checkpoint import check_arch, extract_backbone, load_backbone, load_checkpoint, load_model_state, \
+    load_pretrained, resolve_resume, restore_training_state, save_checkpoint, training_state
+from common.cli import add_training_args
+from common.data import BalancedSampler, SubsetDataset, TransformedDataset, build_dataset, class_counts, \
+    class_weights, default_crop_size, load_subset, save_subset, stratified_subset
+from common.dist import DistEnv, cleanup, expected_world_size, is_main_process, launch, per_worker, setup_distributed
+from common.engine import autocast, make_loader, make_scaler
+from common.errors import UserError, report_user_errors
+from common.knn import extract_features
+from common.logging import MeterBank, MetricsLog, Progress, log
+from common.metrics import classification_report, save_confusion_csv, save_per_class_csv
+from common.models import build_backbone, feature_dim
+from common.schedule import lr_at, set_lr
+
+# (lr, weight decay) when not given: the reference linear probe; fine-tuning the whole
+# network needs a far smaller step (its backbone lr is further scaled by --backbone-lr-scale)
+LINEAR_PROBE_DEFAULTS = (30.0, 0.0)
+MLP_PROBE_DEFAULTS = (0.1, 0.0)
+FINETUNE_DEFAULTS = (0.1, 1e-4)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Linear probe / fine-tuning of a pretrained backbone")
+    add_training_args(parser, lr=LINEAR_PROBE_DEFAULTS[0], epochs=100, batch_size=256, schedule=(60, 80),
+                      weight_decay=LINEAR_PROBE_DEFAULTS[1], name="lincls")
+    # None = "not given": the default depends on --head and --finetune (finalize_args)
+    parser.set_defaults(lr=None, weight_decay=None, save_freq=0)
+    for action in parser._actions:
+        if action.dest == "lr":
+            action.help = "initial learning rate (default: 30 linear probe, 0.1 --head mlp, 0.1 --finetune)"
+        elif action.dest == "weight_decay":
+            action.help = "weight decay (default: 0 probe, 1e-4 --finetune)"
+        elif action.dest == "save_freq":
+            action.help = ("also keep checkpoint_NNNN.pth.tar every N epochs (default 0: only "
+                           "checkpoint_last.pth.tar and model_best.pth.tar)")
+    g = parser.add_argument_group("lincls")
+    g.add_argument("--pretrained", default=None, type=str, metavar="PATH|none|imagenet",
+                   help="pretraining checkpoint (ours: MoCo, SimCLR, lincls; or facebookresearch/moco's), "
+                        "'none' for a random-init backbone, 'imagenet' for torchvision's cached weights")
+    g.add_argument("--head", default="linear", choices=("linear", "mlp"),
+                   help="classifier on the features: linear, or mlp = Linear-ReLU-Dropout-Linear")
+    g.add_argument("--mlp-hidden-dim", default=0, type=int, help="hidden width of --head mlp (default: feature width)")
+    g.add_argument("--dropout", default=0.5, type=float, help="dropout of --head mlp")
+    g.add_argument("--finetune", action="store_true",
+                   help="train the whole network end to end instead of a frozen backbone")
+    g.add_argument("--backbone-lr-scale", default=0.1, type=float,
+                   help="with --finetune: the backbone's lr is --lr times this")
+    g.add_argument("--label-fraction", default=1.0, type=float,
+                   help="train on a class-stratified fraction of the labels (e.g. 0.01, 0.1); the subset is "
+                        "saved to OUTPUT_DIR/label_subset.json")
+    g.add_argument("--subset-seed", default=0, type=int,
+                   help="seed of the --label-fraction draw (fixed by default, so every run gets the same subset)")
+    g.add_argument("--label-subset", default=None, type=str, metavar="JSON",
+                   help="reuse a label_subset.json from an earlier run instead of drawing one")
+    g.add_argument("--balanced-sampling", action="store_true",
+                   help="oversample small classes (WeightedRandomSampler, weight 1/class size)")
+    g.add_argument("--class-weights", action="store_true",
+                   help="weight the loss by N / (C * class size) for imbalanced data")
+    g.add_argument("-e", "--evaluate", action="store_true",
+                   help="only evaluate the classifier given by --resume (e.g. model_best.pth.tar) on the val split")
+    return parser
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill derived defaults and reject impossible combinations before any worker starts."""
+    args.output_dir = args.output_dir or os.path.join("runs", "lincls")
+    if args.evaluate:
+        if not resolve_resume(args.resume or "auto", args.output_dir):
+            raise UserError("--evaluate needs a trained classifier; pass --resume model_best.pth.tar "
+                            "(or checkpoint_last.pth.tar) from a main_lincls.py run")
+    elif args.pretrained is None:
+        raise UserError("--pretrained is required; pass a pretraining checkpoint, 'none' for a random-init "
+                        "baseline or 'imagenet' for torchvision's cached weights")
+    if args.seed is None:
+        # resuming without --seed replays the original run's seed (data order, augmentations)
+        resume_path = resolve_resume(args.resume, args.output_dir)
+        saved = load_checkpoint(resume_path, expected_method="lincls").get("args", {}) if resume_path else {}
+        args.seed = saved.get("seed") if saved.get("seed") is not None else random.randrange(2 ** 31)
+    args.crop_size = args.crop_size or default_crop_size(args)
+    if args.small_images is None:
+        args.small_images = args.crop_size <= 64
+    lr, wd = FINETUNE_DEFAULTS if args.finetune else MLP_PROBE_DEFAULTS if args.head == "mlp" else LINEAR_PROBE_DEFAULTS
+    args.lr = lr if args.lr is None else args.lr
+    args.weight_decay = wd if args.weight_decay is None else args.weight_decay
+    if not 0.0 < args.label_fraction <= 1.0:
+        raise UserError(f"--label-fraction must be in (0, 1], got {args.label_fraction}; e.g. 0.01 for 1% of the labels")
+    if args.label_subset and args.label_fraction != 1.0:
+        raise UserError("--label-subset and --label-fraction both choose the training images; pass only one")
+    if not 0.0 <= args.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    per_worker(args.batch_size, expected_world_size(args))
+    return args
+
+
+# ---------------------------------------------------------------- model
+
+def build_head(in_dim: int, num_classes: int, kind: str, hidden_dim: int = 0, dropout: float = 0.5) -> nn.Module:
+    """A fresh classifier head. Weights ~ N(0, 0.01), biases 0, as facebookresearch/moco
+    initialises its linear probe."""
+    if kind == "linear":
+        head = nn.Linear(in_dim, num_classes)
+    else:
+        hidden = hidden_dim or in_dim
+        head = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                             nn.Linear(hidden, num_classes))
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.data.normal_(mean=0.0, std=0.01)
+            m.bias.data.zero_()
+    return head
+
+
+def backbone_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Every backbone tensor (parameters and BN buffers), head excluded, as CPU copies."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def build_classifier(args: argparse.Namespace, num_classes: int
+                     ) -> Tuple[nn.Module, Dict[str, torch.Tensor], str]:
+    """The backbone (pretrained weights loaded through common.checkpoint, which knows
+    every layout) with a new head. Returns (model, the checkpoint's backbone tensors for
+    the sanity check (empty for random init), description of where the weights came from)."""
+    model = build_backbone(args.arch, num_classes=num_classes, small_images=args.small_images)
+    source = "random init"
+    reference: Dict[str, torch.Tensor] = {}
+    ckpt = None if args.evaluate else load_pretrained(args.pretrained, args.arch)
+    if ckpt is not None:
+        where = args.pretrained if args.pretrained != "imagenet" else "torchvision ImageNet weights"
+        layout = load_backbone(model, ckpt, where)
+        source = f"{where} ({ckpt.get('method') or 'reference'} checkpoint, layout {layout})"
+        reference = {k: v.clone() for k, v in extract_backbone(ckpt["state_dict"])[0].items()}
+    model.fc = build_head(feature_dim(model), num_classes, args.head, args.mlp_hidden_dim, args.dropout)
+    return model, reference, source
+
+
+def sanity_check(model: nn.Module, reference: Dict[str, torch.Tensor]) -> None:
+    """A frozen-backbone run must leave every backbone tensor (weights and BN statistics)
+    exactly as loaded: otherwise the reported accuracy is not a linear probe of the
+    pretrained features. A difference is a bug, so it fails loudly."""
+    current = backbone_state(model)
+    changed = [k for k in reference if k not in current or not torch.equal(current[k], reference[k].to(current[k].dtype))]
+    if changed or set(current) != set(reference):
+        raise RuntimeError(f"sanity check failed: the frozen backbone changed during training "
+                           f"({len(changed)} tensors differ, e.g. {changed[:5]}; "
+                           f"keys only in the model: {sorted(set(current) - set(reference))[:5]})")
+    log(f"=> sanity check passed: all {len(reference)} backbone tensors equal the loaded ones")
+
+
+def check_compatible(ckpt: Dict, args: argparse.Namespace, classes: List[str], path: str) -> None:
+    """A lincls checkpoint can only continue (or be evaluated) as the same kind of model."""
+    check_arch(ckpt, args.arch, path)
+    saved = ckpt.get("args", {})
+    for flag, key in (("--head", "head"), ("--small-images", "small_images"), ("--mlp-hidden-dim", "mlp_hidden_dim")):
+        if key in saved and saved[key] != getattr(args, key):
+            raise UserError(f"{path!r} was trained with {flag} {saved[key]} but this run has {getattr(args, key)}; "
+                            f"pass the same {flag} (or another --output-dir for a new run)")
+    if not args.evaluate and saved.get("finetune", args.finetune) != args.finetune:
+        raise UserError(f"{path!r} was trained {'with' if saved['finetune'] else 'without'} --finetune; "
+                        f"resume it the same way (or use another --output-dir for a new run)")
+    saved_classes = ckpt.get("classes")
+    if saved_classes is not None and list(saved_classes) != list(classes):
+        raise UserError(f"{path!r} classifies {len(saved_classes)} classes {list(saved_classes)[:3]}... but this "
+                        f"dataset has {len(classes)} {list(classes)[:3]}...; use it on the dataset it was trained on")
+
+
+# ---------------------------------------------------------------- data
+
+def labelled(dataset, split: str):
+    if dataset is None:
+        raise UserError(f"main_lincls.py needs a labelled {split} split; give DATA/train and DATA/val class folders "
+                        f"(or train.csv and val.csv with --dataset csv)")
+    unlabelled = sum(1 for t in dataset.targets if t < 0)
+    if not getattr(dataset, "classes", None) or unlabelled:
+        raise UserError(f"{unlabelled or len(dataset)} {split} images have no label; main_lincls.py needs every "
+                        f"image in a class folder (or a label in the csv)")
+    return dataset
+
+
+def training_subset(train, args: argparse.Namespace):
+    """--label-subset / --label-fraction: the same images every time, saved next to the run."""
+    if args.label_subset:
+        indices = load_subset(args.label_subset, train)
+    elif args.label_fraction < 1.0:
+        indices = stratified_subset(train.targets, args.label_fraction, args.subset_seed, train.classes)
+    else:
+        return train, None
+    subset = SubsetDataset(train, indices)
+    missing = [train.classes[c] for c, n in enumerate(class_counts(subset.targets, len(train.classes))) if n == 0]
+    if missing:
+        raise UserError(f"the label subset has no image of class(es) {missing[:5]}; draw another with --label-fraction")
+    path = os.path.join(args.output_dir, "label_subset.json")
+    if is_main_process():
+        save_subset(path, indices, train, args.label_fraction if not args.label_subset else -1.0, args.subset_seed)
+    return subset, path
+
+
+# ---------------------------------------------------------------- train / evaluate
+
+def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, epoch: int, iters_per_epoch: int, lr_fn,
+                    args: argparse.Namespace, env: DistEnv) -> Dict[str, float]:
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if args.finetune:
+        model.train()
+    else:
+        # frozen: BN statistics must not move (eval mode); the head still trains (dropout on)
+        model.eval()
+        net.fc.train()
+    meters = MeterBank(env.device)
+    progress = Progress(epoch, args.epochs, iters_per_epoch)
+    images_seen = 0
+    for it, (images, target) in enumerate(loader):
+        lr = lr_fn(epoch + it / iters_per_epoch)
+        set_lr(optimizer, lr)
+        images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
+        if args.channels_last:
+            images = images.to(memory_format=torch.channels_last)
+        with autocast(args, env.device):
+            output = model(images)
+            loss = criterion(output.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        n = images.shape[0]
+        acc1 = (output.argmax(dim=1) == target).float().mean() * 100.0  # a device tensor: no host sync
+        meters.update(n, loss=loss, acc1=acc1)
+        images_seen += n * env.world_size
+        if (it + 1) % args.print_freq == 0 or it + 1 == iters_per_epoch:
+            log(progress.line(it, images_seen, meters.latest(), meters.averages(across_ranks=False), lr))
+    return {f"train_{k}": v for k, v in meters.averages().items()}
+
+
+def evaluate(model: nn.Module, val_dataset, class_names: List[str], args: argparse.Namespace, env: DistEnv,
+             workers: int) -> Dict:
+    """Logits of the whole val split (each rank its share, gathered in dataset order), then
+    every metric of common.metrics: top-1/top-5, per-class and macro P/R/F1, confusion."""
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    bs = per_worker(args.batch_size, env.world_size)
+    logits, labels = extract_features(net, val_dataset, bs, env.device, workers=workers, amp=args.amp,
+                                      channels_last=args.channels_last, normalize=False)
+    report = classification_report(logits, labels, class_names)
+    report["val_loss"] = F.cross_entropy(logits.float(), labels.long()).item()
+    return report
+
+
+def write_report_files(report: Dict, output_dir: str, suffix: str = "") -> None:
+    save_confusion_csv(report["confusion"], report["class_names"], os.path.join(output_dir, f"confusion_matrix{suffix}.csv"))
+    save_per_class_csv(report["per_class"], os.path.join(output_dir, f"per_class{suffix}.csv"))
+
+
+SUMMARY_KEYS = ("acc1", "acc5", "macro_precision", "macro_recall", "macro_f1", "val_loss")
+
+
+def summary_line(report: Dict) -> str:
+    return "  ".join(f"{k} {report[k]:.2f}" if k != "acc5" else f"acc5(top-{report['top5_k']}) {report[k]:.2f}"
+                     for k in SUMMARY_KEYS)
+
+
+def jsonable(report: Dict) -> Dict:
+    out = {k: v for k, v in report.items() if k not in ("confusion",)}
+    out["confusion"] = report["confusion"].tolist()
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+def main_worker(local_rank, args: argparse.Namespace) -> None:
+    env = setup_distributed(local_rank, args)
+    torch.manual_seed(args.seed + env.rank)
+    np.random.seed(args.seed + env.rank)
+    random.seed(args.seed + env.rank)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    batch_size = per_worker(args.batch_size, env.world_size)
+    workers = (args.workers + env.local_world_size - 1) // env.local_world_size
+
+    # ---- data: labelled train (optionally a label subset) and val, same classes
+    train_base = labelled(build_dataset(args, "train"), "train")
+    val_base = labelled(build_dataset(args, "val"), "val")
+    classes = list(train_base.classes)
+    if list(val_base.classes) != classes:
+        raise UserError(f"val classes {list(val_base.classes)[:5]} differ from train classes {classes[:5]}; "
+                        f"the val split must have the same classes as the train split")
+    num_classes = len(classes)
+    val_dataset = TransformedDataset(val_base, augment.eval_transform(args.crop_size), args.strict_data)
+
+    # a checkpoint to continue (--resume) or to evaluate: read now, it fixes the head to build
+    resume_path = resolve_resume(args.resume or ("auto" if args.evaluate else ""), args.output_dir)
+    ckpt = load_checkpoint(resume_path, expected_method="lincls") if resume_path else None
+    if ckpt is not None:
+        if args.evaluate:  # evaluate the classifier as it was trained, whatever the flags say
+            for key in ("head", "mlp_hidden_dim", "dropout", "small_images"):
+                if key in ckpt.get("args", {}):
+                    setattr(args, key, ckpt["args"][key])
+        check_compatible(ckpt, args, classes, resume_path)
+
+    # ---- model
+    model, reference, source = build_classifier(args, num_classes)
+    if not args.finetune:
+        # only the head learns; the backbone gets no gradients at all
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("fc.")
+    model.to(env.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if env.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    net = model.module if env.distributed else model
+    if not reference:
+        # random init: the reference is the init as DDP broadcast it from rank 0 (each rank drew its own)
+        reference = backbone_state(net)
+    log(f"=> {args.arch} from {source}; {'fine-tuning everything' if args.finetune else 'frozen backbone'}, "
+        f"{args.head} head, {num_classes} classes, {env.world_size} process(es) on {env.device}")
+
+    if args.evaluate:
+        load_model_state(model, ckpt["state_dict"])
+        report = evaluate(model, val_dataset, classes, args, env, workers)
+        log(f"=> evaluation of {resume_path} on {report['num_samples']} val images: {summary_line(report)}")
+        if is_main_process():
+            write_report_files(report, args.output_dir, "_eval")
+            with open(os.path.join(args.output_dir, "evaluation.json"), "w") as f:
+                json.dump({"checkpoint": resume_path, **jsonable(report)}, f, indent=1)
+        cleanup()
+        return
+
+    train_data, subset_path = training_subset(train_base, args)
+    counts = class_counts(train_data.targets, num_classes)
+    train_dataset = TransformedDataset(train_data, augment.train_classifier(args.crop_size), args.strict_data)
+    sampler = None
+    if args.balanced_sampling:
+        sampler = BalancedSampler(train_data.targets, num_classes, env.world_size, env.rank, seed=args.seed)
+    loader, sampler = make_loader(train_dataset, batch_size, env, workers, args.seed, drop_last=False, sampler=sampler)
+    iters_per_epoch = len(loader)
+    log(f"=> {len(train_dataset)} training images" + (f" (label fraction {args.label_fraction}, subset saved to "
+                                                       f"{subset_path})" if subset_path else "")
+        + f", {len(val_dataset)} val images, {iters_per_epoch} iterations/epoch, batch {batch_size}/process; "
+        f"images per class {min(counts)}..{max(counts)}")
+
+    # ---- optimizer: the head only (frozen), or everything with a slower backbone (finetune)
+    head_params = list(net.fc.parameters())
+    if args.finetune:
+        backbone_params = [p for n, p in net.named_parameters() if not n.startswith("fc.")]
+        groups = [{"params": backbone_params, "lr_scale": args.backbone_lr_scale}, {"params": head_params}]
+    else:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert len(trainable) == len(head_params), "frozen mode: only the head may be trainable"
+        groups = [{"params": head_params}]
+    optimizer = torch.optim.SGD(groups, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scaler = make_scaler(args, env.device)
+    weight = class_weights(train_data.targets, num_classes).to(env.device) if args.class_weights else None
+    criterion = nn.CrossEntropyLoss(weight=weight)
+
+    start_epoch, best_acc1, best_epoch = 0, 0.0, -1
+    if ckpt is not None:
+        start_epoch, _ = restore_training_state(ckpt, model, optimizer, scaler)
+        best_acc1, best_epoch = float(ckpt.get("best_acc1", 0.0)), int(ckpt.get("best_epoch", -1))
+        log(f"=> resumed from {resume_path} at epoch {start_epoch} (best acc1 so far {best_acc1:.2f})")
+        if args.pretrained == "none":
+            reference = backbone_state(net)  # the random init lives in the checkpoint
+        del ckpt
+
+    metrics = MetricsLog(args.output_dir)
+    lr_fn = functools.partial(lr_at, base_lr=args.lr, epochs=args.epochs, schedule=args.schedule,
+                              cos=args.cos, warmup_epochs=args.warmup_epochs)
+
+    # ---- epochs: train, evaluate, checkpoint (best by val top-1)
+    report = None
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, loader, criterion, optimizer, scaler, epoch, iters_per_epoch, lr_fn, args, env)
+        report = evaluate(model, val_dataset, classes, args, env, workers)
+        is_best = report["acc1"] > best_acc1 or best_epoch < 0
+        if is_best:
+            best_acc1, best_epoch = report["acc1"], epoch
+        record = {"epoch": epoch, "lr": lr_fn(epoch + 1 - 1e-9), **stats,
+                  **{k: report[k] for k in SUMMARY_KEYS}, "best_acc1": best_acc1}
+        log(f"=> epoch {epoch} val: {summary_line(report)}  (best acc1 {best_acc1:.2f} at epoch {best_epoch})")
+        metrics.write(record)
+        if is_main_process():
+            write_report_files(report, args.output_dir)
+            if is_best:
+                write_report_files(report, args.output_dir, "_best")
+            keep = args.save_freq > 0 and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)
+            save_checkpoint(training_state(model, optimizer, scaler, args, method="lincls", epoch=epoch + 1,
+                                           metrics=record, best_acc1=best_acc1, best_epoch=best_epoch,
+                                           classes=classes),
+                            args.output_dir, epoch_file=keep, is_best=is_best)
+
+    if not args.finetune:
+        sanity_check(net, reference)
+    if report is None:  # resumed a finished run: report its final state
+        report = evaluate(model, val_dataset, classes, args, env, workers)
+    log(f"=> final ({args.epochs} epochs, {len(train_dataset)} training images): {summary_line(report)}  "
+        f"best acc1 {best_acc1:.2f} (epoch {best_epoch})")
+    if is_main_process():
+        results = {"arch": args.arch, "pretrained": args.pretrained, "head": args.head, "finetune": args.finetune,
+                   "label_fraction": args.label_fraction, "epochs": args.epochs,
+                   "num_train_images": len(train_dataset), "num_classes": num_classes,
+                   "best_acc1": best_acc1, "best_epoch": best_epoch, "final": jsonable(report)}
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        log(f"=> metrics in {os.path.join(args.output_dir, 'results.json')}")
+    cleanup()
+
+
+@report_user_errors
+def main(argv=None) -> None:
+    args = finalize_args(get_args_parser().parse_args(argv))
+    launch(main_worker, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""main_lincls.py: frozen linear probe, checkpoint layouts, pretrained > random init,
+label subsets, balanced sampling, metrics, resume, DDP, and one-sentence errors."""
+import contextlib
+import csv
+import io
+import json
+import os
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+
+import main_lincls
+from common.checkpoint import torchvision_weights_path
+from common.data import BalancedSampler, ResumableSampler, class_weights, stratified_subset
+from common.metrics import accuracy, classification_report, confusion_matrix, precision_recall_f1
+from common.models import build_backbone
+from conftest import SYNTHETIC, run_script, write_image_folder
+
+# The probe comparison config: 512 training / 128 val images, 8 iterations per epoch.
+# lr 0.1 (not the reference 30): a random-init backbone in eval mode has BN statistics
+# (0, 1), so its features are huge and lr 30 diverges; 0.1 is fair to both arms.
+PROBE = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "--epochs", "3", "--lr", "0.1", "--cos",
+                     "--seed", "5", "-p", "100"]
+TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "32", "--epochs", "1", "--lr", "0.1", "--seed", "2", "-p", "100"]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_in_process(argv, capsys=None):
+    """main() in this process: the same code path as the command line without the ~5 s
+    of importing torch + torchvision again. Returns (exit code, stderr)."""
+    try:
+        main_lincls.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+def lincls(argv) -> str:
+    """A successful in-process run; returns what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code, _ = run_in_process(argv)
+    assert code == 0, f"main_lincls.py {' '.join(argv)} failed ({code}):\n{out.getvalue()[-2000:]}\n{err.getvalue()[-2000:]}"
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_metrics_match_a_hand_computed_example():
+    # 3 classes, 8 samples; rows true, columns predicted:
+    #   true 0: predicted 0,0,1      -> [2, 1, 0]
+    #   true 1: predicted 1,1,2      -> [0, 2, 1]
+    #   true 2: predicted 0,2        -> [1, 0, 1]
+    target = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    pred = torch.tensor([0, 0, 1, 1, 1, 2, 0, 2])
+    conf = confusion_matrix(pred, target, 3)
+    assert conf.tolist() == [[2, 1, 0], [0, 2, 1], [1, 0, 1]]
+    prf = precision_recall_f1(conf)
+    # precision = tp / column sum: 2/3, 2/3, 1/2; recall = tp / row sum: 2/3, 2/3, 1/2
+    torch.testing.assert_close(prf["precision"], torch.tensor([2 / 3, 2 / 3, 1 / 2], dtype=torch.double))
+    torch.testing.assert_close(prf["recall"], torch.tensor([2 / 3, 2 / 3, 1 / 2], dtype=torch.double))
+    torch.testing.assert_close(prf["f1"], torch.tensor([2 / 3, 2 / 3, 1 / 2], dtype=torch.double))
+    assert prf["support"].tolist() == [3, 3, 2]
+
+    # an asymmetric case: class 2 never predicted -> precision 0 (not NaN), F1 0
+    conf = confusion_matrix(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 2, 2]), 3)
+    prf = precision_recall_f1(conf)
+    torch.testing.assert_close(prf["precision"], torch.tensor([0.5, 0.5, 0.0], dtype=torch.double))
+    torch.testing.assert_close(prf["recall"], torch.tensor([1.0, 1.0, 0.0], dtype=torch.double))
+    torch.testing.assert_close(prf["f1"], torch.tensor([2 / 3, 2 / 3, 0.0], dtype=torch.double))
+
+    # logits whose argmax is `pred` above; top-2 adds the second-best class
+    logits = torch.tensor([[3., 2, 1], [3, 1, 2], [1, 3, 2], [1, 3, 2], [2, 3, 1], [1, 2, 3], [3, 1, 2], [1, 2, 3]])
+    rep = classification_report(logits, target, ["a", "b", "c"])
+    assert rep["acc1"] == pytest.approx(100 * 5 / 8)
+    assert rep["acc5"] == 100.0 and rep["top5_k"] == 3  # top-5 clipped to 3 classes
+    assert accuracy(logits, target, topk=(2,))[0] == pytest.approx(100 * 7 / 8)  # sample 3 (true 0) ranks 0 last
+    assert rep["macro_precision"] == pytest.approx(100 * (2 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert rep["macro_f1"] == pytest.approx(100 * (2 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert rep["per_class"][2] == {"class": "c", "precision": pytest.approx(50.0), "recall": pytest.approx(50.0),
+                                   "f1": pytest.approx(50.0), "support": 2}
+
+
+# ---------------------------------------------------------------- label subsets and sampling
+
+def test_label_fraction_subset_is_stratified_seeded_and_reproducible(tmp_path):
+    targets = [c for c in range(4) for _ in range(10 * (c + 1))]  # 10, 20, 30, 40 images per class
+    a = stratified_subset(targets, 0.1, seed=0)
+    assert a == stratified_subset(targets, 0.1, seed=0)  # reproducible
+    assert a != stratified_subset(targets, 0.1, seed=1)  # the seed matters
+    assert Counter(targets[i] for i in a) == {0: 1, 1: 2, 2: 3, 3: 4}  # 10% of every class
+    assert len(set(a)) == len(a)
+    with pytest.raises(main_lincls.UserError, match="leaves class 'x'.*at least 0.1"):
+        stratified_subset(targets, 0.04, seed=0, class_names=["x", "y", "z", "w"])
+
+    # main_lincls saves the subset next to the run and --label-subset reuses it
+    args = main_lincls.finalize_args(main_lincls.get_args_parser().parse_args(
+        SYNTHETIC + ["--synthetic-size", "80", "--pretrained", "none", "--label-fraction", "0.2",
+                     "--output-dir", str(tmp_path / "a")]))
+    train = main_lincls.build_dataset(args, "train")
+    subset, path = main_lincls.training_subset(train, args)
+    assert path == str(tmp_path / "a" / "label_subset.json")
+    assert subset.indices == stratified_subset(train.targets, 0.2, seed=0)
+    assert Counter(subset.targets) == {c: 2 for c in range(8)}  # 10 per class -> 2 each
+    args.label_fraction, args.label_subset = 1.0, path
+    again, _ = main_lincls.training_subset(train, args)
+    assert again.indices == subset.indices
+
+
+def test_balanced_sampling_really_balances():
+    targets = [0] * 90 + [1] * 9 + [2] * 1  # 90 : 9 : 1
+    sampler = BalancedSampler(targets, 3, seed=0)
+    sampler.set_epoch(0)
+    draws = Counter(targets[i] for i, _ in sampler)
+    assert sum(draws.values()) == 100
+    assert all(20 <= draws[c] <= 47 for c in range(3)), draws  # ~33 each, not 90/9/1
+    plain = ResumableSampler(len(targets), seed=0)
+    assert Counter(targets[i] for i, _ in plain) == {0: 90, 1: 9, 2: 1}
+    # many epochs: each class drawn a third of the time
+    total = Counter()
+    for epoch in range(30):
+        sampler.set_epoch(epoch)
+        total.update(targets[i] for i, _ in sampler)
+    assert all(abs(total[c] / 3000 - 1 / 3) < 0.03 for c in range(3)), total
+    # two ranks split one global draw (same for every rank count of the same seed)
+    sampler.set_epoch(3)
+    r0, r1 = BalancedSampler(targets, 3, 2, 0, seed=0), BalancedSampler(targets, 3, 2, 1, seed=0)
+    r0.set_epoch(3), r1.set_epoch(3)
+    whole = [i for i, _ in sampler]
+    assert [i for i, _ in r0] == whole[0::2] and [i for i, _ in r1] == whole[1::2]
+    torch.testing.assert_close(class_weights(targets, 3), torch.tensor([100 / 270, 100 / 27, 100 / 3]))
+
+
+# ---------------------------------------------------------------- checkpoint layouts
+
+def official_moco_checkpoint(path, arch="resnet18"):
+    """A checkpoint laid out as facebookresearch/moco writes it (moco_v2_800ep_pretrain.pth.tar):
+    `module.encoder_q.*` with the MLP head's fc keys, `module.encoder_k.*`, `module.queue`,
+    `module.queue_ptr`; no "method" key."""
+    torch.manual_seed(0)
+    enc = build_backbone(arch, num_classes=128)
+    enc.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
+    for m in enc.modules():  # non-default BN statistics, so loading them is visible
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    sd = {}
+    for k, v in enc.state_dict().items():
+        sd["module.encoder_q." + k] = v
+        sd["module.encoder_k." + k] = v.clone()
+    sd["module.queue"] = torch.randn(128, 64)
+    sd["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    torch.save({"epoch": 800, "arch": arch, "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}}, path)
+    return {k[len("module.encoder_q."):]: v for k, v in sd.items()
+            if k.startswith("module.encoder_q.") and ".fc." not in "." + k[len("module.encoder_q."):]}
+
+
+def test_loads_official_reference_layout(tmp_path, capsys):
+    expected = official_moco_checkpoint(tmp_path / "moco_v2_800ep_pretrain.pth.tar")
+    out = tmp_path / "out"
+    code, err = run_in_process(TINY + ["--pretrained", str(tmp_path / "moco_v2_800ep_pretrain.pth.tar"),
+                                       "--output-dir", str(out)], capsys)
+    assert code == 0, err
+    sd = load(out / "checkpoint_last.pth.tar")["state_dict"]
+    assert set(k for k in sd if not k.startswith("module.fc.")) == {"module." + k for k in expected}
+    for k, v in expected.items():
+        assert torch.equal(sd["module." + k], v), k  # weights and BN statistics, untouched by training
+    assert sd["module.fc.weight"].shape == (8, 512)
+    # the same file, no arch key and a backbone it does not fit: one sentence
+    ck = load(tmp_path / "moco_v2_800ep_pretrain.pth.tar")
+    del ck["arch"]
+    torch.save(ck, tmp_path / "noarch.pth.tar")
+    code, err = run_in_process(TINY[:3] + ["resnet34"] + TINY[4:] + ["--pretrained", str(tmp_path / "noarch.pth.tar"),
+                                                                   "--output-dir", str(tmp_path / "x")], capsys)
+    assert code == 2 and "does not fit this backbone" in err and "-a/--arch" in err
+
+
+def test_imagenet_weights_only_from_the_local_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    args = main_lincls.finalize_args(main_lincls.get_args_parser().parse_args(
+        SYNTHETIC + ["--pretrained", "imagenet", "--output-dir", str(tmp_path / "o")]))
+    with pytest.raises(main_lincls.UserError, match="not cached .* nothing is downloaded"):
+        main_lincls.build_classifier(args, 8)
+    cached = build_backbone("resnet18", num_classes=1000).state_dict()  # stands in for torchvision's file
+    path = torchvision_weights_path("resnet18")
+    assert path.startswith(str(tmp_path / "torch"))
+    os.makedirs(os.path.dirname(path))
+    torch.save(cached, path)
+    model, reference, source = main_lincls.build_classifier(args, 8)
+    assert "torchvision" in source and model.fc.out_features == 8
+    assert torch.equal(model.state_dict()["layer4.1.bn2.running_var"], cached["layer4.1.bn2.running_var"])
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def probes(moco_pretrained, tmp_path_factory):
+    """The same probe (seed, epochs, lr) on MoCo features and on a random-init backbone."""
+    root = tmp_path_factory.mktemp("lincls")
+    out = {}
+    for name, pre in (("moco", moco_pretrained), ("random", "none")):
+        out[name] = (root / name, lincls(PROBE + ["--pretrained", pre, "--output-dir", str(root / name)]))
+    return out
+
+
+def test_frozen_probe_keeps_backbone_and_trains_head(probes, moco_pretrained):
+    folder, stdout = probes["moco"]
+    assert "sanity check passed" in stdout and "frozen backbone" in stdout
+    pre = load(moco_pretrained)["state_dict"]
+    ckpt = load(folder / "checkpoint_last.pth.tar")
+    assert ckpt["method"] == "lincls" and ckpt["epoch"] == 3 and "best_acc1" in ckpt
+    sd = ckpt["state_dict"]
+    backbone = [k for k in sd if not k.startswith("module.fc.")]
+    assert len(backbone) == 120  # resnet18: weights + BN buffers
+    for k in backbone:
+        assert torch.equal(sd[k], pre["module.encoder_q." + k[len("module."):]]), k  # incl. BN running stats
+    # the head moved away from its initialisation (same seed -> same initial head)
+    args = main_lincls.finalize_args(main_lincls.get_args_parser().parse_args(
+        PROBE + ["--pretrained", moco_pretrained, "--output-dir", str(folder)]))
+    torch.manual_seed(args.seed)
+    init, _, _ = main_lincls.build_classifier(args, 8)
+    assert not torch.allclose(sd["module.fc.weight"], init.fc.weight, atol=1e-3)
+    assert sd["module.fc.bias"].abs().sum() > 0
+
+    # every metric file of the last epoch
+    results = json.load(open(folder / "results.json"))
+    last = [json.loads(line) for line in open(folder / "metrics.jsonl")][-1]
+    assert results["final"]["acc1"] == pytest.approx(last["acc1"])
+    assert results["best_acc1"] == pytest.approx(max(json.loads(line)["acc1"] for line in open(folder / "metrics.jsonl")))
+    rows = list(csv.reader(open(folder / "confusion_matrix.csv")))
+    assert len(rows) == 9 and sum(int(x) for r in rows[1:] for x in r[1:]) == 128
+    per_class = list(csv.DictReader(open(folder / "per_class.csv")))
+    assert len(per_class) == 8 and sum(int(r["support"]) for r in per_class) == 128
+    assert os.path.isfile(folder / "model_best.pth.tar") and not os.path.exists(folder / "checkpoint_0003.pth.tar")
+    assert "=> final" in stdout and "macro_f1" in stdout
+
+
+def test_pretrained_probe_beats_random_init(probes):
+    acc = {name: json.load(open(folder / "results.json"))["final"]["acc1"] for name, (folder, _) in probes.items()}
+    print(f"probe top-1 after {PROBE[PROBE.index('--epochs') + 1]} epochs: {acc}")
+    assert acc["moco"] > acc["random"] + 5, acc
+
+
+def test_evaluate_reproduces_best_accuracy(probes, tmp_path):
+    folder, _ = probes["moco"]
+    best = load(folder / "model_best.pth.tar")
+    stdout = lincls(SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "--evaluate",
+                                 "--resume", str(folder / "model_best.pth.tar"), "--output-dir", str(tmp_path)])
+    ev = json.load(open(tmp_path / "evaluation.json"))
+    assert ev["acc1"] == pytest.approx(best["best_acc1"]) and "evaluation of" in stdout
+    assert os.path.isfile(tmp_path / "confusion_matrix_eval.csv")
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    # fine-tuning with an MLP head (dropout), a label subset and balanced sampling: every RNG in play
+    base = SYNTHETIC + ["--synthetic-size", "96", "-b", "16", "--lr", "0.05", "--schedule", "1", "--finetune",
+                        "--head", "mlp", "--label-fraction", "0.5", "--balanced-sampling", "--class-weights",
+                        "--pretrained", "none", "--seed", "7", "-p", "100"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    lincls(base + ["--epochs", "2", "--output-dir", str(straight)])
+    lincls(base + ["--epochs", "1", "--output-dir", str(split)])
+    assert "resumed from" in lincls(base + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
+    a, b = load(straight / "checkpoint_last.pth.tar"), load(split / "checkpoint_last.pth.tar")
+    assert a["epoch"] == b["epoch"] == 2 and a["best_acc1"] == b["best_acc1"]
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert json.load(open(straight / "label_subset.json")) == json.load(open(split / "label_subset.json"))
+
+
+def test_two_gloo_workers_match_one_process(tmp_path):
+    # frozen BN + the same global batch: 2 workers x 16 compute the 1 x 32 run's gradients
+    args = TINY + ["--pretrained", "none", "--synthetic-size", "128", "--epochs", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    lincls(args + ["--output-dir", str(one)])
+    proc = run_script("main_lincls.py", args + ["--output-dir", str(two), "--cpu", "--multiprocessing-distributed",
+                                                "--nproc-per-node", "2", "--dist-url", "tcp://127.0.0.1:29533"])
+    assert "2 process(es)" in proc.stdout and "sanity check passed" in proc.stdout
+    a, b = load(one / "checkpoint_last.pth.tar"), load(two / "checkpoint_last.pth.tar")
+    for k in ("module.fc.weight", "module.fc.bias"):
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-4, atol=1e-5)
+    ra, rb = json.load(open(one / "results.json")), json.load(open(two / "results.json"))
+    assert ra["final"]["confusion"] == rb["final"]["confusion"]  # every val image evaluated once
+
+
+# ---------------------------------------------------------------- user errors
+
+def test_errors_are_one_sentence(tmp_path, moco_pretrained, capsys):
+    out = ["--output-dir", str(tmp_path / "o")]
+    # wrong architecture for the checkpoint
+    code, err = run_in_process(TINY[:3] + ["resnet34"] + TINY[4:] + ["--pretrained", moco_pretrained] + out, capsys)
+    assert code == 2 and "holds a resnet18 but -a/--arch is resnet34" in err
+    # not a pretraining checkpoint: a text file, a torch file without weights, an unknown layout
+    (tmp_path / "notes.txt").write_text("hello")
+    torch.save({"epoch": 3, "accuracy": 0.5}, tmp_path / "stats.pth.tar")
+    torch.save({"state_dict": {"net.weight": torch.zeros(2)}}, tmp_path / "other.pth.tar")
+    for name, message in (("notes.txt", "not a checkpoint"), ("stats.pth.tar", "is not a training checkpoint"),
+                          ("other.pth.tar", "unknown checkpoint layout")):
+        code, err = run_in_process(TINY + ["--pretrained", str(tmp_path / name)] + out, capsys)
+        assert code == 2 and message in err, (name, err)
+    # val classes differ from train classes
+    root = write_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=2, split_dirs=("train",))
+    write_image_folder(tmp_path / "data", classes=("cat", "cow"), per_class=2, split_dirs=("val",))
+    code, err = run_in_process([root, "-a", "resnet18", "-j", "0", "-b", "2", "--pretrained", "none"] + out, capsys)
+    assert code == 2 and "differ from train classes" in err
+    # a label fraction that leaves a class empty (8 classes x 4 images, 10%)
+    code, err = run_in_process(TINY + ["--synthetic-size", "32", "--pretrained", "none", "--label-fraction", "0.1"] + out,
+                               capsys)
+    assert code == 2 and "leaves class" in err and "with no labelled image" in err
+    # a MoCo checkpoint is not a lincls checkpoint to resume; --evaluate needs one; --pretrained is required
+    code, err = run_in_process(TINY + ["--pretrained", "none", "--resume", moco_pretrained] + out, capsys)
+    assert code == 2 and "main_lincls.py can only resume its own checkpoints" in err
+    code, err = run_in_process(TINY + ["--evaluate"] + out, capsys)
+    assert code == 2 and "--evaluate needs a trained classifier" in err
+    code, err = run_in_process(TINY + out, capsys)
+    assert code == 2 and "--pretrained is required" in err
+    for line in err.strip().splitlines():
+        assert "Traceback" not in line
+
+
+def test_error_reaches_the_user_as_one_line(tmp_path):
+    proc = run_script("main_lincls.py", TINY[:3] + ["resnet50"] + TINY[4:] + [
+        "--pretrained", str(tmp_path / "missing.pth.tar"), "--output-dir", str(tmp_path)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("main_lincls.py: error:") and "does not exist" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
