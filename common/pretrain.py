@@ -1,0 +1,156 @@
+"""The steps every pretraining script (main_moco.py, main_simclr.py) takes the same way:
+derived defaults, worker start, the two-view loader, device placement and DDP, resume,
+and the epoch loop with its log, kNN monitor and checkpoints. The method itself (model,
+optimizer, lr rule, augmentation) stays in the script; it passes its pieces in here."""
+import argparse
+import functools
+import os
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from common import augment
+from common.checkpoint import check_arch, load_checkpoint, resolve_resume, restore_training_state, \
+    save_checkpoint, training_state
+from common.data import ResumableSampler, TransformedDataset, build_dataset, default_crop_size
+from common.dist import DistEnv, expected_world_size, is_main_process, launch, per_worker, setup_distributed
+from common.engine import make_loader, train_one_epoch
+from common.errors import UserError, report_user_errors
+from common.knn import KnnMonitor
+from common.logging import MetricsLog, log
+from common.preempt import PreemptionHandler, add_preemption_args
+from common.schedule import lr_at
+
+
+def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the shared epoch loop (run_pretraining): kNN monitor, --save-every-iters."""
+    parser.add_argument("--knn-every", default=0, type=int,
+                        help="kNN accuracy of the backbone on the labelled train/val split every N epochs (0: off)")
+    add_preemption_args(parser)
+
+
+def finalize_pretrain_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """Derived defaults every pretraining script shares; checked before any worker starts."""
+    args.output_dir = args.output_dir or os.path.join("runs", name)
+    if args.seed is None:
+        args.seed = random.randrange(2 ** 31)  # stored in the checkpoint so resume replays it
+    args.crop_size = args.crop_size or default_crop_size(args)
+    if args.small_images is None:
+        args.small_images = args.crop_size <= 64
+    per_worker(args.batch_size, expected_world_size(args))
+    return args
+
+
+def script_main(get_args_parser: Callable[[], argparse.ArgumentParser],
+                finalize_args: Callable[[argparse.Namespace], argparse.Namespace],
+                main_worker: Callable[[Optional[int], argparse.Namespace], None]) -> Callable[..., None]:
+    """A script's `main(argv=None)`: parse, finalize, start the workers; a UserError anywhere
+    prints `script: error: <sentence>` and exits 2."""
+    @report_user_errors
+    def main(argv=None) -> None:
+        launch(main_worker, finalize_args(get_args_parser().parse_args(argv)))
+
+    return main
+
+
+def start_worker(local_rank: Optional[int], args: argparse.Namespace) -> Tuple[DistEnv, int, int]:
+    """Join the process group and seed this rank. Returns (env, per-process batch size,
+    per-process data-loading workers)."""
+    env = setup_distributed(local_rank, args)
+    torch.manual_seed(args.seed + env.rank)
+    np.random.seed(args.seed + env.rank)
+    random.seed(args.seed + env.rank)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    batch_size = per_worker(args.batch_size, env.world_size)
+    # -j is per node (as in facebookresearch/moco): split it over this node's processes
+    workers = (args.workers + env.local_world_size - 1) // env.local_world_size
+    return env, batch_size, workers
+
+
+@dataclass
+class PretrainData:
+    dataset: TransformedDataset
+    loader: DataLoader
+    sampler: ResumableSampler
+    batch_size: int  # per process
+    iters_per_epoch: int
+
+
+def two_view_data(args: argparse.Namespace, env: DistEnv, view_transform: Callable, batch_size: int,
+                  workers: int) -> PretrainData:
+    """Every image of the pretraining split as two independent views (labels unused)."""
+    dataset = TransformedDataset(build_dataset(args, "pretrain"), augment.TwoCropsTransform(view_transform),
+                                 args.strict_data)
+    loader, sampler = make_loader(dataset, batch_size, env, workers, args.seed)
+    iters_per_epoch = len(dataset) // env.world_size // batch_size
+    if iters_per_epoch == 0:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size}; "
+                        f"lower --batch-size or add images")
+    log(f"=> {len(dataset)} images, {iters_per_epoch} iterations/epoch, {env.world_size} process(es), "
+        f"batch {batch_size}/process on {env.device}")
+    return PretrainData(dataset, loader, sampler, batch_size, iters_per_epoch)
+
+
+def place_model(model: nn.Module, env: DistEnv, channels_last: bool = False) -> nn.Module:
+    """Move to this worker's device (NHWC if asked) and wrap in DDP when distributed."""
+    model.to(env.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if env.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
+
+
+def resume_training(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer, scaler,
+                    method: str) -> Tuple[int, int]:
+    """`--resume PATH|auto`: restore everything and return (epoch, iteration) to continue at;
+    (0, 0) for a fresh start."""
+    path = resolve_resume(args.resume, args.output_dir)
+    if not path:
+        return 0, 0
+    ckpt = load_checkpoint(path, expected_method=method)
+    check_arch(ckpt, args.arch, path)
+    start_epoch, start_iter = restore_training_state(ckpt, model, optimizer, scaler)
+    log(f"=> resumed from {path} at epoch {start_epoch}" + (f", iteration {start_iter}" if start_iter else ""))
+    return start_epoch, start_iter
+
+
+def lr_schedule(args: argparse.Namespace, lr: float) -> Callable[[float], float]:
+    """lr at a fractional epoch: `--warmup-epochs` linear warmup to `lr`, then cosine
+    (`--cos`) or the step `--schedule`."""
+    return functools.partial(lr_at, base_lr=lr, epochs=args.epochs, schedule=args.schedule, cos=args.cos,
+                             warmup_epochs=args.warmup_epochs)
+
+
+def run_pretraining(model: nn.Module, backbone: nn.Module, data: PretrainData, optimizer: torch.optim.Optimizer,
+                    scaler, lr_fn: Callable[[float], float], args: argparse.Namespace, env: DistEnv, method: str,
+                    start: Tuple[int, int] = (0, 0)) -> None:
+    """Epochs `start[0]`..`args.epochs - 1` (the first from iteration `start[1]`): train, kNN
+    monitor on `backbone` every `--knn-every` epochs, one metrics line and a checkpoint per
+    epoch; SIGUSR1/SIGTERM (SLURM preemption) -> mid-epoch checkpoint and requeue."""
+    start_epoch, start_iter = start
+    metrics = MetricsLog(args.output_dir)
+    knn = KnnMonitor(args, env) if args.knn_every else None
+    preemption = PreemptionHandler(model, optimizer, scaler, args, env, method=method,
+                                   iters_per_epoch=data.iters_per_epoch)
+    for epoch in range(start_epoch, args.epochs):
+        data.sampler.set_epoch(epoch, start_iter * data.batch_size)
+        stats, _ = train_one_epoch(model, data.loader, optimizer, scaler, epoch, data.iters_per_epoch, start_iter,
+                                   lr_fn, args, env, after_step=preemption.after_step(epoch))
+        start_iter = 0
+        stats["skipped_images"] = int(data.dataset.skipped.item())
+        if knn is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            stats.update(knn.evaluate(backbone))
+        record = {"epoch": epoch, "lr": lr_fn(epoch + 1 - 1e-9), **stats}
+        log(f"=> epoch {epoch} done: " + "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+        metrics.write(record)
+        if is_main_process():
+            save_checkpoint(training_state(model, optimizer, scaler, args, method=method, epoch=epoch + 1,
+                                           metrics=record),
+                            args.output_dir, epoch_file=(epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)

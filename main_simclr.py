@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""SimCLR pretraining.
+
+    python main_simclr.py --dataset synthetic -a resnet18 --no-small-images --epochs 5 -b 64 --temperature 0.5
+    python main_simclr.py /data/imagenet -a resnet50 -b 4096 --epochs 100 --multiprocessing-distributed
+
+Defaults are SimCLR's ImageNet recipe: LARS, lr 0.3 x batch/256, weight decay 1e-6,
+10 warmup epochs then cosine, temperature 0.1, 2-layer projection head with BN.
+"""
+import argparse
+import functools
+
+import torch
+import torch.nn as nn
+
+from common import augment
+from common.cli import add_training_args
+from common.dist import cleanup, expected_world_size
+from common.engine import make_scaler
+from common.errors import UserError
+from common.logging import log
+from common.models import build_backbone
+from common.optim import OPTIMIZERS, build_optimizer, scaled_lr
+from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, place_model, resume_training, \
+    run_pretraining, script_main, start_worker, two_view_data
+from simclr.builder import SimCLR
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="SimCLR pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_training_args(parser, lr=0.3, epochs=100, batch_size=256, schedule=(), weight_decay=1e-6, name="simclr")
+    # SimCLR's schedule: linear warmup, then cosine (--no-cos: the step --schedule instead)
+    parser.set_defaults(cos=True, warmup_epochs=10.0)
+    parser._option_string_actions["--lr"].help = ("base learning rate: the lr used is this x batch/256 "
+                                                  "(see --lr-scaling)")
+    g = parser.add_argument_group("simclr")
+    g.add_argument("--no-cos", dest="cos", action="store_false", help="step schedule (--schedule) instead of cosine")
+    g.add_argument("--temperature", default=0.1, type=float,
+                   help="NT-Xent temperature (0.1 for large batches; 0.5 works better for small ones)")
+    g.add_argument("--proj-dim", default=128, type=int, help="output width of the projection head")
+    g.add_argument("--proj-hidden-dim", default=None, type=int,
+                   help="hidden width of the projection head (default: the backbone's feature width)")
+    g.add_argument("--proj-layers", default=2, type=int, choices=(2, 3),
+                   help="linear layers in the projection head (2: SimCLR v1, 3: SimCLR v2)")
+    g.add_argument("--proj-bn", default=True, action=argparse.BooleanOptionalAction,
+                   help="BatchNorm after every linear layer of the projection head (as in the SimCLR code)")
+    g.add_argument("--optimizer", default="lars", choices=OPTIMIZERS,
+                   help="LARS excludes BN and biases from weight decay and trust-ratio adaptation")
+    g.add_argument("--lars-eta", default=0.001, type=float, help="LARS trust coefficient")
+    g.add_argument("--lr-scaling", default="linear", choices=("linear", "sqrt", "none"),
+                   help="lr used = --lr x batch/256 (linear), --lr x sqrt(batch/256) (sqrt), or --lr (none)")
+    g.add_argument("--color-strength", default=1.0, type=float,
+                   help="colour distortion strength s (jitter 0.8s brightness/contrast/saturation, 0.2s hue)")
+    g.add_argument("--blur", default=None, action=argparse.BooleanOptionalAction,
+                   help="Gaussian blur augmentation (default: on for crops > 64 px, off for CIFAR-sized images)")
+    g.add_argument("--sync-bn", default=None, action=argparse.BooleanOptionalAction,
+                   help="BatchNorm statistics over the global batch (SimCLR's global BN; default: on with "
+                        "several GPUs; PyTorch cannot sync BN between CPU processes)")
+    add_pretrain_args(parser)
+    return parser
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill derived defaults and reject impossible combinations before any worker starts."""
+    finalize_pretrain_args(args, "simclr")
+    if args.batch_size < 2:
+        raise UserError(f"--batch-size {args.batch_size} leaves NT-Xent no negatives (each image's only other "
+                        f"embedding is its positive); use --batch-size 2 or more (SimCLR uses 256 to 4096)")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature {args.temperature} must be positive; SimCLR uses 0.1 to 0.5")
+    if args.blur is None:
+        args.blur = args.crop_size > 64
+    if args.sync_bn and expected_world_size(args) > 1 and (args.cpu or not torch.cuda.is_available()):
+        raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run between CPU processes; "
+                        "drop --sync-bn")
+    return args
+
+
+def main_worker(local_rank, args: argparse.Namespace) -> None:
+    env, batch_size, workers = start_worker(local_rank, args)
+
+    # ---- data: two augmented views of every image, labels unused
+    aug = augment.simclr(args.crop_size, strength=args.color_strength, blur=args.blur)
+    data = two_view_data(args, env, aug, batch_size, workers)
+
+    # ---- model
+    model = SimCLR(functools.partial(build_backbone, args.arch, small_images=args.small_images),
+                   args.proj_dim, args.proj_hidden_dim, args.proj_layers, args.proj_bn, args.temperature)
+    if env.distributed and env.device.type == "cuda" and args.sync_bn is not False:
+        # positives of one image sit on one GPU: per-GPU BN statistics would let the
+        # network find them through the batch statistics instead of the image content
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif env.distributed:
+        log("=> BatchNorm statistics are per process (SyncBatchNorm needs GPUs, or was turned off by --no-sync-bn)")
+    model = place_model(model, env, args.channels_last)
+    simclr = model.module if env.distributed else model
+
+    lr = scaled_lr(args.lr, args.batch_size, args.lr_scaling)
+    optimizer = build_optimizer(model, args, lr)
+    scaler = make_scaler(args, env.device)
+    log(f"=> {args.optimizer} lr {lr:.4g} (--lr {args.lr} scaled {args.lr_scaling} for batch {args.batch_size}), "
+        f"temperature {args.temperature}")
+
+    # ---- resume
+    start = resume_training(args, model, optimizer, scaler, method="simclr")
+
+    # ---- epochs: train, kNN monitor, metrics log, checkpoint; SIGUSR1/SIGTERM (SLURM
+    # preemption) -> mid-epoch checkpoint and requeue; --save-every-iters
+    run_pretraining(model, simclr.encoder, data, optimizer, scaler, lr_schedule(args, lr), args, env, method="simclr",
+                    start=start)
+    cleanup()
+
+
+main = script_main(get_args_parser, finalize_args, main_worker)
+
+
+if __name__ == "__main__":
+    main()
