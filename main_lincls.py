@@ -176,7 +176,11 @@ def check_compatible(ckpt: Dict, args: argparse.Namespace, classes: List[str], p
     """A lincls checkpoint can only continue (or be evaluated) as the same kind of model."""
     check_arch(ckpt, args.arch, path)
     saved = ckpt.get("args", {})
-    for flag, key in (("--head", "head"), ("--small-images", "small_images"), ("--mlp-hidden-dim", "mlp_hidden_dim")):
+    checked = [("--head", "head"), ("--small-images", "small_images"), ("--mlp-hidden-dim", "mlp_hidden_dim")]
+    if not args.evaluate:  # continuing on other training images would silently mix two experiments
+        checked += [("--label-fraction", "label_fraction"), ("--subset-seed", "subset_seed"),
+                    ("--label-subset", "label_subset")]
+    for flag, key in checked:
         if key in saved and saved[key] != getattr(args, key):
             raise UserError(f"{path!r} was trained with {flag} {saved[key]} but this run has {getattr(args, key)}; "
                             f"pass the same {flag} (or another --output-dir for a new run)")
