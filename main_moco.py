@@ -52,7 +52,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
 
     # ---- data: two augmented views of every image, labels unused
-    aug = augment.moco_v2(args.crop_size, blur=args.crop_size > 64) if args.aug_plus else augment.moco_v1(args.crop_size)
+    aug = augment.moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength) if args.aug_plus \
+        else augment.moco_v1(args.crop_size)
     data = two_view_data(args, env, aug, batch_size, workers)
 
     # ---- model

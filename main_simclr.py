@@ -49,8 +49,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lars-eta", default=0.001, type=float, help="LARS trust coefficient")
     g.add_argument("--lr-scaling", default="linear", choices=("linear", "sqrt", "none"),
                    help="lr used = --lr x batch/256 (linear), --lr x sqrt(batch/256) (sqrt), or --lr (none)")
-    g.add_argument("--color-strength", default=1.0, type=float,
-                   help="colour distortion strength s (jitter 0.8s brightness/contrast/saturation, 0.2s hue)")
     g.add_argument("--blur", default=None, action=argparse.BooleanOptionalAction,
                    help="Gaussian blur augmentation (default: on for crops > 64 px, off for CIFAR-sized images)")
     g.add_argument("--sync-bn", default=None, action=argparse.BooleanOptionalAction,

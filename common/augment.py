@@ -39,11 +39,12 @@ def moco_v1(crop_size: int = 224) -> transforms.Compose:
     ])
 
 
-def moco_v2(crop_size: int = 224, blur: bool = True) -> transforms.Compose:
-    """MoCo v2 "aug-plus": SimCLR-like colour jitter and blur, crop scale 0.2-1."""
+def moco_v2(crop_size: int = 224, blur: bool = True, strength: float = 1.0) -> transforms.Compose:
+    """MoCo v2 "aug-plus": SimCLR-like colour jitter (scaled by `strength`) and blur, crop scale 0.2-1."""
+    s = strength
     ops = [
         transforms.RandomResizedCrop(crop_size, scale=(0.2, 1.0)),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomApply([transforms.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
     ]
     if blur:

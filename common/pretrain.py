@@ -28,7 +28,11 @@ from common.schedule import lr_at
 
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of the shared epoch loop (run_pretraining): kNN monitor, --save-every-iters."""
+    """Flags of the shared epoch loop (run_pretraining): kNN monitor, --save-every-iters,
+    and the colour-distortion strength both methods' augmentations take."""
+    parser.add_argument("--color-strength", default=1.0, type=float,
+                        help="colour distortion strength s: SimCLR jitter 0.8s/0.8s/0.8s/0.2s, MoCo v2 "
+                             "(--aug-plus) jitter 0.4s/0.4s/0.4s/0.1s; 1.0 is the papers' recipe")
     parser.add_argument("--knn-every", default=0, type=int,
                         help="kNN accuracy of the backbone on the labelled train/val split every N epochs (0: off)")
     add_preemption_args(parser)

@@ -1,0 +1,106 @@
+"""main_moco.py end to end: CLI, resume, real DDP, bad input, learning."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import SYNTHETIC, run_script, write_image_folder
+
+TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",
+                    "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "3", "-p", "2"]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_help():
+    out = run_script("main_moco.py", ["--help"]).stdout
+    assert "--moco-k" in out and "--multiprocessing-distributed" in out
+
+
+def test_one_epoch_run_writes_checkpoint_and_metrics(tmp_path):
+    proc = run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
+    assert "img/s" in proc.stdout and "eta" in proc.stdout
+    ckpt = load(tmp_path / "checkpoint_last.pth.tar")  # weights_only=True: no pickled classes
+    assert ckpt["method"] == "moco" and ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18"
+    assert "module.queue" in ckpt["state_dict"] and "module.encoder_q.conv1.weight" in ckpt["state_dict"]
+    assert os.path.isfile(tmp_path / "checkpoint_0001.pth.tar")
+    rec = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rec[0]["epoch"] == 0 and rec[0]["loss"] > 0 and "images_per_sec" in rec[0]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # atomic writes leave no temp files
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_script("main_moco.py", TINY + ["--epochs", "2", "--schedule", "1", "--output-dir", str(straight)])
+    # first half: a run that was stopped after epoch 1 (--epochs 1 with the lr schedule of 2 epochs:
+    # --schedule keeps the step lr independent of --epochs)
+    run_script("main_moco.py", TINY + ["--epochs", "1", "--schedule", "1", "--output-dir", str(split)])
+    proc = run_script("main_moco.py", TINY + ["--epochs", "2", "--schedule", "1", "--output-dir", str(split), "--resume", "auto"])
+    assert "resumed" in proc.stdout
+    a, b = load(straight / "checkpoint_last.pth.tar"), load(split / "checkpoint_last.pth.tar")
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert torch.equal(a["state_dict"]["module.queue"], b["state_dict"]["module.queue"])
+
+
+def test_two_gloo_workers_train_with_shuffle_bn(tmp_path):
+    proc = run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", str(tmp_path), "--cpu", "--moco-k", "48",
+                                              "--multiprocessing-distributed", "--world-size", "1",
+                                              "--nproc-per-node", "2", "--dist-url", "tcp://127.0.0.1:29517"])
+    assert "2 process(es)" in proc.stdout
+    ckpt = load(tmp_path / "checkpoint_last.pth.tar")
+    assert ckpt["epoch"] == 1
+    # 4 steps x 16 keys (8 gathered from each rank) = 64 keys through a queue of 48
+    assert int(ckpt["state_dict"]["module.queue_ptr"]) == 64 % 48
+    torch.testing.assert_close(ckpt["state_dict"]["module.queue"].norm(dim=0), torch.ones(48))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent/folder"], "does not exist"),
+    (SYNTHETIC + ["-b", "16", "--moco-k", "40"], "--moco-k 40 is not a multiple"),
+    (SYNTHETIC + ["-b", "15", "--moco-k", "30", "--multiprocessing-distributed", "--nproc-per-node", "2", "--cpu"],
+     "not divisible by the world size 2"),
+    (SYNTHETIC + ["-b", "16", "--moco-k", "32", "--resume", "/nonexistent.pth.tar"], "does not exist"),
+])
+def test_bad_input_gives_one_sentence(args, message):
+    proc = run_script("main_moco.py", args + ["--epochs", "1"], check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_class_folder_and_corrupt_image(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=8, size=32)
+    os.makedirs(tmp_path / "data" / "train" / "empty")
+    base = ["-a", "resnet18", "--no-small-images", "-j", "0", "-b", "8", "--moco-k", "16", "--bn-splits", "2",
+            "--crop-size", "32", "--epochs", "1", "--output-dir", str(tmp_path / "out")]
+    proc = run_script("main_moco.py", [root] + base, check=False)
+    assert proc.returncode == 2 and "holds no images" in proc.stderr and "Traceback" not in proc.stderr
+
+    os.rmdir(tmp_path / "data" / "train" / "empty")
+    with open(tmp_path / "data" / "train" / "a" / "0.png", "wb") as f:
+        f.write(b"not a png at all")
+    proc = run_script("main_moco.py", [root] + base)  # skipped with a warning, counted in the log
+    assert "skipping unreadable image" in proc.stderr
+    rec = json.loads(open(tmp_path / "out" / "metrics.jsonl").readline())
+    assert rec["skipped_images"] >= 1
+    proc = run_script("main_moco.py", [root] + base + ["--strict-data"], check=False)
+    assert proc.returncode == 2 and "cannot read image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_rejects_checkpoint_of_another_script_or_arch(tmp_path):
+    run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
+    ckpt = load(tmp_path / "checkpoint_last.pth.tar")
+    ckpt["method"] = "lincls"
+    torch.save(ckpt, tmp_path / "lincls.pth.tar")
+    proc = run_script("main_moco.py", TINY + ["--epochs", "2", "--resume", str(tmp_path / "lincls.pth.tar"),
+                                              "--output-dir", str(tmp_path / "x")], check=False)
+    assert proc.returncode == 2 and "main_lincls.py" in proc.stderr
+    proc = run_script("main_moco.py", TINY[:3] + ["resnet34"] + TINY[4:] + [
+        "--epochs", "2", "--resume", str(tmp_path / "checkpoint_last.pth.tar"), "--output-dir", str(tmp_path / "y")],
+        check=False)
+    assert proc.returncode == 2 and "holds a resnet18" in proc.stderr
