@@ -104,3 +104,23 @@ def test_resume_rejects_checkpoint_of_another_script_or_arch(tmp_path):
         "--epochs", "2", "--resume", str(tmp_path / "checkpoint_last.pth.tar"), "--output-dir", str(tmp_path / "y")],
         check=False)
     assert proc.returncode == 2 and "holds a resnet18" in proc.stderr
+
+
+def test_pretraining_beats_random_init_under_the_same_knn(moco_pretrained):
+    """The fixture's short MoCo v2 run must give better features than the same network at init."""
+    import main_moco
+    from common.checkpoint import load_backbone, load_checkpoint
+    from common.dist import DistEnv
+    from common.knn import KnnMonitor
+    from common.models import build_backbone
+    from conftest import MOCO_LEARN
+
+    args = main_moco.finalize_args(main_moco.get_args_parser().parse_args(MOCO_LEARN))
+    knn = KnnMonitor(args, DistEnv(0, 1, 0, torch.device("cpu"), False))  # k=20, T=0.07, train -> val
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", small_images=False)
+    random_init = knn.evaluate(backbone)["knn_top1"]
+    load_backbone(backbone, load_checkpoint(moco_pretrained))
+    pretrained = knn.evaluate(backbone)["knn_top1"]
+    print(f"kNN top-1: random init {random_init:.1f}, MoCo {pretrained:.1f}")
+    assert pretrained > random_init + 10
