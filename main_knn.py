@@ -29,10 +29,10 @@ from common.augment import eval_transform
 from common.checkpoint import check_arch, load_backbone, load_checkpoint, load_pretrained
 from common.data import TransformedDataset, add_data_args, build_dataset, default_crop_size, is_image_file, \
     pil_loader
-from common.dist import add_dist_args, barrier, cleanup, expected_world_size, is_main_process, launch, per_worker, \
-    setup_distributed
+from common.dist import add_dist_args, barrier, cleanup, expected_world_size, is_main_process, per_worker, \
+    script_main, start_worker
 from common.engine import amp_dtype
-from common.errors import UserError, report_user_errors
+from common.errors import UserError
 from common.knn import extract_features, knn_search, knn_vote
 from common.logging import log
 from common.metrics import classification_report, save_per_class_csv
@@ -319,11 +319,7 @@ def retrieval(model: nn.Module, train_base, train_f: torch.Tensor, query_base, q
 # ---------------------------------------------------------------- main
 
 def main_worker(local_rank, args: argparse.Namespace) -> None:
-    env = setup_distributed(local_rank, args)
-    if env.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    batch_size = per_worker(args.batch_size, env.world_size)
-    workers = (args.workers + env.local_world_size - 1) // env.local_world_size
+    env, batch_size, workers = start_worker(local_rank, args)
 
     # ---- data: train is the memory bank; val is evaluated (and queried) when there is one
     train_base, val_base = build_dataset(args, "train"), build_dataset(args, "val")
@@ -394,10 +390,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     cleanup()
 
 
-@report_user_errors
-def main(argv=None) -> None:
-    args = finalize_args(get_args_parser().parse_args(argv))
-    launch(main_worker, args)
+main = script_main(get_args_parser, finalize_args, main_worker)
 
 
 if __name__ == "__main__":

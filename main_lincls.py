@@ -18,7 +18,6 @@ import os
 import random
 from typing import Dict, List, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,9 +28,9 @@ from common.checkpoint import check_arch, extract_backbone, load_backbone, load_
 from common.cli import add_training_args
 from common.data import BalancedSampler, SubsetDataset, TransformedDataset, build_dataset, class_counts, \
     class_weights, default_crop_size, load_subset, save_subset, stratified_subset
-from common.dist import DistEnv, cleanup, expected_world_size, is_main_process, launch, per_worker, setup_distributed
+from common.dist import DistEnv, cleanup, expected_world_size, is_main_process, per_worker, script_main, start_worker
 from common.engine import autocast, make_loader, make_scaler
-from common.errors import UserError, report_user_errors
+from common.errors import UserError
 from common.knn import extract_features
 from common.logging import MeterBank, MetricsLog, Progress, log
 from common.metrics import classification_report, save_confusion_csv, save_per_class_csv
@@ -297,14 +296,7 @@ def jsonable(report: Dict) -> Dict:
 # ---------------------------------------------------------------- main
 
 def main_worker(local_rank, args: argparse.Namespace) -> None:
-    env = setup_distributed(local_rank, args)
-    torch.manual_seed(args.seed + env.rank)
-    np.random.seed(args.seed + env.rank)
-    random.seed(args.seed + env.rank)
-    if env.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    batch_size = per_worker(args.batch_size, env.world_size)
-    workers = (args.workers + env.local_world_size - 1) // env.local_world_size
+    env, batch_size, workers = start_worker(local_rank, args)
 
     # ---- data: labelled train (optionally a label subset) and val, same classes
     train_base = labelled(build_dataset(args, "train"), "train")
@@ -435,10 +427,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     cleanup()
 
 
-@report_user_errors
-def main(argv=None) -> None:
-    args = finalize_args(get_args_parser().parse_args(argv))
-    launch(main_worker, args)
+main = script_main(get_args_parser, finalize_args, main_worker)
 
 
 if __name__ == "__main__":

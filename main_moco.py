@@ -11,12 +11,12 @@ import torch
 
 from common import augment
 from common.cli import add_training_args
-from common.dist import cleanup
+from common.dist import cleanup, script_main, start_worker
 from common.engine import make_scaler
 from common.errors import UserError
 from common.models import build_backbone
 from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, place_model, resume_training, \
-    run_pretraining, script_main, start_worker, two_view_data
+    run_pretraining, two_view_data
 from moco.builder import MoCo, SplitBatchNorm
 
 

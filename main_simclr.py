@@ -15,14 +15,14 @@ import torch.nn as nn
 
 from common import augment
 from common.cli import add_training_args
-from common.dist import cleanup, expected_world_size
+from common.dist import cleanup, expected_world_size, script_main, start_worker
 from common.engine import make_scaler
 from common.errors import UserError
 from common.logging import log
 from common.models import build_backbone
 from common.optim import OPTIMIZERS, build_optimizer, scaled_lr
 from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, place_model, resume_training, \
-    run_pretraining, script_main, start_worker, two_view_data
+    run_pretraining, two_view_data
 from simclr.builder import SimCLR
 
 

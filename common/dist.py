@@ -7,13 +7,15 @@ prints and writes files (`is_main_process()`).
 """
 import argparse
 import os
+import random
 import re
 import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -304,6 +306,33 @@ def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> Di
     args.rank_global = rank  # kept for logging; the checkpointed args stay plain
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, distributed=distributed,
                    local_world_size=max(local_procs, 1))
+
+
+def start_worker(local_rank: Optional[int], args: argparse.Namespace) -> Tuple[DistEnv, int, int]:
+    """Join the process group and seed this rank. Returns (env, per-process batch size,
+    per-process data-loading workers)."""
+    env = setup_distributed(local_rank, args)
+    torch.manual_seed(args.seed + env.rank)
+    np.random.seed(args.seed + env.rank)
+    random.seed(args.seed + env.rank)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    batch_size = per_worker(args.batch_size, env.world_size)
+    # -j is per node (as in facebookresearch/moco): split it over this node's processes
+    workers = (args.workers + env.local_world_size - 1) // env.local_world_size
+    return env, batch_size, workers
+
+
+def script_main(get_args_parser: Callable[[], argparse.ArgumentParser],
+                finalize_args: Callable[[argparse.Namespace], argparse.Namespace],
+                main_worker: Callable[[Optional[int], argparse.Namespace], None]) -> Callable[..., None]:
+    """A script's `main(argv=None)`: parse, finalize, start the workers; a UserError anywhere
+    prints `script: error: <sentence>` and exits 2."""
+    @report_user_errors
+    def main(argv=None) -> None:
+        launch(main_worker, finalize_args(get_args_parser().parse_args(argv)))
+
+    return main
 
 
 def cleanup() -> None:

@@ -1,7 +1,7 @@
 """Weighted kNN on L2-normalised features (InstDisc / DINO): the fastest honest
 signal of representation quality, used by main_knn.py and the --knn-every monitor."""
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn

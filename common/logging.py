@@ -3,9 +3,8 @@ ETA) and a JSON-lines metrics log. Only global rank 0 prints or writes."""
 import datetime
 import json
 import os
-import sys
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 

@@ -7,9 +7,8 @@ import functools
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
@@ -18,9 +17,9 @@ from common import augment
 from common.checkpoint import check_arch, load_checkpoint, resolve_resume, restore_training_state, \
     save_checkpoint, training_state
 from common.data import ResumableSampler, TransformedDataset, build_dataset, default_crop_size
-from common.dist import DistEnv, expected_world_size, is_main_process, launch, per_worker, setup_distributed
+from common.dist import DistEnv, expected_world_size, is_main_process, per_worker
 from common.engine import make_loader, train_one_epoch
-from common.errors import UserError, report_user_errors
+from common.errors import UserError
 from common.knn import KnnMonitor
 from common.logging import MetricsLog, log
 from common.preempt import PreemptionHandler, add_preemption_args
@@ -48,33 +47,6 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str) -> argparse.Name
         args.small_images = args.crop_size <= 64
     per_worker(args.batch_size, expected_world_size(args))
     return args
-
-
-def script_main(get_args_parser: Callable[[], argparse.ArgumentParser],
-                finalize_args: Callable[[argparse.Namespace], argparse.Namespace],
-                main_worker: Callable[[Optional[int], argparse.Namespace], None]) -> Callable[..., None]:
-    """A script's `main(argv=None)`: parse, finalize, start the workers; a UserError anywhere
-    prints `script: error: <sentence>` and exits 2."""
-    @report_user_errors
-    def main(argv=None) -> None:
-        launch(main_worker, finalize_args(get_args_parser().parse_args(argv)))
-
-    return main
-
-
-def start_worker(local_rank: Optional[int], args: argparse.Namespace) -> Tuple[DistEnv, int, int]:
-    """Join the process group and seed this rank. Returns (env, per-process batch size,
-    per-process data-loading workers)."""
-    env = setup_distributed(local_rank, args)
-    torch.manual_seed(args.seed + env.rank)
-    np.random.seed(args.seed + env.rank)
-    random.seed(args.seed + env.rank)
-    if env.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    batch_size = per_worker(args.batch_size, env.world_size)
-    # -j is per node (as in facebookresearch/moco): split it over this node's processes
-    workers = (args.workers + env.local_world_size - 1) // env.local_world_size
-    return env, batch_size, workers
 
 
 @dataclass

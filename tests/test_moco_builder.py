@@ -2,7 +2,6 @@
 import functools
 import math
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
