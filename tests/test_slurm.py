@@ -51,6 +51,18 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> 
     raise AssertionError(f"process ended before printing {needle!r}:\n" + "".join(seen))
 
 
+def signal_after_line(proc, line: str, sig):
+    """Signal `proc` once it printed `line`; returns (stdout seen, exit code, stderr)."""
+    try:
+        seen = wait_for_line(proc, line)
+        proc.send_signal(sig)
+        seen += proc.stdout.read()
+        return seen, proc.wait(timeout=120), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def assert_same_weights(a_path, b_path):
     a, b = load(a_path), load(b_path)
     assert a["epoch"] == b["epoch"] and a.get("iteration", 0) == b.get("iteration", 0) == 0
@@ -241,14 +253,7 @@ def test_sigterm_to_the_spawning_parent_reaches_its_workers(tmp_path):
     args = TINY + ["--epochs", "3", "--cpu", "--moco-k", "48", "--output-dir", str(out), "--multiprocessing-distributed",
                    "--nproc-per-node", "2", "--dist-url", f"tcp://127.0.0.1:{15000 + _free_slurm_job_id() % 20000}"]
     proc = start(args, clean_env(PATH="/nonexistent"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        seen = wait_for_line(proc, "Epoch [0/3][2/4]")
-        proc.send_signal(signal.SIGTERM)
-        seen += proc.stdout.read()
-        code, err = proc.wait(timeout=120), proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    seen, code, err = signal_after_line(proc, "Epoch [0/3][2/4]", signal.SIGTERM)
     assert code == REQUEUE_EXIT_CODE, seen + err
     assert err.count("SIGUSR1 received") == 2 and "Traceback" not in err
     mid = load(out / "checkpoint_last.pth.tar")
@@ -272,14 +277,7 @@ def test_sigusr1_checkpoints_mid_epoch_exits_for_requeue_and_resumes_exactly(tmp
     # PATH without scontrol: the requeue is logged, not a crash
     env = clean_env(SLURM_JOB_ID=4242, PATH="/nonexistent")
     proc = start(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        seen = wait_for_line(proc, "Epoch [0/2][2/4]")
-        proc.send_signal(signal.SIGUSR1)
-        seen += proc.stdout.read()
-        code, err = proc.wait(timeout=120), proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    seen, code, err = signal_after_line(proc, "Epoch [0/2][2/4]", signal.SIGUSR1)
     assert code == REQUEUE_EXIT_CODE, seen + err
     assert "SIGUSR1 received" in err and "Traceback" not in err
     assert "scontrol not found: cannot requeue SLURM job 4242" in seen
