@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Images/s of the pretraining input pipeline: decode + two augmented views, through the
+product's loader (common.engine.make_loader: persistent workers, prefetch, per-sample
+seeded augmentation), per worker count, for the PIL recipes the scripts use and for a
+candidate path that augments uint8 tensors with torchvision.transforms.v2.
+
+    python bench/dataloader.py --source jpeg --image-size 256 --crop-size 224 --workers 0 1 2
+    python bench/dataloader.py --source fashion-mnist --data ../shared/data/fashion-mnist --crop-size 32
+
+--source jpeg writes --num-images random-texture JPEGs (ImageNet-like size) to a temporary
+folder, so decoding is measured too; synthetic generates images in the workers; fashion-
+mnist reads the IDX files. Compare the printed images/s with the GPU step rate from
+bench/throughput.py: the loader keeps up when its rate with the workers you have is higher.
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench.util import format_table, machine_info, median, write_json  # noqa: E402
+from common import augment  # noqa: E402
+from common.data import SyntheticPatterns, TransformedDataset, build_dataset, image_folder  # noqa: E402
+from common.dist import DistEnv  # noqa: E402
+from common.engine import make_loader  # noqa: E402
+from common.errors import UserError, report_user_errors  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Input pipeline throughput (decode + two-view augmentation)")
+    p.add_argument("--source", default="jpeg", choices=("jpeg", "synthetic", "fashion-mnist", "mnist"))
+    p.add_argument("--data", default="", help="dataset root for --source fashion-mnist/mnist")
+    p.add_argument("--image-size", default=256, type=int, help="side of generated JPEG/synthetic images")
+    p.add_argument("--crop-size", default=224, type=int)
+    p.add_argument("--num-images", default=256, type=int, help="images per timed pass")
+    p.add_argument("-b", "--batch-size", default=32, type=int)
+    p.add_argument("--workers", nargs="+", default=[0, 1, 2], type=int, help="loader worker counts to compare")
+    p.add_argument("--recipes", nargs="+", default=["mocov2", "simclr"], choices=("mocov2", "simclr"))
+    p.add_argument("--paths", nargs="+", default=["pil", "tensor_v2"], choices=("pil", "tensor_v2"),
+                   help="pil: the scripts' torchvision PIL transforms; tensor_v2: transforms.v2 on uint8 tensors")
+    p.add_argument("--repeats", default=3, type=int, help="timed passes per setting (median)")
+    p.add_argument("--json", default="runs/bench/dataloader.json")
+    return p
+
+
+# ---------------------------------------------------------------- pipelines
+
+def pil_recipe(recipe: str, crop: int) -> Callable:
+    """Exactly what main_moco.py --aug-plus / main_simclr.py build."""
+    if recipe == "mocov2":
+        return augment.moco_v2(crop, blur=crop > 64)
+    return augment.simclr(crop, blur=crop > 64)
+
+
+def tensor_v2_recipe(recipe: str, crop: int) -> Callable:
+    """The same recipe with transforms.v2 on a uint8 tensor (PIL -> tensor first, float
+    only at the end); a candidate for a faster CPU path."""
+    from torchvision.transforms import v2
+    s = 1.0
+    if recipe == "mocov2":
+        ops = [v2.RandomResizedCrop(crop, scale=(0.2, 1.0), antialias=True),
+               v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s)], p=0.8),
+               v2.RandomGrayscale(p=0.2)]
+        if crop > 64:
+            k = max(3, int(0.1 * crop) // 2 * 2 + 1)
+            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
+        ops.append(v2.RandomHorizontalFlip())
+    else:
+        ops = [v2.RandomResizedCrop(crop, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+               v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+               v2.RandomGrayscale(p=0.2)]
+        if crop > 64:
+            k = max(3, int(0.1 * crop) // 2 * 2 + 1)
+            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
+    return v2.Compose([v2.PILToTensor()] + ops + [v2.ToDtype(torch.float32, scale=True),
+                                                  v2.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
+
+
+class DecodeOnly:
+    """Decode (and convert to a tensor) without augmentation: the floor of any pipeline."""
+
+    def __call__(self, img):
+        from torchvision.transforms.functional import pil_to_tensor
+        return pil_to_tensor(img)
+
+
+def write_jpegs(folder: str, n: int, size: int, seed: int = 0) -> None:
+    """n smooth random-texture JPEGs (quality 90) of size x size in one class folder;
+    texture compresses and decodes like photographs, unlike white noise."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "c0"), exist_ok=True)
+    for i in range(n):
+        small = rng.uniform(0, 255, size=(size // 16 + 1, size // 16 + 1, 3)).astype(np.uint8)
+        img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+        img.save(os.path.join(folder, "c0", f"{i:05d}.jpg"), quality=90)
+
+
+def build_source(args: argparse.Namespace, tmp: str):
+    if args.source == "jpeg":
+        write_jpegs(tmp, args.num_images, args.image_size)
+        return image_folder(tmp)
+    if args.source == "synthetic":
+        return SyntheticPatterns(args.num_images, 8, args.image_size)
+    ds = build_dataset(argparse.Namespace(dataset=args.source, data=args.data, download=False), "pretrain")
+    if len(ds) > args.num_images:
+        from common.data import SubsetDataset
+        ds = SubsetDataset(ds, range(args.num_images))
+    return ds
+
+
+def time_loader(base, transform: Callable, workers: int, args: argparse.Namespace) -> List[float]:
+    """Images/s of `repeats` passes over the dataset through the product's loader, after
+    one untimed pass that starts the (persistent) workers."""
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False,
+                  local_world_size=1)
+    ds = TransformedDataset(base, transform)
+    loader, sampler = make_loader(ds, args.batch_size, env, workers, seed=0, drop_last=False)
+    rates = []
+    for epoch in range(args.repeats + 1):
+        sampler.set_epoch(epoch)
+        t0, n = time.perf_counter(), 0
+        for images, _ in loader:
+            n += (images[0] if isinstance(images, list) else images).shape[0]
+        if epoch > 0:
+            rates.append(n / (time.perf_counter() - t0))
+    del loader  # stops the persistent workers
+    return rates
+
+
+@report_user_errors
+def main(argv=None) -> Dict:
+    args = get_args_parser().parse_args(argv)
+    if args.source in ("fashion-mnist", "mnist") and not args.data:
+        raise UserError(f"--source {args.source} needs --data, the folder that holds its raw/ files")
+    if args.num_images < args.batch_size:
+        raise UserError(f"--num-images {args.num_images} is less than one batch of {args.batch_size}; raise it")
+    tmp = tempfile.mkdtemp(prefix="bench_dataloader_")
+    try:
+        base = build_source(args, tmp)
+        settings = [("decode_only", "-", "pil", DecodeOnly())]
+        for recipe in args.recipes:
+            for path in args.paths:
+                tf = pil_recipe(recipe, args.crop_size) if path == "pil" else tensor_v2_recipe(recipe, args.crop_size)
+                settings.append((f"{recipe}/{path}", recipe, path, augment.TwoCropsTransform(tf)))
+        results = []
+        for name, recipe, path, tf in settings:
+            for w in args.workers:
+                rates = time_loader(base, tf, w, args)
+                rec = {"setting": name, "recipe": recipe, "path": path, "workers": w,
+                       "images_per_s": median(rates), "all_repeats": rates}
+                results.append(rec)
+                print(f"   {name:<22} workers {w}: {rec['images_per_s']:8.1f} img/s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for rec in results:  # vs the PIL path of the same recipe and worker count
+        ref = next((r for r in results if r["recipe"] == rec["recipe"] and r["path"] == "pil"
+                    and r["workers"] == rec["workers"]), None)
+        rec["ratio_vs_pil"] = rec["images_per_s"] / ref["images_per_s"] if ref else None
+    header = ["pipeline"] + [f"{w} workers img/s" for w in args.workers]
+    rows = []
+    for name, *_ in settings:
+        recs = {r["workers"]: r for r in results if r["setting"] == name}
+        rows.append([name] + [f"{recs[w]['images_per_s']:.0f}" + (
+            f" ({recs[w]['ratio_vs_pil']:.2f}x)" if recs[w]["ratio_vs_pil"] and recs[w]["path"] != "pil" else "")
+                              for w in args.workers])
+    title = (f"{args.source} {args.image_size if args.source in ('jpeg', 'synthetic') else 28} px -> "
+             f"{args.crop_size} px crops, two views per image, batch {args.batch_size}, {args.num_images} images")
+    table = format_table(header, rows)
+    print(f"\n{title}\n{table}\n(images/s counts images, each giving two views)", flush=True)
+    record = {"benchmark": "dataloader", "config": vars(args), "machine": machine_info(torch.device("cpu")),
+              "results": results, "table": table, "title": title}
+    write_json(args.json, record)
+    print(f"=> {args.json}", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Representation quality on Fashion-MNIST: MoCo v2 and SimCLR pretrained on the train
+images without labels, then a linear probe (main_lincls.py) and kNN (common/knn.py) on the
+test set with 100 %, 10 % and 1 % of the train labels, against a random-init backbone and
+a ResNet trained from scratch (main_lincls.py --finetune --pretrained none) on the same
+labels. Every training run is the product's own script, called through its main(argv).
+
+    python bench/quality.py ../shared/data/fashion-mnist --quick          # 2 CPU cores, < 15 min
+    python bench/quality.py ../shared/data/fashion-mnist --device cuda    # the full budget, for a GPU
+
+--quick pretrains and probes on a class-balanced subset (written as IDX files in torchvision's
+layout under OUTPUT/data, so the scripts read it like the real set) with small budgets;
+the full mode uses all 60k/10k images. Prints a table and writes OUTPUT/quality.json.
+"""
+import argparse
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench.util import format_table, machine_info, mnist_subset, write_json  # noqa: E402
+from common import augment  # noqa: E402
+from common.checkpoint import load_backbone, load_pretrained  # noqa: E402
+from common.data import TransformedDataset, build_dataset, stratified_subset  # noqa: E402
+from common.errors import UserError, report_user_errors  # noqa: E402
+from common.knn import extract_features, knn_accuracy  # noqa: E402
+from common.models import build_backbone, without_head  # noqa: E402
+
+# budgets: --quick fits 2 CPU cores (~80 img/s MoCo steps with the ImageNet stem at 32 px);
+# full is the CIFAR-demo-sized recipe for one GPU
+PRESETS = {
+    "quick": dict(train_images=2000, test_images=1000, pretrain_epochs=5, batch_size=64, probe_epochs=5,
+                  sup_epochs=5, small_images=False, workers=0, moco_k=1024, probe_lr=2.0),
+    "full": dict(train_images=0, test_images=0, pretrain_epochs=200, batch_size=256, probe_epochs=100,
+                 sup_epochs=100, small_images=True, workers=8, moco_k=4096, probe_lr=30.0),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fashion-MNIST quality benchmark: SSL probes vs random init and supervised")
+    p.add_argument("data", metavar="DIR", help="folder holding FashionMNIST/raw/ (e.g. ../shared/data/fashion-mnist)")
+    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist"))
+    p.add_argument("--quick", action="store_true", help="small budget for 2 CPU cores (see PRESETS)")
+    p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=("moco", "simclr"))
+    p.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.1, 0.01],
+                   help="label fractions for the probes and the supervised baseline")
+    p.add_argument("-a", "--arch", default="resnet18")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--output-dir", default="runs/bench_quality")
+    p.add_argument("--json", default=None, help="result file (default: OUTPUT_DIR/quality.json)")
+    # None: the preset's value
+    for name, typ in (("train_images", int), ("test_images", int), ("pretrain_epochs", int), ("batch_size", int),
+                      ("probe_epochs", int), ("sup_epochs", int), ("workers", int), ("moco_k", int),
+                      ("probe_lr", float)):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=f"(preset: quick {PRESETS['quick'][name]}, full {PRESETS['full'][name]}; 0 images = all)")
+    p.add_argument("--small-images", default=None, action=argparse.BooleanOptionalAction,
+                   help="CIFAR stem (preset: off for --quick, it is ~10x slower on a CPU; on for full)")
+    p.add_argument("--amp", action="store_true", help="pass --amp to every run (GPU)")
+    p.add_argument("--channels-last", action="store_true", help="pass --channels-last to every run (GPU)")
+    return p
+
+
+def finalize(args: argparse.Namespace) -> argparse.Namespace:
+    preset = PRESETS["quick" if args.quick else "full"]
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no GPU is visible; drop --device or use --device cpu")
+    if any(not 0 < f <= 1 for f in args.fractions):
+        raise UserError(f"--fractions must be in (0, 1], got {args.fractions}")
+    args.json = args.json or os.path.join(args.output_dir, "quality.json")
+    return args
+
+
+def common_flags(args: argparse.Namespace, root: str) -> List[str]:
+    flags = [root, "--dataset", args.dataset, "-a", args.arch, "-j", str(args.workers), "--seed", str(args.seed),
+             "--small-images" if args.small_images else "--no-small-images"]
+    if args.device == "cpu":
+        flags.append("--cpu")
+    if args.amp:
+        flags.append("--amp")
+    if args.channels_last:
+        flags.append("--channels-last")
+    return flags
+
+
+def run_script(module, argv: List[str], log_path: str) -> float:
+    """module.main(argv) in this process with its output in log_path; returns seconds.
+    A failing run raises with the log's location (its last lines are the reason)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            print(f"$ {module.__name__}.py {' '.join(argv)}", flush=True)
+            module.main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+    if code not in (0, None):
+        with open(log_path) as f:
+            tail = f.read()[-600:].strip().splitlines()[-1:]
+        raise UserError(f"{module.__name__}.py failed ({tail[0] if tail else 'no output'}); see {log_path}")
+    return time.time() - t0
+
+
+def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str) -> List[str]:
+    """MoCo v2 and SimCLR recipes sized for the batch (the small-batch settings the
+    CIFAR demos use: T 0.2, key momentum 0.99; SGD for SimCLR at small batches, where
+    LARS' trust ratio with lr 0.3 x B/256 barely moves the weights)."""
+    argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(args.pretrain_epochs),
+                                       "--output-dir", out, "-p", "20"]
+    if method == "moco":
+        return argv + ["--lr", "0.06", "--cos", "--mlp", "--aug-plus", "--moco-t", "0.2", "--moco-m", "0.99",
+                       "--moco-k", str(args.moco_k), "--bn-splits", "8" if args.batch_size >= 256 else "2"]
+    return argv + ["--temperature", "0.2", "--warmup-epochs", str(min(10.0, args.pretrain_epochs / 10))] + (
+        ["--optimizer", "sgd", "--lr", "0.1", "--lr-scaling", "none", "--wd", "1e-4"] if args.batch_size < 1024 else [])
+
+
+def probe_batch(n_labelled: int, batch_size: int) -> int:
+    """At least ~5 steps an epoch however few labels there are."""
+    return max(2, min(batch_size, n_labelled // 5))
+
+
+def lincls_argv(args: argparse.Namespace, root: str, out: str, pretrained: str, fraction: float, n_labelled: int,
+                supervised: bool) -> List[str]:
+    b = probe_batch(n_labelled, args.batch_size)
+    argv = common_flags(args, root) + ["--pretrained", pretrained, "--label-fraction", str(fraction), "-b", str(b),
+                                       "--cos", "--output-dir", out, "-p", "1000"]
+    if supervised:
+        # from scratch: the whole network at one lr (no slower backbone), SGD + wd, cosine
+        return argv + ["--finetune", "--backbone-lr-scale", "1", "--lr", "0.1", "--wd", "5e-4",
+                       "--epochs", str(args.sup_epochs)]
+    # the reference linear probe (SGD, no wd, lr 30 at batch 256), lr scaled linearly to the batch.
+    # --quick uses 2.0 at 256: after a few hundred pretraining steps the frozen features are
+    # large (BN running statistics barely moved) and lr 30 diverges in a 5-epoch probe
+    return argv + ["--lr", f"{args.probe_lr * b / 256:.4g}", "--epochs", str(args.probe_epochs)]
+
+
+def knn_at_fractions(args: argparse.Namespace, data_args: argparse.Namespace, ckpt_path: Optional[str],
+                     fractions: List[float], device: torch.device) -> Dict[str, float]:
+    """kNN top-1 (k=20, T=0.07) on the test set with the stratified label subsets
+    main_lincls.py draws (same seed, so the same images) as the memory bank."""
+    torch.manual_seed(args.seed)  # the random-init row's weights
+    model = build_backbone(args.arch, small_images=args.small_images)
+    if ckpt_path != "none":
+        load_backbone(model, load_pretrained(ckpt_path, args.arch), ckpt_path)
+    model.to(device)
+    train, test = build_dataset(data_args, "train"), build_dataset(data_args, "val")
+    tf = augment.eval_transform(32)
+    with without_head(model):
+        tr_f, tr_l = extract_features(model, TransformedDataset(train, tf), 256, device, workers=args.workers)
+        te_f, te_l = extract_features(model, TransformedDataset(test, tf), 256, device, workers=args.workers)
+    out = {}
+    for f in fractions:
+        idx = torch.arange(len(train)) if f >= 1.0 else torch.tensor(stratified_subset(train.targets, f, 0))
+        idx = idx.to(device)
+        acc = knn_accuracy(tr_f[idx], tr_l[idx], te_f, te_l, len(train.classes), k=20, temperature=0.07)
+        out[str(f)] = acc["knn_top1"]
+    return out
+
+
+def read_acc(out: str) -> float:
+    """The last epoch's test top-1 of a main_lincls.py run (not the best epoch: picking the
+    best on the test set would flatter every row)."""
+    import json
+    with open(os.path.join(out, "results.json")) as f:
+        return float(json.load(f)["final"]["acc1"])
+
+
+@report_user_errors
+def main(argv=None) -> Dict:
+    args = finalize(get_args_parser().parse_args(argv))
+    import main_lincls
+    import main_moco
+    import main_simclr
+
+    device = torch.device(args.device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    t_start = time.time()
+    root = args.data
+    if args.train_images or args.test_images:
+        # a class-balanced subset as IDX files: the product scripts read it like the real set
+        root = mnist_subset(args.data, os.path.join(args.output_dir, "data"), args.train_images, args.test_images,
+                            args.dataset, seed=args.seed)
+    data_args = argparse.Namespace(dataset=args.dataset, data=root, download=False)
+    train = build_dataset(data_args, "train")
+    n_train, n_test = len(train), len(build_dataset(data_args, "val"))
+    labelled = {f: (len(train) if f >= 1 else len(stratified_subset(train.targets, f, 0))) for f in args.fractions}
+    print(f"=> {args.dataset}: {n_train} train / {n_test} test images, label fractions "
+          + ", ".join(f"{f:g} ({n} images)" for f, n in labelled.items()), flush=True)
+
+    runs: Dict[str, Dict] = {}
+    seconds: Dict[str, float] = {}
+    backbones = {}
+    scripts = {"moco": main_moco, "simclr": main_simclr}
+    for method in args.methods:
+        out = os.path.join(args.output_dir, method)
+        print(f"=> pretraining {method} ({args.pretrain_epochs} epochs, batch {args.batch_size}) ...", flush=True)
+        seconds[f"pretrain_{method}"] = run_script(scripts[method], pretrain_argv(method, args, root, out),
+                                                   os.path.join(out, "log.txt"))
+        backbones[method] = os.path.join(out, "checkpoint_last.pth.tar")
+    backbones["random_init"] = "none"
+
+    for name, ckpt in backbones.items():
+        print(f"=> {name}: linear probes and kNN ...", flush=True)
+        t0 = time.time()
+        row = {"linear": {}, "knn": knn_at_fractions(args, data_args, ckpt, args.fractions, device)}
+        for f in args.fractions:
+            out = os.path.join(args.output_dir, f"probe_{name}_{f:g}")
+            run_script(main_lincls, lincls_argv(args, root, out, ckpt, f, labelled[f], False),
+                       os.path.join(out, "log.txt"))
+            row["linear"][str(f)] = read_acc(out)
+        seconds[f"probe_{name}"] = time.time() - t0
+        runs[name] = row
+
+    print("=> supervised from scratch on the same labels ...", flush=True)
+    t0 = time.time()
+    runs["supervised"] = {"linear": {}, "knn": {}}
+    for f in args.fractions:
+        out = os.path.join(args.output_dir, f"supervised_{f:g}")
+        run_script(main_lincls, lincls_argv(args, root, out, "none", f, labelled[f], True), os.path.join(out, "log.txt"))
+        runs["supervised"]["linear"][str(f)] = read_acc(out)
+        # kNN of the supervised network's features, with the labels it was trained on
+        runs["supervised"]["knn"].update(
+            knn_at_fractions(args, data_args, os.path.join(out, "checkpoint_last.pth.tar"), [f], device))
+    seconds["supervised"] = time.time() - t0
+    seconds["total"] = time.time() - t_start
+
+    fr = [str(f) for f in args.fractions]
+    header = ["backbone"] + [f"linear {float(f) * 100:g}%" for f in fr] + [f"kNN {float(f) * 100:g}%" for f in fr]
+    rows = [[name] + [f"{r['linear'][f]:.1f}" for f in fr] + [f"{r['knn'][f]:.1f}" for f in fr]
+            for name, r in runs.items()]
+    table = format_table(header, rows)
+    notes = ("supervised: the network trained from scratch on those labels; its 'linear' column is its own "
+             "classifier's top-1, its kNN uses its features")
+    print(f"\nFashion-MNIST test top-1 (%), {n_train} train / {n_test} test images, {args.arch}, "
+          f"{'quick' if args.quick else 'full'} budget, {seconds['total'] / 60:.1f} min on {device}\n{table}\n"
+          f"({notes})", flush=True)
+    checks = {}
+    for f in fr:
+        for m in args.methods:
+            checks[f"{m}_linear_beats_random_{f}"] = runs[m]["linear"][f] > runs["random_init"]["linear"][f]
+            checks[f"{m}_linear_beats_supervised_{f}"] = runs[m]["linear"][f] > runs["supervised"]["linear"][f]
+            checks[f"{m}_knn_beats_random_{f}"] = runs[m]["knn"][f] > runs["random_init"]["knn"][f]
+    record = {"benchmark": "quality", "dataset": args.dataset, "data_root": os.path.abspath(args.data),
+              "mode": "quick" if args.quick else "full", "train_images": n_train, "test_images": n_test,
+              "labelled_images": {str(f): n for f, n in labelled.items()},
+              "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
+              "recipes": {m: pretrain_argv(m, args, "DATA", f"OUT/{m}") for m in args.methods},
+              "results": runs, "seconds": seconds, "targets_met": checks, "notes": notes,
+              "machine": machine_info(device), "table": table}
+    write_json(args.json, record)
+    print(f"=> {args.json}", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()

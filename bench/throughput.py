@@ -1,0 +1,268 @@
+#!/usr/bin/env python
+"""Pretraining step throughput, step time and peak memory of MoCo v2 and SimCLR, in one
+process: a baseline written like facebookresearch/moco's loop (fp32, NCHW, for-loop SGD,
+`loss.item()` and accuracy read every step) against our engine (common/engine.py) with
+its defaults and with each speed flag. Configurations are interleaved (A B C A B C ...)
+so drifting clocks or a busy neighbour hit all of them alike; medians are reported, and
+every ratio is against the baseline measured in the same run.
+
+    python bench/throughput.py -a resnet18 --crop-size 32 -b 32 --device cpu --steps 4 --repeats 3
+    python bench/throughput.py -a resnet50 --crop-size 224 -b 128 --device cuda
+
+Inputs are random tensors already in memory (the data pipeline has its own benchmark,
+bench/dataloader.py), handed over as CPU batches (pinned on a GPU) the way a loader does.
+"""
+import argparse
+import contextlib
+import copy
+import functools
+import io
+import os
+import sys
+import time
+from typing import Callable, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from bench.util import format_table, machine_info, median, peak_memory_block, synchronize, write_json  # noqa: E402
+from common.dist import DistEnv  # noqa: E402
+from common.engine import make_scaler, train_one_epoch  # noqa: E402
+from common.errors import UserError, report_user_errors  # noqa: E402
+from common.models import build_backbone  # noqa: E402
+from common.optim import LARS, split_decay_groups  # noqa: E402
+from moco.builder import MoCo, SplitBatchNorm  # noqa: E402
+from simclr.builder import SimCLR  # noqa: E402
+
+# name -> what differs from our default path. "baseline" is the reference-style loop.
+CONFIGS: Dict[str, Dict] = {
+    "baseline": dict(loop="reference", optim_impl="loop"),
+    "default": dict(),
+    "amp": dict(amp=True),
+    "channels_last": dict(channels_last=True),
+    "amp+channels_last": dict(amp=True, channels_last=True),
+    "foreach_optim": dict(optim_impl="foreach"),
+    "fused_optim": dict(optim_impl="fused"),
+    "compile": dict(compile=True),
+    "amp+channels_last+compile": dict(amp=True, channels_last=True, compile=True),
+}
+DEFAULT_CONFIGS = {"cpu": ["baseline", "default", "amp", "channels_last", "amp+channels_last", "foreach_optim",
+                           "fused_optim"],
+                   "cuda": list(CONFIGS)}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="MoCo v2 / SimCLR pretraining step throughput vs a reference-style loop")
+    p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=("moco", "simclr"))
+    p.add_argument("-a", "--arch", default="resnet18")
+    p.add_argument("--crop-size", default=32, type=int)
+    p.add_argument("-b", "--batch-size", default=32, type=int, help="images per step (each seen as two views)")
+    p.add_argument("--small-images", default=None, action=argparse.BooleanOptionalAction,
+                   help="CIFAR stem (default: on for crops <= 64 px, as the scripts do)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
+                   help="which configurations (default: all on cuda; on cpu all but compile, whose "
+                        "inductor build takes minutes on a small CPU)")
+    p.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"))
+    p.add_argument("--steps", default=10, type=int, help="timed steps per repeat")
+    p.add_argument("--warmup", default=3, type=int, help="untimed steps per configuration before the repeats")
+    p.add_argument("--repeats", default=5, type=int, help="interleaved timed repeats per configuration")
+    p.add_argument("--moco-k", default=4096, type=int)
+    p.add_argument("--bn-splits", default=2, type=int, help="MoCo SplitBatchNorm groups (single-process run)")
+    p.add_argument("--simclr-optimizer", default="lars", choices=("lars", "sgd"),
+                   help="SimCLR's optimizer (the *_optim configurations need sgd: LARS has one implementation)")
+    p.add_argument("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--json", default="runs/bench/throughput.json")
+    return p
+
+
+def finalize(args: argparse.Namespace) -> argparse.Namespace:
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no GPU is visible; drop --device or use --device cpu")
+    if args.small_images is None:
+        args.small_images = args.crop_size <= 64
+    if args.configs is None:
+        args.configs = DEFAULT_CONFIGS[args.device]
+    if "baseline" not in args.configs:
+        args.configs = ["baseline"] + args.configs  # every ratio is against it
+    if min(args.steps, args.repeats) < 1 or args.warmup < 0:
+        raise UserError("--steps and --repeats must be at least 1 and --warmup at least 0")
+    if args.moco_k % args.batch_size:
+        raise UserError(f"--moco-k {args.moco_k} is not a multiple of --batch-size {args.batch_size}; "
+                        f"use e.g. --moco-k {max(1, args.moco_k // args.batch_size) * args.batch_size}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+# ---------------------------------------------------------------- one configuration
+
+def build_model(method: str, args: argparse.Namespace) -> nn.Module:
+    torch.manual_seed(args.seed)  # every configuration starts from the same weights
+    if method == "moco":
+        norm = functools.partial(SplitBatchNorm, num_splits=args.bn_splits) if args.bn_splits > 1 else None
+        enc = functools.partial(build_backbone, args.arch, small_images=args.small_images, norm_layer=norm)
+        return MoCo(enc, 128, args.moco_k, 0.99, 0.2, mlp=True)
+    return SimCLR(functools.partial(build_backbone, args.arch, small_images=args.small_images), temperature=0.2)
+
+
+def build_optimizer(method: str, model: nn.Module, impl: str, device: torch.device, args) -> torch.optim.Optimizer:
+    """The scripts' optimizers (MoCo: SGD lr 0.03, wd 1e-4; SimCLR: LARS) with the update
+    implementation `impl`: loop (per-tensor Python loop, the reference's torch 1.x), foreach
+    (multi-tensor kernels), fused (one fused kernel), default (what our script picks)."""
+    if method == "simclr" and args.simclr_optimizer == "lars":
+        return LARS(split_decay_groups(model), 0.3, momentum=0.9, weight_decay=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
+          "default": dict(foreach=device.type == "cuda")}[impl]  # default: main_moco.py's choice
+    return torch.optim.SGD(params, 0.03, momentum=0.9, weight_decay=1e-4, **kw)
+
+
+class Runner:
+    """A model, optimizer and step function for one (method, configuration)."""
+
+    def __init__(self, method: str, name: str, args: argparse.Namespace, device: torch.device):
+        cfg = {"loop": "engine", "amp": False, "channels_last": False, "compile": False, "optim_impl": "default",
+               **CONFIGS[name]}
+        self.name, self.cfg, self.device = name, cfg, device
+        self.model = build_model(method, args).to(device)
+        if cfg["channels_last"]:
+            self.model.to(memory_format=torch.channels_last)
+        if cfg["compile"]:
+            self.model.compile()  # in place: state_dict keys stay those of the checkpoint contract
+        self.optimizer = build_optimizer(method, self.model, cfg["optim_impl"], device, args)
+        self.args = argparse.Namespace(amp=cfg["amp"], amp_dtype=args.amp_dtype, channels_last=cfg["channels_last"],
+                                       print_freq=10 ** 9, epochs=1)
+        self.scaler = make_scaler(self.args, device)
+        self.env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, distributed=False, local_world_size=1)
+        self.state_bytes = 0
+
+    def run(self, batches: List) -> None:
+        if self.cfg["loop"] == "reference":
+            reference_loop(self.model, self.optimizer, batches, self.device)
+        else:
+            with contextlib.redirect_stdout(io.StringIO()):  # the engine's end-of-epoch progress line
+                train_one_epoch(self.model, batches, self.optimizer, self.scaler, 0, len(batches), 0,
+                                lambda _: 0.03, self.args, self.env)
+        synchronize(self.device)
+
+    def measure_state(self) -> None:
+        """Bytes of weights, buffers and optimizer state (all resident for the whole run)."""
+        n = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
+        for st in self.optimizer.state.values():
+            n += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+        self.state_bytes = n
+
+
+def reference_loop(model: nn.Module, optimizer: torch.optim.Optimizer, batches: List, device: torch.device) -> None:
+    """facebookresearch/moco's train(): move both views, forward, read loss and accuracy
+    into AverageMeters every step (two host syncs), zero_grad, backward, step; fp32, NCHW."""
+    model.train()
+    losses, top1 = [], []
+    for images, _ in batches:
+        im_q = images[0].to(device, non_blocking=True)
+        im_k = images[1].to(device, non_blocking=True)
+        loss, stats = model(im_q, im_k)
+        losses.append(loss.item())
+        top1.append(stats["acc1"].item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def make_batches(args: argparse.Namespace, device: torch.device, n: int) -> List:
+    """n loader-style batches ([view1, view2], labels) on the CPU (pinned for a GPU); two
+    distinct batches reused, which is all a step's cost depends on."""
+    g = torch.Generator().manual_seed(args.seed)
+    distinct = []
+    for _ in range(min(n, 2)):
+        views = [torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, generator=g) for _ in range(2)]
+        if device.type == "cuda":
+            views = [v.pin_memory() for v in views]
+        distinct.append((views, torch.zeros(args.batch_size, dtype=torch.long)))
+    return [distinct[i % len(distinct)] for i in range(n)]
+
+
+def bench_method(method: str, args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
+    runners = {}
+    warm_batches, batches = make_batches(args, device, max(args.warmup, 1)), make_batches(args, device, args.steps)
+    for name in args.configs:
+        if method == "simclr" and args.simclr_optimizer == "lars" and CONFIGS[name].get("optim_impl") in ("foreach", "fused"):
+            print(f"   {method}/{name}: skipped (LARS has one implementation; --simclr-optimizer sgd compares them)")
+            runners[name] = None
+            continue
+        r = Runner(method, name, args, device)
+        t0 = time.perf_counter()
+        try:
+            r.run(warm_batches)  # cudnn autotuning, torch.compile, optimizer state, allocator warm-up
+        except Exception as e:  # e.g. fused SGD or autocast unsupported on this build/device
+            print(f"   {method}/{name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+            runners[name] = None
+            continue
+        r.warmup_s = time.perf_counter() - t0
+        r.measure_state()
+        r.times, r.peak = [], None
+        runners[name] = r
+    active = [r for r in runners.values() if r is not None]
+    for rep in range(args.repeats):
+        for r in active:  # interleaved: A B C A B C ...
+            with peak_memory_block(device) as mem:
+                t0 = time.perf_counter()
+                r.run(batches)
+                r.times.append(time.perf_counter() - t0)
+            peak = mem.bytes + (r.state_bytes if device.type == "cpu" else 0)
+            r.peak = peak if r.peak is None else max(r.peak, peak)
+        print(f"   {method}: repeat {rep + 1}/{args.repeats} done", flush=True)
+    out = {}
+    for name, r in runners.items():
+        if r is None:
+            out[name] = {"skipped": True}
+            continue
+        step_s = median(r.times) / args.steps
+        out[name] = {"config": r.cfg, "images_per_s": args.batch_size / step_s, "step_ms": 1000 * step_s,
+                     "step_ms_all_repeats": [1000 * t / args.steps for t in r.times],
+                     "peak_memory_mb": r.peak / 2 ** 20, "warmup_s": r.warmup_s}
+    base = out["baseline"]
+    for rec in out.values():
+        if not rec.get("skipped") and not base.get("skipped"):
+            rec["speedup_vs_baseline"] = rec["images_per_s"] / base["images_per_s"]
+            rec["memory_vs_baseline"] = rec["peak_memory_mb"] / base["peak_memory_mb"] if base["peak_memory_mb"] else None
+    return out
+
+
+@report_user_errors
+def main(argv=None) -> Dict:
+    args = finalize(get_args_parser().parse_args(argv))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the scripts set it (common/pretrain.start_worker)
+    results, tables = {}, []
+    for method in args.methods:
+        print(f"=> {method}: {args.arch}, {args.crop_size} px, batch {args.batch_size}, {len(args.configs)} "
+              f"configurations x {args.repeats} repeats x {args.steps} steps on {device}", flush=True)
+        results[method] = bench_method(method, args, device)
+        rows = [[name, "skipped", "", "", ""] if r.get("skipped") else
+                [name, f"{r['images_per_s']:.1f}", f"{r['step_ms']:.1f}", f"{r['peak_memory_mb']:.0f}",
+                 f"{r['speedup_vs_baseline']:.2f}x"] for name, r in results[method].items()]
+        mem = "peak allocated MiB" if device.type == "cuda" else "peak RSS MiB*"
+        tables.append(f"{method} ({args.arch}, {args.crop_size} px, batch {args.batch_size}, {device}):\n"
+                      + format_table(["config", "images/s", "step ms", mem, "vs baseline"], rows))
+    text = "\n\n".join(tables)
+    if device.type == "cpu":
+        text += ("\n* CPU memory: sampled peak RSS growth during the timed steps plus the weights, buffers "
+                 "and optimizer state; not comparable with GPU figures")
+    print("\n" + text, flush=True)
+    record = {"benchmark": "throughput", "config": vars(args), "machine": machine_info(device), "results": results,
+              "table": text}
+    write_json(args.json, record)
+    print(f"=> {args.json}", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""bench/: smoke runs of the three benchmarks at tiny sizes (the JSON they write has the
+fields the README tables come from, and ratios are against the baseline of the same run),
+and the MNIST-format dataset path on IDX files written here (no shared data needed)."""
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bench import dataloader as bench_dataloader
+from bench import quality as bench_quality
+from bench import throughput as bench_throughput
+from bench.util import format_table, mnist_subset, stratified_first, write_mnist_layout
+from common import augment
+from common.data import TransformedDataset, build_dataset
+
+
+def write_tiny_mnist(root, folder="FashionMNIST", n_train=60, n_test=30, seed=0):
+    """Class c = a bright horizontal band at row 2c (learnable, 28x28 uint8)."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        labels = np.arange(n) % 10
+        x = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            x[i, 2 * c + 3:2 * c + 6, 4:24] = 230
+        return x, labels.astype(np.uint8)
+
+    (tr_x, tr_y), (te_x, te_y) = make(n_train), make(n_test)
+    return write_mnist_layout(str(root), tr_x, tr_y, te_x, te_y, folder), (tr_x, tr_y)
+
+
+@pytest.mark.parametrize("name,folder", [("fashion-mnist", "FashionMNIST"), ("mnist", "MNIST")])
+def test_mnist_format_gives_3_channel_32px_tensors(tmp_path, name, folder):
+    root, (tr_x, tr_y) = write_tiny_mnist(tmp_path, folder, n_train=20, n_test=10)
+    args = argparse.Namespace(dataset=name, data=root, download=False)
+    train, val = build_dataset(args, "train"), build_dataset(args, "val")
+    assert (len(train), len(val)) == (20, 10) and len(train.classes) == 10
+    assert train.targets == [int(t) for t in tr_y]
+    img, label = train[3]
+    assert img.mode == "RGB" and img.size == (28, 28) and label == int(tr_y[3])
+    rgb = np.asarray(img)
+    assert (rgb[..., 0] == tr_x[3]).all() and (rgb[..., 1] == rgb[..., 0]).all() and (rgb[..., 2] == rgb[..., 0]).all()
+    x, _ = TransformedDataset(train, augment.eval_transform(32))[3]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    views, _ = TransformedDataset(train, augment.TwoCropsTransform(augment.moco_v2(32, blur=False)))[(3, 7)]
+    assert [v.shape for v in views] == [(3, 32, 32)] * 2
+
+
+def test_mnist_subset_is_class_balanced(tmp_path):
+    src, _ = write_tiny_mnist(tmp_path / "src", n_train=60, n_test=30)
+    dst = mnist_subset(src, str(tmp_path / "dst"), train_n=20, test_n=0)
+    train = build_dataset(argparse.Namespace(dataset="fashion-mnist", data=dst, download=False), "train")
+    assert np.bincount(train.targets).tolist() == [2] * 10
+    assert len(build_dataset(argparse.Namespace(dataset="fashion-mnist", data=dst, download=False), "val")) == 30
+    assert stratified_first(np.array([0, 0, 1, 1, 1]), 0).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_throughput_smoke(tmp_path):
+    out = tmp_path / "t.json"
+    bench_throughput.main(["-a", "resnet18", "--no-small-images", "--crop-size", "32", "-b", "8", "--moco-k", "16",
+                           "--steps", "1", "--warmup", "1", "--repeats", "2", "--device", "cpu",
+                           "--configs", "default", "amp", "channels_last", "--json", str(out)])
+    rec = json.loads(out.read_text())
+    assert rec["machine"]["device"] == "cpu" and "table" in rec
+    for method in ("moco", "simclr"):
+        res = rec["results"][method]
+        assert list(res) == ["baseline", "default", "amp", "channels_last"]  # baseline always added
+        base = res["baseline"]
+        assert base["speedup_vs_baseline"] == pytest.approx(1.0)
+        for name, r in res.items():
+            assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["peak_memory_mb"] > 0
+            assert len(r["step_ms_all_repeats"]) == 2
+            assert r["images_per_s"] == pytest.approx(8 / (r["step_ms"] / 1000))
+            assert r["speedup_vs_baseline"] == pytest.approx(r["images_per_s"] / base["images_per_s"])
+        assert res["amp"]["config"]["amp"] and res["baseline"]["config"]["loop"] == "reference"
+
+
+def test_throughput_bad_input_is_one_sentence(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_throughput.main(["-b", "8", "--moco-k", "20", "--device", "cpu"])
+    assert e.value.code == 2
+    assert "--moco-k 20 is not a multiple of --batch-size 8" in capsys.readouterr().err
+
+
+def test_dataloader_smoke(tmp_path):
+    out = tmp_path / "d.json"
+    bench_dataloader.main(["--source", "jpeg", "--image-size", "48", "--crop-size", "32", "--num-images", "16",
+                           "-b", "8", "--workers", "0", "1", "--repeats", "1", "--recipes", "mocov2",
+                           "--json", str(out)])
+    rec = json.loads(out.read_text())
+    settings = {(r["setting"], r["workers"]): r for r in rec["results"]}
+    assert set(settings) == {(s, w) for s in ("decode_only", "mocov2/pil", "mocov2/tensor_v2") for w in (0, 1)}
+    for (s, w), r in settings.items():
+        assert r["images_per_s"] > 0
+        if s != "decode_only":
+            pil = settings[("mocov2/pil", w)]["images_per_s"]
+            assert r["ratio_vs_pil"] == pytest.approx(r["images_per_s"] / pil)
+
+
+def test_tensor_v2_recipe_matches_pil_output_format():
+    from PIL import Image
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    for recipe in ("mocov2", "simclr"):
+        a, b = bench_dataloader.pil_recipe(recipe, 32)(img), bench_dataloader.tensor_v2_recipe(recipe, 32)(img)
+        assert a.shape == b.shape == (3, 32, 32) and a.dtype == b.dtype == torch.float32
+
+
+def test_quality_smoke(tmp_path):
+    """The whole protocol on 60 train / 30 test images: every script runs, every cell is
+    filled and the checks are computed (accuracies this small mean nothing)."""
+    root, _ = write_tiny_mnist(tmp_path / "data", n_train=60, n_test=30)
+    out = tmp_path / "q"
+    rec = bench_quality.main([root, "--quick", "--train-images", "0", "--test-images", "0", "--pretrain-epochs", "1",
+                              "--batch-size", "16", "--probe-epochs", "1", "--sup-epochs", "1", "--moco-k", "32",
+                              "--fractions", "1", "0.5", "--device", "cpu", "--output-dir", str(out)])
+    saved = json.loads((out / "quality.json").read_text())
+    assert saved["results"] == rec["results"]
+    assert (saved["train_images"], saved["test_images"]) == (60, 30)
+    assert saved["labelled_images"] == {"1.0": 60, "0.5": 30}
+    assert set(saved["results"]) == {"moco", "simclr", "random_init", "supervised"}
+    for row in saved["results"].values():
+        for kind in ("linear", "knn"):
+            assert set(row[kind]) == {"1.0", "0.5"} and all(0 <= v <= 100 for v in row[kind].values())
+    checks = saved["targets_met"]
+    assert checks["moco_knn_beats_random_0.5"] == (saved["results"]["moco"]["knn"]["0.5"]
+                                                   > saved["results"]["random_init"]["knn"]["0.5"])
+    assert os.path.isfile(out / "moco" / "checkpoint_last.pth.tar")
+    assert os.path.isfile(out / "supervised_0.5" / "label_subset.json")
+
+
+def test_quality_missing_data_is_one_sentence(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_quality.main([str(tmp_path / "nowhere"), "--quick", "--device", "cpu", "--output-dir", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert ": error: fashion-mnist was not found under" in err and "Traceback" not in err
+
+
+def test_format_table():
+    t = format_table(["a", "bb"], [["x", "1.0"], ["yy", "10.5"]])
+    assert t.splitlines()[0] == "| a  |   bb |" and t.splitlines()[3] == "| yy | 10.5 |"
