@@ -29,7 +29,7 @@ from common.cli import add_training_args
 from common.data import BalancedSampler, SubsetDataset, TransformedDataset, build_dataset, class_counts, \
     class_weights, default_crop_size, load_subset, save_subset, stratified_subset
 from common.dist import DistEnv, cleanup, expected_world_size, is_main_process, per_worker, script_main, start_worker
-from common.engine import autocast, make_loader, make_scaler
+from common.engine import autocast, make_loader, make_scaler, place_model
 from common.errors import UserError
 from common.knn import extract_features
 from common.logging import MeterBank, MetricsLog, Progress, log
@@ -324,11 +324,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         # only the head learns; the backbone gets no gradients at all
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("fc.")
-    model.to(env.device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if env.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    model = place_model(model, env, args, networks=(model,))
     net = model.module if env.distributed else model
     if not reference:
         # random init: the reference is the init as DDP broadcast it from rank 0 (each rank drew its own)

@@ -16,12 +16,12 @@ import torch.nn as nn
 from common import augment
 from common.cli import add_training_args
 from common.dist import cleanup, expected_world_size, script_main, start_worker
-from common.engine import make_scaler
+from common.engine import make_scaler, place_model
 from common.errors import UserError
 from common.logging import log
 from common.models import build_backbone
 from common.optim import OPTIMIZERS, build_optimizer, scaled_lr
-from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, place_model, resume_training, \
+from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, resume_training, \
     run_pretraining, two_view_data
 from simclr.builder import SimCLR
 
@@ -78,7 +78,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
 
     # ---- data: two augmented views of every image, labels unused
-    aug = augment.simclr(args.crop_size, strength=args.color_strength, blur=args.blur)
+    aug = augment.simclr(args.crop_size, strength=args.color_strength, blur=args.blur,
+                         crop_min=0.08 if args.crop_min is None else args.crop_min)
     data = two_view_data(args, env, aug, batch_size, workers)
 
     # ---- model
@@ -90,7 +91,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif env.distributed:
         log("=> BatchNorm statistics are per process (SyncBatchNorm needs GPUs, or was turned off by --no-sync-bn)")
-    model = place_model(model, env, args.channels_last)
+    model = place_model(model, env, args, networks=(model.encoder,))
     simclr = model.module if env.distributed else model
 
     lr = scaled_lr(args.lr, args.batch_size, args.lr_scaling)

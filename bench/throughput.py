@@ -134,7 +134,9 @@ class Runner:
         if cfg["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
         if cfg["compile"]:
-            self.model.compile()  # in place: state_dict keys stay those of the checkpoint contract
+            # as the scripts do (common.engine.place_model): the networks, in place, glue eager
+            for net in ((self.model.encoder_q, self.model.encoder_k) if method == "moco" else (self.model.encoder,)):
+                net.compile()
         self.optimizer = build_optimizer(method, self.model, cfg["optim_impl"], device, args)
         self.args = argparse.Namespace(amp=cfg["amp"], amp_dtype=args.amp_dtype, channels_last=cfg["channels_last"],
                                        print_freq=10 ** 9, epochs=1)

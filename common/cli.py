@@ -43,6 +43,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 autocast; fp16 + GradScaler with --amp-dtype fp16)")
     parser.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"), help="autocast dtype for --amp")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the networks (PyTorch 2; the first steps are slow while it compiles)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend for --compile (e.g. aot_eager to debug without a compiler)")
     parser.add_argument("--save-freq", default=1, type=int,
                         help="keep checkpoint_NNNN.pth.tar every N epochs (checkpoint_last is always written)")
     add_data_args(parser)

@@ -4,7 +4,7 @@ takes the two views and returns (loss, stats); everything else here is plumbing
 import argparse
 import contextlib
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,26 @@ def autocast(args: argparse.Namespace, device: torch.device):
 def make_scaler(args: argparse.Namespace, device: torch.device) -> torch.amp.GradScaler:
     # only fp16 needs loss scaling; bf16 has fp32's range
     return torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == "fp16" and device.type == "cuda")
+
+
+def place_model(model: nn.Module, env: DistEnv, args: argparse.Namespace,
+                networks: Sequence[nn.Module] = ()) -> nn.Module:
+    """Move to this worker's device (NHWC with --channels-last), torch.compile the
+    `networks` with --compile, and wrap in DDP when distributed.
+
+    Only the networks are compiled, each in place (nn.Module.compile keeps the state_dict
+    keys, so checkpoints keep their contract); the method's glue around them (queue,
+    momentum update, gathers, shuffle BN) stays eager, where it is cheap and graph breaks
+    would buy nothing."""
+    model.to(env.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if getattr(args, "compile", False):
+        for net in networks:
+            net.compile(backend=args.compile_backend)
+    if env.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
 
 
 def make_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int, seed: int,

@@ -117,22 +117,39 @@ def test_quality_smoke(tmp_path):
     filled and the checks are computed (accuracies this small mean nothing)."""
     root, _ = write_tiny_mnist(tmp_path / "data", n_train=60, n_test=30)
     out = tmp_path / "q"
-    rec = bench_quality.main([root, "--quick", "--train-images", "0", "--test-images", "0", "--pretrain-epochs", "1",
-                              "--batch-size", "16", "--probe-epochs", "1", "--sup-epochs", "1", "--moco-k", "32",
-                              "--fractions", "1", "0.5", "--device", "cpu", "--output-dir", str(out)])
+    rec = bench_quality.main([root, "--quick", "--pretrain-images", "40", "--train-images", "0", "--test-images", "0",
+                              "--pretrain-epochs", "1", "--batch-size", "16", "--probe-epochs", "1", "--sup-epochs", "1",
+                              "--moco-k", "32", "--fractions", "1", "0.5", "--lincls-probe", "--device", "cpu",
+                              "--output-dir", str(out)])
     saved = json.loads((out / "quality.json").read_text())
     assert saved["results"] == rec["results"]
-    assert (saved["train_images"], saved["test_images"]) == (60, 30)
+    assert (saved["pretrain_images"], saved["train_images"], saved["test_images"]) == (40, 60, 30)
     assert saved["labelled_images"] == {"1.0": 60, "0.5": 30}
     assert set(saved["results"]) == {"moco", "simclr", "random_init", "supervised"}
     for row in saved["results"].values():
-        for kind in ("linear", "knn"):
+        for kind in ("linear", "knn", "lincls"):
             assert set(row[kind]) == {"1.0", "0.5"} and all(0 <= v <= 100 for v in row[kind].values())
     checks = saved["targets_met"]
     assert checks["moco_knn_beats_random_0.5"] == (saved["results"]["moco"]["knn"]["0.5"]
                                                    > saved["results"]["random_init"]["knn"]["0.5"])
     assert os.path.isfile(out / "moco" / "checkpoint_last.pth.tar")
+    assert os.path.isfile(out / "probe_random_init_0.5" / "results.json")
     assert os.path.isfile(out / "supervised_0.5" / "label_subset.json")
+    assert "--crop-min" in saved["recipes"]["simclr"]
+
+
+def test_linear_probe_fits_separable_features_and_ignores_their_scale():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 3
+    y = torch.arange(200) % 4
+    x = centres[y] + torch.randn(200, 16, generator=g)
+    acc = bench_quality.linear_probe(x[:100], y[:100], x[100:], y[100:], 4)
+    assert acc > 95
+    # standardisation: the same features x 1e4 (a random-init ResNet's scale) give the same answer
+    assert bench_quality.linear_probe(x[:100] * 1e4, y[:100], x[100:] * 1e4, y[100:], 4) == pytest.approx(acc)
+    # chance on noise labels
+    noise = torch.randint(0, 4, (200,), generator=g)
+    assert bench_quality.linear_probe(x[:100], noise[:100], x[100:], noise[100:], 4) < 50
 
 
 def test_quality_missing_data_is_one_sentence(tmp_path, capsys):

@@ -124,3 +124,16 @@ def test_pretraining_beats_random_init_under_the_same_knn(moco_pretrained):
     pretrained = knn.evaluate(backbone)["knn_top1"]
     print(f"kNN top-1: random init {random_init:.1f}, MoCo {pretrained:.1f}")
     assert pretrained > random_init + 10
+
+
+def test_compile_keeps_the_checkpoint_contract_and_the_numbers(tmp_path):
+    # aot_eager traces fwd+bwd through dynamo/AOTAutograd like inductor, without a C compiler
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", str(eager)])
+    run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", str(compiled), "--compile",
+                                       "--compile-backend", "aot_eager"])
+    a, b = load(eager / "checkpoint_last.pth.tar"), load(compiled / "checkpoint_last.pth.tar")
+    assert a["state_dict"].keys() == b["state_dict"].keys()  # no _orig_mod. prefixes
+    for k, v in a["state_dict"].items():
+        if v.is_floating_point():
+            assert torch.allclose(v, b["state_dict"][k], rtol=1e-3, atol=1e-4), k
