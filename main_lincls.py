@@ -64,6 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "'none' for a random-init backbone, 'imagenet' for torchvision's cached weights")
     g.add_argument("--head", default="linear", choices=("linear", "mlp"),
                    help="classifier on the features: linear, or mlp = Linear-ReLU-Dropout-Linear")
+    g.add_argument("--head-bn", action="store_true",
+                   help="BatchNorm without affine parameters before the head (as MAE's linear probe): the "
+                        "features are standardised, so one lr suits backbones whose feature scales differ")
     g.add_argument("--mlp-hidden-dim", default=0, type=int, help="hidden width of --head mlp (default: feature width)")
     g.add_argument("--dropout", default=0.5, type=float, help="dropout of --head mlp")
     g.add_argument("--finetune", action="store_true",
@@ -119,9 +122,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- model
 
-def build_head(in_dim: int, num_classes: int, kind: str, hidden_dim: int = 0, dropout: float = 0.5) -> nn.Module:
+def build_head(in_dim: int, num_classes: int, kind: str, hidden_dim: int = 0, dropout: float = 0.5,
+               bn: bool = False) -> nn.Module:
     """A fresh classifier head. Weights ~ N(0, 0.01), biases 0, as facebookresearch/moco
-    initialises its linear probe."""
+    initialises its linear probe; bn puts a parameter-free BatchNorm1d in front (MAE)."""
     if kind == "linear":
         head = nn.Linear(in_dim, num_classes)
     else:
@@ -132,6 +136,9 @@ def build_head(in_dim: int, num_classes: int, kind: str, hidden_dim: int = 0, dr
         if isinstance(m, nn.Linear):
             m.weight.data.normal_(mean=0.0, std=0.01)
             m.bias.data.zero_()
+    if bn:
+        # part of the head: it learns its running statistics while the backbone stays frozen
+        head = nn.Sequential(nn.BatchNorm1d(in_dim, affine=False, eps=1e-6), head)
     return head
 
 
@@ -154,7 +161,8 @@ def build_classifier(args: argparse.Namespace, num_classes: int
         layout = load_backbone(model, ckpt, where)
         source = f"{where} ({ckpt.get('method') or 'reference'} checkpoint, layout {layout})"
         reference = {k: v.clone() for k, v in extract_backbone(ckpt["state_dict"])[0].items()}
-    model.fc = build_head(feature_dim(model), num_classes, args.head, args.mlp_hidden_dim, args.dropout)
+    model.fc = build_head(feature_dim(model), num_classes, args.head, args.mlp_hidden_dim, args.dropout,
+                          args.head_bn)
     return model, reference, source
 
 
@@ -175,7 +183,8 @@ def check_compatible(ckpt: Dict, args: argparse.Namespace, classes: List[str], p
     """A lincls checkpoint can only continue (or be evaluated) as the same kind of model."""
     check_arch(ckpt, args.arch, path)
     saved = ckpt.get("args", {})
-    checked = [("--head", "head"), ("--small-images", "small_images"), ("--mlp-hidden-dim", "mlp_hidden_dim")]
+    checked = [("--head", "head"), ("--head-bn", "head_bn"), ("--small-images", "small_images"),
+               ("--mlp-hidden-dim", "mlp_hidden_dim")]
     if not args.evaluate:  # continuing on other training images would silently mix two experiments
         checked += [("--label-fraction", "label_fraction"), ("--subset-seed", "subset_seed"),
                     ("--label-subset", "label_subset")]
@@ -313,7 +322,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(resume_path, expected_method="lincls") if resume_path else None
     if ckpt is not None:
         if args.evaluate:  # evaluate the classifier as it was trained, whatever the flags say
-            for key in ("head", "mlp_hidden_dim", "dropout", "small_images"):
+            for key in ("head", "head_bn", "mlp_hidden_dim", "dropout", "small_images"):
                 if key in ckpt.get("args", {}):
                     setattr(args, key, ckpt["args"][key])
         check_compatible(ckpt, args, classes, resume_path)

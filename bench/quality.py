@@ -49,7 +49,7 @@ from common.models import build_backbone, without_head  # noqa: E402
 # larger, or the queue holds stale keys of the query's own image as negatives; MoCo T 0.5 at
 # the quick budget: 0.2 (the long-schedule value) left its probes below random init's there
 PRESETS = {
-    "quick": dict(pretrain_images=10000, train_images=2000, test_images=2000, pretrain_epochs=4, batch_size=64,
+    "quick": dict(pretrain_images=10000, train_images=2000, test_images=2000, pretrain_epochs=8, batch_size=64,
                   probe_epochs=5, sup_epochs=5, small_images=False, workers=0, moco_k=4096, probe_lr=2.0,
                   crop_min=0.3, lincls_probe=False, moco_t=0.5),
     "full": dict(pretrain_images=0, train_images=0, test_images=0, pretrain_epochs=200, batch_size=256,
@@ -141,8 +141,8 @@ def run_script(module, argv: List[str], log_path: str) -> float:
 
 def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str) -> List[str]:
     """MoCo v2 and SimCLR recipes sized for the batch (the small-batch settings the
-    CIFAR demos use: T 0.2, key momentum 0.99, lr 0.06; SGD for SimCLR at small batches, where
-    LARS' trust ratio with lr 0.3 x B/256 barely moves the weights)."""
+    CIFAR demos use: key momentum 0.99, lr 0.06, MoCo T --moco-t, SimCLR T 0.2; SGD for SimCLR
+    at small batches, where LARS' trust ratio with lr 0.3 x B/256 barely moves the weights)."""
     argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(args.pretrain_epochs),
                                        "--output-dir", out, "-p", "20", "--crop-min", str(args.crop_min)]
     if method == "moco":
