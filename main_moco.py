@@ -52,9 +52,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
 
     # ---- data: two augmented views of every image, labels unused
-    crop_min = 0.2 if args.crop_min is None else args.crop_min
-    aug = augment.moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength, crop_min=crop_min) \
-        if args.aug_plus else augment.moco_v1(args.crop_size, crop_min)
+    aug = augment.moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength,
+                          crop_min=args.crop_min) if args.aug_plus else augment.moco_v1(args.crop_size, args.crop_min)
     data = two_view_data(args, env, aug, batch_size, workers)
 
     # ---- model
@@ -66,7 +65,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         norm_layer = functools.partial(SplitBatchNorm, num_splits=args.bn_splits)
     model = MoCo(functools.partial(build_backbone, args.arch, small_images=args.small_images, norm_layer=norm_layer),
                  args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.symmetric)
-    model = place_model(model, env, args, networks=(model.encoder_q, model.encoder_k))
+    model = place_model(model, env, args, networks=model.networks())
     moco = model.module if env.distributed else model
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr,

@@ -78,8 +78,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
 
     # ---- data: two augmented views of every image, labels unused
-    aug = augment.simclr(args.crop_size, strength=args.color_strength, blur=args.blur,
-                         crop_min=0.08 if args.crop_min is None else args.crop_min)
+    aug = augment.simclr(args.crop_size, strength=args.color_strength, blur=args.blur, crop_min=args.crop_min)
     data = two_view_data(args, env, aug, batch_size, workers)
 
     # ---- model
@@ -91,7 +90,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif env.distributed:
         log("=> BatchNorm statistics are per process (SyncBatchNorm needs GPUs, or was turned off by --no-sync-bn)")
-    model = place_model(model, env, args, networks=(model.encoder,))
+    model = place_model(model, env, args, networks=model.networks())
     simclr = model.module if env.distributed else model
 
     lr = scaled_lr(args.lr, args.batch_size, args.lr_scaling)

@@ -22,12 +22,11 @@ writes OUTPUT/quality.json.
 """
 import argparse
 import contextlib
-import math
 import os
 import signal
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -14,13 +14,12 @@ bench/dataloader.py), handed over as CPU batches (pinned on a GPU) the way a loa
 """
 import argparse
 import contextlib
-import copy
 import functools
 import io
 import os
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -135,7 +134,7 @@ class Runner:
             self.model.to(memory_format=torch.channels_last)
         if cfg["compile"]:
             # as the scripts do (common.engine.place_model): the networks, in place, glue eager
-            for net in ((self.model.encoder_q, self.model.encoder_k) if method == "moco" else (self.model.encoder,)):
+            for net in self.model.networks():
                 net.compile()
         self.optimizer = build_optimizer(method, self.model, cfg["optim_impl"], device, args)
         self.args = argparse.Namespace(amp=cfg["amp"], amp_dtype=args.amp_dtype, channels_last=cfg["channels_last"],

@@ -1,5 +1,5 @@
 """Augmentation recipes: MoCo v1, MoCo v2 ("aug-plus"), SimCLR, and the eval transform."""
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 from torchvision import transforms
 
@@ -27,10 +27,10 @@ def _blur(crop_size: int) -> transforms.GaussianBlur:
     return transforms.GaussianBlur(kernel_size=k, sigma=(0.1, 2.0))
 
 
-def moco_v1(crop_size: int = 224, crop_min: float = 0.2) -> transforms.Compose:
-    """MoCo v1 / InstDisc augmentation."""
+def moco_v1(crop_size: int = 224, crop_min: Optional[float] = None) -> transforms.Compose:
+    """MoCo v1 / InstDisc augmentation (crop_min None: 0.2)."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(crop_size, scale=(crop_min, 1.0)),
+        transforms.RandomResizedCrop(crop_size, scale=(crop_min or 0.2, 1.0)),
         transforms.RandomGrayscale(p=0.2),
         transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
         transforms.RandomHorizontalFlip(),
@@ -40,11 +40,12 @@ def moco_v1(crop_size: int = 224, crop_min: float = 0.2) -> transforms.Compose:
 
 
 def moco_v2(crop_size: int = 224, blur: bool = True, strength: float = 1.0,
-            crop_min: float = 0.2) -> transforms.Compose:
-    """MoCo v2 "aug-plus": SimCLR-like colour jitter (scaled by `strength`) and blur, crop scale 0.2-1."""
+            crop_min: Optional[float] = None) -> transforms.Compose:
+    """MoCo v2 "aug-plus": SimCLR-like colour jitter (scaled by `strength`) and blur, crop scale
+    crop_min-1 (None: 0.2)."""
     s = strength
     ops = [
-        transforms.RandomResizedCrop(crop_size, scale=(crop_min, 1.0)),
+        transforms.RandomResizedCrop(crop_size, scale=(crop_min or 0.2, 1.0)),
         transforms.RandomApply([transforms.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
     ]
@@ -55,12 +56,12 @@ def moco_v2(crop_size: int = 224, blur: bool = True, strength: float = 1.0,
 
 
 def simclr(crop_size: int = 224, strength: float = 1.0, blur: bool = True,
-           crop_min: float = 0.08) -> transforms.Compose:
-    """SimCLR augmentation: crop 0.08-1, colour distortion of strength s, grayscale 0.2,
+           crop_min: Optional[float] = None) -> transforms.Compose:
+    """SimCLR augmentation: crop crop_min-1 (None: 0.08), colour distortion of strength s, grayscale 0.2,
     blur 0.5 (SimCLR turns blur off for CIFAR-sized images: pass blur=False)."""
     s = strength
     ops = [
-        transforms.RandomResizedCrop(crop_size, scale=(crop_min, 1.0)),
+        transforms.RandomResizedCrop(crop_size, scale=(crop_min or 0.08, 1.0)),
         transforms.RandomHorizontalFlip(),
         transforms.RandomApply([transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
         transforms.RandomGrayscale(p=0.2),

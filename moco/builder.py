@@ -60,6 +60,10 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
+    def networks(self) -> Tuple[nn.Module, nn.Module]:
+        """The networks (what --compile compiles); the queue and momentum update stay outside."""
+        return self.encoder_q, self.encoder_k
+
     @torch.no_grad()
     def momentum_update_key_encoder(self) -> None:
         """theta_k <- m * theta_k + (1 - m) * theta_q"""

@@ -52,6 +52,10 @@ class SimCLR(nn.Module):
         dim = feature_dim(self.encoder)
         self.encoder.fc = projection_head(dim, proj_hidden_dim or dim, proj_dim, proj_layers, proj_bn)
 
+    def networks(self) -> Tuple[nn.Module]:
+        """The networks (what --compile compiles); the loss and gathers stay outside."""
+        return (self.encoder,)
+
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Returns the NT-Xent loss and {"acc1": % of anchors whose positive scores highest}."""
         n = x1.shape[0]
