@@ -247,7 +247,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     meters = MeterBank(env.device)
     progress = Progress(epoch, args.epochs, iters_per_epoch)
     images_seen = 0
-    for it, (images, target) in enumerate(loader):
+    for it, (images, target) in enumerate(progress.timed(loader)):
         lr = lr_fn(epoch + it / iters_per_epoch)
         set_lr(optimizer, lr)
         images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
@@ -267,7 +267,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         images_seen += n * env.world_size
         if (it + 1) % args.print_freq == 0 or it + 1 == iters_per_epoch:
             log(progress.line(it, images_seen, meters.latest(), meters.averages(across_ranks=False), lr))
-    return {f"train_{k}": v for k, v in meters.averages().items()}
+    return {**{f"train_{k}": v for k, v in meters.averages().items()}, "data_wait": progress.data_wait_share()}
 
 
 def evaluate(model: nn.Module, val_dataset, class_names: List[str], args: argparse.Namespace, env: DistEnv,

@@ -51,7 +51,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
 
-    # ---- data: two augmented views of every image, labels unused
+    # ---- data: two augmented views of every image, labels unused (--gpu-augment: the colour
+    # and blur half of the recipe runs batched on the device)
     aug = augment.moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength,
                           crop_min=args.crop_min) if args.aug_plus else augment.moco_v1(args.crop_size, args.crop_min)
     data = two_view_data(args, env, aug, batch_size, workers)

@@ -77,7 +77,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
 
-    # ---- data: two augmented views of every image, labels unused
+    # ---- data: two augmented views of every image, labels unused (--gpu-augment: the colour
+    # and blur half of the recipe runs batched on the device)
     aug = augment.simclr(args.crop_size, strength=args.color_strength, blur=args.blur, crop_min=args.crop_min)
     data = two_view_data(args, env, aug, batch_size, workers)
 

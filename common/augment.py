@@ -1,7 +1,18 @@
-"""Augmentation recipes: MoCo v1, MoCo v2 ("aug-plus"), SimCLR, and the eval transform."""
-from typing import Callable, List, Optional
+"""Augmentation recipes: MoCo v1, MoCo v2 ("aug-plus"), SimCLR, and the classifier / eval
+transforms. A pretraining recipe runs whole in the loader workers on PIL images (the CPU
+path, as fast as the MoCo authors' loader: uint8 PIL ops, PIL's blur), or split with
+`--gpu-augment`: crop and flip in the workers, the photometric ops batched on the device."""
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
+import torch
+from PIL import Image, ImageFilter
 from torchvision import transforms
+from torchvision.transforms.functional import pil_to_tensor
+
+from common.gpu_augment import PhotometricSpec, draw_params
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,55 +32,119 @@ def _normalize() -> transforms.Normalize:
     return transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def _blur(crop_size: int) -> transforms.GaussianBlur:
-    # kernel ~10% of the image side, odd, as in SimCLR; sigma range as in MoCo v2
-    k = max(3, int(0.1 * crop_size) // 2 * 2 + 1)
-    return transforms.GaussianBlur(kernel_size=k, sigma=(0.1, 2.0))
+def blur_kernel_size(crop_size: int) -> int:
+    """~10 % of the image side, odd, as in SimCLR (23 at 224 px)."""
+    return max(3, int(0.1 * crop_size) // 2 * 2 + 1)
 
 
-def moco_v1(crop_size: int = 224, crop_min: Optional[float] = None) -> transforms.Compose:
-    """MoCo v1 / InstDisc augmentation (crop_min None: 0.2)."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(crop_size, scale=(crop_min or 0.2, 1.0)),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        _normalize(),
-    ])
+class PILGaussianBlur:
+    """Gaussian blur with sigma ~ U(sigma_min, sigma_max) through PIL's filter, as the MoCo
+    authors' loader does (moco/loader.py): about 1 ms on a 224 px image, where
+    torchvision's GaussianBlur, a float convolution on a PIL image, takes about 50 ms.
+    sigma is drawn from torch's RNG so the per-sample seed fixes it."""
+
+    def __init__(self, sigma: Tuple[float, float] = (0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        sigma = float(torch.empty(1).uniform_(*self.sigma))
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))  # PIL's radius is the standard deviation
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One view's augmentation as an ordered list of ops ("crop", "flip", "jitter", "gray",
+    "blur"). Called on a PIL image it runs the whole recipe in the loader worker (the CPU
+    path). `split()` gives the `--gpu-augment` path: crop and flip in the worker, which
+    returns the uint8 crop and its photometric parameters, and `spec()` for the batched
+    photometric ops on the training device (common/gpu_augment.py). Flips commute with the
+    photometric ops, so both paths draw from the same distribution."""
+    crop_size: int
+    crop_min: float
+    ops: Tuple[str, ...]
+    jitter: Tuple[float, float, float, float]
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+
+    def _op(self, name: str) -> Callable:
+        if name == "crop":
+            return transforms.RandomResizedCrop(self.crop_size, scale=(self.crop_min, 1.0))
+        if name == "flip":
+            return transforms.RandomHorizontalFlip()
+        if name == "jitter":
+            jitter = transforms.ColorJitter(*self.jitter)
+            return jitter if self.jitter_p >= 1 else transforms.RandomApply([jitter], p=self.jitter_p)
+        if name == "gray":
+            return transforms.RandomGrayscale(p=self.gray_p)
+        return transforms.RandomApply([PILGaussianBlur(self.blur_sigma)], p=self.blur_p)
+
+    @functools.cached_property
+    def _pil(self) -> transforms.Compose:
+        return transforms.Compose([self._op(o) for o in self.ops] + [transforms.ToTensor(), _normalize()])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self._pil(img)
+
+    def spec(self) -> PhotometricSpec:
+        """The photometric part, for common.gpu_augment.photometric."""
+        ops = self.ops
+        return PhotometricSpec(jitter=self.jitter, jitter_p=self.jitter_p if "jitter" in ops else 0.0,
+                               gray_p=self.gray_p if "gray" in ops else 0.0,
+                               gray_first="gray" in ops and "jitter" in ops and ops.index("gray") < ops.index("jitter"),
+                               blur_p=self.blur_p, blur_sigma=self.blur_sigma,
+                               blur_kernel=blur_kernel_size(self.crop_size) if "blur" in ops else 0,
+                               mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    def decode_side(self) -> int:
+        """Shortest side a JPEG may be decoded at (PIL draft) without starving the smallest
+        random crop (area crop_min of the image) of pixels: crop / sqrt(crop_min)."""
+        return int(math.ceil(self.crop_size / math.sqrt(self.crop_min)))
+
+    def split(self) -> "GeometricPart":
+        return GeometricPart(self)
+
+
+class GeometricPart:
+    """The loader-worker half of `--gpu-augment`: crop and flip on the PIL image, then the
+    uint8 crop (no float work) and the view's photometric parameters, drawn here from the
+    per-sample seed so resume stays exact."""
+
+    def __init__(self, recipe: Recipe):
+        self.spec = recipe.spec()
+        self.geometric = transforms.Compose([recipe._op(o) for o in recipe.ops if o in ("crop", "flip")])
+
+    def __call__(self, img: Image.Image) -> List[torch.Tensor]:
+        crop = pil_to_tensor(self.geometric(img))
+        return [crop, draw_params(self.spec)]
+
+
+def moco_v1(crop_size: int = 224, crop_min: Optional[float] = None) -> Recipe:
+    """MoCo v1 / InstDisc augmentation (crop_min None: 0.2): grayscale, then jitter 0.4 always."""
+    return Recipe(crop_size, crop_min or 0.2, ("crop", "gray", "jitter", "flip"), jitter=(0.4, 0.4, 0.4, 0.4),
+                  jitter_p=1.0)
 
 
 def moco_v2(crop_size: int = 224, blur: bool = True, strength: float = 1.0,
-            crop_min: Optional[float] = None) -> transforms.Compose:
+            crop_min: Optional[float] = None) -> Recipe:
     """MoCo v2 "aug-plus": SimCLR-like colour jitter (scaled by `strength`) and blur, crop scale
     crop_min-1 (None: 0.2)."""
     s = strength
-    ops = [
-        transforms.RandomResizedCrop(crop_size, scale=(crop_min or 0.2, 1.0)),
-        transforms.RandomApply([transforms.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-    ]
-    if blur:
-        ops.append(transforms.RandomApply([_blur(crop_size)], p=0.5))
-    ops += [transforms.RandomHorizontalFlip(), transforms.ToTensor(), _normalize()]
-    return transforms.Compose(ops)
+    ops = ("crop", "jitter", "gray") + (("blur",) if blur else ()) + ("flip",)
+    return Recipe(crop_size, crop_min or 0.2, ops, jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s))
 
 
 def simclr(crop_size: int = 224, strength: float = 1.0, blur: bool = True,
-           crop_min: Optional[float] = None) -> transforms.Compose:
+           crop_min: Optional[float] = None) -> Recipe:
     """SimCLR augmentation: crop crop_min-1 (None: 0.08), colour distortion of strength s, grayscale 0.2,
     blur 0.5 (SimCLR turns blur off for CIFAR-sized images: pass blur=False)."""
     s = strength
-    ops = [
-        transforms.RandomResizedCrop(crop_size, scale=(crop_min or 0.08, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomApply([transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-    ]
-    if blur:
-        ops.append(transforms.RandomApply([_blur(crop_size)], p=0.5))
-    ops += [transforms.ToTensor(), _normalize()]
-    return transforms.Compose(ops)
+    ops = ("crop", "flip", "jitter", "gray") + (("blur",) if blur else ())
+    return Recipe(crop_size, crop_min or 0.08, ops, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))
 
 
 def train_classifier(crop_size: int = 224) -> transforms.Compose:

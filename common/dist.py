@@ -172,7 +172,8 @@ def add_dist_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
 
 
-def _use_cuda(args: argparse.Namespace) -> bool:
+def uses_cuda(args: argparse.Namespace) -> bool:
+    """Whether the workers will train on GPUs (a GPU is visible and --cpu was not given)."""
     return torch.cuda.is_available() and not getattr(args, "cpu", False)
 
 
@@ -191,7 +192,7 @@ def expected_world_size(args: argparse.Namespace) -> int:
 def _nproc_per_node(args: argparse.Namespace) -> int:
     if args.nproc_per_node:
         return args.nproc_per_node
-    return torch.cuda.device_count() if _use_cuda(args) else 1
+    return torch.cuda.device_count() if uses_cuda(args) else 1
 
 
 def per_worker(total: int, world_size: int, what: str = "--batch-size") -> int:
@@ -283,7 +284,7 @@ def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> Di
     else:
         local_procs = (args.nproc_per_node or 1) if args.multiprocessing_distributed else 1
 
-    if _use_cuda(args):
+    if uses_cuda(args):
         gpu = local if (world > 1 or args.gpu is None) else args.gpu
         visible = torch.cuda.device_count()
         if launcher is not None and visible == 1:

@@ -12,8 +12,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.data import ResumableSampler
 from common.dist import DistEnv
+from common.gpu_augment import ViewsToDevice
 from common.logging import MeterBank, Progress, log
 from common.preempt import ignore_preemption_signals
+from common.schedule import set_lr
 
 
 def amp_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -73,24 +75,24 @@ def make_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int, s
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, epoch: int, iters_per_epoch: int, start_iter: int,
                     lr_fn: Callable[[float], float], args: argparse.Namespace, env: DistEnv,
-                    after_step: Optional[Callable[[int], bool]] = None) -> Tuple[Dict[str, float], int]:
+                    after_step: Optional[Callable[[int], bool]] = None,
+                    prepare: Optional[ViewsToDevice] = None) -> Tuple[Dict[str, float], int]:
     """One pass over `loader` (which already skips the first `start_iter` batches).
 
-    `after_step(iterations_done)` runs after every optimizer step; when it returns True
-    the epoch stops there (preemption). Returns (epoch averages, iterations done).
+    `prepare` turns a batch's two views into device tensors (and runs --gpu-augment's
+    photometric ops). `after_step(iterations_done)` runs after every optimizer step; when
+    it returns True the epoch stops there (preemption). Returns (epoch averages with
+    `data_wait`, the share of the wall time spent waiting for the loader; iterations done).
     """
-    from common.schedule import set_lr
-
     model.train()
+    prepare = prepare or ViewsToDevice(env.device, args.channels_last)
     meters = MeterBank(env.device)
     progress = Progress(epoch, args.epochs, iters_per_epoch, start_iter)
     images_seen, it = 0, start_iter
-    for it, (images, _) in enumerate(loader, start=start_iter):
+    for it, (images, _) in enumerate(progress.timed(loader), start=start_iter):
         lr = lr_fn(epoch + it / iters_per_epoch)
         set_lr(optimizer, lr)
-        im_q, im_k = (x.to(env.device, non_blocking=True) for x in images[:2])
-        if args.channels_last:
-            im_q, im_k = im_q.to(memory_format=torch.channels_last), im_k.to(memory_format=torch.channels_last)
+        im_q, im_k = prepare(images[:2])
 
         with autocast(args, env.device):
             loss, stats = model(im_q, im_k)
@@ -106,7 +108,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             # the only host sync of the loop: reading the meters for the line
             log(progress.line(it, images_seen, meters.latest(), meters.averages(across_ranks=False), lr))
         if after_step is not None and after_step(it + 1):
-            return meters.averages(), it + 1
+            return {**meters.averages(), "data_wait": progress.data_wait_share()}, it + 1
     epoch_avg = meters.averages()
     epoch_avg["images_per_sec"] = images_seen / max(time.time() - progress.t0, 1e-9)
+    epoch_avg["data_wait"] = progress.data_wait_share()
     return epoch_avg, it + 1

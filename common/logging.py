@@ -4,7 +4,7 @@ import datetime
 import json
 import os
 import time
-from typing import Dict
+from typing import Dict, Iterable, Iterator
 
 import torch
 
@@ -52,12 +52,32 @@ class MeterBank:
 
 
 class Progress:
-    """`Epoch [3/100][ 40/500] loss 6.21 (6.54) acc1 12.3 (10.1) lr 0.0300 1523 img/s eta 0:12:03 (run 2:01:00)`."""
+    """`Epoch [3/100][ 40/500] loss 6.21 (6.54) acc1 12.3 (10.1) lr 0.0300 1523 img/s data 4% eta 0:12:03 (run 2:01:00)`.
+
+    "data" is the share of the wall time spent waiting for the next batch (iterate the
+    loader through `timed`): near 0 the device is the bottleneck, near 100 % the loader
+    is (more -j, --gpu-augment)."""
 
     def __init__(self, epoch: int, epochs: int, iters: int, start_iter: int = 0, prefix: str = "Epoch"):
         self.epoch, self.epochs, self.iters, self.start_iter = epoch, epochs, iters, start_iter
         self.prefix = prefix
         self.t0 = time.time()
+        self.data_wait = 0.0
+
+    def timed(self, loader: Iterable) -> Iterator:
+        """Yields the loader's batches, adding the time spent waiting for each to data_wait."""
+        batches = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.data_wait += time.perf_counter() - t
+            yield batch
+
+    def data_wait_share(self) -> float:
+        return self.data_wait / max(time.time() - self.t0, 1e-9)
 
     def line(self, it: int, images_seen: int, latest: Dict[str, float], avg: Dict[str, float], lr: float) -> str:
         elapsed = time.time() - self.t0
@@ -68,7 +88,7 @@ class Progress:
         w = len(str(self.iters))
         stats = "  ".join(f"{k} {latest[k]:.4g} ({avg.get(k, latest[k]):.4g})" for k in sorted(latest))
         return (f"{self.prefix} [{self.epoch}/{self.epochs}][{it + 1:>{w}}/{self.iters}]  {stats}  lr {lr:.4g}  "
-                f"{images_seen / max(elapsed, 1e-9):.0f} img/s  eta {format_seconds(eta_epoch)} "
+                f"{images_seen / max(elapsed, 1e-9):.0f} img/s  data {100 * self.data_wait_share():.0f}%  eta {format_seconds(eta_epoch)} "
                 f"(run {format_seconds(eta_run)})")
 
 

@@ -17,9 +17,10 @@ from common import augment
 from common.checkpoint import check_arch, load_checkpoint, resolve_resume, restore_training_state, \
     save_checkpoint, training_state
 from common.data import ResumableSampler, TransformedDataset, build_dataset, default_crop_size
-from common.dist import DistEnv, expected_world_size, is_main_process, per_worker
+from common.dist import DistEnv, expected_world_size, is_main_process, per_worker, uses_cuda
 from common.engine import make_loader, train_one_epoch
 from common.errors import UserError
+from common.gpu_augment import ViewsToDevice
 from common.knn import KnnMonitor
 from common.logging import MetricsLog, log
 from common.preempt import PreemptionHandler, add_preemption_args
@@ -35,6 +36,9 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-min", default=None, type=float,
                         help="smallest RandomResizedCrop area fraction (default: the method's, 0.2 MoCo, 0.08 "
                              "SimCLR; raise it for small objects or low-resolution images)")
+    parser.add_argument("--gpu-augment", default=None, action=argparse.BooleanOptionalAction,
+                        help="loader workers only decode, crop and flip; colour jitter, grayscale, blur and "
+                             "normalisation run batched on the training device (default: on with a GPU)")
     parser.add_argument("--knn-every", default=0, type=int,
                         help="kNN accuracy of the backbone on the labelled train/val split every N epochs (0: off)")
     add_preemption_args(parser)
@@ -48,6 +52,8 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str) -> argparse.Name
     args.crop_size = args.crop_size or default_crop_size(args)
     if args.small_images is None:
         args.small_images = args.crop_size <= 64
+    if args.gpu_augment is None:
+        args.gpu_augment = uses_cuda(args)
     if args.crop_min is not None and not 0 < args.crop_min <= 1:
         raise UserError(f"--crop-min {args.crop_min} is an area fraction; use a value in (0, 1], e.g. 0.2")
     per_worker(args.batch_size, expected_world_size(args))
@@ -61,21 +67,27 @@ class PretrainData:
     sampler: ResumableSampler
     batch_size: int  # per process
     iters_per_epoch: int
+    to_device: ViewsToDevice  # the loader's views -> normalised device tensors
 
 
-def two_view_data(args: argparse.Namespace, env: DistEnv, view_transform: Callable, batch_size: int,
+def two_view_data(args: argparse.Namespace, env: DistEnv, recipe: augment.Recipe, batch_size: int,
                   workers: int) -> PretrainData:
-    """Every image of the pretraining split as two independent views (labels unused)."""
+    """Every image of the pretraining split as two independent views (labels unused); with
+    --gpu-augment the workers hand over uint8 crops and the photometric half of `recipe`
+    runs batched on the device (data.to_device)."""
+    view_transform = recipe.split() if args.gpu_augment else recipe
     dataset = TransformedDataset(build_dataset(args, "pretrain"), augment.TwoCropsTransform(view_transform),
-                                 args.strict_data)
+                                 args.strict_data, decode_side=recipe.decode_side())
     loader, sampler = make_loader(dataset, batch_size, env, workers, args.seed)
     iters_per_epoch = len(dataset) // env.world_size // batch_size
     if iters_per_epoch == 0:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size}; "
                         f"lower --batch-size or add images")
     log(f"=> {len(dataset)} images, {iters_per_epoch} iterations/epoch, {env.world_size} process(es), "
-        f"batch {batch_size}/process on {env.device}")
-    return PretrainData(dataset, loader, sampler, batch_size, iters_per_epoch)
+        f"batch {batch_size}/process on {env.device}; colour/blur augmentation on "
+        f"{env.device.type + ' (--gpu-augment)' if args.gpu_augment else 'the loader workers'}")
+    to_device = ViewsToDevice(env.device, args.channels_last, recipe.spec() if args.gpu_augment else None)
+    return PretrainData(dataset, loader, sampler, batch_size, iters_per_epoch, to_device)
 
 
 def resume_training(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer, scaler,
@@ -113,7 +125,7 @@ def run_pretraining(model: nn.Module, backbone: nn.Module, data: PretrainData, o
     for epoch in range(start_epoch, args.epochs):
         data.sampler.set_epoch(epoch, start_iter * data.batch_size)
         stats, _ = train_one_epoch(model, data.loader, optimizer, scaler, epoch, data.iters_per_epoch, start_iter,
-                                   lr_fn, args, env, after_step=preemption.after_step(epoch))
+                                   lr_fn, args, env, after_step=preemption.after_step(epoch), prepare=data.to_device)
         start_iter = 0
         stats["skipped_images"] = int(data.dataset.skipped.item())
         if knn is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):

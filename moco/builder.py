@@ -13,11 +13,64 @@ import torch.nn.functional as F
 from common.dist import concat_all_gather, get_world_size
 
 
+class _GroupBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm with statistics per group of samples (sample i in group
+    i mod S), computed on a (N/S, S, C, H, W) view of the input. Splitting the batch
+    dimension is a view in any memory format, so a channels-last tensor is never copied
+    (the (N/S, C*S, H, W) reshape of the reference's SplitBatchNorm copies it in every
+    layer, and its NCHW output turns every following convolution back to NCHW).
+    Statistics are accumulated in fp32 whatever the input dtype (bf16 under --amp)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_splits, momentum, eps):
+        N, C, H, W = x.shape
+        x5 = x.view(N // num_splits, num_splits, C, H, W)
+        dims, m, acc = (0, 3, 4), N // num_splits * H * W, _accumulate_dtype(x)
+        mean = x5.sum(dims, dtype=acc) / m  # S x C
+        var = ((x5 * x5).sum(dims, dtype=acc) / m - mean * mean).clamp_(min=0)
+        rstd = torch.rsqrt(var + eps)
+        scale = weight.to(acc) * rstd  # y = x * scale + shift
+        shift = bias.to(acc) - mean * scale
+        y = torch.addcmul(shift.to(x.dtype).view(1, num_splits, C, 1, 1), x5,
+                          scale.to(x.dtype).view(1, num_splits, C, 1, 1))
+        with torch.no_grad():  # as BatchNorm2d on every group, then averaged over the groups
+            running_mean.mul_(1 - momentum).add_(mean.mean(0), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var * (m / max(m - 1, 1))).mean(0), alpha=momentum)
+        ctx.save_for_backward(x, mean, rstd, scale)
+        ctx.num_splits, ctx.m = num_splits, m
+        return y.view(N, C, H, W)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, mean, rstd, scale = ctx.saved_tensors
+        S, m = ctx.num_splits, ctx.m
+        N, C, H, W = x.shape
+        x5, g5, dims = x.view(N // S, S, C, H, W), grad_y.view(N // S, S, C, H, W), (0, 3, 4)
+        acc = _accumulate_dtype(x)
+        sum_g = g5.sum(dims, dtype=acc)  # S x C
+        sum_g_xhat = rstd * ((g5 * x5).sum(dims, dtype=acc) - mean * sum_g)
+        # dx = scale * (g - mean(g) - xhat * mean(g * xhat)) = scale * g + x * k1 + k0
+        k1 = -scale * rstd * sum_g_xhat / m
+        k0 = -scale * sum_g / m - k1 * mean
+        shape = (1, S, C, 1, 1)
+        dx = torch.addcmul(torch.addcmul(k0.to(x.dtype).view(shape), x5, k1.to(x.dtype).view(shape)),
+                           g5, scale.to(x.dtype).view(shape))
+        return dx.view(N, C, H, W), sum_g_xhat.sum(0), sum_g.sum(0), None, None, None, None, None
+
+
+def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm computed over `num_splits` groups of the batch (sample i in group
     i mod num_splits): on one device it stands in for the per-GPU BN of multi-GPU
     MoCo, so that shuffling keys across groups hides intra-batch statistics.
-    Same parameters and buffers as BatchNorm2d, so checkpoints load in a plain ResNet."""
+    Same parameters and buffers as BatchNorm2d, so checkpoints load in a plain ResNet.
+
+    A contiguous (NCHW) input takes the reference's path, a free reshape to
+    (N/S, C*S, H, W) and one cuDNN BatchNorm; any other layout (--channels-last) takes
+    _GroupBatchNorm, the same statistics without copying the input."""
 
     def __init__(self, num_features: int, num_splits: int, **kw):
         super().__init__(num_features, **kw)
@@ -25,17 +78,20 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         N, C, H, W = input.shape
-        if (self.training or not self.track_running_stats) and self.num_splits > 1:
-            running_mean_split = self.running_mean.repeat(self.num_splits)
-            running_var_split = self.running_var.repeat(self.num_splits)
-            outcome = F.batch_norm(
-                input.reshape(-1, C * self.num_splits, H, W), running_mean_split, running_var_split,
-                self.weight.repeat(self.num_splits), self.bias.repeat(self.num_splits),
-                True, self.momentum, self.eps).view(N, C, H, W)
-            self.running_mean.data.copy_(running_mean_split.view(self.num_splits, C).mean(dim=0))
-            self.running_var.data.copy_(running_var_split.view(self.num_splits, C).mean(dim=0))
-            return outcome
-        return super().forward(input)
+        if not ((self.training or not self.track_running_stats) and self.num_splits > 1):
+            return super().forward(input)
+        if not input.is_contiguous() and self.affine and self.track_running_stats:
+            return _GroupBatchNorm.apply(input, self.weight, self.bias, self.running_mean, self.running_var,
+                                         self.num_splits, self.momentum, self.eps)
+        running_mean_split = self.running_mean.repeat(self.num_splits)
+        running_var_split = self.running_var.repeat(self.num_splits)
+        outcome = F.batch_norm(
+            input.reshape(-1, C * self.num_splits, H, W), running_mean_split, running_var_split,
+            self.weight.repeat(self.num_splits), self.bias.repeat(self.num_splits),
+            True, self.momentum, self.eps).view(N, C, H, W)
+        self.running_mean.data.copy_(running_mean_split.view(self.num_splits, C).mean(dim=0))
+        self.running_var.data.copy_(running_var_split.view(self.num_splits, C).mean(dim=0))
+        return outcome
 
 
 class MoCo(nn.Module):
