@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Images/s of the pretraining input pipeline: decode + two augmented views, through the
 product's loader (common.engine.make_loader: persistent workers, prefetch, per-sample
-seeded augmentation), per worker count, for the PIL recipes the scripts use and for a
-candidate path that augments uint8 tensors with torchvision.transforms.v2.
+seeded augmentation), per worker count: the MoCo authors' loader (the baseline of every
+ratio), the scripts' CPU path, the loader half of --gpu-augment (decode, crop, flip,
+uint8 out: its photometric half runs on the GPU, timed by bench/throughput.py), our
+recipe with torchvision's float blur (as it was) and a transforms.v2 tensor path.
 
-    python bench/dataloader.py --source jpeg --image-size 256 --crop-size 224 --workers 0 1 2
+    python bench/dataloader.py --source jpeg --image-size 500 375 --crop-size 224 --workers 0 1 2
     python bench/dataloader.py --source fashion-mnist --data ../shared/data/fashion-mnist --crop-size 32
 
 --source jpeg writes --num-images random-texture JPEGs (ImageNet-like size) to a temporary
@@ -18,15 +20,13 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from bench.util import format_table, machine_info, median, write_json  # noqa: E402
+from bench.util import format_table, machine_info, median, write_jpegs, write_json  # noqa: E402
 from common import augment  # noqa: E402
 from common.data import SyntheticPatterns, TransformedDataset, build_dataset, image_folder  # noqa: E402
 from common.dist import DistEnv  # noqa: E402
@@ -38,14 +38,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Input pipeline throughput (decode + two-view augmentation)")
     p.add_argument("--source", default="jpeg", choices=("jpeg", "synthetic", "fashion-mnist", "mnist"))
     p.add_argument("--data", default="", help="dataset root for --source fashion-mnist/mnist")
-    p.add_argument("--image-size", default=256, type=int, help="side of generated JPEG/synthetic images")
+    p.add_argument("--image-size", default=[500, 375], type=int, nargs="+", metavar="W [H]",
+                   help="width and height of generated JPEGs (ImageNet's typical 500x375), or one side")
     p.add_argument("--crop-size", default=224, type=int)
     p.add_argument("--num-images", default=256, type=int, help="images per timed pass")
     p.add_argument("-b", "--batch-size", default=32, type=int)
     p.add_argument("--workers", nargs="+", default=[0, 1, 2], type=int, help="loader worker counts to compare")
     p.add_argument("--recipes", nargs="+", default=["mocov2", "simclr"], choices=("mocov2", "simclr"))
-    p.add_argument("--paths", nargs="+", default=["pil", "tensor_v2"], choices=("pil", "tensor_v2"),
-                   help="pil: the scripts' torchvision PIL transforms; tensor_v2: transforms.v2 on uint8 tensors")
+    p.add_argument("--paths", nargs="+", default=["reference", "pil", "gpu_split"], choices=list(PATHS),
+                   help="reference: facebookresearch/moco's loader (PIL ops, PIL blur); pil: the scripts' CPU path; "
+                        "gpu_split: the loader half of --gpu-augment (decode, crop, flip, uint8 out); "
+                        "torchvision_blur: ours with torchvision's float GaussianBlur (before the fix); "
+                        "tensor_v2: transforms.v2 on uint8 tensors")
     p.add_argument("--repeats", default=3, type=int, help="timed passes per setting (median)")
     p.add_argument("--json", default="runs/bench/dataloader.json")
     return p
@@ -53,7 +57,49 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- pipelines
 
-def pil_recipe(recipe: str, crop: int) -> Callable:
+class ReferenceBlur:
+    """facebookresearch/moco's moco/loader.py GaussianBlur, verbatim in behaviour: sigma from
+    Python's `random`, PIL's filter."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, x):
+        import random
+        from PIL import ImageFilter
+        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma[0], self.sigma[1])))
+
+
+def reference_recipe(recipe: str, crop: int) -> Callable:
+    """The MoCo authors' main_moco.py --aug-plus pipeline (torchvision PIL ops + their PIL
+    blur); for simclr the same ops with SimCLR's strengths and order."""
+    from torchvision import transforms as T
+    normalize = T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)
+    blur = [T.RandomApply([ReferenceBlur()], p=0.5)] if crop > 64 else []
+    if recipe == "mocov2":
+        ops = [T.RandomResizedCrop(crop, scale=(0.2, 1.0)),
+               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)] + blur + \
+              [T.RandomHorizontalFlip()]
+    else:
+        ops = [T.RandomResizedCrop(crop, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+               T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), T.RandomGrayscale(p=0.2)] + blur
+    return T.Compose(ops + [T.ToTensor(), normalize])
+
+
+def torchvision_blur_recipe(recipe: str, crop: int) -> Callable:
+    """Our recipe as it was before the PIL blur: torchvision's GaussianBlur (a float
+    convolution on the PIL image, ~50 ms at 224 px) in place of PIL's filter."""
+    from torchvision import transforms as T
+    r = our_recipe(recipe, crop)
+
+    def swap(t):
+        if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], augment.PILGaussianBlur):
+            return T.RandomApply([T.GaussianBlur(augment.blur_kernel_size(crop), sigma=r.blur_sigma)], p=r.blur_p)
+        return t
+    return T.Compose([swap(t) for t in r._pil.transforms])
+
+
+def our_recipe(recipe: str, crop: int) -> augment.Recipe:
     """Exactly what main_moco.py --aug-plus / main_simclr.py build."""
     if recipe == "mocov2":
         return augment.moco_v2(crop, blur=crop > 64)
@@ -70,18 +116,26 @@ def tensor_v2_recipe(recipe: str, crop: int) -> Callable:
                v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s)], p=0.8),
                v2.RandomGrayscale(p=0.2)]
         if crop > 64:
-            k = max(3, int(0.1 * crop) // 2 * 2 + 1)
-            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
+            ops.append(v2.RandomApply([v2.GaussianBlur(augment.blur_kernel_size(crop), sigma=(0.1, 2.0))], p=0.5))
         ops.append(v2.RandomHorizontalFlip())
     else:
         ops = [v2.RandomResizedCrop(crop, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip(),
                v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
                v2.RandomGrayscale(p=0.2)]
         if crop > 64:
-            k = max(3, int(0.1 * crop) // 2 * 2 + 1)
-            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
+            ops.append(v2.RandomApply([v2.GaussianBlur(augment.blur_kernel_size(crop), sigma=(0.1, 2.0))], p=0.5))
     return v2.Compose([v2.PILToTensor()] + ops + [v2.ToDtype(torch.float32, scale=True),
                                                   v2.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
+
+
+# name -> (view transform builder, decodes large JPEGs at reduced size?)
+PATHS = {
+    "pil": (our_recipe, True),  # the scripts' CPU path
+    "gpu_split": (lambda r, c: our_recipe(r, c).split(), True),  # --gpu-augment's worker half
+    "reference": (reference_recipe, False),  # facebookresearch/moco's loader
+    "torchvision_blur": (torchvision_blur_recipe, False),  # ours before the PIL blur
+    "tensor_v2": (tensor_v2_recipe, False),
+}
 
 
 class DecodeOnly:
@@ -92,23 +146,13 @@ class DecodeOnly:
         return pil_to_tensor(img)
 
 
-def write_jpegs(folder: str, n: int, size: int, seed: int = 0) -> None:
-    """n smooth random-texture JPEGs (quality 90) of size x size in one class folder;
-    texture compresses and decodes like photographs, unlike white noise."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(folder, "c0"), exist_ok=True)
-    for i in range(n):
-        small = rng.uniform(0, 255, size=(size // 16 + 1, size // 16 + 1, 3)).astype(np.uint8)
-        img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
-        img.save(os.path.join(folder, "c0", f"{i:05d}.jpg"), quality=90)
-
-
 def build_source(args: argparse.Namespace, tmp: str):
     if args.source == "jpeg":
-        write_jpegs(tmp, args.num_images, args.image_size)
+        width, height = (args.image_size * 2)[:2]
+        write_jpegs(tmp, args.num_images, width, height)
         return image_folder(tmp)
     if args.source == "synthetic":
-        return SyntheticPatterns(args.num_images, 8, args.image_size)
+        return SyntheticPatterns(args.num_images, 8, args.image_size[0])
     ds = build_dataset(argparse.Namespace(dataset=args.source, data=args.data, download=False), "pretrain")
     if len(ds) > args.num_images:
         from common.data import SubsetDataset
@@ -116,19 +160,20 @@ def build_source(args: argparse.Namespace, tmp: str):
     return ds
 
 
-def time_loader(base, transform: Callable, workers: int, args: argparse.Namespace) -> List[float]:
+def time_loader(base, transform: Callable, workers: int, args: argparse.Namespace,
+                decode_side: Optional[int] = None) -> List[float]:
     """Images/s of `repeats` passes over the dataset through the product's loader, after
     one untimed pass that starts the (persistent) workers."""
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False,
                   local_world_size=1)
-    ds = TransformedDataset(base, transform)
+    ds = TransformedDataset(base, transform, decode_side=decode_side)
     loader, sampler = make_loader(ds, args.batch_size, env, workers, seed=0, drop_last=False)
     rates = []
     for epoch in range(args.repeats + 1):
         sampler.set_epoch(epoch)
         t0, n = time.perf_counter(), 0
-        for images, _ in loader:
-            n += (images[0] if isinstance(images, list) else images).shape[0]
+        for _, labels in loader:
+            n += labels.shape[0]
         if epoch > 0:
             rates.append(n / (time.perf_counter() - t0))
     del loader  # stops the persistent workers
@@ -145,36 +190,40 @@ def main(argv=None) -> Dict:
     tmp = tempfile.mkdtemp(prefix="bench_dataloader_")
     try:
         base = build_source(args, tmp)
-        settings = [("decode_only", "-", "pil", DecodeOnly())]
+        settings = [("decode_only", "-", "decode_only", DecodeOnly(), None)]
         for recipe in args.recipes:
+            side = our_recipe(recipe, args.crop_size).decode_side()
             for path in args.paths:
-                tf = pil_recipe(recipe, args.crop_size) if path == "pil" else tensor_v2_recipe(recipe, args.crop_size)
-                settings.append((f"{recipe}/{path}", recipe, path, augment.TwoCropsTransform(tf)))
+                build, drafts = PATHS[path]
+                settings.append((f"{recipe}/{path}", recipe, path, augment.TwoCropsTransform(build(recipe, args.crop_size)),
+                                 side if drafts else None))
         results = []
-        for name, recipe, path, tf in settings:
+        for name, recipe, path, tf, side in settings:
             for w in args.workers:
-                rates = time_loader(base, tf, w, args)
+                rates = time_loader(base, tf, w, args, decode_side=side)
                 rec = {"setting": name, "recipe": recipe, "path": path, "workers": w,
                        "images_per_s": median(rates), "all_repeats": rates}
                 results.append(rec)
-                print(f"   {name:<22} workers {w}: {rec['images_per_s']:8.1f} img/s", flush=True)
+                print(f"   {name:<26} workers {w}: {rec['images_per_s']:8.1f} img/s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for rec in results:  # vs the PIL path of the same recipe and worker count
-        ref = next((r for r in results if r["recipe"] == rec["recipe"] and r["path"] == "pil"
+    baseline = "reference" if "reference" in args.paths else args.paths[0]
+    for rec in results:  # vs the baseline path (the MoCo authors' loader) of the same recipe and worker count
+        ref = next((r for r in results if r["recipe"] == rec["recipe"] and r["path"] == baseline
                     and r["workers"] == rec["workers"]), None)
-        rec["ratio_vs_pil"] = rec["images_per_s"] / ref["images_per_s"] if ref else None
+        rec["ratio_vs_reference"] = rec["images_per_s"] / ref["images_per_s"] if ref else None
     header = ["pipeline"] + [f"{w} workers img/s" for w in args.workers]
     rows = []
     for name, *_ in settings:
         recs = {r["workers"]: r for r in results if r["setting"] == name}
         rows.append([name] + [f"{recs[w]['images_per_s']:.0f}" + (
-            f" ({recs[w]['ratio_vs_pil']:.2f}x)" if recs[w]["ratio_vs_pil"] and recs[w]["path"] != "pil" else "")
-                              for w in args.workers])
-    title = (f"{args.source} {args.image_size if args.source in ('jpeg', 'synthetic') else 28} px -> "
+            f" ({recs[w]['ratio_vs_reference']:.2f}x)" if recs[w]["ratio_vs_reference"] and recs[w]["path"] != baseline
+            else "") for w in args.workers])
+    title = (f"{args.source} {'x'.join(map(str, args.image_size)) if args.source in ('jpeg', 'synthetic') else 28} px -> "
              f"{args.crop_size} px crops, two views per image, batch {args.batch_size}, {args.num_images} images")
     table = format_table(header, rows)
-    print(f"\n{title}\n{table}\n(images/s counts images, each giving two views)", flush=True)
+    print(f"\n{title}\n{table}\n(images/s counts images, each giving two views; (x) = vs {baseline} "
+          f"with the same workers)", flush=True)
     record = {"benchmark": "dataloader", "config": vars(args), "machine": machine_info(torch.device("cpu")),
               "results": results, "table": table, "title": title}
     write_json(args.json, record)

@@ -10,7 +10,10 @@ every ratio is against the baseline measured in the same run.
     python bench/throughput.py -a resnet50 --crop-size 224 -b 128 --device cuda
 
 Inputs are random tensors already in memory (the data pipeline has its own benchmark,
-bench/dataloader.py), handed over as CPU batches (pinned on a GPU) the way a loader does.
+bench/dataloader.py, and bench/endtoend.py runs the real script on JPEG files), handed
+over as CPU batches (pinned on a GPU) the way a loader does: float views, or for the
+*gpu_augment configurations uint8 crops with their photometric parameters, so the step
+includes the batched colour jitter, grayscale, blur and normalisation on the device.
 """
 import argparse
 import contextlib
@@ -29,7 +32,9 @@ import torch.nn as nn  # noqa: E402
 from bench.util import format_table, machine_info, median, peak_memory_block, synchronize, write_json  # noqa: E402
 from common.dist import DistEnv  # noqa: E402
 from common.engine import make_scaler, train_one_epoch  # noqa: E402
+from common import augment  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
+from common.gpu_augment import ViewsToDevice, draw_params  # noqa: E402
 from common.models import build_backbone  # noqa: E402
 from common.optim import LARS, split_decay_groups  # noqa: E402
 from moco.builder import MoCo, SplitBatchNorm  # noqa: E402
@@ -44,6 +49,8 @@ CONFIGS: Dict[str, Dict] = {
     "amp+channels_last": dict(amp=True, channels_last=True),
     "foreach_optim": dict(optim_impl="foreach"),
     "fused_optim": dict(optim_impl="fused"),
+    "gpu_augment": dict(gpu_augment=True),
+    "amp+channels_last+gpu_augment": dict(amp=True, channels_last=True, gpu_augment=True),
     "compile": dict(compile=True),
     "amp+channels_last+compile": dict(amp=True, channels_last=True, compile=True),
 }
@@ -66,7 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "inductor build takes minutes on a small CPU)")
     p.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--steps", default=10, type=int, help="timed steps per repeat")
-    p.add_argument("--warmup", default=3, type=int, help="untimed steps per configuration before the repeats")
+    p.add_argument("--warmup", default=3, type=int, help="untimed steps per configuration before the repeats "
+                                                          "(their time, torch.compile's included, is 'warm-up s')")
     p.add_argument("--repeats", default=5, type=int, help="interleaved timed repeats per configuration")
     p.add_argument("--moco-k", default=4096, type=int)
     p.add_argument("--bn-splits", default=2, type=int, help="MoCo SplitBatchNorm groups (single-process run)")
@@ -127,7 +135,7 @@ class Runner:
 
     def __init__(self, method: str, name: str, args: argparse.Namespace, device: torch.device):
         cfg = {"loop": "engine", "amp": False, "channels_last": False, "compile": False, "optim_impl": "default",
-               **CONFIGS[name]}
+               "gpu_augment": False, **CONFIGS[name]}
         self.name, self.cfg, self.device = name, cfg, device
         self.model = build_model(method, args).to(device)
         if cfg["channels_last"]:
@@ -141,15 +149,18 @@ class Runner:
                                        print_freq=10 ** 9, epochs=1)
         self.scaler = make_scaler(self.args, device)
         self.env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, distributed=False, local_world_size=1)
+        self.prepare = ViewsToDevice(device, cfg["channels_last"], recipe(method, args.crop_size).spec()
+                                     if cfg["gpu_augment"] else None)
         self.state_bytes = 0
 
-    def run(self, batches: List) -> None:
+    def run(self, batches: Dict[str, List]) -> None:
+        batches = batches["uint8" if self.cfg["gpu_augment"] else "float"]
         if self.cfg["loop"] == "reference":
             reference_loop(self.model, self.optimizer, batches, self.device)
         else:
             with contextlib.redirect_stdout(io.StringIO()):  # the engine's end-of-epoch progress line
                 train_one_epoch(self.model, batches, self.optimizer, self.scaler, 0, len(batches), 0,
-                                lambda _: 0.03, self.args, self.env)
+                                lambda _: 0.03, self.args, self.env, prepare=self.prepare)
         synchronize(self.device)
 
     def measure_state(self) -> None:
@@ -176,22 +187,36 @@ def reference_loop(model: nn.Module, optimizer: torch.optim.Optimizer, batches: 
         optimizer.step()
 
 
-def make_batches(args: argparse.Namespace, device: torch.device, n: int) -> List:
-    """n loader-style batches ([view1, view2], labels) on the CPU (pinned for a GPU); two
-    distinct batches reused, which is all a step's cost depends on."""
+def recipe(method: str, crop_size: int) -> augment.Recipe:
+    """The scripts' recipe (main_moco.py --aug-plus, main_simclr.py), blur above 64 px."""
+    if method == "moco":
+        return augment.moco_v2(crop_size, blur=crop_size > 64)
+    return augment.simclr(crop_size, blur=crop_size > 64)
+
+
+def make_batches(args: argparse.Namespace, device: torch.device, n: int, method: str) -> Dict[str, List]:
+    """n loader-style batches ([view1, view2], labels) on the CPU (pinned for a GPU), as the
+    CPU path hands them over ("float": normalised views) and as --gpu-augment does
+    ("uint8": [crops, photometric parameters] per view); two distinct batches reused,
+    which is all a step's cost depends on."""
     g = torch.Generator().manual_seed(args.seed)
-    distinct = []
+    spec = recipe(method, args.crop_size).spec()
+    pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)  # noqa: E731
+    shape = (args.batch_size, 3, args.crop_size, args.crop_size)
+    distinct = {"float": [], "uint8": []}
     for _ in range(min(n, 2)):
-        views = [torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, generator=g) for _ in range(2)]
-        if device.type == "cuda":
-            views = [v.pin_memory() for v in views]
-        distinct.append((views, torch.zeros(args.batch_size, dtype=torch.long)))
-    return [distinct[i % len(distinct)] for i in range(n)]
+        labels = torch.zeros(args.batch_size, dtype=torch.long)
+        distinct["float"].append(([pin(torch.randn(*shape, generator=g)) for _ in range(2)], labels))
+        distinct["uint8"].append(([[pin(torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)),
+                                    pin(torch.stack([draw_params(spec) for _ in range(args.batch_size)]))]
+                                   for _ in range(2)], labels))
+    return {kind: [b[i % len(b)] for i in range(n)] for kind, b in distinct.items()}
 
 
 def bench_method(method: str, args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
     runners = {}
-    warm_batches, batches = make_batches(args, device, max(args.warmup, 1)), make_batches(args, device, args.steps)
+    warm_batches = make_batches(args, device, max(args.warmup, 1), method)
+    batches = make_batches(args, device, args.steps, method)
     for name in args.configs:
         if method == "simclr" and args.simclr_optimizer == "lars" and CONFIGS[name].get("optim_impl") in ("foreach", "fused"):
             print(f"   {method}/{name}: skipped (LARS has one implementation; --simclr-optimizer sgd compares them)")
@@ -247,12 +272,12 @@ def main(argv=None) -> Dict:
         print(f"=> {method}: {args.arch}, {args.crop_size} px, batch {args.batch_size}, {len(args.configs)} "
               f"configurations x {args.repeats} repeats x {args.steps} steps on {device}", flush=True)
         results[method] = bench_method(method, args, device)
-        rows = [[name, "skipped", "", "", ""] if r.get("skipped") else
+        rows = [[name, "skipped", "", "", "", ""] if r.get("skipped") else
                 [name, f"{r['images_per_s']:.1f}", f"{r['step_ms']:.1f}", f"{r['peak_memory_mb']:.0f}",
-                 f"{r['speedup_vs_baseline']:.2f}x"] for name, r in results[method].items()]
+                 f"{r['speedup_vs_baseline']:.2f}x", f"{r['warmup_s']:.1f}"] for name, r in results[method].items()]
         mem = "peak allocated MiB" if device.type == "cuda" else "peak RSS MiB*"
         tables.append(f"{method} ({args.arch}, {args.crop_size} px, batch {args.batch_size}, {device}):\n"
-                      + format_table(["config", "images/s", "step ms", mem, "vs baseline"], rows))
+                      + format_table(["config", "images/s", "step ms", mem, "vs baseline", "warm-up s"], rows))
     text = "\n\n".join(tables)
     if device.type == "cpu":
         text += ("\n* CPU memory: sampled peak RSS growth during the timed steps plus the weights, buffers "

@@ -157,6 +157,29 @@ def mnist_subset(src_root: str, dst_root: str, train_n: int, test_n: int, datase
     return write_mnist_layout(dst_root, tr_x[tr_i], tr_y[tr_i], te_x[te_i], te_y[te_i], folder)
 
 
+def _write_jpeg(job) -> None:
+    path, width, height, seed = job
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(0, 255, size=(height // 16 + 1, width // 16 + 1, 3)).astype(np.uint8)
+    Image.fromarray(small).resize((width, height), Image.BICUBIC).save(path, quality=90)
+
+
+def write_jpegs(folder: str, n: int, width: int, height: int, classes: int = 1, seed: int = 0) -> str:
+    """n smooth random-texture JPEGs (quality 90) of width x height in `classes` class
+    folders (an ImageFolder; texture compresses and decodes like photographs, unlike white
+    noise), written by every core. Returns folder."""
+    import multiprocessing
+    jobs = []
+    for i in range(n):
+        d = os.path.join(folder, f"c{i % classes}")
+        os.makedirs(d, exist_ok=True)
+        jobs.append((os.path.join(d, f"{i:06d}.jpg"), width, height, seed * 1_000_003 + i))
+    with multiprocessing.Pool(min(os.cpu_count() or 1, 16)) as pool:
+        pool.map(_write_jpeg, jobs, chunksize=16)
+    return folder
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

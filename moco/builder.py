@@ -31,14 +31,16 @@ class _GroupBatchNorm(torch.autograd.Function):
         rstd = torch.rsqrt(var + eps)
         scale = weight.to(acc) * rstd  # y = x * scale + shift
         shift = bias.to(acc) - mean * scale
-        y = torch.addcmul(shift.to(x.dtype).view(1, num_splits, C, 1, 1), x5,
-                          scale.to(x.dtype).view(1, num_splits, C, 1, 1))
+        y = torch.empty_like(x)  # same memory format as x; written through its 5-d view (a Function may
+        # not return a view: ReLU(inplace) follows)
+        torch.addcmul(shift.to(x.dtype).view(1, num_splits, C, 1, 1), x5, scale.to(x.dtype).view(1, num_splits, C, 1, 1),
+                      out=y.view(N // num_splits, num_splits, C, H, W))
         with torch.no_grad():  # as BatchNorm2d on every group, then averaged over the groups
             running_mean.mul_(1 - momentum).add_(mean.mean(0), alpha=momentum)
             running_var.mul_(1 - momentum).add_((var * (m / max(m - 1, 1))).mean(0), alpha=momentum)
         ctx.save_for_backward(x, mean, rstd, scale)
         ctx.num_splits, ctx.m = num_splits, m
-        return y.view(N, C, H, W)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):

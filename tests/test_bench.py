@@ -62,12 +62,12 @@ def test_throughput_smoke(tmp_path):
     out = tmp_path / "t.json"
     bench_throughput.main(["-a", "resnet18", "--no-small-images", "--crop-size", "32", "-b", "8", "--moco-k", "16",
                            "--steps", "1", "--warmup", "1", "--repeats", "2", "--device", "cpu",
-                           "--configs", "default", "channels_last", "foreach_optim", "--json", str(out)])
+                           "--configs", "default", "channels_last", "foreach_optim", "gpu_augment", "--json", str(out)])
     rec = json.loads(out.read_text())
     assert rec["machine"]["device"] == "cpu" and "table" in rec
     for method in ("moco", "simclr"):
         res = rec["results"][method]
-        assert list(res) == ["baseline", "default", "channels_last", "foreach_optim"]  # baseline always added
+        assert list(res) == ["baseline", "default", "channels_last", "foreach_optim", "gpu_augment"]  # + baseline
         base = res["baseline"]
         assert base["speedup_vs_baseline"] == pytest.approx(1.0)
         for name, r in res.items():
@@ -80,6 +80,7 @@ def test_throughput_smoke(tmp_path):
             assert r["speedup_vs_baseline"] == pytest.approx(r["images_per_s"] / base["images_per_s"])
         assert res["channels_last"]["config"]["channels_last"] and res["baseline"]["config"]["loop"] == "reference"
     assert rec["results"]["moco"]["foreach_optim"]["config"]["optim_impl"] == "foreach"
+    assert rec["results"]["moco"]["gpu_augment"]["config"]["gpu_augment"]
 
 
 def test_throughput_bad_input_is_one_sentence(capsys):
@@ -91,25 +92,29 @@ def test_throughput_bad_input_is_one_sentence(capsys):
 
 def test_dataloader_smoke(tmp_path):
     out = tmp_path / "d.json"
-    bench_dataloader.main(["--source", "jpeg", "--image-size", "48", "--crop-size", "32", "--num-images", "16",
+    paths = ("reference", "pil", "gpu_split", "torchvision_blur", "tensor_v2")
+    bench_dataloader.main(["--source", "jpeg", "--image-size", "120", "90", "--crop-size", "80", "--num-images", "16",
                            "-b", "8", "--workers", "0", "1", "--repeats", "1", "--recipes", "mocov2",
-                           "--json", str(out)])
+                           "--paths", *paths, "--json", str(out)])
     rec = json.loads(out.read_text())
     settings = {(r["setting"], r["workers"]): r for r in rec["results"]}
-    assert set(settings) == {(s, w) for s in ("decode_only", "mocov2/pil", "mocov2/tensor_v2") for w in (0, 1)}
+    assert set(settings) == {(s, w) for s in ("decode_only",) + tuple(f"mocov2/{p}" for p in paths) for w in (0, 1)}
     for (s, w), r in settings.items():
         assert r["images_per_s"] > 0
         if s != "decode_only":
-            pil = settings[("mocov2/pil", w)]["images_per_s"]
-            assert r["ratio_vs_pil"] == pytest.approx(r["images_per_s"] / pil)
+            ref = settings[("mocov2/reference", w)]["images_per_s"]
+            assert r["ratio_vs_reference"] == pytest.approx(r["images_per_s"] / ref)
 
 
-def test_tensor_v2_recipe_matches_pil_output_format():
+def test_compared_pipelines_give_the_scripts_output_format():
     from PIL import Image
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 120, 3), dtype=np.uint8))
     for recipe in ("mocov2", "simclr"):
-        a, b = bench_dataloader.pil_recipe(recipe, 32)(img), bench_dataloader.tensor_v2_recipe(recipe, 32)(img)
-        assert a.shape == b.shape == (3, 32, 32) and a.dtype == b.dtype == torch.float32
+        outs = [bench_dataloader.PATHS[p][0](recipe, 80)(img) for p in ("reference", "pil", "torchvision_blur",
+                                                                          "tensor_v2")]
+        assert all(o.shape == (3, 80, 80) and o.dtype == torch.float32 for o in outs)
+        crop, params = bench_dataloader.PATHS["gpu_split"][0](recipe, 80)(img)
+        assert crop.dtype == torch.uint8 and crop.shape == (3, 80, 80) and params.dtype == torch.float32
 
 
 def test_quality_smoke(tmp_path):
@@ -163,3 +168,21 @@ def test_quality_missing_data_is_one_sentence(tmp_path, capsys):
 def test_format_table():
     t = format_table(["a", "bb"], [["x", "1.0"], ["yy", "10.5"]])
     assert t.splitlines()[0] == "| a  |   bb |" and t.splitlines()[3] == "| yy | 10.5 |"
+
+
+def test_endtoend_smoke_runs_the_script_on_jpegs_next_to_the_step_rate(tmp_path):
+    from bench import endtoend
+    out = tmp_path / "e.json"
+    endtoend.main(["--method", "moco", "-a", "resnet18", "--crop-size", "32", "-b", "8", "-j", "1", "--moco-k", "16",
+                   "--bn-splits", "2", "--num-images", "32", "--image-size", "48", "40", "--epochs", "2",
+                   "--print-freq", "1", "--warmup-iters", "1", "--step-repeats", "1", "--step-steps", "2",
+                   "--device", "cpu", "--configs", "default", "gpu_augment", "--data-dir", str(tmp_path / "jpegs"),
+                   "--json", str(out)])
+    rec = json.loads(out.read_text())
+    assert len(os.listdir(tmp_path / "jpegs")) == 10  # an ImageFolder of generated JPEGs, 10 classes
+    for config in ("default", "gpu_augment"):
+        r = rec["results"][config]
+        assert r["steady_images_per_s"] > 0 and r["epoch_images_per_s"] > 0 and 0 <= r["data_wait"] < 1
+        assert r["ratio"] == pytest.approx(r["steady_images_per_s"] / r["step_images_per_s"])
+        assert ("--gpu-augment" in r["command"]) == (config == "gpu_augment") and "main_moco.py" in r["command"]
+    assert endtoend.script_flags("amp+channels_last+gpu_augment") == ["--amp", "--channels-last", "--gpu-augment"]

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the input-pipeline / throughput work in one go, each part under
+# its own `timeout`, with whatever python3 and torch the machine has; prints one summary
+# at the end and leaves two files in OUT_DIR: gpu_check.log (everything printed) and
+# gpu_check.json (each part's JSON record).
+#
+#   bash bench/gpu_check.sh                       # all parts, on the GPU (about 8 minutes)
+#   bash bench/gpu_check.sh throughput endtoend   # some parts
+#   PYTHON=.venv/bin/python bash bench/gpu_check.sh --small   # the same script on a CPU, tiny sizes
+#
+# Parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile ceiling
+#   ops              tests/test_gpu_augment.py on the GPU (each batched op vs torchvision, within 1/255)
+#   splitbn          one BN layer: SplitBatchNorm NCHW / NHWC reshape (reference) / NHWC grouped (ours) / plain BN
+#   throughput       MoCo v2 and SimCLR R50 224 px batch 256 step rate: reference-style loop vs every flag
+#   endtoend         main_moco.py on 6,144 JPEGs (500x375) with -j 15, next to the step rate of the same flags
+#   dataloader       loader images/s with 15 workers: MoCo authors' loader, our CPU path, --gpu-augment's half
+#   endtoend_simclr  main_simclr.py end to end, as endtoend
+#   compile          --compile: warm-up (compile) time and step rate, R50 224 px and resnet18 32 px batch 512
+#   ceiling          MoCo without SplitBatchNorm (--bn-splits 1): the step rate the BN groups cost
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT:-runs/gpu_check}
+SMALL=0
+PARTS=()
+for a in "$@"; do
+  case "$a" in
+    --small) SMALL=1 ;;
+    *) PARTS+=("$a") ;;
+  esac
+done
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(ops splitbn throughput endtoend dataloader endtoend_simclr compile ceiling)
+mkdir -p "$OUT_DIR"
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+LOG="$OUT_DIR/gpu_check.log"
+: >"$LOG"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+
+if [ "$SMALL" = 1 ]; then  # CPU dry run: every part, tiny sizes
+  DEV=cpu; ARCH=resnet18; CROP=64; B=16; K=64; SPLITS=2; J=2; N=64; IMG="120 90"; STEPS=2; REP=1; WARM=1
+  SHAPE="16 32 16 16"; T=4; CIFAR_B=16
+else
+  DEV=cuda; ARCH=resnet50; CROP=224; B=256; K=65536; SPLITS=8; J=15; N=6144; IMG="500 375"; STEPS=6; REP=3; WARM=2
+  SHAPE="256 256 56 56"; T=1; CIFAR_B=512
+fi
+COMMON=(-a "$ARCH" --crop-size "$CROP" -b "$B" --moco-k "$K" --bn-splits "$SPLITS" --device "$DEV")
+
+part() {  # part NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$(( $2 * T )); shift 2
+  echo "===== $name (timeout ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "===== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+{
+  echo "===== machine"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  nproc
+  $PY -c "import torch, torchvision, PIL; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'PIL', PIL.__version__, 'cuda', torch.cuda.is_available())"
+} 2>&1 | tee -a "$LOG"
+
+for p in "${PARTS[@]}"; do
+  case "$p" in
+    ops)
+      part ops 90 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_augment.py ;;
+    splitbn)
+      part splitbn 60 $PY bench/split_bn.py --device "$DEV" --shape $SHAPE --repeats 10 --json "$WORK/splitbn.json" ;;
+    throughput)
+      part throughput 200 $PY bench/throughput.py --methods moco simclr "${COMMON[@]}" --steps "$STEPS" --warmup "$WARM" \
+        --repeats "$REP" --configs baseline default amp channels_last amp+channels_last gpu_augment \
+        amp+channels_last+gpu_augment --json "$WORK/throughput.json" ;;
+    endtoend)
+      part endtoend 240 $PY bench/endtoend.py --method moco "${COMMON[@]}" -j "$J" --num-images "$N" --image-size $IMG \
+        --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
+        --configs default amp+channels_last amp+channels_last+gpu_augment --json "$WORK/endtoend.json" ;;
+    dataloader)
+      part dataloader 120 $PY bench/dataloader.py --source jpeg --image-size $IMG --crop-size "$CROP" \
+        --num-images $(( N < 1024 ? N : 1024 )) -b 64 --workers "$J" --repeats 2 --recipes mocov2 \
+        --paths reference pil gpu_split torchvision_blur --json "$WORK/dataloader.json" ;;
+    endtoend_simclr)
+      part endtoend_simclr 200 $PY bench/endtoend.py --method simclr "${COMMON[@]}" -j "$J" --num-images "$N" \
+        --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
+        --configs amp+channels_last amp+channels_last+gpu_augment --json "$WORK/endtoend_simclr.json" ;;
+    compile)
+      part compile 200 $PY bench/throughput.py --methods moco "${COMMON[@]}" --steps "$STEPS" --warmup "$WARM" \
+        --repeats 2 --configs amp+channels_last amp+channels_last+compile --json "$WORK/compile.json"
+      part compile_cifar 150 $PY bench/throughput.py --methods moco -a resnet18 --crop-size 32 -b "$CIFAR_B" \
+        --moco-k 4096 --bn-splits "$SPLITS" --device "$DEV" --steps "$STEPS" --warmup "$WARM" --repeats 2 \
+        --configs amp+channels_last amp+channels_last+compile --json "$WORK/compile_cifar.json" ;;
+    ceiling)
+      part ceiling 90 $PY bench/throughput.py --methods moco -a "$ARCH" --crop-size "$CROP" -b "$B" --moco-k "$K" \
+        --bn-splits 1 --device "$DEV" --steps "$STEPS" --warmup "$WARM" --repeats "$REP" \
+        --configs default amp+channels_last --json "$WORK/ceiling.json" ;;
+    *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile ceiling)" \
+         | tee -a "$LOG"; exit 2 ;;
+  esac
+done
+
+# one summary: every part's table, and all records in one JSON
+$PY - "$WORK" "$OUT_DIR/gpu_check.json" <<'EOF' 2>&1 | tee -a "$LOG"
+import glob, json, os, sys
+work, out = sys.argv[1], sys.argv[2]
+records = {}
+for path in sorted(glob.glob(os.path.join(work, "*.json"))):
+    with open(path) as f:
+        records[os.path.basename(path)[:-5]] = json.load(f)
+print("\n==================== summary ====================")
+for name, rec in records.items():
+    for key in ("gpu", "cpu"):
+        if key in rec.get("machine", {}):
+            machine = rec["machine"][key]
+            break
+    print(f"\n## {name} ({rec.get('title', '')}; {machine}, torch {rec.get('machine', {}).get('torch')})")
+    print(rec.get("table", ""))
+with open(out, "w") as f:
+    json.dump(records, f, indent=1)
+print(f"\n=> {out}")
+EOF
+rm -rf "$WORK"
