@@ -86,7 +86,7 @@ for p in "${PARTS[@]}"; do
     compile)
       part compile 200 $PY bench/throughput.py --methods moco "${COMMON[@]}" --steps "$STEPS" --warmup "$WARM" \
         --repeats 2 --configs amp+channels_last amp+channels_last+compile --json "$WORK/compile.json"
-      part compile_cifar 150 $PY bench/throughput.py --methods moco -a resnet18 --crop-size 32 -b "$CIFAR_B" \
+      part compile_cifar 120 $PY bench/throughput.py --methods moco -a resnet18 --crop-size 32 -b "$CIFAR_B" \
         --moco-k 4096 --bn-splits "$SPLITS" --device "$DEV" --steps "$STEPS" --warmup "$WARM" --repeats 2 \
         --configs amp+channels_last amp+channels_last+compile --json "$WORK/compile_cifar.json" ;;
     ceiling)

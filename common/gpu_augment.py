@@ -159,7 +159,7 @@ def photometric(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSpe
     grayscale, blur, normalisation."""
     dev = images.device
     x = images.to(dtype).div_(255)  # a new tensor: the ops below work on it in place
-    factors = params.to(dev, non_blocking=True)
+    factors = params.to(dev, non_blocking=True).to(dtype)
     gray = _index(params[:, GRAY_ON] > 0, dev)
     to_gray = lambda v: rgb_to_grayscale(v).expand_as(v)  # noqa: E731
     if spec.gray_first:

@@ -26,8 +26,9 @@ class _GroupBatchNorm(torch.autograd.Function):
         N, C, H, W = x.shape
         x5 = x.view(N // num_splits, num_splits, C, H, W)
         dims, m, acc = (0, 3, 4), N // num_splits * H * W, _accumulate_dtype(x)
+        # two reading passes, nothing written: on CUDA both reductions load bf16 and add in fp32
         mean = x5.sum(dims, dtype=acc) / m  # S x C
-        var = ((x5 * x5).sum(dims, dtype=acc) / m - mean * mean).clamp_(min=0)
+        var = (torch.linalg.vector_norm(x5, 2, dims, dtype=acc).square_() / m - mean * mean).clamp_(min=0)
         rstd = torch.rsqrt(var + eps)
         scale = weight.to(acc) * rstd  # y = x * scale + shift
         shift = bias.to(acc) - mean * scale
@@ -125,8 +126,11 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def momentum_update_key_encoder(self) -> None:
         """theta_k <- m * theta_k + (1 - m) * theta_q"""
-        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            param_k.data.mul_(self.m).add_(param_q.data, alpha=1.0 - self.m)
+        params_q = [p.data for p in self.encoder_q.parameters()]
+        params_k = [p.data for p in self.encoder_k.parameters()]
+        # multi-tensor kernels: a few launches instead of two per parameter, same arithmetic
+        torch._foreach_mul_(params_k, self.m)
+        torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
