@@ -15,7 +15,6 @@ import argparse
 import functools
 import json
 import os
-import random
 from typing import Dict, List, Tuple
 
 import torch
@@ -23,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import augment
-from common.checkpoint import check_arch, extract_backbone, load_backbone, load_checkpoint, load_model_state, \
-    load_pretrained, resolve_resume, restore_training_state, save_checkpoint, training_state
+from common.checkpoint import check_arch, check_same_flags, extract_backbone, load_backbone, load_checkpoint, \
+    load_model_state, load_pretrained, resolve_resume, restore_training_state, resumed_args, run_seed, \
+    save_checkpoint, training_state
 from common.cli import add_training_args
 from common.data import BalancedSampler, SubsetDataset, TransformedDataset, build_dataset, class_counts, \
     class_weights, default_crop_size, load_subset, save_subset, stratified_subset
@@ -99,11 +99,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     elif args.pretrained is None:
         raise UserError("--pretrained is required; pass a pretraining checkpoint, 'none' for a random-init "
                         "baseline or 'imagenet' for torchvision's cached weights")
-    if args.seed is None:
-        # resuming without --seed replays the original run's seed (data order, augmentations)
-        resume_path = resolve_resume(args.resume, args.output_dir)
-        saved = load_checkpoint(resume_path, expected_method="lincls").get("args", {}) if resume_path else {}
-        args.seed = saved.get("seed") if saved.get("seed") is not None else random.randrange(2 ** 31)
+    # resuming replays the original run's seed (data order, augmentations)
+    args.seed = run_seed(args.seed, resumed_args(args.resume, args.output_dir, "lincls")[1])
     args.crop_size = args.crop_size or default_crop_size(args)
     if args.small_images is None:
         args.small_images = args.crop_size <= 64
@@ -183,15 +180,10 @@ def check_compatible(ckpt: Dict, args: argparse.Namespace, classes: List[str], p
     """A lincls checkpoint can only continue (or be evaluated) as the same kind of model."""
     check_arch(ckpt, args.arch, path)
     saved = ckpt.get("args", {})
-    checked = [("--head", "head"), ("--head-bn", "head_bn"), ("--small-images", "small_images"),
-               ("--mlp-hidden-dim", "mlp_hidden_dim")]
+    checked = ["--head", "--head-bn", "--small-images", "--mlp-hidden-dim"]
     if not args.evaluate:  # continuing on other training images would silently mix two experiments
-        checked += [("--label-fraction", "label_fraction"), ("--subset-seed", "subset_seed"),
-                    ("--label-subset", "label_subset")]
-    for flag, key in checked:
-        if key in saved and saved[key] != getattr(args, key):
-            raise UserError(f"{path!r} was trained with {flag} {saved[key]} but this run has {getattr(args, key)}; "
-                            f"pass the same {flag} (or another --output-dir for a new run)")
+        checked += ["--label-fraction", "--subset-seed", "--label-subset"]
+    check_same_flags(saved, args, checked, path)
     if not args.evaluate and saved.get("finetune", args.finetune) != args.finetune:
         raise UserError(f"{path!r} was trained {'with' if saved['finetune'] else 'without'} --finetune; "
                         f"resume it the same way (or use another --output-dir for a new run)")

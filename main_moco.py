@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
-    finalize_pretrain_args(args, "moco")
+    finalize_pretrain_args(args, "moco", model_flags=("--moco-dim", "--moco-k", "--mlp", "--symmetric"))
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     if args.moco_k % keys_per_step != 0:
         raise UserError(f"--moco-k {args.moco_k} is not a multiple of the {keys_per_step} keys enqueued per step "

@@ -60,7 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
-    finalize_pretrain_args(args, "simclr")
+    finalize_pretrain_args(args, "simclr", model_flags=("--proj-dim", "--proj-hidden-dim", "--proj-layers",
+                                                         "--proj-bn", "--optimizer"))
     if args.batch_size < 2:
         raise UserError(f"--batch-size {args.batch_size} leaves NT-Xent no negatives (each image's only other "
                         f"embedding is its positive); use --batch-size 2 or more (SimCLR uses 256 to 4096)")

@@ -3,7 +3,7 @@ one place that knows which keys hold the backbone in every supported layout."""
 import os
 import random
 import tempfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -106,12 +106,13 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- reading
 
-def load_checkpoint(path: str, expected_method: Optional[str] = None) -> Dict[str, Any]:
-    """Load safely (weights_only) and check that the right script wrote it."""
+def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool = False) -> Dict[str, Any]:
+    """Load safely (weights_only) and check that the right script wrote it. `mmap`: map the
+    tensors instead of reading them (cheap when only the metadata is needed)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist; check the path (or use --resume auto)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated files, pickles of foreign classes, not a torch file
         raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         f"it is damaged or not a checkpoint of this repository")
@@ -137,6 +138,40 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
     if not os.path.isfile(resume):
         raise UserError(f"--resume {resume!r} does not exist; pass a checkpoint file or 'auto'")
     return resume
+
+
+def resumed_args(resume: Optional[str], output_dir: str, method: str) -> Tuple[Optional[str], Dict[str, Any]]:
+    """(checkpoint path, the args it was trained with) for `--resume`; (None, {}) for a
+    fresh start. Read before any worker starts, so the run's seed and flags can be checked."""
+    path = resolve_resume(resume, output_dir)
+    if path is None:
+        return None, {}
+    return path, load_checkpoint(path, expected_method=method, mmap=True).get("args", {})
+
+
+def run_seed(given: Optional[int], saved: Dict[str, Any]) -> int:
+    """The run's one seed: the resumed checkpoint's (so the data order and augmentations
+    continue as they were, whatever --seed says), else --seed, else a fresh draw. The
+    ranks then agree on it (common.dist.start_worker), so the launcher cannot split it."""
+    stored = saved.get("seed")
+    if stored is not None:
+        if given is not None and given != stored:
+            print(f"=> resuming with the run's own seed {stored}; --seed {given} is ignored", flush=True)
+        return int(stored)
+    return given if given is not None else random.randrange(2 ** 31)
+
+
+def check_same_flags(saved: Dict[str, Any], args, flags: Sequence[str], path: str) -> None:
+    """A resumed run must build the same model and problem: name the first flag whose
+    value differs from the one the checkpoint was trained with."""
+    values = vars(args)
+    for flag in flags:
+        key = flag.lstrip("-").replace("-", "_")
+        if key in saved and saved[key] != values[key]:
+            shown = {True: "on", False: "off"}.get(saved[key], saved[key])
+            now = {True: "on", False: "off"}.get(values[key], values[key])
+            raise UserError(f"{path!r} was trained with {flag} {shown} but this run has {flag} {now}; "
+                            f"pass the same {flag} to resume it (or another --output-dir for a new run)")
 
 
 def check_arch(ckpt: Dict[str, Any], arch: str, path: str) -> None:

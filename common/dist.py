@@ -309,10 +309,22 @@ def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> Di
                    local_world_size=max(local_procs, 1))
 
 
+def agree_seed(seed: int, env: DistEnv) -> int:
+    """Rank 0's seed on every rank. torchrun and srun start each process on its own, and
+    processes that drew their own seeds would shuffle the data differently (samples seen
+    twice or never in an epoch)."""
+    if not env.distributed:
+        return seed
+    t = torch.tensor([seed], dtype=torch.int64, device=env.device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def start_worker(local_rank: Optional[int], args: argparse.Namespace) -> Tuple[DistEnv, int, int]:
     """Join the process group and seed this rank. Returns (env, per-process batch size,
     per-process data-loading workers)."""
     env = setup_distributed(local_rank, args)
+    args.seed = agree_seed(args.seed, env)
     torch.manual_seed(args.seed + env.rank)
     np.random.seed(args.seed + env.rank)
     random.seed(args.seed + env.rank)

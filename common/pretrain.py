@@ -5,17 +5,16 @@ optimizer, lr rule, augmentation) stays in the script; it passes its pieces in h
 import argparse
 import functools
 import os
-import random
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from common import augment
-from common.checkpoint import check_arch, load_checkpoint, resolve_resume, restore_training_state, \
-    save_checkpoint, training_state
+from common.checkpoint import check_arch, check_same_flags, load_checkpoint, resolve_resume, \
+    restore_training_state, resumed_args, run_seed, save_checkpoint, training_state
 from common.data import ResumableSampler, TransformedDataset, build_dataset, default_crop_size
 from common.dist import DistEnv, expected_world_size, is_main_process, per_worker, uses_cuda
 from common.engine import make_loader, train_one_epoch
@@ -44,11 +43,13 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
     add_preemption_args(parser)
 
 
-def finalize_pretrain_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
-    """Derived defaults every pretraining script shares; checked before any worker starts."""
+def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Sequence[str] = ()) -> argparse.Namespace:
+    """Derived defaults every pretraining script shares; checked before any worker starts.
+    `model_flags`: the script's flags that shape the model; resuming with another value of
+    one of them is refused with its name."""
     args.output_dir = args.output_dir or os.path.join("runs", name)
-    if args.seed is None:
-        args.seed = random.randrange(2 ** 31)  # stored in the checkpoint so resume replays it
+    resume_path, saved = resumed_args(args.resume, args.output_dir, name)
+    args.seed = run_seed(args.seed, saved)  # stored in the checkpoint: resume replays it
     args.crop_size = args.crop_size or default_crop_size(args)
     if args.small_images is None:
         args.small_images = args.crop_size <= 64
@@ -57,6 +58,8 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str) -> argparse.Name
     if args.crop_min is not None and not 0 < args.crop_min <= 1:
         raise UserError(f"--crop-min {args.crop_min} is an area fraction; use a value in (0, 1], e.g. 0.2")
     per_worker(args.batch_size, expected_world_size(args))
+    if resume_path:
+        check_same_flags(saved, args, ("--arch", "--small-images") + tuple(model_flags), resume_path)
     return args
 
 

@@ -289,7 +289,7 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
     # and so is another head
     code, err = run_in_process(base + ["--epochs", "3", "--output-dir", str(split), "--resume", "auto", "--head-bn"],
                                capsys)
-    assert code == 2 and "was trained with --head-bn False but this run has True" in err
+    assert code == 2 and "was trained with --head-bn off but this run has --head-bn on" in err
 
 
 def test_two_gloo_workers_match_one_process(tmp_path):

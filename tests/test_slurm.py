@@ -297,6 +297,27 @@ def test_sigusr1_checkpoints_mid_epoch_exits_for_requeue_and_resumes_exactly(tmp
     assert_same_weights(straight, out / "checkpoint_last.pth.tar")
 
 
+def test_sigusr1_and_resume_without_seed_keep_the_runs_own_seed(tmp_path):
+    """slurm/pretrain.sbatch passes no --seed: the interrupted run's seed must come back."""
+    no_seed = TINY[:TINY.index("--seed")] + TINY[TINY.index("--seed") + 2:]
+    out = tmp_path / "out"
+    args = no_seed + ["--epochs", "2", "--output-dir", str(out), "--resume", "auto"]
+    env = clean_env(PATH=os.environ["PATH"])
+    proc = start(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen, code, err = signal_after_line(proc, "Epoch [0/2][2/4]", signal.SIGUSR1)
+    assert code == REQUEUE_EXIT_CODE, seen + err
+    seed = load(out / "checkpoint_last.pth.tar")["args"]["seed"]
+    resumed = subprocess.run([sys.executable, "main_moco.py"] + args, cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load(out / "checkpoint_last.pth.tar")["args"]["seed"] == seed
+    # bitwise the uninterrupted run of that seed
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "main_moco.py"] + no_seed + ["--seed", str(seed), "--epochs", "2", "--output-dir",
+                   str(ref)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    assert_same_weights(ref / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
+
+
 def test_killed_job_resumes_from_save_every_iters_checkpoint(tmp_path, straight):
     """A hard kill (no signal handler runs) loses at most --save-every-iters iterations;
     resuming from that checkpoint still reproduces the uninterrupted run."""
