@@ -26,7 +26,9 @@ from torchvision import transforms
 from torchvision.utils import save_image
 
 from common.augment import eval_transform
-from common.checkpoint import check_arch, load_backbone, load_checkpoint, load_pretrained
+from common.checkpoint import check_arch, check_free_space, load_backbone, load_checkpoint, load_pretrained, \
+    prepare_output_dir
+from common.cli import check_common_flags
 from common.data import TransformedDataset, add_data_args, build_dataset, default_crop_size, is_image_file, \
     pil_loader
 from common.dist import add_dist_args, barrier, cleanup, expected_world_size, is_main_process, per_worker, \
@@ -102,7 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
+    check_common_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", "knn")
+    prepare_output_dir(args.output_dir)
     # architecture and stem follow the checkpoint unless given, so `--pretrained ckpt` alone works
     saved_arch, saved_args = None, {}
     if args.pretrained not in ("none", "imagenet"):
@@ -349,6 +353,12 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         model.to(memory_format=torch.channels_last)
     log(f"=> {args.arch} from {source}; {len(train_base)} train" + (f", {len(val_base)} val" if need_val else "")
         + f" images at {args.crop_size} px, {env.world_size} process(es), batch {batch_size}/process on {env.device}")
+
+    if args.export_embeddings and is_main_process():  # found out before the extraction, not after it
+        rows = len(train_base) + (len(val_base) if need_val else 0)
+        dim = model.fc.in_features
+        check_free_space(args.output_dir, rows * dim * (2 if args.export_dtype == "float16" else 4) + 2 ** 20,
+                         what=f"exporting {rows} embeddings of width {dim}")
 
     # ---- features: each rank embeds its share, every rank gets all of them (fp16, on the device)
     with without_head(model):

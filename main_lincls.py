@@ -14,6 +14,7 @@ optimizer; after training every backbone tensor is checked against the checkpoin
 import argparse
 import functools
 import json
+import math
 import os
 from typing import Dict, List, Tuple
 
@@ -22,14 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import augment
-from common.checkpoint import check_arch, check_same_flags, extract_backbone, load_backbone, load_checkpoint, \
-    load_model_state, load_pretrained, resolve_resume, restore_training_state, resumed_args, run_seed, \
-    save_checkpoint, training_state
-from common.cli import add_training_args
+from common.checkpoint import check_arch, check_free_space, check_same_flags, checkpoint_bytes, extract_backbone, \
+    load_backbone, load_checkpoint, load_model_state, load_pretrained, prepare_output_dir, resolve_resume, \
+    restore_training_state, resumed_args, run_seed, save_checkpoint, training_state
+from common.cli import add_training_args, check_training_flags
 from common.data import BalancedSampler, SubsetDataset, TransformedDataset, build_dataset, class_counts, \
     class_weights, default_crop_size, load_subset, save_subset, stratified_subset
 from common.dist import DistEnv, cleanup, expected_world_size, is_main_process, per_worker, script_main, start_worker
-from common.engine import autocast, make_loader, make_scaler, place_model
+from common.engine import LossGuard, autocast, make_loader, make_scaler, place_model
 from common.errors import UserError
 from common.knn import extract_features
 from common.logging import MeterBank, MetricsLog, Progress, log
@@ -91,7 +92,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
+    check_training_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", "lincls")
+    prepare_output_dir(args.output_dir)
     if args.evaluate:
         if not resolve_resume(args.resume or "auto", args.output_dir):
             raise UserError("--evaluate needs a trained classifier; pass --resume model_best.pth.tar "
@@ -239,6 +242,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     meters = MeterBank(env.device)
     progress = Progress(epoch, args.epochs, iters_per_epoch)
     images_seen = 0
+    guard = LossGuard(env.device, epoch, args)
     for it, (images, target) in enumerate(progress.timed(loader)):
         lr = lr_fn(epoch + it / iters_per_epoch)
         set_lr(optimizer, lr)
@@ -256,10 +260,20 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         n = images.shape[0]
         acc1 = (output.argmax(dim=1) == target).float().mean() * 100.0  # a device tensor: no host sync
         meters.update(n, loss=loss, acc1=acc1)
+        guard.update(loss, it)
         images_seen += n * env.world_size
         if (it + 1) % args.print_freq == 0 or it + 1 == iters_per_epoch:
+            guard.check()
             log(progress.line(it, images_seen, meters.latest(), meters.averages(across_ranks=False), lr))
+    guard.check()
     return {**{f"train_{k}": v for k, v in meters.averages().items()}, "data_wait": progress.data_wait_share()}
+
+
+def diverging(val_loss: float, lowest_val_loss: float, acc1: float, best_acc1: float) -> bool:
+    """A probe whose val loss blew up (non-finite, or 10x its lowest) while top-1 fell 5
+    points below its best: the reference lr 30 does this on small datasets."""
+    blew_up = not math.isfinite(val_loss) or (math.isfinite(lowest_val_loss) and val_loss > 10 * lowest_val_loss)
+    return blew_up and acc1 < best_acc1 - 5
 
 
 def evaluate(model: nn.Module, val_dataset, class_names: List[str], args: argparse.Namespace, env: DistEnv,
@@ -380,12 +394,15 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
             reference = backbone_state(net)  # the random init lives in the checkpoint
         del ckpt
 
+    if is_main_process():
+        check_free_space(args.output_dir, 2 * checkpoint_bytes(model, optimizer))  # last + model_best
     metrics = MetricsLog(args.output_dir)
+    metrics.drop_epochs_from(start_epoch)  # lines a kill left after the last checkpoint
     lr_fn = functools.partial(lr_at, base_lr=args.lr, epochs=args.epochs, schedule=args.schedule,
                               cos=args.cos, warmup_epochs=args.warmup_epochs)
 
     # ---- epochs: train, evaluate, checkpoint (best by val top-1)
-    report = None
+    report, lowest_val_loss, warned = None, float("inf"), False
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model, loader, criterion, optimizer, scaler, epoch, iters_per_epoch, lr_fn, args, env)
@@ -396,6 +413,12 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         record = {"epoch": epoch, "lr": lr_fn(epoch + 1 - 1e-9), **stats,
                   **{k: report[k] for k in SUMMARY_KEYS}, "best_acc1": best_acc1}
         log(f"=> epoch {epoch} val: {summary_line(report)}  (best acc1 {best_acc1:.2f} at epoch {best_epoch})")
+        if not warned and diverging(report["val_loss"], lowest_val_loss, report["acc1"], best_acc1):
+            warned = True
+            log(f"=> warning: the probe is diverging (val_loss {report['val_loss']:.4g}, lowest so far "
+                f"{lowest_val_loss:.4g}; top-1 {report['acc1']:.1f}, best {best_acc1:.1f}): --lr {args.lr} is too high "
+                f"for these features; add --head-bn (features standardised, e.g. --head-bn --lr 0.1) or lower --lr")
+        lowest_val_loss = min(lowest_val_loss, report["val_loss"])
         metrics.write(record)
         if is_main_process():
             write_report_files(report, args.output_dir)

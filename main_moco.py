@@ -49,7 +49,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main_worker(local_rank, args: argparse.Namespace) -> None:
-    env, batch_size, workers = start_worker(local_rank, args)
+    env, batch_size, workers = start_worker(local_rank, args, preemptible=True)
 
     # ---- data: two augmented views of every image, labels unused (--gpu-augment: the colour
     # and blur half of the recipe runs batched on the device)

@@ -2,6 +2,7 @@
 one place that knows which keys hold the backbone in every supported layout."""
 import os
 import random
+import shutil
 import tempfile
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -30,6 +31,7 @@ def save_atomic(state: Dict[str, Any], path: str) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the user's usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -41,6 +43,53 @@ def save_atomic(state: Dict[str, Any], path: str) -> None:
         os.close(dfd)
     except OSError:
         pass
+
+
+def prepare_output_dir(output_dir: str) -> None:
+    """Before any work: the folder exists (or can be made) and can be written, and the temp
+    files of checkpoint writes a kill interrupted (`.tmp_*.pth.tar`) are removed."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output-dir {output_dir!r} is a file, not a folder; pass a folder path")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=output_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --output-dir {output_dir!r} ({e.strerror}); pass a folder you can write to")
+    stale = [n for n in os.listdir(output_dir) if (n.startswith(".tmp_") and n.endswith(".pth.tar"))
+             or n.endswith(".tmp_link")]
+    for name in stale:
+        try:
+            os.remove(os.path.join(output_dir, name))
+        except FileNotFoundError:  # another rank of the same run removed it first
+            pass
+    if stale:
+        print(f"=> removed {len(stale)} unfinished checkpoint write(s) ({', '.join(stale[:3])}) from {output_dir}",
+              flush=True)
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+    """About how large one checkpoint of `model` (and its optimizer's state, known before the
+    first step: one tensor per trainable parameter, two for Adam) will be on disk."""
+    n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if optimizer is not None:
+        per_param = 2 if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else 1
+        n += per_param * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return n + 2 ** 20
+
+
+def check_free_space(output_dir: str, needed: int, what: str = "one checkpoint") -> None:
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise UserError(f"--output-dir {output_dir!r} has {free / 2 ** 20:.0f} MiB free but {what} needs about "
+                        f"{needed / 2 ** 20:.0f} MiB; free some space or pass another --output-dir")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch_file: bool = True,
@@ -114,6 +163,11 @@ def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated files, pickles of foreign classes, not a torch file
+        if "Weights only load failed" in str(e):
+            raise UserError(f"checkpoint {path!r} holds pickled Python objects besides tensors, and loading those "
+                            f"could run arbitrary code, so it was refused (torch.load weights_only); this repository "
+                            f"writes only tensors and plain values: if you trust the file, load it yourself and "
+                            f"save its state_dict again")
         raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         f"it is damaged or not a checkpoint of this repository")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:

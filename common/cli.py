@@ -1,9 +1,12 @@
-"""Flags every training script shares (names and defaults follow facebookresearch/moco)."""
+"""Flags every training script shares (names and defaults follow facebookresearch/moco),
+and the checks that turn an impossible value into one sentence before any work starts."""
 import argparse
+import math
 from typing import Sequence
 
 from common.data import add_data_args
 from common.dist import add_dist_args
+from common.errors import UserError
 
 
 def str2bool_or_none(v: str):
@@ -51,3 +54,32 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int
                         help="keep checkpoint_NNNN.pth.tar every N epochs (checkpoint_last is always written)")
     add_data_args(parser)
     add_dist_args(parser)
+
+
+def check_common_flags(args: argparse.Namespace) -> None:
+    """-b, --crop-size and -j, shared by every script (main_knn.py included)."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1; it is the global batch over all "
+                        f"processes, e.g. 256")
+    if args.crop_size is not None and args.crop_size < 1:
+        raise UserError(f"--crop-size {args.crop_size} must be a positive number of pixels, e.g. 224 (32 for "
+                        f"CIFAR-sized images)")
+    if args.workers < 0:
+        raise UserError(f"-j/--workers {args.workers} must be 0 (load in the main process) or more")
+
+
+def check_training_flags(args: argparse.Namespace) -> None:
+    """check_common_flags plus the optimisation flags of the training scripts."""
+    check_common_flags(args)
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr >= 0):
+        raise UserError(f"--lr {args.lr} must be a finite number >= 0, e.g. 0.03")
+    if args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs} trains nothing; pass 1 or more")
+    if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UserError(f"--wd {args.weight_decay} must be a finite number >= 0, e.g. 1e-4")
+    if not 0 <= args.momentum < 1:
+        raise UserError(f"--momentum {args.momentum} must be in [0, 1), e.g. 0.9")
+    if args.warmup_epochs < 0:
+        raise UserError(f"--warmup-epochs {args.warmup_epochs} must be 0 or more")
+    if args.print_freq < 1:
+        raise UserError(f"-p/--print-freq {args.print_freq} must be at least 1")

@@ -14,11 +14,11 @@ import csv
 import math
 import os
 import sys
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from common.errors import UserError
@@ -58,6 +58,12 @@ def pil_loader(path: str, min_side: Optional[int] = None) -> Image.Image:
         img = Image.open(f)
         if min_side:
             img.draft(None, (min_side, min_side))  # no-op for other formats
+        img = ImageOps.exif_transpose(img)  # phone photos are stored sideways with an EXIF rotation
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit (and 32-bit integer) images: PIL's convert("RGB") clips them to 255, almost all white
+            arr = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
         return img.convert("RGB")
 
 
@@ -85,6 +91,21 @@ class FileListDataset(Dataset):
         return self.samples[index][0]
 
 
+def _walk_once(top: str):
+    """os.walk following links (class folders are often links to other disks), but never
+    into a folder already walked: a link back up the tree would repeat its images ~40
+    levels deep, each copy under a longer path."""
+    seen = set()
+    for dirpath, dirnames, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in seen)
+        yield dirpath, dirnames, names
+
+
 def image_folder(root: str) -> FileListDataset:
     """A folder of class folders (ImageFolder), or a flat folder of unlabelled images."""
     if not os.path.isdir(root):
@@ -101,7 +122,7 @@ def image_folder(root: str) -> FileListDataset:
     samples, classes = [], []
     for idx, d in enumerate(class_dirs):
         files = []
-        for dirpath, _, names in sorted(os.walk(d.path, followlinks=True)):
+        for dirpath, _, names in sorted(_walk_once(d.path)):
             files += [os.path.join(dirpath, n) for n in sorted(names) if is_image_file(n)]
         if not files:
             raise UserError(f"class folder {d.path!r} holds no images ({', '.join(IMG_EXTENSIONS)}); "
@@ -134,6 +155,14 @@ def csv_manifest(csv_path: str, classes: Optional[List[str]] = None) -> FileList
                         f"paths are read relative to the csv's folder")
     if classes is None:
         classes = sorted({lab for _, lab in rows if lab})
+        by_case: Dict[str, List[str]] = {}
+        for c in classes:
+            by_case.setdefault(c.lower(), []).append(c)
+        clashes = [names for names in by_case.values() if len(names) > 1]
+        if clashes:
+            print(f"warning: labels in {csv_path!r} differ only in case and are kept as separate classes: "
+                  f"{', '.join(' / '.join(repr(n) for n in names) for names in clashes[:5])}; fix the csv if they "
+                  f"are the same class", file=sys.stderr, flush=True)
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({lab for _, lab in rows if lab and lab not in index})
     if unknown:

@@ -309,6 +309,28 @@ def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> Di
                    local_world_size=max(local_procs, 1))
 
 
+# SIGUSR1/SIGTERM that arrived before the training loop took over (common/preempt.py)
+_early_preemption: List[int] = []
+
+
+def hold_preemption_signals() -> None:
+    """From a worker's start until the training loop installs its own handlers, remember a
+    SLURM preemption signal instead of dying of it (SIGUSR1's default action): the loop
+    then checkpoints after its first step and the job is requeued."""
+    def remember(signum, frame):
+        if _early_preemption and signum == signal.SIGTERM:  # asked twice: end now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        _early_preemption.append(signum)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, remember)
+
+
+def early_preemption_signal() -> Optional[int]:
+    """The first SIGUSR1/SIGTERM received while held, or None."""
+    return _early_preemption[0] if _early_preemption else None
+
+
 def agree_seed(seed: int, env: DistEnv) -> int:
     """Rank 0's seed on every rank. torchrun and srun start each process on its own, and
     processes that drew their own seeds would shuffle the data differently (samples seen
@@ -320,9 +342,13 @@ def agree_seed(seed: int, env: DistEnv) -> int:
     return int(t.item())
 
 
-def start_worker(local_rank: Optional[int], args: argparse.Namespace) -> Tuple[DistEnv, int, int]:
+def start_worker(local_rank: Optional[int], args: argparse.Namespace,
+                 preemptible: bool = False) -> Tuple[DistEnv, int, int]:
     """Join the process group and seed this rank. Returns (env, per-process batch size,
-    per-process data-loading workers)."""
+    per-process data-loading workers). `preemptible`: the script checkpoints on
+    SIGUSR1/SIGTERM (common/preempt.py), so one arriving before its loop is held for it."""
+    if preemptible:
+        hold_preemption_signals()
     env = setup_distributed(local_rank, args)
     args.seed = agree_seed(args.seed, env)
     torch.manual_seed(args.seed + env.rank)
@@ -407,6 +433,12 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if get_world_size() == 1:
         return tensor
     return _GatherWithGrad.apply(tensor)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ takes the two views and returns (loss, stats); everything else here is plumbing
 (lr per iteration, AMP, progress line, mid-epoch stop)."""
 import argparse
 import contextlib
+import os
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -11,7 +12,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.data import ResumableSampler
-from common.dist import DistEnv
+from common.dist import DistEnv, all_reduce_max
+from common.errors import UserError
 from common.gpu_augment import ViewsToDevice
 from common.logging import MeterBank, Progress, log
 from common.preempt import ignore_preemption_signals
@@ -72,22 +74,54 @@ def make_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int, s
     return loader, sampler
 
 
+class LossGuard:
+    """Stops a run whose loss went NaN/inf before a checkpoint can save its weights. The
+    first bad iteration is recorded on the device (no host sync per step); `check()`
+    reads it where the loop syncs anyway (progress lines, the epoch's end, before a
+    mid-epoch checkpoint), agreed by all ranks so they stop together."""
+
+    def __init__(self, device: torch.device, epoch: int, args: argparse.Namespace):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.epoch, self.args = epoch, args
+
+    def update(self, loss: torch.Tensor, it: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, it), self.first_bad)
+
+    def check(self) -> None:
+        first = all_reduce_max(self.first_bad.clone())
+        if int(first) < 0:
+            return
+        a = self.args
+        fix = f"lower --lr (it is {a.lr})"
+        if a.amp and a.amp_dtype == "fp16":
+            fix += " or use --amp-dtype bf16 (fp16 overflows where bf16 does not)"
+        last = os.path.join(a.output_dir, "checkpoint_last.pth.tar")
+        kept = (f"{last} is the last good checkpoint (--resume auto continues from it)" if os.path.isfile(last)
+                else "no checkpoint was written")
+        raise UserError(f"the loss became NaN/inf at epoch {self.epoch}, iteration {int(first) + 1}; the run stopped "
+                        f"before saving these weights and {kept}; {fix}")
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, epoch: int, iters_per_epoch: int, start_iter: int,
                     lr_fn: Callable[[float], float], args: argparse.Namespace, env: DistEnv,
-                    after_step: Optional[Callable[[int], bool]] = None,
+                    after_step: Optional[Callable[[int, "LossGuard"], bool]] = None,
                     prepare: Optional[ViewsToDevice] = None) -> Tuple[Dict[str, float], int]:
     """One pass over `loader` (which already skips the first `start_iter` batches).
 
     `prepare` turns a batch's two views into device tensors (and runs --gpu-augment's
-    photometric ops). `after_step(iterations_done)` runs after every optimizer step; when
-    it returns True the epoch stops there (preemption). Returns (epoch averages with
-    `data_wait`, the share of the wall time spent waiting for the loader; iterations done).
+    photometric ops). `after_step(iterations_done, guard)` runs after every optimizer step
+    (it must `guard.check()` before writing a checkpoint); when it returns True the epoch
+    stops there (preemption). A NaN/inf loss stops the run with a UserError (LossGuard).
+    Returns (epoch averages with `data_wait`, the share of the wall time spent waiting for
+    the loader; iterations done).
     """
     model.train()
     prepare = prepare or ViewsToDevice(env.device, args.channels_last)
     meters = MeterBank(env.device)
     progress = Progress(epoch, args.epochs, iters_per_epoch, start_iter)
+    guard = LossGuard(env.device, epoch, args)
     images_seen, it = 0, start_iter
     for it, (images, _) in enumerate(progress.timed(loader), start=start_iter):
         lr = lr_fn(epoch + it / iters_per_epoch)
@@ -103,12 +137,15 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
         n = im_q.shape[0]
         meters.update(n, loss=loss, **stats)
+        guard.update(loss, it)
         images_seen += n * env.world_size
         if (it + 1) % args.print_freq == 0 or it + 1 == iters_per_epoch:
             # the only host sync of the loop: reading the meters for the line
+            guard.check()
             log(progress.line(it, images_seen, meters.latest(), meters.averages(across_ranks=False), lr))
-        if after_step is not None and after_step(it + 1):
+        if after_step is not None and after_step(it + 1, guard):
             return {**meters.averages(), "data_wait": progress.data_wait_share()}, it + 1
+    guard.check()
     epoch_avg = meters.averages()
     epoch_avg["images_per_sec"] = images_seen / max(time.time() - progress.t0, 1e-9)
     epoch_avg["data_wait"] = progress.data_wait_share()

@@ -100,6 +100,26 @@ class MetricsLog:
         if is_main_process():
             os.makedirs(output_dir, exist_ok=True)
 
+    def drop_epochs_from(self, epoch: int) -> None:
+        """Forget the lines of `epoch` and later (a resumed run writes them again)."""
+        if not is_main_process() or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line).get("epoch", -1) >= epoch:
+                    continue
+            except ValueError:  # a line cut by a kill mid-write
+                continue
+            keep.append(line)
+        if len(keep) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+
     def write(self, record: Dict) -> None:
         if not is_main_process():
             return

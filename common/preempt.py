@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from common.checkpoint import save_checkpoint, training_state
-from common.dist import DistEnv, cleanup, is_main_process
+from common.dist import DistEnv, cleanup, early_preemption_signal, is_main_process
 from common.errors import UserError
 from common.logging import log
 
@@ -79,6 +79,9 @@ class PreemptionHandler:
         if install_signals:
             for sig in PREEMPT_SIGNALS:
                 signal.signal(sig, self._on_signal)
+            early = early_preemption_signal()
+            if early is not None:  # arrived while data and model were being built
+                self._on_signal(early, None)
 
     # signal handlers may only set a flag: the training step must finish untouched
     def _on_signal(self, signum, frame) -> None:
@@ -114,14 +117,17 @@ class PreemptionHandler:
             path = save_checkpoint(state, self.args.output_dir, epoch_file=False)
             log(f"=> saved mid-epoch checkpoint {path} (epoch {epoch}, iteration {iteration})")
 
-    def after_step(self, epoch: int) -> Callable[[int], bool]:
-        """The `after_step` callback of common.engine.train_one_epoch for `epoch`."""
-        def hook(done: int) -> bool:
+    def after_step(self, epoch: int) -> Callable[..., bool]:
+        """The `after_step` callback of common.engine.train_one_epoch for `epoch`; `guard`
+        stops the run instead of saving weights after a NaN/inf loss."""
+        def hook(done: int, guard) -> bool:
             if self.stop_agreed():
+                guard.check()
                 self.save_mid_epoch(epoch, done)
                 self.requeue_and_exit()
             # the epoch's last iteration is followed by the epoch-end checkpoint anyway
             if self.save_every and done % self.save_every == 0 and done != self.iters_per_epoch:
+                guard.check()
                 self.save_mid_epoch(epoch, done)
             return False
 

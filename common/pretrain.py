@@ -13,8 +13,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from common import augment
-from common.checkpoint import check_arch, check_same_flags, load_checkpoint, resolve_resume, \
-    restore_training_state, resumed_args, run_seed, save_checkpoint, training_state
+from common.checkpoint import check_arch, check_free_space, check_same_flags, checkpoint_bytes, load_checkpoint, \
+    prepare_output_dir, resolve_resume, restore_training_state, resumed_args, run_seed, save_checkpoint, \
+    training_state
+from common.cli import check_training_flags
 from common.data import ResumableSampler, TransformedDataset, build_dataset, default_crop_size
 from common.dist import DistEnv, expected_world_size, is_main_process, per_worker, uses_cuda
 from common.engine import make_loader, train_one_epoch
@@ -47,7 +49,9 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Seq
     """Derived defaults every pretraining script shares; checked before any worker starts.
     `model_flags`: the script's flags that shape the model; resuming with another value of
     one of them is refused with its name."""
+    check_training_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", name)
+    prepare_output_dir(args.output_dir)
     resume_path, saved = resumed_args(args.resume, args.output_dir, name)
     args.seed = run_seed(args.seed, saved)  # stored in the checkpoint: resume replays it
     args.crop_size = args.crop_size or default_crop_size(args)
@@ -99,6 +103,8 @@ def resume_training(args: argparse.Namespace, model: nn.Module, optimizer: torch
     (0, 0) for a fresh start."""
     path = resolve_resume(args.resume, args.output_dir)
     if not path:
+        if args.resume == "auto":
+            log(f"=> --resume auto: no checkpoint in {args.output_dir} yet, starting a new run")
         return 0, 0
     ckpt = load_checkpoint(path, expected_method=method)
     check_arch(ckpt, args.arch, path)
@@ -121,7 +127,11 @@ def run_pretraining(model: nn.Module, backbone: nn.Module, data: PretrainData, o
     monitor on `backbone` every `--knn-every` epochs, one metrics line and a checkpoint per
     epoch; SIGUSR1/SIGTERM (SLURM preemption) -> mid-epoch checkpoint and requeue."""
     start_epoch, start_iter = start
+    if is_main_process():
+        check_free_space(args.output_dir, checkpoint_bytes(model, optimizer))
     metrics = MetricsLog(args.output_dir)
+    # a kill between an epoch's metrics line and its checkpoint would repeat that line
+    metrics.drop_epochs_from(start_epoch)
     knn = KnnMonitor(args, env) if args.knn_every else None
     preemption = PreemptionHandler(model, optimizer, scaler, args, env, method=method,
                                    iters_per_epoch=data.iters_per_epoch)
@@ -129,6 +139,8 @@ def run_pretraining(model: nn.Module, backbone: nn.Module, data: PretrainData, o
         data.sampler.set_epoch(epoch, start_iter * data.batch_size)
         stats, _ = train_one_epoch(model, data.loader, optimizer, scaler, epoch, data.iters_per_epoch, start_iter,
                                    lr_fn, args, env, after_step=preemption.after_step(epoch), prepare=data.to_device)
+        if start_iter:  # the averages cover only the iterations after the resume
+            stats["resumed_at_iteration"] = start_iter
         start_iter = 0
         stats["skipped_images"] = int(data.dataset.skipped.item())
         if knn is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):

@@ -2,11 +2,16 @@
 model, and the run's folder checked before any work."""
 import json
 import os
+import shutil
 import socket
+import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from common.checkpoint import run_seed
 from conftest import ROOT, SYNTHETIC, run_script
@@ -78,3 +83,151 @@ def test_resume_with_another_model_flag_names_the_flag(one_epoch, flag, value, s
                                                       str(one_epoch)], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"was trained with {stored}" in proc.stderr and f"pass the same {flag}" in proc.stderr
+
+
+# ---------------------------------------------------------------- training that cannot succeed
+
+def test_nan_loss_stops_before_overwriting_the_last_good_checkpoint(one_epoch, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
+    before = (out / "checkpoint_last.pth.tar").read_bytes()
+    proc = run_script("main_moco.py", TINY + ["--seed", "1", "--epochs", "2", "--resume", "auto", "--lr", "1e30",
+                                              "--output-dir", str(out)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "the loss became NaN/inf at epoch 1" in proc.stderr and "lower --lr (it is 1e+30)" in proc.stderr
+    assert "checkpoint_last.pth.tar is the last good checkpoint" in proc.stderr
+    assert (out / "checkpoint_last.pth.tar").read_bytes() == before
+    assert not (out / "checkpoint_0002.pth.tar").exists()
+
+
+def test_probe_divergence_is_recognised():
+    from main_lincls import diverging
+    assert diverging(1514.0, 1.2, 57.6, 71.4)  # the small-dataset lr 30 run of the issue
+    assert diverging(float("nan"), 1.2, 10.0, 71.4)
+    assert not diverging(1.3, 1.2, 70.0, 71.4)  # noise
+    assert not diverging(50.0, 1.2, 72.0, 71.4)  # loss up but accuracy still rising
+
+
+BAD_FLAGS = [
+    (["-b", "0"], "--batch-size 0 must be at least 1"),
+    (["-b", "-4"], "--batch-size -4 must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0 must be a finite number >= 0"),
+    (["--lr", "nan"], "--lr nan must be a finite number >= 0"),
+    (["--crop-size", "0"], "--crop-size 0 must be a positive number of pixels"),
+    (["--crop-size", "-5"], "--crop-size -5 must be a positive number of pixels"),
+    (["--epochs", "0"], "--epochs 0 trains nothing"),
+]
+
+
+# every flag on main_moco.py; the other training scripts share the check (common/cli.py): two each
+@pytest.mark.parametrize("script, args, message", [("main_moco.py", a, m) for a, m in BAD_FLAGS]
+                         + [(s, a, m) for s in ("main_simclr.py", "main_lincls.py") for a, m in BAD_FLAGS[2::4]])
+def test_bad_flags_are_one_sentence_before_any_work(tmp_path, script, args, message):
+    extra = ["--pretrained", "none"] if script == "main_lincls.py" else []
+    proc = run_script(script, SYNTHETIC + extra + args + ["--output-dir", str(tmp_path)], check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_main_knn_refuses_a_bad_batch_size():
+    proc = run_script("main_knn.py", SYNTHETIC + ["--pretrained", "none", "-b", "0"], check=False)
+    assert proc.returncode == 2 and "--batch-size 0 must be at least 1" in proc.stderr
+
+
+# ---------------------------------------------------------------- the output folder
+
+def test_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    path = tmp_path / "not_a_folder"
+    path.write_text("x")
+    for script, extra in (("main_moco.py", []), ("main_lincls.py", ["--pretrained", "none"]),
+                          ("main_knn.py", ["--pretrained", "none"])):
+        proc = run_script(script, SYNTHETIC + extra + ["--output-dir", str(path)], check=False)
+        assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr, script
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_dir_is_refused_before_any_work(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        proc = run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", str(ro / "run")], check=False)
+        assert proc.returncode == 2 and "cannot write to --output-dir" in proc.stderr
+    finally:
+        ro.chmod(0o755)
+
+
+def test_too_little_space_and_stale_temp_files(tmp_path, capsys):
+    from common.checkpoint import check_free_space, prepare_output_dir
+    from common.errors import UserError
+    with pytest.raises(UserError, match="MiB free but one checkpoint needs about"):
+        check_free_space(str(tmp_path), shutil.disk_usage(tmp_path).free + 2 ** 40)
+    check_free_space(str(tmp_path), 1)
+    for name in (".tmp_abc.pth.tar", "checkpoint_0001.pth.tar.tmp_link"):
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    (tmp_path / "checkpoint_last.pth.tar").write_bytes(b"kept")
+    prepare_output_dir(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_last.pth.tar"]
+    assert "removed 2 unfinished checkpoint write(s)" in capsys.readouterr().out
+
+
+def test_checkpoints_respect_the_umask_and_auto_resume_says_it_starts_fresh(tmp_path):
+    old = os.umask(0o022)
+    try:
+        proc = run_script("main_moco.py", TINY + ["--seed", "1", "--epochs", "1", "--resume", "auto",
+                                                  "--output-dir", str(tmp_path)])
+    finally:
+        os.umask(old)
+    assert "no checkpoint in" in proc.stdout and "starting a new run" in proc.stdout
+    assert stat.S_IMODE(os.stat(tmp_path / "checkpoint_last.pth.tar").st_mode) == 0o644
+
+
+def test_metrics_keep_one_line_per_epoch_after_a_kill_between_line_and_checkpoint(tmp_path):
+    run_script("main_moco.py", TINY + ["--seed", "1", "--epochs", "2", "--output-dir", str(tmp_path)])
+    # as if killed after epoch 1's metrics line but before its checkpoint
+    shutil.copy(tmp_path / "checkpoint_0001.pth.tar", tmp_path / "checkpoint_last.pth.tar")
+    run_script("main_moco.py", TINY + ["--seed", "1", "--epochs", "2", "--resume", "auto", "--output-dir",
+                                       str(tmp_path)])
+    epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "metrics.jsonl")]
+    assert epochs == [0, 1]
+
+
+def test_pickled_objects_are_refused_in_one_sentence(tmp_path):
+    import argparse
+
+    from common.checkpoint import load_checkpoint
+    from common.errors import UserError
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "foreign.pth.tar")
+    with pytest.raises(UserError, match="holds pickled Python objects besides tensors") as e:
+        load_checkpoint(str(tmp_path / "foreign.pth.tar"))
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- images read right
+
+def test_16_bit_png_exif_rotation_and_symlink_loops(tmp_path):
+    from common.data import image_folder, pil_loader
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    x = np.asarray(pil_loader(str(tmp_path / "g16.png")))
+    assert x.shape == (64, 64, 3) and x.max() == 255 and x.min() == 0 and 120 < x.mean() < 135  # not all white
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert pil_loader(str(tmp_path / "rot.jpg")).size == (20, 40)
+    os.makedirs(tmp_path / "ds" / "c" / "sub")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ds" / "c" / "0.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ds" / "c" / "sub" / "1.png")
+    os.symlink(tmp_path / "ds" / "c", tmp_path / "ds" / "c" / "sub" / "loop")
+    assert len(image_folder(str(tmp_path / "ds")).samples) == 2
+
+
+def test_csv_labels_are_stripped_and_case_clashes_warned(tmp_path, capsys):
+    from common.data import csv_manifest
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "train.csv").write_text("path,label\na.png,Cat \nb.png, Cat\nc.png,cat\n")
+    ds = csv_manifest(str(tmp_path / "train.csv"))
+    assert ds.classes == ["Cat", "cat"] and ds.targets == [0, 0, 1]
+    assert "differ only in case" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """SLURM without SLURM: env parsing, a 2-task srun-style gloo run, the preemption signal
 path (mid-epoch checkpoint, requeue exit code, exact resume) and the sbatch scripts."""
+import json
 import os
 import random
 import signal
@@ -162,6 +163,7 @@ def test_missing_variable_is_one_sentence_from_the_script(tmp_path):
 def test_sigterm_sets_flag_then_hook_checkpoints_and_exits_for_requeue(tmp_path, monkeypatch):
     import argparse
 
+    from common.engine import LossGuard
     from common.preempt import PREEMPT_SIGNALS, PreemptionHandler
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
@@ -172,7 +174,9 @@ def test_sigterm_sets_flag_then_hook_checkpoints_and_exits_for_requeue(tmp_path,
     saved = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
     try:
         handler = PreemptionHandler(model, opt, None, args, env, method="moco", iters_per_epoch=8)
-        hook = handler.after_step(epoch=3)
+        step = handler.after_step(epoch=3)
+        guard = LossGuard(torch.device("cpu"), 3, args)
+        hook = lambda done: step(done, guard)  # noqa: E731
         assert hook(1) is False and not os.path.exists(tmp_path / "checkpoint_last.pth.tar")
         assert hook(4) is False  # --save-every-iters 4
         assert (load(tmp_path / "checkpoint_last.pth.tar")["iteration"]) == 4
@@ -311,11 +315,24 @@ def test_sigusr1_and_resume_without_seed_keep_the_runs_own_seed(tmp_path):
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert load(out / "checkpoint_last.pth.tar")["args"]["seed"] == seed
+    first = json.loads(open(out / "metrics.jsonl").readline())
+    assert first["epoch"] == 0 and first["resumed_at_iteration"] >= 2  # its averages cover the rest of the epoch
     # bitwise the uninterrupted run of that seed
     ref = tmp_path / "ref"
     subprocess.run([sys.executable, "main_moco.py"] + no_seed + ["--seed", str(seed), "--epochs", "2", "--output-dir",
                    str(ref)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     assert_same_weights(ref / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
+
+
+def test_signal_before_the_first_step_still_checkpoints_and_requeues(tmp_path):
+    out = tmp_path / "out"
+    proc = start(TINY + ["--epochs", "1", "--output-dir", str(out)], clean_env(PATH=os.environ["PATH"]),
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # "N images, M iterations/epoch" is printed once the data is built, before the model is
+    seen, code, err = signal_after_line(proc, "iterations/epoch", signal.SIGUSR1)
+    assert code == REQUEUE_EXIT_CODE, seen + err
+    ckpt = load(out / "checkpoint_last.pth.tar")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 1)
 
 
 def test_killed_job_resumes_from_save_every_iters_checkpoint(tmp_path, straight):
