@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.util import format_table, machine_info, median, write_jpegs, write_json  # noqa: E402
+from bench.util import format_table, median, save_record, write_jpegs  # noqa: E402
 from common import augment  # noqa: E402
 from common.data import SyntheticPatterns, TransformedDataset, build_dataset, image_folder  # noqa: E402
 from common.dist import DistEnv  # noqa: E402
@@ -224,11 +224,7 @@ def main(argv=None) -> Dict:
     table = format_table(header, rows)
     print(f"\n{title}\n{table}\n(images/s counts images, each giving two views; (x) = vs {baseline} "
           f"with the same workers)", flush=True)
-    record = {"benchmark": "dataloader", "config": vars(args), "machine": machine_info(torch.device("cpu")),
-              "results": results, "table": table, "title": title}
-    write_json(args.json, record)
-    print(f"=> {args.json}", flush=True)
-    return record
+    return save_record(args, "dataloader", torch.device("cpu"), results, table, title)
 
 
 if __name__ == "__main__":

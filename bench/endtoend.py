@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench import throughput  # noqa: E402
-from bench.util import format_table, machine_info, write_jpegs, write_json  # noqa: E402
+from bench.util import format_table, save_record, write_jpegs  # noqa: E402
 from common.data import IMG_EXTENSIONS  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 
@@ -173,11 +173,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     title = (f"{args.method} {args.arch} {args.crop_size} px batch {args.batch_size}, {args.num_images} JPEGs "
              f"{args.image_size[0]}x{args.image_size[1]}, -j {args.workers}, {device}")
     print(f"\n{title}\n{table}", flush=True)
-    record = {"benchmark": "endtoend", "config": vars(args), "machine": machine_info(device), "results": results,
-              "step": steps, "table": table, "title": title}
-    write_json(args.json, record)
-    print(f"=> {args.json}", flush=True)
-    return record
+    return save_record(args, "endtoend", device, results, table, title, step=steps)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,17 @@ def machine_info(device: torch.device) -> Dict:
     return info
 
 
+def save_record(args, benchmark: str, device: torch.device, results: Dict, table: str, title: str = "",
+                **extra) -> Dict:
+    """The benchmark's JSON record (config, machine, results, the printed table) written to
+    args.json; returns it."""
+    record = {"benchmark": benchmark, "config": vars(args), "machine": machine_info(device), "results": results,
+              "table": table, "title": title, **extra}
+    write_json(args.json, record)
+    print(f"=> {args.json}", flush=True)
+    return record
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 

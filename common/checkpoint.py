@@ -164,8 +164,8 @@ def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated files, pickles of foreign classes, not a torch file
         if "Weights only load failed" in str(e):
-            raise UserError(f"checkpoint {path!r} holds pickled Python objects besides tensors, and loading those "
-                            f"could run arbitrary code, so it was refused (torch.load weights_only); this repository "
+            raise UserError(f"cannot read checkpoint {path!r}: it holds pickled Python objects besides tensors, and "
+                            f"loading those could run arbitrary code, so it was refused (weights_only); this repository "
                             f"writes only tensors and plain values: if you trust the file, load it yourself and "
                             f"save its state_dict again")
         raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "

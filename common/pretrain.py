@@ -63,7 +63,8 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Seq
         raise UserError(f"--crop-min {args.crop_min} is an area fraction; use a value in (0, 1], e.g. 0.2")
     per_worker(args.batch_size, expected_world_size(args))
     if resume_path:
-        check_same_flags(saved, args, ("--arch", "--small-images") + tuple(model_flags), resume_path)
+        # (-a/--arch is checked with the checkpoint's own arch field when it is loaded)
+        check_same_flags(saved, args, ("--small-images",) + tuple(model_flags), resume_path)
     return args
 
 

@@ -198,7 +198,7 @@ def test_pickled_objects_are_refused_in_one_sentence(tmp_path):
     from common.checkpoint import load_checkpoint
     from common.errors import UserError
     torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "foreign.pth.tar")
-    with pytest.raises(UserError, match="holds pickled Python objects besides tensors") as e:
+    with pytest.raises(UserError, match="it holds pickled Python objects besides tensors") as e:
         load_checkpoint(str(tmp_path / "foreign.pth.tar"))
     assert "\n" not in str(e.value)
 
