@@ -28,7 +28,7 @@ from torchvision.utils import save_image
 from common.augment import eval_transform
 from common.checkpoint import check_arch, check_free_space, load_backbone, load_checkpoint, load_pretrained, \
     prepare_output_dir
-from common.cli import check_common_flags
+from common.cli import HelpFormatter, check_common_flags
 from common.data import TransformedDataset, add_data_args, build_dataset, default_crop_size, is_image_file, \
     pil_loader
 from common.dist import add_dist_args, barrier, cleanup, expected_world_size, is_main_process, per_worker, \
@@ -43,7 +43,7 @@ from common.models import build_backbone, without_head
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="kNN evaluation, embedding export and nearest-neighbour retrieval",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("data", metavar="DIR", nargs="?", default="",
                         help="path to dataset (not needed for --dataset synthetic)")
     parser.add_argument("--pretrained", required=True, type=str, metavar="PATH|none|imagenet",
@@ -363,7 +363,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     # ---- features: each rank embeds its share, every rank gets all of them (fp16, on the device)
     with without_head(model):
         extract = dict(batch_size=batch_size, device=env.device, workers=workers, amp=args.amp,
-                       amp_dtype=amp_dtype(args) if args.amp else None, channels_last=args.channels_last,
+                       amp_dtype=amp_dtype(args), channels_last=args.channels_last,
                        print_freq=args.print_freq)
         train_f, train_l = extract_features(model, TransformedDataset(train_base, tf, args.strict_data),
                                             desc="features train", **extract)

@@ -26,11 +26,11 @@ from common import augment
 from common.checkpoint import check_arch, check_free_space, check_same_flags, checkpoint_bytes, extract_backbone, \
     load_backbone, load_checkpoint, load_model_state, load_pretrained, prepare_output_dir, resolve_resume, \
     restore_training_state, resumed_args, run_seed, save_checkpoint, training_state
-from common.cli import add_training_args, check_training_flags
+from common.cli import HelpFormatter, add_training_args, check_training_flags
 from common.data import BalancedSampler, SubsetDataset, TransformedDataset, build_dataset, class_counts, \
     class_weights, default_crop_size, load_subset, save_subset, stratified_subset
 from common.dist import DistEnv, cleanup, expected_world_size, is_main_process, per_worker, script_main, start_worker
-from common.engine import LossGuard, autocast, make_loader, make_scaler, place_model
+from common.engine import LossGuard, amp_dtype, autocast, make_loader, make_scaler, place_model
 from common.errors import UserError
 from common.knn import extract_features
 from common.logging import MeterBank, MetricsLog, Progress, log
@@ -46,7 +46,8 @@ FINETUNE_DEFAULTS = (0.1, 1e-4)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Linear probe / fine-tuning of a pretrained backbone")
+    parser = argparse.ArgumentParser(description="Linear probe / fine-tuning of a pretrained backbone",
+                                     formatter_class=HelpFormatter)
     add_training_args(parser, lr=LINEAR_PROBE_DEFAULTS[0], epochs=100, batch_size=256, schedule=(60, 80),
                       weight_decay=LINEAR_PROBE_DEFAULTS[1], name="lincls")
     # None = "not given": the default depends on --head and --finetune (finalize_args)
@@ -283,6 +284,7 @@ def evaluate(model: nn.Module, val_dataset, class_names: List[str], args: argpar
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     bs = per_worker(args.batch_size, env.world_size)
     logits, labels = extract_features(net, val_dataset, bs, env.device, workers=workers, amp=args.amp,
+                                      amp_dtype=amp_dtype(args),
                                       channels_last=args.channels_last, normalize=False)
     report = classification_report(logits, labels, class_names)
     report["val_loss"] = F.cross_entropy(logits.float(), labels.long()).item()

@@ -10,7 +10,7 @@ import functools
 import torch
 
 from common import augment
-from common.cli import add_training_args
+from common.cli import HelpFormatter, add_training_args
 from common.dist import cleanup, script_main, start_worker
 from common.engine import make_scaler, place_model
 from common.errors import UserError
@@ -21,7 +21,7 @@ from moco.builder import MoCo, SplitBatchNorm
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="MoCo pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="MoCo pretraining", formatter_class=HelpFormatter)
     add_training_args(parser, lr=0.03, epochs=200, batch_size=256, schedule=(120, 160), weight_decay=1e-4, name="moco")
     g = parser.add_argument_group("moco")
     g.add_argument("--moco-dim", default=128, type=int, help="feature dimension")

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from common import augment
-from common.cli import add_training_args
+from common.cli import HelpFormatter, add_training_args
 from common.dist import cleanup, expected_world_size, script_main, start_worker
 from common.engine import make_scaler, place_model
 from common.errors import UserError
@@ -27,7 +27,7 @@ from simclr.builder import SimCLR
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="SimCLR pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="SimCLR pretraining", formatter_class=HelpFormatter)
     add_training_args(parser, lr=0.3, epochs=100, batch_size=256, schedule=(), weight_decay=1e-6, name="simclr")
     # SimCLR's schedule: linear warmup, then cosine (--no-cos: the step --schedule instead)
     parser.set_defaults(cos=True, warmup_epochs=10.0)

@@ -9,6 +9,17 @@ from common.dist import add_dist_args
 from common.errors import UserError
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with each default shown once: argparse's value where the help text does not
+    already say it, nothing for computed defaults (None: the help says how they are chosen)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def str2bool_or_none(v: str):
     return None if v in (None, "auto") else v.lower() in ("1", "true", "yes", "on")
 

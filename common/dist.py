@@ -174,7 +174,7 @@ def add_dist_args(parser: argparse.ArgumentParser) -> None:
 
 def uses_cuda(args: argparse.Namespace) -> bool:
     """Whether the workers will train on GPUs (a GPU is visible and --cpu was not given)."""
-    return torch.cuda.is_available() and not getattr(args, "cpu", False)
+    return torch.cuda.is_available() and not args.cpu
 
 
 def expected_world_size(args: argparse.Namespace) -> int:
@@ -304,7 +304,6 @@ def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> Di
     if distributed and not dist.is_initialized():
         backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, init_method=init_method, world_size=world, rank=rank)
-    args.rank_global = rank  # kept for logging; the checkpointed args stay plain
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, distributed=distributed,
                    local_world_size=max(local_procs, 1))
 

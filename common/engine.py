@@ -47,7 +47,7 @@ def place_model(model: nn.Module, env: DistEnv, args: argparse.Namespace,
     model.to(env.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if getattr(args, "compile", False):
+    if args.compile:
         for net in networks:
             net.compile(backend=args.compile_backend)
     if env.distributed:

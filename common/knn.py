@@ -8,8 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from common.augment import eval_transform
+from common.data import ResumableSampler, TransformedDataset, build_dataset
 from common.dist import concat_all_gather, get_rank, get_world_size
-from common.data import ResumableSampler
+from common.engine import amp_dtype
+from common.logging import format_seconds, log
+from common.models import without_head
 
 
 @torch.no_grad()
@@ -42,7 +46,6 @@ def extract_features(model: nn.Module, dataset, batch_size: int, device: torch.d
         labels.append(target.to(device))
         seen += images.shape[0] * world
         if print_freq > 0 and ((it + 1) % print_freq == 0 or it + 1 == n_batches):
-            from common.logging import format_seconds, log
             elapsed = time.time() - t0
             log(f"{desc} [{it + 1:>{len(str(n_batches))}}/{n_batches}]  {seen / max(elapsed, 1e-9):.0f} img/s  "
                 f"eta {format_seconds(elapsed / (it + 1) * (n_batches - it - 1))}")
@@ -132,10 +135,6 @@ class KnnMonitor:
     every `--knn-every` epochs (the `--knn-k` nearest neighbours, temperature 0.07)."""
 
     def __init__(self, args, env, k: int = 20):
-        from common.augment import eval_transform
-        from common.data import TransformedDataset, build_dataset
-        from common.logging import log
-
         self.env, self.k, self.args = env, k, args
         train, val = build_dataset(args, "train"), build_dataset(args, "val")
         if val is None or not getattr(train, "classes", None):
@@ -147,14 +146,12 @@ class KnnMonitor:
         self.num_classes = len(train.classes)
 
     def evaluate(self, encoder: nn.Module) -> Dict[str, float]:
-        from common.models import without_head
 
         if self.train is None:
             return {}
         bs = max(self.args.batch_size // self.env.world_size, 64)
         with without_head(encoder):
-            tr_f, tr_l = extract_features(encoder, self.train, bs, self.env.device, amp=self.args.amp,
-                                          channels_last=self.args.channels_last)
-            va_f, va_l = extract_features(encoder, self.val, bs, self.env.device, amp=self.args.amp,
-                                          channels_last=self.args.channels_last)
+            kw = dict(amp=self.args.amp, amp_dtype=amp_dtype(self.args), channels_last=self.args.channels_last)
+            tr_f, tr_l = extract_features(encoder, self.train, bs, self.env.device, **kw)
+            va_f, va_l = extract_features(encoder, self.val, bs, self.env.device, **kw)
         return knn_accuracy(tr_f, tr_l, va_f, va_l, self.num_classes, k=self.k)

@@ -61,7 +61,7 @@ class PreemptionHandler:
         self.iters_per_epoch = iters_per_epoch
         self.model, self.optimizer, self.scaler, self.args, self.env = model, optimizer, scaler, args, env
         self.method = method
-        self.save_every = int(getattr(args, "save_every_iters", 0) or 0)
+        self.save_every = args.save_every_iters
         if self.save_every < 0:
             raise UserError(f"--save-every-iters {self.save_every} is negative; pass N > 0, or 0 to save only at epoch ends")
         self.requested: Optional[str] = None  # name of the first signal received
