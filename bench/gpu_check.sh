@@ -4,7 +4,7 @@
 # at the end and leaves two files in OUT_DIR: gpu_check.log (everything printed) and
 # gpu_check.json (each part's JSON record).
 #
-#   bash bench/gpu_check.sh                       # all parts, on the GPU (about 8 minutes)
+#   bash bench/gpu_check.sh                       # all parts, on the GPU (about 8 minutes; see README)
 #   bash bench/gpu_check.sh throughput endtoend   # some parts
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh --small   # the same script on a CPU, tiny sizes
 #
@@ -12,7 +12,7 @@
 #   ops              tests/test_gpu_augment.py on the GPU (each batched op vs torchvision, within 1/255)
 #   splitbn          one BN layer: SplitBatchNorm NCHW / NHWC reshape (reference) / NHWC grouped (ours) / plain BN
 #   throughput       MoCo v2 and SimCLR R50 224 px batch 256 step rate: reference-style loop vs every flag
-#   endtoend         main_moco.py on 6,144 JPEGs (500x375) with -j 15, next to the step rate of the same flags
+#   endtoend         main_moco.py on 4,096 JPEGs (500x375) with -j 15, next to the step rate of the same flags
 #   dataloader       loader images/s with 15 workers: MoCo authors' loader, our CPU path, --gpu-augment's half
 #   endtoend_simclr  main_simclr.py end to end, as endtoend
 #   compile          --compile: warm-up (compile) time and step rate, R50 224 px and resnet18 32 px batch 512
@@ -40,7 +40,7 @@ if [ "$SMALL" = 1 ]; then  # CPU dry run: every part, tiny sizes
   DEV=cpu; ARCH=resnet18; CROP=64; B=16; K=64; SPLITS=2; J=2; N=64; IMG="120 90"; STEPS=2; REP=1; WARM=1
   SHAPE="16 32 16 16"; T=4; CIFAR_B=16
 else
-  DEV=cuda; ARCH=resnet50; CROP=224; B=256; K=65536; SPLITS=8; J=15; N=6144; IMG="500 375"; STEPS=6; REP=3; WARM=2
+  DEV=cuda; ARCH=resnet50; CROP=224; B=256; K=65536; SPLITS=8; J=15; N=4096; IMG="500 375"; STEPS=6; REP=2; WARM=2
   SHAPE="256 256 56 56"; T=1; CIFAR_B=512
 fi
 COMMON=(-a "$ARCH" --crop-size "$CROP" -b "$B" --moco-k "$K" --bn-splits "$SPLITS" --device "$DEV")
@@ -77,7 +77,7 @@ for p in "${PARTS[@]}"; do
         --configs default amp+channels_last amp+channels_last+gpu_augment --json "$WORK/endtoend.json" ;;
     dataloader)
       part dataloader 120 $PY bench/dataloader.py --source jpeg --image-size $IMG --crop-size "$CROP" \
-        --num-images $(( N < 1024 ? N : 1024 )) -b 64 --workers "$J" --repeats 2 --recipes mocov2 \
+        --num-images $(( N < 512 ? N : 512 )) -b 64 --workers "$J" --repeats 2 --recipes mocov2 \
         --paths reference pil gpu_split torchvision_blur --json "$WORK/dataloader.json" ;;
     endtoend_simclr)
       part endtoend_simclr 200 $PY bench/endtoend.py --method simclr "${COMMON[@]}" -j "$J" --num-images "$N" \
