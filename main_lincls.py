@@ -270,11 +270,15 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     return {**{f"train_{k}": v for k, v in meters.averages().items()}, "data_wait": progress.data_wait_share()}
 
 
-def diverging(val_loss: float, lowest_val_loss: float, acc1: float, best_acc1: float) -> bool:
-    """A probe whose val loss blew up (non-finite, or 10x its lowest) while top-1 fell 5
-    points below its best: the reference lr 30 does this on small datasets."""
-    blew_up = not math.isfinite(val_loss) or (math.isfinite(lowest_val_loss) and val_loss > 10 * lowest_val_loss)
-    return blew_up and acc1 < best_acc1 - 5
+def diverging(val_loss: float, lowest_val_loss: float, acc1: float, best_acc1: float, num_classes: int) -> bool:
+    """A probe whose val loss blew up: non-finite, over 10x the loss of guessing (10 log C),
+    or 10x its lowest while top-1 fell 5 points below its best. The reference lr 30 does
+    this on small datasets, and a random-init or unnormalised backbone at any large lr."""
+    if not math.isfinite(val_loss):
+        return True
+    huge = val_loss > 10 * max(math.log(num_classes), 1.0)
+    jumped = math.isfinite(lowest_val_loss) and val_loss > 10 * lowest_val_loss and acc1 < best_acc1 - 5
+    return huge or jumped
 
 
 def evaluate(model: nn.Module, val_dataset, class_names: List[str], args: argparse.Namespace, env: DistEnv,
@@ -415,11 +419,11 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         record = {"epoch": epoch, "lr": lr_fn(epoch + 1 - 1e-9), **stats,
                   **{k: report[k] for k in SUMMARY_KEYS}, "best_acc1": best_acc1}
         log(f"=> epoch {epoch} val: {summary_line(report)}  (best acc1 {best_acc1:.2f} at epoch {best_epoch})")
-        if not warned and diverging(report["val_loss"], lowest_val_loss, report["acc1"], best_acc1):
+        if not warned and diverging(report["val_loss"], lowest_val_loss, report["acc1"], best_acc1, num_classes):
             warned = True
-            log(f"=> warning: the probe is diverging (val_loss {report['val_loss']:.4g}, lowest so far "
-                f"{lowest_val_loss:.4g}; top-1 {report['acc1']:.1f}, best {best_acc1:.1f}): --lr {args.lr} is too high "
-                f"for these features; add --head-bn (features standardised, e.g. --head-bn --lr 0.1) or lower --lr")
+            log(f"=> warning: the probe is diverging (val_loss {report['val_loss']:.4g}; guessing gives "
+                f"{math.log(num_classes):.2f}; top-1 {report['acc1']:.1f}, best {best_acc1:.1f}): --lr {args.lr} is too "
+                f"high for these features; add --head-bn (features standardised, e.g. --head-bn --lr 0.1) or lower --lr")
         lowest_val_loss = min(lowest_val_loss, report["val_loss"])
         metrics.write(record)
         if is_main_process():

@@ -102,10 +102,12 @@ def test_nan_loss_stops_before_overwriting_the_last_good_checkpoint(one_epoch, t
 
 def test_probe_divergence_is_recognised():
     from main_lincls import diverging
-    assert diverging(1514.0, 1.2, 57.6, 71.4)  # the small-dataset lr 30 run of the issue
-    assert diverging(float("nan"), 1.2, 10.0, 71.4)
-    assert not diverging(1.3, 1.2, 70.0, 71.4)  # noise
-    assert not diverging(50.0, 1.2, 72.0, 71.4)  # loss up but accuracy still rising
+    assert diverging(1514.0, 1.2, 57.6, 71.4, 2)  # the small-dataset lr 30 run of the issue
+    assert diverging(float("nan"), 1.2, 10.0, 71.4, 10)
+    assert diverging(4608.0, 9000.0, 34.4, 30.0, 8)  # huge from the start, even while top-1 rises
+    assert diverging(15.0, 1.2, 50.0, 71.4, 10)  # 12x its lowest and 21 points below its best
+    assert not diverging(1.3, 1.2, 70.0, 71.4, 10)  # noise
+    assert not diverging(15.0, 1.2, 72.0, 71.4, 10)  # loss up but accuracy still rising
 
 
 BAD_FLAGS = [
@@ -120,6 +122,13 @@ BAD_FLAGS = [
 
 
 # every flag on main_moco.py; the other training scripts share the check (common/cli.py): two each
+def test_lincls_says_when_the_reference_lr_blows_the_probe_up(tmp_path):
+    proc = run_script("main_lincls.py", SYNTHETIC + ["--synthetic-size", "128", "-b", "32", "--epochs", "1",
+                                                     "--pretrained", "none", "--seed", "1", "--output-dir",
+                                                     str(tmp_path)])  # lr 30, the reference probe
+    assert "the probe is diverging" in proc.stdout and "add --head-bn" in proc.stdout
+
+
 @pytest.mark.parametrize("script, args, message", [("main_moco.py", a, m) for a, m in BAD_FLAGS]
                          + [(s, a, m) for s in ("main_simclr.py", "main_lincls.py") for a, m in BAD_FLAGS[2::4]])
 def test_bad_flags_are_one_sentence_before_any_work(tmp_path, script, args, message):
