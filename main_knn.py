@@ -25,7 +25,7 @@ import torch.nn as nn
 from torchvision import transforms
 from torchvision.utils import save_image
 
-from common.augment import eval_transform
+from common.augment import eval_decode_side, eval_transform
 from common.checkpoint import check_arch, check_free_space, load_backbone, load_checkpoint, load_pretrained, \
     prepare_output_dir
 from common.cli import HelpFormatter, check_common_flags
@@ -365,11 +365,12 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         extract = dict(batch_size=batch_size, device=env.device, workers=workers, amp=args.amp,
                        amp_dtype=amp_dtype(args), channels_last=args.channels_last,
                        print_freq=args.print_freq)
-        train_f, train_l = extract_features(model, TransformedDataset(train_base, tf, args.strict_data),
+        side = eval_decode_side(args.crop_size)
+        train_f, train_l = extract_features(model, TransformedDataset(train_base, tf, args.strict_data, side),
                                             desc="features train", **extract)
         val_f = val_l = None
         if need_val:
-            val_f, val_l = extract_features(model, TransformedDataset(val_base, tf, args.strict_data),
+            val_f, val_l = extract_features(model, TransformedDataset(val_base, tf, args.strict_data, side),
                                             desc="features val", **extract)
     log(f"=> features: {tuple(train_f.shape)} train" + (f", {tuple(val_f.shape)} val" if val_f is not None else "")
         + f", {train_f.dtype} on {train_f.device}")

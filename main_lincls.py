@@ -327,7 +327,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         raise UserError(f"val classes {list(val_base.classes)[:5]} differ from train classes {classes[:5]}; "
                         f"the val split must have the same classes as the train split")
     num_classes = len(classes)
-    val_dataset = TransformedDataset(val_base, augment.eval_transform(args.crop_size), args.strict_data)
+    val_dataset = TransformedDataset(val_base, augment.eval_transform(args.crop_size), args.strict_data,
+                                     decode_side=augment.eval_decode_side(args.crop_size))
 
     # a checkpoint to continue (--resume) or to evaluate: read now, it fixes the head to build
     resume_path = resolve_resume(args.resume or ("auto" if args.evaluate else ""), args.output_dir)
@@ -366,7 +367,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     train_data, subset_path = training_subset(train_base, args)
     counts = class_counts(train_data.targets, num_classes)
-    train_dataset = TransformedDataset(train_data, augment.train_classifier(args.crop_size), args.strict_data)
+    train_dataset = TransformedDataset(train_data, augment.train_classifier(args.crop_size), args.strict_data,
+                                       decode_side=augment.train_classifier_decode_side(args.crop_size))
     sampler = None
     if args.balanced_sampling:
         sampler = BalancedSampler(train_data.targets, num_classes, env.world_size, env.rank, seed=args.seed)

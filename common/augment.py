@@ -170,6 +170,17 @@ def train_classifier(crop_size: int = 224) -> transforms.Compose:
     return transforms.Compose(ops + [transforms.RandomHorizontalFlip(), transforms.ToTensor(), _normalize()])
 
 
+def train_classifier_decode_side(crop_size: int = 224) -> int:
+    """Shortest side train_classifier needs of a decoded image (JPEG draft): its smallest
+    RandomResizedCrop takes 8 % of the image; small crops are a plain resize."""
+    return int(math.ceil(crop_size / math.sqrt(0.08))) if crop_size > 64 else crop_size
+
+
+def eval_decode_side(crop_size: int = 224) -> int:
+    """Shortest side eval_transform needs of a decoded image: its Resize target."""
+    return int(round(crop_size / 0.875)) if crop_size > 64 else crop_size
+
+
 def eval_transform(crop_size: int = 224) -> transforms.Compose:
     """Resize to crop/0.875 then centre crop (256 -> 224 for ImageNet); small images just resize."""
     resize = int(round(crop_size / 0.875)) if crop_size > 64 else crop_size

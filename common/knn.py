@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from common.augment import eval_transform
+from common.augment import eval_decode_side, eval_transform
 from common.data import ResumableSampler, TransformedDataset, build_dataset
 from common.dist import concat_all_gather, get_rank, get_world_size
 from common.engine import amp_dtype
@@ -141,8 +141,9 @@ class KnnMonitor:
             log("=> kNN monitor off: it needs a labelled train split and a val split")
             self.train = self.val = None
             return
-        tf = eval_transform(args.crop_size)
-        self.train, self.val = TransformedDataset(train, tf), TransformedDataset(val, tf)
+        tf, side = eval_transform(args.crop_size), eval_decode_side(args.crop_size)
+        self.train = TransformedDataset(train, tf, decode_side=side)
+        self.val = TransformedDataset(val, tf, decode_side=side)
         self.num_classes = len(train.classes)
 
     def evaluate(self, encoder: nn.Module) -> Dict[str, float]:

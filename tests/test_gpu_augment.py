@@ -176,6 +176,10 @@ def test_large_jpegs_decode_at_reduced_scale_only_when_crops_keep_their_pixels(t
     assert pil_loader(str(png), side).size == (2000, 1500)  # only JPEG has DCT scaling
     ds = TransformedDataset(FileListDataset([(str(big), 0)], []), augment.moco_v2(224), decode_side=side)
     assert ds[(0, 1)][0].shape == (3, 224, 224)
+    # the probe's and kNN's transforms keep their resize / smallest crop at full resolution too
+    assert augment.eval_decode_side(224) == 256 and pil_loader(str(big), 256).size == (500, 375)
+    assert augment.train_classifier_decode_side(224) == 792 and pil_loader(str(big), 792).size == (2000, 1500)
+    assert augment.eval_decode_side(32) == augment.train_classifier_decode_side(32) == 32
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
