@@ -86,7 +86,7 @@ class LossGuard:
 
     def update(self, loss: torch.Tensor, it: int) -> None:
         bad = ~torch.isfinite(loss.detach())
-        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, it), self.first_bad)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), it, self.first_bad)
 
     def check(self) -> None:
         first = all_reduce_max(self.first_bad.clone())
