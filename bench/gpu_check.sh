@@ -15,7 +15,8 @@
 #   endtoend         main_moco.py on 4,096 JPEGs (500x375) with -j 15, next to the step rate of the same flags
 #   dataloader       loader images/s with 15 workers: MoCo authors' loader, our CPU path, --gpu-augment's half
 #   endtoend_simclr  main_simclr.py end to end, as endtoend
-#   compile          --compile: warm-up (compile) time and step rate, R50 224 px and resnet18 32 px batch 512
+#   compile          --compile (and the fused SGD kernel): warm-up (compile) time and step rate, MoCo and
+#                    SimCLR R50 224 px; MoCo resnet18 32 px batch 512
 #   ceiling          MoCo without SplitBatchNorm (--bn-splits 1): the step rate the BN groups cost
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -84,8 +85,9 @@ for p in "${PARTS[@]}"; do
         --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
         --configs amp+channels_last amp+channels_last+gpu_augment --json "$WORK/endtoend_simclr.json" ;;
     compile)
-      part compile 200 $PY bench/throughput.py --methods moco "${COMMON[@]}" --steps "$STEPS" --warmup "$WARM" \
-        --repeats 2 --configs amp+channels_last amp+channels_last+compile --json "$WORK/compile.json"
+      part compile 330 $PY bench/throughput.py --methods moco simclr "${COMMON[@]}" --steps "$STEPS" \
+        --warmup "$WARM" --repeats 2 --configs baseline amp+channels_last amp+channels_last+fused_optim \
+        amp+channels_last+compile --json "$WORK/compile.json"
       part compile_cifar 120 $PY bench/throughput.py --methods moco -a resnet18 --crop-size 32 -b "$CIFAR_B" \
         --moco-k 4096 --bn-splits "$SPLITS" --device "$DEV" --steps "$STEPS" --warmup "$WARM" --repeats 2 \
         --configs amp+channels_last amp+channels_last+compile --json "$WORK/compile_cifar.json" ;;

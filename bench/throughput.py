@@ -51,6 +51,7 @@ CONFIGS: Dict[str, Dict] = {
     "fused_optim": dict(optim_impl="fused"),
     "gpu_augment": dict(gpu_augment=True),
     "amp+channels_last+gpu_augment": dict(amp=True, channels_last=True, gpu_augment=True),
+    "amp+channels_last+fused_optim": dict(amp=True, channels_last=True, optim_impl="fused"),
     "compile": dict(compile=True),
     "amp+channels_last+compile": dict(amp=True, channels_last=True, compile=True),
 }

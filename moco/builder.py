@@ -61,6 +61,24 @@ class _GroupBatchNorm(torch.autograd.Function):
         return dx.view(N, C, H, W), sum_g_xhat.sum(0), sum_g.sum(0), None, None, None, None, None
 
 
+def _group_batch_norm_ops(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                          running_var: torch.Tensor, num_splits: int, momentum: float, eps: float) -> torch.Tensor:
+    """_GroupBatchNorm's statistics in plain differentiable ops, for torch.compile: the
+    Function writes through an `out=` view, which dynamo cannot trace (a graph break in
+    every BN layer left each block a graph of its own, past the recompile limit), while
+    these ops let inductor fuse the statistics, normalisation and ReLU in any layout."""
+    N, C, H, W = x.shape
+    x5 = x.view(N // num_splits, num_splits, C, H, W).to(_accumulate_dtype(x))
+    var, mean = torch.var_mean(x5, dim=(0, 3, 4), correction=0, keepdim=True)  # 1 x S x C x 1 x 1
+    y = (x5 - mean) * torch.rsqrt(var + eps) * weight.view(1, 1, C, 1, 1) + bias.view(1, 1, C, 1, 1)
+    with torch.no_grad():
+        m = N // num_splits * H * W
+        running_mean.mul_(1 - momentum).add_(mean.view(num_splits, C).mean(0), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * (m / max(m - 1, 1))).view(num_splits, C).mean(0),
+                                                      alpha=momentum)
+    return y.to(x.dtype).reshape(N, C, H, W)
+
+
 def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
@@ -83,6 +101,9 @@ class SplitBatchNorm(nn.BatchNorm2d):
         N, C, H, W = input.shape
         if not ((self.training or not self.track_running_stats) and self.num_splits > 1):
             return super().forward(input)
+        if torch.compiler.is_compiling() and self.affine and self.track_running_stats:
+            return _group_batch_norm_ops(input, self.weight, self.bias, self.running_mean, self.running_var,
+                                         self.num_splits, self.momentum, self.eps)
         if not input.is_contiguous() and self.affine and self.track_running_stats:
             return _GroupBatchNorm.apply(input, self.weight, self.bias, self.running_mean, self.running_var,
                                          self.num_splits, self.momentum, self.eps)
@@ -137,10 +158,12 @@ class MoCo(nn.Module):
         """Replace the oldest keys by this step's keys from every rank."""
         keys = concat_all_gather(keys)
         batch_size = keys.shape[0]
-        ptr = int(self.queue_ptr)
         assert self.K % batch_size == 0, "K must be a multiple of the keys enqueued per step"
-        self.queue[:, ptr:ptr + batch_size] = keys.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
+        # the pointer stays on the device: reading it (int(queue_ptr)) would make the host
+        # wait for the forward pass before it could queue the backward's kernels
+        cols = self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)  # no wrap: K % B == 0
+        self.queue.index_copy_(1, cols, keys.T.to(self.queue.dtype))
+        self.queue_ptr.add_(batch_size).remainder_(self.K)
 
     # ---- shuffle-BN: keys are computed on a shuffled batch so BN cannot leak which
     # sample is the positive through batch statistics

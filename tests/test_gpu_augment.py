@@ -1,6 +1,7 @@
 """--gpu-augment: the batched photometric ops against torchvision's functional ops, the
 recipe's probabilities, per-sample seeding, and the split (channels-last) BatchNorm."""
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from PIL import Image
 
 from common import augment, gpu_augment as G
 from common.data import FileListDataset, TransformedDataset, pil_loader
-from moco.builder import SplitBatchNorm
+from common.models import build_backbone
+from moco.builder import SplitBatchNorm, _group_batch_norm_ops
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ONE_LEVEL = 1 / 255 + 1e-6
@@ -207,3 +209,50 @@ def test_split_batchnorm_channels_last_equals_the_reshape_path(dtype):
     # eval mode: the plain BatchNorm with the running statistics, in any layout
     fast.eval()
     assert torch.allclose(fast(x.detach()), fast(x.detach().contiguous(memory_format=torch.channels_last)), atol=1e-10)
+
+
+def test_split_batchnorm_under_torch_compile_equals_the_reshape_path():
+    """What --compile traces (_group_batch_norm_ops, plain differentiable ops) against the
+    reference reshape path in fp64: outputs, input/weight/bias gradients, running stats."""
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(16, 4).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    traced = copy.deepcopy(bn)
+    x = (torch.randn(32, 16, 7, 7, dtype=torch.float64) * 3 + 2).requires_grad_()
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = bn(x)
+    y_t = _group_batch_norm_ops(x_cl, traced.weight, traced.bias, traced.running_mean, traced.running_var,
+                                4, traced.momentum, traced.eps)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_t.backward(g)
+    assert (y - y_t).abs().max() < 1e-10 and (x.grad - x_cl.grad).abs().max() < 1e-10
+    for name in ("weight", "bias"):
+        assert torch.allclose(getattr(bn, name).grad, getattr(traced, name).grad, atol=1e-10)
+    for name in ("running_mean", "running_var"):
+        assert torch.allclose(getattr(bn, name), getattr(traced, name), atol=1e-12)
+
+
+def test_a_split_batchnorm_resnet_compiles_to_one_graph_and_matches_eager():
+    """No graph break in the query (grad) or key (no_grad) encoder, channels-last; a break
+    per BN layer made every block a graph of its own, past dynamo's recompile limit, and
+    --compile slower than eager. aot_eager traces forward and backward as inductor would."""
+    import torch._dynamo as dynamo
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", small_images=True, num_classes=8,
+                         norm_layer=functools.partial(SplitBatchNorm, num_splits=2))
+    net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    assert dynamo.explain(net)(x).graph_break_count == 0
+    with torch.no_grad():
+        assert dynamo.explain(net)(x).graph_break_count == 0
+    eager = copy.deepcopy(net)
+    compiled = torch.compile(net, backend="aot_eager")
+    y, y_c = eager(x), compiled(x)
+    y.square().sum().backward()
+    y_c.square().sum().backward()
+    torch.testing.assert_close(y_c, y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(net.conv1.weight.grad, eager.conv1.weight.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(net.bn1.running_var, eager.bn1.running_var, rtol=1e-5, atol=1e-6)

@@ -143,10 +143,13 @@ def test_pretraining_beats_random_init_under_the_same_knn(moco_pretrained, tmp_p
 
 
 def test_compile_keeps_the_checkpoint_contract_and_the_numbers(tmp_path):
-    # aot_eager traces fwd+bwd through dynamo/AOTAutograd like inductor, without a C compiler
+    # aot_eager traces fwd+bwd through dynamo/AOTAutograd like inductor, without a C compiler.
+    # One step: the traced BN groups (var_mean) round differently from the eager kernel, 1e-5
+    # after a step, and a few steps of this tiny chaotic run amplify that to 1e-2
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", str(eager)])
-    run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", str(compiled), "--compile",
+    one_step = TINY + ["--epochs", "1", "--synthetic-size", "16"]
+    run_script("main_moco.py", one_step + ["--output-dir", str(eager)])
+    run_script("main_moco.py", one_step + ["--output-dir", str(compiled), "--compile",
                                        "--compile-backend", "aot_eager"])
     a, b = load(eager / "checkpoint_last.pth.tar"), load(compiled / "checkpoint_last.pth.tar")
     assert a["state_dict"].keys() == b["state_dict"].keys()  # no _orig_mod. prefixes

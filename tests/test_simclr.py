@@ -222,6 +222,39 @@ def test_lars_excludes_bn_and_bias_and_scales_weights():
     assert isinstance(build_optimizer(model, args, 1e-3), torch.optim.Adam)
 
 
+def test_lars_multi_tensor_step_equals_the_per_tensor_rule():
+    """The foreach LARS against the update written per tensor, over several steps (momentum
+    buffers), with a zero weight (trust 1), a tensor without a gradient (untouched) and an
+    lr change between steps (applied outside the buffer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[2].weight.zero_()
+    ref = [p.detach().clone() for p in model.parameters()]
+    decayed = [p.ndim > 1 for p in model.parameters()]
+    bufs = [None] * len(ref)
+    opt = LARS(split_decay_groups(model), lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.01)
+    for step, lr in enumerate([0.5, 0.5, 0.2]):
+        opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        x = torch.randn(8, 6)
+        model[2](model[1](model[0](x))).pow(2).sum().backward()  # model[3] gets no gradient
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        opt.step()
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if decayed[i]:
+                g = g + 0.1 * ref[i]
+                wn, gn = ref[i].norm(), g.norm()
+                g = g * (0.01 * wn / gn if wn > 0 and gn > 0 else 1.0)
+            bufs[i] = g.clone() if bufs[i] is None else 0.9 * bufs[i] + g
+            ref[i] = ref[i] - lr * bufs[i]
+        for p, r in zip(model.parameters(), ref):
+            torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+    assert model[3].weight.grad is None and len(opt.state) == 6
+
+
 # ---------------------------------------------------------------- the script
 
 def test_help(capsys):
