@@ -8,7 +8,7 @@
 #   bash bench/gpu_check.sh throughput endtoend   # some parts
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh --small   # the same script on a CPU, tiny sizes
 #
-# Parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile ceiling
+# Parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling
 #   ops              tests/test_gpu_augment.py on the GPU (each batched op vs torchvision, within 1/255)
 #   splitbn          one BN layer: SplitBatchNorm NCHW / NHWC reshape (reference) / NHWC grouped (ours) / plain BN
 #   throughput       MoCo v2 and SimCLR R50 224 px batch 256 step rate: reference-style loop vs every flag
@@ -17,6 +17,7 @@
 #   endtoend_simclr  main_simclr.py end to end, as endtoend
 #   compile          --compile (and the fused SGD kernel): warm-up (compile) time and step rate, MoCo and
 #                    SimCLR R50 224 px; MoCo resnet18 32 px batch 512
+#   endtoend_compile main_moco.py and main_simclr.py end to end with --compile --gpu-augment --amp --channels-last
 #   ceiling          MoCo without SplitBatchNorm (--bn-splits 1): the step rate the BN groups cost
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -91,11 +92,17 @@ for p in "${PARTS[@]}"; do
       part compile_cifar 120 $PY bench/throughput.py --methods moco -a resnet18 --crop-size 32 -b "$CIFAR_B" \
         --moco-k 4096 --bn-splits "$SPLITS" --device "$DEV" --steps "$STEPS" --warmup "$WARM" --repeats 2 \
         --configs amp+channels_last amp+channels_last+compile --json "$WORK/compile_cifar.json" ;;
+    endtoend_compile)
+      for m in moco simclr; do
+        part "endtoend_compile_$m" 240 $PY bench/endtoend.py --method $m "${COMMON[@]}" -j "$J" --num-images "$N" \
+          --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
+          --configs amp+channels_last+gpu_augment+compile --json "$WORK/endtoend_compile_$m.json"
+      done ;;
     ceiling)
       part ceiling 90 $PY bench/throughput.py --methods moco -a "$ARCH" --crop-size "$CROP" -b "$B" --moco-k "$K" \
         --bn-splits 1 --device "$DEV" --steps "$STEPS" --warmup "$WARM" --repeats "$REP" \
         --configs default amp+channels_last --json "$WORK/ceiling.json" ;;
-    *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile ceiling)" \
+    *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling)" \
          | tee -a "$LOG"; exit 2 ;;
   esac
 done

@@ -54,6 +54,7 @@ CONFIGS: Dict[str, Dict] = {
     "amp+channels_last+fused_optim": dict(amp=True, channels_last=True, optim_impl="fused"),
     "compile": dict(compile=True),
     "amp+channels_last+compile": dict(amp=True, channels_last=True, compile=True),
+    "amp+channels_last+gpu_augment+compile": dict(amp=True, channels_last=True, gpu_augment=True, compile=True),
 }
 DEFAULT_CONFIGS = {"cpu": ["baseline", "default", "amp", "channels_last", "amp+channels_last", "foreach_optim",
                            "fused_optim"],
