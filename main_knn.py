@@ -31,8 +31,8 @@ from common.checkpoint import check_arch, check_free_space, load_backbone, load_
 from common.cli import HelpFormatter, check_common_flags
 from common.data import TransformedDataset, add_data_args, build_dataset, default_crop_size, is_image_file, \
     pil_loader
-from common.dist import add_dist_args, barrier, cleanup, expected_world_size, is_main_process, per_worker, \
-    script_main, start_worker
+from common.dist import barrier, cleanup, is_main_process
+from common.launch import add_dist_args, expected_world_size, per_worker, script_main, start_worker
 from common.engine import amp_dtype
 from common.errors import UserError
 from common.knn import extract_features, knn_search, knn_vote

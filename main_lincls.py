@@ -29,7 +29,8 @@ from common.checkpoint import check_arch, check_free_space, check_same_flags, ch
 from common.cli import HelpFormatter, add_training_args, check_training_flags
 from common.data import BalancedSampler, SubsetDataset, TransformedDataset, build_dataset, class_counts, \
     class_weights, default_crop_size, load_subset, save_subset, stratified_subset
-from common.dist import DistEnv, cleanup, expected_world_size, is_main_process, per_worker, script_main, start_worker
+from common.dist import DistEnv, cleanup, is_main_process
+from common.launch import expected_world_size, per_worker, script_main, start_worker
 from common.engine import LossGuard, amp_dtype, autocast, make_loader, make_scaler, place_model
 from common.errors import UserError
 from common.knn import extract_features
@@ -371,8 +372,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                                        decode_side=augment.train_classifier_decode_side(args.crop_size))
     sampler = None
     if args.balanced_sampling:
-        sampler = BalancedSampler(train_data.targets, num_classes, env.world_size, env.rank, seed=args.seed)
-    loader, sampler = make_loader(train_dataset, batch_size, env, workers, args.seed, drop_last=False, sampler=sampler)
+        sampler = BalancedSampler(train_data.targets, num_classes, env.world_size, env.rank, seed=env.seed)
+    loader, sampler = make_loader(train_dataset, batch_size, env, workers, env.seed, drop_last=False, sampler=sampler)
     iters_per_epoch = len(loader)
     log(f"=> {len(train_dataset)} training images" + (f" (label fraction {args.label_fraction}, subset saved to "
                                                        f"{subset_path})" if subset_path else "")

@@ -11,7 +11,8 @@ import torch
 
 from common import augment
 from common.cli import HelpFormatter, add_training_args
-from common.dist import cleanup, script_main, start_worker
+from common.dist import cleanup
+from common.launch import script_main, start_worker
 from common.engine import make_scaler, place_model
 from common.errors import UserError
 from common.models import build_backbone

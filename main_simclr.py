@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from common import augment
 from common.cli import HelpFormatter, add_training_args
-from common.dist import cleanup, expected_world_size, script_main, start_worker
+from common.dist import cleanup
+from common.launch import expected_world_size, script_main, start_worker
 from common.engine import make_scaler, place_model
 from common.errors import UserError
 from common.logging import log

@@ -5,7 +5,7 @@ import math
 from typing import Sequence
 
 from common.data import add_data_args
-from common.dist import add_dist_args
+from common.launch import add_dist_args
 from common.errors import UserError
 
 

@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from common.checkpoint import save_checkpoint, training_state
-from common.dist import DistEnv, cleanup, early_preemption_signal, is_main_process
+from common.dist import DistEnv, cleanup, is_main_process
+from common.launch import early_preemption_signal
 from common.errors import UserError
 from common.logging import log
 

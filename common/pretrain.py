@@ -18,7 +18,8 @@ from common.checkpoint import check_arch, check_free_space, check_same_flags, ch
     training_state
 from common.cli import check_training_flags
 from common.data import ResumableSampler, TransformedDataset, build_dataset, default_crop_size
-from common.dist import DistEnv, expected_world_size, is_main_process, per_worker, uses_cuda
+from common.dist import DistEnv, is_main_process
+from common.launch import expected_world_size, per_worker, uses_cuda
 from common.engine import make_loader, train_one_epoch
 from common.errors import UserError
 from common.gpu_augment import ViewsToDevice
@@ -86,7 +87,7 @@ def two_view_data(args: argparse.Namespace, env: DistEnv, recipe: augment.Recipe
     view_transform = recipe.split() if args.gpu_augment else recipe
     dataset = TransformedDataset(build_dataset(args, "pretrain"), augment.TwoCropsTransform(view_transform),
                                  args.strict_data, decode_side=recipe.decode_side())
-    loader, sampler = make_loader(dataset, batch_size, env, workers, args.seed)
+    loader, sampler = make_loader(dataset, batch_size, env, workers, env.seed)
     iters_per_epoch = len(dataset) // env.world_size // batch_size
     if iters_per_epoch == 0:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size}; "

@@ -25,13 +25,14 @@ WORKER = r"""
 import json, sys
 import main_moco
 from common.data import ResumableSampler
-from common.dist import cleanup, start_worker
+from common.dist import cleanup
+from common.launch import start_worker
 args = main_moco.finalize_args(main_moco.get_args_parser().parse_args(sys.argv[2:]))
 drawn = args.seed
 env, batch, _ = start_worker(None, args)
-sampler = ResumableSampler(64, env.world_size, env.rank, seed=args.seed, drop_last=True)
+sampler = ResumableSampler(64, env.world_size, env.rank, seed=env.seed, drop_last=True)
 sampler.set_epoch(1)
-json.dump({"drawn": drawn, "seed": args.seed, "indices": [i for i, _ in sampler]}, open(sys.argv[1], "w"))
+json.dump({"drawn": drawn, "seed": env.seed, "indices": [i for i, _ in sampler]}, open(sys.argv[1], "w"))
 cleanup()
 """
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from common import dist as cdist
+from common import dist as cdist, launch
 from common.errors import UserError
 from common.preempt import REQUEUE_EXIT_CODE
 from conftest import ROOT, SYNTHETIC
@@ -86,13 +86,13 @@ def assert_same_weights(a_path, b_path):
     ("dgx-[3,5]x", ["dgx-3x", "dgx-5x"]),
 ])
 def test_expand_nodelist(nodelist, hosts):
-    assert cdist.expand_nodelist(nodelist) == hosts
+    assert launch.expand_nodelist(nodelist) == hosts
 
 
 @pytest.mark.parametrize("nodelist", ["", "node[01-03", "node]01[", "node[a-c]", "node[[1]]"])
 def test_bad_nodelist_is_a_user_error(nodelist):
     with pytest.raises(UserError, match="nodelist"):
-        cdist.expand_nodelist(nodelist)
+        launch.expand_nodelist(nodelist)
 
 
 def _set_env(monkeypatch, **values):
@@ -107,31 +107,31 @@ def _set_env(monkeypatch, **values):
 def test_slurm_env_reads_rank_world_master_and_port(monkeypatch):
     _set_env(monkeypatch, SLURM_PROCID=5, SLURM_NTASKS=8, SLURM_LOCALID=1, SLURM_JOB_ID=123456,
              SLURM_JOB_NODELIST="gpu[03-06]", SLURM_TASKS_PER_NODE="2(x4)", SLURM_NODEID=2)
-    assert cdist.detect_launcher() == "slurm"
-    s = cdist._slurm_env()
+    assert launch.detect_launcher() == "slurm"
+    s = launch._slurm_env()
     assert s == {"rank": 5, "world_size": 8, "local_rank": 1, "init_method": "tcp://gpu03:18456"}
-    assert cdist._slurm_tasks_on_this_node() == 2
+    assert launch._slurm_tasks_on_this_node() == 2
     # the step's own values win over the job's (srun -N2 -n4 inside a bigger allocation)
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[05-06]")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "6")
     monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "4,2")
     monkeypatch.setenv("SLURM_NODEID", "1")
-    s = cdist._slurm_env()
+    s = launch._slurm_env()
     assert s["world_size"] == 6 and s["init_method"] == "tcp://gpu05:18456"
-    assert cdist._slurm_tasks_on_this_node() == 2
+    assert launch._slurm_tasks_on_this_node() == 2
     # explicit MASTER_ADDR/MASTER_PORT override; then the job id and nodelist are not needed
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29999")
     for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST"):
         monkeypatch.delenv(k)
-    assert cdist._slurm_env()["init_method"] == "tcp://10.0.0.1:29999"
+    assert launch._slurm_env()["init_method"] == "tcp://10.0.0.1:29999"
 
 
 def test_single_task_or_torchrun_is_not_slurm(monkeypatch):
     _set_env(monkeypatch, SLURM_PROCID=0, SLURM_NTASKS=1, SLURM_LOCALID=0, SLURM_JOB_ID=1)
-    assert cdist.detect_launcher() is None  # `srun -n1 python main_moco.py ...`: a plain run
+    assert launch.detect_launcher() is None  # `srun -n1 python main_moco.py ...`: a plain run
     _set_env(monkeypatch, SLURM_PROCID=0, SLURM_NTASKS=4, RANK=0, WORLD_SIZE=2, LOCAL_RANK=0)
-    assert cdist.detect_launcher() == "torchrun"  # torchrun inside an allocation
+    assert launch.detect_launcher() == "torchrun"  # torchrun inside an allocation
 
 
 @pytest.mark.parametrize("values, missing", [
@@ -146,7 +146,7 @@ def test_single_task_or_torchrun_is_not_slurm(monkeypatch):
 def test_missing_or_bad_slurm_variables_name_the_problem(monkeypatch, values, missing):
     _set_env(monkeypatch, **values)
     with pytest.raises(UserError, match=missing.replace("(", r"\(")) as e:
-        cdist._slurm_env()
+        launch._slurm_env()
     assert "srun" in str(e.value)
 
 
