@@ -29,8 +29,9 @@ from common.augment import eval_decode_side, eval_transform
 from common.checkpoint import check_arch, check_free_space, load_backbone, load_checkpoint, load_pretrained, \
     prepare_output_dir
 from common.cli import HelpFormatter, check_common_flags
-from common.data import TransformedDataset, add_data_args, build_dataset, default_crop_size, is_image_file, \
-    pil_loader
+from common.datasets import add_data_args, build_dataset, default_crop_size
+from common.transformed import TransformedDataset
+from common.images import is_image_file, pil_loader
 from common.dist import barrier, cleanup, is_main_process
 from common.launch import add_dist_args, expected_world_size, per_worker, script_main, start_worker
 from common.engine import amp_dtype

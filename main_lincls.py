@@ -27,11 +27,14 @@ from common.checkpoint import check_arch, check_free_space, check_same_flags, ch
     load_backbone, load_checkpoint, load_model_state, load_pretrained, prepare_output_dir, resolve_resume, \
     restore_training_state, resumed_args, run_seed, save_checkpoint, training_state
 from common.cli import HelpFormatter, add_training_args, check_training_flags
-from common.data import BalancedSampler, SubsetDataset, TransformedDataset, build_dataset, class_counts, \
-    class_weights, default_crop_size, load_subset, save_subset, stratified_subset
+from common.datasets import build_dataset, default_crop_size
+from common.transformed import TransformedDataset
+from lincls.balance import BalancedSampler, class_weights
+from common.subsets import SubsetDataset, class_counts, load_subset, save_subset, stratified_subset
 from common.dist import DistEnv, cleanup, is_main_process
 from common.launch import expected_world_size, per_worker, script_main, start_worker
-from common.engine import LossGuard, amp_dtype, autocast, make_loader, make_scaler, place_model
+from common.engine import LossGuard, amp_dtype, autocast, make_scaler, place_model
+from common.loader import make_loader
 from common.errors import UserError
 from common.knn import extract_features
 from common.logging import MeterBank, MetricsLog, Progress, log

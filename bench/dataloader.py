@@ -28,9 +28,12 @@ import torch  # noqa: E402
 
 from bench.util import format_table, median, save_record, write_jpegs  # noqa: E402
 from common import augment  # noqa: E402
-from common.data import SyntheticPatterns, TransformedDataset, build_dataset, image_folder  # noqa: E402
+from common.datasets import build_dataset  # noqa: E402
+from common.transformed import TransformedDataset  # noqa: E402
+from common.synthetic import SyntheticPatterns  # noqa: E402
+from common.images import image_folder  # noqa: E402
 from common.dist import DistEnv  # noqa: E402
-from common.engine import make_loader  # noqa: E402
+from common.loader import make_loader  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 
 
@@ -155,7 +158,7 @@ def build_source(args: argparse.Namespace, tmp: str):
         return SyntheticPatterns(args.num_images, 8, args.image_size[0])
     ds = build_dataset(argparse.Namespace(dataset=args.source, data=args.data, download=False), "pretrain")
     if len(ds) > args.num_images:
-        from common.data import SubsetDataset
+        from common.subsets import SubsetDataset
         ds = SubsetDataset(ds, range(args.num_images))
     return ds
 

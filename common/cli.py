@@ -4,7 +4,7 @@ import argparse
 import math
 from typing import Sequence
 
-from common.data import add_data_args
+from common.datasets import add_data_args
 from common.launch import add_dist_args
 from common.errors import UserError
 

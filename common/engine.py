@@ -9,14 +9,12 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from common.data import ResumableSampler
 from common.dist import DistEnv, all_reduce_max
 from common.errors import UserError
 from common.gpu_augment import ViewsToDevice
 from common.logging import MeterBank, Progress, log
-from common.preempt import ignore_preemption_signals
 from common.schedule import set_lr
 
 
@@ -53,25 +51,6 @@ def place_model(model: nn.Module, env: DistEnv, args: argparse.Namespace,
     if env.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     return model
-
-
-def make_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int, seed: int,
-                shuffle: bool = True, drop_last: bool = True,
-                sampler: Optional[ResumableSampler] = None) -> Tuple[DataLoader, ResumableSampler]:
-    """Per-process loader over this rank's share, batches of `batch_size` (per worker).
-    `sampler` replaces the default one (e.g. common.data.BalancedSampler)."""
-    if sampler is None:
-        sampler = ResumableSampler(len(dataset), env.world_size, env.rank, shuffle=shuffle, seed=seed,
-                                   drop_last=drop_last)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=env.device.type == "cuda", drop_last=drop_last,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                        worker_init_fn=ignore_preemption_signals,
-                        # the loader draws its workers' base seed when an epoch's iterator starts; from
-                        # its own generator, so that draw does not shift the global RNG a mid-epoch
-                        # checkpoint saved (augmentations are seeded per sample, not by this seed)
-                        generator=torch.Generator().manual_seed(seed))
-    return loader, sampler
 
 
 class LossGuard:

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from common.augment import eval_decode_side, eval_transform
-from common.data import ResumableSampler, TransformedDataset, build_dataset
+from common.datasets import build_dataset
+from common.transformed import TransformedDataset
+from common.loader import ResumableSampler
 from common.dist import concat_all_gather, get_rank, get_world_size
 from common.engine import amp_dtype
 from common.logging import format_seconds, log

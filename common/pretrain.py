@@ -17,10 +17,13 @@ from common.checkpoint import check_arch, check_free_space, check_same_flags, ch
     prepare_output_dir, resolve_resume, restore_training_state, resumed_args, run_seed, save_checkpoint, \
     training_state
 from common.cli import check_training_flags
-from common.data import ResumableSampler, TransformedDataset, build_dataset, default_crop_size
+from common.datasets import build_dataset, default_crop_size
+from common.transformed import TransformedDataset
+from common.loader import ResumableSampler
 from common.dist import DistEnv, is_main_process
 from common.launch import expected_world_size, per_worker, uses_cuda
-from common.engine import make_loader, train_one_epoch
+from common.engine import train_one_epoch
+from common.loader import make_loader
 from common.errors import UserError
 from common.gpu_augment import ViewsToDevice
 from common.knn import KnnMonitor

@@ -14,7 +14,8 @@ from bench import quality as bench_quality
 from bench import throughput as bench_throughput
 from bench.util import format_table, mnist_subset, stratified_first, write_mnist_layout
 from common import augment
-from common.data import TransformedDataset, build_dataset
+from common.datasets import build_dataset
+from common.transformed import TransformedDataset
 
 
 def write_tiny_mnist(root, folder="FashionMNIST", n_train=60, n_test=30, seed=0):

@@ -10,7 +10,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from common import augment, gpu_augment as G
-from common.data import FileListDataset, TransformedDataset, pil_loader
+from common.transformed import TransformedDataset
+from common.images import FileListDataset, pil_loader
 from common.models import build_backbone
 from moco.builder import SplitBatchNorm, _group_batch_norm_ops
 

@@ -139,7 +139,7 @@ def test_pretrained_beats_random_init_with_export_and_retrieval(moco_pretrained,
     # the grid's query cell is the query image itself (resized + centre-cropped, not normalised)
     grid = np.asarray(Image.open(ret / "grid_000.png").convert("RGB"))
     q0 = int(caps[0]["index"])
-    from common.data import SyntheticPatterns
+    from common.synthetic import SyntheticPatterns
     expect = np.asarray(SyntheticPatterns(512)[q0][0])
     assert np.abs(grid[2:34, 2:34].astype(int) - expect.astype(int)).max() <= 1
 

@@ -13,7 +13,9 @@ import torch.nn as nn
 
 import main_lincls
 from common.checkpoint import torchvision_weights_path
-from common.data import BalancedSampler, ResumableSampler, class_weights, stratified_subset
+from lincls.balance import BalancedSampler, class_weights
+from common.subsets import stratified_subset
+from common.loader import ResumableSampler
 from common.metrics import accuracy, classification_report, confusion_matrix, precision_recall_f1
 from common.models import build_backbone
 from conftest import SYNTHETIC, run_script, write_image_folder

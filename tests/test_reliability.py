@@ -24,7 +24,7 @@ TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--m
 WORKER = r"""
 import json, sys
 import main_moco
-from common.data import ResumableSampler
+from common.loader import ResumableSampler
 from common.dist import cleanup
 from common.launch import start_worker
 args = main_moco.finalize_args(main_moco.get_args_parser().parse_args(sys.argv[2:]))
@@ -221,7 +221,7 @@ def test_pickled_objects_are_refused_in_one_sentence(tmp_path):
 # ---------------------------------------------------------------- images read right
 
 def test_16_bit_png_exif_rotation_and_symlink_loops(tmp_path):
-    from common.data import image_folder, pil_loader
+    from common.images import image_folder, pil_loader
     ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     x = np.asarray(pil_loader(str(tmp_path / "g16.png")))
@@ -239,7 +239,7 @@ def test_16_bit_png_exif_rotation_and_symlink_loops(tmp_path):
 
 
 def test_csv_labels_are_stripped_and_case_clashes_warned(tmp_path, capsys):
-    from common.data import csv_manifest
+    from common.images import csv_manifest
     for name in ("a.png", "b.png", "c.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     (tmp_path / "train.csv").write_text("path,label\na.png,Cat \nb.png, Cat\nc.png,cat\n")

@@ -1,0 +1,138 @@
+"""Image files on disk: decoding (reduced-scale JPEG decode, EXIF rotation, 16-bit
+images), a folder of class folders (ImageFolder, links followed once) and csv manifests."""
+import csv
+import os
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from common.errors import UserError
+
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+def pil_loader(path: str, min_side: Optional[int] = None) -> Image.Image:
+    """Decode to RGB. With `min_side`, a JPEG much larger than needed is decoded at 1/2,
+    1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's draft) as long as both sides stay at
+    least `min_side`: a 4000x3000 photo for 224 px crops decodes about 10x faster."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        if min_side:
+            img.draft(None, (min_side, min_side))  # no-op for other formats
+        img = ImageOps.exif_transpose(img)  # phone photos are stored sideways with an EXIF rotation
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit (and 32-bit integer) images: PIL's convert("RGB") clips them to 255, almost all white
+            arr = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+        return img.convert("RGB")
+
+
+class FileListDataset(Dataset):
+    """Images on disk: `samples` is a list of (path, label); label -1 means unlabelled."""
+
+    def __init__(self, samples: List[Tuple[str, int]], classes: List[str]):
+        self.samples = samples
+        self.classes = classes
+        self.targets = [t for _, t in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.load(index)
+
+    def load(self, index: int, min_side: Optional[int] = None):
+        path, target = self.samples[index]
+        return pil_loader(path, min_side), target
+
+    def path(self, index: int) -> str:
+        return self.samples[index][0]
+
+
+def _walk_once(top: str):
+    """os.walk following links (class folders are often links to other disks), but never
+    into a folder already walked: a link back up the tree would repeat its images ~40
+    levels deep, each copy under a longer path."""
+    seen = set()
+    for dirpath, dirnames, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in seen)
+        yield dirpath, dirnames, names
+
+
+def image_folder(root: str) -> FileListDataset:
+    """A folder of class folders (ImageFolder), or a flat folder of unlabelled images."""
+    if not os.path.isdir(root):
+        raise UserError(f"data folder {root!r} does not exist; pass the folder that holds "
+                        f"train/ and val/ (or class folders), or use --dataset synthetic to try the code")
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    if not class_dirs:
+        files = [e.path for e in entries if e.is_file() and is_image_file(e.name)]
+        if not files:
+            raise UserError(f"data folder {root!r} holds no images and no class folders; "
+                            f"put images in {root}/<class>/ (or directly in {root} for unlabelled data)")
+        return FileListDataset([(p, -1) for p in files], classes=[])
+    samples, classes = [], []
+    for idx, d in enumerate(class_dirs):
+        files = []
+        for dirpath, _, names in sorted(_walk_once(d.path)):
+            files += [os.path.join(dirpath, n) for n in sorted(names) if is_image_file(n)]
+        if not files:
+            raise UserError(f"class folder {d.path!r} holds no images ({', '.join(IMG_EXTENSIONS)}); "
+                            f"add images to it or remove the folder")
+        classes.append(d.name)
+        samples += [(p, idx) for p in files]
+    return FileListDataset(samples, classes)
+
+
+def csv_manifest(csv_path: str, classes: Optional[List[str]] = None) -> FileListDataset:
+    """Rows `path,label` (a header row is allowed; label may be empty for unlabelled
+    images); paths are relative to the csv's folder."""
+    if not os.path.isfile(csv_path):
+        raise UserError(f"csv manifest {csv_path!r} does not exist; pass a csv with rows `path,label`")
+    base = os.path.dirname(os.path.abspath(csv_path))
+    rows = []
+    with open(csv_path, newline="") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if not row or row[0].startswith("#"):
+                continue
+            if i == 0 and row[0].strip().lower() in ("path", "file", "filename", "image"):
+                continue
+            label = row[1].strip() if len(row) > 1 else ""
+            rows.append((os.path.join(base, row[0].strip()), label))
+    if not rows:
+        raise UserError(f"csv manifest {csv_path!r} lists no images; add rows `path,label`")
+    missing = [p for p, _ in rows if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"{len(missing)} file(s) listed in {csv_path!r} do not exist, e.g. {missing[0]!r}; "
+                        f"paths are read relative to the csv's folder")
+    if classes is None:
+        classes = sorted({lab for _, lab in rows if lab})
+        by_case: Dict[str, List[str]] = {}
+        for c in classes:
+            by_case.setdefault(c.lower(), []).append(c)
+        clashes = [names for names in by_case.values() if len(names) > 1]
+        if clashes:
+            print(f"warning: labels in {csv_path!r} differ only in case and are kept as separate classes: "
+                  f"{', '.join(' / '.join(repr(n) for n in names) for names in clashes[:5])}; fix the csv if they "
+                  f"are the same class", file=sys.stderr, flush=True)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({lab for _, lab in rows if lab and lab not in index})
+    if unknown:
+        raise UserError(f"labels {unknown[:5]} in {csv_path!r} are not among the training classes; "
+                        f"val labels must be the training labels")
+    return FileListDataset([(p, index[lab] if lab else -1) for p, lab in rows], classes)
