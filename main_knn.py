@@ -26,8 +26,9 @@ from torchvision import transforms
 from torchvision.utils import save_image
 
 from common.augment import eval_decode_side, eval_transform
-from common.checkpoint import check_arch, check_free_space, load_backbone, load_checkpoint, load_pretrained, \
-    prepare_output_dir
+from common.checkpoint import check_free_space, load_checkpoint, prepare_output_dir
+from common.pretrained import load_backbone, load_pretrained
+from common.resume import check_arch
 from common.cli import HelpFormatter, check_common_flags
 from common.datasets import add_data_args, build_dataset, default_crop_size
 from common.transformed import TransformedDataset

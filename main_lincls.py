@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import augment
-from common.checkpoint import check_arch, check_free_space, check_same_flags, checkpoint_bytes, extract_backbone, \
-    load_backbone, load_checkpoint, load_model_state, load_pretrained, prepare_output_dir, resolve_resume, \
-    restore_training_state, resumed_args, run_seed, save_checkpoint, training_state
+from common.checkpoint import check_free_space, checkpoint_bytes, load_checkpoint, load_model_state, prepare_output_dir, restore_training_state, save_checkpoint, training_state
+from common.pretrained import extract_backbone, load_backbone, load_pretrained
+from common.resume import check_arch, check_same_flags, resolve_resume, resumed_args, run_seed
 from common.cli import HelpFormatter, add_training_args, check_training_flags
 from common.datasets import build_dataset, default_crop_size
 from common.transformed import TransformedDataset

@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.util import format_table, machine_info, mnist_subset, write_json  # noqa: E402
 from common import augment  # noqa: E402
-from common.checkpoint import load_backbone, load_pretrained  # noqa: E402
+from common.pretrained import load_backbone, load_pretrained  # noqa: E402
 from common.datasets import build_dataset  # noqa: E402
 from common.transformed import TransformedDataset  # noqa: E402
 from common.subsets import stratified_subset  # noqa: E402

@@ -1,10 +1,12 @@
-"""The checkpoint contract (see DESIGN.md): atomic writes, resume, RNG state, and the
-one place that knows which keys hold the backbone in every supported layout."""
+"""The checkpoint contract (see DESIGN.md): what a checkpoint holds (training_state),
+atomic writes that never destroy the last good file, reading with a plain error, and
+restoring model, optimizer, scaler and RNG state. Which checkpoint to resume is
+common/resume.py; backbones for evaluation common/pretrained.py."""
 import os
 import random
 import shutil
 import tempfile
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,8 +16,6 @@ from common.errors import UserError
 
 METHODS = ("moco", "simclr", "lincls")
 SCRIPTS = {"moco": "main_moco.py", "simclr": "main_simclr.py", "lincls": "main_lincls.py"}
-# prefixes under which pretraining checkpoints keep the backbone, most specific first
-BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "encoder.")
 
 
 # ---------------------------------------------------------------- writing
@@ -181,103 +181,6 @@ def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool
     return ckpt
 
 
-def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
-    """`--resume PATH` as given; `--resume auto` -> the output folder's last checkpoint, or
-    None (a fresh start) when there is none yet."""
-    if not resume:
-        return None
-    if resume == "auto":
-        last = os.path.join(output_dir, "checkpoint_last.pth.tar")
-        return last if os.path.isfile(last) else None
-    if not os.path.isfile(resume):
-        raise UserError(f"--resume {resume!r} does not exist; pass a checkpoint file or 'auto'")
-    return resume
-
-
-def resumed_args(resume: Optional[str], output_dir: str, method: str) -> Tuple[Optional[str], Dict[str, Any]]:
-    """(checkpoint path, the args it was trained with) for `--resume`; (None, {}) for a
-    fresh start. Read before any worker starts, so the run's seed and flags can be checked."""
-    path = resolve_resume(resume, output_dir)
-    if path is None:
-        return None, {}
-    return path, load_checkpoint(path, expected_method=method, mmap=True).get("args", {})
-
-
-def run_seed(given: Optional[int], saved: Dict[str, Any]) -> int:
-    """The run's one seed: the resumed checkpoint's (so the data order and augmentations
-    continue as they were, whatever --seed says), else --seed, else a fresh draw. The
-    ranks then agree on it (common.dist.start_worker), so the launcher cannot split it."""
-    stored = saved.get("seed")
-    if stored is not None:
-        if given is not None and given != stored:
-            print(f"=> resuming with the run's own seed {stored}; --seed {given} is ignored", flush=True)
-        return int(stored)
-    return given if given is not None else random.randrange(2 ** 31)
-
-
-def check_same_flags(saved: Dict[str, Any], args, flags: Sequence[str], path: str) -> None:
-    """A resumed run must build the same model and problem: name the first flag whose
-    value differs from the one the checkpoint was trained with."""
-    values = vars(args)
-    for flag in flags:
-        key = flag.lstrip("-").replace("-", "_")
-        if key in saved and saved[key] != values[key]:
-            shown = {True: "on", False: "off"}.get(saved[key], saved[key])
-            now = {True: "on", False: "off"}.get(values[key], values[key])
-            raise UserError(f"{path!r} was trained with {flag} {shown} but this run has {flag} {now}; "
-                            f"pass the same {flag} to resume it (or another --output-dir for a new run)")
-
-
-def check_arch(ckpt: Dict[str, Any], arch: str, path: str) -> None:
-    saved = ckpt.get("arch")
-    if saved is not None and saved != arch:
-        raise UserError(f"checkpoint {path!r} holds a {saved} but -a/--arch is {arch}; "
-                        f"pass -a {saved} or a checkpoint of a {arch}")
-
-
-def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Backbone weights (head `fc.*` dropped, prefix stripped) from any supported layout:
-    MoCo (ours and facebookresearch/moco: `module.encoder_q.*`), SimCLR (`module.encoder.*`),
-    a classifier from main_lincls.py or torchvision (`module.*` or bare keys).
-    Returns (weights, layout name)."""
-    for prefix in BACKBONE_PREFIXES:
-        if any(k.startswith(prefix) for k in state_dict):
-            layout = prefix.rstrip(".")
-            break
-    else:
-        keys = list(state_dict)
-        if any(k.startswith("module.") for k in keys):
-            prefix, layout = "module.", "classifier"
-        elif "conv1.weight" in state_dict or any(k.startswith("layer1.") for k in keys):
-            prefix, layout = "", "classifier"
-        else:
-            raise UserError(f"unknown checkpoint layout (first keys: {keys[:4]}); expected keys starting with "
-                            f"{', '.join(BACKBONE_PREFIXES)} or a plain ResNet state_dict")
-    out = {k[len(prefix):]: v for k, v in state_dict.items()
-           if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")}
-    return out, layout
-
-
-def load_backbone(model: nn.Module, ckpt: Dict[str, Any], path: str = "checkpoint") -> str:
-    """Load a checkpoint's backbone into `model` (a torchvision model; its `fc` is left
-    alone). Any other missing or mismatched key is a plain error naming the likely cause."""
-    if ckpt.get("arch") is None:
-        pass  # foreign checkpoints (torchvision, reference repo) may not say; shapes decide
-    weights, layout = extract_backbone(ckpt["state_dict"])
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
-    if missing or unexpected or wrong:
-        saved = ckpt.get("arch", "an unknown architecture")
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"shape of {wrong[:3]}")
-        raise UserError(f"checkpoint {path!r} ({saved}) does not fit this backbone ({detail}); pass the -a/--arch "
-                        f"and --small-images/--no-small-images it was pretrained with")
-    model.load_state_dict(weights, strict=False)
-    return layout
-
-
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, args, *, method: str,
                    epoch: int, iteration: int = 0, metrics: Optional[Dict[str, Any]] = None,
                    **extra: Any) -> Dict[str, Any]:
@@ -302,46 +205,3 @@ def restore_training_state(ckpt: Dict[str, Any], model: nn.Module, optimizer: to
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
     return int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
-
-
-# ---------------------------------------------------------------- pretrained weights for evaluation
-
-def torchvision_weights_path(arch: str) -> str:
-    """Where torchvision caches `arch`'s default ImageNet weights (nothing is downloaded)."""
-    import torchvision.models as tvm
-    try:
-        weights = tvm.get_model_weights(arch).DEFAULT
-    except (ValueError, KeyError, AttributeError):
-        raise UserError(f"torchvision has no ImageNet weights for {arch!r}; pass a checkpoint to --pretrained")
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-
-
-def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:
-    """The checkpoint behind `--pretrained`: None for 'none' (random init); for 'imagenet'
-    torchvision's weights if already cached (never a silent download); else a file from
-    main_moco.py, main_simclr.py, main_lincls.py or facebookresearch/moco. Checks the
-    architecture and that the file holds a backbone (extract_backbone knows the layouts)."""
-    if pretrained == "none":
-        return None
-    if pretrained == "imagenet":
-        path = torchvision_weights_path(arch)
-        if not os.path.isfile(path):
-            raise UserError(f"torchvision's ImageNet weights for {arch} are not cached at {path!r} and nothing is "
-                            f"downloaded here; fetch them once (python -c \"import torchvision; "
-                            f"torchvision.models.get_model('{arch}', weights='DEFAULT')\") or pass a checkpoint")
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read the cached torchvision weights {path!r} ({type(e).__name__}); "
-                            f"delete the file and fetch it again")
-        return {"state_dict": state_dict, "arch": arch, "method": "torchvision"}
-    ckpt = load_checkpoint(pretrained)
-    method = ckpt.get("method")
-    if method is not None and method not in METHODS:
-        raise UserError(f"{pretrained!r} was written by an unknown method {method!r}, not by a pretraining run; "
-                        f"pass a checkpoint from main_moco.py or main_simclr.py")
-    if not isinstance(ckpt["state_dict"], dict) or not ckpt["state_dict"]:
-        raise UserError(f"{pretrained!r} holds no model weights; pass a checkpoint from main_moco.py or main_simclr.py")
-    check_arch(ckpt, arch, pretrained)
-    extract_backbone(ckpt["state_dict"])  # unknown layout -> plain error now, before any data is read
-    return ckpt

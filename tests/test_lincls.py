@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import main_lincls
-from common.checkpoint import torchvision_weights_path
+from common.pretrained import torchvision_weights_path
 from lincls.balance import BalancedSampler, class_weights
 from common.subsets import stratified_subset
 from common.loader import ResumableSampler

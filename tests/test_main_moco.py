@@ -117,7 +117,8 @@ def test_pretraining_beats_random_init_under_the_same_knn(moco_pretrained, tmp_p
     so must the same run with --gpu-augment (the photometric half batched on the device, here
     the CPU)."""
     import main_moco
-    from common.checkpoint import load_backbone, load_checkpoint
+    from common.checkpoint import load_checkpoint
+    from common.pretrained import load_backbone
     from common.dist import DistEnv
     from common.knn import KnnMonitor
     from common.models import build_backbone

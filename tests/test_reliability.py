@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.checkpoint import run_seed
+from common.resume import run_seed
 from conftest import ROOT, SYNTHETIC, run_script
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",

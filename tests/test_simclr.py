@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 import main_simclr
 from conftest import SYNTHETIC, run_script
-from common.checkpoint import load_backbone, load_checkpoint
+from common.checkpoint import load_checkpoint
+from common.pretrained import load_backbone
 from common.dist import DistEnv, all_gather_with_grad
 from common.knn import KnnMonitor
 from common.models import build_backbone
