@@ -35,7 +35,7 @@ from common.transformed import TransformedDataset
 from common.images import is_image_file, pil_loader
 from common.dist import barrier, cleanup, is_main_process
 from common.launch import add_dist_args, expected_world_size, per_worker, script_main, start_worker
-from common.engine import amp_dtype
+from common.precision import Precision
 from common.errors import UserError
 from common.knn import extract_features, knn_search, knn_vote
 from common.logging import log
@@ -364,9 +364,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- features: each rank embeds its share, every rank gets all of them (fp16, on the device)
     with without_head(model):
-        extract = dict(batch_size=batch_size, device=env.device, workers=workers, amp=args.amp,
-                       amp_dtype=amp_dtype(args), channels_last=args.channels_last,
-                       print_freq=args.print_freq)
+        extract = dict(batch_size=batch_size, device=env.device, workers=workers,
+                       precision=Precision.from_args(args), print_freq=args.print_freq)
         side = eval_decode_side(args.crop_size)
         train_f, train_l = extract_features(model, TransformedDataset(train_base, tf, args.strict_data, side),
                                             desc="features train", **extract)

@@ -33,7 +33,9 @@ from lincls.balance import BalancedSampler, class_weights
 from common.subsets import SubsetDataset, class_counts, load_subset, save_subset, stratified_subset
 from common.dist import DistEnv, cleanup, is_main_process
 from common.launch import expected_world_size, per_worker, script_main, start_worker
-from common.engine import LossGuard, amp_dtype, autocast, make_scaler, place_model
+from common.loss_guard import LossGuard
+from common.placement import place_model
+from common.precision import Precision
 from common.loader import make_loader
 from common.errors import UserError
 from common.knn import extract_features
@@ -248,13 +250,12 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     progress = Progress(epoch, args.epochs, iters_per_epoch)
     images_seen = 0
     guard = LossGuard(env.device, epoch, args)
+    precision = Precision.from_args(args)
     for it, (images, target) in enumerate(progress.timed(loader)):
         lr = lr_fn(epoch + it / iters_per_epoch)
         set_lr(optimizer, lr)
-        images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
-        if args.channels_last:
-            images = images.to(memory_format=torch.channels_last)
-        with autocast(args, env.device):
+        images, target = precision.images(images, env.device), target.to(env.device, non_blocking=True)
+        with precision.autocast(env.device):
             output = model(images)
             loss = criterion(output.float(), target)
         optimizer.zero_grad(set_to_none=True)
@@ -291,9 +292,8 @@ def evaluate(model: nn.Module, val_dataset, class_names: List[str], args: argpar
     every metric of common.metrics: top-1/top-5, per-class and macro P/R/F1, confusion."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     bs = per_worker(args.batch_size, env.world_size)
-    logits, labels = extract_features(net, val_dataset, bs, env.device, workers=workers, amp=args.amp,
-                                      amp_dtype=amp_dtype(args),
-                                      channels_last=args.channels_last, normalize=False)
+    logits, labels = extract_features(net, val_dataset, bs, env.device, workers=workers,
+                                      precision=Precision.from_args(args), normalize=False)
     report = classification_report(logits, labels, class_names)
     report["val_loss"] = F.cross_entropy(logits.float(), labels.long()).item()
     return report
@@ -393,7 +393,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         assert len(trainable) == len(head_params), "frozen mode: only the head may be trainable"
         groups = [{"params": head_params}]
     optimizer = torch.optim.SGD(groups, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scaler = make_scaler(args, env.device)
+    scaler = Precision.from_args(args).scaler(env.device)
     weight = class_weights(train_data.targets, num_classes).to(env.device) if args.class_weights else None
     criterion = nn.CrossEntropyLoss(weight=weight)
 

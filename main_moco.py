@@ -9,16 +9,17 @@ import functools
 
 import torch
 
-from common import augment
 from common.cli import HelpFormatter, add_training_args
 from common.dist import cleanup
 from common.launch import script_main, start_worker
-from common.engine import make_scaler, place_model
+from common.engine import train_one_epoch
+from common.placement import place_model
+from common.precision import Precision
 from common.errors import UserError
 from common.models import build_backbone
-from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, resume_training, run_pretraining, \
-    two_view_data
+from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, PretrainRun, resume_training, two_view_data
 from moco.builder import MoCo, SplitBatchNorm
+from moco.augment import moco_v1, moco_v2
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,8 +55,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- data: two augmented views of every image, labels unused (--gpu-augment: the colour
     # and blur half of the recipe runs batched on the device)
-    aug = augment.moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength,
-                          crop_min=args.crop_min) if args.aug_plus else augment.moco_v1(args.crop_size, args.crop_min)
+    aug = moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength,
+                  crop_min=args.crop_min) if args.aug_plus else moco_v1(args.crop_size, args.crop_min)
     data = two_view_data(args, env, aug, batch_size, workers)
 
     # ---- model
@@ -73,15 +74,20 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay,
                                 foreach=env.device.type == "cuda")
-    scaler = make_scaler(args, env.device)
+    scaler = Precision.from_args(args).scaler(env.device)
 
     # ---- resume
-    start = resume_training(args, model, optimizer, scaler, method="moco")
+    start_epoch, start_iter = resume_training(args, model, optimizer, scaler, method="moco")
+    lr_fn = lr_schedule(args, args.lr)
+    run = PretrainRun(model, optimizer, scaler, args, env, "moco", data, lr_fn, (start_epoch, start_iter))
 
-    # ---- epochs: train, kNN monitor, metrics log, checkpoint; SIGUSR1/SIGTERM (SLURM
-    # preemption) -> mid-epoch checkpoint and requeue; --save-every-iters
-    run_pretraining(model, moco.encoder_q, data, optimizer, scaler, lr_schedule(args, args.lr), args, env, method="moco",
-                    start=start)
+    # ---- epochs: train (the step loop: common/engine.py), then kNN monitor, metrics line, checkpoint
+    for epoch in range(start_epoch, args.epochs):
+        data.set_epoch(epoch, run.start_iter)
+        result = train_one_epoch(model, data, optimizer, scaler, lr_fn, epoch, args, env, run)
+        if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
+            raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
+        run.end_epoch(epoch, result, backbone=moco.encoder_q)
     cleanup()
 
 

@@ -13,18 +13,20 @@ import functools
 import torch
 import torch.nn as nn
 
-from common import augment
 from common.cli import HelpFormatter, add_training_args
 from common.dist import cleanup
 from common.launch import expected_world_size, script_main, start_worker
-from common.engine import make_scaler, place_model
+from common.engine import train_one_epoch
+from common.placement import place_model
+from common.precision import Precision
 from common.errors import UserError
 from common.logging import log
 from common.models import build_backbone
-from common.optim import OPTIMIZERS, build_optimizer, scaled_lr
-from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, resume_training, \
-    run_pretraining, two_view_data
+from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
+from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, PretrainRun, resume_training, \
+    two_view_data
 from simclr.builder import SimCLR
+from simclr.augment import simclr_augmentation
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -81,7 +83,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- data: two augmented views of every image, labels unused (--gpu-augment: the colour
     # and blur half of the recipe runs batched on the device)
-    aug = augment.simclr(args.crop_size, strength=args.color_strength, blur=args.blur, crop_min=args.crop_min)
+    aug = simclr_augmentation(args.crop_size, strength=args.color_strength, blur=args.blur, crop_min=args.crop_min)
     data = two_view_data(args, env, aug, batch_size, workers)
 
     # ---- model
@@ -98,17 +100,22 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     lr = scaled_lr(args.lr, args.batch_size, args.lr_scaling)
     optimizer = build_optimizer(model, args, lr)
-    scaler = make_scaler(args, env.device)
+    scaler = Precision.from_args(args).scaler(env.device)
     log(f"=> {args.optimizer} lr {lr:.4g} (--lr {args.lr} scaled {args.lr_scaling} for batch {args.batch_size}), "
         f"temperature {args.temperature}")
 
     # ---- resume
-    start = resume_training(args, model, optimizer, scaler, method="simclr")
+    start_epoch, start_iter = resume_training(args, model, optimizer, scaler, method="simclr")
+    lr_fn = lr_schedule(args, lr)
+    run = PretrainRun(model, optimizer, scaler, args, env, "simclr", data, lr_fn, (start_epoch, start_iter))
 
-    # ---- epochs: train, kNN monitor, metrics log, checkpoint; SIGUSR1/SIGTERM (SLURM
-    # preemption) -> mid-epoch checkpoint and requeue; --save-every-iters
-    run_pretraining(model, simclr.encoder, data, optimizer, scaler, lr_schedule(args, lr), args, env, method="simclr",
-                    start=start)
+    # ---- epochs: train (the step loop: common/engine.py), then kNN monitor, metrics line, checkpoint
+    for epoch in range(start_epoch, args.epochs):
+        data.set_epoch(epoch, run.start_iter)
+        result = train_one_epoch(model, data, optimizer, scaler, lr_fn, epoch, args, env, run)
+        if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
+            raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
+        run.end_epoch(epoch, result, backbone=simclr.encoder)
     cleanup()
 
 

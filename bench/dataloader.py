@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Images/s of the pretraining input pipeline: decode + two augmented views, through the
-product's loader (common.engine.make_loader: persistent workers, prefetch, per-sample
+product's loader (common.loader.make_loader: persistent workers, prefetch, per-sample
 seeded augmentation), per worker count: the MoCo authors' loader (the baseline of every
 ratio), the scripts' CPU path, the loader half of --gpu-augment (decode, crop, flip,
 uint8 out: its photometric half runs on the GPU, timed by bench/throughput.py), our
@@ -35,6 +35,8 @@ from common.images import image_folder  # noqa: E402
 from common.dist import DistEnv  # noqa: E402
 from common.loader import make_loader  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
+from moco.augment import moco_v2  # noqa: E402
+from simclr.augment import simclr_augmentation  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -105,8 +107,8 @@ def torchvision_blur_recipe(recipe: str, crop: int) -> Callable:
 def our_recipe(recipe: str, crop: int) -> augment.Recipe:
     """Exactly what main_moco.py --aug-plus / main_simclr.py build."""
     if recipe == "mocov2":
-        return augment.moco_v2(crop, blur=crop > 64)
-    return augment.simclr(crop, blur=crop > 64)
+        return moco_v2(crop, blur=crop > 64)
+    return simclr_augmentation(crop, blur=crop > 64)
 
 
 def tensor_v2_recipe(recipe: str, crop: int) -> Callable:

@@ -31,14 +31,18 @@ import torch.nn as nn  # noqa: E402
 
 from bench.util import format_table, machine_info, median, peak_memory_block, synchronize, write_json  # noqa: E402
 from common.dist import DistEnv  # noqa: E402
-from common.engine import make_scaler, train_one_epoch  # noqa: E402
+from common.engine import train_one_epoch  # noqa: E402
+from common.precision import Precision  # noqa: E402
+from common.pretrain import PretrainData  # noqa: E402
 from common import augment  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 from common.gpu_augment import ViewsToDevice, draw_params  # noqa: E402
 from common.models import build_backbone  # noqa: E402
-from common.optim import LARS, split_decay_groups  # noqa: E402
+from simclr.optim import LARS, split_decay_groups  # noqa: E402
 from moco.builder import MoCo, SplitBatchNorm  # noqa: E402
 from simclr.builder import SimCLR  # noqa: E402
+from moco.augment import moco_v2  # noqa: E402
+from simclr.augment import simclr_augmentation  # noqa: E402
 
 # name -> what differs from our default path. "baseline" is the reference-style loop.
 CONFIGS: Dict[str, Dict] = {
@@ -143,13 +147,13 @@ class Runner:
         if cfg["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
         if cfg["compile"]:
-            # as the scripts do (common.engine.place_model): the networks, in place, glue eager
+            # as the scripts do (common.placement.place_model): the networks, in place, glue eager
             for net in self.model.networks():
                 net.compile()
         self.optimizer = build_optimizer(method, self.model, cfg["optim_impl"], device, args)
         self.args = argparse.Namespace(amp=cfg["amp"], amp_dtype=args.amp_dtype, channels_last=cfg["channels_last"],
                                        print_freq=10 ** 9, epochs=1)
-        self.scaler = make_scaler(self.args, device)
+        self.scaler = Precision.from_args(self.args).scaler(device)
         self.env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, distributed=False, local_world_size=1)
         self.prepare = ViewsToDevice(device, cfg["channels_last"], recipe(method, args.crop_size).spec()
                                      if cfg["gpu_augment"] else None)
@@ -161,8 +165,8 @@ class Runner:
             reference_loop(self.model, self.optimizer, batches, self.device)
         else:
             with contextlib.redirect_stdout(io.StringIO()):  # the engine's end-of-epoch progress line
-                train_one_epoch(self.model, batches, self.optimizer, self.scaler, 0, len(batches), 0,
-                                lambda _: 0.03, self.args, self.env, prepare=self.prepare)
+                data = PretrainData(None, batches, None, len(batches[0][1]), len(batches), self.prepare)
+                train_one_epoch(self.model, data, self.optimizer, self.scaler, lambda _: 0.03, 0, self.args, self.env)
         synchronize(self.device)
 
     def measure_state(self) -> None:
@@ -192,8 +196,8 @@ def reference_loop(model: nn.Module, optimizer: torch.optim.Optimizer, batches: 
 def recipe(method: str, crop_size: int) -> augment.Recipe:
     """The scripts' recipe (main_moco.py --aug-plus, main_simclr.py), blur above 64 px."""
     if method == "moco":
-        return augment.moco_v2(crop_size, blur=crop_size > 64)
-    return augment.simclr(crop_size, blur=crop_size > 64)
+        return moco_v2(crop_size, blur=crop_size > 64)
+    return simclr_augmentation(crop_size, blur=crop_size > 64)
 
 
 def make_batches(args: argparse.Namespace, device: torch.device, n: int, method: str) -> Dict[str, List]:

@@ -1,11 +1,12 @@
-"""Augmentation recipes: MoCo v1, MoCo v2 ("aug-plus"), SimCLR, and the classifier / eval
-transforms. A pretraining recipe runs whole in the loader workers on PIL images (the CPU
-path, as fast as the MoCo authors' loader: uint8 PIL ops, PIL's blur), or split with
-`--gpu-augment`: crop and flip in the workers, the photometric ops batched on the device."""
+"""Augmentation building blocks: a pretraining `Recipe` (the methods' own recipes are
+moco/augment.py and simclr/augment.py), and the classifier / eval transforms. A recipe
+runs whole in the loader workers on PIL images (the CPU path, as fast as the MoCo
+authors' loader: uint8 PIL ops, PIL's blur), or split with `--gpu-augment`: crop and flip
+in the workers, the photometric ops batched on the device (common/gpu_augment.py)."""
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from PIL import Image, ImageFilter
@@ -137,30 +138,6 @@ class GeometricPart:
     def __call__(self, img: Image.Image) -> List[torch.Tensor]:
         crop = pil_to_tensor(self.geometric(img))
         return [crop, draw_params(self.spec)]
-
-
-def moco_v1(crop_size: int = 224, crop_min: Optional[float] = None) -> Recipe:
-    """MoCo v1 / InstDisc augmentation (crop_min None: 0.2): grayscale, then jitter 0.4 always."""
-    return Recipe(crop_size, crop_min or 0.2, ("crop", "gray", "jitter", "flip"), jitter=(0.4, 0.4, 0.4, 0.4),
-                  jitter_p=1.0)
-
-
-def moco_v2(crop_size: int = 224, blur: bool = True, strength: float = 1.0,
-            crop_min: Optional[float] = None) -> Recipe:
-    """MoCo v2 "aug-plus": SimCLR-like colour jitter (scaled by `strength`) and blur, crop scale
-    crop_min-1 (None: 0.2)."""
-    s = strength
-    ops = ("crop", "jitter", "gray") + (("blur",) if blur else ()) + ("flip",)
-    return Recipe(crop_size, crop_min or 0.2, ops, jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s))
-
-
-def simclr(crop_size: int = 224, strength: float = 1.0, blur: bool = True,
-           crop_min: Optional[float] = None) -> Recipe:
-    """SimCLR augmentation: crop crop_min-1 (None: 0.08), colour distortion of strength s, grayscale 0.2,
-    blur 0.5 (SimCLR turns blur off for CIFAR-sized images: pass blur=False)."""
-    s = strength
-    ops = ("crop", "flip", "jitter", "gray") + (("blur",) if blur else ())
-    return Recipe(crop_size, crop_min or 0.08, ops, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))
 
 
 def train_classifier(crop_size: int = 224) -> transforms.Compose:

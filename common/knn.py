@@ -13,21 +13,19 @@ from common.datasets import build_dataset
 from common.transformed import TransformedDataset
 from common.loader import ResumableSampler
 from common.dist import concat_all_gather, get_rank, get_world_size
-from common.engine import amp_dtype
+from common.precision import Precision
 from common.logging import format_seconds, log
 from common.models import without_head
 
 
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset, batch_size: int, device: torch.device, workers: int = 0,
-                     amp: bool = False, channels_last: bool = False,
-                     normalize: bool = True, amp_dtype: Optional[torch.dtype] = None,
-                     print_freq: int = 0, desc: str = "features") -> Tuple[torch.Tensor, torch.Tensor]:
+                     precision: Precision = Precision(), normalize: bool = True, print_freq: int = 0,
+                     desc: str = "features") -> Tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features (fp16) and labels of every sample of `dataset`, in dataset
     order, on `device`. Under DDP each rank embeds its share and all ranks get the whole.
     normalize=False returns the raw fp32 outputs instead (a classifier's logits).
-    amp_dtype picks the autocast dtype (default: the device's, bf16 on CPU, fp16 on GPU);
-    print_freq > 0 prints a progress line (`desc`, images/s, ETA) every that many batches."""
+    `precision`: --amp, --amp-dtype and --channels-last, as in training; print_freq > 0 prints a progress line (`desc`, images/s, ETA) every that many batches."""
     world, rank = get_world_size(), get_rank()
     sampler = ResumableSampler(len(dataset), world, rank, shuffle=False)
     # plain int indices: eval transforms are deterministic
@@ -39,10 +37,8 @@ def extract_features(model: nn.Module, dataset, batch_size: int, device: torch.d
     feats, labels = [], []
     t0, seen, n_batches = time.time(), 0, len(loader)
     for it, (images, target) in enumerate(loader):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.to(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        images = precision.images(images, device)
+        with precision.autocast(device):
             f = model(images)
         feats.append(F.normalize(f.float(), dim=1).half() if normalize else f.float())
         labels.append(target.to(device))
@@ -154,7 +150,7 @@ class KnnMonitor:
             return {}
         bs = max(self.args.batch_size // self.env.world_size, 64)
         with without_head(encoder):
-            kw = dict(amp=self.args.amp, amp_dtype=amp_dtype(self.args), channels_last=self.args.channels_last)
-            tr_f, tr_l = extract_features(encoder, self.train, bs, self.env.device, **kw)
-            va_f, va_l = extract_features(encoder, self.val, bs, self.env.device, **kw)
+            precision = Precision.from_args(self.args)
+            tr_f, tr_l = extract_features(encoder, self.train, bs, self.env.device, precision=precision)
+            va_f, va_l = extract_features(encoder, self.val, bs, self.env.device, precision=precision)
         return knn_accuracy(tr_f, tr_l, va_f, va_l, self.num_classes, k=self.k)

@@ -1,36 +1,26 @@
 """Preemption-safe training: stop at an iteration boundary, checkpoint, requeue.
 
 SLURM warns a job before its time runs out (`#SBATCH --signal=USR1@120`) and sends
-SIGTERM when it preempts or cancels it. Either signal only sets a flag here; after the
-next optimizer step every rank agrees on the flag (an all_reduce, so all ranks stop at
-the same iteration), rank 0 writes a mid-epoch checkpoint (epoch, iteration; the sampler
-restarts from `iteration * batch_size`), runs `scontrol requeue $SLURM_JOB_ID`, and
-every process exits with REQUEUE_EXIT_CODE. The requeued job starts with
-`--resume auto` and continues the same epoch without repeating or skipping samples.
-
-Wiring in a main script (after resume, before the epoch loop):
-
-    preemption = PreemptionHandler(model, optimizer, scaler, args, env, method="moco")
-    ... train_one_epoch(..., after_step=preemption.after_step(epoch))
-
-plus `add_preemption_args(parser)` for `--save-every-iters`.
+SIGTERM when it preempts or cancels it. Either signal only sets a flag here
+(`StopRequest`); after each optimizer step the step loop asks `agreed()` (an all_reduce,
+so all ranks stop at the same iteration) and returns `stopped`. The script's epoch loop
+then has rank 0 write a mid-epoch checkpoint (epoch, iteration; the sampler restarts from
+`iteration * batch_size`) and run `scontrol requeue $SLURM_JOB_ID`, and every process
+exits with REQUEUE_EXIT_CODE. The requeued job starts with `--resume auto` and continues
+the same epoch without repeating or skipping samples.
 """
-import argparse
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-from common.checkpoint import save_checkpoint, training_state
 from common.dist import DistEnv, cleanup, is_main_process
 from common.launch import early_preemption_signal
-from common.errors import UserError
 from common.logging import log
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
@@ -38,12 +28,6 @@ from common.logging import log
 # preempted-and-checkpointed run from a failed one.
 REQUEUE_EXIT_CODE = 75
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-def add_preemption_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--save-every-iters", default=0, type=int, metavar="N",
-                        help="also write checkpoint_last.pth.tar every N iterations inside an epoch (0: only at "
-                             "epoch ends); a killed job then loses at most N iterations")
 
 
 def ignore_preemption_signals(worker_id: int = 0) -> None:
@@ -54,17 +38,11 @@ def ignore_preemption_signals(worker_id: int = 0) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-class PreemptionHandler:
-    """Owns the signal handlers, the cross-rank agreement and mid-epoch checkpoints."""
+class StopRequest:
+    """Owns the signal handlers and the cross-rank agreement on stopping."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, args: argparse.Namespace,
-                 env: DistEnv, method: str, iters_per_epoch: int = 0, install_signals: bool = True):
-        self.iters_per_epoch = iters_per_epoch
-        self.model, self.optimizer, self.scaler, self.args, self.env = model, optimizer, scaler, args, env
-        self.method = method
-        self.save_every = args.save_every_iters
-        if self.save_every < 0:
-            raise UserError(f"--save-every-iters {self.save_every} is negative; pass N > 0, or 0 to save only at epoch ends")
+    def __init__(self, env: DistEnv, install_signals: bool = True):
+        self.env = env
         self.requested: Optional[str] = None  # name of the first signal received
         self.group = None
         if env.distributed:
@@ -97,7 +75,7 @@ class PreemptionHandler:
             # os.write, not print: a handler that prints while the loop prints can raise
             os.write(2, f"=> {name} received: will checkpoint and requeue after the current iteration\n".encode())
 
-    def stop_agreed(self) -> bool:
+    def agreed(self) -> bool:
         """True on every rank when any rank received a signal (a collective: call on all ranks)."""
         flag = 1 if self.requested else 0
         if not self.env.distributed:
@@ -110,46 +88,21 @@ class PreemptionHandler:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def save_mid_epoch(self, epoch: int, iteration: int) -> None:
-        """checkpoint_last.pth.tar at (epoch, iteration): resume continues this epoch there."""
+    def requeue(self) -> int:
+        """After the mid-epoch checkpoint: rank 0 requeues the SLURM job, every rank waits
+        for it and leaves the process group. Returns the exit code (REQUEUE_EXIT_CODE)."""
         if is_main_process():
-            state = training_state(self.model, self.optimizer, self.scaler, self.args, method=self.method,
-                                   epoch=epoch, iteration=iteration)
-            path = save_checkpoint(state, self.args.output_dir, epoch_file=False)
-            log(f"=> saved mid-epoch checkpoint {path} (epoch {epoch}, iteration {iteration})")
-
-    def after_step(self, epoch: int) -> Callable[..., bool]:
-        """The `after_step` callback of common.engine.train_one_epoch for `epoch`; `guard`
-        stops the run instead of saving weights after a NaN/inf loss."""
-        def hook(done: int, guard) -> bool:
-            if self.stop_agreed():
-                guard.check()
-                self.save_mid_epoch(epoch, done)
-                self.requeue_and_exit()
-            # the epoch's last iteration is followed by the epoch-end checkpoint anyway
-            if self.save_every and done % self.save_every == 0 and done != self.iters_per_epoch:
-                guard.check()
-                self.save_mid_epoch(epoch, done)
-            return False
-
-        return hook
-
-    def _barrier(self) -> None:
+            requeue_slurm_job()
+        # nobody exits before rank 0 has saved and requeued: with `srun --kill-on-bad-exit`
+        # the first task to exit non-zero ends the others
         if self.env.distributed:
             if self.group is not None:
                 dist.barrier(group=self.group)
             else:
                 dist.barrier()
-
-    def requeue_and_exit(self) -> None:
-        if is_main_process():
-            requeue_slurm_job()
-        # nobody exits before rank 0 has saved and requeued: with `srun --kill-on-bad-exit`
-        # the first task to exit non-zero ends the others
-        self._barrier()
         cleanup()
         sys.stdout.flush()
-        raise SystemExit(REQUEUE_EXIT_CODE)
+        return REQUEUE_EXIT_CODE
 
 
 def requeue_slurm_job() -> bool:

@@ -1,12 +1,12 @@
-"""The steps every pretraining script (main_moco.py, main_simclr.py) takes the same way:
-derived defaults, worker start, the two-view loader, device placement and DDP, resume,
-and the epoch loop with its log, kNN monitor and checkpoints. The method itself (model,
-optimizer, lr rule, augmentation) stays in the script; it passes its pieces in here."""
+"""What the pretraining scripts (main_moco.py, main_simclr.py) share around their epoch
+loop: their flags and derived defaults, the two-view loader, resume, and `PretrainRun`,
+which keeps a run's metrics log, kNN monitor, stop request and checkpoints. The recipe
+itself (augmentation, model, optimizer, lr rule, the epoch loop) is in the scripts."""
 import argparse
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,19 +21,19 @@ from common.transformed import TransformedDataset
 from common.loader import ResumableSampler
 from common.dist import DistEnv, is_main_process
 from common.launch import expected_world_size, per_worker, uses_cuda
-from common.engine import train_one_epoch
+from common.engine import EpochResult
 from common.loader import make_loader
 from common.errors import UserError
 from common.gpu_augment import ViewsToDevice
 from common.knn import KnnMonitor
 from common.logging import MetricsLog, log
-from common.preempt import PreemptionHandler, add_preemption_args
+from common.preempt import StopRequest
 from common.schedule import lr_at
 
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of the shared epoch loop (run_pretraining): kNN monitor, --save-every-iters,
-    and the colour-distortion strength both methods' augmentations take."""
+    """Flags both pretraining scripts take: augmentation strength and crops, --gpu-augment,
+    the kNN monitor and --save-every-iters."""
     parser.add_argument("--color-strength", default=1.0, type=float,
                         help="colour distortion strength s: SimCLR jitter 0.8s/0.8s/0.8s/0.2s, MoCo v2 "
                              "(--aug-plus) jitter 0.4s/0.4s/0.4s/0.1s; 1.0 is the papers' recipe")
@@ -45,7 +45,9 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
                              "normalisation run batched on the training device (default: on with a GPU)")
     parser.add_argument("--knn-every", default=0, type=int,
                         help="kNN accuracy of the backbone on the labelled train/val split every N epochs (0: off)")
-    add_preemption_args(parser)
+    parser.add_argument("--save-every-iters", default=0, type=int, metavar="N",
+                        help="also write checkpoint_last.pth.tar every N iterations inside an epoch (0: only at "
+                             "epoch ends); a killed job then loses at most N iterations")
 
 
 def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Sequence[str] = ()) -> argparse.Namespace:
@@ -62,6 +64,9 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Seq
         args.small_images = args.crop_size <= 64
     if args.gpu_augment is None:
         args.gpu_augment = uses_cuda(args)
+    if args.save_every_iters < 0:
+        raise UserError(f"--save-every-iters {args.save_every_iters} is negative; pass N > 0, or 0 to save only at "
+                        f"epoch ends")
     if args.crop_min is not None and not 0 < args.crop_min <= 1:
         raise UserError(f"--crop-min {args.crop_min} is an area fraction; use a value in (0, 1], e.g. 0.2")
     per_worker(args.batch_size, expected_world_size(args))
@@ -79,6 +84,10 @@ class PretrainData:
     batch_size: int  # per process
     iters_per_epoch: int
     to_device: ViewsToDevice  # the loader's views -> normalised device tensors
+
+    def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
+        """This epoch's order; a mid-epoch resume skips the `start_iter` batches done."""
+        self.sampler.set_epoch(epoch, start_iter * self.batch_size)
 
 
 def two_view_data(args: argparse.Namespace, env: DistEnv, recipe: augment.Recipe, batch_size: int,
@@ -124,35 +133,61 @@ def lr_schedule(args: argparse.Namespace, lr: float) -> Callable[[float], float]
                              warmup_epochs=args.warmup_epochs)
 
 
-def run_pretraining(model: nn.Module, backbone: nn.Module, data: PretrainData, optimizer: torch.optim.Optimizer,
-                    scaler, lr_fn: Callable[[float], float], args: argparse.Namespace, env: DistEnv, method: str,
-                    start: Tuple[int, int] = (0, 0)) -> None:
-    """Epochs `start[0]`..`args.epochs - 1` (the first from iteration `start[1]`): train, kNN
-    monitor on `backbone` every `--knn-every` epochs, one metrics line and a checkpoint per
-    epoch; SIGUSR1/SIGTERM (SLURM preemption) -> mid-epoch checkpoint and requeue."""
-    start_epoch, start_iter = start
-    if is_main_process():
-        check_free_space(args.output_dir, checkpoint_bytes(model, optimizer))
-    metrics = MetricsLog(args.output_dir)
-    # a kill between an epoch's metrics line and its checkpoint would repeat that line
-    metrics.drop_epochs_from(start_epoch)
-    knn = KnnMonitor(args, env) if args.knn_every else None
-    preemption = PreemptionHandler(model, optimizer, scaler, args, env, method=method,
-                                   iters_per_epoch=data.iters_per_epoch)
-    for epoch in range(start_epoch, args.epochs):
-        data.sampler.set_epoch(epoch, start_iter * data.batch_size)
-        stats, _ = train_one_epoch(model, data.loader, optimizer, scaler, epoch, data.iters_per_epoch, start_iter,
-                                   lr_fn, args, env, after_step=preemption.after_step(epoch), prepare=data.to_device)
-        if start_iter:  # the averages cover only the iterations after the resume
-            stats["resumed_at_iteration"] = start_iter
-        start_iter = 0
-        stats["skipped_images"] = int(data.dataset.skipped.item())
-        if knn is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            stats.update(knn.evaluate(backbone))
-        record = {"epoch": epoch, "lr": lr_fn(epoch + 1 - 1e-9), **stats}
-        log(f"=> epoch {epoch} done: " + "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
-        metrics.write(record)
+class PretrainRun:
+    """What a pretraining run keeps besides model and optimizer: the resume point, the
+    metrics log, the kNN monitor, the stop request (SLURM preemption) and the checkpoints.
+    The scripts' epoch loop calls `end_epoch` after each epoch and `save_and_requeue` when
+    the step loop stopped for preemption; the step loop calls `save_due`/`save_mid_epoch`."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, args: argparse.Namespace,
+                 env: DistEnv, method: str, data: PretrainData, lr_fn: Callable[[float], float],
+                 start: Tuple[int, int]):
+        self.model, self.optimizer, self.scaler, self.args, self.env = model, optimizer, scaler, args, env
+        self.method, self.data, self.lr_fn = method, data, lr_fn
+        self.start_epoch, self.start_iter = start  # start_iter: iterations of start_epoch already done
         if is_main_process():
-            save_checkpoint(training_state(model, optimizer, scaler, args, method=method, epoch=epoch + 1,
-                                           metrics=record),
-                            args.output_dir, epoch_file=(epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)
+            check_free_space(args.output_dir, checkpoint_bytes(model, optimizer))
+        self.metrics = MetricsLog(args.output_dir)
+        # a kill between an epoch's metrics line and its checkpoint would repeat that line
+        self.metrics.drop_epochs_from(self.start_epoch)
+        self.knn = KnnMonitor(args, env) if args.knn_every else None
+        self.stop = StopRequest(env)
+
+    def save_due(self, done: int) -> bool:
+        """--save-every-iters: a mid-epoch checkpoint after `done` iterations (the epoch's last
+        is followed by the epoch-end checkpoint anyway)."""
+        every = self.args.save_every_iters
+        return bool(every) and done % every == 0 and done != self.data.iters_per_epoch
+
+    def save_mid_epoch(self, epoch: int, iteration: int) -> None:
+        """checkpoint_last.pth.tar at (epoch, iteration): resume continues this epoch there."""
+        if is_main_process():
+            state = training_state(self.model, self.optimizer, self.scaler, self.args, method=self.method,
+                                   epoch=epoch, iteration=iteration)
+            path = save_checkpoint(state, self.args.output_dir, epoch_file=False)
+            log(f"=> saved mid-epoch checkpoint {path} (epoch {epoch}, iteration {iteration})")
+
+    def save_and_requeue(self, epoch: int, iteration: int) -> int:
+        """Preemption: the mid-epoch checkpoint, `scontrol requeue`; returns the exit code."""
+        self.save_mid_epoch(epoch, iteration)
+        return self.stop.requeue()
+
+    def end_epoch(self, epoch: int, result: EpochResult, backbone: nn.Module) -> Dict[str, float]:
+        """kNN monitor on `backbone` (every --knn-every epochs and the last), one line in
+        metrics.jsonl and the log, and the epoch's checkpoint. Returns the metrics record."""
+        stats = dict(result.stats)
+        if self.start_iter:  # the averages cover only the iterations after the resume
+            stats["resumed_at_iteration"] = self.start_iter
+        self.start_iter = 0
+        stats["skipped_images"] = int(self.data.dataset.skipped.item())
+        a = self.args
+        if self.knn is not None and ((epoch + 1) % a.knn_every == 0 or epoch + 1 == a.epochs):
+            stats.update(self.knn.evaluate(backbone))
+        record = {"epoch": epoch, "lr": self.lr_fn(epoch + 1 - 1e-9), **stats}
+        log(f"=> epoch {epoch} done: " + "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+        self.metrics.write(record)
+        if is_main_process():
+            save_checkpoint(training_state(self.model, self.optimizer, self.scaler, a, method=self.method,
+                                           epoch=epoch + 1, metrics=record),
+                            a.output_dir, epoch_file=(epoch + 1) % a.save_freq == 0 or epoch + 1 == a.epochs)
+        return record

@@ -16,6 +16,7 @@ from bench.util import format_table, mnist_subset, stratified_first, write_mnist
 from common import augment
 from common.datasets import build_dataset
 from common.transformed import TransformedDataset
+from moco.augment import moco_v2
 
 
 def write_tiny_mnist(root, folder="FashionMNIST", n_train=60, n_test=30, seed=0):
@@ -46,7 +47,7 @@ def test_mnist_format_gives_3_channel_32px_tensors(tmp_path, name, folder):
     assert (rgb[..., 0] == tr_x[3]).all() and (rgb[..., 1] == rgb[..., 0]).all() and (rgb[..., 2] == rgb[..., 0]).all()
     x, _ = TransformedDataset(train, augment.eval_transform(32))[3]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-    views, _ = TransformedDataset(train, augment.TwoCropsTransform(augment.moco_v2(32, blur=False)))[(3, 7)]
+    views, _ = TransformedDataset(train, augment.TwoCropsTransform(moco_v2(32, blur=False)))[(3, 7)]
     assert [v.shape for v in views] == [(3, 32, 32)] * 2
 
 

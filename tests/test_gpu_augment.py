@@ -14,6 +14,8 @@ from common.transformed import TransformedDataset
 from common.images import FileListDataset, pil_loader
 from common.models import build_backbone
 from moco.builder import SplitBatchNorm, _group_batch_norm_ops
+from moco.augment import moco_v1, moco_v2
+from simclr.augment import simclr_augmentation
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ONE_LEVEL = 1 / 255 + 1e-6
@@ -40,7 +42,7 @@ def params_for(n, **values) -> torch.Tensor:
     return p
 
 
-SPEC = augment.moco_v2(40).spec()
+SPEC = moco_v2(40).spec()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -100,7 +102,7 @@ def test_per_sample_factors_and_order_compose_like_torchvision(device):
 
 
 def test_gray_first_recipe_applies_grayscale_before_the_jitter():
-    spec = augment.moco_v1(40).spec()
+    spec = moco_v1(40).spec()
     assert spec.gray_first and spec.jitter_p == 1.0 and spec.blur_kernel == 0
     u8 = photo(n=1)
     p = params_for(1, jitter_on=1, saturation=1.8, gray_on=1)
@@ -112,7 +114,7 @@ def test_gray_first_recipe_applies_grayscale_before_the_jitter():
 
 @pytest.mark.parametrize("recipe", ["mocov2", "simclr"])
 def test_drawn_parameters_follow_the_recipe(recipe):
-    r = augment.moco_v2(224) if recipe == "mocov2" else augment.simclr(224)
+    r = moco_v2(224) if recipe == "mocov2" else simclr_augmentation(224)
     spec = r.spec()
     torch.manual_seed(0)
     p = torch.stack([G.draw_params(spec) for _ in range(4000)])
@@ -134,7 +136,7 @@ def test_split_views_are_seeded_per_sample_and_stay_uint8(tmp_path):
     path = tmp_path / "a.png"
     Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(path)
     base = FileListDataset([(str(path), 0)] * 4, ["a"])
-    recipe = augment.moco_v2(32, blur=True)
+    recipe = moco_v2(32, blur=True)
     ds = TransformedDataset(base, augment.TwoCropsTransform(recipe.split()))
     (v1, v2), _ = ds[(0, 123)]
     (w1, _), _ = ds[(1, 123)]
@@ -146,7 +148,7 @@ def test_split_views_are_seeded_per_sample_and_stay_uint8(tmp_path):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_views_to_device_gives_normalised_channels_last_batches(device):
-    spec = augment.simclr(32, blur=False).spec()
+    spec = simclr_augmentation(32, blur=False).spec()
     torch.manual_seed(0)
     views = [[photo(n=8, size=32), torch.stack([G.draw_params(spec) for _ in range(8)])] for _ in range(2)]
     q, k = G.ViewsToDevice(torch.device(device), channels_last=True, spec=spec)(views)
@@ -169,7 +171,7 @@ def test_pil_blur_draws_sigma_from_the_seed_and_blurs():
 def test_large_jpegs_decode_at_reduced_scale_only_when_crops_keep_their_pixels(tmp_path):
     big = tmp_path / "big.jpg"
     Image.new("RGB", (2000, 1500), (10, 200, 30)).save(big, quality=90)
-    side = augment.moco_v2(224).decode_side()  # 224 / sqrt(0.2) = 501
+    side = moco_v2(224).decode_side()  # 224 / sqrt(0.2) = 501
     assert side == 501
     assert pil_loader(str(big), side).size == (1000, 750)  # 1/2 scale: 1/4 would give 375 < 501
     assert pil_loader(str(big), 100).size == (250, 188)
@@ -177,7 +179,7 @@ def test_large_jpegs_decode_at_reduced_scale_only_when_crops_keep_their_pixels(t
     png = tmp_path / "big.png"
     Image.new("RGB", (2000, 1500)).save(png)
     assert pil_loader(str(png), side).size == (2000, 1500)  # only JPEG has DCT scaling
-    ds = TransformedDataset(FileListDataset([(str(big), 0)], []), augment.moco_v2(224), decode_side=side)
+    ds = TransformedDataset(FileListDataset([(str(big), 0)], []), moco_v2(224), decode_side=side)
     assert ds[(0, 1)][0].shape == (3, 224, 224)
     # the probe's and kNN's transforms keep their resize / smallest crop at full resolution too
     assert augment.eval_decode_side(224) == 256 and pil_loader(str(big), 256).size == (500, 375)

@@ -22,7 +22,7 @@ from common.pretrained import load_backbone
 from common.dist import DistEnv, all_gather_with_grad
 from common.knn import KnnMonitor
 from common.models import build_backbone
-from common.optim import LARS, build_optimizer, scaled_lr, split_decay_groups
+from simclr.optim import LARS, build_optimizer, scaled_lr, split_decay_groups
 from simclr.builder import SimCLR, projection_head
 from simclr.loss import nt_xent
 

@@ -160,31 +160,32 @@ def test_missing_variable_is_one_sentence_from_the_script(tmp_path):
 
 # ---------------------------------------------------------------- the handler itself, in-process
 
-def test_sigterm_sets_flag_then_hook_checkpoints_and_exits_for_requeue(tmp_path, monkeypatch):
+def test_sigterm_sets_flag_then_the_run_checkpoints_and_exits_for_requeue(tmp_path, monkeypatch):
+    """What the epoch loop does with a PretrainRun: --save-every-iters checkpoints when due,
+    a signal only sets the stop flag, and the preemption path saves (epoch, iteration) and
+    returns the requeue exit code."""
     import argparse
 
-    from common.engine import LossGuard
-    from common.preempt import PREEMPT_SIGNALS, PreemptionHandler
+    from common.preempt import PREEMPT_SIGNALS
+    from common.pretrain import PretrainData, PretrainRun
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    args = argparse.Namespace(arch="resnet18", output_dir=str(tmp_path), save_every_iters=4)
+    args = argparse.Namespace(arch="resnet18", output_dir=str(tmp_path), save_every_iters=4, knn_every=0)
     env = cdist.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+    data = PretrainData(None, None, None, batch_size=2, iters_per_epoch=8, to_device=None)
     saved = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
     try:
-        handler = PreemptionHandler(model, opt, None, args, env, method="moco", iters_per_epoch=8)
-        step = handler.after_step(epoch=3)
-        guard = LossGuard(torch.device("cpu"), 3, args)
-        hook = lambda done: step(done, guard)  # noqa: E731
-        assert hook(1) is False and not os.path.exists(tmp_path / "checkpoint_last.pth.tar")
-        assert hook(4) is False  # --save-every-iters 4
+        run = PretrainRun(model, opt, None, args, env, "moco", data, lambda e: 0.1, (3, 0))
+        assert not run.save_due(1) and not run.stop.agreed()
+        assert not os.path.exists(tmp_path / "checkpoint_last.pth.tar")
+        assert run.save_due(4) and not run.save_due(8)  # --save-every-iters 4; 8 ends the epoch
+        run.save_mid_epoch(3, 4)
         assert (load(tmp_path / "checkpoint_last.pth.tar")["iteration"]) == 4
         os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag
-        assert handler.requested == "SIGTERM"
-        with pytest.raises(SystemExit) as e:
-            hook(5)
-        assert e.value.code == REQUEUE_EXIT_CODE
+        assert run.stop.requested == "SIGTERM" and run.stop.agreed()
+        assert run.save_and_requeue(3, 5) == REQUEUE_EXIT_CODE
         ckpt = load(tmp_path / "checkpoint_last.pth.tar")
         assert (ckpt["epoch"], ckpt["iteration"], ckpt["method"]) == (3, 5, "moco")
         torch.testing.assert_close(ckpt["state_dict"]["module.weight"], model.weight)

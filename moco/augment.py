@@ -1,0 +1,19 @@
+"""MoCo's augmentation recipes: v1 (InstDisc's) and v2 ("aug-plus")."""
+from typing import Optional
+
+from common.augment import Recipe
+
+
+def moco_v1(crop_size: int = 224, crop_min: Optional[float] = None) -> Recipe:
+    """MoCo v1 / InstDisc augmentation (crop_min None: 0.2): grayscale, then jitter 0.4 always."""
+    return Recipe(crop_size, crop_min or 0.2, ("crop", "gray", "jitter", "flip"), jitter=(0.4, 0.4, 0.4, 0.4),
+                  jitter_p=1.0)
+
+
+def moco_v2(crop_size: int = 224, blur: bool = True, strength: float = 1.0,
+            crop_min: Optional[float] = None) -> Recipe:
+    """MoCo v2 "aug-plus": SimCLR-like colour jitter (scaled by `strength`) and blur, crop scale
+    crop_min-1 (None: 0.2)."""
+    s = strength
+    ops = ("crop", "jitter", "gray") + (("blur",) if blur else ()) + ("flip",)
+    return Recipe(crop_size, crop_min or 0.2, ops, jitter=(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s))
