@@ -33,7 +33,7 @@ from common.cli import HelpFormatter, check_common_flags
 from common.datasets import add_data_args, build_dataset, default_crop_size
 from common.transformed import TransformedDataset
 from common.images import is_image_file, pil_loader
-from common.dist import barrier, cleanup, is_main_process
+from common.dist import barrier, is_main_process
 from common.launch import add_dist_args, expected_world_size, per_worker, script_main, start_worker
 from common.precision import Precision
 from common.errors import UserError
@@ -399,7 +399,6 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                 grids = retrieval(model, train_base, train_f, qbase, qf, query_split, classes, args, env.device)
             log(f"=> {len(grids)} retrieval grid(s) in {os.path.dirname(grids[0])}/ (captions.csv names every cell)")
     barrier()
-    cleanup()
 
 
 main = script_main(get_args_parser, finalize_args, main_worker)

@@ -31,7 +31,7 @@ from common.datasets import build_dataset, default_crop_size
 from common.transformed import TransformedDataset
 from lincls.balance import BalancedSampler, class_weights
 from common.subsets import SubsetDataset, class_counts, load_subset, save_subset, stratified_subset
-from common.dist import DistEnv, cleanup, is_main_process
+from common.dist import DistEnv, is_main_process
 from common.launch import expected_world_size, per_worker, script_main, start_worker
 from common.loss_guard import LossGuard
 from common.placement import place_model
@@ -103,9 +103,15 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     args.output_dir = args.output_dir or os.path.join("runs", "lincls")
     prepare_output_dir(args.output_dir)
     if args.evaluate:
-        if not resolve_resume(args.resume or "auto", args.output_dir):
+        path = resolve_resume(args.resume or "auto", args.output_dir)
+        if not path:
             raise UserError("--evaluate needs a trained classifier; pass --resume model_best.pth.tar "
                             "(or checkpoint_last.pth.tar) from a main_lincls.py run")
+        # evaluate the classifier as it was trained, whatever the flags say
+        saved = resumed_args(path, args.output_dir, "lincls")[1]
+        for key in ("head", "head_bn", "mlp_hidden_dim", "dropout", "small_images"):
+            if key in saved:
+                setattr(args, key, saved[key])
     elif args.pretrained is None:
         raise UserError("--pretrained is required; pass a pretraining checkpoint, 'none' for a random-init "
                         "baseline or 'imagenet' for torchvision's cached weights")
@@ -338,10 +344,6 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     resume_path = resolve_resume(args.resume or ("auto" if args.evaluate else ""), args.output_dir)
     ckpt = load_checkpoint(resume_path, expected_method="lincls") if resume_path else None
     if ckpt is not None:
-        if args.evaluate:  # evaluate the classifier as it was trained, whatever the flags say
-            for key in ("head", "head_bn", "mlp_hidden_dim", "dropout", "small_images"):
-                if key in ckpt.get("args", {}):
-                    setattr(args, key, ckpt["args"][key])
         check_compatible(ckpt, args, classes, resume_path)
 
     # ---- model
@@ -366,7 +368,6 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
             write_report_files(report, args.output_dir, "_eval")
             with open(os.path.join(args.output_dir, "evaluation.json"), "w") as f:
                 json.dump({"checkpoint": resume_path, **jsonable(report)}, f, indent=1)
-        cleanup()
         return
 
     train_data, subset_path = training_subset(train_base, args)
@@ -456,7 +457,6 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         log(f"=> metrics in {os.path.join(args.output_dir, 'results.json')}")
-    cleanup()
 
 
 main = script_main(get_args_parser, finalize_args, main_worker)

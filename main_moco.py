@@ -10,14 +10,13 @@ import functools
 import torch
 
 from common.cli import HelpFormatter, add_training_args
-from common.dist import cleanup
 from common.launch import script_main, start_worker
 from common.engine import train_one_epoch
 from common.placement import place_model
 from common.precision import Precision
 from common.errors import UserError
 from common.models import build_backbone
-from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, PretrainRun, resume_training, two_view_data
+from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, PretrainRun, two_view_data
 from moco.builder import MoCo, SplitBatchNorm
 from moco.augment import moco_v1, moco_v2
 
@@ -76,19 +75,15 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                                 foreach=env.device.type == "cuda")
     scaler = Precision.from_args(args).scaler(env.device)
 
-    # ---- resume
-    start_epoch, start_iter = resume_training(args, model, optimizer, scaler, method="moco")
-    lr_fn = lr_schedule(args, args.lr)
-    run = PretrainRun(model, optimizer, scaler, args, env, "moco", data, lr_fn, (start_epoch, start_iter))
+    # ---- resume (--resume PATH|auto), then the run's metrics log, kNN monitor and checkpoints
+    run = PretrainRun(model, optimizer, scaler, args, env, "moco", data, lr_schedule(args, args.lr))
 
     # ---- epochs: train (the step loop: common/engine.py), then kNN monitor, metrics line, checkpoint
-    for epoch in range(start_epoch, args.epochs):
-        data.set_epoch(epoch, run.start_iter)
-        result = train_one_epoch(model, data, optimizer, scaler, lr_fn, epoch, args, env, run)
+    for epoch in range(run.start_epoch, args.epochs):
+        result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run)
         if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
             raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
         run.end_epoch(epoch, result, backbone=moco.encoder_q)
-    cleanup()
 
 
 main = script_main(get_args_parser, finalize_args, main_worker)

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 
 from common.cli import HelpFormatter, add_training_args
-from common.dist import cleanup
 from common.launch import expected_world_size, script_main, start_worker
 from common.engine import train_one_epoch
 from common.placement import place_model
@@ -23,7 +22,7 @@ from common.errors import UserError
 from common.logging import log
 from common.models import build_backbone
 from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
-from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, PretrainRun, resume_training, \
+from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, PretrainRun, \
     two_view_data
 from simclr.builder import SimCLR
 from simclr.augment import simclr_augmentation
@@ -104,19 +103,15 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     log(f"=> {args.optimizer} lr {lr:.4g} (--lr {args.lr} scaled {args.lr_scaling} for batch {args.batch_size}), "
         f"temperature {args.temperature}")
 
-    # ---- resume
-    start_epoch, start_iter = resume_training(args, model, optimizer, scaler, method="simclr")
-    lr_fn = lr_schedule(args, lr)
-    run = PretrainRun(model, optimizer, scaler, args, env, "simclr", data, lr_fn, (start_epoch, start_iter))
+    # ---- resume (--resume PATH|auto), then the run's metrics log, kNN monitor and checkpoints
+    run = PretrainRun(model, optimizer, scaler, args, env, "simclr", data, lr_schedule(args, lr))
 
     # ---- epochs: train (the step loop: common/engine.py), then kNN monitor, metrics line, checkpoint
-    for epoch in range(start_epoch, args.epochs):
-        data.set_epoch(epoch, run.start_iter)
-        result = train_one_epoch(model, data, optimizer, scaler, lr_fn, epoch, args, env, run)
+    for epoch in range(run.start_epoch, args.epochs):
+        result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run)
         if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
             raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
         run.end_epoch(epoch, result, backbone=simclr.encoder)
-    cleanup()
 
 
 main = script_main(get_args_parser, finalize_args, main_worker)

@@ -10,7 +10,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -206,7 +206,6 @@ def peak_memory_block(device: torch.device):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-                self._base = torch.cuda.memory_allocated(device)
             else:
                 self._rss = PeakRSS().__enter__()
             return self
@@ -222,6 +221,3 @@ def peak_memory_block(device: torch.device):
     return _Block()
 
 
-def maxrss_bytes() -> Optional[int]:
-    """Lifetime peak RSS of this process (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

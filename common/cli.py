@@ -20,10 +20,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def str2bool_or_none(v: str):
-    return None if v in (None, "auto") else v.lower() in ("1", "true", "yes", "on")
-
-
 def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int,
                       schedule: Sequence[int], weight_decay: float, name: str) -> None:
     parser.add_argument("data", metavar="DIR", nargs="?", default="",

@@ -30,9 +30,9 @@ class EpochResult:
 def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     lr_fn: Callable[[float], float], epoch: int, args: argparse.Namespace, env: DistEnv,
                     run: Optional["PretrainRun"] = None) -> EpochResult:
-    """One pass over `data.loader` (a common.pretrain.PretrainData: the loader already skips
-    the iterations a mid-epoch resume has done; `data.to_device` turns a batch's two views
-    into device tensors and runs --gpu-augment's photometric ops).
+    """One pass over `data.loader` (a common.pretrain.PretrainData, set to this epoch's order
+    and past the iterations a mid-epoch resume has done; `data.to_device` turns a batch's two
+    views into device tensors and runs --gpu-augment's photometric ops).
 
     `run` (common.pretrain.PretrainRun; None in benchmarks) gives the first iteration,
     writes the --save-every-iters checkpoints, and carries the stop request: once every rank
@@ -42,6 +42,7 @@ def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, sc
     model.train()
     precision = Precision.from_args(args)
     start_iter = run.start_iter if run is not None else 0
+    data.set_epoch(epoch, start_iter)
     meters = MeterBank(env.device)
     progress = Progress(epoch, args.epochs, data.iters_per_epoch, start_iter)
     guard = LossGuard(env.device, epoch, args)

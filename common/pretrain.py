@@ -87,7 +87,8 @@ class PretrainData:
 
     def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
         """This epoch's order; a mid-epoch resume skips the `start_iter` batches done."""
-        self.sampler.set_epoch(epoch, start_iter * self.batch_size)
+        if self.sampler is not None:  # benchmarks hand a list of batches
+            self.sampler.set_epoch(epoch, start_iter * self.batch_size)
 
 
 def two_view_data(args: argparse.Namespace, env: DistEnv, recipe: augment.Recipe, batch_size: int,
@@ -134,17 +135,19 @@ def lr_schedule(args: argparse.Namespace, lr: float) -> Callable[[float], float]
 
 
 class PretrainRun:
-    """What a pretraining run keeps besides model and optimizer: the resume point, the
+    """What a pretraining run keeps besides model and optimizer: the resume point (it
+    restores a --resume checkpoint when built), the
     metrics log, the kNN monitor, the stop request (SLURM preemption) and the checkpoints.
     The scripts' epoch loop calls `end_epoch` after each epoch and `save_and_requeue` when
     the step loop stopped for preemption; the step loop calls `save_due`/`save_mid_epoch`."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, args: argparse.Namespace,
-                 env: DistEnv, method: str, data: PretrainData, lr_fn: Callable[[float], float],
-                 start: Tuple[int, int]):
+                 env: DistEnv, method: str, data: PretrainData, lr_fn: Callable[[float], float]):
         self.model, self.optimizer, self.scaler, self.args, self.env = model, optimizer, scaler, args, env
         self.method, self.data, self.lr_fn = method, data, lr_fn
-        self.start_epoch, self.start_iter = start  # start_iter: iterations of start_epoch already done
+        # --resume: restores model, optimizer, scaler and RNG; start_iter iterations of
+        # start_epoch are already done (a mid-epoch checkpoint)
+        self.start_epoch, self.start_iter = resume_training(args, model, optimizer, scaler, method)
         if is_main_process():
             check_free_space(args.output_dir, checkpoint_bytes(model, optimizer))
         self.metrics = MetricsLog(args.output_dir)

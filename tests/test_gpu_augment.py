@@ -187,15 +187,21 @@ def test_large_jpegs_decode_at_reduced_scale_only_when_crops_keep_their_pixels(t
     assert augment.eval_decode_side(32) == augment.train_classifier_decode_side(32) == 32
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_split_batchnorm_channels_last_equals_the_reshape_path(dtype):
+def _split_bn_and_input():
+    """A 4-group SplitBatchNorm in fp64 with non-trivial affine parameters, and an input whose
+    mean and scale are far from 0 and 1."""
     torch.manual_seed(0)
     bn = SplitBatchNorm(16, 4).double()
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-1, 1)
+    return bn, (torch.randn(32, 16, 7, 7, dtype=torch.float64) * 3 + 2).requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_split_batchnorm_channels_last_equals_the_reshape_path(dtype):
+    bn, x = _split_bn_and_input()
     fast = copy.deepcopy(bn)
-    x = (torch.randn(32, 16, 7, 7, dtype=torch.float64) * 3 + 2).requires_grad_()
     x_cl = x.detach().to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
     y, y_cl = bn(x), fast(x_cl)
     assert y_cl.is_contiguous(memory_format=torch.channels_last) and y_cl.dtype == dtype
@@ -217,13 +223,8 @@ def test_split_batchnorm_channels_last_equals_the_reshape_path(dtype):
 def test_split_batchnorm_under_torch_compile_equals_the_reshape_path():
     """What --compile traces (_group_batch_norm_ops, plain differentiable ops) against the
     reference reshape path in fp64: outputs, input/weight/bias gradients, running stats."""
-    torch.manual_seed(0)
-    bn = SplitBatchNorm(16, 4).double()
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1, 1)
+    bn, x = _split_bn_and_input()
     traced = copy.deepcopy(bn)
-    x = (torch.randn(32, 16, 7, 7, dtype=torch.float64) * 3 + 2).requires_grad_()
     x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     y = bn(x)
     y_t = _group_batch_norm_ops(x_cl, traced.weight, traced.bias, traced.running_mean, traced.running_var,

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from common import dist as cdist, launch
+from common import dist as cdist, launch, slurm
 from common.errors import UserError
 from common.preempt import REQUEUE_EXIT_CODE
 from conftest import ROOT, SYNTHETIC
@@ -86,13 +86,13 @@ def assert_same_weights(a_path, b_path):
     ("dgx-[3,5]x", ["dgx-3x", "dgx-5x"]),
 ])
 def test_expand_nodelist(nodelist, hosts):
-    assert launch.expand_nodelist(nodelist) == hosts
+    assert slurm.expand_nodelist(nodelist) == hosts
 
 
 @pytest.mark.parametrize("nodelist", ["", "node[01-03", "node]01[", "node[a-c]", "node[[1]]"])
 def test_bad_nodelist_is_a_user_error(nodelist):
     with pytest.raises(UserError, match="nodelist"):
-        launch.expand_nodelist(nodelist)
+        slurm.expand_nodelist(nodelist)
 
 
 def _set_env(monkeypatch, **values):
@@ -108,23 +108,23 @@ def test_slurm_env_reads_rank_world_master_and_port(monkeypatch):
     _set_env(monkeypatch, SLURM_PROCID=5, SLURM_NTASKS=8, SLURM_LOCALID=1, SLURM_JOB_ID=123456,
              SLURM_JOB_NODELIST="gpu[03-06]", SLURM_TASKS_PER_NODE="2(x4)", SLURM_NODEID=2)
     assert launch.detect_launcher() == "slurm"
-    s = launch._slurm_env()
+    s = slurm.slurm_env()
     assert s == {"rank": 5, "world_size": 8, "local_rank": 1, "init_method": "tcp://gpu03:18456"}
-    assert launch._slurm_tasks_on_this_node() == 2
+    assert slurm.slurm_tasks_on_this_node() == 2
     # the step's own values win over the job's (srun -N2 -n4 inside a bigger allocation)
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[05-06]")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "6")
     monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "4,2")
     monkeypatch.setenv("SLURM_NODEID", "1")
-    s = launch._slurm_env()
+    s = slurm.slurm_env()
     assert s["world_size"] == 6 and s["init_method"] == "tcp://gpu05:18456"
-    assert launch._slurm_tasks_on_this_node() == 2
+    assert slurm.slurm_tasks_on_this_node() == 2
     # explicit MASTER_ADDR/MASTER_PORT override; then the job id and nodelist are not needed
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29999")
     for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST"):
         monkeypatch.delenv(k)
-    assert launch._slurm_env()["init_method"] == "tcp://10.0.0.1:29999"
+    assert slurm.slurm_env()["init_method"] == "tcp://10.0.0.1:29999"
 
 
 def test_single_task_or_torchrun_is_not_slurm(monkeypatch):
@@ -146,7 +146,7 @@ def test_single_task_or_torchrun_is_not_slurm(monkeypatch):
 def test_missing_or_bad_slurm_variables_name_the_problem(monkeypatch, values, missing):
     _set_env(monkeypatch, **values)
     with pytest.raises(UserError, match=missing.replace("(", r"\(")) as e:
-        launch._slurm_env()
+        slurm.slurm_env()
     assert "srun" in str(e.value)
 
 
@@ -172,12 +172,13 @@ def test_sigterm_sets_flag_then_the_run_checkpoints_and_exits_for_requeue(tmp_pa
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    args = argparse.Namespace(arch="resnet18", output_dir=str(tmp_path), save_every_iters=4, knn_every=0)
+    args = argparse.Namespace(arch="resnet18", output_dir=str(tmp_path), save_every_iters=4, knn_every=0,
+                              resume=None)
     env = cdist.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
     data = PretrainData(None, None, None, batch_size=2, iters_per_epoch=8, to_device=None)
     saved = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
     try:
-        run = PretrainRun(model, opt, None, args, env, "moco", data, lambda e: 0.1, (3, 0))
+        run = PretrainRun(model, opt, None, args, env, "moco", data, lambda e: 0.1)
         assert not run.save_due(1) and not run.stop.agreed()
         assert not os.path.exists(tmp_path / "checkpoint_last.pth.tar")
         assert run.save_due(4) and not run.save_due(8)  # --save-every-iters 4; 8 ends the epoch
