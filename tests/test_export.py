@@ -1,0 +1,151 @@
+"""export_backbone.py: each format round-trips and gives our backbone's features; MoCo,
+SimCLR, lincls and facebookresearch/moco checkpoints export; bad input is one sentence."""
+import functools
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.models as tvm
+
+import export_backbone
+from common.extras import available
+from common.models import build_backbone
+from common.pretrained import load_backbone
+from moco.builder import MoCo
+from simclr.builder import SimCLR
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics, so a stem or buffer left out of the export shows."""
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _save(path, model: nn.Module, method, small_images=True, with_args=True, arch="resnet18"):
+    ckpt = {"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "arch": arch,
+            "method": method}
+    if with_args:
+        ckpt["args"] = {"small_images": small_images, "crop_size": 32}
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    moco = _randomise_bn(MoCo(functools.partial(build_backbone, "resnet18", small_images=True), 16, 32, mlp=True))
+    simclr = _randomise_bn(SimCLR(lambda: build_backbone("resnet18", small_images=True), proj_dim=16))
+    lincls = _randomise_bn(build_backbone("resnet18", num_classes=3, small_images=True))
+    reference = _randomise_bn(MoCo(functools.partial(build_backbone, "resnet50"), 128, 64, mlp=True))
+    return {"moco": _save(root / "moco.pth.tar", moco, "moco"),
+            "simclr": _save(root / "simclr.pth.tar", simclr, "simclr"),
+            "lincls": _save(root / "lincls.pth.tar", lincls, "lincls"),
+            # facebookresearch/moco: ImageNet stem, no args, no method
+            "reference": _save(root / "reference.pth.tar", reference, None, small_images=False, with_args=False,
+                                 arch="resnet50")}
+
+
+def export(argv, capsys=None):
+    try:
+        export_backbone.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, (capsys.readouterr().err if capsys is not None else "")
+
+
+def ours(path: str, arch: str = "resnet18", small: bool = True) -> nn.Module:
+    net = build_backbone(arch, small_images=small)
+    load_backbone(net, torch.load(path, weights_only=True))
+    net.fc = nn.Identity()
+    return net.eval()
+
+
+def plain_torchvision(arch: str, small: bool, num_classes=None) -> nn.Module:
+    net = tvm.get_model(arch, num_classes=num_classes or 1000)
+    if small:  # the stem swap the sidecar JSON describes
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    if num_classes is None:
+        net.fc = nn.Identity()
+    return net.eval()
+
+
+@pytest.mark.parametrize("kind", ["moco", "simclr", "reference"])
+def test_torchvision_export_loads_strict_in_plain_torchvision_and_gives_our_features(checkpoints, kind, tmp_path):
+    out = tmp_path / "backbone.pth"
+    assert export([checkpoints[kind], "-o", str(out)])[0] == 0
+    small, arch = kind != "reference", "resnet18" if kind != "reference" else "resnet50"
+    net = plain_torchvision(arch, small)
+    net.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ours(checkpoints[kind], arch, small)(x), atol=1e-5, rtol=0)
+    info = json.load(open(tmp_path / "backbone.json"))
+    assert (info["arch"], info["small_images"], info["feature_dim"]) == (arch, small, 512 if small else 2048)
+
+
+def test_lincls_export_keeps_its_linear_head(checkpoints, tmp_path):
+    out = tmp_path / "classifier.pth"
+    assert export([checkpoints["lincls"], "-o", str(out)])[0] == 0
+    net = plain_torchvision("resnet18", True, num_classes=3)
+    net.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    ref = build_backbone("resnet18", num_classes=3, small_images=True)
+    ref.load_state_dict({k[7:]: v for k, v in torch.load(checkpoints["lincls"], weights_only=True)["state_dict"].items()})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref.eval()(x), atol=1e-5, rtol=0)
+    assert json.load(open(tmp_path / "classifier.json"))["num_classes"] == 3
+    assert export([checkpoints["lincls"], "-o", str(tmp_path / "no_head.pth"), "--no-head"])[0] == 0
+    assert not any(k.startswith("fc.") for k in torch.load(tmp_path / "no_head.pth", weights_only=True))
+
+
+def test_torchscript_export_round_trips(checkpoints, tmp_path):
+    out = tmp_path / "backbone.pt"
+    assert export([checkpoints["simclr"], "--format", "torchscript", "-o", str(out)])[0] == 0
+    net = torch.jit.load(str(out))
+    x = torch.randn(5, 3, 32, 32)  # another batch size than the trace's
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ours(checkpoints["simclr"])(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not (available("onnx") and available("onnxscript") and available("onnxruntime")),
+                    reason="onnx, onnxscript and onnxruntime are optional (requirements-extra.txt)")
+def test_onnx_export_round_trips_through_onnxruntime(checkpoints, tmp_path):
+    import onnxruntime
+    out = tmp_path / "backbone.onnx"
+    assert export([checkpoints["moco"], "--format", "onnx", "-o", str(out)])[0] == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 32, 32)
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, ours(checkpoints["moco"])(x), atol=1e-5, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.json", "backbone.onnx"]  # one self-contained file
+
+
+def test_missing_onnx_package_is_one_sentence_and_writes_nothing(checkpoints, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails as if not installed
+    code, err = export([checkpoints["moco"], "--format", "onnx", "-o", str(tmp_path / "b.onnx")], capsys)
+    assert code == 2 and "needs the onnxscript package" in err and "pip install onnxscript" in err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_foreign_files_are_one_sentence(tmp_path, capsys):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pth.tar")
+    code, err = export([str(tmp_path / "foreign.pth.tar")], capsys)
+    assert code == 2 and "is not a training checkpoint" in err and "Traceback" not in err
+    torch.save({"state_dict": {"encoder.conv1.weight": torch.zeros(3)}, "arch": "resnet18"}, tmp_path / "odd.pth.tar")
+    code, err = export([str(tmp_path / "odd.pth.tar")], capsys)
+    assert code == 2 and "does not fit this backbone" in err and "Traceback" not in err
+    # the right layout, the wrong architecture: sizes differ
+    torch.save({"state_dict": {"module.encoder_q." + k: v for k, v in build_backbone("resnet18").state_dict().items()},
+                "arch": "resnet34"}, tmp_path / "odd.pth.tar")
+    code, err = export([str(tmp_path / "odd.pth.tar")], capsys)
+    assert code == 2 and "does not fit this backbone" in err and "Traceback" not in err
