@@ -22,25 +22,29 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 from torchvision import transforms
 from torchvision.utils import save_image
 
 from common.augment import eval_decode_side, eval_transform
 from common.checkpoint import check_free_space, load_checkpoint, prepare_output_dir
-from common.pretrained import load_backbone, load_pretrained
-from common.resume import check_arch
-from common.cli import HelpFormatter, check_common_flags
+from common.cli import HelpFormatter, add_tensorboard_arg, check_common_flags
 from common.datasets import add_data_args, build_dataset, default_crop_size
-from common.transformed import TransformedDataset
-from common.images import is_image_file, pil_loader
 from common.dist import barrier, is_main_process
-from common.launch import add_dist_args, expected_world_size, per_worker, script_main, start_worker
-from common.precision import Precision
 from common.errors import UserError
+from common.extras import require
+from common.images import is_image_file, pil_loader
 from common.knn import extract_features, knn_search, knn_vote
+from common.launch import add_dist_args, expected_world_size, per_worker, script_main, start_worker
 from common.logging import log
 from common.metrics import classification_report, save_per_class_csv
 from common.models import build_backbone, without_head
+from common.plots import embedding_methods, plot_embeddings
+from common.precision import Precision
+from common.pretrained import load_backbone, load_pretrained
+from common.resume import check_arch
+from common.tensorboard import TensorBoardLog
+from common.transformed import TransformedDataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,6 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", action="store_true", help="mixed precision feature extraction")
     parser.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"), help="autocast dtype for --amp")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
+    add_tensorboard_arg(parser)
 
     g = parser.add_argument_group("knn")
     g.add_argument("--knn-k", default=[20, 200], type=int, nargs="+", metavar="K",
@@ -99,6 +104,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--query", default=[], action="append", metavar="PATH",
                    help="an image of your own to find neighbours for (repeat the flag for several)")
     g.add_argument("--grid-rows", default=8, type=int, metavar="N", help="queries (rows) per PNG grid")
+    g.add_argument("--plot-embeddings", action="store_true",
+                   help="2-D maps of the val features (train without a val split) coloured by class: "
+                        "OUTPUT_DIR/embeddings_pca.png, plus _tsne / _umap when scikit-learn / umap-learn are "
+                        "installed (needs matplotlib)")
     add_data_args(parser)
     add_dist_args(parser)
     return parser
@@ -107,6 +116,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     check_common_flags(args)
+    if args.plot_embeddings:
+        require("matplotlib")
     args.output_dir = args.output_dir or os.path.join("runs", "knn")
     prepare_output_dir(args.output_dir)
     # architecture and stem follow the checkpoint unless given, so `--pretrained ckpt` alone works
@@ -382,10 +393,13 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                 "small_images": args.small_images, "temperature": args.temperature,
                 "num_train": len(train_base), "num_val": len(val_base) if val_base is not None else 0,
                 "num_classes": len(classes), "feature_dim": int(train_f.shape[1])}
+        tensorboard = TensorBoardLog(args.output_dir, args.tensorboard)
         if not args.skip_knn:
             results = knn_evaluate(train_f, train_l, val_f, val_l, classes, args)
             log_knn(results, classes, args.temperature)
             write_knn_files(results, classes, info, args.output_dir)
+            for k, r in results.items():
+                tensorboard.scalars({"top1": r["top1"], "top5": r["top5"]}, 0, f"knn_k{k}")
             log(f"=> kNN results in {os.path.join(args.output_dir, 'knn_results.json')} and knn_per_class.csv")
         if args.export_embeddings:
             folder = os.path.join(args.output_dir, "embeddings")
@@ -398,6 +412,16 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
             with without_head(model):
                 grids = retrieval(model, train_base, train_f, qbase, qf, query_split, classes, args, env.device)
             log(f"=> {len(grids)} retrieval grid(s) in {os.path.dirname(grids[0])}/ (captions.csv names every cell)")
+            for path in grids:
+                tensorboard.image("retrieval/" + os.path.basename(path)[:-4], np.asarray(Image.open(path).convert("RGB")))
+        if args.plot_embeddings:
+            feats, labels = (val_f, val_l) if val_f is not None else (train_f, train_l)
+            names = classes or ["unlabelled"]
+            maps = [plot_embeddings(feats.float().cpu().numpy(), labels.cpu().numpy(), names,
+                                    os.path.join(args.output_dir, f"embeddings_{method}.png"), method, seed=args.seed)
+                    for method in embedding_methods()]
+            log(f"=> embedding map(s): {', '.join(maps)}")
+        tensorboard.close()
     barrier()
 
 

@@ -23,26 +23,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import augment
-from common.checkpoint import check_free_space, checkpoint_bytes, load_checkpoint, load_model_state, prepare_output_dir, restore_training_state, save_checkpoint, training_state
-from common.pretrained import extract_backbone, load_backbone, load_pretrained
-from common.resume import check_arch, check_same_flags, resolve_resume, resumed_args, run_seed
+from common.checkpoint import (
+    check_free_space,
+    checkpoint_bytes,
+    load_checkpoint,
+    load_model_state,
+    prepare_output_dir,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
 from common.cli import HelpFormatter, add_training_args, check_training_flags
 from common.datasets import build_dataset, default_crop_size
-from common.transformed import TransformedDataset
-from lincls.balance import BalancedSampler, class_weights
-from common.subsets import SubsetDataset, class_counts, load_subset, save_subset, stratified_subset
 from common.dist import DistEnv, is_main_process
-from common.launch import expected_world_size, per_worker, script_main, start_worker
-from common.loss_guard import LossGuard
-from common.placement import place_model
-from common.precision import Precision
-from common.loader import make_loader
 from common.errors import UserError
 from common.knn import extract_features
+from common.launch import expected_world_size, per_worker, script_main, start_worker
+from common.loader import make_loader
 from common.logging import MeterBank, MetricsLog, Progress, log
+from common.loss_guard import LossGuard
 from common.metrics import classification_report, save_confusion_csv, save_per_class_csv
 from common.models import build_backbone, feature_dim
+from common.placement import place_model
+from common.precision import Precision
+from common.pretrained import extract_backbone, load_backbone, load_pretrained
+from common.resume import check_arch, check_same_flags, resolve_resume, resumed_args, run_seed
 from common.schedule import lr_at, set_lr
+from common.subsets import SubsetDataset, class_counts, load_subset, save_subset, stratified_subset
+from common.transformed import TransformedDataset
+from lincls.balance import BalancedSampler, class_weights
 
 # (lr, weight decay) when not given: the reference linear probe; fine-tuning the whole
 # network needs a far smaller step (its backbone lr is further scaled by --backbone-lr-scale)
@@ -244,7 +253,7 @@ def training_subset(train, args: argparse.Namespace):
 
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, epoch: int, iters_per_epoch: int, lr_fn,
-                    args: argparse.Namespace, env: DistEnv) -> Dict[str, float]:
+                    args: argparse.Namespace, env: DistEnv, metrics: MetricsLog) -> Dict[str, float]:
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if args.finetune:
         model.train()
@@ -277,6 +286,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         if (it + 1) % args.print_freq == 0 or it + 1 == iters_per_epoch:
             guard.check()
             log(progress.line(it, images_seen, meters.latest(), meters.averages(across_ranks=False), lr))
+            metrics.step(epoch * iters_per_epoch + it + 1,
+                         {**meters.latest(), "lr": lr, "data_wait": progress.data_wait_share()})
     guard.check()
     return {**{f"train_{k}": v for k, v in meters.averages().items()}, "data_wait": progress.data_wait_share()}
 
@@ -409,7 +420,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     if is_main_process():
         check_free_space(args.output_dir, 2 * checkpoint_bytes(model, optimizer))  # last + model_best
-    metrics = MetricsLog(args.output_dir)
+    metrics = MetricsLog(args.output_dir, tensorboard=args.tensorboard)
     metrics.drop_epochs_from(start_epoch)  # lines a kill left after the last checkpoint
     lr_fn = functools.partial(lr_at, base_lr=args.lr, epochs=args.epochs, schedule=args.schedule,
                               cos=args.cos, warmup_epochs=args.warmup_epochs)
@@ -418,7 +429,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     report, lowest_val_loss, warned = None, float("inf"), False
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, criterion, optimizer, scaler, epoch, iters_per_epoch, lr_fn, args, env)
+        stats = train_one_epoch(model, loader, criterion, optimizer, scaler, epoch, iters_per_epoch, lr_fn, args, env,
+                                metrics)
         report = evaluate(model, val_dataset, classes, args, env, workers)
         is_best = report["acc1"] > best_acc1 or best_epoch < 0
         if is_best:

@@ -10,15 +10,15 @@ import functools
 import torch
 
 from common.cli import HelpFormatter, add_training_args
-from common.launch import script_main, start_worker
 from common.engine import train_one_epoch
+from common.errors import UserError
+from common.launch import script_main, start_worker
+from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
-from common.errors import UserError
-from common.models import build_backbone
-from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, PretrainRun, two_view_data
-from moco.builder import MoCo, SplitBatchNorm
+from common.pretrain import PretrainRun, add_pretrain_args, finalize_pretrain_args, lr_schedule, two_view_data
 from moco.augment import moco_v1, moco_v2
+from moco.builder import MoCo, SplitBatchNorm
 
 
 def get_args_parser() -> argparse.ArgumentParser:

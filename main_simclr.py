@@ -14,18 +14,17 @@ import torch
 import torch.nn as nn
 
 from common.cli import HelpFormatter, add_training_args
-from common.launch import expected_world_size, script_main, start_worker
 from common.engine import train_one_epoch
-from common.placement import place_model
-from common.precision import Precision
 from common.errors import UserError
+from common.launch import expected_world_size, script_main, start_worker
 from common.logging import log
 from common.models import build_backbone
-from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
-from common.pretrain import add_pretrain_args, finalize_pretrain_args, lr_schedule, PretrainRun, \
-    two_view_data
-from simclr.builder import SimCLR
+from common.placement import place_model
+from common.precision import Precision
+from common.pretrain import PretrainRun, add_pretrain_args, finalize_pretrain_args, lr_schedule, two_view_data
 from simclr.augment import simclr_augmentation
+from simclr.builder import SimCLR
+from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -29,12 +29,12 @@ import torch  # noqa: E402
 from bench.util import format_table, median, save_record, write_jpegs  # noqa: E402
 from common import augment  # noqa: E402
 from common.datasets import build_dataset  # noqa: E402
-from common.transformed import TransformedDataset  # noqa: E402
-from common.synthetic import SyntheticPatterns  # noqa: E402
-from common.images import image_folder  # noqa: E402
 from common.dist import DistEnv  # noqa: E402
-from common.loader import make_loader  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
+from common.images import image_folder  # noqa: E402
+from common.loader import make_loader  # noqa: E402
+from common.synthetic import SyntheticPatterns  # noqa: E402
+from common.transformed import TransformedDataset  # noqa: E402
 from moco.augment import moco_v2  # noqa: E402
 from simclr.augment import simclr_augmentation  # noqa: E402
 
@@ -71,6 +71,7 @@ class ReferenceBlur:
 
     def __call__(self, x):
         import random
+
         from PIL import ImageFilter
         return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma[0], self.sigma[1])))
 

@@ -35,13 +35,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.util import format_table, machine_info, mnist_subset, write_json  # noqa: E402
 from common import augment  # noqa: E402
-from common.pretrained import load_backbone, load_pretrained  # noqa: E402
 from common.datasets import build_dataset  # noqa: E402
-from common.transformed import TransformedDataset  # noqa: E402
-from common.subsets import stratified_subset  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 from common.knn import extract_features, knn_accuracy  # noqa: E402
 from common.models import build_backbone, without_head  # noqa: E402
+from common.pretrained import load_backbone, load_pretrained  # noqa: E402
+from common.subsets import stratified_subset  # noqa: E402
+from common.transformed import TransformedDataset  # noqa: E402
 
 # budgets: --quick fits 2 CPU cores (~270 img/s MoCo, ~220 img/s SimCLR steps with the
 # ImageNet stem at 32 px, 2 threads); full is the CIFAR-demo-sized recipe for one GPU.

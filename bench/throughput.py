@@ -30,19 +30,19 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from bench.util import format_table, machine_info, median, peak_memory_block, synchronize, write_json  # noqa: E402
+from common import augment  # noqa: E402
 from common.dist import DistEnv  # noqa: E402
 from common.engine import train_one_epoch  # noqa: E402
-from common.precision import Precision  # noqa: E402
-from common.pretrain import PretrainData  # noqa: E402
-from common import augment  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 from common.gpu_augment import ViewsToDevice, draw_params  # noqa: E402
 from common.models import build_backbone  # noqa: E402
-from simclr.optim import LARS, split_decay_groups  # noqa: E402
-from moco.builder import MoCo, SplitBatchNorm  # noqa: E402
-from simclr.builder import SimCLR  # noqa: E402
+from common.precision import Precision  # noqa: E402
+from common.pretrain import PretrainData  # noqa: E402
 from moco.augment import moco_v2  # noqa: E402
+from moco.builder import MoCo, SplitBatchNorm  # noqa: E402
 from simclr.augment import simclr_augmentation  # noqa: E402
+from simclr.builder import SimCLR  # noqa: E402
+from simclr.optim import LARS, split_decay_groups  # noqa: E402
 
 # name -> what differs from our default path. "baseline" is the reference-style loop.
 CONFIGS: Dict[str, Dict] = {

@@ -154,6 +154,7 @@ def mnist_subset(src_root: str, dst_root: str, train_n: int, test_n: int, datase
     """A class-balanced subset of an MNIST-format dataset written in torchvision's layout
     under dst_root, for budgets that cannot afford the 60k/10k images. Returns dst_root."""
     import torchvision.datasets as tvd
+
     from common.errors import UserError
 
     cls, folder = (tvd.FashionMNIST, "FashionMNIST") if dataset == "fashion-mnist" else (tvd.MNIST, "MNIST")

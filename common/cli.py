@@ -5,8 +5,9 @@ import math
 from typing import Sequence
 
 from common.datasets import add_data_args
-from common.launch import add_dist_args
 from common.errors import UserError
+from common.launch import add_dist_args
+from common.tensorboard import check_tensorboard_flag
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -57,10 +58,17 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int
                         help="torch.compile the networks (PyTorch 2; the first steps are slow while it compiles)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend for --compile (e.g. aot_eager to debug without a compiler)")
+    add_tensorboard_arg(parser)
     parser.add_argument("--save-freq", default=1, type=int,
                         help="keep checkpoint_NNNN.pth.tar every N epochs (checkpoint_last is always written)")
     add_data_args(parser)
     add_dist_args(parser)
+
+
+def add_tensorboard_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard event files to OUTPUT_DIR/tensorboard (needs the tensorboard "
+                             "package; metrics.jsonl is written either way)")
 
 
 def check_common_flags(args: argparse.Namespace) -> None:
@@ -73,6 +81,7 @@ def check_common_flags(args: argparse.Namespace) -> None:
                         f"CIFAR-sized images)")
     if args.workers < 0:
         raise UserError(f"-j/--workers {args.workers} must be 0 (load in the main process) or more")
+    check_tensorboard_flag(args.tensorboard)
 
 
 def check_training_flags(args: argparse.Namespace) -> None:

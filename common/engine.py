@@ -67,6 +67,9 @@ def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, sc
             # the only host sync of the loop: reading the meters for the line
             guard.check()
             log(progress.line(it, images_seen, meters.latest(), meters.averages(across_ranks=False), lr))
+            if run is not None:
+                run.metrics.step(epoch * data.iters_per_epoch + it + 1,
+                                 {**meters.latest(), "lr": lr, "data_wait": progress.data_wait_share()})
         if run is not None and run.stop.agreed():
             guard.check()  # never checkpoint NaN weights
             return EpochResult({**meters.averages(), "data_wait": progress.data_wait_share()}, it + 1, stopped=True)

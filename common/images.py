@@ -11,7 +11,6 @@ from torch.utils.data import Dataset
 
 from common.errors import UserError
 
-
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 

@@ -10,12 +10,12 @@ from torch.utils.data import DataLoader
 
 from common.augment import eval_decode_side, eval_transform
 from common.datasets import build_dataset
-from common.transformed import TransformedDataset
-from common.loader import ResumableSampler
 from common.dist import concat_all_gather, get_rank, get_world_size
-from common.precision import Precision
+from common.loader import ResumableSampler
 from common.logging import format_seconds, log
 from common.models import without_head
+from common.precision import Precision
+from common.transformed import TransformedDataset
 
 
 @torch.no_grad()

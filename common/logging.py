@@ -9,6 +9,7 @@ from typing import Dict, Iterable, Iterator
 import torch
 
 from common.dist import all_reduce_sum, is_main_process
+from common.tensorboard import TensorBoardLog
 
 
 def log(msg: str) -> None:
@@ -93,12 +94,15 @@ class Progress:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `<output_dir>/metrics.jsonl` (rank 0 only)."""
+    """Appends one JSON object per line to `<output_dir>/metrics.jsonl` (rank 0 only); with
+    `tensorboard`, the same numbers (per epoch) and the step loop's (per progress line) go
+    to TensorBoard too."""
 
-    def __init__(self, output_dir: str, name: str = "metrics.jsonl"):
+    def __init__(self, output_dir: str, name: str = "metrics.jsonl", tensorboard: bool = False):
         self.path = os.path.join(output_dir, name)
         if is_main_process():
             os.makedirs(output_dir, exist_ok=True)
+        self.tensorboard = TensorBoardLog(output_dir, tensorboard)
 
     def drop_epochs_from(self, epoch: int) -> None:
         """Forget the lines of `epoch` and later (a resumed run writes them again)."""
@@ -123,6 +127,12 @@ class MetricsLog:
     def write(self, record: Dict) -> None:
         if not is_main_process():
             return
+        self.tensorboard.scalars(record, int(record.get("epoch", 0)), "epoch")
         record = {"time": datetime.datetime.now().isoformat(timespec="seconds"), **record}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def step(self, global_step: int, values: Dict[str, float]) -> None:
+        """The step loop's numbers at a progress line (TensorBoard only: metrics.jsonl keeps
+        one line per epoch)."""
+        self.tensorboard.scalars(values, global_step, "step")

@@ -13,22 +13,29 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from common import augment
-from common.checkpoint import check_free_space, checkpoint_bytes, load_checkpoint, prepare_output_dir, restore_training_state, save_checkpoint, training_state
-from common.resume import check_arch, check_same_flags, resolve_resume, resumed_args, run_seed
+from common.checkpoint import (
+    check_free_space,
+    checkpoint_bytes,
+    load_checkpoint,
+    prepare_output_dir,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
 from common.cli import check_training_flags
 from common.datasets import build_dataset, default_crop_size
-from common.transformed import TransformedDataset
-from common.loader import ResumableSampler
 from common.dist import DistEnv, is_main_process
-from common.launch import expected_world_size, per_worker, uses_cuda
 from common.engine import EpochResult
-from common.loader import make_loader
 from common.errors import UserError
 from common.gpu_augment import ViewsToDevice
 from common.knn import KnnMonitor
+from common.launch import expected_world_size, per_worker, uses_cuda
+from common.loader import ResumableSampler, make_loader
 from common.logging import MetricsLog, log
 from common.preempt import StopRequest
+from common.resume import check_arch, check_same_flags, resolve_resume, resumed_args, run_seed
 from common.schedule import lr_at
+from common.transformed import TransformedDataset
 
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
@@ -150,7 +157,7 @@ class PretrainRun:
         self.start_epoch, self.start_iter = resume_training(args, model, optimizer, scaler, method)
         if is_main_process():
             check_free_space(args.output_dir, checkpoint_bytes(model, optimizer))
-        self.metrics = MetricsLog(args.output_dir)
+        self.metrics = MetricsLog(args.output_dir, tensorboard=args.tensorboard)
         # a kill between an epoch's metrics line and its checkpoint would repeat that line
         self.metrics.drop_epochs_from(self.start_epoch)
         self.knn = KnnMonitor(args, env) if args.knn_every else None

@@ -12,7 +12,6 @@ from common.checkpoint import METHODS, load_checkpoint
 from common.errors import UserError
 from common.resume import check_arch
 
-
 # prefixes under which pretraining checkpoints keep the backbone, most specific first
 BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "encoder.")
 

@@ -9,12 +9,13 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from common import augment, gpu_augment as G
-from common.transformed import TransformedDataset
+from common import augment
+from common import gpu_augment as G
 from common.images import FileListDataset, pil_loader
 from common.models import build_backbone
-from moco.builder import SplitBatchNorm, _group_batch_norm_ops
+from common.transformed import TransformedDataset
 from moco.augment import moco_v1, moco_v2
+from moco.builder import SplitBatchNorm, _group_batch_norm_ops
 from simclr.augment import simclr_augmentation
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

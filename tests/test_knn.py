@@ -9,10 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+import main_knn
 from common.knn import knn_accuracy, knn_predict, knn_search, knn_vote
 from conftest import SYNTHETIC, run_script
-
-import main_knn
 
 # the moco_pretrained run's data, fewer images: kNN only needs a forward pass
 DATA = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "-p", "1000"]

@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 
 import main_lincls
-from common.pretrained import torchvision_weights_path
-from lincls.balance import BalancedSampler, class_weights
-from common.subsets import stratified_subset
 from common.loader import ResumableSampler
 from common.metrics import accuracy, classification_report, confusion_matrix, precision_recall_f1
 from common.models import build_backbone
+from common.pretrained import torchvision_weights_path
+from common.subsets import stratified_subset
 from conftest import SYNTHETIC, run_script, write_image_folder
+from lincls.balance import BalancedSampler, class_weights
 
 # The probe comparison config: 512 training / 128 val images, 8 iterations per epoch, with
 # --head-bn (MAE's parameter-free BatchNorm before the linear layer). Without it the SGD probe

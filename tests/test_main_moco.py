@@ -118,10 +118,10 @@ def test_pretraining_beats_random_init_under_the_same_knn(moco_pretrained, tmp_p
     the CPU)."""
     import main_moco
     from common.checkpoint import load_checkpoint
-    from common.pretrained import load_backbone
     from common.dist import DistEnv
     from common.knn import KnnMonitor
     from common.models import build_backbone
+    from common.pretrained import load_backbone
     from conftest import MOCO_LEARN
 
     args = main_moco.finalize_args(main_moco.get_args_parser().parse_args(MOCO_LEARN))

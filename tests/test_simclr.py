@@ -16,15 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import main_simclr
-from conftest import SYNTHETIC, run_script
 from common.checkpoint import load_checkpoint
-from common.pretrained import load_backbone
 from common.dist import DistEnv, all_gather_with_grad
 from common.knn import KnnMonitor
 from common.models import build_backbone
-from simclr.optim import LARS, build_optimizer, scaled_lr, split_decay_groups
+from common.pretrained import load_backbone
+from conftest import SYNTHETIC, run_script
 from simclr.builder import SimCLR, projection_head
 from simclr.loss import nt_xent
+from simclr.optim import LARS, build_optimizer, scaled_lr, split_decay_groups
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--proj-dim", "16", "--proj-hidden-dim", "32",
                     "--seed", "3", "-p", "2",
