@@ -16,7 +16,7 @@ import functools
 import json
 import math
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -88,8 +88,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", default=0.5, type=float, help="dropout of --head mlp")
     g.add_argument("--finetune", action="store_true",
                    help="train the whole network end to end instead of a frozen backbone")
+    g.add_argument("--trainable-layers", default="", metavar="NAMES",
+                   help="fine-tune only these backbone blocks (comma-separated, of conv1,bn1,layer1..layer4, e.g. "
+                        "layer3,layer4) plus the head; the rest stays frozen and in eval mode")
     g.add_argument("--backbone-lr-scale", default=0.1, type=float,
-                   help="with --finetune: the backbone's lr is --lr times this")
+                   help="with --finetune or --trainable-layers: the backbone's lr is --lr times this")
     g.add_argument("--label-fraction", default=1.0, type=float,
                    help="train on a class-stratified fraction of the labels (e.g. 0.01, 0.1); the subset is "
                         "saved to OUTPUT_DIR/label_subset.json")
@@ -129,7 +132,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     args.crop_size = args.crop_size or default_crop_size(args)
     if args.small_images is None:
         args.small_images = args.crop_size <= 64
-    lr, wd = FINETUNE_DEFAULTS if args.finetune else MLP_PROBE_DEFAULTS if args.head == "mlp" else LINEAR_PROBE_DEFAULTS
+    args.trainable_layers = parse_trainable_layers(args.trainable_layers, args.finetune)
+    tuned = args.finetune or bool(args.trainable_layers)
+    lr, wd = FINETUNE_DEFAULTS if tuned else MLP_PROBE_DEFAULTS if args.head == "mlp" else LINEAR_PROBE_DEFAULTS
     args.lr = lr if args.lr is None else args.lr
     args.weight_decay = wd if args.weight_decay is None else args.weight_decay
     if not 0.0 < args.label_fraction <= 1.0:
@@ -188,17 +193,39 @@ def build_classifier(args: argparse.Namespace, num_classes: int
     return model, reference, source
 
 
-def sanity_check(model: nn.Module, reference: Dict[str, torch.Tensor]) -> None:
-    """A frozen-backbone run must leave every backbone tensor (weights and BN statistics)
-    exactly as loaded: otherwise the reported accuracy is not a linear probe of the
-    pretrained features. A difference is a bug, so it fails loudly."""
-    current = backbone_state(model)
+BLOCKS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+
+
+def parse_trainable_layers(value: str, finetune: bool) -> List[str]:
+    """--trainable-layers 'layer3,layer4' -> ['layer3', 'layer4'], checked."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BLOCKS]
+    if unknown:
+        raise UserError(f"--trainable-layers names {unknown[0]!r}, which is not a backbone block; pick from "
+                        f"{','.join(BLOCKS)} (e.g. --trainable-layers layer3,layer4)")
+    if names and finetune:
+        raise UserError("--finetune trains every block and --trainable-layers only some; pass one of them")
+    return names
+
+
+def is_trainable(name: str, trainable_layers: Sequence[str]) -> bool:
+    """The head always; a backbone tensor when its block is in --trainable-layers."""
+    return name.startswith("fc.") or name.split(".")[0] in trainable_layers
+
+
+def sanity_check(model: nn.Module, reference: Dict[str, torch.Tensor], trainable_layers: Sequence[str] = ()) -> None:
+    """A frozen backbone (or its frozen blocks, with --trainable-layers) must leave every
+    tensor (weights and BN statistics) exactly as loaded: otherwise the reported accuracy is
+    not a probe of the pretrained features. A difference is a bug, so it fails loudly."""
+    current = {k: v for k, v in backbone_state(model).items() if not is_trainable(k, trainable_layers)}
+    reference = {k: v for k, v in reference.items() if not is_trainable(k, trainable_layers)}
     changed = [k for k in reference if k not in current or not torch.equal(current[k], reference[k].to(current[k].dtype))]
     if changed or set(current) != set(reference):
         raise RuntimeError(f"sanity check failed: the frozen backbone changed during training "
                            f"({len(changed)} tensors differ, e.g. {changed[:5]}; "
                            f"keys only in the model: {sorted(set(current) - set(reference))[:5]})")
-    log(f"=> sanity check passed: all {len(reference)} backbone tensors equal the loaded ones")
+    which = f"frozen ({', '.join(b for b in BLOCKS if b not in trainable_layers)})" if trainable_layers else "backbone"
+    log(f"=> sanity check passed: all {len(reference)} {which} tensors equal the loaded ones")
 
 
 def check_compatible(ckpt: Dict, args: argparse.Namespace, classes: List[str], path: str) -> None:
@@ -212,6 +239,9 @@ def check_compatible(ckpt: Dict, args: argparse.Namespace, classes: List[str], p
     if not args.evaluate and saved.get("finetune", args.finetune) != args.finetune:
         raise UserError(f"{path!r} was trained {'with' if saved['finetune'] else 'without'} --finetune; "
                         f"resume it the same way (or use another --output-dir for a new run)")
+    if not args.evaluate and saved.get("trainable_layers", []) != args.trainable_layers:
+        raise UserError(f"{path!r} was trained with --trainable-layers {','.join(saved['trainable_layers']) or '(none)'}"
+                        f"; resume it with the same (or use another --output-dir for a new run)")
     saved_classes = ckpt.get("classes")
     if saved_classes is not None and list(saved_classes) != list(classes):
         raise UserError(f"{path!r} classifies {len(saved_classes)} classes {list(saved_classes)[:3]}... but this "
@@ -258,9 +288,11 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     if args.finetune:
         model.train()
     else:
-        # frozen: BN statistics must not move (eval mode); the head still trains (dropout on)
+        # frozen: BN statistics must not move (eval mode); the head (and --trainable-layers) train
         model.eval()
         net.fc.train()
+        for name in args.trainable_layers:
+            getattr(net, name).train()
     meters = MeterBank(env.device)
     progress = Progress(epoch, args.epochs, iters_per_epoch)
     images_seen = 0
@@ -360,15 +392,17 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     # ---- model
     model, reference, source = build_classifier(args, num_classes)
     if not args.finetune:
-        # only the head learns; the backbone gets no gradients at all
+        # only the head (and --trainable-layers) learns; the rest gets no gradients at all
         for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("fc.")
+            p.requires_grad = is_trainable(name, args.trainable_layers)
     model = place_model(model, env, args, networks=(model,))
     net = model.module if env.distributed else model
     if not reference:
         # random init: the reference is the init as DDP broadcast it from rank 0 (each rank drew its own)
         reference = backbone_state(net)
-    log(f"=> {args.arch} from {source}; {'fine-tuning everything' if args.finetune else 'frozen backbone'}, "
+    mode = ("fine-tuning everything" if args.finetune else f"fine-tuning {', '.join(args.trainable_layers)}, the rest "
+            f"frozen" if args.trainable_layers else "frozen backbone")
+    log(f"=> {args.arch} from {source}; {mode}, "
         f"{args.head} head, {num_classes} classes, {env.world_size} process(es) on {env.device}")
 
     if args.evaluate:
@@ -397,8 +431,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- optimizer: the head only (frozen), or everything with a slower backbone (finetune)
     head_params = list(net.fc.parameters())
-    if args.finetune:
-        backbone_params = [p for n, p in net.named_parameters() if not n.startswith("fc.")]
+    if args.finetune or args.trainable_layers:
+        backbone_params = [p for n, p in net.named_parameters() if not n.startswith("fc.") and p.requires_grad]
         groups = [{"params": backbone_params, "lr_scale": args.backbone_lr_scale}, {"params": head_params}]
     else:
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -456,13 +490,14 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                             args.output_dir, epoch_file=keep, is_best=is_best)
 
     if not args.finetune:
-        sanity_check(net, reference)
+        sanity_check(net, reference, args.trainable_layers)
     if report is None:  # resumed a finished run: report its final state
         report = evaluate(model, val_dataset, classes, args, env, workers)
     log(f"=> final ({args.epochs} epochs, {len(train_dataset)} training images): {summary_line(report)}  "
         f"best acc1 {best_acc1:.2f} (epoch {best_epoch})")
     if is_main_process():
         results = {"arch": args.arch, "pretrained": args.pretrained, "head": args.head, "finetune": args.finetune,
+                   "trainable_layers": args.trainable_layers,
                    "label_fraction": args.label_fraction, "epochs": args.epochs,
                    "num_train_images": len(train_dataset), "num_classes": num_classes,
                    "best_acc1": best_acc1, "best_epoch": best_epoch, "final": jsonable(report)}

@@ -16,7 +16,15 @@ from common.launch import script_main, start_worker
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
-from common.pretrain import PretrainRun, add_pretrain_args, finalize_pretrain_args, lr_schedule, two_view_data
+from common.pretrain import (
+    PretrainRun,
+    add_pretrain_args,
+    add_view_args,
+    finalize_pretrain_args,
+    finalize_view_args,
+    lr_schedule,
+    two_view_data,
+)
 from moco.augment import moco_v1, moco_v2
 from moco.builder import MoCo, SplitBatchNorm
 
@@ -34,6 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--symmetric", action="store_true", help="symmetric loss: both views as query and key")
     g.add_argument("--bn-splits", default=8, type=int,
                    help="BN groups that simulate multi-GPU shuffle-BN in a single-process run")
+    add_view_args(parser)
     add_pretrain_args(parser)
     return parser
 
@@ -41,6 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     finalize_pretrain_args(args, "moco", model_flags=("--moco-dim", "--moco-k", "--mlp", "--symmetric"))
+    finalize_view_args(args)
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     if args.moco_k % keys_per_step != 0:
         raise UserError(f"--moco-k {args.moco_k} is not a multiple of the {keys_per_step} keys enqueued per step "

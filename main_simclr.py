@@ -21,7 +21,15 @@ from common.logging import log
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
-from common.pretrain import PretrainRun, add_pretrain_args, finalize_pretrain_args, lr_schedule, two_view_data
+from common.pretrain import (
+    PretrainRun,
+    add_pretrain_args,
+    add_view_args,
+    finalize_pretrain_args,
+    finalize_view_args,
+    lr_schedule,
+    two_view_data,
+)
 from simclr.augment import simclr_augmentation
 from simclr.builder import SimCLR
 from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
@@ -55,6 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", default=None, action=argparse.BooleanOptionalAction,
                    help="BatchNorm statistics over the global batch (SimCLR's global BN; default: on with "
                         "several GPUs; PyTorch cannot sync BN between CPU processes)")
+    add_view_args(parser)
     add_pretrain_args(parser)
     return parser
 
@@ -63,6 +72,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     finalize_pretrain_args(args, "simclr", model_flags=("--proj-dim", "--proj-hidden-dim", "--proj-layers",
                                                          "--proj-bn", "--optimizer"))
+    finalize_view_args(args)
     if args.batch_size < 2:
         raise UserError(f"--batch-size {args.batch_size} leaves NT-Xent no negatives (each image's only other "
                         f"embedding is its positive); use --batch-size 2 or more (SimCLR uses 256 to 4096)")

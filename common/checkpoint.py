@@ -14,8 +14,9 @@ import torch.nn as nn
 
 from common.errors import UserError
 
-METHODS = ("moco", "simclr", "lincls")
-SCRIPTS = {"moco": "main_moco.py", "simclr": "main_simclr.py", "lincls": "main_lincls.py"}
+METHODS = ("moco", "simclr", "inpaint", "lincls")
+SCRIPTS = {"moco": "main_moco.py", "simclr": "main_simclr.py", "inpaint": "main_inpaint.py",
+           "lincls": "main_lincls.py"}
 
 
 # ---------------------------------------------------------------- writing

@@ -1,5 +1,5 @@
-"""The pretraining step loop shared by MoCo and SimCLR (the epoch loop is in the
-scripts). The method is the model: it takes the two views and returns (loss, stats);
+"""The pretraining step loop shared by MoCo, SimCLR and inpainting (the epoch loop is in
+the scripts). The method is the model: it takes a batch's views and returns (loss, stats);
 everything else here is plumbing: lr per iteration, AMP, the progress line, and stopping
 at an iteration boundary when SLURM asks (common/preempt.py)."""
 import argparse
@@ -50,16 +50,16 @@ def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, sc
     for it, (images, _) in enumerate(progress.timed(data.loader), start=start_iter):
         lr = lr_fn(epoch + it / data.iters_per_epoch)
         set_lr(optimizer, lr)
-        im_q, im_k = data.to_device(images[:2])
+        views = data.to_device(images)  # MoCo / SimCLR: two views; inpainting: masked, image, mask
 
         with precision.autocast(env.device):
-            loss, stats = model(im_q, im_k)
+            loss, stats = model(*views)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
-        n = im_q.shape[0]
+        n = views[0].shape[0]
         meters.update(n, loss=loss, **stats)
         guard.update(loss, it)
         images_seen += n * env.world_size

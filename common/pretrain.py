@@ -38,9 +38,8 @@ from common.schedule import lr_at
 from common.transformed import TransformedDataset
 
 
-def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
-    """Flags both pretraining scripts take: augmentation strength and crops, --gpu-augment,
-    the kNN monitor and --save-every-iters."""
+def add_view_args(parser: argparse.ArgumentParser) -> None:
+    """The two-view methods' augmentation flags (MoCo, SimCLR): strength, crops, --gpu-augment."""
     parser.add_argument("--color-strength", default=1.0, type=float,
                         help="colour distortion strength s: SimCLR jitter 0.8s/0.8s/0.8s/0.2s, MoCo v2 "
                              "(--aug-plus) jitter 0.4s/0.4s/0.4s/0.1s; 1.0 is the papers' recipe")
@@ -50,11 +49,23 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-augment", default=None, action=argparse.BooleanOptionalAction,
                         help="loader workers only decode, crop and flip; colour jitter, grayscale, blur and "
                              "normalisation run batched on the training device (default: on with a GPU)")
+
+
+def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every pretraining script takes: the kNN monitor and --save-every-iters."""
     parser.add_argument("--knn-every", default=0, type=int,
                         help="kNN accuracy of the backbone on the labelled train/val split every N epochs (0: off)")
     parser.add_argument("--save-every-iters", default=0, type=int, metavar="N",
                         help="also write checkpoint_last.pth.tar every N iterations inside an epoch (0: only at "
                              "epoch ends); a killed job then loses at most N iterations")
+
+
+def finalize_view_args(args: argparse.Namespace) -> None:
+    """add_view_args' derived defaults and checks."""
+    if args.gpu_augment is None:
+        args.gpu_augment = uses_cuda(args)
+    if args.crop_min is not None and not 0 < args.crop_min <= 1:
+        raise UserError(f"--crop-min {args.crop_min} is an area fraction; use a value in (0, 1], e.g. 0.2")
 
 
 def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Sequence[str] = ()) -> argparse.Namespace:
@@ -69,13 +80,9 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Seq
     args.crop_size = args.crop_size or default_crop_size(args)
     if args.small_images is None:
         args.small_images = args.crop_size <= 64
-    if args.gpu_augment is None:
-        args.gpu_augment = uses_cuda(args)
     if args.save_every_iters < 0:
         raise UserError(f"--save-every-iters {args.save_every_iters} is negative; pass N > 0, or 0 to save only at "
                         f"epoch ends")
-    if args.crop_min is not None and not 0 < args.crop_min <= 1:
-        raise UserError(f"--crop-min {args.crop_min} is an area fraction; use a value in (0, 1], e.g. 0.2")
     per_worker(args.batch_size, expected_world_size(args))
     if resume_path:
         # (-a/--arch is checked with the checkpoint's own arch field when it is loaded)
@@ -98,24 +105,33 @@ class PretrainData:
             self.sampler.set_epoch(epoch, start_iter * self.batch_size)
 
 
-def two_view_data(args: argparse.Namespace, env: DistEnv, recipe: augment.Recipe, batch_size: int,
-                  workers: int) -> PretrainData:
-    """Every image of the pretraining split as two independent views (labels unused); with
-    --gpu-augment the workers hand over uint8 crops and the photometric half of `recipe`
-    runs batched on the device (data.to_device)."""
-    view_transform = recipe.split() if args.gpu_augment else recipe
-    dataset = TransformedDataset(build_dataset(args, "pretrain"), augment.TwoCropsTransform(view_transform),
-                                 args.strict_data, decode_side=recipe.decode_side())
+def pretrain_data(args: argparse.Namespace, env: DistEnv, transform, batch_size: int, workers: int,
+                  decode_side: int, to_device: ViewsToDevice) -> PretrainData:
+    """Every image of the pretraining split through `transform` (seeded per sample; labels
+    unused), in batches of `batch_size` per process."""
+    dataset = TransformedDataset(build_dataset(args, "pretrain"), transform, args.strict_data, decode_side=decode_side)
     loader, sampler = make_loader(dataset, batch_size, env, workers, env.seed)
     iters_per_epoch = len(dataset) // env.world_size // batch_size
     if iters_per_epoch == 0:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size}; "
                         f"lower --batch-size or add images")
     log(f"=> {len(dataset)} images, {iters_per_epoch} iterations/epoch, {env.world_size} process(es), "
-        f"batch {batch_size}/process on {env.device}; colour/blur augmentation on "
-        f"{env.device.type + ' (--gpu-augment)' if args.gpu_augment else 'the loader workers'}")
-    to_device = ViewsToDevice(env.device, args.channels_last, recipe.spec() if args.gpu_augment else None)
+        f"batch {batch_size}/process on {env.device}")
     return PretrainData(dataset, loader, sampler, batch_size, iters_per_epoch, to_device)
+
+
+def two_view_data(args: argparse.Namespace, env: DistEnv, recipe: augment.Recipe, batch_size: int,
+                  workers: int) -> PretrainData:
+    """Every image of the pretraining split as two independent views (labels unused); with
+    --gpu-augment the workers hand over uint8 crops and the photometric half of `recipe`
+    runs batched on the device (data.to_device)."""
+    view_transform = recipe.split() if args.gpu_augment else recipe
+    to_device = ViewsToDevice(env.device, args.channels_last, recipe.spec() if args.gpu_augment else None)
+    data = pretrain_data(args, env, augment.TwoCropsTransform(view_transform), batch_size, workers,
+                         recipe.decode_side(), to_device)
+    log(f"=> colour/blur augmentation on "
+        f"{env.device.type + ' (--gpu-augment)' if args.gpu_augment else 'the loader workers'}")
+    return data
 
 
 def resume_training(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer, scaler,

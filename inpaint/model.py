@@ -1,0 +1,94 @@
+"""Context encoder (Pathak et al., 2016) on a torchvision ResNet: the encoder (conv1 ..
+layer4, no pooling, no fc) maps the masked image to a feature map, a decoder of 2x
+transposed convolutions paints the whole image back, and the loss compares it with the
+original, weighting the blanked-out patches by `masked_weight`.
+
+The encoder keeps torchvision's layer names and sits under `encoder.`, so a checkpoint's
+`module.encoder.*` loads into main_lincls.py / main_knn.py with no conversion."""
+import math
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.augment import IMAGENET_MEAN, IMAGENET_STD
+
+LOSSES = ("bce", "mse", "l1")
+
+
+def decoder(in_channels: int, num_layers: int) -> nn.Sequential:
+    """`num_layers` transposed convolutions, each doubling the side and halving the width
+    (BN + ReLU between them); the last gives 3 channels of logits."""
+    layers, c = [], in_channels
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        out = 3 if last else max(c // 2, 32)
+        layers.append(nn.ConvTranspose2d(c, out, kernel_size=4, stride=2, padding=1, bias=last))
+        if not last:
+            layers += [nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        c = out
+    return nn.Sequential(*layers)
+
+
+class ContextEncoder(nn.Module):
+    def __init__(self, base_encoder: Callable[[], nn.Module], loss: str = "bce", masked_weight: float = 1.0):
+        """base_encoder() builds a torchvision ResNet (its fc is dropped); the decoder has as
+        many 2x layers as the encoder halves the side (5 with the ImageNet stem, 3 with the
+        CIFAR stem)."""
+        super().__init__()
+        self.encoder = base_encoder()
+        width = self.encoder.fc.in_features
+        self.encoder.fc = nn.Identity()
+        self.stride = self._stride()
+        self.decoder = decoder(width, int(math.log2(self.stride)))
+        self.loss, self.masked_weight = loss, masked_weight
+        # the encoder sees ImageNet-normalised images, as main_lincls.py / main_knn.py feed it
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _stride(self) -> int:
+        enc = self.encoder
+        s = enc.conv1.stride[0] * (1 if isinstance(enc.maxpool, nn.Identity) else 2)
+        for layer in (enc.layer2, enc.layer3, enc.layer4):
+            block = layer[0]
+            s *= (block.conv2 if hasattr(block, "conv3") else block.conv1).stride[0]
+        return s
+
+    def networks(self) -> Tuple[nn.Module, nn.Module]:
+        return self.encoder, self.decoder
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's feature map, N x C x H/stride x W/stride."""
+        e = self.encoder
+        x = e.maxpool(e.relu(e.bn1(e.conv1(x))))
+        return e.layer4(e.layer3(e.layer2(e.layer1(x))))
+
+    def reconstruct(self, masked: torch.Tensor) -> torch.Tensor:
+        """Logits of the painted-back image, the input's size (an input side that is not a
+        multiple of the stride is resized back)."""
+        logits = self.decoder(self.features((masked - self.mean) / self.std))
+        if logits.shape[-2:] != masked.shape[-2:]:
+            logits = F.interpolate(logits, size=masked.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+    def forward(self, masked: torch.Tensor, image: torch.Tensor, mask: torch.Tensor
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """masked, image: N x 3 x H x W in [0, 1]; mask: N x 1 x H x W, True where blanked.
+        Returns the loss (mean over pixels, blanked ones weighted `masked_weight`) and
+        {"masked_mse": the squared error inside the patches, what inpainting is about}."""
+        logits = self.reconstruct(masked).float()
+        image = image.float()
+        if self.loss == "bce":
+            per_pixel = F.binary_cross_entropy_with_logits(logits, image, reduction="none")
+        elif self.loss == "mse":
+            per_pixel = F.mse_loss(torch.sigmoid(logits), image, reduction="none")
+        else:
+            per_pixel = F.l1_loss(torch.sigmoid(logits), image, reduction="none")
+        m = mask.to(per_pixel.dtype)
+        weight = 1.0 + (self.masked_weight - 1.0) * m  # N x 1 x H x W, broadcast over colours
+        loss = (per_pixel * weight).sum() / (weight.sum() * per_pixel.shape[1])
+        with torch.no_grad():
+            sq = (torch.sigmoid(logits) - image).square()
+            masked_mse = (sq * m).sum() / (m.sum() * 3).clamp(min=1)
+        return loss, {"masked_mse": masked_mse}

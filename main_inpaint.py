@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Context-encoder (inpainting) pretraining (Pathak et al., 2016): random patches are blanked
+out of each image and a ResNet encoder + transposed-convolution decoder paints them back.
+The encoder then initialises a classifier (main_lincls.py --pretrained) or a kNN
+(main_knn.py), with no conversion.
+
+    python main_inpaint.py --dataset synthetic -a resnet18 --epochs 5 -b 64
+    python main_inpaint.py /data/natural_images -a resnet50 --crop-size 128 --patches 16 --patch-size 16 \\
+        -b 128 --lr 1e-3 --epochs 100 --save-freq 10          # the Natural Images tutorial's recipe
+"""
+import argparse
+import functools
+import os
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+
+from common.cli import HelpFormatter, add_training_args
+from common.dist import is_main_process
+from common.engine import train_one_epoch
+from common.errors import UserError
+from common.gpu_augment import ViewsToDevice
+from common.launch import script_main, start_worker
+from common.models import build_backbone
+from common.placement import place_model
+from common.precision import Precision
+from common.pretrain import PretrainRun, add_pretrain_args, finalize_pretrain_args, lr_schedule, pretrain_data
+from inpaint.masking import InpaintingPair
+from inpaint.model import LOSSES, ContextEncoder
+
+GRID_IMAGES = 8  # images in the per-epoch reconstruction grid
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Context-encoder (inpainting) pretraining",
+                                     formatter_class=HelpFormatter)
+    add_training_args(parser, lr=1e-3, epochs=100, batch_size=128, schedule=(), weight_decay=0.0, name="inpaint")
+    g = parser.add_argument_group("inpainting")
+    g.add_argument("--patches", default=16, type=int, metavar="N", help="squares blanked out of each image")
+    g.add_argument("--patch-size", default=16, type=int, metavar="S", help="side of each square in pixels")
+    g.add_argument("--loss", default="bce", choices=LOSSES,
+                   help="reconstruction loss on the sigmoid output (bce: the tutorial's)")
+    g.add_argument("--masked-weight", default=1.0, type=float, metavar="W",
+                   help="weight of the blanked-out pixels in the loss, the others weigh 1 (Pathak et al. "
+                        "weight the hole more; 1: uniform, as the tutorial)")
+    g.add_argument("--no-flip", action="store_true", help="no random horizontal flip of the images")
+    add_pretrain_args(parser)
+    return parser
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill derived defaults and reject impossible combinations before any worker starts."""
+    finalize_pretrain_args(args, "inpaint", model_flags=("--loss",))
+    if args.patches < 1:
+        raise UserError(f"--patches {args.patches} blanks nothing out, so there is nothing to paint back; "
+                        f"use 1 or more (the tutorial uses 16)")
+    if not 1 <= args.patch_size <= args.crop_size:
+        raise UserError(f"--patch-size {args.patch_size} does not fit in the {args.crop_size} px crop; use a "
+                        f"side between 1 and {args.crop_size} (e.g. --patch-size {max(1, args.crop_size // 8)})")
+    if args.masked_weight <= 0:
+        raise UserError(f"--masked-weight {args.masked_weight} must be positive (1: every pixel weighs the same)")
+    return args
+
+
+@torch.no_grad()
+def reconstruction_grid(model: ContextEncoder, dataset, device: torch.device, path: str) -> np.ndarray:
+    """Rows of `GRID_IMAGES`: originals, masked inputs, reconstructions (the same images and
+    patches every epoch), as a PNG; returns the grid as H x W x 3 uint8 (for TensorBoard)."""
+    samples = [dataset[(i, 10_007 + i)][0] for i in range(min(GRID_IMAGES, len(dataset)))]
+    masked, image = (torch.stack([s[j] for s in samples]).to(device) for j in (0, 1))
+    was_training = model.training
+    model.eval()
+    recon = torch.sigmoid(model.reconstruct(masked).float())
+    model.train(was_training)
+    grid = torch.cat([image, masked, recon]).cpu()
+    save_image(grid, path, nrow=len(samples), padding=2, pad_value=1.0)
+    return (torch.cat([torch.cat(list(row), dim=2) for row in grid.view(3, len(samples), *grid.shape[1:])], dim=1)
+            .permute(1, 2, 0).mul(255).round().byte().numpy())
+
+
+def main_worker(local_rank, args: argparse.Namespace) -> None:
+    env, batch_size, workers = start_worker(local_rank, args, preemptible=True)
+
+    # ---- data: each image resized to crop x crop; the input has --patches squares blanked out
+    # (drawn from the per-sample seed: new every epoch, the same after a resume)
+    pair = InpaintingPair(args.crop_size, args.patches, args.patch_size, flip=not args.no_flip)
+    data = pretrain_data(args, env, pair, batch_size, workers, args.crop_size,
+                         ViewsToDevice(env.device, args.channels_last))
+
+    # ---- model: ResNet encoder (conv1 .. layer4) + decoder of 2x transposed convolutions
+    model = ContextEncoder(functools.partial(build_backbone, args.arch, small_images=args.small_images),
+                           args.loss, args.masked_weight)
+    model = place_model(model, env, args, networks=model.networks())
+    inpaint = model.module if env.distributed else model
+
+    optimizer = torch.optim.Adam(model.parameters(), args.lr, weight_decay=args.weight_decay)
+    scaler = Precision.from_args(args).scaler(env.device)
+
+    # ---- resume (--resume PATH|auto), then the run's metrics log, kNN monitor and checkpoints
+    run = PretrainRun(model, optimizer, scaler, args, env, "inpaint", data, lr_schedule(args, args.lr))
+    grids = os.path.join(args.output_dir, "reconstructions")
+    if is_main_process():
+        os.makedirs(grids, exist_ok=True)
+
+    # ---- epochs: train (the step loop: common/engine.py), reconstruction grid, then kNN
+    # monitor, metrics line, checkpoint
+    for epoch in range(run.start_epoch, args.epochs):
+        result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run)
+        if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
+            raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
+        if is_main_process():
+            grid = reconstruction_grid(inpaint, data.dataset, env.device, os.path.join(grids, f"epoch_{epoch:04d}.png"))
+            run.metrics.tensorboard.image("reconstructions", grid, epoch)
+        run.end_epoch(epoch, result, backbone=inpaint.encoder)
+
+
+main = script_main(get_args_parser, finalize_args, main_worker)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""main_inpaint.py (context encoder) and main_lincls.py --trainable-layers: masking, shapes,
+learning, exact resume, 2-process gloo, transfer to the evaluation scripts, bad input."""
+import functools
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import main_inpaint
+from common.models import build_backbone
+from conftest import SYNTHETIC, run_script
+from inpaint.masking import InpaintingPair, random_patches
+from inpaint.model import ContextEncoder
+
+TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--patches", "3", "--patch-size", "8", "--seed", "3",
+                    "-p", "2"]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- masking and shapes
+
+def test_patches_have_the_asked_number_size_and_place_and_follow_the_seed():
+    torch.manual_seed(0)
+    one = random_patches(32, 40, 1, 8)
+    rows, cols = one[0].any(1).nonzero().flatten(), one[0].any(0).nonzero().flatten()
+    assert one.shape == (1, 32, 40) and one.sum() == 64
+    assert rows.max() - rows.min() == 7 and cols.max() - cols.min() == 7  # one 8 x 8 square, inside the image
+    torch.manual_seed(1)
+    many = [random_patches(32, 32, 5, 4) for _ in range(200)]
+    assert all(16 <= m.sum() <= 80 for m in many)  # 5 squares of 16 px, overlaps allowed
+    hit = torch.stack(many).any(0)[0]
+    assert hit[0].any() and hit[-1].any() and hit[:, 0].any() and hit[:, -1].any()  # every edge reachable
+    torch.manual_seed(7)
+    a = random_patches(32, 32, 5, 4)
+    torch.manual_seed(7)
+    assert torch.equal(a, random_patches(32, 32, 5, 4))
+    assert torch.equal(random_patches(8, 8, 2, 8), torch.ones(1, 8, 8, dtype=torch.bool))  # patch = image
+
+
+def test_pair_blanks_exactly_the_mask_and_keeps_the_rest():
+    img = Image.new("RGB", (50, 40), (200, 100, 50))
+    torch.manual_seed(0)
+    masked, image, mask = InpaintingPair(32, 4, 6, flip=False)(img)
+    assert masked.shape == image.shape == (3, 32, 32) and mask.shape == (1, 32, 32)
+    assert (masked[:, mask[0]] == 0).all() and torch.equal(masked[:, ~mask[0]], image[:, ~mask[0]])
+    assert image.min() > 0.19 and image.max() <= 1.0
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_decoder_paints_back_an_image_of_the_input_size(small):
+    model = ContextEncoder(functools.partial(build_backbone, "resnet18", small_images=small))
+    assert model.stride == (8 if small else 32) and sum(isinstance(m, torch.nn.ConvTranspose2d)
+                                                        for m in model.decoder) == (3 if small else 5)
+    for side in (32, 64, 96, 128, 224):
+        x = torch.rand(2, 3, side, side)
+        assert model.reconstruct(x).shape == x.shape
+    mask = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    mask[:, :, :8, :8] = True
+    loss, stats = model(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32), mask)
+    assert loss.ndim == 0 and stats["masked_mse"] > 0
+
+
+def test_masked_weight_weighs_the_hole():
+    torch.manual_seed(0)
+    model = ContextEncoder(functools.partial(build_backbone, "resnet18", small_images=True), loss="l1", masked_weight=3.0)
+    model.eval()
+    image, mask = torch.rand(1, 3, 16, 16), torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    mask[..., :4, :4] = True
+    with torch.no_grad():
+        err = (torch.sigmoid(model.reconstruct(image)) - image).abs().mean(1, keepdim=True)
+        loss, _ = model(image, image, mask)
+    w = 1 + 2 * mask.float()
+    torch.testing.assert_close(loss, (err * w).sum() / w.sum())
+
+
+# ---------------------------------------------------------------- the script
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inpaint")
+    proc = run_script("main_inpaint.py", TINY + ["--epochs", "2", "--output-dir", str(out)])
+    return out, proc
+
+
+def test_run_writes_checkpoints_metrics_and_reconstruction_grids(two_epochs):
+    out, proc = two_epochs
+    assert "masked_mse" in proc.stdout and "img/s" in proc.stdout
+    ckpt = load(out / "checkpoint_last.pth.tar")
+    assert ckpt["method"] == "inpaint" and ckpt["epoch"] == 2
+    assert "module.encoder.layer4.1.conv2.weight" in ckpt["state_dict"] and "module.decoder.0.weight" in ckpt["state_dict"]
+    assert not any(k.startswith("module.encoder.fc.") for k in ckpt["state_dict"])
+    rec = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["epoch"] for r in rec] == [0, 1] and rec[1]["loss"] < rec[0]["loss"]  # it learns to paint
+    grid = Image.open(out / "reconstructions" / "epoch_0001.png")
+    assert grid.size == (8 * 34 + 2, 3 * 34 + 2)  # 8 images x (original, masked, reconstruction)
+
+
+def test_resume_equals_an_uninterrupted_run(two_epochs, tmp_path):
+    out, _ = two_epochs
+    run_script("main_inpaint.py", TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
+    run_script("main_inpaint.py", TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", "auto"])
+    a, b = load(out / "checkpoint_last.pth.tar"), load(tmp_path / "checkpoint_last.pth.tar")
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_two_gloo_workers_train(tmp_path):
+    run_script("main_inpaint.py", TINY + ["--epochs", "1", "--output-dir", str(tmp_path), "--cpu",
+                                          "--multiprocessing-distributed", "--nproc-per-node", "2",
+                                          "--dist-url", "tcp://127.0.0.1:29547"])
+    ckpt = load(tmp_path / "checkpoint_last.pth.tar")
+    assert ckpt["method"] == "inpaint" and ckpt["args"]["batch_size"] == 16
+
+
+def test_encoder_loads_in_knn_and_partial_fine_tuning_changes_only_the_trainable_blocks(two_epochs, tmp_path):
+    out, _ = two_epochs
+    ckpt = str(out / "checkpoint_last.pth.tar")
+    knn = run_script("main_knn.py", SYNTHETIC + ["--synthetic-size", "64", "--pretrained", ckpt,
+                                                 "--output-dir", str(tmp_path / "knn")])
+    assert "layout module.encoder" in knn.stdout or "top-1" in knn.stdout
+    probe = run_script("main_lincls.py", SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--epochs", "1",
+                                                      "--pretrained", ckpt, "--trainable-layers", "layer4",
+                                                      "--output-dir", str(tmp_path / "probe")])
+    assert "fine-tuning layer4, the rest frozen" in probe.stdout and "sanity check passed" in probe.stdout
+    pre = {k[len("module.encoder."):]: v for k, v in load(ckpt)["state_dict"].items() if k.startswith("module.encoder.")}
+    tuned = {k[len("module."):]: v for k, v in load(tmp_path / "probe" / "checkpoint_last.pth.tar")["state_dict"].items()}
+    changed = {k.split(".")[0] for k, v in pre.items() if not torch.equal(v, tuned[k])}
+    assert changed == {"layer4"}  # the frozen blocks (weights and BN statistics) are exactly as pretrained
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--patch-size", "40"], "does not fit in the 32 px crop"),
+    (["--patches", "0"], "blanks nothing out"),
+])
+def test_bad_flags_are_one_sentence(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # in-process: found before any worker starts
+        main_inpaint.main(TINY + argv + ["--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_moco_checkpoint_given_to_resume_is_one_sentence(moco_pretrained, tmp_path):
+    proc = run_script("main_inpaint.py", TINY + ["--output-dir", str(tmp_path), "--resume", moco_pretrained],
+                      check=False)
+    assert proc.returncode == 2 and "main_inpaint.py" in proc.stderr and "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == [] or not os.path.exists(tmp_path / "checkpoint_last.pth.tar")
