@@ -107,6 +107,7 @@ def test_lincls_export_keeps_its_linear_head(checkpoints, tmp_path):
     assert not any(k.startswith("fc.") for k in torch.load(tmp_path / "no_head.pth", weights_only=True))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_torchscript_export_round_trips(checkpoints, tmp_path):
     out = tmp_path / "backbone.pt"
     assert export([checkpoints["simclr"], "--format", "torchscript", "-o", str(out)])[0] == 0

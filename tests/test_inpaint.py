@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 import main_inpaint
+import main_knn
+import main_lincls
 from common.models import build_backbone
 from conftest import SYNTHETIC, run_script
 from inpaint.masking import InpaintingPair, random_patches
@@ -117,16 +119,17 @@ def test_two_gloo_workers_train(tmp_path):
     assert ckpt["method"] == "inpaint" and ckpt["args"]["batch_size"] == 16
 
 
-def test_encoder_loads_in_knn_and_partial_fine_tuning_changes_only_the_trainable_blocks(two_epochs, tmp_path):
+def test_encoder_loads_in_knn_and_partial_fine_tuning_changes_only_the_trainable_blocks(two_epochs, tmp_path,
+                                                                                         capsys):
     out, _ = two_epochs
     ckpt = str(out / "checkpoint_last.pth.tar")
-    knn = run_script("main_knn.py", SYNTHETIC + ["--synthetic-size", "64", "--pretrained", ckpt,
-                                                 "--output-dir", str(tmp_path / "knn")])
-    assert "layout module.encoder" in knn.stdout or "top-1" in knn.stdout
-    probe = run_script("main_lincls.py", SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--epochs", "1",
-                                                      "--pretrained", ckpt, "--trainable-layers", "layer4",
-                                                      "--output-dir", str(tmp_path / "probe")])
-    assert "fine-tuning layer4, the rest frozen" in probe.stdout and "sanity check passed" in probe.stdout
+    # in-process: the evaluation scripts' code path without importing torch again
+    main_knn.main(SYNTHETIC + ["--synthetic-size", "64", "--pretrained", ckpt, "--output-dir", str(tmp_path / "knn")])
+    assert "top-1" in capsys.readouterr().out
+    main_lincls.main(SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--epochs", "1", "--pretrained", ckpt,
+                                  "--trainable-layers", "layer4", "--output-dir", str(tmp_path / "probe")])
+    probe = capsys.readouterr().out
+    assert "fine-tuning layer4, the rest frozen" in probe and "sanity check passed" in probe
     pre = {k[len("module.encoder."):]: v for k, v in load(ckpt)["state_dict"].items() if k.startswith("module.encoder.")}
     tuned = {k[len("module."):]: v for k, v in load(tmp_path / "probe" / "checkpoint_last.pth.tar")["state_dict"].items()}
     changed = {k.split(".")[0] for k, v in pre.items() if not torch.equal(v, tuned[k])}
@@ -144,8 +147,9 @@ def test_bad_flags_are_one_sentence(argv, message, tmp_path, capsys):
     assert e.value.code == 2 and message in err and "Traceback" not in err
 
 
-def test_a_moco_checkpoint_given_to_resume_is_one_sentence(moco_pretrained, tmp_path):
-    proc = run_script("main_inpaint.py", TINY + ["--output-dir", str(tmp_path), "--resume", moco_pretrained],
-                      check=False)
-    assert proc.returncode == 2 and "main_inpaint.py" in proc.stderr and "Traceback" not in proc.stderr
-    assert os.listdir(tmp_path) == [] or not os.path.exists(tmp_path / "checkpoint_last.pth.tar")
+def test_a_moco_checkpoint_given_to_resume_is_one_sentence(moco_pretrained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main_inpaint.main(TINY + ["--output-dir", str(tmp_path), "--resume", moco_pretrained])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "main_inpaint.py" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "checkpoint_last.pth.tar")
