@@ -16,15 +16,8 @@ from common.launch import script_main, start_worker
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
-from common.pretrain import (
-    PretrainRun,
-    add_pretrain_args,
-    add_view_args,
-    finalize_pretrain_args,
-    finalize_view_args,
-    lr_schedule,
-    two_view_data,
-)
+from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
+                             lr_schedule, two_view_data)
 from moco.augment import moco_v1, moco_v2
 from moco.builder import MoCo, SplitBatchNorm
 

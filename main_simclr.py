@@ -21,15 +21,8 @@ from common.logging import log
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
-from common.pretrain import (
-    PretrainRun,
-    add_pretrain_args,
-    add_view_args,
-    finalize_pretrain_args,
-    finalize_view_args,
-    lr_schedule,
-    two_view_data,
-)
+from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
+                             lr_schedule, two_view_data)
 from simclr.augment import simclr_augmentation
 from simclr.builder import SimCLR
 from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr

@@ -84,9 +84,9 @@ def test_masked_weight_weighs_the_hole():
 
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory):
+    """(output folder, the finished process) of a 2-epoch run."""
     out = tmp_path_factory.mktemp("inpaint")
-    proc = run_script("main_inpaint.py", TINY + ["--epochs", "2", "--output-dir", str(out)])
-    return out, proc
+    return out, run_script("main_inpaint.py", TINY + ["--epochs", "2", "--output-dir", str(out)])
 
 
 def test_run_writes_checkpoints_metrics_and_reconstruction_grids(two_epochs):
