@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Representation quality on Fashion-MNIST: MoCo v2 and SimCLR pretrained on the train
-images without labels, then a linear probe and kNN on the test set with 100 %, 10 % and 1 %
-of the train labels, against a random-init backbone and a ResNet trained from scratch
+"""Representation quality on Fashion-MNIST: MoCo v2, SimCLR and (with --methods ... inpaint)
+the context encoder, pretrained on the train images without labels, then a linear probe and
+kNN on the test set with 100 %, 10 % and 1 % of the train labels, against a random-init
+backbone and a ResNet trained from scratch
 (main_lincls.py --finetune --pretrained none) on the same labels. Every training run is
 the product's own script, called through its main(argv).
 
@@ -65,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DIR", help="folder holding FashionMNIST/raw/ (e.g. ../shared/data/fashion-mnist)")
     p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist"))
     p.add_argument("--quick", action="store_true", help="small budget for 2 CPU cores (see PRESETS)")
-    p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=("moco", "simclr"))
+    p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=("moco", "simclr", "inpaint"))
     p.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.1, 0.01],
                    help="label fractions for the probes and the supervised baseline")
     p.add_argument("-a", "--arch", default="resnet18")
@@ -145,7 +146,10 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str) ->
     CIFAR demos use: key momentum 0.99, lr 0.06, MoCo T --moco-t, SimCLR T 0.2; SGD for SimCLR
     at small batches, where LARS' trust ratio with lr 0.3 x B/256 barely moves the weights)."""
     argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(args.pretrain_epochs),
-                                       "--output-dir", out, "-p", "20", "--crop-min", str(args.crop_min)]
+                                       "--output-dir", out, "-p", "20"]
+    if method == "inpaint":  # the tutorial's Adam lr 1e-3 and BCE; 4 patches of 8 px on 32 px images (a quarter)
+        return argv + ["--lr", "1e-3", "--patches", "4", "--patch-size", "8"]
+    argv += ["--crop-min", str(args.crop_min)]
     if method == "moco":
         return argv + ["--lr", "0.06", "--cos", "--mlp", "--aug-plus", "--moco-t", str(args.moco_t), "--moco-m", "0.99",
                        "--moco-k", str(args.moco_k), "--bn-splits", "8" if args.batch_size >= 256 else "2"]
@@ -238,6 +242,7 @@ def read_acc(out: str) -> float:
 @report_user_errors
 def main(argv=None) -> Dict:
     args = finalize(get_args_parser().parse_args(argv))
+    import main_inpaint
     import main_lincls
     import main_moco
     import main_simclr
@@ -265,7 +270,7 @@ def main(argv=None) -> Dict:
     runs: Dict[str, Dict] = {}
     seconds: Dict[str, float] = {}
     backbones = {}
-    scripts = {"moco": main_moco, "simclr": main_simclr}
+    scripts = {"moco": main_moco, "simclr": main_simclr, "inpaint": main_inpaint}
     for method in args.methods:
         out = os.path.join(args.output_dir, method)
         print(f"=> pretraining {method} ({args.pretrain_epochs} epochs, batch {args.batch_size}) ...", flush=True)
@@ -314,7 +319,8 @@ def main(argv=None) -> Dict:
              f"{PROBE_WD:g}); kNN: k=20, T=0.07 on L2-normalised features; lincls: main_lincls.py's SGD probe; "
              "supervised: the network trained from scratch on those labels; its 'linear' column is its own "
              "classifier's top-1, its kNN uses its features")
-    print(f"\nFashion-MNIST test top-1 (%), pretrained on {n_pool} images, probed on {n_train} train / {n_test} "
+    pretrain_minutes = ", ".join(f"{m} {seconds[f'pretrain_{m}'] / 60:.1f}" for m in args.methods)
+    print(f"\nFashion-MNIST test top-1 (%), pretrained on {n_pool} images ({pretrain_minutes} min), probed on {n_train} train / {n_test} "
           f"test images, {args.arch}, {'quick' if args.quick else 'full'} budget, {seconds['total'] / 60:.1f} min "
           f"on {device}\n{table}\n({notes})", flush=True)
     checks = {}

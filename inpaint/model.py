@@ -55,8 +55,10 @@ class ContextEncoder(nn.Module):
             s *= (block.conv2 if hasattr(block, "conv3") else block.conv1).stride[0]
         return s
 
-    def networks(self) -> Tuple[nn.Module, nn.Module]:
-        return self.encoder, self.decoder
+    def networks(self) -> Tuple[nn.Module]:
+        """What --compile compiles: the whole model, since `features` calls the encoder's
+        blocks one by one (a compiled encoder.forward would never run)."""
+        return (self,)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's feature map, N x C x H/stride x W/stride."""
