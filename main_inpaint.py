@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 from common.cli import HelpFormatter, add_training_args
 from common.dist import is_main_process
@@ -73,10 +73,9 @@ def reconstruction_grid(model: ContextEncoder, dataset, device: torch.device, pa
     model.eval()
     recon = torch.sigmoid(model.reconstruct(masked).float())
     model.train(was_training)
-    grid = torch.cat([image, masked, recon]).cpu()
-    save_image(grid, path, nrow=len(samples), padding=2, pad_value=1.0)
-    return (torch.cat([torch.cat(list(row), dim=2) for row in grid.view(3, len(samples), *grid.shape[1:])], dim=1)
-            .permute(1, 2, 0).mul(255).round().byte().numpy())
+    grid = make_grid(torch.cat([image, masked, recon]).cpu(), nrow=len(samples), padding=2, pad_value=1.0)
+    save_image(grid, path)
+    return grid.permute(1, 2, 0).mul(255).round().byte().numpy()
 
 
 def main_worker(local_rank, args: argparse.Namespace) -> None:
