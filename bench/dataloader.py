@@ -31,10 +31,11 @@ from common import augment  # noqa: E402
 from common.datasets import build_dataset  # noqa: E402
 from common.dist import DistEnv  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
+from common.gpu_decode import EncodedViews, collate_encoded, read_sample  # noqa: E402
 from common.images import image_folder  # noqa: E402
 from common.loader import make_loader  # noqa: E402
 from common.synthetic import SyntheticPatterns  # noqa: E402
-from common.transformed import TransformedDataset  # noqa: E402
+from common.transformed import TransformedDataset, load_sample  # noqa: E402
 from moco.augment import moco_v2  # noqa: E402
 from simclr.augment import simclr_augmentation  # noqa: E402
 
@@ -54,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="reference: facebookresearch/moco's loader (PIL ops, PIL blur); pil: the scripts' CPU path; "
                         "gpu_split: the loader half of --gpu-augment (decode, crop, flip, uint8 out); "
                         "torchvision_blur: ours with torchvision's float GaussianBlur (before the fix); "
-                        "tensor_v2: transforms.v2 on uint8 tensors")
+                        "tensor_v2: transforms.v2 on uint8 tensors; gpu_decode: the loader half of --gpu-decode "
+                        "(read bytes and header, draw crops; no pixel decoded)")
     p.add_argument("--repeats", default=3, type=int, help="timed passes per setting (median)")
     p.add_argument("--json", default="runs/bench/dataloader.json")
     return p
@@ -141,6 +143,9 @@ PATHS = {
     "reference": (reference_recipe, False),  # facebookresearch/moco's loader
     "torchvision_blur": (torchvision_blur_recipe, False),  # ours before the PIL blur
     "tensor_v2": (tensor_v2_recipe, False),
+    # --gpu-decode's worker half (read the bytes and the header, draw both views' boxes and
+    # parameters); the decode itself runs on the device, in bench/throughput.py's step
+    "gpu_decode": (lambda r, c: EncodedViews(our_recipe(r, c)), True),
 }
 
 
@@ -167,13 +172,15 @@ def build_source(args: argparse.Namespace, tmp: str):
 
 
 def time_loader(base, transform: Callable, workers: int, args: argparse.Namespace,
-                decode_side: Optional[int] = None) -> List[float]:
+                decode_side: Optional[int] = None, encoded: bool = False) -> List[float]:
     """Images/s of `repeats` passes over the dataset through the product's loader, after
-    one untimed pass that starts the (persistent) workers."""
+    one untimed pass that starts the (persistent) workers. `encoded`: the --gpu-decode
+    loader (file bytes read, list collation)."""
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False,
                   local_world_size=1)
-    ds = TransformedDataset(base, transform, decode_side=decode_side)
-    loader, sampler = make_loader(ds, args.batch_size, env, workers, seed=0, drop_last=False)
+    ds = TransformedDataset(base, transform, decode_side=decode_side, read=read_sample if encoded else load_sample)
+    loader, sampler = make_loader(ds, args.batch_size, env, workers, seed=0, drop_last=False,
+                                  collate_fn=collate_encoded if encoded else None)
     rates = []
     for epoch in range(args.repeats + 1):
         sampler.set_epoch(epoch)
@@ -201,12 +208,13 @@ def main(argv=None) -> Dict:
             side = our_recipe(recipe, args.crop_size).decode_side()
             for path in args.paths:
                 build, drafts = PATHS[path]
-                settings.append((f"{recipe}/{path}", recipe, path, augment.TwoCropsTransform(build(recipe, args.crop_size)),
-                                 side if drafts else None))
+                tf = build(recipe, args.crop_size)
+                settings.append((f"{recipe}/{path}", recipe, path,
+                                 tf if path == "gpu_decode" else augment.TwoCropsTransform(tf), side if drafts else None))
         results = []
         for name, recipe, path, tf, side in settings:
             for w in args.workers:
-                rates = time_loader(base, tf, w, args, decode_side=side)
+                rates = time_loader(base, tf, w, args, decode_side=side, encoded=path == "gpu_decode")
                 rec = {"setting": name, "recipe": recipe, "path": path, "workers": w,
                        "images_per_s": median(rates), "all_repeats": rates}
                 results.append(rec)

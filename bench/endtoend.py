@@ -6,7 +6,8 @@ The real script (main_moco.py or main_simclr.py) trains on an ImageFolder of
 ImageNet-sized JPEGs (--image-size 500 375, quality 90; generated once into --data-dir,
 or your own folder), with the flags of each configuration. The step rate comes from
 bench/throughput.py's runner on in-memory batches (uint8 crops + parameters for the
-gpu_augment configurations, so it includes the device augmentation). Their ratio says
+gpu_augment configurations, so it includes the device augmentation; JPEG bytes of the
+same size for the gpu_decode ones, so it includes the decoding too). Their ratio says
 how much of the GPU the input pipeline lets you use; the data-wait share says where the
 rest went.
 
@@ -46,7 +47,8 @@ def script_flags(config: str) -> List[str]:
     cfg = throughput.CONFIGS[config]
     return ((["--amp"] if cfg.get("amp") else []) + (["--channels-last"] if cfg.get("channels_last") else [])
             + (["--compile"] if cfg.get("compile") else [])
-            + (["--gpu-augment"] if cfg.get("gpu_augment") else ["--no-gpu-augment"]))
+            + (["--gpu-augment"] if cfg.get("gpu_augment") else ["--no-gpu-augment"])
+            + (["--gpu-decode"] if cfg.get("gpu_decode") else []))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -130,6 +132,7 @@ def step_rates(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict
         ["--methods", args.method, "-a", args.arch, "--crop-size", str(args.crop_size), "-b", str(args.batch_size),
          "--moco-k", str(args.moco_k), "--bn-splits", str(args.bn_splits), "--device", device.type,
          "--steps", str(args.step_steps), "--warmup", "2", "--repeats", str(args.step_repeats),
+         "--jpeg-size", *map(str, args.image_size),
          "--configs", *args.configs]))
     return throughput.bench_method(args.method, targs, device)
 

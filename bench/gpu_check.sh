@@ -8,8 +8,9 @@
 #   bash bench/gpu_check.sh throughput endtoend   # some parts
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh --small   # the same script on a CPU, tiny sizes
 #
-# Parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling
-#   ops              tests/test_gpu_augment.py on the GPU (each batched op vs torchvision, within 1/255)
+# Parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode
+#   ops              tests/test_gpu_augment.py on the GPU (each batched op vs torchvision, within 1/255) and
+#                    tests/test_gpu_decode.py (nvJPEG decode + crops vs the PIL worker path)
 #   splitbn          one BN layer: SplitBatchNorm NCHW / NHWC reshape (reference) / NHWC grouped (ours) / plain BN
 #   throughput       MoCo v2 and SimCLR R50 224 px batch 256 step rate: reference-style loop vs every flag
 #   endtoend         main_moco.py on 4,096 JPEGs (500x375) with -j 15, next to the step rate of the same flags
@@ -19,6 +20,8 @@
 #                    SimCLR R50 224 px; MoCo resnet18 32 px batch 512
 #   endtoend_compile main_moco.py and main_simclr.py end to end with --compile --gpu-augment --amp --channels-last
 #   ceiling          MoCo without SplitBatchNorm (--bn-splits 1): the step rate the BN groups cost
+#   endtoend_decode  --gpu-decode (JPEG decode, crop, flip on the GPU) end to end, MoCo (eager and --compile) and
+#                    SimCLR (--compile), next to --gpu-augment --compile; step rates with and without the decode
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -66,7 +69,9 @@ part() {  # part NAME TIMEOUT_S COMMAND...
 for p in "${PARTS[@]}"; do
   case "$p" in
     ops)
-      part ops 90 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_augment.py ;;
+      # (the script-level resume test is CPU-only: cudnn autotuning is not bitwise repeatable)
+      part ops 90 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_augment.py tests/test_gpu_decode.py \
+        -k "not main_moco" ;;
     splitbn)
       part splitbn 60 $PY bench/split_bn.py --device "$DEV" --shape $SHAPE --repeats 10 --json "$WORK/splitbn.json" ;;
     throughput)
@@ -80,7 +85,7 @@ for p in "${PARTS[@]}"; do
     dataloader)
       part dataloader 120 $PY bench/dataloader.py --source jpeg --image-size $IMG --crop-size "$CROP" \
         --num-images $(( N < 512 ? N : 512 )) -b 64 --workers "$J" --repeats 2 --recipes mocov2 \
-        --paths reference pil gpu_split torchvision_blur --json "$WORK/dataloader.json" ;;
+        --paths reference pil gpu_split gpu_decode torchvision_blur --json "$WORK/dataloader.json" ;;
     endtoend_simclr)
       part endtoend_simclr 200 $PY bench/endtoend.py --method simclr "${COMMON[@]}" -j "$J" --num-images "$N" \
         --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
@@ -102,7 +107,16 @@ for p in "${PARTS[@]}"; do
       part ceiling 90 $PY bench/throughput.py --methods moco -a "$ARCH" --crop-size "$CROP" -b "$B" --moco-k "$K" \
         --bn-splits 1 --device "$DEV" --steps "$STEPS" --warmup "$WARM" --repeats "$REP" \
         --configs default amp+channels_last --json "$WORK/ceiling.json" ;;
-    *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling)" \
+    endtoend_decode)
+      part endtoend_decode_moco 330 $PY bench/endtoend.py --method moco "${COMMON[@]}" -j "$J" --num-images "$N" \
+        --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
+        --configs amp+channels_last+gpu_decode amp+channels_last+gpu_decode+compile \
+        amp+channels_last+gpu_augment+compile --json "$WORK/endtoend_decode_moco.json"
+      part endtoend_decode_simclr 220 $PY bench/endtoend.py --method simclr "${COMMON[@]}" -j "$J" --num-images "$N" \
+        --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
+        --configs amp+channels_last+gpu_decode+compile amp+channels_last+gpu_augment+compile \
+        --json "$WORK/endtoend_decode_simclr.json" ;;
+    *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode)" \
          | tee -a "$LOG"; exit 2 ;;
   esac
 done

@@ -13,7 +13,10 @@ Inputs are random tensors already in memory (the data pipeline has its own bench
 bench/dataloader.py, and bench/endtoend.py runs the real script on JPEG files), handed
 over as CPU batches (pinned on a GPU) the way a loader does: float views, or for the
 *gpu_augment configurations uint8 crops with their photometric parameters, so the step
-includes the batched colour jitter, grayscale, blur and normalisation on the device.
+includes the batched colour jitter, grayscale, blur and normalisation on the device; for
+the *gpu_decode ones the JPEG files' bytes (--jpeg-size, texture images) with every
+view's crop box and parameters, so the step also includes decoding, cropping and
+flipping on the device.
 """
 import argparse
 import contextlib
@@ -29,12 +32,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from bench.util import format_table, machine_info, median, peak_memory_block, synchronize, write_json  # noqa: E402
+from bench.util import (  # noqa: E402
+    format_table,
+    machine_info,
+    median,
+    peak_memory_block,
+    synchronize,
+    texture_jpeg,
+    write_json,
+)
 from common import augment  # noqa: E402
 from common.dist import DistEnv  # noqa: E402
 from common.engine import train_one_epoch  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 from common.gpu_augment import ViewsToDevice, draw_params  # noqa: E402
+from common.gpu_decode import DecodeToDevice, EncodedImage, EncodedViews, collate_encoded  # noqa: E402
 from common.models import build_backbone  # noqa: E402
 from common.precision import Precision  # noqa: E402
 from common.pretrain import PretrainData  # noqa: E402
@@ -59,6 +71,9 @@ CONFIGS: Dict[str, Dict] = {
     "compile": dict(compile=True),
     "amp+channels_last+compile": dict(amp=True, channels_last=True, compile=True),
     "amp+channels_last+gpu_augment+compile": dict(amp=True, channels_last=True, gpu_augment=True, compile=True),
+    "amp+channels_last+gpu_decode": dict(amp=True, channels_last=True, gpu_augment=True, gpu_decode=True),
+    "amp+channels_last+gpu_decode+compile": dict(amp=True, channels_last=True, gpu_augment=True, gpu_decode=True,
+                                                 compile=True),
 }
 DEFAULT_CONFIGS = {"cpu": ["baseline", "default", "amp", "channels_last", "amp+channels_last", "foreach_optim",
                            "fused_optim"],
@@ -87,6 +102,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--simclr-optimizer", default="lars", choices=("lars", "sgd"),
                    help="SimCLR's optimizer (the *_optim configurations need sgd: LARS has one implementation)")
     p.add_argument("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--jpeg-size", default=[500, 375], type=int, nargs=2, metavar=("W", "H"),
+                   help="size of the JPEGs the *gpu_decode configurations decode")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--json", default="runs/bench/throughput.json")
     return p
@@ -141,7 +158,7 @@ class Runner:
 
     def __init__(self, method: str, name: str, args: argparse.Namespace, device: torch.device):
         cfg = {"loop": "engine", "amp": False, "channels_last": False, "compile": False, "optim_impl": "default",
-               "gpu_augment": False, **CONFIGS[name]}
+               "gpu_augment": False, "gpu_decode": False, **CONFIGS[name]}
         self.name, self.cfg, self.device = name, cfg, device
         self.model = build_model(method, args).to(device)
         if cfg["channels_last"]:
@@ -155,12 +172,13 @@ class Runner:
                                        print_freq=10 ** 9, epochs=1)
         self.scaler = Precision.from_args(self.args).scaler(device)
         self.env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, distributed=False, local_world_size=1)
-        self.prepare = ViewsToDevice(device, cfg["channels_last"], recipe(method, args.crop_size).spec()
-                                     if cfg["gpu_augment"] else None)
+        view_recipe = recipe(method, args.crop_size)
+        self.prepare = DecodeToDevice(view_recipe, device, cfg["channels_last"]) if cfg["gpu_decode"] else \
+            ViewsToDevice(device, cfg["channels_last"], view_recipe.spec() if cfg["gpu_augment"] else None)
         self.state_bytes = 0
 
     def run(self, batches: Dict[str, List]) -> None:
-        batches = batches["uint8" if self.cfg["gpu_augment"] else "float"]
+        batches = batches["encoded" if self.cfg["gpu_decode"] else "uint8" if self.cfg["gpu_augment"] else "float"]
         if self.cfg["loop"] == "reference":
             reference_loop(self.model, self.optimizer, batches, self.device)
         else:
@@ -202,21 +220,31 @@ def recipe(method: str, crop_size: int) -> augment.Recipe:
 
 def make_batches(args: argparse.Namespace, device: torch.device, n: int, method: str) -> Dict[str, List]:
     """n loader-style batches ([view1, view2], labels) on the CPU (pinned for a GPU), as the
-    CPU path hands them over ("float": normalised views) and as --gpu-augment does
-    ("uint8": [crops, photometric parameters] per view); two distinct batches reused,
-    which is all a step's cost depends on."""
+    CPU path hands them over ("float": normalised views), as --gpu-augment does ("uint8":
+    [crops, photometric parameters] per view) and as --gpu-decode does ("encoded": JPEG
+    bytes, crop boxes, parameters; only when a configuration needs them); two distinct
+    batches reused, which is all a step's cost depends on."""
     g = torch.Generator().manual_seed(args.seed)
-    spec = recipe(method, args.crop_size).spec()
+    view_recipe = recipe(method, args.crop_size)
+    spec = view_recipe.spec()
     pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)  # noqa: E731
     shape = (args.batch_size, 3, args.crop_size, args.crop_size)
-    distinct = {"float": [], "uint8": []}
-    for _ in range(min(n, 2)):
+    distinct = {"float": [], "uint8": [], "encoded": []}
+    encoded = any(CONFIGS[c].get("gpu_decode") for c in args.configs)
+    for b in range(min(n, 2)):
         labels = torch.zeros(args.batch_size, dtype=torch.long)
         distinct["float"].append(([pin(torch.randn(*shape, generator=g)) for _ in range(2)], labels))
         distinct["uint8"].append(([[pin(torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)),
                                     pin(torch.stack([draw_params(spec) for _ in range(args.batch_size)]))]
                                    for _ in range(2)], labels))
-    return {kind: [b[i % len(b)] for i in range(n)] for kind, b in distinct.items()}
+        if encoded:
+            views = EncodedViews(view_recipe)
+            width, height = args.jpeg_size
+            samples = [(views(EncodedImage(texture_jpeg(width, height, b * args.batch_size + i), width, height)), 0)
+                       for i in range(args.batch_size)]
+            (payloads, geometry, params), _ = collate_encoded(samples)
+            distinct["encoded"].append(([[pin(p) for p in payloads], geometry, pin(params)], labels))
+    return {kind: [b[i % len(b)] for i in range(n)] for kind, b in distinct.items() if b}
 
 
 def bench_method(method: str, args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:

@@ -169,18 +169,28 @@ def mnist_subset(src_root: str, dst_root: str, train_n: int, test_n: int, datase
     return write_mnist_layout(dst_root, tr_x[tr_i], tr_y[tr_i], te_x[te_i], te_y[te_i], folder)
 
 
-def _write_jpeg(job) -> None:
-    path, width, height, seed = job
+def texture_jpeg(width: int, height: int, seed: int) -> bytes:
+    """A smooth random-texture JPEG (quality 90): it compresses and decodes like a
+    photograph, unlike white noise."""
+    import io
+
     from PIL import Image
     rng = np.random.default_rng(seed)
     small = rng.uniform(0, 255, size=(height // 16 + 1, width // 16 + 1, 3)).astype(np.uint8)
-    Image.fromarray(small).resize((width, height), Image.BICUBIC).save(path, quality=90)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize((width, height), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _write_jpeg(job) -> None:
+    path, width, height, seed = job
+    with open(path, "wb") as f:
+        f.write(texture_jpeg(width, height, seed))
 
 
 def write_jpegs(folder: str, n: int, width: int, height: int, classes: int = 1, seed: int = 0) -> str:
-    """n smooth random-texture JPEGs (quality 90) of width x height in `classes` class
-    folders (an ImageFolder; texture compresses and decodes like photographs, unlike white
-    noise), written by every core. Returns folder."""
+    """n texture_jpeg files of width x height in `classes` class folders (an ImageFolder),
+    written by every core. Returns folder."""
     import multiprocessing
     jobs = []
     for i in range(n):

@@ -1,7 +1,7 @@
 """A process's batches: the sampler that makes resume exact (`(index, seed)` keys, a
 mid-epoch start) and the DataLoader every script builds around it."""
 import math
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -57,15 +57,17 @@ class ResumableSampler(Sampler):
 
 def make_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int, seed: int,
                 shuffle: bool = True, drop_last: bool = True,
-                sampler: Optional[ResumableSampler] = None) -> Tuple[DataLoader, ResumableSampler]:
+                sampler: Optional[ResumableSampler] = None,
+                collate_fn: Optional[Callable] = None) -> Tuple[DataLoader, ResumableSampler]:
     """Per-process loader over this rank's share, batches of `batch_size` (per worker).
-    `sampler` replaces the default one (e.g. lincls.balance.BalancedSampler)."""
+    `sampler` replaces the default one (e.g. lincls.balance.BalancedSampler); `collate_fn`
+    the default collation (e.g. common.gpu_decode.collate_encoded)."""
     if sampler is None:
         sampler = ResumableSampler(len(dataset), env.world_size, env.rank, shuffle=shuffle, seed=seed,
                                    drop_last=drop_last)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=env.device.type == "cuda", drop_last=drop_last,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                        persistent_workers=workers > 0, collate_fn=collate_fn, prefetch_factor=4 if workers > 0 else None,
                         worker_init_fn=ignore_preemption_signals,
                         # the loader draws its workers' base seed when an epoch's iterator starts; from
                         # its own generator, so that draw does not shift the global RNG a mid-epoch

@@ -6,7 +6,7 @@ import argparse
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,7 @@ from common.dist import DistEnv, is_main_process
 from common.engine import EpochResult
 from common.errors import UserError
 from common.gpu_augment import ViewsToDevice
+from common.gpu_decode import DecodeToDevice, EncodedViews, check_device_decoding, collate_encoded, read_sample
 from common.knn import KnnMonitor
 from common.launch import expected_world_size, per_worker, uses_cuda
 from common.loader import ResumableSampler, make_loader
@@ -35,7 +36,7 @@ from common.logging import MetricsLog, log
 from common.preempt import StopRequest
 from common.resume import check_arch, check_same_flags, resolve_resume, resumed_args, run_seed
 from common.schedule import lr_at
-from common.transformed import TransformedDataset
+from common.transformed import TransformedDataset, load_sample
 
 
 def add_view_args(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +50,10 @@ def add_view_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-augment", default=None, action=argparse.BooleanOptionalAction,
                         help="loader workers only decode, crop and flip; colour jitter, grayscale, blur and "
                              "normalisation run batched on the training device (default: on with a GPU)")
+    parser.add_argument("--gpu-decode", action="store_true",
+                        help="loader workers only read the files; JPEG decoding (nvJPEG), crop and flip run on the "
+                             "training device too, then --gpu-augment's ops: for a GPU faster than the loader "
+                             "cores can feed (e.g. with --compile; watch `data N%%` in the progress line)")
 
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +68,9 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
 def finalize_view_args(args: argparse.Namespace) -> None:
     """add_view_args' derived defaults and checks."""
     if args.gpu_augment is None:
-        args.gpu_augment = uses_cuda(args)
+        args.gpu_augment = uses_cuda(args) or args.gpu_decode
+    if args.gpu_decode and not args.gpu_augment:
+        raise UserError("--gpu-decode runs the whole augmentation on the device; drop --no-gpu-augment")
     if args.crop_min is not None and not 0 < args.crop_min <= 1:
         raise UserError(f"--crop-min {args.crop_min} is an area fraction; use a value in (0, 1], e.g. 0.2")
 
@@ -97,7 +104,7 @@ class PretrainData:
     sampler: ResumableSampler
     batch_size: int  # per process
     iters_per_epoch: int
-    to_device: ViewsToDevice  # the loader's views -> normalised device tensors
+    to_device: Callable  # the loader's views -> normalised device tensors (ViewsToDevice, DecodeToDevice)
 
     def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
         """This epoch's order; a mid-epoch resume skips the `start_iter` batches done."""
@@ -106,11 +113,14 @@ class PretrainData:
 
 
 def pretrain_data(args: argparse.Namespace, env: DistEnv, transform, batch_size: int, workers: int,
-                  decode_side: int, to_device: ViewsToDevice) -> PretrainData:
+                  decode_side: int, to_device: Callable, read: Callable = load_sample,
+                  collate_fn: Optional[Callable] = None) -> PretrainData:
     """Every image of the pretraining split through `transform` (seeded per sample; labels
-    unused), in batches of `batch_size` per process."""
-    dataset = TransformedDataset(build_dataset(args, "pretrain"), transform, args.strict_data, decode_side=decode_side)
-    loader, sampler = make_loader(dataset, batch_size, env, workers, env.seed)
+    unused), in batches of `batch_size` per process. `read` and `collate_fn`: how a sample
+    is read and batched (--gpu-decode reads bytes and keeps them in a list)."""
+    dataset = TransformedDataset(build_dataset(args, "pretrain"), transform, args.strict_data, decode_side=decode_side,
+                                 read=read)
+    loader, sampler = make_loader(dataset, batch_size, env, workers, env.seed, collate_fn=collate_fn)
     iters_per_epoch = len(dataset) // env.world_size // batch_size
     if iters_per_epoch == 0:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size}; "
@@ -124,7 +134,15 @@ def two_view_data(args: argparse.Namespace, env: DistEnv, recipe: augment.Recipe
                   workers: int) -> PretrainData:
     """Every image of the pretraining split as two independent views (labels unused); with
     --gpu-augment the workers hand over uint8 crops and the photometric half of `recipe`
-    runs batched on the device (data.to_device)."""
+    runs batched on the device (data.to_device); with --gpu-decode the workers hand over
+    the JPEG bytes and the device decodes and crops too (common/gpu_decode.py)."""
+    if args.gpu_decode:
+        check_device_decoding(env.device)
+        data = pretrain_data(args, env, EncodedViews(recipe, 2), batch_size, workers, recipe.decode_side(),
+                             DecodeToDevice(recipe, env.device, args.channels_last, args.strict_data),
+                             read=read_sample, collate_fn=collate_encoded)
+        log(f"=> JPEG decoding, crops and colour/blur augmentation on {env.device.type} (--gpu-decode)")
+        return data
     view_transform = recipe.split() if args.gpu_augment else recipe
     to_device = ViewsToDevice(env.device, args.channels_last, recipe.spec() if args.gpu_augment else None)
     data = pretrain_data(args, env, augment.TwoCropsTransform(view_transform), batch_size, workers,

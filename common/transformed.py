@@ -25,11 +25,13 @@ def load_sample(dataset: Dataset, index: int, min_side: Optional[int] = None):
 class TransformedDataset(Dataset):
     """Applies `transform`; seeds it per sample when the key is `(index, seed)`;
     skips unreadable images (or stops, with `strict`). `decode_side`: the shortest side
-    the transform needs, so large JPEGs decode at reduced scale (see pil_loader)."""
+    the transform needs, so large JPEGs decode at reduced scale (see pil_loader); `read`:
+    how a sample is read (default: decoded to a PIL image)."""
 
     def __init__(self, base: Dataset, transform: Optional[Callable] = None, strict: bool = False,
-                 decode_side: Optional[int] = None):
+                 decode_side: Optional[int] = None, read: Callable = load_sample):
         self.base, self.transform, self.strict, self.decode_side = base, transform, strict, decode_side
+        self.read = read  # load_sample, or common.gpu_decode.read_sample (the bytes, for --gpu-decode)
         # shared across loader workers (torch pickles shared-memory tensors by handle)
         self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
 
@@ -40,7 +42,7 @@ class TransformedDataset(Dataset):
         for attempt in range(len(self.base)):
             i = (index + attempt) % len(self.base)
             try:
-                return load_sample(self.base, i, self.decode_side)
+                return self.read(self.base, i, self.decode_side)
             except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for bad files
                 path = self.base.path(i) if hasattr(self.base, "path") else str(i)
                 if self.strict:
@@ -57,7 +59,9 @@ class TransformedDataset(Dataset):
             if self.transform is not None:
                 # fork_rng keeps the caller's RNG stream untouched (workers=0 shares it)
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                    # the CPU generator only: torch.manual_seed also queues a lazy CUDA seeding,
+                    # which records a Python stack each call (half a millisecond per sample)
+                    torch.default_generator.manual_seed(seed)
                     img = self.transform(img)
             return img, target
         img, target = self._load(key)
