@@ -242,8 +242,9 @@ def make_batches(args: argparse.Namespace, device: torch.device, n: int, method:
             width, height = args.jpeg_size
             samples = [(views(EncodedImage(texture_jpeg(width, height, b * args.batch_size + i), width, height)), 0)
                        for i in range(args.batch_size)]
-            (payloads, geometry, params), _ = collate_encoded(samples)
-            distinct["encoded"].append(([[pin(p) for p in payloads], geometry, pin(params)], labels))
+            (packed, geometry, params), _ = collate_encoded(samples)
+            packed[0] = pin(packed[0])  # the JPEG bytes, as the loader's pin_memory hands them over
+            distinct["encoded"].append(([packed, geometry, pin(params)], labels))
     return {kind: [b[i % len(b)] for i in range(n)] for kind, b in distinct.items() if b}
 
 

@@ -104,11 +104,34 @@ class EncodedViews:
 
 
 def collate_encoded(samples: Sequence[Tuple[List[torch.Tensor], int]]):
-    """Batches of EncodedViews samples: payloads stay a list (their sizes differ)."""
+    """Batches of EncodedViews samples (run in the loader worker): the JPEG bytes of the
+    batch in one flat tensor with their offsets, because a tensor per file would cost a
+    shared-memory file and descriptor each on the way to the main process; the images
+    the workers decoded in a list (their sizes differ); the geometry and parameters
+    stacked. `payloads` undoes the packing."""
     views, targets = zip(*samples)
     payloads = [v[0] for v in views]
-    return [payloads, torch.stack([v[1] for v in views]), torch.stack([v[2] for v in views])], \
+    jpeg = [i for i, p in enumerate(payloads) if p.dim() == 1]
+    whole = [i for i, p in enumerate(payloads) if p.dim() == 3]
+    data = torch.cat([payloads[i] for i in jpeg]) if jpeg else torch.empty(0, dtype=torch.uint8)
+    offsets = torch.tensor([0] + [payloads[i].numel() for i in jpeg], dtype=torch.int64).cumsum(0)
+    packed = [data, offsets, torch.tensor(jpeg, dtype=torch.int64), [payloads[i] for i in whole],
+              torch.tensor(whole, dtype=torch.int64)]
+    return [packed, torch.stack([v[1] for v in views]), torch.stack([v[2] for v in views])], \
         default_collate(list(targets))
+
+
+def payloads(packed: Sequence) -> List[torch.Tensor]:
+    """collate_encoded's packing -> one payload per sample, in batch order: a 1-D view of
+    its JPEG bytes or its decoded (3, H, W) image."""
+    data, offsets, jpeg, whole, whole_index = packed
+    out: List[Optional[torch.Tensor]] = [None] * (len(jpeg) + len(whole))
+    bounds = offsets.tolist()
+    for k, i in enumerate(jpeg.tolist()):
+        out[i] = data[bounds[k]:bounds[k + 1]]
+    for img, i in zip(whole, whole_index.tolist()):
+        out[i] = img
+    return out
 
 
 def check_device_decoding(device: torch.device) -> None:
@@ -181,11 +204,12 @@ class DecodeToDevice:
         self.channels_last, self.strict = channels_last, strict
 
     def __call__(self, batch: Sequence) -> Tuple[torch.Tensor, ...]:
-        payloads, geometry, params = batch
+        packed, geometry, params = batch
+        samples = payloads(packed)
         num_views = geometry.shape[1]
         crops: List[List[torch.Tensor]] = [[] for _ in range(num_views)]
-        for start in range(0, len(payloads), DECODE_CHUNK):
-            images = _decode(payloads[start:start + DECODE_CHUNK], self.device, self.strict)
+        for start in range(0, len(samples), DECODE_CHUNK):
+            images = _decode(samples[start:start + DECODE_CHUNK], self.device, self.strict)
             for v in range(num_views):
                 crops[v].append(resized_crops(images, geometry[start:start + DECODE_CHUNK, v], self.size))
         out = []

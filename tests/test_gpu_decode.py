@@ -42,9 +42,9 @@ def test_same_seed_gives_the_gpu_augment_workers_draws_and_nearly_its_crops(tmp_
     cpu = TransformedDataset(base, augment.TwoCropsTransform(recipe.split()), decode_side=recipe.decode_side())
     dev = TransformedDataset(base, D.EncodedViews(recipe), decode_side=recipe.decode_side(), read=D.read_sample)
     keys = [(i, 1000 + 7 * i) for i in range(6)]
-    payloads, geometry, params = D.collate_encoded([dev[k] for k in keys])[0]
-    assert all(p.dim() == 1 for p in payloads)  # JPEG bytes, nothing decoded in the worker
-    images = D._decode(payloads, torch.device(device), strict=True)
+    packed, geometry, params = D.collate_encoded([dev[k] for k in keys])[0]
+    assert packed[0].dim() == 1 and packed[3] == []  # JPEG bytes in one tensor, nothing decoded in the worker
+    images = D._decode(D.payloads(packed), torch.device(device), strict=True)
     for v in range(2):
         ref = [cpu[k][0][v] for k in keys]  # [uint8 crop, parameters] per sample
         assert torch.equal(params[:, v], torch.stack([r[1] for r in ref]))  # the same draws, bit for bit
@@ -74,7 +74,8 @@ def test_files_nvjpeg_should_not_get_are_decoded_by_the_worker(tmp_path):
     recipe = moco_v2(16)
     views = D.EncodedViews(recipe)
     batch, _ = D.collate_encoded([(views(D.read_for_device(p)), 0) for p in (plain, gray, str(png), cmyk, rotated)])
-    assert [p.dim() for p in batch[0]] == [1, 1, 3, 3, 3]
+    assert [p.dim() for p in D.payloads(batch[0])] == [1, 1, 3, 3, 3]
+    assert torch.equal(D.payloads(batch[0])[1], views(D.read_for_device(gray))[0])  # unpacked as read
     q, k = D.DecodeToDevice(recipe, torch.device("cpu"), channels_last=True)(batch)
     assert q.shape == k.shape == (5, 3, 16, 16) and q.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(q).all() and -2.2 < float(q.min()) and float(q.max()) < 2.7  # normalised
@@ -87,12 +88,12 @@ def test_a_bad_jpeg_is_replaced_with_a_warning_or_stops_a_strict_run(tmp_path, c
     bad = D.EncodedImage(bytes(data), good.width, good.height)
     views = D.EncodedViews(moco_v2(16))
     batch, _ = D.collate_encoded([(views(good), 0), (views(bad), 0), (views(good), 0)])
-    images = D._decode(batch[0], torch.device("cpu"), strict=False)
+    images = D._decode(D.payloads(batch[0]), torch.device("cpu"), strict=False)
     if len({id(img) for img in images}) == 3:  # libjpeg decoded the garbage without complaint
         pytest.skip("this libjpeg decodes the damaged file without an error")
     assert "skipping a JPEG" in capsys.readouterr().err
     with pytest.raises(UserError, match="drop --strict-data"):
-        D._decode(batch[0], torch.device("cpu"), strict=True)
+        D._decode(D.payloads(batch[0]), torch.device("cpu"), strict=True)
 
 
 def test_main_moco_gpu_decode_resumes_exactly_on_jpeg_files(tmp_path):
