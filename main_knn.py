@@ -45,6 +45,14 @@ from common.pretrained import load_backbone, load_pretrained
 from common.resume import check_arch
 from common.tensorboard import TensorBoardLog
 from common.transformed import TransformedDataset
+from lincls.hierarchy import (
+    LabelTree,
+    add_hierarchy_args,
+    check_hierarchy_flags,
+    consistency_rate,
+    hierarchical_dataset,
+    path_accuracy,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -109,6 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "OUTPUT_DIR/embeddings_pca.png, plus _tsne / _umap when scikit-learn / umap-learn are "
                         "installed (needs matplotlib)")
     add_data_args(parser)
+    add_hierarchy_args(parser, classifier=False)
     add_dist_args(parser)
     return parser
 
@@ -116,6 +125,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     check_common_flags(args)
+    check_hierarchy_flags(args, classifier=False)
     if args.plot_embeddings:
         require("matplotlib")
     args.output_dir = args.output_dir or os.path.join("runs", "knn")
@@ -192,33 +202,53 @@ def class_name(classes: Sequence[str], label: int) -> str:
 # ---------------------------------------------------------------- kNN evaluation
 
 def knn_evaluate(train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tensor, val_l: torch.Tensor,
-                 classes: List[str], args: argparse.Namespace) -> Dict:
-    """Top-1/top-5 and per-class recall for every k, from one search with the largest k."""
+                 classes: List[str], args: argparse.Namespace, tree: Optional[LabelTree] = None) -> Dict:
+    """Top-1/top-5 and per-class recall for every k, from one search with the largest k.
+    With a label tree: the same for every level ({"levels": [results of level 1, ...]}),
+    the neighbours voting with their class at that level, plus per k the consistency rate
+    and whole-path top-1 of the levels' decisions ({"path": {k: ...}})."""
     ks = sorted(set(args.knn_k))
     top_sim, top_idx = knn_search(train_f, val_f, max(ks), args.chunk_size, args.train_chunk_size)
-    results = {}
+    if tree is None:
+        return knn_reports(top_sim, top_idx, train_l, val_l, classes, ks, args.temperature)[0]
+    levels, preds = [], []
+    for level, names in enumerate(tree.classes):
+        results, scores = knn_reports(top_sim, top_idx, tree.level_targets(train_l, level),
+                                      tree.level_targets(val_l, level), names, ks, args.temperature)
+        levels.append(results)
+        preds.append({k: s.argmax(dim=1) for k, s in scores.items()})
+    targets = [tree.level_targets(val_l, level) for level in range(tree.depth)]
+    path = {k: {"path_top1": path_accuracy([p[k] for p in preds], targets),
+                "consistency_rate": consistency_rate([p[k] for p in preds], tree)} for k in ks}
+    return {"levels": levels, "path": path}
+
+
+def knn_reports(top_sim: torch.Tensor, top_idx: torch.Tensor, train_l: torch.Tensor, val_l: torch.Tensor,
+                classes: List[str], ks: Sequence[int], temperature: float) -> Tuple[Dict, Dict]:
+    """({k: top-1/top-5, per-class recall}, {k: vote scores}) for one set of labels."""
+    results, scores = {}, {}
     for k in ks:
-        scores = knn_vote(top_sim, top_idx, train_l, len(classes), k, args.temperature)
-        report = classification_report(scores, val_l, classes)
-        results[k] = {"k": k, "k_used": min(k, train_f.shape[0]), "top1": report["acc1"], "top5": report["acc5"],
+        scores[k] = knn_vote(top_sim, top_idx, train_l, len(classes), k, temperature)
+        report = classification_report(scores[k], val_l, classes)
+        results[k] = {"k": k, "k_used": min(k, top_idx.shape[1]), "top1": report["acc1"], "top5": report["acc5"],
                       "top5_k": report["top5_k"], "macro_recall": report["macro_recall"],
                       "per_class": report["per_class"]}
-    return results
+    return results, scores
 
 
-def log_knn(results: Dict, classes: List[str], temperature: float) -> None:
+def log_knn(results: Dict, classes: List[str], temperature: float, title: str = "") -> None:
     for k, r in results.items():
         clipped = f" (only {r['k_used']} training images)" if r["k_used"] < k else ""
-        log(f"=> kNN k={k}{clipped} T={temperature}: top-1 {r['top1']:.2f}  top-{r['top5_k']} {r['top5']:.2f}  "
+        log(f"=> kNN{title} k={k}{clipped} T={temperature}: top-1 {r['top1']:.2f}  top-{r['top5_k']} {r['top5']:.2f}  "
             f"mean per-class recall {r['macro_recall']:.2f}")
     ks = list(results)
     rows = list(range(len(classes)))
     if len(classes) > 20:  # a 1000-class table helps nobody in a terminal: the extremes, all in the CSV
         order = sorted(rows, key=lambda c: results[ks[0]]["per_class"][c]["recall"])
         rows = order[:5] + order[-5:]
-        log(f"=> per-class recall, 5 worst and 5 best classes at k={ks[0]} (all in knn_per_class.csv):")
+        log(f"=> per-class recall{title}, 5 worst and 5 best classes at k={ks[0]} (all in knn_per_class*.csv):")
     else:
-        log("=> per-class recall:")
+        log(f"=> per-class recall{title}:")
     width = max(len(classes[c]) for c in rows)
     log(f"   {'class':<{width}}  support  " + "  ".join(f"k={k:<5}" for k in ks))
     for c in rows:
@@ -227,10 +257,26 @@ def log_knn(results: Dict, classes: List[str], temperature: float) -> None:
                                                              for k in ks))
 
 
-def write_knn_files(results: Dict, classes: List[str], info: Dict, output_dir: str) -> None:
+def write_knn_files(results: Dict, classes: List[str], info: Dict, output_dir: str,
+                    tree: Optional[LabelTree] = None) -> None:
+    """knn_results.json and the per-class CSVs (knn_per_class_level<L>*.csv for each level of a tree)."""
+    if tree is None:
+        out = {**info, "knn": write_per_class_files(results, classes, output_dir)}
+    else:
+        out = {**info, "levels": [{"level": level + 1, "name": name,
+                                   "knn": write_per_class_files(r, tree.classes[level], output_dir, f"_level{level + 1}")}
+                                  for level, (name, r) in enumerate(zip(tree.level_names, results["levels"]))],
+               "path": {str(k): v for k, v in results["path"].items()}}
+    with open(os.path.join(output_dir, "knn_results.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def write_per_class_files(results: Dict, classes: List[str], output_dir: str, suffix: str = "") -> Dict:
+    """knn_per_class{suffix}.csv (every k side by side) and knn_per_class{suffix}_k{K}.csv;
+    returns the results without per-class rows, per-class recall by name, for the JSON."""
     os.makedirs(output_dir, exist_ok=True)
     ks = list(results)
-    with open(os.path.join(output_dir, "knn_per_class.csv"), "w", newline="") as f:
+    with open(os.path.join(output_dir, f"knn_per_class{suffix}.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "support"] + [f"recall_k{k}" for k in ks] + [f"precision_k{k}" for k in ks])
         for c, name in enumerate(classes):
@@ -238,12 +284,10 @@ def write_knn_files(results: Dict, classes: List[str], info: Dict, output_dir: s
             w.writerow([name, pc[0]["support"]] + [f"{p['recall']:.4f}" for p in pc]
                        + [f"{p['precision']:.4f}" for p in pc])
     for k in ks:
-        save_per_class_csv(results[k]["per_class"], os.path.join(output_dir, f"knn_per_class_k{k}.csv"))
-    out = {**info, "knn": {str(k): {key: v for key, v in r.items() if key != "per_class"}
-                           | {"per_class_recall": {p["class"]: p["recall"] for p in r["per_class"]}}
-                           for k, r in results.items()}}
-    with open(os.path.join(output_dir, "knn_results.json"), "w") as f:
-        json.dump(out, f, indent=1)
+        save_per_class_csv(results[k]["per_class"], os.path.join(output_dir, f"knn_per_class{suffix}_k{k}.csv"))
+    return {str(k): {key: v for key, v in r.items() if key != "per_class"}
+            | {"per_class_recall": {p["class"]: p["recall"] for p in r["per_class"]}}
+            for k, r in results.items()}
 
 
 # ---------------------------------------------------------------- export
@@ -338,8 +382,15 @@ def retrieval(model: nn.Module, train_base, train_f: torch.Tensor, query_base, q
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
 
-    # ---- data: train is the memory bank; val is evaluated (and queried) when there is one
-    train_base, val_base = build_dataset(args, "train"), build_dataset(args, "val")
+    # ---- data: train is the memory bank; val is evaluated (and queried) when there is one.
+    # With --hierarchy-depth the classes are the deepest level's paths and the tree maps them up
+    tree = None
+    if args.hierarchy_depth:
+        train_base = hierarchical_dataset(args, "train")
+        tree = train_base.tree
+        val_base = hierarchical_dataset(args, "val", tree)
+    else:
+        train_base, val_base = build_dataset(args, "train"), build_dataset(args, "val")
     if not args.skip_knn:
         check_labelled(train_base, val_base)
     classes = list(getattr(train_base, "classes", []))
@@ -395,11 +446,20 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                 "num_classes": len(classes), "feature_dim": int(train_f.shape[1])}
         tensorboard = TensorBoardLog(args.output_dir, args.tensorboard)
         if not args.skip_knn:
-            results = knn_evaluate(train_f, train_l, val_f, val_l, classes, args)
-            log_knn(results, classes, args.temperature)
-            write_knn_files(results, classes, info, args.output_dir)
-            for k, r in results.items():
-                tensorboard.scalars({"top1": r["top1"], "top5": r["top5"]}, 0, f"knn_k{k}")
+            results = knn_evaluate(train_f, train_l, val_f, val_l, classes, args, tree)
+            if tree is None:
+                log_knn(results, classes, args.temperature)
+                for k, r in results.items():
+                    tensorboard.scalars({"top1": r["top1"], "top5": r["top5"]}, 0, f"knn_k{k}")
+            else:
+                for level, (name, r) in enumerate(zip(tree.level_names, results["levels"])):
+                    log_knn(r, tree.classes[level], args.temperature, f" level {level + 1} ({name})")
+                    for k, rk in r.items():
+                        tensorboard.scalars({"top1": rk["top1"], "top5": rk["top5"]}, 0, f"knn_level{level + 1}_k{k}")
+                for k, p in results["path"].items():
+                    log(f"=> kNN k={k} whole path: top-1 {p['path_top1']:.2f}  consistency {p['consistency_rate']:.2f} "
+                        f"(predicted class under the predicted parent)")
+            write_knn_files(results, classes, info, args.output_dir, tree)
             log(f"=> kNN results in {os.path.join(args.output_dir, 'knn_results.json')} and knn_per_class.csv")
         if args.export_embeddings:
             folder = os.path.join(args.output_dir, "embeddings")

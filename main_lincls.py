@@ -16,7 +16,7 @@ import functools
 import json
 import math
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -52,6 +52,15 @@ from common.schedule import lr_at, set_lr
 from common.subsets import SubsetDataset, class_counts, load_subset, save_subset, stratified_subset
 from common.transformed import TransformedDataset
 from lincls.balance import BalancedSampler, class_weights
+from lincls.hierarchy import (
+    HierarchicalLoss,
+    LabelTree,
+    LevelHeads,
+    add_hierarchy_args,
+    check_hierarchy_flags,
+    hierarchical_dataset,
+    hierarchical_report,
+)
 
 # (lr, weight decay) when not given: the reference linear probe; fine-tuning the whole
 # network needs a far smaller step (its backbone lr is further scaled by --backbone-lr-scale)
@@ -106,6 +115,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weight the loss by N / (C * class size) for imbalanced data")
     g.add_argument("-e", "--evaluate", action="store_true",
                    help="only evaluate the classifier given by --resume (e.g. model_best.pth.tar) on the val split")
+    add_hierarchy_args(parser, classifier=True)
     return parser
 
 
@@ -121,7 +131,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                             "(or checkpoint_last.pth.tar) from a main_lincls.py run")
         # evaluate the classifier as it was trained, whatever the flags say
         saved = resumed_args(path, args.output_dir, "lincls")[1]
-        for key in ("head", "head_bn", "mlp_hidden_dim", "dropout", "small_images"):
+        for key in ("head", "head_bn", "mlp_hidden_dim", "dropout", "small_images", "hierarchy_depth"):
             if key in saved:
                 setattr(args, key, saved[key])
     elif args.pretrained is None:
@@ -143,17 +153,21 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--label-subset and --label-fraction both choose the training images; pass only one")
     if not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    check_hierarchy_flags(args, classifier=True)
     per_worker(args.batch_size, expected_world_size(args))
     return args
 
 
 # ---------------------------------------------------------------- model
 
-def build_head(in_dim: int, num_classes: int, kind: str, hidden_dim: int = 0, dropout: float = 0.5,
-               bn: bool = False) -> nn.Module:
+def build_head(in_dim: int, num_classes: Union[int, Sequence[int]], kind: str, hidden_dim: int = 0,
+               dropout: float = 0.5, bn: bool = False) -> nn.Module:
     """A fresh classifier head. Weights ~ N(0, 0.01), biases 0, as facebookresearch/moco
-    initialises its linear probe; bn puts a parameter-free BatchNorm1d in front (MAE)."""
-    if kind == "linear":
+    initialises its linear probe; bn puts a parameter-free BatchNorm1d in front (MAE).
+    A list of class counts builds one head per level of a hierarchy (LevelHeads)."""
+    if not isinstance(num_classes, int):
+        head = LevelHeads([build_head(in_dim, n, kind, hidden_dim, dropout) for n in num_classes])
+    elif kind == "linear":
         head = nn.Linear(in_dim, num_classes)
     else:
         hidden = hidden_dim or in_dim
@@ -174,12 +188,14 @@ def backbone_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
-def build_classifier(args: argparse.Namespace, num_classes: int
+def build_classifier(args: argparse.Namespace, num_classes: Union[int, Sequence[int]]
                      ) -> Tuple[nn.Module, Dict[str, torch.Tensor], str]:
     """The backbone (pretrained weights loaded through common.checkpoint, which knows
-    every layout) with a new head. Returns (model, the checkpoint's backbone tensors for
-    the sanity check (empty for random init), description of where the weights came from)."""
-    model = build_backbone(args.arch, num_classes=num_classes, small_images=args.small_images)
+    every layout) with a new head (one per level for a list of class counts). Returns
+    (model, the checkpoint's backbone tensors for the sanity check (empty for random
+    init), description of where the weights came from)."""
+    outputs = num_classes if isinstance(num_classes, int) else sum(num_classes)
+    model = build_backbone(args.arch, num_classes=outputs, small_images=args.small_images)
     source = "random init"
     reference: Dict[str, torch.Tensor] = {}
     ckpt = None if args.evaluate else load_pretrained(args.pretrained, args.arch)
@@ -232,7 +248,7 @@ def check_compatible(ckpt: Dict, args: argparse.Namespace, classes: List[str], p
     """A lincls checkpoint can only continue (or be evaluated) as the same kind of model."""
     check_arch(ckpt, args.arch, path)
     saved = ckpt.get("args", {})
-    checked = ["--head", "--head-bn", "--small-images", "--mlp-hidden-dim"]
+    checked = ["--head", "--head-bn", "--small-images", "--mlp-hidden-dim", "--hierarchy-depth"]
     if not args.evaluate:  # continuing on other training images would silently mix two experiments
         checked += ["--label-fraction", "--subset-seed", "--label-subset"]
     check_same_flags(saved, args, checked, path)
@@ -283,7 +299,8 @@ def training_subset(train, args: argparse.Namespace):
 
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, epoch: int, iters_per_epoch: int, lr_fn,
-                    args: argparse.Namespace, env: DistEnv, metrics: MetricsLog) -> Dict[str, float]:
+                    args: argparse.Namespace, env: DistEnv, metrics: MetricsLog,
+                    tree: Optional[LabelTree] = None) -> Dict[str, float]:
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if args.finetune:
         model.train()
@@ -311,7 +328,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         scaler.update()
 
         n = images.shape[0]
-        acc1 = (output.argmax(dim=1) == target).float().mean() * 100.0  # a device tensor: no host sync
+        deepest = output if tree is None else tree.split(output)[-1]  # a hierarchy's target is its deepest class
+        acc1 = (deepest.argmax(dim=1) == target).float().mean() * 100.0  # a device tensor: no host sync
         meters.update(n, loss=loss, acc1=acc1)
         guard.update(loss, it)
         images_seen += n * env.world_size
@@ -336,32 +354,57 @@ def diverging(val_loss: float, lowest_val_loss: float, acc1: float, best_acc1: f
 
 
 def evaluate(model: nn.Module, val_dataset, class_names: List[str], args: argparse.Namespace, env: DistEnv,
-             workers: int) -> Dict:
+             workers: int, tree: Optional[LabelTree] = None) -> Dict:
     """Logits of the whole val split (each rank its share, gathered in dataset order), then
-    every metric of common.metrics: top-1/top-5, per-class and macro P/R/F1, confusion."""
+    every metric of common.metrics: top-1/top-5, per-class and macro P/R/F1, confusion; for
+    a hierarchy those of every level, plus consistency and whole-path top-1 (lincls.hierarchy)."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     bs = per_worker(args.batch_size, env.world_size)
     logits, labels = extract_features(net, val_dataset, bs, env.device, workers=workers,
                                       precision=Precision.from_args(args), normalize=False)
+    if tree is not None:
+        return hierarchical_report(logits, labels, tree, args.consistent or "independent", args.level_weights)
     report = classification_report(logits, labels, class_names)
     report["val_loss"] = F.cross_entropy(logits.float(), labels.long()).item()
     return report
 
 
 def write_report_files(report: Dict, output_dir: str, suffix: str = "") -> None:
+    if "levels" in report:  # a hierarchy: the files of every level, e.g. per_class_level2.csv
+        for level in report["levels"]:
+            write_report_files(level, output_dir, f"_level{level['level']}{suffix}")
+        return
     save_confusion_csv(report["confusion"], report["class_names"], os.path.join(output_dir, f"confusion_matrix{suffix}.csv"))
     save_per_class_csv(report["per_class"], os.path.join(output_dir, f"per_class{suffix}.csv"))
 
 
 SUMMARY_KEYS = ("acc1", "acc5", "macro_precision", "macro_recall", "macro_f1", "val_loss")
+PATH_KEYS = ("path_acc1", "consistency_rate", "independent_path_acc1", "independent_consistency_rate", "val_loss")
 
 
 def summary_line(report: Dict) -> str:
+    if "levels" in report:
+        return f"{report['decoding']} decoding: " + "  ".join(f"{k} {report[k]:.2f}" for k in PATH_KEYS)
     return "  ".join(f"{k} {report[k]:.2f}" if k != "acc5" else f"acc5(top-{report['top5_k']}) {report[k]:.2f}"
                      for k in SUMMARY_KEYS)
 
 
+def level_lines(report: Dict) -> List[str]:
+    """One line per level of a hierarchy's report (none for flat labels)."""
+    return [f"level {r['level']} ({r['name']}): {summary_line(r)}" for r in report.get("levels", [])]
+
+
+def summary_record(report: Dict) -> Dict[str, float]:
+    """The report's numbers for metrics.jsonl; a hierarchy's per level as level<L>_<key>."""
+    if "levels" not in report:
+        return {k: report[k] for k in SUMMARY_KEYS}
+    return {"acc1": report["acc1"], **{k: report[k] for k in PATH_KEYS},
+            **{f"level{r['level']}_{k}": r[k] for r in report["levels"] for k in SUMMARY_KEYS}}
+
+
 def jsonable(report: Dict) -> Dict:
+    if "levels" in report:
+        return {**report, "levels": [jsonable(r) for r in report["levels"]]}
     out = {k: v for k, v in report.items() if k not in ("confusion",)}
     out["confusion"] = report["confusion"].tolist()
     return out
@@ -372,9 +415,16 @@ def jsonable(report: Dict) -> Dict:
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
 
-    # ---- data: labelled train (optionally a label subset) and val, same classes
-    train_base = labelled(build_dataset(args, "train"), "train")
-    val_base = labelled(build_dataset(args, "val"), "val")
+    # ---- data: labelled train (optionally a label subset) and val, same classes. With
+    # --hierarchy-depth the classes are the deepest level's paths and the tree maps them up
+    tree = None
+    if args.hierarchy_depth:
+        train_base = labelled(hierarchical_dataset(args, "train"), "train")
+        tree = train_base.tree
+        val_base = labelled(hierarchical_dataset(args, "val", tree), "val")
+    else:
+        train_base = labelled(build_dataset(args, "train"), "train")
+        val_base = labelled(build_dataset(args, "val"), "val")
     classes = list(train_base.classes)
     if list(val_base.classes) != classes:
         raise UserError(f"val classes {list(val_base.classes)[:5]} differ from train classes {classes[:5]}; "
@@ -390,7 +440,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         check_compatible(ckpt, args, classes, resume_path)
 
     # ---- model
-    model, reference, source = build_classifier(args, num_classes)
+    model, reference, source = build_classifier(args, num_classes if tree is None else tree.sizes)
     if not args.finetune:
         # only the head (and --trainable-layers) learns; the rest gets no gradients at all
         for name, p in model.named_parameters():
@@ -402,12 +452,16 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         reference = backbone_state(net)
     mode = ("fine-tuning everything" if args.finetune else f"fine-tuning {', '.join(args.trainable_layers)}, the rest "
             f"frozen" if args.trainable_layers else "frozen backbone")
-    log(f"=> {args.arch} from {source}; {mode}, "
-        f"{args.head} head, {num_classes} classes, {env.world_size} process(es) on {env.device}")
+    heads = (f"{args.head} head, {num_classes} classes" if tree is None else
+             f"one {args.head} head per level, " + ", ".join(f"{n} {name} classes" for n, name in
+                                                             zip(tree.sizes, tree.level_names)))
+    log(f"=> {args.arch} from {source}; {mode}, {heads}, {env.world_size} process(es) on {env.device}")
 
     if args.evaluate:
         load_model_state(model, ckpt["state_dict"])
-        report = evaluate(model, val_dataset, classes, args, env, workers)
+        report = evaluate(model, val_dataset, classes, args, env, workers, tree)
+        for line in level_lines(report):
+            log(f"=> evaluation {line}")
         log(f"=> evaluation of {resume_path} on {report['num_samples']} val images: {summary_line(report)}")
         if is_main_process():
             write_report_files(report, args.output_dir, "_eval")
@@ -419,15 +473,26 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     counts = class_counts(train_data.targets, num_classes)
     train_dataset = TransformedDataset(train_data, augment.train_classifier(args.crop_size), args.strict_data,
                                        decode_side=augment.train_classifier_decode_side(args.crop_size))
+    # --balanced-sampling and --class-weights balance the classes of one level (--balance-level)
+    balance_targets, balance_classes = train_data.targets, num_classes
+    if tree is not None:
+        balance_targets = tree.level_targets(train_data.targets, args.balance_level - 1).tolist()
+        balance_classes = tree.sizes[args.balance_level - 1]
     sampler = None
     if args.balanced_sampling:
-        sampler = BalancedSampler(train_data.targets, num_classes, env.world_size, env.rank, seed=env.seed)
+        sampler = BalancedSampler(balance_targets, balance_classes, env.world_size, env.rank, seed=env.seed)
     loader, sampler = make_loader(train_dataset, batch_size, env, workers, env.seed, drop_last=False, sampler=sampler)
     iters_per_epoch = len(loader)
     log(f"=> {len(train_dataset)} training images" + (f" (label fraction {args.label_fraction}, subset saved to "
                                                        f"{subset_path})" if subset_path else "")
         + f", {len(val_dataset)} val images, {iters_per_epoch} iterations/epoch, batch {batch_size}/process; "
         f"images per class {min(counts)}..{max(counts)}")
+    if tree is not None:
+        for level, (name, n) in enumerate(zip(tree.level_names, tree.sizes)):
+            c = class_counts(tree.level_targets(train_data.targets, level).tolist(), n)
+            log(f"=> level {level + 1} ({name}): {n} classes, images per class {min(c)}..{max(c)}"
+                + (" (balanced by --balanced-sampling/--class-weights)" if level + 1 == args.balance_level
+                   and (args.balanced_sampling or args.class_weights) else ""))
 
     # ---- optimizer: the head only (frozen), or everything with a slower backbone (finetune)
     head_params = list(net.fc.parameters())
@@ -440,8 +505,13 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         groups = [{"params": head_params}]
     optimizer = torch.optim.SGD(groups, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = Precision.from_args(args).scaler(env.device)
-    weight = class_weights(train_data.targets, num_classes).to(env.device) if args.class_weights else None
-    criterion = nn.CrossEntropyLoss(weight=weight)
+    weight = class_weights(balance_targets, balance_classes).to(env.device) if args.class_weights else None
+    if tree is None:
+        criterion = nn.CrossEntropyLoss(weight=weight)
+    else:
+        criterion = HierarchicalLoss(tree, args.level_weights, args.balance_level - 1, weight).to(env.device)
+    # the val loss of guessing, for the divergence warning: sum_l w_l log C_l for a hierarchy
+    chance_classes = num_classes if tree is None else math.prod(n ** w for n, w in zip(tree.sizes, args.level_weights))
 
     start_epoch, best_acc1, best_epoch = 0, 0.0, -1
     if ckpt is not None:
@@ -464,18 +534,20 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model, loader, criterion, optimizer, scaler, epoch, iters_per_epoch, lr_fn, args, env,
-                                metrics)
-        report = evaluate(model, val_dataset, classes, args, env, workers)
+                                metrics, tree)
+        report = evaluate(model, val_dataset, classes, args, env, workers, tree)
         is_best = report["acc1"] > best_acc1 or best_epoch < 0
         if is_best:
             best_acc1, best_epoch = report["acc1"], epoch
-        record = {"epoch": epoch, "lr": lr_fn(epoch + 1 - 1e-9), **stats,
-                  **{k: report[k] for k in SUMMARY_KEYS}, "best_acc1": best_acc1}
+        record = {"epoch": epoch, "lr": lr_fn(epoch + 1 - 1e-9), **stats, **summary_record(report),
+                  "best_acc1": best_acc1}
+        for line in level_lines(report):
+            log(f"=> epoch {epoch} val {line}")
         log(f"=> epoch {epoch} val: {summary_line(report)}  (best acc1 {best_acc1:.2f} at epoch {best_epoch})")
-        if not warned and diverging(report["val_loss"], lowest_val_loss, report["acc1"], best_acc1, num_classes):
+        if not warned and diverging(report["val_loss"], lowest_val_loss, report["acc1"], best_acc1, chance_classes):
             warned = True
             log(f"=> warning: the probe is diverging (val_loss {report['val_loss']:.4g}; guessing gives "
-                f"{math.log(num_classes):.2f}; top-1 {report['acc1']:.1f}, best {best_acc1:.1f}): --lr {args.lr} is too "
+                f"{math.log(chance_classes):.2f}; top-1 {report['acc1']:.1f}, best {best_acc1:.1f}): --lr {args.lr} is too "
                 f"high for these features; add --head-bn (features standardised, e.g. --head-bn --lr 0.1) or lower --lr")
         lowest_val_loss = min(lowest_val_loss, report["val_loss"])
         metrics.write(record)
@@ -492,7 +564,9 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     if not args.finetune:
         sanity_check(net, reference, args.trainable_layers)
     if report is None:  # resumed a finished run: report its final state
-        report = evaluate(model, val_dataset, classes, args, env, workers)
+        report = evaluate(model, val_dataset, classes, args, env, workers, tree)
+    for line in level_lines(report):
+        log(f"=> final {line}")
     log(f"=> final ({args.epochs} epochs, {len(train_dataset)} training images): {summary_line(report)}  "
         f"best acc1 {best_acc1:.2f} (epoch {best_epoch})")
     if is_main_process():
@@ -501,6 +575,10 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                    "label_fraction": args.label_fraction, "epochs": args.epochs,
                    "num_train_images": len(train_dataset), "num_classes": num_classes,
                    "best_acc1": best_acc1, "best_epoch": best_epoch, "final": jsonable(report)}
+        if tree is not None:  # best_acc1 is then the whole-path top-1; final.levels has every level's metrics
+            results["hierarchy"] = {"level_names": tree.level_names, "classes": tree.classes,
+                                    "level_weights": args.level_weights, "balance_level": args.balance_level,
+                                    "balanced_sampling": args.balanced_sampling, "class_weights": args.class_weights}
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         log(f"=> metrics in {os.path.join(args.output_dir, 'results.json')}")

@@ -57,7 +57,7 @@ class FileListDataset(Dataset):
         return self.samples[index][0]
 
 
-def _walk_once(top: str):
+def walk_once(top: str):
     """os.walk following links (class folders are often links to other disks), but never
     into a folder already walked: a link back up the tree would repeat its images ~40
     levels deep, each copy under a longer path."""
@@ -88,7 +88,7 @@ def image_folder(root: str) -> FileListDataset:
     samples, classes = [], []
     for idx, d in enumerate(class_dirs):
         files = []
-        for dirpath, _, names in sorted(_walk_once(d.path)):
+        for dirpath, _, names in sorted(walk_once(d.path)):
             files += [os.path.join(dirpath, n) for n in sorted(names) if is_image_file(n)]
         if not files:
             raise UserError(f"class folder {d.path!r} holds no images ({', '.join(IMG_EXTENSIONS)}); "

@@ -1,0 +1,368 @@
+"""Hierarchical labels (lincls/hierarchy.py, main_lincls.py and main_knn.py with
+--hierarchy-depth): the label tree from nested folders and from a csv, per-level metrics,
+consistent decoding, one backbone pass for every head, frozen backbone, resume, DDP, kNN
+per level, and one-sentence errors for bad trees."""
+import argparse
+import colorsys
+import csv
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import main_knn
+import main_lincls
+from common.errors import UserError
+from common.knn import knn_predict
+from common.models import build_backbone
+from common.synthetic import SyntheticPatterns
+from conftest import run_script
+from lincls.balance import BalancedSampler, class_weights
+from lincls.hierarchy import (
+    HierarchicalLoss,
+    LabelTree,
+    LevelHeads,
+    consistency_rate,
+    decode,
+    hierarchical_dataset,
+    hierarchical_report,
+    path_accuracy,
+)
+from test_lincls import lincls, load, run_in_process
+
+# family = hue, type = pattern; 'stripes' is a type of both families (two classes, told
+# apart by their path); 20 : 6 : 3 : 1 training images, 20:1 between the extreme classes
+HUES = {"red": 0.0, "blue": 0.62}
+PATTERNS = {"stripes": "hstripes", "disc": "disc", "rings": "rings"}
+LEAVES = (("red", "stripes", 20), ("red", "disc", 6), ("blue", "stripes", 3), ("blue", "rings", 1))
+VAL_PER_CLASS = 4
+TINY = ["-a", "resnet18", "--no-small-images", "-j", "0", "--crop-size", "16", "-b", "16", "--lr", "0.1",
+        "--seed", "3", "-p", "100"]
+
+
+def draw(family: str, kind: str, rng: np.random.Generator, size: int = 16) -> Image.Image:
+    mask = SyntheticPatterns.pattern_mask(rng, size, PATTERNS[kind])[..., None]
+    fg = np.array(colorsys.hsv_to_rgb(HUES[family], rng.uniform(0.6, 1), rng.uniform(0.6, 1)), dtype=np.float32)
+    img = np.where(mask, fg, np.float32(rng.uniform(0, 0.3))) + rng.normal(0, 0.05, (size, size, 3))
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tree_data(tmp_path_factory) -> str:
+    """root/{train,val}/<family>/<type>/<i>.png and root/{train,val}.csv (`path,family,type`)
+    listing the same files."""
+    root = tmp_path_factory.mktemp("hierarchy")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        rows = [("path", "family", "type")]
+        for family, kind, n in LEAVES:
+            folder = root / split / family / kind
+            os.makedirs(folder)
+            for i in range(n if split == "train" else VAL_PER_CLASS):
+                draw(family, kind, rng).save(folder / f"{i}.png")
+                rows.append((f"{split}/{family}/{kind}/{i}.png", family, kind))
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    return str(root)
+
+
+def data_args(root: str, dataset: str = "imagefolder") -> argparse.Namespace:
+    return argparse.Namespace(data=str(root), dataset=dataset, hierarchy_depth=2)
+
+
+def lincls_args(root: str, out) -> argparse.Namespace:
+    return main_lincls.finalize_args(main_lincls.get_args_parser().parse_args(
+        [root, "--hierarchy-depth", "2", "--pretrained", "none", "--output-dir", str(out)] + TINY))
+
+
+# ---------------------------------------------------------------- the tree and the data
+
+def test_folders_and_csv_give_the_same_tree(tree_data):
+    folders = hierarchical_dataset(data_args(tree_data), "train")
+    table = hierarchical_dataset(data_args(tree_data, "csv"), "train")
+    tree = folders.tree
+    assert tree.classes == [["blue", "red"], ["blue/rings", "blue/stripes", "red/disc", "red/stripes"]]
+    assert table.tree.classes == tree.classes and folders.classes == tree.leaves
+    assert tree.level_names == ["level1", "level2"] and table.tree.level_names == ["family", "type"]
+    assert tree.parents[1].tolist() == [0, 0, 1, 1]
+    # every image gets the same deepest class both ways; 'stripes' is two classes
+    by_path = {os.path.normpath(p): t for p, t in table.samples}
+    assert {os.path.normpath(p): t for p, t in folders.samples} == by_path
+    assert Counter(folders.targets) == {3: 20, 2: 6, 1: 3, 0: 1}
+    assert Counter(tree.level_targets(folders.targets, 0).tolist()) == {1: 26, 0: 4}
+    val = hierarchical_dataset(data_args(tree_data, "csv"), "val", table.tree)
+    assert val.classes == tree.leaves and Counter(val.targets) == {c: VAL_PER_CLASS for c in range(4)}
+
+
+def test_label_fraction_is_stratified_on_the_deepest_level_and_balancing_picks_a_level(tree_data, tmp_path):
+    args = lincls_args(tree_data, tmp_path)
+    args.label_fraction = 0.5
+    train = hierarchical_dataset(args, "train")
+    subset, _ = main_lincls.training_subset(train, args)
+    assert Counter(subset.targets) == {3: 10, 2: 3, 1: 2, 0: 1}  # round(n / 2) of each deepest class
+    # oversampling at level 1 evens the families out, at level 2 the four types
+    for level, n in ((0, 2), (1, 4)):
+        targets = train.tree.level_targets(train.targets, level).tolist()
+        drawn = Counter()
+        for epoch in range(20):
+            sampler = BalancedSampler(targets, n, seed=0)
+            sampler.set_epoch(epoch)
+            drawn.update(targets[i] for i, _ in sampler)
+        assert all(abs(drawn[c] / sum(drawn.values()) - 1 / n) < 0.05 for c in range(n)), (level, drawn)
+    torch.testing.assert_close(class_weights(train.tree.level_targets(train.targets, 0).tolist(), 2),
+                               torch.tensor([30 / 8, 30 / 52]))
+
+
+# ---------------------------------------------------------------- metrics and decoding
+
+def small_tree() -> LabelTree:
+    return LabelTree([("a", "x"), ("a", "y"), ("b", "x")], ["family", "type"])
+
+
+def test_level_metrics_match_a_hand_computed_example():
+    tree = small_tree()  # level 1: a, b; level 2: a/x, a/y, b/x
+    # deepest targets a/x, a/y, b/x, b/x, a/x; columns: level-1 logits (a, b), level-2 (a/x, a/y, b/x)
+    target = torch.tensor([0, 1, 2, 2, 0])
+    logits = torch.tensor([[2., 0, 3, 0, 1],   # a,   a/x: right, right
+                           [0., 1, 0, 2, 1],   # b,   a/y: wrong, right; top-down: b -> b/x
+                           [0., 2, 0, 0, 2],   # b,   b/x: right, right
+                           [1., 0, 2, 0, 1],   # a,   a/x: wrong, wrong
+                           [3., 0, 1, 0, 2]])  # a,   b/x: right, wrong; top-down: a -> a/x (right)
+    rep = hierarchical_report(logits, target, tree, "independent", [1.0, 1.0])
+    l1, l2 = rep["levels"]
+    assert l1["confusion"].tolist() == [[2, 1], [1, 1]] and l2["confusion"].tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
+    assert l1["acc1"] == pytest.approx(60.0) and l2["acc1"] == pytest.approx(60.0)
+    # level 1: P = R = F1 = 2/3 (a), 1/2 (b); level 2: 1/2, 1, 1/2
+    for key in ("macro_precision", "macro_recall", "macro_f1"):
+        assert l1[key] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2) and l2[key] == pytest.approx(100 * 2 / 3)
+    assert [r["class"] for r in l2["per_class"]] == ["a/x", "a/y", "b/x"] and l2["per_class"][1]["f1"] == 100.0
+    assert rep["consistency_rate"] == pytest.approx(60.0)  # samples 2 and 5 predict a child of the other family
+    assert rep["path_acc1"] == rep["acc1"] == pytest.approx(40.0)  # samples 1 and 3 right at both levels
+    targets1 = torch.tensor([0, 0, 1, 1, 0])
+    expected = F.cross_entropy(logits[:, :2], targets1) + 0.5 * F.cross_entropy(logits[:, 2:], target)
+    assert HierarchicalLoss(tree, [1.0, 0.5])(logits, target).item() == pytest.approx(expected.item())
+    assert hierarchical_report(logits, target, tree, "independent", [1.0, 0.5])["val_loss"] == pytest.approx(
+        expected.item())
+
+    top = hierarchical_report(logits, target, tree, "top-down", [1.0, 1.0])
+    assert top["levels"][0]["confusion"].tolist() == l1["confusion"].tolist()  # level 1 is not constrained
+    assert top["levels"][1]["acc1"] == pytest.approx(60.0) and top["path_acc1"] == pytest.approx(60.0)
+    assert top["consistency_rate"] == 100.0 and top["independent_consistency_rate"] == pytest.approx(60.0)
+
+
+def test_consistent_decoding_never_leaves_the_predicted_parent():
+    # three families, types repeating under two of them, one family with a single type
+    tree = LabelTree([("a", "x"), ("a", "y"), ("a", "z"), ("b", "x"), ("b", "w"), ("c", "x")], ["l1", "l2"])
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2000, sum(tree.sizes), generator=g) * 3
+    logits[:10] = 0.0  # exact ties everywhere
+    independent = [s.argmax(1) for s in decode(logits, tree)]
+    assert consistency_rate(independent, tree) < 80  # random heads disagree often: the test has teeth
+    for decoding in ("top-down", "path"):
+        preds = [s.argmax(1) for s in decode(logits, tree, decoding)]
+        parents = tree.parents[1][preds[1]]
+        assert torch.equal(parents, preds[0]), decoding
+        assert consistency_rate(preds, tree) == 100.0
+    # top-down keeps level 1's own decision; path picks the best sum of log-probabilities
+    top = [s.argmax(1) for s in decode(logits, tree, "top-down")]
+    assert torch.equal(top[0], independent[0])
+    logp = [F.log_softmax(x, 1) for x in tree.split(logits)]
+    brute = torch.stack([logp[0][:, tree.ancestors[0][leaf]] + logp[1][:, leaf] for leaf in range(6)], 1).argmax(1)
+    path = [s.argmax(1) for s in decode(logits, tree, "path")]
+    assert torch.equal(path[1], brute) and torch.equal(path[0], tree.ancestors[0][brute])
+    targets = [tree.level_targets(brute, 0), brute]
+    assert path_accuracy(path, targets) == 100.0 and path_accuracy(independent, targets) < 100.0
+
+
+def test_one_head_per_level_and_one_backbone_pass(tree_data, tmp_path):
+    args = lincls_args(tree_data, tmp_path)
+    args.head = "mlp"
+    args.head_bn = True
+    model, _, _ = main_lincls.build_classifier(args, [2, 4])
+    assert isinstance(model.fc[1], LevelHeads) and len(model.fc[1].heads) == 2  # --head-bn: one BN for both
+    assert [h[-1].out_features for h in model.fc[1].heads] == [2, 4]
+    calls = []
+    model.layer4.register_forward_hook(lambda *_: calls.append(1))
+    model.eval()
+    out = model(torch.randn(3, 3, 16, 16))
+    assert out.shape == (3, 6) and len(calls) == 1
+    # each level's logits come from its own head on the same features
+    with torch.no_grad():
+        feats = torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(
+            model.maxpool(model.relu(model.bn1(model.conv1(torch.ones(1, 3, 16, 16)))))))))), 1)
+        level2 = model.fc[1].heads[1](model.fc[0](feats))
+        torch.testing.assert_close(model(torch.ones(1, 3, 16, 16))[:, 2:], level2)
+
+
+# ---------------------------------------------------------------- end to end
+
+def simclr_checkpoint(path) -> dict:
+    """A SimCLR-layout checkpoint with non-default BN statistics, so loading them shows."""
+    torch.manual_seed(1)
+    net = build_backbone("resnet18", num_classes=16)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+    sd = {f"module.encoder.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"method": "simclr", "arch": "resnet18", "epoch": 1, "state_dict": sd}, path)
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+
+
+def test_frozen_backbone_heads_per_level_and_every_metric_file(tree_data, tmp_path):
+    expected = simclr_checkpoint(tmp_path / "simclr.pth.tar")
+    out = tmp_path / "run"
+    stdout = lincls([tree_data, "--hierarchy-depth", "2", "--pretrained", str(tmp_path / "simclr.pth.tar"),
+                     "--epochs", "2", "--cos", "--head-bn", "--output-dir", str(out)] + TINY)
+    assert "one linear head per level, 2 level1 classes, 4 level2 classes" in stdout
+    assert "sanity check passed: all 120 backbone tensors" in stdout
+    for epoch in (0, 1):  # one line per level, then the whole-path line
+        assert f"=> epoch {epoch} val level 1 (level1): acc1" in stdout
+        assert f"=> epoch {epoch} val level 2 (level2): acc1" in stdout and "macro_f1" in stdout
+        assert f"=> epoch {epoch} val: independent decoding: path_acc1" in stdout
+    sd = load(out / "checkpoint_last.pth.tar")["state_dict"]
+    for k, v in expected.items():
+        assert torch.equal(sd["module." + k], v), k
+    assert sd["module.fc.1.heads.0.weight"].shape == (2, 512) and sd["module.fc.1.heads.1.weight"].shape == (4, 512)
+
+    results = json.load(open(out / "results.json"))
+    final = results["final"]
+    assert results["hierarchy"]["classes"][1] == ["blue/rings", "blue/stripes", "red/disc", "red/stripes"]
+    assert [r["name"] for r in final["levels"]] == ["level1", "level2"] and final["decoding"] == "independent"
+    assert results["best_acc1"] == max(json.loads(line)["path_acc1"] for line in open(out / "metrics.jsonl"))
+    for level, r in zip((1, 2), final["levels"]):
+        conf = np.array(r["confusion"])
+        assert conf.sum() == 4 * VAL_PER_CLASS
+        assert r["acc1"] == pytest.approx(100 * np.trace(conf) / conf.sum())
+        rows = list(csv.reader(open(out / f"confusion_matrix_level{level}.csv")))
+        assert np.array([[int(x) for x in row[1:]] for row in rows[1:]]).tolist() == conf.tolist()
+        per_class = list(csv.DictReader(open(out / f"per_class_level{level}.csv")))
+        assert np.mean([float(p["f1"]) for p in per_class]) == pytest.approx(r["macro_f1"], abs=1e-3)
+        assert os.path.isfile(out / f"per_class_level{level}_best.csv")
+    # consistency and whole-path top-1 from the level confusion matrices cannot be checked,
+    # but they must agree with each other: a path is right only if every level is
+    assert final["path_acc1"] <= min(r["acc1"] for r in final["levels"]) + 1e-9
+    record = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
+    assert record["level2_macro_f1"] == pytest.approx(final["levels"][1]["macro_f1"])
+
+    # --evaluate with --consistent: the trained heads, decoded under their parent
+    evaluation = tmp_path / "eval"
+    lincls([tree_data, "--hierarchy-depth", "2", "--evaluate", "--consistent", "--resume",
+            str(out / "checkpoint_last.pth.tar"), "--output-dir", str(evaluation)] + TINY)
+    ev = json.load(open(evaluation / "evaluation.json"))
+    assert ev["decoding"] == "top-down" and ev["consistency_rate"] == 100.0
+    assert ev["independent_path_acc1"] == pytest.approx(final["path_acc1"])
+    assert ev["levels"][0]["confusion"] == final["levels"][0]["confusion"]  # level 1 decides alone either way
+    assert os.path.isfile(evaluation / "confusion_matrix_level2_eval.csv")
+
+
+def test_resume_equals_uninterrupted_with_a_csv_tree(tree_data, tmp_path, capsys):
+    # MLP heads (dropout), weighted levels, half the labels, level-1 oversampling and class weights
+    base = [tree_data, "--dataset", "csv", "--hierarchy-depth", "2", "--pretrained", "none", "--head", "mlp",
+            "--level-weights", "0.5", "1", "--label-fraction", "0.5", "--balanced-sampling", "--balance-level", "1",
+            "--class-weights", "--consistent", "path", "--schedule", "1", "--head-bn"] + TINY
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    lincls(base + ["--epochs", "2", "--output-dir", str(straight)])
+    lincls(base + ["--epochs", "1", "--output-dir", str(split)])
+    assert "resumed from" in lincls(base + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
+    a, b = load(straight / "checkpoint_last.pth.tar"), load(split / "checkpoint_last.pth.tar")
+    assert a["epoch"] == b["epoch"] == 2 and a["best_acc1"] == b["best_acc1"]
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    ra = json.load(open(straight / "results.json"))
+    assert ra["final"] == json.load(open(split / "results.json"))["final"]
+    assert ra["final"]["decoding"] == "path" and ra["final"]["consistency_rate"] == 100.0
+    assert [r["name"] for r in ra["final"]["levels"]] == ["family", "type"]
+    # resuming as a flat classifier is refused
+    code, err = run_in_process([tree_data, "--dataset", "csv", "--pretrained", "none", "--head", "mlp", "--head-bn",
+                                "--epochs", "3",
+                                "--output-dir", str(split), "--resume", "auto"] + TINY, capsys)
+    assert code == 2 and "was trained with --hierarchy-depth 2 but this run has --hierarchy-depth off" in err
+
+
+def test_two_gloo_workers_match_one_process(tree_data, tmp_path):
+    args = [tree_data, "--hierarchy-depth", "2", "--pretrained", "none", "--epochs", "1"] + TINY
+    one, two = tmp_path / "one", tmp_path / "two"
+    lincls(args + ["--output-dir", str(one)])
+    proc = run_script("main_lincls.py", args + ["--output-dir", str(two), "--cpu", "--multiprocessing-distributed",
+                                                "--nproc-per-node", "2", "--dist-url", "tcp://127.0.0.1:29541"])
+    assert "2 process(es)" in proc.stdout and "sanity check passed" in proc.stdout
+    a, b = load(one / "checkpoint_last.pth.tar"), load(two / "checkpoint_last.pth.tar")
+    heads = [k for k in a["state_dict"] if k.startswith("module.fc.heads.")]
+    assert len(heads) == 4
+    for k in heads:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-4, atol=1e-5)
+    ra, rb = json.load(open(one / "results.json")), json.load(open(two / "results.json"))
+    for la, lb in zip(ra["final"]["levels"], rb["final"]["levels"]):
+        assert la["confusion"] == lb["confusion"]  # every val image evaluated once, at every level
+
+
+def test_knn_evaluates_every_level(tree_data, tmp_path):
+    out = tmp_path / "knn"
+    main_knn.main([tree_data, "--dataset", "csv", "--hierarchy-depth", "2", "--pretrained", "none", "-a", "resnet18",
+                   "--no-small-images", "--crop-size", "16", "-j", "0", "-b", "32", "--knn-k", "5", "20",
+                   "--export-embeddings", "--output-dir", str(out)])
+    res = json.load(open(out / "knn_results.json"))
+    assert [r["name"] for r in res["levels"]] == ["family", "type"]
+    emb = out / "embeddings"
+    train_f, train_l = torch.from_numpy(np.load(emb / "train_features.npy")), torch.from_numpy(np.load(emb / "train_labels.npy"))
+    val_f, val_l = torch.from_numpy(np.load(emb / "val_features.npy")), torch.from_numpy(np.load(emb / "val_labels.npy"))
+    tree = hierarchical_dataset(data_args(tree_data, "csv"), "train").tree
+    preds = []
+    for level, n in enumerate(tree.sizes):  # the neighbours vote with their class at that level
+        scores = knn_predict(train_f.float(), tree.level_targets(train_l, level), val_f.float(), n, k=5)
+        truth = tree.level_targets(val_l, level)
+        assert res["levels"][level]["knn"]["5"]["top1"] == pytest.approx(
+            100 * (scores.argmax(1) == truth).float().mean().item(), abs=1e-3)
+        preds.append(scores.argmax(1))
+    assert res["path"]["5"]["consistency_rate"] == pytest.approx(consistency_rate(preds, tree))
+    assert os.path.isfile(out / "knn_per_class_level2_k20.csv")
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_trees_are_one_sentence(tree_data, tmp_path, capsys):
+    def refused(root, *extra):
+        code, err = run_in_process([str(root), "--hierarchy-depth", "2", "--pretrained", "none",
+                                    "--output-dir", str(tmp_path / "o")] + list(extra) + TINY, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    # mixed depths: one branch of the folder tree has no level-2 folder
+    mixed = tmp_path / "mixed"
+    for rel in ("train/red/stripes/0.png", "train/red/stripes/1.png", "train/blue/0.png"):
+        os.makedirs(mixed / os.path.dirname(rel), exist_ok=True)
+        draw("red", "disc", np.random.default_rng(0)).save(mixed / rel)
+    err = refused(mixed)
+    assert "--hierarchy-depth 2 expects every image 2 folders below" in err and "blue/0.png' is 1 deep" in err
+
+    # csv rows: a missing level, then a type under two families given without its family
+    def manifest(name, rows):
+        path = tmp_path / name
+        path.write_text("path,family,type\n" + "".join(f"{r}\n" for r in rows))
+        return path
+
+    train = os.path.join(tree_data, "train")
+    ok = [f"{train}/red/stripes/0.png,red,stripes", f"{train}/blue/stripes/0.png,blue,stripes",
+          f"{train}/red/disc/0.png,red,disc"]
+    err = refused(manifest("missing.csv", ok + [f"{train}/red/disc/1.png,red,"]), "--dataset", "csv")
+    assert "row 5 of" in err and "has no type label" in err
+    err = refused(manifest("ambiguous.csv", ok + [f"{train}/red/stripes/1.png,,stripes"]), "--dataset", "csv")
+    assert "gives type 'stripes' without its family, but 'stripes' appears under 2 parents (blue, red)" in err
+    # a type with one parent may leave its family out: it is taken from the other rows
+    implied = hierarchical_dataset(data_args(manifest("implied.csv", ok + [f"{train}/red/disc/1.png,,disc"]), "csv"),
+                                   "train")
+    assert implied.samples[-1][1] == implied.classes.index("red/disc")
+
+    # flags that only make sense with a hierarchy, or with the right number of levels
+    err = refused(tree_data, "--level-weights", "1")
+    assert "--level-weights [1.0] must give 2 non-negative weights" in err
+    code, err = run_in_process([tree_data, "--pretrained", "none", "--consistent", "--output-dir", str(tmp_path / "o")]
+                               + TINY, capsys)
+    assert code == 2 and "--consistent only applies to hierarchical labels; add --hierarchy-depth N" in err
+    with pytest.raises(UserError, match="use --dataset imagefolder or --dataset csv instead of synthetic"):
+        hierarchical_dataset(data_args(tree_data, "synthetic"), "train")
