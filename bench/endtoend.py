@@ -166,9 +166,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             best = e2e["steady_images_per_s"] or e2e["epoch_images_per_s"]
             e2e["ratio"] = best / step if step else None
             results[config] = e2e
-            print(f"   {config}: {best:.0f} img/s end to end, step {step:.0f} img/s, data wait "
+            print(f"   {config}: {best:.0f} img/s end to end, step {step or 0:.0f} img/s, data wait "
                   f"{100 * e2e['data_wait']:.0f}%", flush=True)
-    rows = [[c, f"{r['step_images_per_s']:.0f}", f"{r['steady_images_per_s']:.0f}" if r["steady_images_per_s"] else "-",
+    rows = [[c, f"{r['step_images_per_s'] or 0:.0f}", f"{r['steady_images_per_s']:.0f}" if r["steady_images_per_s"] else "-",
              f"{r['epoch_images_per_s']:.0f}", f"{100 * r['ratio']:.0f}%" if r["ratio"] else "-",
              f"{100 * r['data_wait']:.0f}%"] for c, r in results.items()]
     table = format_table(["config", "step img/s", "end-to-end steady", "end-to-end epoch", "steady / step",

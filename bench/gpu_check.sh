@@ -20,8 +20,8 @@
 #                    SimCLR R50 224 px; MoCo resnet18 32 px batch 512
 #   endtoend_compile main_moco.py and main_simclr.py end to end with --compile --gpu-augment --amp --channels-last
 #   ceiling          MoCo without SplitBatchNorm (--bn-splits 1): the step rate the BN groups cost
-#   endtoend_decode  --gpu-decode (JPEG decode, crop, flip on the GPU) end to end, MoCo (eager and --compile) and
-#                    SimCLR (--compile), next to --gpu-augment --compile; step rates with and without the decode
+#   endtoend_decode  as endtoend_compile with --gpu-decode (JPEG decode, crop and flip on the GPU; the step rate
+#                    includes them)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -108,14 +108,11 @@ for p in "${PARTS[@]}"; do
         --bn-splits 1 --device "$DEV" --steps "$STEPS" --warmup "$WARM" --repeats "$REP" \
         --configs default amp+channels_last --json "$WORK/ceiling.json" ;;
     endtoend_decode)
-      part endtoend_decode_moco 330 $PY bench/endtoend.py --method moco "${COMMON[@]}" -j "$J" --num-images "$N" \
-        --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
-        --configs amp+channels_last+gpu_decode amp+channels_last+gpu_decode+compile \
-        amp+channels_last+gpu_augment+compile --json "$WORK/endtoend_decode_moco.json"
-      part endtoend_decode_simclr 220 $PY bench/endtoend.py --method simclr "${COMMON[@]}" -j "$J" --num-images "$N" \
-        --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
-        --configs amp+channels_last+gpu_decode+compile amp+channels_last+gpu_augment+compile \
-        --json "$WORK/endtoend_decode_simclr.json" ;;
+      for m in moco simclr; do
+        part "endtoend_decode_$m" 240 $PY bench/endtoend.py --method $m "${COMMON[@]}" -j "$J" --num-images "$N" \
+          --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
+          --configs amp+channels_last+gpu_decode+compile --json "$WORK/endtoend_decode_$m.json"
+      done ;;
     *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode)" \
          | tee -a "$LOG"; exit 2 ;;
   esac

@@ -71,6 +71,7 @@ CONFIGS: Dict[str, Dict] = {
     "compile": dict(compile=True),
     "amp+channels_last+compile": dict(amp=True, channels_last=True, compile=True),
     "amp+channels_last+gpu_augment+compile": dict(amp=True, channels_last=True, gpu_augment=True, compile=True),
+    "gpu_decode": dict(gpu_augment=True, gpu_decode=True),
     "amp+channels_last+gpu_decode": dict(amp=True, channels_last=True, gpu_augment=True, gpu_decode=True),
     "amp+channels_last+gpu_decode+compile": dict(amp=True, channels_last=True, gpu_augment=True, gpu_decode=True,
                                                  compile=True),
@@ -169,7 +170,7 @@ class Runner:
                 net.compile()
         self.optimizer = build_optimizer(method, self.model, cfg["optim_impl"], device, args)
         self.args = argparse.Namespace(amp=cfg["amp"], amp_dtype=args.amp_dtype, channels_last=cfg["channels_last"],
-                                       print_freq=10 ** 9, epochs=1)
+                                       print_freq=10 ** 9, epochs=1, lr=0.03, output_dir="")
         self.scaler = Precision.from_args(self.args).scaler(device)
         self.env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, distributed=False, local_world_size=1)
         view_recipe = recipe(method, args.crop_size)
@@ -271,10 +272,16 @@ def bench_method(method: str, args: argparse.Namespace, device: torch.device) ->
         runners[name] = r
     active = [r for r in runners.values() if r is not None]
     for rep in range(args.repeats):
-        for r in active:  # interleaved: A B C A B C ...
+        for r in list(active):  # interleaved: A B C A B C ...
             with peak_memory_block(device) as mem:
                 t0 = time.perf_counter()
-                r.run(batches)
+                try:
+                    r.run(batches)
+                except UserError as e:  # the loss guard: a NaN/inf loss is a result, not a crash
+                    print(f"   {method}/{r.name}: stopped ({e})", flush=True)
+                    active.remove(r)
+                    runners[r.name] = None
+                    continue
                 r.times.append(time.perf_counter() - t0)
             peak = mem.bytes + (r.state_bytes if device.type == "cpu" else 0)
             r.peak = peak if r.peak is None else max(r.peak, peak)

@@ -147,6 +147,28 @@ def check_device_decoding(device: torch.device) -> None:
                         f"drop --gpu-decode (the workers then decode, with --gpu-augment)")
 
 
+_side_streams = {}
+
+
+def _decode_on(device: torch.device, encoded: List[torch.Tensor]) -> List[torch.Tensor]:
+    """decode_jpeg on `device`, safe to use on the current stream. nvJPEG writes its output
+    on a stream of its own; allocated on the current stream, that output could reuse
+    memory the current stream's queued kernels (the previous step) still read or write.
+    Allocating it on a side stream keeps the two apart; the current stream then waits for
+    the decode, and the images are marked as used there so their memory is not handed to
+    the next decode before that stream is done with them."""
+    if device.type != "cuda":
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    current = torch.cuda.current_stream(device)
+    side = _side_streams.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(side):
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    current.wait_stream(side)
+    for img in images:
+        img.record_stream(current)
+    return images
+
+
 def _decode(payloads: Sequence[torch.Tensor], device: torch.device, strict: bool) -> List[torch.Tensor]:
     """uint8 (3, H, W) images on `device`: the JPEG bytes (1-D payloads) decoded there in
     one call, the images the workers decoded (3-D) copied. A JPEG that fails to decode is
@@ -159,13 +181,12 @@ def _decode(payloads: Sequence[torch.Tensor], device: torch.device, strict: bool
             out[i] = p.to(device, non_blocking=True)
     if encoded:
         try:
-            for i, img in zip(encoded, decode_jpeg([payloads[i] for i in encoded], mode=ImageReadMode.RGB,
-                                                   device=device)):
+            for i, img in zip(encoded, _decode_on(device, [payloads[i] for i in encoded])):
                 out[i] = img
         except RuntimeError:  # one bad file fails the whole call: find it
             for i in encoded:
                 try:
-                    out[i] = decode_jpeg(payloads[i], mode=ImageReadMode.RGB, device=device)
+                    out[i] = _decode_on(device, [payloads[i]])[0]
                 except RuntimeError as e:
                     if strict:
                         raise UserError(f"cannot decode a JPEG of this batch ({str(e).splitlines()[0]}); fix or "

@@ -64,12 +64,14 @@ def test_throughput_smoke(tmp_path):
     out = tmp_path / "t.json"
     bench_throughput.main(["-a", "resnet18", "--no-small-images", "--crop-size", "32", "-b", "8", "--moco-k", "16",
                            "--steps", "1", "--warmup", "1", "--repeats", "2", "--device", "cpu",
-                           "--configs", "default", "channels_last", "foreach_optim", "gpu_augment", "--json", str(out)])
+                           "--configs", "default", "channels_last", "foreach_optim", "gpu_augment", "gpu_decode",
+                           "--jpeg-size", "48", "40", "--json", str(out)])
     rec = json.loads(out.read_text())
     assert rec["machine"]["device"] == "cpu" and "table" in rec
     for method in ("moco", "simclr"):
         res = rec["results"][method]
-        assert list(res) == ["baseline", "default", "channels_last", "foreach_optim", "gpu_augment"]  # + baseline
+        assert list(res) == ["baseline", "default", "channels_last", "foreach_optim", "gpu_augment",
+                             "gpu_decode"]  # + baseline
         base = res["baseline"]
         assert base["speedup_vs_baseline"] == pytest.approx(1.0)
         for name, r in res.items():
@@ -83,6 +85,7 @@ def test_throughput_smoke(tmp_path):
         assert res["channels_last"]["config"]["channels_last"] and res["baseline"]["config"]["loop"] == "reference"
     assert rec["results"]["moco"]["foreach_optim"]["config"]["optim_impl"] == "foreach"
     assert rec["results"]["moco"]["gpu_augment"]["config"]["gpu_augment"]
+    assert rec["results"]["moco"]["gpu_decode"]["config"]["gpu_decode"]  # the step decoded the JPEG bytes
 
 
 def test_throughput_bad_input_is_one_sentence(capsys):
@@ -188,3 +191,5 @@ def test_endtoend_smoke_runs_the_script_on_jpegs_next_to_the_step_rate(tmp_path)
         assert r["ratio"] == pytest.approx(r["steady_images_per_s"] / r["step_images_per_s"])
         assert ("--gpu-augment" in r["command"]) == (config == "gpu_augment") and "main_moco.py" in r["command"]
     assert endtoend.script_flags("amp+channels_last+gpu_augment") == ["--amp", "--channels-last", "--gpu-augment"]
+    assert endtoend.script_flags("amp+channels_last+gpu_decode+compile") == [
+        "--amp", "--channels-last", "--compile", "--gpu-augment", "--gpu-decode"]

@@ -44,16 +44,22 @@ def test_same_seed_gives_the_gpu_augment_workers_draws_and_nearly_its_crops(tmp_
     keys = [(i, 1000 + 7 * i) for i in range(6)]
     packed, geometry, params = D.collate_encoded([dev[k] for k in keys])[0]
     assert packed[0].dim() == 1 and packed[3] == []  # JPEG bytes in one tensor, nothing decoded in the worker
-    images = D._decode(D.payloads(packed), torch.device(device), strict=True)
+    decoded = D._decode(D.payloads(packed), torch.device(device), strict=True)
+    # libjpeg's pixels (what PIL decodes) moved to the device: the crops must match PIL's
+    libjpeg = [img.to(device) for img in D._decode(D.payloads(packed), torch.device("cpu"), strict=True)]
     for v in range(2):
         ref = [cpu[k][0][v] for k in keys]  # [uint8 crop, parameters] per sample
         assert torch.equal(params[:, v], torch.stack([r[1] for r in ref]))  # the same draws, bit for bit
-        crops = D.resized_crops(images, geometry[:, v], recipe.crop_size).cpu()
         pil = torch.stack([r[0] for r in ref])
+        crops = D.resized_crops(libjpeg, geometry[:, v], recipe.crop_size).cpu()
         diff = (crops.float() - pil.float()).abs()
-        # PIL's and torch's antialiased bilinear resizes differ by rounding (1 level here)
+        # the antialiased bilinear resizes of PIL and torch differ by rounding (1 level here)
         assert crops.dtype == torch.uint8 and crops.shape == pil.shape
         assert float(diff.mean()) < 0.5 and float(diff.max()) <= 2, (float(diff.mean()), float(diff.max()))
+        # nvJPEG upsamples the colour planes otherwise than libjpeg: a few levels on average, more
+        # at sharp colour edges (the inverted stripe of these images); measured 3.1-4.2 on an H200
+        crops = D.resized_crops(decoded, geometry[:, v], recipe.crop_size).cpu()
+        assert float((crops.float() - pil.float()).abs().mean()) < (0.5 if device == "cpu" else 6.0)
     assert geometry[:, :, D.FLIP].sum() > 0  # flips happened, and matched above
 
 
