@@ -13,6 +13,7 @@ from common.cli import HelpFormatter, add_training_args
 from common.engine import train_one_epoch
 from common.errors import UserError
 from common.launch import script_main, start_worker
+from common.logging import log
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
@@ -20,6 +21,7 @@ from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, fina
                              lr_schedule, two_view_data)
 from moco.augment import moco_v1, moco_v2
 from moco.builder import MoCo, SplitBatchNorm
+from moco.guards import cosine_momentum, momentum_warning, queue_warning
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,6 +31,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--moco-dim", default=128, type=int, help="feature dimension")
     g.add_argument("--moco-k", default=65536, type=int, help="queue size; number of negative keys")
     g.add_argument("--moco-m", default=0.999, type=float, help="momentum of the key encoder")
+    g.add_argument("--moco-m-cos", action="store_true",
+                   help="raise the key-encoder momentum from --moco-m to 1 by a half cosine over the run (BYOL, "
+                        "MoCo v3): a fast-moving key encoder early, a stable queue late; for short runs")
     g.add_argument("--moco-t", default=0.07, type=float, help="softmax temperature")
     g.add_argument("--mlp", action="store_true", help="MLP projection head (MoCo v2)")
     g.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (colour jitter 0.8, blur)")
@@ -60,6 +65,11 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     aug = moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength,
                   crop_min=args.crop_min) if args.aug_plus else moco_v1(args.crop_size, args.crop_min)
     data = two_view_data(args, env, aug, batch_size, workers)
+    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
+    for warning in (queue_warning(args.moco_k, len(data.dataset), keys_per_step),
+                    momentum_warning(args.moco_m, args.epochs * data.iters_per_epoch, args.moco_m_cos)):
+        if warning:
+            log(f"warning: {warning}")
 
     # ---- model
     norm_layer = None
@@ -79,11 +89,16 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     scaler = Precision.from_args(args).scaler(env.device)
 
     # ---- resume (--resume PATH|auto), then the run's metrics log, kNN monitor and checkpoints
-    run = PretrainRun(model, optimizer, scaler, args, env, "moco", data, lr_schedule(args, args.lr))
+    run = PretrainRun(model, optimizer, scaler, args, env, "moco", data, lr_schedule(args, args.lr),
+                      collapse_hint="on a small dataset lower --moco-k (see the queue warning), else lower --lr")
+
+    def key_momentum(progress: float) -> None:  # --moco-m-cos, per step as MoCo v3
+        moco.m = cosine_momentum(args.moco_m, progress, args.epochs)
 
     # ---- epochs: train (the step loop: common/engine.py), then kNN monitor, metrics line, checkpoint
     for epoch in range(run.start_epoch, args.epochs):
-        result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run)
+        result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run,
+                                 per_step=key_momentum if args.moco_m_cos else None)
         if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
             raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
         run.end_epoch(epoch, result, backbone=moco.encoder_q)

@@ -29,7 +29,8 @@ class EpochResult:
 
 def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     lr_fn: Callable[[float], float], epoch: int, args: argparse.Namespace, env: DistEnv,
-                    run: Optional["PretrainRun"] = None) -> EpochResult:
+                    run: Optional["PretrainRun"] = None,
+                    per_step: Optional[Callable[[float], None]] = None) -> EpochResult:
     """One pass over `data.loader` (a common.pretrain.PretrainData, set to this epoch's order
     and past the iterations a mid-epoch resume has done; `data.to_device` turns a batch's two
     views into device tensors and runs --gpu-augment's photometric ops).
@@ -38,6 +39,8 @@ def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, sc
     writes the --save-every-iters checkpoints, and carries the stop request: once every rank
     agrees on one, the loop returns with `stopped` and the script checkpoints and requeues.
     A NaN/inf loss stops the run with a UserError (LossGuard) before anything is saved.
+    `per_step(fractional epoch)` runs before each step, beside the lr: a schedule of the
+    method's own (MoCo's --moco-m-cos).
     """
     model.train()
     precision = Precision.from_args(args)
@@ -50,6 +53,8 @@ def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, sc
     for it, (images, _) in enumerate(progress.timed(data.loader), start=start_iter):
         lr = lr_fn(epoch + it / data.iters_per_epoch)
         set_lr(optimizer, lr)
+        if per_step is not None:
+            per_step(epoch + it / data.iters_per_epoch)
         views = data.to_device(images)  # MoCo / SimCLR: two views; inpainting: masked, image, mask
 
         with precision.autocast(env.device):

@@ -23,6 +23,7 @@ from common.checkpoint import (
     training_state,
 )
 from common.cli import check_training_flags
+from common.collapse import CollapseWatch
 from common.datasets import build_dataset, default_crop_size
 from common.dist import DistEnv, is_main_process
 from common.engine import EpochResult
@@ -183,7 +184,8 @@ class PretrainRun:
     the step loop stopped for preemption; the step loop calls `save_due`/`save_mid_epoch`."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, args: argparse.Namespace,
-                 env: DistEnv, method: str, data: PretrainData, lr_fn: Callable[[float], float]):
+                 env: DistEnv, method: str, data: PretrainData, lr_fn: Callable[[float], float],
+                 collapse_hint: str = "lower --lr"):
         self.model, self.optimizer, self.scaler, self.args, self.env = model, optimizer, scaler, args, env
         self.method, self.data, self.lr_fn = method, data, lr_fn
         # --resume: restores model, optimizer, scaler and RNG; start_iter iterations of
@@ -196,6 +198,8 @@ class PretrainRun:
         self.metrics.drop_epochs_from(self.start_epoch)
         self.knn = KnnMonitor(args, env) if args.knn_every else None
         self.stop = StopRequest(env)
+        # (a resumed run starts watching afresh: a collapse across the resume point goes unnoticed)
+        self.collapse = CollapseWatch(collapse_hint)
 
     def save_due(self, done: int) -> bool:
         """--save-every-iters: a mid-epoch checkpoint after `done` iterations (the epoch's last
@@ -228,7 +232,11 @@ class PretrainRun:
         if self.knn is not None and ((epoch + 1) % a.knn_every == 0 or epoch + 1 == a.epochs):
             stats.update(self.knn.evaluate(backbone))
         record = {"epoch": epoch, "lr": self.lr_fn(epoch + 1 - 1e-9), **stats}
-        log(f"=> epoch {epoch} done: " + "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+        collapsed = self.collapse.update(epoch, stats["acc1"]) if "acc1" in stats else None
+        record["collapsed"] = collapsed is not None
+        log(f"=> epoch {epoch} done: " + "  ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                   if k not in ("epoch", "collapsed"))
+            + (f"  WARNING: {collapsed}" if collapsed else ""))
         self.metrics.write(record)
         if is_main_process():
             save_checkpoint(training_state(self.model, self.optimizer, self.scaler, a, method=self.method,

@@ -1,0 +1,53 @@
+"""Guard rails for MoCo on small datasets, and the cosine key-encoder momentum.
+
+Two settings that are right for ImageNet stop MoCo from learning on a few thousand
+images: a queue that holds a large share of the dataset (each image then meets its own
+older keys as negatives, so the contrastive task turns against itself), and a key
+momentum so slow that the key encoder is still mostly its random initialisation when the
+run ends. The warnings say so before training, with the value that fits.
+"""
+import math
+from typing import Optional
+
+QUEUE_SHARE = 0.1  # the queue should hold at most this share of the dataset
+INIT_SHARE = 0.5  # the key encoder should keep at most this share of its initialisation
+
+
+def cosine_momentum(base_m: float, progress: float, epochs: int) -> float:
+    """Key-encoder momentum at a fractional epoch, rising from base_m to 1 by a half cosine
+    (BYOL, MoCo v3): m = 1 - (1 - base_m) * (cos(pi * progress / epochs) + 1) / 2."""
+    t = min(max(progress / max(epochs, 1e-8), 0.0), 1.0)
+    return 1.0 - (1.0 - base_m) * (math.cos(math.pi * t) + 1.0) / 2.0
+
+
+def init_share_at_end(m: float, steps: int, cosine: bool = False) -> float:
+    """How much of its random initialisation the key encoder still holds after `steps`
+    momentum updates (the product of the momenta); with `cosine`, under cosine_momentum."""
+    if not cosine:
+        return m ** steps
+    log_share = sum(math.log(cosine_momentum(m, s / steps, 1)) for s in range(steps)) if m < 1 else 0.0
+    return math.exp(log_share)
+
+
+def queue_warning(K: int, num_images: int, keys_per_step: int) -> Optional[str]:
+    """A sentence when the queue holds more than QUEUE_SHARE of the dataset, with the
+    largest --moco-k (a multiple of the keys enqueued per step) that fits."""
+    if K <= QUEUE_SHARE * num_images:
+        return None
+    fit = max(keys_per_step, int(QUEUE_SHARE * num_images) // keys_per_step * keys_per_step)
+    return (f"the queue (--moco-k {K}) holds {min(100.0, 100.0 * K / num_images):.0f}% of the {num_images} images, so "
+            f"each image meets its own older keys as negatives and the contrastive accuracy can collapse; use "
+            f"--moco-k {fit} or less (at most {100 * QUEUE_SHARE:.0f}% of the dataset, a multiple of {keys_per_step})")
+
+
+def momentum_warning(m: float, steps: int, cosine: bool = False) -> Optional[str]:
+    """A sentence when the key encoder would keep more than INIT_SHARE of its random
+    initialisation after the run's `steps` updates, with a momentum that would not."""
+    share = init_share_at_end(m, steps, cosine)
+    if share <= INIT_SHARE:
+        return None
+    # the largest momentum (in steps of 0.01 below 1) that leaves at most a tenth of the init
+    suggest = next((c / 100 for c in range(99, 0, -1) if init_share_at_end(c / 100, steps, cosine) <= 0.1), 0.9)
+    return (f"with --moco-m {m}{' and --moco-m-cos' if cosine else ''} the key encoder still holds "
+            f"{100 * share:.0f}% of its random initialisation after the run's {steps} steps, so its keys barely "
+            f"improve; use --moco-m {suggest} or lower, or train longer")
