@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,6 +44,8 @@ from common.pretrained import load_backbone, load_pretrained  # noqa: E402
 from common.subsets import stratified_subset  # noqa: E402
 from common.transformed import TransformedDataset  # noqa: E402
 
+# moco_k 0: fit the pool, the largest multiple of the batch up to a tenth of it (at most 4096;
+# main_moco.py warns above a tenth: each image would meet its own older keys as negatives).
 # budgets: --quick fits 2 CPU cores (~270 img/s MoCo, ~220 img/s SimCLR steps with the
 # ImageNet stem at 32 px, 2 threads); full is the CIFAR-demo-sized recipe for one GPU.
 # crop_min 0.3: the papers' 0.08/0.2 crops cut most of a 28 px silhouette away (at the quick
@@ -52,7 +54,7 @@ from common.transformed import TransformedDataset  # noqa: E402
 # the quick budget: 0.2 (the long-schedule value) left its probes below random init's there
 PRESETS = {
     "quick": dict(pretrain_images=10000, train_images=2000, test_images=2000, pretrain_epochs=8, batch_size=64,
-                  probe_epochs=5, sup_epochs=5, small_images=False, workers=0, moco_k=4096, probe_lr=2.0,
+                  probe_epochs=5, sup_epochs=5, small_images=False, workers=0, moco_k=0, probe_lr=2.0,
                   crop_min=0.3, lincls_probe=False, moco_t=0.5),
     "full": dict(pretrain_images=0, train_images=0, test_images=0, pretrain_epochs=200, batch_size=256,
                  probe_epochs=100, sup_epochs=100, small_images=True, workers=8, moco_k=4096, probe_lr=30.0,
@@ -72,6 +74,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--arch", default="resnet18")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="repeat everything (subsets, pretraining, probes) with each seed and report mean and spread "
+                        "(default: --seed alone)")
+    p.add_argument("--pools", nargs="+", type=int, default=None,
+                   help="unlabelled pool sizes to pretrain on, one evaluation each (default: --pretrain-images)")
+    p.add_argument("--pretrain-budget", type=int, default=0,
+                   help="images seen in pretraining (epochs = budget / pool, at least 1), so every pool gets the "
+                        "same compute; 0: --pretrain-epochs for every pool")
     p.add_argument("--output-dir", default="runs/bench_quality")
     p.add_argument("--json", default=None, help="result file (default: OUTPUT_DIR/quality.json)")
     # None: the preset's value
@@ -103,7 +113,14 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
     if any(not 0 < f <= 1 for f in args.fractions):
         raise UserError(f"--fractions must be in (0, 1], got {args.fractions}")
     args.json = args.json or os.path.join(args.output_dir, "quality.json")
+    args.seeds = args.seeds or [args.seed]
+    args.pools = args.pools or [args.pretrain_images]
     return args
+
+
+def fitted_queue(pool: int, batch_size: int, cap: int = 4096) -> int:
+    """The largest multiple of the batch up to a tenth of the pool (and `cap`), at least one batch."""
+    return max(batch_size, min(cap, pool // 10) // batch_size * batch_size)
 
 
 def common_flags(args: argparse.Namespace, root: str) -> List[str]:
@@ -147,6 +164,7 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str) ->
     at small batches, where LARS' trust ratio with lr 0.3 x B/256 barely moves the weights)."""
     argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(args.pretrain_epochs),
                                        "--output-dir", out, "-p", "20"]
+    # (evaluate() sets args.pretrain_epochs and args.moco_k per pool on a copy of args)
     if method == "inpaint":  # the tutorial's Adam lr 1e-3 and BCE; 4 patches of 8 px on 32 px images (a quarter)
         return argv + ["--lr", "1e-3", "--patches", "4", "--patch-size", "8"]
     argv += ["--crop-min", str(args.crop_min)]
@@ -239,14 +257,16 @@ def read_acc(out: str) -> float:
         return float(json.load(f)["final"]["acc1"])
 
 
-@report_user_errors
-def main(argv=None) -> Dict:
-    args = finalize(get_args_parser().parse_args(argv))
+def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: str) -> Dict:
+    """The whole protocol once: subsets drawn with `seed`, the methods pretrained on a pool
+    of `pool_images` unlabelled images (0: all), probes, random init, supervised."""
     import main_inpaint
     import main_lincls
     import main_moco
     import main_simclr
 
+    args = argparse.Namespace(**vars(args))
+    args.seed, args.output_dir, args.pretrain_images = seed, output_dir, pool_images
     device = torch.device(args.device)
     os.makedirs(args.output_dir, exist_ok=True)
     t_start = time.time()
@@ -261,12 +281,15 @@ def main(argv=None) -> Dict:
     data_args = argparse.Namespace(dataset=args.dataset, data=root, download=False)
     train = build_dataset(data_args, "train")
     n_pool = len(build_dataset(argparse.Namespace(dataset=args.dataset, data=pool_root, download=False), "train"))
+    if args.pretrain_budget:
+        args.pretrain_epochs = max(1, round(args.pretrain_budget / n_pool))
+    args.moco_k = args.moco_k or fitted_queue(n_pool, args.batch_size)
     n_train, n_test, n_classes = len(train), len(build_dataset(data_args, "val")), len(train.classes)
     labelled = {f: (len(train) if f >= 1 else len(stratified_subset(train.targets, f, 0))) for f in args.fractions}
-    print(f"=> {args.dataset}: pretraining on {n_pool} train images without labels; probes on {n_train} train / "
+    print(f"=> {args.dataset}, seed {seed}: pretraining on {n_pool} train images without labels "
+          f"({args.pretrain_epochs} epochs); probes on {n_train} train / "
           f"{n_test} test images, label fractions " + ", ".join(f"{f:g} ({n} images)" for f, n in labelled.items()),
           flush=True)
-
     runs: Dict[str, Dict] = {}
     seconds: Dict[str, float] = {}
     backbones = {}
@@ -309,34 +332,89 @@ def main(argv=None) -> Dict:
     seconds["supervised"] = time.time() - t0
     seconds["total"] = time.time() - t_start
 
+    seconds["total"] = time.time() - t_start
+    return {"runs": runs, "seconds": seconds, "pool": n_pool, "train": n_train, "test": n_test,
+            "labelled": labelled, "epochs": args.pretrain_epochs, "moco_k": args.moco_k,
+            "recipes": {m: pretrain_argv(m, args, "DATA", f"OUT/{m}") for m in args.methods}}
+
+
+def mean_and_spread(values: List[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+@report_user_errors
+def main(argv=None) -> Dict:
+    args = finalize(get_args_parser().parse_args(argv))
+    device = torch.device(args.device)
+    t_start = time.time()
+    by_pool: Dict[str, Dict] = {}
+    for pool in args.pools:
+        per_seed = {}
+        for seed in args.seeds:
+            out = args.output_dir if len(args.pools) == 1 and len(args.seeds) == 1 else \
+                os.path.join(args.output_dir, f"pool{pool}_seed{seed}")
+            per_seed[seed] = evaluate(args, pool, seed, out)
+        first = per_seed[args.seeds[0]]
+        means: Dict[str, Dict[str, Dict[str, float]]] = {}
+        spread: Dict[str, Dict[str, Dict[str, float]]] = {}
+        for name, row in first["runs"].items():
+            means[name], spread[name] = {}, {}
+            for kind, cells in row.items():
+                means[name][kind], spread[name][kind] = {}, {}
+                for f in cells:
+                    m, sd = mean_and_spread([r["runs"][name][kind][f] for r in per_seed.values()])
+                    means[name][kind][f], spread[name][kind][f] = m, sd
+        by_pool[str(first["pool"])] = {"results": means, "spread": spread, "per_seed": {str(k): v for k, v in
+                                                                                        per_seed.items()},
+                                       "epochs": first["epochs"], "moco_k": first["moco_k"], "train": first["train"],
+                                       "test": first["test"], "labelled": first["labelled"],
+                                       "recipes": first["recipes"]}
+    seconds_total = time.time() - t_start
     fr = [str(f) for f in args.fractions]
     kinds = ["linear", "knn"] + (["lincls"] if args.lincls_probe else [])
     label = {"linear": "linear", "knn": "kNN", "lincls": "lincls"}
-    header = ["backbone"] + [f"{label[k]} {float(f) * 100:g}%" for k in kinds for f in fr]
-    rows = [[name] + [f"{r[k][f]:.1f}" for k in kinds for f in fr] for name, r in runs.items()]
-    table = format_table(header, rows)
     notes = ("linear: logistic regression on the frozen, standardised features (L-BFGS, L2 "
              f"{PROBE_WD:g}); kNN: k=20, T=0.07 on L2-normalised features; lincls: main_lincls.py's SGD probe; "
              "supervised: the network trained from scratch on those labels; its 'linear' column is its own "
-             "classifier's top-1, its kNN uses its features")
-    pretrain_minutes = ", ".join(f"{m} {seconds[f'pretrain_{m}'] / 60:.1f}" for m in args.methods)
-    print(f"\nFashion-MNIST test top-1 (%), pretrained on {n_pool} images ({pretrain_minutes} min), probed on {n_train} train / {n_test} "
-          f"test images, {args.arch}, {'quick' if args.quick else 'full'} budget, {seconds['total'] / 60:.1f} min "
-          f"on {device}\n{table}\n({notes})", flush=True)
-    checks = {}
-    for f in fr:
-        for m in args.methods:
-            for k in kinds:
-                checks[f"{m}_{k}_beats_random_{f}"] = runs[m][k][f] > runs["random_init"][k][f]
-            checks[f"{m}_linear_beats_supervised_{f}"] = runs[m]["linear"][f] > runs["supervised"]["linear"][f]
+             "classifier's top-1, its kNN uses its features" + (
+                 f"; mean +- sample standard deviation over seeds {args.seeds}" if len(args.seeds) > 1 else ""))
+    tables, checks = [], {}
+    for pool, rec in by_pool.items():
+        means, spread = rec["results"], rec["spread"]
+
+        def cell(name: str, k: str, f: str) -> str:
+            return f"{means[name][k][f]:.1f}" + (f" +- {spread[name][k][f]:.1f}" if len(args.seeds) > 1 else "")
+
+        header = ["backbone"] + [f"{label[k]} {float(f) * 100:g}%" for k in kinds for f in fr]
+        table = format_table(header, [[name] + [cell(name, k, f) for k in kinds for f in fr] for name in means])
+        minutes = ", ".join(f"{m} {torch.tensor([r['seconds'][f'pretrain_{m}'] for r in rec['per_seed'].values()]).mean() / 60:.1f}"
+                            for m in args.methods)
+        title = (f"{args.dataset} test top-1 (%), pretrained on {pool} images ({rec['epochs']} epochs, MoCo K "
+                 f"{rec['moco_k']}; {minutes} min per run), probed on {rec['train']} train / {rec['test']} test "
+                 f"images, {args.arch}, {'quick' if args.quick else 'full'} budget, {len(args.seeds)} seed(s)")
+        tables.append(f"{title}\n{table}")
+        suffix = "" if len(by_pool) == 1 else f"_pool{pool}"
+        for f in fr:
+            for m in args.methods:
+                for k in kinds:
+                    # beating random init by more than the seed spread of either (with one seed: at all)
+                    margin = max(spread[m][k][f], spread["random_init"][k][f])
+                    checks[f"{m}_{k}_beats_random_{f}{suffix}"] = means[m][k][f] - means["random_init"][k][f] > margin
+                checks[f"{m}_linear_beats_supervised_{f}{suffix}"] = \
+                    means[m]["linear"][f] > means["supervised"]["linear"][f]
+    print("\n" + "\n\n".join(tables) + f"\n({notes}; {seconds_total / 60:.1f} min in all on {device})", flush=True)
+    first = next(iter(by_pool.values()))
     record = {"benchmark": "quality", "dataset": args.dataset, "data_root": os.path.abspath(args.data),
-              "mode": "quick" if args.quick else "full", "pretrain_images": n_pool, "train_images": n_train,
-              "test_images": n_test,
-              "labelled_images": {str(f): n for f, n in labelled.items()},
+              "mode": "quick" if args.quick else "full", "pretrain_images": int(next(iter(by_pool))),
+              "train_images": first["train"], "test_images": first["test"],
+              "labelled_images": {str(f): n for f, n in first["labelled"].items()},
               "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
-              "recipes": {m: pretrain_argv(m, args, "DATA", f"OUT/{m}") for m in args.methods},
-              "results": runs, "seconds": seconds, "targets_met": checks, "notes": notes,
-              "machine": machine_info(device), "table": table}
+              "recipes": first["recipes"], "results": first["results"], "spread": first["spread"],
+              "by_pool": by_pool, "seconds": first["per_seed"][str(args.seeds[0])]["seconds"],
+              "seconds_total": seconds_total, "targets_met": checks, "notes": notes,
+              "machine": machine_info(device), "table": "\n\n".join(tables)}
     write_json(args.json, record)
     print(f"=> {args.json}", flush=True)
     return record

@@ -193,3 +193,12 @@ def test_endtoend_smoke_runs_the_script_on_jpegs_next_to_the_step_rate(tmp_path)
     assert endtoend.script_flags("amp+channels_last+gpu_augment") == ["--amp", "--channels-last", "--gpu-augment"]
     assert endtoend.script_flags("amp+channels_last+gpu_decode+compile") == [
         "--amp", "--channels-last", "--compile", "--gpu-augment", "--gpu-decode"]
+
+
+def test_quality_fits_the_queue_to_the_pool_and_reports_mean_and_spread():
+    assert bench_quality.fitted_queue(10000, 64) == 960  # a tenth of the pool, a multiple of the batch
+    assert bench_quality.fitted_queue(2000, 64) == 192
+    assert bench_quality.fitted_queue(60000, 256) == 4096  # capped
+    assert bench_quality.fitted_queue(100, 64) == 64  # at least one batch
+    assert bench_quality.mean_and_spread([70.0, 72.0, 74.0]) == pytest.approx((72.0, 2.0))
+    assert bench_quality.mean_and_spread([70.0]) == (70.0, 0.0)
