@@ -43,7 +43,7 @@ from common.loader import make_loader
 from common.logging import MeterBank, MetricsLog, Progress, log
 from common.loss_guard import LossGuard
 from common.metrics import classification_report, save_confusion_csv, save_per_class_csv
-from common.models import build_backbone, feature_dim
+from common.models import build_backbone, feature_dim, without_head
 from common.placement import place_model
 from common.precision import Precision
 from common.pretrained import extract_backbone, load_backbone, load_pretrained
@@ -61,6 +61,7 @@ from lincls.hierarchy import (
     hierarchical_dataset,
     hierarchical_report,
 )
+from lincls.logreg import fit_logistic_regression
 
 # (lr, weight decay) when not given: the reference linear probe; fine-tuning the whole
 # network needs a far smaller step (its backbone lr is further scaled by --backbone-lr-scale)
@@ -90,6 +91,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "'none' for a random-init backbone, 'imagenet' for torchvision's cached weights")
     g.add_argument("--head", default="linear", choices=("linear", "mlp"),
                    help="classifier on the features: linear, or mlp = Linear-ReLU-Dropout-Linear")
+    g.add_argument("--probe", default="sgd", choices=("sgd", "logreg"),
+                   help="how a frozen linear head is trained: sgd (the reference protocol: augmented images, "
+                        "--lr/--epochs), or logreg (logistic regression on the features of the un-augmented "
+                        "images, L-BFGS to convergence with a fixed L2: nothing to tune, the recommended probe "
+                        "for small label sets, where lr 30 diverges)")
     g.add_argument("--head-bn", action="store_true",
                    help="BatchNorm without affine parameters before the head (as MAE's linear probe): the "
                         "features are standardised, so one lr suits backbones whose feature scales differ")
@@ -154,6 +160,14 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     check_hierarchy_flags(args, classifier=True)
+    if args.probe == "logreg":
+        clash = [flag for flag, on in (("--finetune", args.finetune), ("--trainable-layers", args.trainable_layers),
+                                       ("--head mlp", args.head == "mlp"), ("--head-bn", args.head_bn),
+                                       ("--hierarchy-depth", args.hierarchy_depth),
+                                       ("--balanced-sampling", args.balanced_sampling)) if on]
+        if clash:
+            raise UserError(f"--probe logreg fits one linear head on frozen features in one go; drop {clash[0]} "
+                            f"(or use --probe sgd)")
     per_worker(args.batch_size, expected_world_size(args))
     return args
 
@@ -412,6 +426,25 @@ def jsonable(report: Dict) -> Dict:
 
 # ---------------------------------------------------------------- main
 
+def fit_logreg_head(net: nn.Module, train_data, args: argparse.Namespace, env: DistEnv, workers: int) -> None:
+    """--probe logreg: the frozen backbone's features of the un-augmented training images
+    (the eval transform), multinomial logistic regression on them (lincls/logreg.py; with
+    --class-weights, weighted per class), written into net.fc. Every rank fits the same
+    model on the same gathered features."""
+    plain = TransformedDataset(train_data, augment.eval_transform(args.crop_size), args.strict_data,
+                               decode_side=augment.eval_decode_side(args.crop_size))
+    with without_head(net):
+        x, y = extract_features(net, plain, per_worker(args.batch_size, env.world_size), env.device, workers=workers,
+                                precision=Precision.from_args(args), normalize=False, print_freq=50,
+                                desc="probe features")
+    num_classes = net.fc.out_features
+    weight = class_weights(train_data.targets, num_classes) if args.class_weights else None
+    w, b = fit_logistic_regression(x.float(), y, num_classes, class_weight=weight)
+    with torch.no_grad():
+        net.fc.weight.copy_(w.T.to(net.fc.weight.dtype))
+        net.fc.bias.copy_(b.to(net.fc.bias.dtype))
+
+
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
 
@@ -494,6 +527,24 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                 + (" (balanced by --balanced-sampling/--class-weights)" if level + 1 == args.balance_level
                    and (args.balanced_sampling or args.class_weights) else ""))
 
+    if args.probe == "logreg":
+        # ---- logistic regression on the frozen features of the un-augmented training images,
+        # fitted once (no lr, no epochs), written into the linear head
+        fit_logreg_head(net, train_data, args, env, workers)
+        report = evaluate(model, val_dataset, classes, args, env, workers, tree)
+        log(f"=> logistic-regression probe on {len(train_data)} training images, val: {summary_line(report)}")
+        if is_main_process():
+            write_report_files(report, args.output_dir)
+            write_report_files(report, args.output_dir, "_best")
+            optimizer = torch.optim.SGD(net.fc.parameters(), 0.0)  # for the checkpoint's layout only
+            save_checkpoint(training_state(model, optimizer, Precision.from_args(args).scaler(env.device), args,
+                                           method="lincls", epoch=args.epochs, metrics=summary_record(report),
+                                           best_acc1=report["acc1"], best_epoch=0, classes=classes),
+                            args.output_dir, epoch_file=False, is_best=True)
+        sanity_check(net, reference)
+        write_results(args, len(train_data), num_classes, report["acc1"], 0, report, tree)
+        return
+
     # ---- optimizer: the head only (frozen), or everything with a slower backbone (finetune)
     head_params = list(net.fc.parameters())
     if args.finetune or args.trainable_layers:
@@ -569,19 +620,26 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         log(f"=> final {line}")
     log(f"=> final ({args.epochs} epochs, {len(train_dataset)} training images): {summary_line(report)}  "
         f"best acc1 {best_acc1:.2f} (epoch {best_epoch})")
-    if is_main_process():
-        results = {"arch": args.arch, "pretrained": args.pretrained, "head": args.head, "finetune": args.finetune,
-                   "trainable_layers": args.trainable_layers,
-                   "label_fraction": args.label_fraction, "epochs": args.epochs,
-                   "num_train_images": len(train_dataset), "num_classes": num_classes,
-                   "best_acc1": best_acc1, "best_epoch": best_epoch, "final": jsonable(report)}
-        if tree is not None:  # best_acc1 is then the whole-path top-1; final.levels has every level's metrics
-            results["hierarchy"] = {"level_names": tree.level_names, "classes": tree.classes,
-                                    "level_weights": args.level_weights, "balance_level": args.balance_level,
-                                    "balanced_sampling": args.balanced_sampling, "class_weights": args.class_weights}
-        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        log(f"=> metrics in {os.path.join(args.output_dir, 'results.json')}")
+    write_results(args, len(train_dataset), num_classes, best_acc1, best_epoch, report, tree)
+
+
+def write_results(args: argparse.Namespace, num_train: int, num_classes: int, best_acc1: float, best_epoch: int,
+                  report: Dict, tree: Optional[LabelTree]) -> None:
+    """results.json (rank 0): the run's setup, best and final metrics."""
+    if not is_main_process():
+        return
+    results = {"arch": args.arch, "pretrained": args.pretrained, "probe": args.probe, "head": args.head,
+               "finetune": args.finetune, "trainable_layers": args.trainable_layers,
+               "label_fraction": args.label_fraction, "epochs": args.epochs if args.probe == "sgd" else 0,
+               "num_train_images": num_train, "num_classes": num_classes,
+               "best_acc1": best_acc1, "best_epoch": best_epoch, "final": jsonable(report)}
+    if tree is not None:  # best_acc1 is then the whole-path top-1; final.levels has every level's metrics
+        results["hierarchy"] = {"level_names": tree.level_names, "classes": tree.classes,
+                                "level_weights": args.level_weights, "balance_level": args.balance_level,
+                                "balanced_sampling": args.balanced_sampling, "class_weights": args.class_weights}
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    log(f"=> metrics in {os.path.join(args.output_dir, 'results.json')}")
 
 
 main = script_main(get_args_parser, finalize_args, main_worker)

@@ -9,8 +9,9 @@ the product's own script, called through its main(argv).
     python bench/quality.py ../shared/data/fashion-mnist --quick          # 2 CPU cores, < 20 min
     python bench/quality.py ../shared/data/fashion-mnist --device cuda    # the full budget, for a GPU
 
-The linear probe is multinomial logistic regression (L-BFGS, fixed L2) on the frozen
-backbone's standardised features of the un-augmented images, the same for every backbone:
+The linear probe is multinomial logistic regression (L-BFGS, fixed L2; lincls/logreg.py,
+main_lincls.py --probe logreg) on the frozen backbone's standardised features of the
+un-augmented images, the same for every backbone:
 deterministic, cheap, and blind to the scale of the features (a random-init ResNet's
 features are orders of magnitude larger than a pretrained one's, which makes one SGD lr
 unfair to one of them). `--lincls-probe` also runs main_lincls.py's probe (SGD on augmented
@@ -43,6 +44,7 @@ from common.models import build_backbone, without_head  # noqa: E402
 from common.pretrained import load_backbone, load_pretrained  # noqa: E402
 from common.subsets import stratified_subset  # noqa: E402
 from common.transformed import TransformedDataset  # noqa: E402
+from lincls.logreg import PROBE_WD, logistic_regression_accuracy  # noqa: E402
 
 # moco_k 0: fit the pool, the largest multiple of the batch up to a tenth of it (at most 4096;
 # main_moco.py warns above a tenth: each image would meet its own older keys as negatives).
@@ -60,7 +62,6 @@ PRESETS = {
                  probe_epochs=100, sup_epochs=100, small_images=True, workers=8, moco_k=4096, probe_lr=30.0,
                  crop_min=0.3, lincls_probe=True, moco_t=0.2),
 }
-PROBE_WD = 1e-3  # L2 on the logistic regression's weights (standardised features), every backbone
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -209,30 +210,6 @@ def embed(args: argparse.Namespace, data_args: argparse.Namespace, ckpt_path: st
                                  workers=args.workers, normalize=False) for split in ("train", "val")]
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, wd: float = PROBE_WD, max_iter: int = 500) -> float:
-    """Test top-1 (%) of multinomial logistic regression on standardised features (the
-    labelled train set's mean/std), fitted to convergence by full-batch L-BFGS with L2
-    `wd` on the weights. No hyper-parameter is chosen on the test set."""
-    train_x, test_x = train_x.double(), test_x.double()
-    mean, std = train_x.mean(0), train_x.std(0, unbiased=False) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    w = torch.zeros(train_x.shape[1], num_classes, dtype=torch.float64, device=train_x.device, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, device=train_x.device, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(train_x @ w + b, train_y) + wd * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return 100.0 * ((test_x @ w + b).argmax(1) == test_y).double().mean().item()
-
-
 def probe_at_fractions(args: argparse.Namespace, features, train_targets, num_classes: int,
                        fractions: List[float]) -> Dict[str, Dict[str, float]]:
     """Linear probe and kNN top-1 (k=20, T=0.07, on L2-normalised features) on the test set,
@@ -242,7 +219,7 @@ def probe_at_fractions(args: argparse.Namespace, features, train_targets, num_cl
     for f in fractions:
         idx = torch.arange(len(tr_l)) if f >= 1.0 else torch.tensor(stratified_subset(train_targets, f, 0))
         idx = idx.to(tr_f.device)
-        out["linear"][str(f)] = linear_probe(tr_f[idx], tr_l[idx], te_f, te_l, num_classes)
+        out["linear"][str(f)] = logistic_regression_accuracy(tr_f[idx], tr_l[idx], te_f, te_l, num_classes)
         acc = knn_accuracy(F.normalize(tr_f[idx].float(), dim=1), tr_l[idx], F.normalize(te_f.float(), dim=1), te_l,
                            num_classes, k=20, temperature=0.07)
         out["knn"][str(f)] = acc["knn_top1"]

@@ -16,6 +16,7 @@ from bench.util import format_table, mnist_subset, stratified_first, write_mnist
 from common import augment
 from common.datasets import build_dataset
 from common.transformed import TransformedDataset
+from lincls.logreg import logistic_regression_accuracy
 from moco.augment import moco_v2
 
 
@@ -153,13 +154,13 @@ def test_linear_probe_fits_separable_features_and_ignores_their_scale():
     centres = torch.randn(4, 16, generator=g) * 3
     y = torch.arange(200) % 4
     x = centres[y] + torch.randn(200, 16, generator=g)
-    acc = bench_quality.linear_probe(x[:100], y[:100], x[100:], y[100:], 4)
+    acc = logistic_regression_accuracy(x[:100], y[:100], x[100:], y[100:], 4)
     assert acc > 95
     # standardisation: the same features x 1e4 (a random-init ResNet's scale) give the same answer
-    assert bench_quality.linear_probe(x[:100] * 1e4, y[:100], x[100:] * 1e4, y[100:], 4) == pytest.approx(acc)
+    assert logistic_regression_accuracy(x[:100] * 1e4, y[:100], x[100:] * 1e4, y[100:], 4) == pytest.approx(acc)
     # chance on noise labels
     noise = torch.randint(0, 4, (200,), generator=g)
-    assert bench_quality.linear_probe(x[:100], noise[:100], x[100:], noise[100:], 4) < 50
+    assert logistic_regression_accuracy(x[:100], noise[:100], x[100:], noise[100:], 4) < 50
 
 
 def test_quality_missing_data_is_one_sentence(tmp_path, capsys):

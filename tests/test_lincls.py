@@ -350,3 +350,55 @@ def test_error_reaches_the_user_as_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("main_lincls.py: error:") and "does not exist" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_logreg_probe_fits_the_head_in_one_go_and_beats_random_init(moco_pretrained, tmp_path, capsys):
+    """--probe logreg: the head is the logistic regression fitted on the frozen features of
+    the un-augmented training images (lincls/logreg.py, checked against a direct fit on the
+    same features); the backbone stays the checkpoint's; the classifier reloads with
+    --evaluate; pretrained beats random init on 10 % of the labels without any lr."""
+    from common.datasets import build_dataset
+    from common.knn import extract_features
+    from common.models import without_head
+    from common.transformed import TransformedDataset
+    from common import augment
+    from lincls.logreg import fit_logistic_regression
+
+    acc = {}
+    base = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "--probe", "logreg", "--label-fraction", "0.1",
+                        "--seed", "1"]
+    for name, pre in (("moco", moco_pretrained), ("random", "none")):
+        out = tmp_path / name
+        stdout = lincls(base + ["--pretrained", pre, "--output-dir", str(out)])
+        results = json.load(open(out / "results.json"))
+        assert results["probe"] == "logreg" and 40 <= results["num_train_images"] <= 60  # a tenth of 512
+        acc[name] = results["final"]["acc1"]
+        assert "logistic-regression probe" in stdout and "sanity check passed" in stdout
+    assert acc["moco"] > acc["random"] + 5, acc
+
+    ckpt = load(tmp_path / "moco" / "model_best.pth.tar")
+    sd = ckpt["state_dict"]
+    pre = load(moco_pretrained)["state_dict"]
+    for k in [k for k in sd if not k.startswith("module.fc.")]:
+        assert torch.equal(sd[k], pre["module.encoder_q." + k[len("module."):]]), k
+    # the head equals a direct fit on the same features
+    args = main_lincls.finalize_args(main_lincls.get_args_parser().parse_args(
+        base + ["--pretrained", moco_pretrained, "--output-dir", str(tmp_path / "x")]))
+    net, _, _ = main_lincls.build_classifier(args, 8)
+    subset = json.load(open(tmp_path / "moco" / "label_subset.json"))
+    train = build_dataset(args, "train")
+    indices = subset["indices"]
+    plain = TransformedDataset(main_lincls.SubsetDataset(train, indices), augment.eval_transform(args.crop_size))
+    with without_head(net):
+        x, y = extract_features(net, plain, 64, torch.device("cpu"), normalize=False)
+    w, b = fit_logistic_regression(x, y, 8)
+    torch.testing.assert_close(sd["module.fc.weight"], w.T.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sd["module.fc.bias"], b.float(), rtol=1e-4, atol=1e-5)
+
+    stdout = lincls(SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "--evaluate", "--resume",
+                                 str(tmp_path / "moco" / "model_best.pth.tar"), "--output-dir", str(tmp_path / "ev")])
+    assert json.load(open(tmp_path / "ev" / "evaluation.json"))["acc1"] == pytest.approx(acc["moco"])
+
+    code, err = run_in_process(base + ["--pretrained", "none", "--finetune", "--output-dir", str(tmp_path / "bad")],
+                               capsys)
+    assert code == 2 and "--probe logreg fits one linear head" in err and "drop --finetune" in err
