@@ -59,6 +59,15 @@ part() {  # part NAME TIMEOUT_S COMMAND...
   echo "===== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
+both_methods() {  # both_methods NAME CONFIG: main_moco.py and main_simclr.py end to end with one configuration
+  local m
+  for m in moco simclr; do
+    part "${1}_$m" 240 $PY bench/endtoend.py --method $m "${COMMON[@]}" -j "$J" --num-images "$N" \
+      --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
+      --configs "$2" --json "$WORK/${1}_$m.json"
+  done
+}
+
 {
   echo "===== machine"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
@@ -98,21 +107,13 @@ for p in "${PARTS[@]}"; do
         --moco-k 4096 --bn-splits "$SPLITS" --device "$DEV" --steps "$STEPS" --warmup "$WARM" --repeats 2 \
         --configs amp+channels_last amp+channels_last+compile --json "$WORK/compile_cifar.json" ;;
     endtoend_compile)
-      for m in moco simclr; do
-        part "endtoend_compile_$m" 240 $PY bench/endtoend.py --method $m "${COMMON[@]}" -j "$J" --num-images "$N" \
-          --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
-          --configs amp+channels_last+gpu_augment+compile --json "$WORK/endtoend_compile_$m.json"
-      done ;;
+      both_methods endtoend_compile amp+channels_last+gpu_augment+compile ;;
     ceiling)
       part ceiling 90 $PY bench/throughput.py --methods moco -a "$ARCH" --crop-size "$CROP" -b "$B" --moco-k "$K" \
         --bn-splits 1 --device "$DEV" --steps "$STEPS" --warmup "$WARM" --repeats "$REP" \
         --configs default amp+channels_last --json "$WORK/ceiling.json" ;;
     endtoend_decode)
-      for m in moco simclr; do
-        part "endtoend_decode_$m" 240 $PY bench/endtoend.py --method $m "${COMMON[@]}" -j "$J" --num-images "$N" \
-          --image-size $IMG --data-dir "$WORK/jpegs" --step-repeats "$REP" --step-steps "$STEPS" \
-          --configs amp+channels_last+gpu_decode+compile --json "$WORK/endtoend_decode_$m.json"
-      done ;;
+      both_methods endtoend_decode amp+channels_last+gpu_decode+compile ;;
     *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode)" \
          | tee -a "$LOG"; exit 2 ;;
   esac
