@@ -17,9 +17,13 @@ from PIL import Image
 
 import main_knn
 import main_lincls
+from bench.hierarchy import FAMILY, write_data
+from bench.util import write_mnist_layout
 from common.errors import UserError
+from common.images import csv_manifest
 from common.knn import knn_predict
 from common.models import build_backbone
+from common.subsets import load_subset, save_subset, stratified_subset
 from common.synthetic import SyntheticPatterns
 from conftest import run_script
 from lincls.balance import BalancedSampler, class_weights
@@ -366,3 +370,29 @@ def test_bad_trees_are_one_sentence(tree_data, tmp_path, capsys):
     assert code == 2 and "--consistent only applies to hierarchical labels; add --hierarchy-depth N" in err
     with pytest.raises(UserError, match="use --dataset imagefolder or --dataset csv instead of synthetic"):
         hierarchical_dataset(data_args(tree_data, "synthetic"), "train")
+
+
+def test_fashion_mnist_benchmark_data_is_imbalanced_and_shared_by_every_method(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 50).astype(np.uint8)
+    write_mnist_layout(str(tmp_path / "fmnist"), rng.integers(0, 255, (500, 28, 28), dtype=np.uint8), labels,
+                       rng.integers(0, 255, (100, 28, 28), dtype=np.uint8), labels[::5])
+    args = argparse.Namespace(data=str(tmp_path / "fmnist"), seed=0, max_per_class=40, imbalance=20.0,
+                              test_per_class=3)
+    sizes = write_data(args, str(tmp_path / "out"))
+    assert max(sizes.values()) == 40 and min(sizes.values()) == 2 and len(set(sizes.values())) == 10
+    tree = hierarchical_dataset(data_args(tmp_path / "out" / "tree", "csv"), "train")
+    assert tree.tree.classes[0] == ["footwear", "other", "tops"] and len(tree) == sum(sizes.values())
+    assert Counter(tree.tree.level_targets(tree.targets, 0).tolist()) == {
+        tree.tree.classes[0].index(f): sum(n for t, n in sizes.items() if FAMILY[t] == f) for f in FAMILY.values()}
+    # the per-level networks read the same files in the same order, so a label subset drawn on the
+    # tree (stratified on the deepest level) is valid for them: every method gets the same images
+    path = str(tmp_path / "subset.json")
+    save_subset(path, stratified_subset(tree.targets, 0.5), tree, 0.5, 0)
+    for level in ("family", "type"):
+        flat = csv_manifest(str(tmp_path / "out" / level / "train.csv"))
+        assert [flat.path(i) for i in range(len(flat))] == [tree.path(i) for i in range(len(tree))]
+        assert load_subset(path, flat) == stratified_subset(tree.targets, 0.5)
+        val = csv_manifest(str(tmp_path / "out" / level / "val.csv"))
+        per_class = {name: 3 * (1 if level == "type" else list(FAMILY.values()).count(name)) for name in val.classes}
+        assert Counter(val.classes[t] for t in val.targets) == per_class  # a balanced test set
