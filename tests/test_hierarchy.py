@@ -25,7 +25,6 @@ from common.knn import knn_predict
 from common.models import build_backbone
 from common.subsets import load_subset, save_subset, stratified_subset
 from common.synthetic import SyntheticPatterns
-from conftest import run_script
 from lincls.balance import BalancedSampler, class_weights
 from lincls.hierarchy import (
     HierarchicalLoss,
@@ -37,7 +36,7 @@ from lincls.hierarchy import (
     hierarchical_report,
     path_accuracy,
 )
-from test_lincls import lincls, load, run_in_process
+from test_lincls import lincls, load, one_and_two_gloo_workers, resumed_equals_straight, run_in_process
 
 # family = hue, type = pattern; 'stripes' is a type of both families (two classes, told
 # apart by their path); 20 : 6 : 3 : 1 training images, 20:1 between the extreme classes
@@ -270,13 +269,7 @@ def test_resume_equals_uninterrupted_with_a_csv_tree(tree_data, tmp_path, capsys
             "--level-weights", "0.5", "1", "--label-fraction", "0.5", "--balanced-sampling", "--balance-level", "1",
             "--class-weights", "--consistent", "path", "--schedule", "1", "--head-bn"] + TINY
     straight, split = tmp_path / "straight", tmp_path / "split"
-    lincls(base + ["--epochs", "2", "--output-dir", str(straight)])
-    lincls(base + ["--epochs", "1", "--output-dir", str(split)])
-    assert "resumed from" in lincls(base + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
-    a, b = load(straight / "checkpoint_last.pth.tar"), load(split / "checkpoint_last.pth.tar")
-    assert a["epoch"] == b["epoch"] == 2 and a["best_acc1"] == b["best_acc1"]
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    resumed_equals_straight(base, straight, split)
     ra = json.load(open(straight / "results.json"))
     assert ra["final"] == json.load(open(split / "results.json"))["final"]
     assert ra["final"]["decoding"] == "path" and ra["final"]["consistency_rate"] == 100.0
@@ -290,17 +283,12 @@ def test_resume_equals_uninterrupted_with_a_csv_tree(tree_data, tmp_path, capsys
 
 def test_two_gloo_workers_match_one_process(tree_data, tmp_path):
     args = [tree_data, "--hierarchy-depth", "2", "--pretrained", "none", "--epochs", "1"] + TINY
-    one, two = tmp_path / "one", tmp_path / "two"
-    lincls(args + ["--output-dir", str(one)])
-    proc = run_script("main_lincls.py", args + ["--output-dir", str(two), "--cpu", "--multiprocessing-distributed",
-                                                "--nproc-per-node", "2", "--dist-url", "tcp://127.0.0.1:29541"])
-    assert "2 process(es)" in proc.stdout and "sanity check passed" in proc.stdout
-    a, b = load(one / "checkpoint_last.pth.tar"), load(two / "checkpoint_last.pth.tar")
+    a, b = one_and_two_gloo_workers(args, tmp_path, 29541)
     heads = [k for k in a["state_dict"] if k.startswith("module.fc.heads.")]
     assert len(heads) == 4
     for k in heads:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-4, atol=1e-5)
-    ra, rb = json.load(open(one / "results.json")), json.load(open(two / "results.json"))
+    ra, rb = json.load(open(tmp_path / "one" / "results.json")), json.load(open(tmp_path / "two" / "results.json"))
     for la, lb in zip(ra["final"]["levels"], rb["final"]["levels"]):
         assert la["confusion"] == lb["confusion"]  # every val image evaluated once, at every level
 

@@ -268,12 +268,9 @@ def test_evaluate_reproduces_best_accuracy(probes, tmp_path):
     assert os.path.isfile(tmp_path / "confusion_matrix_eval.csv")
 
 
-def test_resume_equals_uninterrupted(tmp_path, capsys):
-    # fine-tuning with an MLP head (dropout), a label subset and balanced sampling: every RNG in play
-    base = SYNTHETIC + ["--synthetic-size", "96", "-b", "16", "--lr", "0.05", "--schedule", "1", "--finetune",
-                        "--head", "mlp", "--label-fraction", "0.5", "--balanced-sampling", "--class-weights",
-                        "--pretrained", "none", "--seed", "7", "-p", "100"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
+def resumed_equals_straight(base, straight, split):
+    """`base` for 2 epochs in `straight`, and for 1 epoch then --resume auto to 2 in `split`:
+    the same final weights and best top-1. Returns both final checkpoints."""
     lincls(base + ["--epochs", "2", "--output-dir", str(straight)])
     lincls(base + ["--epochs", "1", "--output-dir", str(split)])
     assert "resumed from" in lincls(base + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
@@ -281,6 +278,16 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
     assert a["epoch"] == b["epoch"] == 2 and a["best_acc1"] == b["best_acc1"]
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    return a, b
+
+
+def test_resume_equals_uninterrupted(tmp_path, capsys):
+    # fine-tuning with an MLP head (dropout), a label subset and balanced sampling: every RNG in play
+    base = SYNTHETIC + ["--synthetic-size", "96", "-b", "16", "--lr", "0.05", "--schedule", "1", "--finetune",
+                        "--head", "mlp", "--label-fraction", "0.5", "--balanced-sampling", "--class-weights",
+                        "--pretrained", "none", "--seed", "7", "-p", "100"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    a, b = resumed_equals_straight(base, straight, split)
     for k, v in a["optimizer"]["state"].items():
         assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
     assert json.load(open(straight / "label_subset.json")) == json.load(open(split / "label_subset.json"))
@@ -294,18 +301,23 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
     assert code == 2 and "was trained with --head-bn off but this run has --head-bn on" in err
 
 
-def test_two_gloo_workers_match_one_process(tmp_path):
-    # frozen BN + the same global batch: 2 workers x 16 compute the 1 x 32 run's gradients
-    args = TINY + ["--pretrained", "none", "--synthetic-size", "128", "--epochs", "1"]
+def one_and_two_gloo_workers(args, tmp_path, port: int):
+    """`args` in this process and as 2 gloo CPU workers; returns both final checkpoints."""
     one, two = tmp_path / "one", tmp_path / "two"
     lincls(args + ["--output-dir", str(one)])
     proc = run_script("main_lincls.py", args + ["--output-dir", str(two), "--cpu", "--multiprocessing-distributed",
-                                                "--nproc-per-node", "2", "--dist-url", "tcp://127.0.0.1:29533"])
+                                                "--nproc-per-node", "2", "--dist-url", f"tcp://127.0.0.1:{port}"])
     assert "2 process(es)" in proc.stdout and "sanity check passed" in proc.stdout
-    a, b = load(one / "checkpoint_last.pth.tar"), load(two / "checkpoint_last.pth.tar")
+    return load(one / "checkpoint_last.pth.tar"), load(two / "checkpoint_last.pth.tar")
+
+
+def test_two_gloo_workers_match_one_process(tmp_path):
+    # frozen BN + the same global batch: 2 workers x 16 compute the 1 x 32 run's gradients
+    args = TINY + ["--pretrained", "none", "--synthetic-size", "128", "--epochs", "1"]
+    a, b = one_and_two_gloo_workers(args, tmp_path, 29533)
     for k in ("module.fc.weight", "module.fc.bias"):
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-4, atol=1e-5)
-    ra, rb = json.load(open(one / "results.json")), json.load(open(two / "results.json"))
+    ra, rb = json.load(open(tmp_path / "one" / "results.json")), json.load(open(tmp_path / "two" / "results.json"))
     assert ra["final"]["confusion"] == rb["final"]["confusion"]  # every val image evaluated once
 
 
