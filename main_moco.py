@@ -6,6 +6,7 @@
 """
 import argparse
 import functools
+from typing import Dict
 
 import torch
 
@@ -17,6 +18,7 @@ from common.logging import log
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
+from common.recipes import add_recipe_arg, apply_recipe
 from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                              lr_schedule, two_view_data)
 from moco.augment import moco_v1, moco_v2
@@ -42,11 +44,26 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="BN groups that simulate multi-GPU shuffle-BN in a single-process run")
     add_view_args(parser)
     add_pretrain_args(parser)
+    add_recipe_arg(parser, "MoCo v2 for 1k-20k images (queue a tenth of the dataset, momentum 0.99, T 0.5, "
+                           "batch 64, lr 0.06 cosine; crop-min 0.3 at <= 64 px): bench/quality.py's measured recipe")
     return parser
+
+
+def small_data_recipe(num_images: int, crop_size: int) -> Dict[str, object]:
+    """`--recipe small`: bench/quality.py's small-data MoCo v2 recipe (README: Small datasets).
+    The queue holds at most a tenth of the images (a multiple of the batch: one step's keys)."""
+    batch = 64
+    values: Dict[str, object] = dict(batch_size=batch, lr=0.06, cos=True, mlp=True, aug_plus=True, moco_t=0.5,
+                                     moco_m=0.99, bn_splits=2,
+                                     moco_k=max(batch, min(4096, num_images // 10) // batch * batch))
+    if crop_size <= 64:
+        values["crop_min"] = 0.3  # 0.2 cuts most of a 28-32 px object away
+    return values
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
+    apply_recipe(args, get_args_parser().parse_args([]), small_data_recipe)
     finalize_pretrain_args(args, "moco", model_flags=("--moco-dim", "--moco-k", "--mlp", "--symmetric"))
     finalize_view_args(args)
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)

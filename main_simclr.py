@@ -9,6 +9,7 @@ Defaults are SimCLR's ImageNet recipe: LARS, lr 0.3 x batch/256, weight decay 1e
 """
 import argparse
 import functools
+from typing import Dict
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,7 @@ from common.logging import log
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
+from common.recipes import add_recipe_arg, apply_recipe
 from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                              lr_schedule, two_view_data)
 from simclr.augment import simclr_augmentation
@@ -58,11 +60,26 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "several GPUs; PyTorch cannot sync BN between CPU processes)")
     add_view_args(parser)
     add_pretrain_args(parser)
+    add_recipe_arg(parser, "SimCLR for 1k-20k images (SGD lr 0.1 unscaled, wd 1e-4, T 0.2, batch 64, warmup a "
+                           "tenth of the epochs; crop-min 0.3 at <= 64 px): bench/quality.py's measured recipe")
     return parser
+
+
+def small_data_recipe(num_images: int, crop_size: int) -> Dict[str, object]:
+    """`--recipe small`: bench/quality.py's small-data SimCLR recipe (README: Small datasets).
+    SGD at batch 64: LARS' trust ratio with lr 0.3 x B/256 barely moves the weights there."""
+    values: Dict[str, object] = dict(batch_size=64, optimizer="sgd", lr=0.1, lr_scaling="none", weight_decay=1e-4,
+                                     temperature=0.2)
+    if crop_size <= 64:
+        values["crop_min"] = 0.3
+    return values
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
+    if apply_recipe(args, get_args_parser().parse_args([]), small_data_recipe) and args.warmup_epochs == 10.0:
+        args.warmup_epochs = min(10.0, args.epochs / 10)  # a tenth of a short run, as bench/quality.py
+        log(f"=> --recipe {args.recipe} sets --warmup-epochs {args.warmup_epochs:g}")
     finalize_pretrain_args(args, "simclr", model_flags=("--proj-dim", "--proj-hidden-dim", "--proj-layers",
                                                          "--proj-bn", "--optimizer"))
     finalize_view_args(args)

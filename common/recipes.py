@@ -1,0 +1,40 @@
+"""Presets (`--recipe small`): flag values a method's script fills in when the command line
+left those flags at their defaults. Every value set is printed, and the checkpoint's args
+record them like any flag, so a run says exactly what it ran."""
+import argparse
+from typing import Callable, Dict, List
+
+from common.datasets import build_dataset, default_crop_size
+from common.logging import log
+
+RECIPES = ("default", "small")
+
+
+def add_recipe_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--recipe", default="default", choices=RECIPES,
+                        help=f"small: {what}; flags you pass yourself are kept; every value it sets is printed "
+                             f"and stored in the checkpoint")
+
+
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def apply_recipe(args: argparse.Namespace, defaults: argparse.Namespace,
+                 values: Callable[[int, int], Dict[str, object]]) -> List[str]:
+    """`--recipe small`: values(num_images, crop_size) for the flags still at their
+    `defaults`; returns what was set, as "--flag value" strings (also printed)."""
+    if args.recipe == "default":
+        return []
+    num_images = len(build_dataset(args, "pretrain"))
+    crop = args.crop_size or default_crop_size(args)
+    set_, kept = [], []
+    for dest, value in values(num_images, crop).items():
+        if getattr(args, dest) != getattr(defaults, dest):
+            kept.append(f"{flag(dest)} {getattr(args, dest)}")
+            continue
+        setattr(args, dest, value)
+        set_.append(flag(dest) if value is True else f"{flag(dest)} {value}")
+    log(f"=> --recipe {args.recipe} for {num_images} images at {crop} px sets: {' '.join(set_) or 'nothing'}"
+        + (f"; kept from the command line: {', '.join(kept)}" if kept else ""))
+    return set_
