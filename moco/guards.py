@@ -9,6 +9,8 @@ run ends. The warnings say so before training, with the value that fits.
 import math
 from typing import Optional
 
+import numpy as np
+
 QUEUE_SHARE = 0.1  # the queue should hold at most this share of the dataset
 INIT_SHARE = 0.5  # the key encoder should keep at most this share of its initialisation
 
@@ -25,8 +27,8 @@ def init_share_at_end(m: float, steps: int, cosine: bool = False) -> float:
     momentum updates (the product of the momenta); with `cosine`, under cosine_momentum."""
     if not cosine:
         return m ** steps
-    log_share = sum(math.log(cosine_momentum(m, s / steps, 1)) for s in range(steps)) if m < 1 else 0.0
-    return math.exp(log_share)
+    t = np.arange(steps) / steps  # cosine_momentum at every step, vectorised (runs have millions of steps)
+    return float(np.exp(np.log1p(-(1.0 - m) * (np.cos(np.pi * t) + 1.0) / 2.0).sum()))
 
 
 def queue_warning(K: int, num_images: int, keys_per_step: int) -> Optional[str]:
@@ -46,8 +48,9 @@ def momentum_warning(m: float, steps: int, cosine: bool = False) -> Optional[str
     share = init_share_at_end(m, steps, cosine)
     if share <= INIT_SHARE:
         return None
-    # the largest momentum (in steps of 0.01 below 1) that leaves at most a tenth of the init
-    suggest = next((c / 100 for c in range(99, 0, -1) if init_share_at_end(c / 100, steps, cosine) <= 0.1), 0.9)
+    # the largest of 0.9999, 0.9998, 0.9995, 0.999, ..., 0.9 that leaves at most a tenth of the init
+    candidates = [round(1 - f * 10.0 ** -k, 6) for k in (4, 3, 2, 1) for f in (1, 2, 5)]
+    suggest = next((c for c in candidates if init_share_at_end(c, steps, cosine) <= 0.1), 0.5)
     return (f"with --moco-m {m}{' and --moco-m-cos' if cosine else ''} the key encoder still holds "
             f"{100 * share:.0f}% of its random initialisation after the run's {steps} steps, so its keys barely "
             f"improve; use --moco-m {suggest} or lower, or train longer")
