@@ -160,9 +160,10 @@ def run_script(module, argv: List[str], log_path: str) -> float:
 
 
 def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str) -> List[str]:
-    """MoCo v2 and SimCLR recipes sized for the batch (the small-batch settings the
-    CIFAR demos use: key momentum 0.99, lr 0.06, MoCo T --moco-t, SimCLR T 0.2; SGD for SimCLR
-    at small batches, where LARS' trust ratio with lr 0.3 x B/256 barely moves the weights)."""
+    """The scripts' `--recipe small` (key momentum 0.99, lr 0.06 MoCo; SGD lr 0.1, T 0.2
+    SimCLR, where LARS' trust ratio with lr 0.3 x B/256 barely moves the weights), with this
+    benchmark's batch, epochs, crop-min, MoCo T and queue given explicitly (kept by the
+    recipe); SimCLR at batches of 1024 and more keeps its LARS defaults."""
     argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(args.pretrain_epochs),
                                        "--output-dir", out, "-p", "20"]
     # (evaluate() sets args.pretrain_epochs and args.moco_k per pool on a copy of args)
@@ -170,10 +171,11 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str) ->
         return argv + ["--lr", "1e-3", "--patches", "4", "--patch-size", "8"]
     argv += ["--crop-min", str(args.crop_min)]
     if method == "moco":
-        return argv + ["--lr", "0.06", "--cos", "--mlp", "--aug-plus", "--moco-t", str(args.moco_t), "--moco-m", "0.99",
-                       "--moco-k", str(args.moco_k), "--bn-splits", "8" if args.batch_size >= 256 else "2"]
-    return argv + ["--temperature", "0.2", "--warmup-epochs", str(min(10.0, args.pretrain_epochs / 10))] + (
-        ["--optimizer", "sgd", "--lr", "0.1", "--lr-scaling", "none", "--wd", "1e-4"] if args.batch_size < 1024 else [])
+        return argv + ["--recipe", "small", "--moco-t", str(args.moco_t), "--moco-k", str(args.moco_k),
+                       "--bn-splits", "8" if args.batch_size >= 256 else "2"]
+    if args.batch_size < 1024:
+        return argv + ["--recipe", "small"]
+    return argv + ["--temperature", "0.2", "--warmup-epochs", str(min(10.0, args.pretrain_epochs / 10))]
 
 
 def probe_batch(n_labelled: int, batch_size: int) -> int:
