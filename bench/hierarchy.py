@@ -34,7 +34,7 @@ import torchvision.datasets as tvd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.quality import probe_batch, run_script  # noqa: E402
-from bench.util import format_table, machine_info, write_json  # noqa: E402
+from bench.util import format_table, save_record  # noqa: E402
 from common import augment  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 from common.images import csv_manifest  # noqa: E402
@@ -214,13 +214,8 @@ def main(argv=None) -> Dict:
     path_table = format_table(path_header, path_rows)
     print(f"\nFashion-MNIST, family / type, test set (macro P/R/F1, top-1, %), {seconds['total'] / 60:.1f} min on "
           f"{device}\n{table}\n\n{path_table}", flush=True)
-    record = {"benchmark": "hierarchy", "train_class_sizes": sizes, "num_train": n_train,
-              "num_test": 10 * args.test_per_class, "config": {k: v for k, v in vars(args).items() if k != "json"},
-              "results": runs, "seconds": seconds, "machine": machine_info(device), "table": table,
-              "path_table": path_table}
-    write_json(args.json, record)
-    print(f"=> {args.json}", flush=True)
-    return record
+    return save_record(args, "hierarchy", device, runs, table, train_class_sizes=sizes, num_train=n_train,
+                       num_test=10 * args.test_per_class, seconds=seconds, path_table=path_table)
 
 
 if __name__ == "__main__":
