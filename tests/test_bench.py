@@ -182,15 +182,16 @@ def test_endtoend_smoke_runs_the_script_on_jpegs_next_to_the_step_rate(tmp_path)
     endtoend.main(["--method", "moco", "-a", "resnet18", "--crop-size", "32", "-b", "8", "-j", "1", "--moco-k", "16",
                    "--bn-splits", "2", "--num-images", "32", "--image-size", "48", "40", "--epochs", "2",
                    "--print-freq", "1", "--warmup-iters", "1", "--step-repeats", "1", "--step-steps", "2",
-                   "--device", "cpu", "--configs", "default", "gpu_augment", "--data-dir", str(tmp_path / "jpegs"),
+                   "--device", "cpu", "--configs", "gpu_augment", "--data-dir", str(tmp_path / "jpegs"),
                    "--json", str(out)])
     rec = json.loads(out.read_text())
     assert len(os.listdir(tmp_path / "jpegs")) == 10  # an ImageFolder of generated JPEGs, 10 classes
-    for config in ("default", "gpu_augment"):
-        r = rec["results"][config]
-        assert r["steady_images_per_s"] > 0 and r["epoch_images_per_s"] > 0 and 0 <= r["data_wait"] < 1
-        assert r["ratio"] == pytest.approx(r["steady_images_per_s"] / r["step_images_per_s"])
-        assert ("--gpu-augment" in r["command"]) == (config == "gpu_augment") and "main_moco.py" in r["command"]
+    # one configuration runs (each is a script run); the flags of the others are checked below
+    r = rec["results"]["gpu_augment"]
+    assert r["steady_images_per_s"] > 0 and r["epoch_images_per_s"] > 0 and 0 <= r["data_wait"] < 1
+    assert r["ratio"] == pytest.approx(r["steady_images_per_s"] / r["step_images_per_s"])
+    assert "--gpu-augment" in r["command"] and "main_moco.py" in r["command"]
+    assert endtoend.script_flags("default") == ["--no-gpu-augment"]
     assert endtoend.script_flags("amp+channels_last+gpu_augment") == ["--amp", "--channels-last", "--gpu-augment"]
     assert endtoend.script_flags("amp+channels_last+gpu_decode+compile") == [
         "--amp", "--channels-last", "--compile", "--gpu-augment", "--gpu-decode"]
