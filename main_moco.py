@@ -23,7 +23,7 @@ from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, fina
                              lr_schedule, two_view_data)
 from moco.augment import moco_v1, moco_v2
 from moco.builder import MoCo, SplitBatchNorm
-from moco.guards import cosine_momentum, momentum_warning, queue_warning
+from moco.guards import cosine_momentum, fitted_queue, momentum_warning, queue_warning
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def small_data_recipe(num_images: int, crop_size: int) -> Dict[str, object]:
     batch = 64
     values: Dict[str, object] = dict(batch_size=batch, lr=0.06, cos=True, mlp=True, aug_plus=True, moco_t=0.5,
                                      moco_m=0.99, bn_splits=2,
-                                     moco_k=max(batch, min(4096, num_images // 10) // batch * batch))
+                                     moco_k=fitted_queue(num_images, batch))
     if crop_size <= 64:
         values["crop_min"] = 0.3  # 0.2 cuts most of a 28-32 px object away
     return values

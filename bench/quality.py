@@ -45,6 +45,7 @@ from common.pretrained import load_backbone, load_pretrained  # noqa: E402
 from common.subsets import stratified_subset  # noqa: E402
 from common.transformed import TransformedDataset  # noqa: E402
 from lincls.logreg import PROBE_WD, logistic_regression_accuracy  # noqa: E402
+from moco.guards import fitted_queue  # noqa: E402
 
 # moco_k 0: fit the pool, the largest multiple of the batch up to a tenth of it (at most 4096;
 # main_moco.py warns above a tenth: each image would meet its own older keys as negatives).
@@ -117,11 +118,6 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
     args.seeds = args.seeds or [args.seed]
     args.pools = args.pools or [args.pretrain_images]
     return args
-
-
-def fitted_queue(pool: int, batch_size: int, cap: int = 4096) -> int:
-    """The largest multiple of the batch up to a tenth of the pool (and `cap`), at least one batch."""
-    return max(batch_size, min(cap, pool // 10) // batch_size * batch_size)
 
 
 def common_flags(args: argparse.Namespace, root: str) -> List[str]:

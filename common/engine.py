@@ -51,10 +51,11 @@ def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, sc
     guard = LossGuard(env.device, epoch, args)
     images_seen, it = 0, start_iter - 1
     for it, (images, _) in enumerate(progress.timed(data.loader), start=start_iter):
-        lr = lr_fn(epoch + it / data.iters_per_epoch)
+        at = epoch + it / data.iters_per_epoch  # fractional epoch
+        lr = lr_fn(at)
         set_lr(optimizer, lr)
         if per_step is not None:
-            per_step(epoch + it / data.iters_per_epoch)
+            per_step(at)
         views = data.to_device(images)  # MoCo / SimCLR: two views; inpainting: masked, image, mask
 
         with precision.autocast(env.device):

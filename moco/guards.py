@@ -31,12 +31,19 @@ def init_share_at_end(m: float, steps: int, cosine: bool = False) -> float:
     return float(np.exp(np.log1p(-(1.0 - m) * (np.cos(np.pi * t) + 1.0) / 2.0).sum()))
 
 
+def fitted_queue(num_images: int, keys_per_step: int, cap: Optional[int] = 4096) -> int:
+    """The largest --moco-k that is a multiple of the keys enqueued per step and at most
+    QUEUE_SHARE of the images (and `cap`); at least one step's keys."""
+    limit = int(QUEUE_SHARE * num_images) if cap is None else min(cap, int(QUEUE_SHARE * num_images))
+    return max(keys_per_step, limit // keys_per_step * keys_per_step)
+
+
 def queue_warning(K: int, num_images: int, keys_per_step: int) -> Optional[str]:
     """A sentence when the queue holds more than QUEUE_SHARE of the dataset, with the
     largest --moco-k (a multiple of the keys enqueued per step) that fits."""
     if K <= QUEUE_SHARE * num_images:
         return None
-    fit = max(keys_per_step, int(QUEUE_SHARE * num_images) // keys_per_step * keys_per_step)
+    fit = fitted_queue(num_images, keys_per_step, cap=None)
     return (f"the queue (--moco-k {K}) holds {min(100.0, 100.0 * K / num_images):.0f}% of the {num_images} images, so "
             f"each image meets its own older keys as negatives and the contrastive accuracy can collapse; use "
             f"--moco-k {fit} or less (at most {100 * QUEUE_SHARE:.0f}% of the dataset, a multiple of {keys_per_step})")
