@@ -45,6 +45,7 @@ from common.pretrained import load_backbone, load_pretrained  # noqa: E402
 from common.subsets import stratified_subset  # noqa: E402
 from common.transformed import TransformedDataset  # noqa: E402
 from lincls.logreg import PROBE_WD, logistic_regression_accuracy  # noqa: E402
+from common.recipes import epochs_for_budget  # noqa: E402
 from moco.guards import fitted_queue  # noqa: E402
 
 # moco_k 0: fit the pool, the largest multiple of the batch up to a tenth of it (at most 4096;
@@ -257,7 +258,7 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     train = build_dataset(data_args, "train")
     n_pool = len(build_dataset(argparse.Namespace(dataset=args.dataset, data=pool_root, download=False), "train"))
     if args.pretrain_budget:
-        args.pretrain_epochs = max(1, round(args.pretrain_budget / n_pool))
+        args.pretrain_epochs = epochs_for_budget(n_pool, args.pretrain_budget)
     args.moco_k = args.moco_k or fitted_queue(n_pool, args.batch_size)
     n_train, n_test, n_classes = len(train), len(build_dataset(data_args, "val")), len(train.classes)
     labelled = {f: (len(train) if f >= 1 else len(stratified_subset(train.targets, f, 0))) for f in args.fractions}

@@ -8,6 +8,14 @@ from common.datasets import build_dataset, default_crop_size
 from common.logging import log
 
 RECIPES = ("default", "small")
+# images seen in pretraining that beat random init on 2k- and 10k-image Fashion-MNIST pools
+# (bench/quality.py --pretrain-budget; README: Small datasets)
+SMALL_DATA_BUDGET = 120000
+
+
+def epochs_for_budget(num_images: int, budget: int) -> int:
+    """Epochs that show the model `budget` images, at least one."""
+    return max(1, round(budget / num_images))
 
 
 def add_recipe_arg(parser: argparse.ArgumentParser, what: str) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from bench import dataloader as bench_dataloader
 from bench import quality as bench_quality
+from bench import recipes as bench_recipes
 from bench import throughput as bench_throughput
 from bench.util import format_table, mnist_subset, stratified_first, write_mnist_layout
 from common import augment
@@ -204,3 +205,18 @@ def test_quality_fits_the_queue_to_the_pool_and_reports_mean_and_spread():
     assert bench_quality.fitted_queue(100, 64) == 64  # at least one batch
     assert bench_quality.mean_and_spread([70.0, 72.0, 74.0]) == pytest.approx((72.0, 2.0))
     assert bench_quality.mean_and_spread([70.0]) == (70.0, 0.0)
+
+
+def test_recipes_table_times_the_script_and_derives_the_minutes(tmp_path):
+    """One timed epoch of main_moco.py --recipe small on 64 JPEGs of 37 px; the table's
+    minutes are the budget's epochs over that rate, and it shows what the recipe sets."""
+    rec = bench_recipes.main(["--methods", "moco", "--crop-sizes", "32", "--pools", "1000", "20000",
+                              "--budget", "120000", "--measure-images", "64", "--measure-epochs", "1", "--device", "cpu",
+                              "--output-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "recipes.json").read_text())["results"] == rec["results"]
+    small, large = rec["results"]
+    assert (small["pool"], small["epochs"], large["epochs"]) == (1000, 120, 6)
+    assert small["minutes"] == pytest.approx(120 * 1000 / small["images_per_sec"] / 60)
+    assert "--moco-k 64 " in small["recipe_sets"] + " " and "--moco-k 1984" in large["recipe_sets"]
+    assert "--crop-min 0.3" in small["recipe_sets"] and small["command"].endswith("--no-small-images")
+    assert (tmp_path / "moco_32px" / "metrics.jsonl").is_file()

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""The small-data recipes table: what `--recipe small` sets for 1k / 5k / 20k images at
+32, 64, 96 and 128 px, how many epochs to run, and how many minutes that takes here.
+
+For every method and crop size the real script (main_moco.py / main_simclr.py with
+`--recipe small`) trains on a folder of JPEG files of the real image size (8/7 of the crop,
+as ImageNet's 256 -> 224) for --measure-epochs epochs; the last epoch's images/s (from its
+metrics.jsonl, data loading included) gives the minutes. The epochs follow from the
+pretraining budget bench/quality.py measured (README: Small datasets): --budget images seen. The recipe's flags are those the script prints for that pool and crop.
+
+    python bench/recipes.py                        # CPU: ImageNet stem at every size
+    python bench/recipes.py --device cuda -j 8     # GPU: the script's default stem
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench.quality import run_script  # noqa: E402
+from bench.util import format_table, save_record, write_jpegs  # noqa: E402
+from common.errors import UserError, report_user_errors  # noqa: E402
+from common.recipes import SMALL_DATA_BUDGET, epochs_for_budget  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Minutes of `--recipe small` pretraining per pool size and crop size")
+    p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=("moco", "simclr"))
+    p.add_argument("--crop-sizes", nargs="+", type=int, default=[32, 64, 96, 128])
+    p.add_argument("--pools", nargs="+", type=int, default=[1000, 5000, 20000], help="dataset sizes of the table")
+    p.add_argument("--budget", type=int, default=SMALL_DATA_BUDGET,
+                   help="images seen in pretraining (bench/quality.py's measured budget): epochs = budget / pool")
+    p.add_argument("--measure-images", type=int, default=640, help="JPEG files to time on (10 steps of 64)")
+    p.add_argument("--measure-epochs", type=int, default=2, help="timed on the last one (the first warms up)")
+    p.add_argument("-a", "--arch", default="resnet18")
+    p.add_argument("-j", "--workers", type=int, default=0)
+    p.add_argument("--small-images", default=None, action=argparse.BooleanOptionalAction,
+                   help="CIFAR stem at <= 64 px (default: off on a CPU, where it is about 10x slower; "
+                        "the script's default, on at <= 64 px, on a GPU)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--data-dir", default=None, help="where the JPEG folders go (default: a temporary folder)")
+    p.add_argument("--output-dir", default="runs/bench_recipes")
+    p.add_argument("--json", default=None, help="result file (default: OUTPUT_DIR/recipes.json)")
+    return p
+
+
+def recipe_flags(method: str, pool: int, crop: int) -> str:
+    """The flags `--recipe small` sets for this pool and crop (what the script prints)."""
+    import main_moco
+    import main_simclr
+    values = {"moco": main_moco, "simclr": main_simclr}[method].small_data_recipe(pool, crop)
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in values.items())
+
+
+def measure(args: argparse.Namespace, method: str, crop: int, data_root: str) -> Dict[str, float]:
+    """images/s of the script's last epoch on JPEG files of 8/7 x crop px."""
+    import main_moco
+    import main_simclr
+    size = round(crop * 8 / 7)
+    folder = os.path.join(data_root, f"{size}px")
+    if not os.path.isdir(folder):
+        write_jpegs(folder, args.measure_images, size, size, classes=1)
+    out = os.path.join(args.output_dir, f"{method}_{crop}px")
+    argv = [folder, "--recipe", "small", "-a", args.arch, "--crop-size", str(crop), "--epochs",
+            str(args.measure_epochs), "-j", str(args.workers), "--seed", "0", "--output-dir", out, "-p", "1000"]
+    if args.small_images is not None:
+        argv.append("--small-images" if args.small_images else "--no-small-images")
+    if args.device == "cpu":
+        argv.append("--cpu")
+    seconds = run_script({"moco": main_moco, "simclr": main_simclr}[method], argv, os.path.join(out, "log.txt"))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    return {"images_per_sec": float(last["images_per_sec"]), "data_wait": float(last["data_wait"]),
+            "seconds": seconds}
+
+
+@report_user_errors
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args = get_args_parser().parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no GPU is visible; drop --device or use --device cpu")
+    if args.small_images is None and args.device == "cpu":
+        args.small_images = False
+    args.json = args.json or os.path.join(args.output_dir, "recipes.json")
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = args.data_dir or tmp
+        speed = {m: {str(c): measure(args, m, c, data_root) for c in args.crop_sizes} for m in args.methods}
+    name = {"moco": "MoCo v2", "simclr": "SimCLR"}
+    stem = "" if args.small_images is None else (" --small-images" if args.small_images else " --no-small-images")
+    where = "GPU" if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    rows, results = [], []
+    for pool in args.pools:
+        epochs = epochs_for_budget(pool, args.budget)
+        for crop in args.crop_sizes:
+            row = [f"{pool:,}", f"{crop} px", str(epochs)]
+            for m in args.methods:
+                s = speed[m][str(crop)]
+                minutes = epochs * pool / s["images_per_sec"] / 60
+                results.append({"pool": pool, "crop": crop, "method": m, "epochs": epochs, "minutes": minutes,
+                                "images_per_sec": s["images_per_sec"], "data_wait": s["data_wait"],
+                                "command": f"main_{m}.py DATA --recipe small --epochs {epochs} --crop-size {crop}{stem}",
+                                "recipe_sets": recipe_flags(m, pool, crop)})
+                row += [f"{s['images_per_sec']:.0f}", f"{minutes:.0f}" if minutes >= 10 else f"{minutes:.1f}"]
+            rows.append(row)
+    header = ["images", "crop", "epochs"] + [f"{name[m]} {col}" for m in args.methods
+                                             for col in ("images/s", f"minutes ({where})")]
+    table = format_table(header, rows)
+    sets = "\n".join(f"{name[m]}, {pool:,} images at {crop} px: main_{m}.py DATA --recipe small --epochs "
+                      f"{epochs_for_budget(pool, args.budget)} --crop-size {crop}{stem} sets "
+                      f"{recipe_flags(m, pool, crop)}"
+                      for m in args.methods for pool in args.pools[:1] for crop in args.crop_sizes[:1])
+    title = (f"{args.arch}, pretraining budget {args.budget:,} images seen; "
+             f"images/s: the script's last of {args.measure_epochs} epochs on {args.measure_images} JPEGs "
+             f"of 8/7 x the crop, -j {args.workers}")
+    print(f"{title}\n{table}\n{sets}", flush=True)
+    return save_record(args, "recipes", device, results, table, title)
+
+
+if __name__ == "__main__":
+    main()
