@@ -9,6 +9,7 @@
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh --small   # the same script on a CPU, tiny sizes
 #
 # Parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode
+#        recipes small_data
 #   ops              tests/test_gpu_augment.py on the GPU (each batched op vs torchvision, within 1/255) and
 #                    tests/test_gpu_decode.py (nvJPEG decode + crops vs the PIL worker path)
 #   splitbn          one BN layer: SplitBatchNorm NCHW / NHWC reshape (reference) / NHWC grouped (ours) / plain BN
@@ -22,6 +23,10 @@
 #   ceiling          MoCo without SplitBatchNorm (--bn-splits 1): the step rate the BN groups cost
 #   endtoend_decode  as endtoend_compile with --gpu-decode (JPEG decode, crop and flip on the GPU; the step rate
 #                    includes them)
+#   recipes          bench/recipes.py: the GPU minutes of `--recipe small` for 1k/5k/20k images at 32-128 px
+#   small_data       bench/quality.py at 25 and 100 epochs on a 2,000-image Fashion-MNIST pool, 2 seeds (issue 17's
+#                    GPU target). Needs FMNIST=<folder with FashionMNIST/raw/> (../shared does not travel: copy
+#                    e.g. bench.util.mnist_subset's 2k/2k + pool subsets into an ignored folder and carry it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -44,9 +49,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 if [ "$SMALL" = 1 ]; then  # CPU dry run: every part, tiny sizes
   DEV=cpu; ARCH=resnet18; CROP=64; B=16; K=64; SPLITS=2; J=2; N=64; IMG="120 90"; STEPS=2; REP=1; WARM=1
   SHAPE="16 32 16 16"; T=4; CIFAR_B=16
+  RECIPE_SIZE=(--crop-sizes 32 --measure-images 64 --measure-epochs 1); QUALITY_SIZE=(--pretrain-images 200
+    --train-images 200 --test-images 100 --sup-epochs 1 --seeds 0 --fractions 1 0.1); EPOCHS_GRID=(1 2)
 else
   DEV=cuda; ARCH=resnet50; CROP=224; B=256; K=65536; SPLITS=8; J=15; N=4096; IMG="500 375"; STEPS=6; REP=2; WARM=2
   SHAPE="256 256 56 56"; T=1; CIFAR_B=512
+  RECIPE_SIZE=(--measure-images 4096); QUALITY_SIZE=(--pretrain-images 2000 --seeds 0 1 --workers 8)
+  EPOCHS_GRID=(25 100)
 fi
 COMMON=(-a "$ARCH" --crop-size "$CROP" -b "$B" --moco-k "$K" --bn-splits "$SPLITS" --device "$DEV")
 
@@ -114,7 +123,16 @@ for p in "${PARTS[@]}"; do
         --configs default amp+channels_last --json "$WORK/ceiling.json" ;;
     endtoend_decode)
       both_methods endtoend_decode amp+channels_last+gpu_decode+compile ;;
-    *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode)" \
+    recipes)
+      part recipes 240 $PY bench/recipes.py --device "$DEV" -j "$J" "${RECIPE_SIZE[@]}" --data-dir "$WORK/recipes" \
+        --output-dir "$WORK/recipes_runs" --json "$WORK/recipes.json" ;;
+    small_data)
+      for e in "${EPOCHS_GRID[@]}"; do
+        part "small_data_${e}ep" 300 $PY bench/quality.py "${FMNIST:-../shared/data/fashion-mnist}" --quick \
+          --device "$DEV" "${QUALITY_SIZE[@]}" --pretrain-epochs "$e" --output-dir "$WORK/small_data_$e" \
+          --json "$WORK/small_data_${e}ep.json"
+      done ;;
+    *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode recipes small_data)" \
          | tee -a "$LOG"; exit 2 ;;
   esac
 done
