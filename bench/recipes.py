@@ -35,7 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pools", nargs="+", type=int, default=[1000, 5000, 20000], help="dataset sizes of the table")
     p.add_argument("--budget", type=int, default=SMALL_DATA_BUDGET,
                    help="images seen in pretraining (bench/quality.py's measured budget): epochs = budget / pool")
-    p.add_argument("--measure-images", type=int, default=640, help="JPEG files to time on (10 steps of 64)")
+    p.add_argument("--measure-images", type=int, default=384,
+                   help="JPEG files to time on at the largest crop (6 steps of 64); a smaller crop gets as many more "
+                        "as keep the pixels equal (16x at a quarter of the size), so every timing lasts about as long")
     p.add_argument("--measure-epochs", type=int, default=2, help="timed on the last one (the first warms up)")
     p.add_argument("-a", "--arch", default="resnet18")
     p.add_argument("-j", "--workers", type=int, default=0)
@@ -57,6 +59,11 @@ def recipe_flags(method: str, pool: int, crop: int) -> str:
     return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in values.items())
 
 
+def measure_images(args: argparse.Namespace, crop: int) -> int:
+    """--measure-images at the largest crop, as many more at a smaller one as keep the pixels."""
+    return round(args.measure_images * (max(args.crop_sizes) / crop) ** 2)
+
+
 def measure(args: argparse.Namespace, method: str, crop: int, data_root: str) -> Dict[str, float]:
     """images/s of the script's last epoch on JPEG files of 8/7 x crop px."""
     import main_moco
@@ -64,7 +71,7 @@ def measure(args: argparse.Namespace, method: str, crop: int, data_root: str) ->
     size = round(crop * 8 / 7)
     folder = os.path.join(data_root, f"{size}px")
     if not os.path.isdir(folder):
-        write_jpegs(folder, args.measure_images, size, size, classes=1)
+        write_jpegs(folder, measure_images(args, crop), size, size, classes=1)
     out = os.path.join(args.output_dir, f"{method}_{crop}px")
     argv = [folder, "--recipe", "small", "-a", args.arch, "--crop-size", str(crop), "--epochs",
             str(args.measure_epochs), "-j", str(args.workers), "--seed", "0", "--output-dir", out, "-p", "1000"]
@@ -118,8 +125,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                       f"{recipe_flags(m, pool, crop)}"
                       for m in args.methods for pool in args.pools[:1] for crop in args.crop_sizes[:1])
     title = (f"{args.arch}, pretraining budget {args.budget:,} images seen; "
-             f"images/s: the script's last of {args.measure_epochs} epochs on {args.measure_images} JPEGs "
-             f"of 8/7 x the crop, -j {args.workers}")
+             f"images/s: the script's last of {args.measure_epochs} epochs on "
+             + ", ".join(f"{measure_images(args, c)}" for c in args.crop_sizes)
+             + f" JPEGs of 8/7 x the crop, -j {args.workers}")
     print(f"{title}\n{table}\n{sets}", flush=True)
     return save_record(args, "recipes", device, results, table, title)
 
