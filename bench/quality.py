@@ -161,8 +161,9 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str) ->
     SimCLR, where LARS' trust ratio with lr 0.3 x B/256 barely moves the weights), with this
     benchmark's batch, epochs, crop-min, MoCo T and queue given explicitly (kept by the
     recipe); SimCLR at batches of 1024 and more keeps its LARS defaults."""
+    # --save-freq past the end: only the last epoch's file (one per epoch is 5 GB for a 60-epoch MoCo run)
     argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(args.pretrain_epochs),
-                                       "--output-dir", out, "-p", "20"]
+                                       "--output-dir", out, "-p", "20", "--save-freq", "1000000"]
     # (evaluate() sets args.pretrain_epochs and args.moco_k per pool on a copy of args)
     if method == "inpaint":  # the tutorial's Adam lr 1e-3 and BCE; 4 patches of 8 px on 32 px images (a quarter)
         return argv + ["--lr", "1e-3", "--patches", "4", "--patch-size", "8"]

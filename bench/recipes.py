@@ -45,6 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="CIFAR stem at <= 64 px (default: off on a CPU, where it is about 10x slower; "
                         "the script's default, on at <= 64 px, on a GPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--rates", default=None, metavar="JSON",
+                   help="take the images/s from an earlier recipes.json of this machine instead of measuring "
+                        "(another --budget or --pools, the same timings)")
     p.add_argument("--data-dir", default=None, help="where the JPEG folders go (default: a temporary folder)")
     p.add_argument("--output-dir", default="runs/bench_recipes")
     p.add_argument("--json", default=None, help="result file (default: OUTPUT_DIR/recipes.json)")
@@ -86,6 +89,21 @@ def measure(args: argparse.Namespace, method: str, crop: int, data_root: str) ->
             "seconds": seconds}
 
 
+def earlier_rates(args: argparse.Namespace) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """images/s per method and crop from an earlier record (--rates)."""
+    try:
+        with open(args.rates) as f:
+            rows = json.load(f)["results"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--rates {args.rates} is not a recipes.json record of bench/recipes.py ({e})")
+    speed = {m: {str(r["crop"]): {k: r[k] for k in ("images_per_sec", "data_wait")} for r in rows if r["method"] == m}
+             for m in args.methods}
+    missing = [f"{m} {c} px" for m in args.methods for c in args.crop_sizes if str(c) not in speed[m]]
+    if missing:
+        raise UserError(f"--rates {args.rates} has no timing for {', '.join(missing)}; measure them (drop --rates)")
+    return speed
+
+
 @report_user_errors
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = get_args_parser().parse_args(argv)
@@ -97,9 +115,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         args.small_images = False
     args.json = args.json or os.path.join(args.output_dir, "recipes.json")
     device = torch.device(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        data_root = args.data_dir or tmp
-        speed = {m: {str(c): measure(args, m, c, data_root) for c in args.crop_sizes} for m in args.methods}
+    if args.rates:
+        speed = earlier_rates(args)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            data_root = args.data_dir or tmp
+            speed = {m: {str(c): measure(args, m, c, data_root) for c in args.crop_sizes} for m in args.methods}
     name = {"moco": "MoCo v2", "simclr": "SimCLR"}
     stem = "" if args.small_images is None else (" --small-images" if args.small_images else " --no-small-images")
     where = "GPU" if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -124,10 +145,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                       f"{epochs_for_budget(pool, args.budget)} --crop-size {crop}{stem} sets "
                       f"{recipe_flags(m, pool, crop)}"
                       for m in args.methods for pool in args.pools[:1] for crop in args.crop_sizes[:1])
-    title = (f"{args.arch}, pretraining budget {args.budget:,} images seen; "
-             f"images/s: the script's last of {args.measure_epochs} epochs on "
+    timed = (f"from {args.rates}" if args.rates else f"the script's last of {args.measure_epochs} epochs on "
              + ", ".join(f"{measure_images(args, c)}" for c in args.crop_sizes)
              + f" JPEGs of 8/7 x the crop, -j {args.workers}")
+    title = f"{args.arch}, pretraining budget {args.budget:,} images seen; images/s: {timed}"
     print(f"{title}\n{table}\n{sets}", flush=True)
     return save_record(args, "recipes", device, results, table, title)
 

@@ -10,7 +10,7 @@ from common.logging import log
 RECIPES = ("default", "small")
 # images seen in pretraining that beat random init on 2k- and 10k-image Fashion-MNIST pools
 # (bench/quality.py --pretrain-budget; README: Small datasets)
-SMALL_DATA_BUDGET = 120000
+SMALL_DATA_BUDGET = 100000
 
 
 def epochs_for_budget(num_images: int, budget: int) -> int:

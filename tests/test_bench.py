@@ -220,3 +220,10 @@ def test_recipes_table_times_the_script_and_derives_the_minutes(tmp_path):
     assert "--moco-k 64 " in small["recipe_sets"] + " " and "--moco-k 1984" in large["recipe_sets"]
     assert "--crop-min 0.3" in small["recipe_sets"] and small["command"].endswith("--no-small-images")
     assert (tmp_path / "moco_32px" / "metrics.jsonl").is_file()
+    # another budget from the same timings: half the images, half the minutes, nothing run
+    again = bench_recipes.main(["--methods", "moco", "--crop-sizes", "32", "--pools", "1000", "--budget", "60000",
+                                "--rates", str(tmp_path / "recipes.json"), "--device", "cpu",
+                                "--output-dir", str(tmp_path / "again")])["results"][0]
+    assert (again["epochs"], again["images_per_sec"]) == (60, small["images_per_sec"])
+    assert again["minutes"] == pytest.approx(small["minutes"] / 2)
+    assert not (tmp_path / "again" / "moco_32px").exists()
