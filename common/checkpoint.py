@@ -21,6 +21,9 @@ SCRIPTS = {"moco": "main_moco.py", "simclr": "main_simclr.py", "inpaint": "main_
 
 # ---------------------------------------------------------------- writing
 
+LOW_DISK_BYTES = 256 * 2**20
+
+
 def save_atomic(state: Dict[str, Any], path: str) -> None:
     """torch.save to a temp file in the same folder, fsync, rename: a crash mid-write
     leaves the previous file intact."""
@@ -34,9 +37,17 @@ def save_atomic(state: Dict[str, Any], path: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the user's usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        free = shutil.disk_usage(folder).free
+        # a full disk surfaces as OSError, or from torch's zip writer as a RuntimeError
+        # ("unexpected pos ...") deep in torch.serialization
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and free < LOW_DISK_BYTES):
+            kept = "the previous one is intact" if os.path.exists(path) else "no earlier one existed"
+            raise UserError(f"could not write the checkpoint {path} ({str(e).strip() or type(e).__name__}; "
+                            f"{free / 2**20:.0f} MiB free on that disk): free some space or use another "
+                            f"--output-dir, then --resume; {kept}") from e
         raise
     try:  # make the rename itself durable
         dfd = os.open(folder, os.O_RDONLY)

@@ -186,6 +186,37 @@ def test_too_little_space_and_stale_temp_files(tmp_path, capsys):
     assert "removed 2 unfinished checkpoint write(s)" in capsys.readouterr().out
 
 
+def test_a_disk_that_fills_mid_run_is_one_sentence_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import collections
+    import errno
+
+    from common import checkpoint
+    from common.errors import UserError
+    checkpoint.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, str(tmp_path), epoch_file=False)
+
+    def full_disk(error):
+        def save(obj, f):
+            f.write(b"half a checkpoint")
+            raise error
+        return save
+
+    # torch's zip writer reports the full disk as a RuntimeError deep in torch.serialization
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(2 ** 40, 2 ** 40, 2 ** 20))
+    for error in (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 54885056 vs 54884944"),
+                  OSError(errno.ENOSPC, "No space left on device")):
+        monkeypatch.setattr(checkpoint.torch, "save", full_disk(error))
+        with pytest.raises(UserError, match="1 MiB free on that disk.*another --output-dir.*previous one is intact"):
+            checkpoint.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, str(tmp_path))
+        assert sorted(os.listdir(tmp_path)) == ["checkpoint_last.pth.tar"]
+        assert torch.equal(torch.load(tmp_path / "checkpoint_last.pth.tar")["w"], torch.ones(3))
+    # with space left, a RuntimeError is not about the disk: it stays what it is
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(2 ** 40, 0, 2 ** 40))
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        checkpoint.save_checkpoint({"epoch": 2}, str(tmp_path))
+
+
 def test_checkpoints_respect_the_umask_and_auto_resume_says_it_starts_fresh(tmp_path):
     old = os.umask(0o022)
     try:
