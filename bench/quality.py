@@ -85,6 +85,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-budget", type=int, default=0,
                    help="images seen in pretraining (epochs = budget / pool, at least 1), so every pool gets the "
                         "same compute; 0: --pretrain-epochs for every pool")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the training runs OUTPUT_DIR already holds finished (a pretraining run's "
+                        "checkpoint of the last epoch, a supervised run's results.json) and only probe them again: "
+                        "an interrupted benchmark goes on, and seeds run separately merge into one table")
     p.add_argument("--output-dir", default="runs/bench_quality")
     p.add_argument("--json", default=None, help="result file (default: OUTPUT_DIR/quality.json)")
     # None: the preset's value
@@ -234,6 +238,14 @@ def read_acc(out: str) -> float:
         return float(json.load(f)["final"]["acc1"])
 
 
+def training_seconds(out: str, images_per_epoch: int) -> float:
+    """A finished run's training time from its metrics.jsonl (each epoch's images / images/s;
+    start-up not included)."""
+    import json
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return sum(images_per_epoch / json.loads(line)["images_per_sec"] for line in f if line.strip())
+
+
 def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: str) -> Dict:
     """The whole protocol once: subsets drawn with `seed`, the methods pretrained on a pool
     of `pool_images` unlabelled images (0: all), probes, random init, supervised."""
@@ -273,10 +285,14 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     scripts = {"moco": main_moco, "simclr": main_simclr, "inpaint": main_inpaint}
     for method in args.methods:
         out = os.path.join(args.output_dir, method)
+        backbones[method] = os.path.join(out, "checkpoint_last.pth.tar")
+        if args.reuse and os.path.isfile(os.path.join(out, f"checkpoint_{args.pretrain_epochs:04d}.pth.tar")):
+            print(f"=> {method}: reusing the finished run in {out}", flush=True)
+            seconds[f"pretrain_{method}"] = training_seconds(out, n_pool)
+            continue
         print(f"=> pretraining {method} ({args.pretrain_epochs} epochs, batch {args.batch_size}) ...", flush=True)
         seconds[f"pretrain_{method}"] = run_script(scripts[method], pretrain_argv(method, args, pool_root, out),
                                                    os.path.join(out, "log.txt"))
-        backbones[method] = os.path.join(out, "checkpoint_last.pth.tar")
     backbones["random_init"] = "none"
 
     for name, ckpt in backbones.items():
@@ -298,7 +314,9 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     runs["supervised"] = {"linear": {}, "knn": {}}
     for f in args.fractions:
         out = os.path.join(args.output_dir, f"supervised_{f:g}")
-        run_script(main_lincls, lincls_argv(args, root, out, "none", f, labelled[f], True), os.path.join(out, "log.txt"))
+        if not (args.reuse and os.path.isfile(os.path.join(out, "results.json"))):
+            run_script(main_lincls, lincls_argv(args, root, out, "none", f, labelled[f], True),
+                       os.path.join(out, "log.txt"))
         # its own classifier's top-1; kNN of its features with the labels it was trained on
         runs["supervised"]["linear"][str(f)] = read_acc(out)
         sup = probe_at_fractions(args, embed(args, data_args, os.path.join(out, "checkpoint_last.pth.tar"), device),
@@ -307,8 +325,6 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     if args.lincls_probe:
         runs["supervised"]["lincls"] = dict(runs["supervised"]["linear"])
     seconds["supervised"] = time.time() - t0
-    seconds["total"] = time.time() - t_start
-
     seconds["total"] = time.time() - t_start
     return {"runs": runs, "seconds": seconds, "pool": n_pool, "train": n_train, "test": n_test,
             "labelled": labelled, "epochs": args.pretrain_epochs, "moco_k": args.moco_k,

@@ -148,6 +148,15 @@ def test_quality_smoke(tmp_path):
     assert os.path.isfile(out / "probe_random_init_0.5" / "results.json")
     assert os.path.isfile(out / "supervised_0.5" / "label_subset.json")
     assert "--crop-min" in saved["recipes"]["simclr"]
+    # --reuse: the finished training runs are kept and only probed again, with the same results
+    logs = {p: os.path.getmtime(p) for p in (out / "moco" / "log.txt", out / "supervised_1" / "log.txt")}
+    again = bench_quality.main([root, "--quick", "--pretrain-images", "40", "--train-images", "0", "--test-images", "0",
+                                "--pretrain-epochs", "1", "--batch-size", "16", "--sup-epochs", "1", "--moco-k", "32",
+                                "--fractions", "1", "0.5", "--device", "cpu", "--output-dir", str(out), "--reuse",
+                                "--json", str(tmp_path / "again.json")])
+    assert all(os.path.getmtime(p) == t for p, t in logs.items())
+    for name, row in again["results"].items():
+        assert row["linear"] == rec["results"][name]["linear"] and row["knn"] == rec["results"][name]["knn"], name
 
 
 def test_linear_probe_fits_separable_features_and_ignores_their_scale():
