@@ -44,9 +44,14 @@ def queue_warning(K: int, num_images: int, keys_per_step: int) -> Optional[str]:
     if K <= QUEUE_SHARE * num_images:
         return None
     fit = fitted_queue(num_images, keys_per_step, cap=None)
-    return (f"the queue (--moco-k {K}) holds {min(100.0, 100.0 * K / num_images):.0f}% of the {num_images} images, so "
-            f"each image meets its own older keys as negatives and the contrastive accuracy can collapse; use "
-            f"--moco-k {fit} or less (at most {100 * QUEUE_SHARE:.0f}% of the dataset, a multiple of {keys_per_step})")
+    head = (f"the queue (--moco-k {K}) holds {min(100.0, 100.0 * K / num_images):.0f}% of the {num_images} images, "
+            f"so each image meets its own older keys as negatives and the contrastive accuracy can collapse; ")
+    if fit > QUEUE_SHARE * num_images:
+        # one step's keys alone are too many: only a smaller batch makes room
+        return head + (f"the queue holds at least one step's {keys_per_step} keys, so lower --batch-size until "
+                       f"--moco-k {max(1, int(QUEUE_SHARE * num_images))} or less is a multiple of it")
+    return head + (f"use --moco-k {fit} or less (at most {100 * QUEUE_SHARE:.0f}% of the dataset, a multiple of "
+                   f"{keys_per_step})")
 
 
 def momentum_warning(m: float, steps: int, cosine: bool = False) -> Optional[str]:

@@ -40,7 +40,9 @@ def test_queue_warning_names_the_k_that_fits():
     assert "59%" in message and "--moco-k 128 or less" in message
     assert queue_warning(128, 1736, 64) is None
     assert queue_warning(65536, 1_281_167, 256) is None  # ImageNet's recipe is fine
-    assert "--moco-k 64 or less" in queue_warning(256, 300, 64)  # never below one step's keys
+    # one step's keys are already over a tenth: the advice is a smaller batch, not a K it cannot have
+    assert "lower --batch-size until --moco-k 30 or less is a multiple of it" in queue_warning(256, 300, 64)
+    assert "use --moco-k" not in queue_warning(64, 128, 64)
 
 
 def test_momentum_warning_for_a_short_run_suggests_a_faster_momentum():
