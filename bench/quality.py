@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.util import format_table, machine_info, mnist_subset, write_json  # noqa: E402
+from bench.util import format_table, machine_info, mnist_subset, resolve_device, write_json  # noqa: E402
 from common import augment  # noqa: E402
 from common.datasets import build_dataset  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
@@ -116,10 +116,7 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no GPU is visible; drop --device or use --device cpu")
+    args.device = resolve_device(args.device)
     if any(not 0 < f <= 1 for f in args.fractions):
         raise UserError(f"--fractions must be in (0, 1], got {args.fractions}")
     args.json = args.json or os.path.join(args.output_dir, "quality.json")

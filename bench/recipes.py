@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.quality import run_script  # noqa: E402
-from bench.util import format_table, save_record, write_jpegs  # noqa: E402
+from bench.util import format_table, resolve_device, save_record, write_jpegs  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 from common.recipes import SMALL_DATA_BUDGET, epochs_for_budget  # noqa: E402
 
@@ -107,10 +107,7 @@ def earlier_rates(args: argparse.Namespace) -> Dict[str, Dict[str, Dict[str, flo
 @report_user_errors
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = get_args_parser().parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no GPU is visible; drop --device or use --device cpu")
+    args.device = resolve_device(args.device)
     if args.small_images is None and args.device == "cpu":
         args.small_images = False
     args.json = args.json or os.path.join(args.output_dir, "recipes.json")

@@ -37,6 +37,7 @@ from bench.util import (  # noqa: E402
     machine_info,
     median,
     peak_memory_block,
+    resolve_device,
     synchronize,
     texture_jpeg,
     write_json,
@@ -111,10 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def finalize(args: argparse.Namespace) -> argparse.Namespace:
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no GPU is visible; drop --device or use --device cpu")
+    args.device = resolve_device(args.device)
     if args.small_images is None:
         args.small_images = args.crop_size <= 64
     if args.configs is None:

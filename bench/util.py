@@ -37,6 +37,16 @@ def machine_info(device: torch.device) -> Dict:
     return info
 
 
+def resolve_device(name: str) -> str:
+    """--device auto -> cuda when a GPU is visible, else cpu; --device cuda without one is an error."""
+    from common.errors import UserError
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no GPU is visible; drop --device or use --device cpu")
+    return name
+
+
 def save_record(args, benchmark: str, device: torch.device, results: Dict, table: str, title: str = "",
                 **extra) -> Dict:
     """The benchmark's JSON record (config, machine, results, the printed table) written to
