@@ -27,7 +27,7 @@ from torchvision import transforms
 from torchvision.utils import save_image
 
 from common.augment import eval_decode_side, eval_transform
-from common.checkpoint import check_free_space, load_checkpoint, prepare_output_dir
+from common.checkpoint import check_free_space, prepare_output_dir
 from common.cli import HelpFormatter, add_tensorboard_arg, check_common_flags
 from common.datasets import add_data_args, build_dataset, default_crop_size
 from common.dist import barrier, is_main_process
@@ -41,8 +41,7 @@ from common.metrics import classification_report, save_per_class_csv
 from common.models import build_backbone, without_head
 from common.plots import embedding_methods, plot_embeddings
 from common.precision import Precision
-from common.pretrained import load_backbone, load_pretrained
-from common.resume import check_arch
+from common.pretrained import follow_checkpoint, load_backbone, load_pretrained
 from common.tensorboard import TensorBoardLog
 from common.transformed import TransformedDataset
 from lincls.hierarchy import (
@@ -130,19 +129,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         require("matplotlib")
     args.output_dir = args.output_dir or os.path.join("runs", "knn")
     prepare_output_dir(args.output_dir)
-    # architecture and stem follow the checkpoint unless given, so `--pretrained ckpt` alone works
-    saved_arch, saved_args = None, {}
-    if args.pretrained not in ("none", "imagenet"):
-        ckpt = load_checkpoint(args.pretrained)
-        saved_arch, saved_args = ckpt.get("arch"), ckpt.get("args") or {}
-        if args.arch:
-            check_arch(ckpt, args.arch, args.pretrained)
-        del ckpt
-    args.arch = args.arch or saved_arch or "resnet50"
+    follow_checkpoint(args)
     args.crop_size = args.crop_size or default_crop_size(args)
     if args.small_images is None:
-        saved = saved_args.get("small_images")
-        args.small_images = bool(saved) if saved is not None else args.crop_size <= 64
+        args.small_images = args.crop_size <= 64
     if any(k < 1 for k in args.knn_k):
         raise UserError(f"--knn-k must be positive numbers of neighbours, got {args.knn_k}; e.g. --knn-k 20 200")
     if args.temperature <= 0:

@@ -46,7 +46,7 @@ from common.metrics import classification_report, save_confusion_csv, save_per_c
 from common.models import build_backbone, feature_dim, without_head
 from common.placement import place_model
 from common.precision import Precision
-from common.pretrained import extract_backbone, load_backbone, load_pretrained
+from common.pretrained import extract_backbone, follow_checkpoint, load_backbone, load_pretrained
 from common.resume import check_arch, check_same_flags, resolve_resume, resumed_args, run_seed
 from common.schedule import lr_at, set_lr
 from common.subsets import SubsetDataset, class_counts, load_subset, save_subset, stratified_subset
@@ -76,9 +76,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_training_args(parser, lr=LINEAR_PROBE_DEFAULTS[0], epochs=100, batch_size=256, schedule=(60, 80),
                       weight_decay=LINEAR_PROBE_DEFAULTS[1], name="lincls")
     # None = "not given": the default depends on --head and --finetune (finalize_args)
-    parser.set_defaults(lr=None, weight_decay=None, save_freq=0)
+    parser.set_defaults(lr=None, weight_decay=None, save_freq=0, arch=None)
     for action in parser._actions:
-        if action.dest == "lr":
+        if action.dest == "arch":
+            action.help = "torchvision architecture (default: the --pretrained checkpoint's, else resnet50)"
+        elif action.dest == "lr":
             action.help = "initial learning rate (default: 30 linear probe, 0.1 --head mlp, 0.1 --finetune)"
         elif action.dest == "weight_decay":
             action.help = "weight decay (default: 0 probe, 1e-4 --finetune)"
@@ -137,7 +139,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                             "(or checkpoint_last.pth.tar) from a main_lincls.py run")
         # evaluate the classifier as it was trained, whatever the flags say
         saved = resumed_args(path, args.output_dir, "lincls")[1]
-        for key in ("head", "head_bn", "mlp_hidden_dim", "dropout", "small_images", "hierarchy_depth"):
+        for key in ("arch", "head", "head_bn", "mlp_hidden_dim", "dropout", "small_images", "hierarchy_depth"):
             if key in saved:
                 setattr(args, key, saved[key])
     elif args.pretrained is None:
@@ -145,6 +147,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                         "baseline or 'imagenet' for torchvision's cached weights")
     # resuming replays the original run's seed (data order, augmentations)
     args.seed = run_seed(args.seed, resumed_args(args.resume, args.output_dir, "lincls")[1])
+    follow_checkpoint(args)  # -a and the stem of the pretraining run unless given
     args.crop_size = args.crop_size or default_crop_size(args)
     if args.small_images is None:
         args.small_images = args.crop_size <= 64

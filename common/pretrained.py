@@ -1,6 +1,7 @@
 """Weights for evaluation: the one place that knows which keys hold the backbone in every
 supported checkpoint layout (ours, facebookresearch/moco, classifiers, torchvision), and
 `--pretrained PATH|imagenet|none`."""
+import argparse
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -66,6 +67,23 @@ def torchvision_weights_path(arch: str) -> str:
     except (ValueError, KeyError, AttributeError):
         raise UserError(f"torchvision has no ImageNet weights for {arch!r}; pass a checkpoint to --pretrained")
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def follow_checkpoint(args: argparse.Namespace, default_arch: str = "resnet50") -> None:
+    """-a/--arch and --small-images from the `--pretrained` checkpoint where the command
+    line left them unset (None), so `--pretrained ckpt` alone rebuilds the network the run
+    trained; a given -a must match the checkpoint's. 'none'/'imagenet' (and checkpoints
+    without args) fall back to `default_arch` and the crop-size rule."""
+    saved_arch, saved_args = None, {}
+    if args.pretrained not in (None, "none", "imagenet"):
+        ckpt = load_checkpoint(args.pretrained)
+        saved_arch, saved_args = ckpt.get("arch"), ckpt.get("args") or {}
+        if args.arch:
+            check_arch(ckpt, args.arch, args.pretrained)
+        del ckpt
+    args.arch = args.arch or saved_arch or default_arch
+    if args.small_images is None and saved_args.get("small_images") is not None:
+        args.small_images = bool(saved_args["small_images"])
 
 
 def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:

@@ -414,3 +414,18 @@ def test_logreg_probe_fits_the_head_in_one_go_and_beats_random_init(moco_pretrai
     code, err = run_in_process(base + ["--pretrained", "none", "--finetune", "--output-dir", str(tmp_path / "bad")],
                                capsys)
     assert code == 2 and "--probe logreg fits one linear head" in err and "drop --finetune" in err
+
+
+def test_arch_and_stem_follow_the_pretraining_checkpoint(moco_pretrained, tmp_path):
+    """`--pretrained ckpt` alone rebuilds the network the run trained (as main_knn.py does):
+    -a and --small-images come from the checkpoint's args unless given."""
+    saved = load(moco_pretrained)["args"]
+
+    def finalized(extra):
+        argv = ["--dataset", "synthetic", "--pretrained", moco_pretrained, "--output-dir", str(tmp_path / "o")] + extra
+        return main_lincls.finalize_args(main_lincls.get_args_parser().parse_args(argv))
+
+    args = finalized([])
+    assert (args.arch, args.small_images) == (saved["arch"], saved["small_images"]) == ("resnet18", False)
+    assert finalized(["--small-images"]).small_images is True  # a given flag wins
+    assert finalized(["--pretrained", "none"]).arch == "resnet50"  # nothing to follow: the reference default
