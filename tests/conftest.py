@@ -1,9 +1,10 @@
 """Shared fixtures: generated data, a script runner, and one MoCo pretraining run that
 the learning, lincls and kNN tests all reuse (pretraining is the slow part on CPU)."""
 import os
+import signal
 import subprocess
 import sys
-from typing import List
+from typing import Callable, List
 
 import numpy as np
 import pytest
@@ -30,6 +31,21 @@ def run_script(script: str, args: List[str], check: bool = True, env_extra=None,
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_main(main: Callable[[List[str]], object], argv: List[str]) -> int:
+    """A script's main(argv) in this process (no interpreter start-up: most of a tiny run's
+    CPU time); returns the exit status. The SIGUSR1/SIGTERM handlers a run installs
+    (preemption) are put back afterwards, so later tests see pytest's."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        main(argv)
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from common.metrics import accuracy, classification_report, confusion_matrix, pr
 from common.models import build_backbone
 from common.pretrained import torchvision_weights_path
 from common.subsets import stratified_subset
-from conftest import SYNTHETIC, run_script, write_image_folder
+from conftest import SYNTHETIC, run_main, run_script, write_image_folder
 from lincls.balance import BalancedSampler, class_weights
 
 # The probe comparison config: 512 training / 128 val images, 8 iterations per epoch, with
@@ -39,11 +39,7 @@ def load(path):
 def run_in_process(argv, capsys=None):
     """main() in this process: the same code path as the command line without the ~5 s
     of importing torch + torchvision again. Returns (exit code, stderr)."""
-    try:
-        main_lincls.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
+    code = run_main(main_lincls.main, argv)
     err = capsys.readouterr().err if capsys is not None else ""
     return code, err
 

@@ -5,7 +5,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import socket
 
 import pytest
@@ -21,7 +20,7 @@ from common.dist import DistEnv, all_gather_with_grad
 from common.knn import KnnMonitor
 from common.models import build_backbone
 from common.pretrained import load_backbone
-from conftest import SYNTHETIC, run_script
+from conftest import SYNTHETIC, run_main, run_script
 from simclr.builder import SimCLR, projection_head
 from simclr.loss import nt_xent
 from simclr.optim import LARS, build_optimizer, scaled_lr, split_decay_groups
@@ -37,18 +36,7 @@ def load(path):
 
 
 def run_in_process(argv) -> int:
-    """main_simclr.main(argv) in this process (no interpreter start-up: most of a tiny run's
-    CPU time); returns the exit status. The SIGUSR1/SIGTERM handlers the run installs
-    (preemption) are put back afterwards."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    try:
-        main_simclr.main(argv)
-        return 0
-    except SystemExit as e:
-        return e.code
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    return run_main(main_simclr.main, argv)
 
 
 # ---------------------------------------------------------------- NT-Xent
