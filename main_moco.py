@@ -18,7 +18,7 @@ from common.logging import log
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
-from common.recipes import add_recipe_arg, apply_recipe
+from common.recipes import SMALL_DATA_BUDGET, add_recipe_arg, apply_recipe, epochs_for_budget
 from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                              lr_schedule, two_view_data)
 from moco.augment import moco_v1, moco_v2
@@ -44,8 +44,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="BN groups that simulate multi-GPU shuffle-BN in a single-process run")
     add_view_args(parser)
     add_pretrain_args(parser)
-    add_recipe_arg(parser, "MoCo v2 for 1k-20k images (queue a tenth of the dataset, momentum 0.99, T 0.5, "
-                           "batch 64, lr 0.06 cosine; crop-min 0.3 at <= 64 px): bench/quality.py's measured recipe")
+    add_recipe_arg(parser, "MoCo v2 for 1k-20k images (epochs for 200,000 images seen, queue a tenth of the "
+                           "dataset, momentum 0.99, T 0.5, batch 64, lr 0.06 cosine; crop-min 0.3 at <= 64 px): "
+                           "bench/quality.py's measured recipe")
     return parser
 
 
@@ -53,7 +54,8 @@ def small_data_recipe(num_images: int, crop_size: int) -> Dict[str, object]:
     """`--recipe small`: bench/quality.py's small-data MoCo v2 recipe (README: Small datasets).
     The queue holds at most a tenth of the images (a multiple of the batch: one step's keys)."""
     batch = 64
-    values: Dict[str, object] = dict(batch_size=batch, lr=0.06, cos=True, mlp=True, aug_plus=True, moco_t=0.5,
+    values: Dict[str, object] = dict(epochs=epochs_for_budget(num_images, SMALL_DATA_BUDGET["moco"]),
+                                     batch_size=batch, lr=0.06, cos=True, mlp=True, aug_plus=True, moco_t=0.5,
                                      moco_m=0.99, bn_splits=2,
                                      moco_k=fitted_queue(num_images, batch))
     if crop_size <= 64:

@@ -22,7 +22,7 @@ from common.logging import log
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
-from common.recipes import add_recipe_arg, apply_recipe
+from common.recipes import SMALL_DATA_BUDGET, add_recipe_arg, apply_recipe, epochs_for_budget
 from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                              lr_schedule, two_view_data)
 from simclr.augment import simclr_augmentation
@@ -60,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "several GPUs; PyTorch cannot sync BN between CPU processes)")
     add_view_args(parser)
     add_pretrain_args(parser)
-    add_recipe_arg(parser, "SimCLR for 1k-20k images (SGD lr 0.1 unscaled, wd 1e-4, T 0.2, batch 64, warmup a "
+    add_recipe_arg(parser, "SimCLR for 1k-20k images (epochs for 100,000 images seen, SGD lr 0.1 unscaled, wd 1e-4, T 0.2, batch 64, warmup a "
                            "tenth of the epochs; crop-min 0.3 at <= 64 px): bench/quality.py's measured recipe")
     return parser
 
@@ -68,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def small_data_recipe(num_images: int, crop_size: int) -> Dict[str, object]:
     """`--recipe small`: bench/quality.py's small-data SimCLR recipe (README: Small datasets).
     SGD at batch 64: LARS' trust ratio with lr 0.3 x B/256 barely moves the weights there."""
-    values: Dict[str, object] = dict(batch_size=64, optimizer="sgd", lr=0.1, lr_scaling="none", weight_decay=1e-4,
+    values: Dict[str, object] = dict(epochs=epochs_for_budget(num_images, SMALL_DATA_BUDGET["simclr"]),
+                                     batch_size=64, optimizer="sgd", lr=0.1, lr_scaling="none", weight_decay=1e-4,
                                      temperature=0.2)
     if crop_size <= 64:
         values["crop_min"] = 0.3

@@ -8,9 +8,10 @@ the product's own script, called through its main(argv).
 
     python bench/quality.py ../shared/data/fashion-mnist --quick          # 2 CPU cores, < 20 min
     python bench/quality.py ../shared/data/fashion-mnist --device cuda    # the full budget, for a GPU
-    # the small-data table (README): 2k and 10k pools, 100k images seen, 3 seeds; --reuse goes on after a stop
+    # the small-data table (README): 2k and 10k pools, each method's `--recipe small` budget
+    # (MoCo 200k, SimCLR 100k images seen), 3 seeds; --reuse goes on after a stop
     python bench/quality.py ../shared/data/fashion-mnist --quick --pools 2000 10000 --seeds 0 1 2 \
-        --pretrain-budget 100000 --reuse
+        --pretrain-budget recipe --reuse
 
 The linear probe is multinomial logistic regression (L-BFGS, fixed L2; lincls/logreg.py,
 main_lincls.py --probe logreg) on the frozen backbone's standardised features of the
@@ -31,7 +32,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,7 +49,7 @@ from common.pretrained import load_backbone, load_pretrained  # noqa: E402
 from common.subsets import stratified_subset  # noqa: E402
 from common.transformed import TransformedDataset  # noqa: E402
 from lincls.logreg import PROBE_WD, logistic_regression_accuracy  # noqa: E402
-from common.recipes import epochs_for_budget  # noqa: E402
+from common.recipes import SMALL_DATA_BUDGET, epochs_for_budget  # noqa: E402
 from moco.guards import fitted_queue  # noqa: E402
 
 # moco_k 0: fit the pool, the largest multiple of the batch up to a tenth of it (at most 4096;
@@ -69,6 +70,24 @@ PRESETS = {
 }
 
 
+def budget_arg(text: str) -> Union[int, str]:
+    """--pretrain-budget: a number of images or 'recipe'."""
+    if text == "recipe":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of images nor 'recipe'")
+
+
+def pretrain_epochs(args: argparse.Namespace, method: str, pool: int) -> int:
+    """Epochs of `method` on a pool of `pool` images under --pretrain-budget."""
+    if not args.pretrain_budget:
+        return args.pretrain_epochs
+    budget = SMALL_DATA_BUDGET[method] if args.pretrain_budget == "recipe" else args.pretrain_budget
+    return epochs_for_budget(pool, budget)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fashion-MNIST quality benchmark: SSL probes vs random init and supervised")
     p.add_argument("data", metavar="DIR", help="folder holding FashionMNIST/raw/ (e.g. ../shared/data/fashion-mnist)")
@@ -85,9 +104,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default: --seed alone)")
     p.add_argument("--pools", nargs="+", type=int, default=None,
                    help="unlabelled pool sizes to pretrain on, one evaluation each (default: --pretrain-images)")
-    p.add_argument("--pretrain-budget", type=int, default=0,
+    p.add_argument("--pretrain-budget", type=budget_arg, default=0,
                    help="images seen in pretraining (epochs = budget / pool, at least 1), so every pool gets the "
-                        "same compute; 0: --pretrain-epochs for every pool")
+                        "same compute; 'recipe': each method's --recipe small budget (common/recipes.py); "
+                        "0: --pretrain-epochs for every pool and method")
     p.add_argument("--reuse", action="store_true",
                    help="keep the training runs OUTPUT_DIR already holds finished (a pretraining run's "
                         "checkpoint of the last epoch, a supervised run's results.json) and only probe them again: "
@@ -160,15 +180,15 @@ def run_script(module, argv: List[str], log_path: str) -> float:
     return time.time() - t0
 
 
-def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str) -> List[str]:
+def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str, epochs: int) -> List[str]:
     """The scripts' `--recipe small` (key momentum 0.99, lr 0.06 MoCo; SGD lr 0.1, T 0.2
     SimCLR, where LARS' trust ratio with lr 0.3 x B/256 barely moves the weights), with this
     benchmark's batch, epochs, crop-min, MoCo T and queue given explicitly (kept by the
     recipe); SimCLR at batches of 1024 and more keeps its LARS defaults."""
     # --save-freq past the end: only the last epoch's file (one per epoch is 5 GB for a 60-epoch MoCo run)
-    argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(args.pretrain_epochs),
+    argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(epochs),
                                        "--output-dir", out, "-p", "20", "--save-freq", "1000000"]
-    # (evaluate() sets args.pretrain_epochs and args.moco_k per pool on a copy of args)
+    # (evaluate() sets args.moco_k per pool on a copy of args)
     if method == "inpaint":  # the tutorial's Adam lr 1e-3 and BCE; 4 patches of 8 px on 32 px images (a quarter)
         return argv + ["--lr", "1e-3", "--patches", "4", "--patch-size", "8"]
     argv += ["--crop-min", str(args.crop_min)]
@@ -177,7 +197,7 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str) ->
                        "--bn-splits", "8" if args.batch_size >= 256 else "2"]
     if args.batch_size < 1024:
         return argv + ["--recipe", "small"]
-    return argv + ["--temperature", "0.2", "--warmup-epochs", str(min(10.0, args.pretrain_epochs / 10))]
+    return argv + ["--temperature", "0.2", "--warmup-epochs", str(min(10.0, epochs / 10))]
 
 
 def probe_batch(n_labelled: int, batch_size: int) -> int:
@@ -270,13 +290,12 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     data_args = argparse.Namespace(dataset=args.dataset, data=root, download=False)
     train = build_dataset(data_args, "train")
     n_pool = len(build_dataset(argparse.Namespace(dataset=args.dataset, data=pool_root, download=False), "train"))
-    if args.pretrain_budget:
-        args.pretrain_epochs = epochs_for_budget(n_pool, args.pretrain_budget)
+    epochs = {m: pretrain_epochs(args, m, n_pool) for m in args.methods}
     args.moco_k = args.moco_k or fitted_queue(n_pool, args.batch_size)
     n_train, n_test, n_classes = len(train), len(build_dataset(data_args, "val")), len(train.classes)
     labelled = {f: (len(train) if f >= 1 else len(stratified_subset(train.targets, f, 0))) for f in args.fractions}
     print(f"=> {args.dataset}, seed {seed}: pretraining on {n_pool} train images without labels "
-          f"({args.pretrain_epochs} epochs); probes on {n_train} train / "
+          f"({', '.join(f'{m} {e} epochs' for m, e in epochs.items())}); probes on {n_train} train / "
           f"{n_test} test images, label fractions " + ", ".join(f"{f:g} ({n} images)" for f, n in labelled.items()),
           flush=True)
     runs: Dict[str, Dict] = {}
@@ -286,12 +305,13 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     for method in args.methods:
         out = os.path.join(args.output_dir, method)
         backbones[method] = os.path.join(out, "checkpoint_last.pth.tar")
-        if args.reuse and os.path.isfile(os.path.join(out, f"checkpoint_{args.pretrain_epochs:04d}.pth.tar")):
+        if args.reuse and os.path.isfile(os.path.join(out, f"checkpoint_{epochs[method]:04d}.pth.tar")):
             print(f"=> {method}: reusing the finished run in {out}", flush=True)
             seconds[f"pretrain_{method}"] = training_seconds(out, n_pool)
             continue
-        print(f"=> pretraining {method} ({args.pretrain_epochs} epochs, batch {args.batch_size}) ...", flush=True)
-        seconds[f"pretrain_{method}"] = run_script(scripts[method], pretrain_argv(method, args, pool_root, out),
+        print(f"=> pretraining {method} ({epochs[method]} epochs, batch {args.batch_size}) ...", flush=True)
+        seconds[f"pretrain_{method}"] = run_script(scripts[method], pretrain_argv(method, args, pool_root, out,
+                                                                                  epochs[method]),
                                                    os.path.join(out, "log.txt"))
     backbones["random_init"] = "none"
 
@@ -327,8 +347,8 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     seconds["supervised"] = time.time() - t0
     seconds["total"] = time.time() - t_start
     return {"runs": runs, "seconds": seconds, "pool": n_pool, "train": n_train, "test": n_test,
-            "labelled": labelled, "epochs": args.pretrain_epochs, "moco_k": args.moco_k,
-            "recipes": {m: pretrain_argv(m, args, "DATA", f"OUT/{m}") for m in args.methods}}
+            "labelled": labelled, "epochs": epochs, "moco_k": args.moco_k,
+            "recipes": {m: pretrain_argv(m, args, "DATA", f"OUT/{m}", epochs[m]) for m in args.methods}}
 
 
 def mean_and_spread(values: List[float]) -> Tuple[float, float]:
@@ -384,7 +404,8 @@ def main(argv=None) -> Dict:
         table = format_table(header, [[name] + [cell(name, k, f) for k in kinds for f in fr] for name in means])
         minutes = ", ".join(f"{m} {torch.tensor([r['seconds'][f'pretrain_{m}'] for r in rec['per_seed'].values()]).mean() / 60:.1f}"
                             for m in args.methods)
-        title = (f"{args.dataset} test top-1 (%), pretrained on {pool} images ({rec['epochs']} epochs, MoCo K "
+        title = (f"{args.dataset} test top-1 (%), pretrained on {pool} images ("
+                 + ", ".join(f"{m} {e} epochs" for m, e in rec["epochs"].items()) + ", MoCo K "
                  f"{rec['moco_k']}; {minutes} min per run), probed on {rec['train']} train / {rec['test']} test "
                  f"images, {args.arch}, {'quick' if args.quick else 'full'} budget, {len(args.seeds)} seed(s)")
         tables.append(f"{title}\n{table}")

@@ -5,8 +5,10 @@
 For every method and crop size the real script (main_moco.py / main_simclr.py with
 `--recipe small`) trains on a folder of JPEG files of the real image size (8/7 of the crop,
 as ImageNet's 256 -> 224) for --measure-epochs epochs; the last epoch's images/s (from its
-metrics.jsonl, data loading included) gives the minutes. The epochs follow from the
-pretraining budget bench/quality.py measured (README: Small datasets): --budget images seen. The recipe's flags are those the script prints for that pool and crop.
+metrics.jsonl, data loading included) gives the minutes. The epochs are the recipe's:
+each method's pretraining budget in images seen, as bench/quality.py measured it (README: Small
+datasets; common/recipes.py), over the pool (--budget gives every method another one). The
+recipe's flags are those the script prints for that pool and crop.
 
     python bench/recipes.py                        # CPU: ImageNet stem at every size
     python bench/recipes.py --device cuda -j 8     # GPU: the script's default stem
@@ -33,8 +35,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=("moco", "simclr"))
     p.add_argument("--crop-sizes", nargs="+", type=int, default=[32, 64, 96, 128])
     p.add_argument("--pools", nargs="+", type=int, default=[1000, 5000, 20000], help="dataset sizes of the table")
-    p.add_argument("--budget", type=int, default=SMALL_DATA_BUDGET,
-                   help="images seen in pretraining (bench/quality.py's measured budget): epochs = budget / pool")
+    p.add_argument("--budget", type=int, default=None,
+                   help="images seen in pretraining by every method: epochs = budget / pool (default: each "
+                        "method's --recipe small budget, " + ", ".join(f"{m} {b:,}" for m, b in SMALL_DATA_BUDGET.items())
+                        + ")")
     p.add_argument("--measure-images", type=int, default=384,
                    help="JPEG files to time on at the largest crop (6 steps of 64); a smaller crop gets as many more "
                         "as keep the pixels equal (16x at a quarter of the size), so every timing lasts about as long")
@@ -54,11 +58,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def recipe_flags(method: str, pool: int, crop: int) -> str:
-    """The flags `--recipe small` sets for this pool and crop (what the script prints)."""
+def recipe_values(method: str, pool: int, crop: int) -> Dict[str, object]:
+    """What `--recipe small` sets for this pool and crop (the script's own function)."""
     import main_moco
     import main_simclr
-    values = {"moco": main_moco, "simclr": main_simclr}[method].small_data_recipe(pool, crop)
+    return {"moco": main_moco, "simclr": main_simclr}[method].small_data_recipe(pool, crop)
+
+
+def recipe_flags(values: Dict[str, object]) -> str:
+    """The recipe's values as the flags the script prints."""
     return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in values.items())
 
 
@@ -121,31 +129,37 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     name = {"moco": "MoCo v2", "simclr": "SimCLR"}
     stem = "" if args.small_images is None else (" --small-images" if args.small_images else " --no-small-images")
     where = "GPU" if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    rows, results = [], []
+    rows, results, sets = [], [], []
     for pool in args.pools:
-        epochs = epochs_for_budget(pool, args.budget)
         for crop in args.crop_sizes:
-            row = [f"{pool:,}", f"{crop} px", str(epochs)]
+            row = [f"{pool:,}", f"{crop} px"]
             for m in args.methods:
                 s = speed[m][str(crop)]
+                values = recipe_values(m, pool, crop)
+                # the recipe's epochs unless --budget: then they are given, and the recipe keeps them
+                given = f" --epochs {epochs_for_budget(pool, args.budget)}" if args.budget else ""
+                epochs = epochs_for_budget(pool, args.budget) if args.budget else int(values["epochs"])
+                if args.budget:
+                    del values["epochs"]
                 minutes = epochs * pool / s["images_per_sec"] / 60
+                command = f"main_{m}.py DATA --recipe small{given} --crop-size {crop}{stem}"
                 results.append({"pool": pool, "crop": crop, "method": m, "epochs": epochs, "minutes": minutes,
                                 "images_per_sec": s["images_per_sec"], "data_wait": s["data_wait"],
-                                "command": f"main_{m}.py DATA --recipe small --epochs {epochs} --crop-size {crop}{stem}",
-                                "recipe_sets": recipe_flags(m, pool, crop)})
-                row += [f"{s['images_per_sec']:.0f}", f"{minutes:.0f}" if minutes >= 10 else f"{minutes:.1f}"]
+                                "command": command, "recipe_sets": recipe_flags(values)})
+                row += [str(epochs), f"{s['images_per_sec']:.0f}", f"{minutes:.1f}" if minutes < 20 else f"{minutes:.0f}"]
+                if pool == args.pools[0] and crop == args.crop_sizes[0]:
+                    sets.append(f"{name[m]}, {pool:,} images at {crop} px: {command} sets {recipe_flags(values)}")
             rows.append(row)
-    header = ["images", "crop", "epochs"] + [f"{name[m]} {col}" for m in args.methods
-                                             for col in ("images/s", f"minutes ({where})")]
+    header = ["images", "crop"] + [f"{name[m]} {col}" for m in args.methods
+                                   for col in ("epochs", "images/s", f"minutes ({where})")]
     table = format_table(header, rows)
-    sets = "\n".join(f"{name[m]}, {pool:,} images at {crop} px: main_{m}.py DATA --recipe small --epochs "
-                      f"{epochs_for_budget(pool, args.budget)} --crop-size {crop}{stem} sets "
-                      f"{recipe_flags(m, pool, crop)}"
-                      for m in args.methods for pool in args.pools[:1] for crop in args.crop_sizes[:1])
+    sets = "\n".join(sets)
     timed = (f"from {args.rates}" if args.rates else f"the script's last of {args.measure_epochs} epochs on "
              + ", ".join(f"{measure_images(args, c)}" for c in args.crop_sizes)
              + f" JPEGs of 8/7 x the crop, -j {args.workers}")
-    title = f"{args.arch}, pretraining budget {args.budget:,} images seen; images/s: {timed}"
+    budget = (f"{args.budget:,}" if args.budget else
+              ", ".join(f"{name[m]} {SMALL_DATA_BUDGET[m]:,}" for m in args.methods) + " (--recipe small)")
+    title = f"{args.arch}, pretraining budget {budget} images seen; images/s: {timed}"
     print(f"{title}\n{table}\n{sets}", flush=True)
     return save_record(args, "recipes", device, results, table, title)
 

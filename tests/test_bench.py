@@ -159,6 +159,24 @@ def test_quality_smoke(tmp_path):
         assert row["linear"] == rec["results"][name]["linear"] and row["knn"] == rec["results"][name]["knn"], name
 
 
+def test_quality_budget_gives_each_method_its_epochs(capsys):
+    """--pretrain-budget N: the same images seen for every method and pool; 'recipe': each
+    method's `--recipe small` budget (MoCo 200k, SimCLR 100k); 0: --pretrain-epochs."""
+    def args_for(budget):
+        return bench_quality.finalize(bench_quality.get_args_parser().parse_args(
+            ["DATA", "--quick", "--device", "cpu", "--pretrain-budget", budget]))
+
+    recipe = args_for("recipe")
+    assert [bench_quality.pretrain_epochs(recipe, m, 2000) for m in ("moco", "simclr", "inpaint")] == [100, 50, 50]
+    assert bench_quality.pretrain_epochs(recipe, "moco", 10000) == 20
+    fixed = args_for("30000")
+    assert [bench_quality.pretrain_epochs(fixed, m, 2000) for m in ("moco", "simclr")] == [15, 15]
+    assert bench_quality.pretrain_epochs(args_for("0"), "moco", 2000) == 8  # the --quick preset's epochs
+    with pytest.raises(SystemExit):
+        args_for("lots")
+    assert "neither a number of images nor 'recipe'" in capsys.readouterr().err
+
+
 def test_linear_probe_fits_separable_features_and_ignores_their_scale():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 16, generator=g) * 3
@@ -227,6 +245,7 @@ def test_recipes_table_times_the_script_and_derives_the_minutes(tmp_path):
     assert (small["pool"], small["epochs"], large["epochs"]) == (1000, 120, 6)
     assert small["minutes"] == pytest.approx(120 * 1000 / small["images_per_sec"] / 60)
     assert "--moco-k 64 " in small["recipe_sets"] + " " and "--moco-k 1984" in large["recipe_sets"]
+    assert small["command"].startswith("main_moco.py DATA --recipe small --epochs 120 ")
     assert "--crop-min 0.3" in small["recipe_sets"] and small["command"].endswith("--no-small-images")
     assert (tmp_path / "moco_32px" / "metrics.jsonl").is_file()
     # another budget from the same timings: half the images, half the minutes, nothing run
@@ -236,3 +255,8 @@ def test_recipes_table_times_the_script_and_derives_the_minutes(tmp_path):
     assert (again["epochs"], again["images_per_sec"]) == (60, small["images_per_sec"])
     assert again["minutes"] == pytest.approx(small["minutes"] / 2)
     assert not (tmp_path / "again" / "moco_32px").exists()
+    # no --budget: the recipe's own epochs (MoCo: 200,000 images seen), set by the recipe, not the command
+    own = bench_recipes.main(["--methods", "moco", "--crop-sizes", "32", "--pools", "1000", "--rates",
+                              str(tmp_path / "recipes.json"), "--device", "cpu",
+                              "--output-dir", str(tmp_path / "own")])["results"][0]
+    assert own["epochs"] == 200 and own["recipe_sets"].startswith("--epochs 200 ") and "--epochs" not in own["command"]

@@ -17,6 +17,7 @@ def test_moco_small_recipe_fits_the_queue_and_keeps_given_flags(tmp_path, capsys
     assert (args.lr, args.cos, args.mlp, args.aug_plus, args.moco_m, args.crop_min) == (0.06, True, True, True,
                                                                                         0.99, 0.3)
     assert args.moco_t == 0.2  # given on the command line: kept
+    assert args.epochs == 115  # 200,000 images seen (common.recipes.SMALL_DATA_BUDGET) / 1,736
     assert "--recipe small for 1736 images at 32 px sets:" in out and "--moco-k 128" in out
     assert "kept from the command line: --moco-t 0.2" in out
     default = finalize(main_moco, ["--dataset", "synthetic"], tmp_path / "d")
@@ -29,6 +30,10 @@ def test_simclr_small_recipe_uses_sgd_and_a_short_warmup(tmp_path, capsys):
     assert (args.optimizer, args.lr, args.lr_scaling, args.temperature, args.batch_size) == ("sgd", 0.1, "none",
                                                                                             0.2, 64)
     assert args.warmup_epochs == 2.0 and "--warmup-epochs 2" in out
+    assert args.epochs == 20 and "kept from the command line: --epochs 20" in out
+    budget = finalize(main_simclr, ["--dataset", "synthetic", "--synthetic-size", "2000", "--recipe", "small"],
+                      tmp_path / "e")
+    assert budget.epochs == 50 and budget.warmup_epochs == 5.0  # 100,000 images seen; a tenth of them warm up
     big = finalize(main_simclr, ["/data/photos", "--dataset", "synthetic", "--recipe", "small", "--crop-size",
                                  "96"], tmp_path / "b")
     assert big.crop_min is None  # 0.3 is for <= 64 px objects; 96 px keeps SimCLR's 0.08
