@@ -129,10 +129,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         require("matplotlib")
     args.output_dir = args.output_dir or os.path.join("runs", "knn")
     prepare_output_dir(args.output_dir)
-    follow_checkpoint(args)
     args.crop_size = args.crop_size or default_crop_size(args)
-    if args.small_images is None:
-        args.small_images = args.crop_size <= 64
+    follow_checkpoint(args)  # -a and the stem of the pretraining run unless given
     if any(k < 1 for k in args.knn_k):
         raise UserError(f"--knn-k must be positive numbers of neighbours, got {args.knn_k}; e.g. --knn-k 20 200")
     if args.temperature <= 0:

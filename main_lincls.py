@@ -147,10 +147,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                         "baseline or 'imagenet' for torchvision's cached weights")
     # resuming replays the original run's seed (data order, augmentations)
     args.seed = run_seed(args.seed, resumed_args(args.resume, args.output_dir, "lincls")[1])
-    follow_checkpoint(args)  # -a and the stem of the pretraining run unless given
     args.crop_size = args.crop_size or default_crop_size(args)
-    if args.small_images is None:
-        args.small_images = args.crop_size <= 64
+    follow_checkpoint(args)  # -a and the stem of the pretraining run unless given
     args.trainable_layers = parse_trainable_layers(args.trainable_layers, args.finetune)
     tuned = args.finetune or bool(args.trainable_layers)
     lr, wd = FINETUNE_DEFAULTS if tuned else MLP_PROBE_DEFAULTS if args.head == "mlp" else LINEAR_PROBE_DEFAULTS

@@ -60,8 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "several GPUs; PyTorch cannot sync BN between CPU processes)")
     add_view_args(parser)
     add_pretrain_args(parser)
-    add_recipe_arg(parser, "SimCLR for 1k-20k images (epochs for 100,000 images seen, SGD lr 0.1 unscaled, wd 1e-4, T 0.2, batch 64, warmup a "
-                           "tenth of the epochs; crop-min 0.3 at <= 64 px): bench/quality.py's measured recipe")
+    add_recipe_arg(parser, "SimCLR for 1k-20k images (epochs for 100,000 images seen, SGD lr 0.1 unscaled, wd "
+                           "1e-4, T 0.2, batch 64, warmup a tenth of the epochs; crop-min 0.3 at <= 64 px): "
+                           "bench/quality.py's measured recipe")
     return parser
 
 

@@ -136,11 +136,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             for m in args.methods:
                 s = speed[m][str(crop)]
                 values = recipe_values(m, pool, crop)
-                # the recipe's epochs unless --budget: then they are given, and the recipe keeps them
-                given = f" --epochs {epochs_for_budget(pool, args.budget)}" if args.budget else ""
-                epochs = epochs_for_budget(pool, args.budget) if args.budget else int(values["epochs"])
-                if args.budget:
+                if args.budget:  # --epochs given on the command line, which the recipe keeps
+                    epochs = epochs_for_budget(pool, args.budget)
+                    given = f" --epochs {epochs}"
                     del values["epochs"]
+                else:
+                    epochs, given = int(values["epochs"]), ""
                 minutes = epochs * pool / s["images_per_sec"] / 60
                 command = f"main_{m}.py DATA --recipe small{given} --crop-size {crop}{stem}"
                 results.append({"pool": pool, "crop": crop, "method": m, "epochs": epochs, "minutes": minutes,

@@ -73,7 +73,8 @@ def follow_checkpoint(args: argparse.Namespace, default_arch: str = "resnet50") 
     """-a/--arch and --small-images from the `--pretrained` checkpoint where the command
     line left them unset (None), so `--pretrained ckpt` alone rebuilds the network the run
     trained; a given -a must match the checkpoint's. 'none'/'imagenet' (and checkpoints
-    without args) fall back to `default_arch` and the crop-size rule."""
+    without args) fall back to `default_arch` and the CIFAR stem for crops <= 64 px
+    (args.crop_size must be set)."""
     saved_arch, saved_args = None, {}
     if args.pretrained not in (None, "none", "imagenet"):
         ckpt = load_checkpoint(args.pretrained)
@@ -82,8 +83,9 @@ def follow_checkpoint(args: argparse.Namespace, default_arch: str = "resnet50") 
             check_arch(ckpt, args.arch, args.pretrained)
         del ckpt
     args.arch = args.arch or saved_arch or default_arch
-    if args.small_images is None and saved_args.get("small_images") is not None:
-        args.small_images = bool(saved_args["small_images"])
+    if args.small_images is None:
+        saved = saved_args.get("small_images")
+        args.small_images = bool(saved) if saved is not None else args.crop_size <= 64
 
 
 def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:
