@@ -14,13 +14,15 @@ facebookresearch/moco's. Formats:
   torchscript   the whole backbone, architecture included (torch.jit.load)
   onnx          the same as an ONNX graph, input "images" N x 3 x H x W, output "features"
 Before anything is written, the exported model's features are compared with ours on a
-random batch (fp32, atol 1e-5; ONNX through onnxruntime when it is installed). A JSON file
-beside the export records the architecture, stem, feature width and input size.
+random batch (fp32: the largest difference within 1e-4 of the largest feature, + 1e-5; ONNX
+through onnxruntime when it is installed). `<output file>.json` beside the export (e.g.
+checkpoint_last_backbone.pth.json) records the architecture, stem, feature width and input size.
 """
 import argparse
 import json
 import os
-import tempfile
+import secrets
+import stat
 import warnings
 from typing import Callable, Dict, Tuple
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
-from common.checkpoint import load_checkpoint, save_atomic
+from common.checkpoint import load_checkpoint
 from common.cli import HelpFormatter
 from common.errors import UserError, report_user_errors
 from common.extras import available, require
@@ -36,6 +38,10 @@ from common.models import arch_names, build_backbone
 from common.pretrained import extract_backbone, load_backbone
 
 FORMATS = {"torchvision": ".pth", "torchscript": ".pt", "onnx": ".onnx"}
+# fp32 kernels differ in summation order between runtimes, so the difference grows with the
+# features' scale (a trained backbone's reach ~100): a wrong stem or missing buffer is off by
+# far more than 1e-4 of it
+RTOL, ATOL = 1e-4, 1e-5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,8 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pth.tar from main_moco.py, main_simclr.py, main_lincls.py or "
                                       "facebookresearch/moco")
     p.add_argument("--format", default="torchvision", choices=list(FORMATS))
-    p.add_argument("-o", "--output", default="", help="file to write (default: beside the checkpoint, "
-                                                      "<name>_backbone.pth / .pt / .onnx)")
+    p.add_argument("-o", "--output", default="", help="file to write, plus <file>.json beside it (default: "
+                                                      "beside the checkpoint, <name>_backbone.pth / .pt / .onnx)")
     p.add_argument("-a", "--arch", default=None, choices=arch_names(), metavar="ARCH",
                    help="architecture, when the checkpoint does not say (ours always do)")
     p.add_argument("--small-images", default=None, action=argparse.BooleanOptionalAction,
@@ -113,9 +119,73 @@ def exported_forward(fmt: str, file: str, info: Dict) -> Callable[[torch.Tensor]
     return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
 
+def sidecar(out: str) -> str:
+    """The JSON beside an export: named after the whole file, so a .pth and a .pt of one
+    checkpoint each keep their own."""
+    return out + ".json"
+
+
+def _reason(e: OSError) -> str:
+    return f"{type(e).__name__}: {e.strerror or e}"
+
+
+def new_temp(path: str) -> str:
+    """An empty file beside `path` with the mode a plain open() gives (0o666 less the umask;
+    tempfile.mkstemp's are 0600), to write and then os.replace onto `path`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    while True:
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp{os.path.splitext(name)[1]}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def check_output(out: str, checkpoint: str, ext: str) -> None:
+    """Before the slow part: `out` and its JSON are files we may write that are not the
+    checkpoint itself (under any spelling, symlink or hard link)."""
+    if os.path.isdir(out):
+        raise UserError(f"{out} is a folder; pass -o a file name, e.g. -o "
+                        f"{os.path.join(out, os.path.basename(default_output(checkpoint, ext)))}")
+    if os.path.isdir(sidecar(out)):
+        raise UserError(f"{sidecar(out)} is a folder, where the export's JSON goes; move it or pass another -o")
+    for target in (out, sidecar(out)):
+        if os.path.exists(target) and os.path.exists(checkpoint) and os.path.samefile(target, checkpoint):
+            raise UserError(f"writing {out} would overwrite the checkpoint {checkpoint} itself; pass another -o "
+                            f"(the default is {default_output(checkpoint, ext)})")
+
+
+def make_room(out: str) -> None:
+    """`out`'s folder, created if missing, and one we can create files in: found out before
+    the export rather than after it."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        os.remove(new_temp(out))
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({_reason(e)}); pass -o a path in a folder you can write to")
+
+
+def default_output(checkpoint: str, ext: str) -> str:
+    return os.path.splitext(os.path.splitext(checkpoint)[0])[0] + "_backbone" + ext
+
+
+def matches(got: torch.Tensor, expected: torch.Tensor) -> Tuple[bool, float, float]:
+    """Whether the export's features are ours up to fp32 reordering, the largest absolute
+    difference and that difference relative to the largest feature."""
+    if got.shape != expected.shape:
+        return False, float("inf"), float("inf")
+    err = (got - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    return err <= RTOL * scale + ATOL, err, err / max(scale, 1e-12)
+
+
 def write(fmt: str, model: nn.Module, weights: Dict, example: torch.Tensor, tmp: str) -> None:
     if fmt == "torchvision":
-        save_atomic(weights, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(weights, f)
+            f.flush()
+            os.fsync(f.fileno())
     elif fmt == "torchscript":
         with warnings.catch_warnings():  # TorchScript's deprecation notice: the file still loads everywhere
             warnings.simplefilter("ignore")
@@ -133,45 +203,59 @@ def write(fmt: str, model: nn.Module, weights: Dict, example: torch.Tensor, tmp:
 @report_user_errors
 def main(argv=None) -> None:
     args = get_args_parser().parse_args(argv)
+    out = args.output or default_output(args.checkpoint, FORMATS[args.format])
+    check_output(out, args.checkpoint, FORMATS[args.format])
     ckpt = load_checkpoint(args.checkpoint)
+    make_room(out)  # after the checkpoint read: a mistyped checkpoint leaves no new folder behind
     if not isinstance(ckpt.get("state_dict"), dict) or not ckpt["state_dict"]:
         raise UserError(f"{args.checkpoint!r} holds no model weights; pass a checkpoint from main_moco.py, "
                         f"main_simclr.py, main_lincls.py or facebookresearch/moco")
     info = describe(ckpt, args, args.checkpoint)
     model, weights = backbone_and_head(ckpt, info, args.checkpoint, with_head=not args.no_head)
-    out = args.output or os.path.splitext(os.path.splitext(args.checkpoint)[0])[0] + "_backbone" + FORMATS[args.format]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
     torch.manual_seed(0)
     x = torch.randn(4, 3, info["crop_size"], info["crop_size"])
     with torch.no_grad():
         expected = model(x)
+    if not torch.isfinite(expected).all():
+        raise UserError(f"{args.checkpoint!r} gives NaN or infinite features on a random batch; export a "
+                        f"checkpoint from before the run diverged")
     info["feature_dim"] = model.fc.in_features if "num_classes" in info else int(expected.shape[1])
-    # written under a temporary name, checked, then moved into place: a failed check leaves nothing
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=FORMATS[args.format])
-    os.close(fd)
+    info.update(format=args.format, file=os.path.abspath(out))
+    # both files are written under temporary names, checked, then moved into place: a failed
+    # check or write leaves nothing, and an earlier export of that name intact
+    tmp = tmp_json = None
     try:
+        tmp, tmp_json = new_temp(out), new_temp(sidecar(out))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(args.format, model, weights, x[:2], tmp)
+        os.chmod(tmp, mode)  # an exporter that recreates the file would leave its own mode
         forward = exported_forward(args.format, tmp, info)
         if forward is not None:
             with torch.no_grad():
                 got = forward(x[1:])  # another batch size than the trace's: the export is not fixed to it
-            err = (got - expected[1:]).abs().max().item()
-            if got.shape != expected[1:].shape or err > 1e-5:
+            ok, err, rel = matches(got, expected[1:])
+            if not ok:
                 raise UserError(f"the {args.format} export does not reproduce the backbone's features (max "
-                                f"difference {err:.2e}); nothing was written; please report this with the checkpoint")
-            info["max_abs_difference"] = err
+                                f"difference {err:.2e}, {rel:.1e} of the largest feature); nothing was written; "
+                                f"please report this with the checkpoint")
+            info.update(max_abs_difference=err, max_rel_difference=rel)
+        with open(tmp_json, "w") as f:
+            json.dump(info, f, indent=1)
         os.replace(tmp, out)
+        os.replace(tmp_json, sidecar(out))
+    except OSError as e:
+        raise UserError(f"could not write {out} ({_reason(e)}); nothing was written; pass -o a path in a "
+                        f"folder you can write to, with space left") from e
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    info.update(format=args.format, file=os.path.abspath(out))
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump(info, f, indent=1)
+        for t in (tmp, tmp_json):
+            if t is not None and os.path.exists(t):
+                os.remove(t)
     print(f"=> {out}: {info['arch']} backbone ({info['feature_dim']}-d features"
           + (f", head of {info['num_classes']} classes" if "num_classes" in info else "") + ")"
-          + (f", matches on a random batch (max difference {info['max_abs_difference']:.1e})"
-             if "max_abs_difference" in info else ""))
+          + (f", matches on a random batch (max difference {info['max_abs_difference']:.1e}, "
+             f"{info['max_rel_difference']:.1e} of the largest feature)" if "max_abs_difference" in info else "")
+          + f"; {sidecar(out)} describes it", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 (plot_run.py) and a 2-D map of embeddings coloured by class (main_knn.py
 --plot-embeddings)."""
 import json
+import numbers
 import os
-from typing import Dict, List, Sequence
+import secrets
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
@@ -18,6 +20,7 @@ PANELS = [
     ("top-1 (%)", [("acc1", "val (probe) / pretext"), ("train_acc1", "train (probe)")]),
 ]
 CURVES_SIZE = (16, 4)  # inches, at 100 dpi: a 1600 x 400 PNG
+JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "true/false", type(None): "null"}
 
 
 def _pyplot():
@@ -33,15 +36,55 @@ def read_metrics(run_dir: str) -> List[Dict]:
         raise UserError(f"{run_dir!r} has no metrics.jsonl; pass the --output-dir of a run of main_moco.py, "
                         f"main_simclr.py or main_lincls.py")
     records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # a line cut by a kill mid-write
-                continue
+    try:
+        # a binary or foreign file then reads as lines of invalid JSON, not a UnicodeDecodeError
+        with open(path, errors="replace") as f:
+            lines = list(f)
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e.strerror or e}); check its permissions")
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a kill mid-write
+            continue
+        if not isinstance(record, dict):
+            raise UserError(f"{path}, line {number}: a JSON {JSON_TYPES.get(type(record), 'value')} where an "
+                            f"epoch record (a JSON object) belongs; delete that line, or pass the --output-dir of "
+                            f"a run of main_moco.py, main_simclr.py or main_lincls.py")
+        epoch = record.get("epoch", 0)
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Real):
+            raise UserError(f"{path}, line {number}: \"epoch\" is {json.dumps(epoch)}, not a number; fix or "
+                            f"delete that line")
+        records.append(record)
     if not records:
         raise UserError(f"{path} holds no finished epoch yet; plot it after the first epoch")
     return records
+
+
+def save_figure(fig: Any, path: str) -> str:
+    """fig.savefig(path), written to a temporary file beside it and moved into place (an
+    earlier PNG stays whole if this fails), its folder created; an unwritable path is one
+    sentence."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; name a file to write, e.g. {os.path.join(path, 'curves.png')}")
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise UserError(f"matplotlib cannot write .{fmt} files ({path}); name the output .png, .pdf or .svg")
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        # os.open with 0o666: the mode a plain open() gives under the umask
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            fig.savefig(f, format=fmt)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({type(e).__name__}: {e.strerror or e}); "
+                        f"choose a path in a folder you can write to")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def plot_curves(records: Sequence[Dict], path: str, title: str = "") -> str:
@@ -67,9 +110,10 @@ def plot_curves(records: Sequence[Dict], path: str, title: str = "") -> str:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)  # the figure's own size and dpi: CURVES_SIZE x 100
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path)  # the figure's own size and dpi: CURVES_SIZE x 100
+    finally:
+        plt.close(fig)
 
 
 def embedding_map(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
@@ -104,9 +148,10 @@ def plot_embeddings(features: np.ndarray, labels: np.ndarray, classes: Sequence[
     ax.set_title(f"embeddings ({method.upper()}, {len(keep)} images)")
     ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def embedding_methods() -> List[str]:

@@ -10,12 +10,20 @@ from common.dist import is_main_process
 from common.extras import require
 
 
+def _summary_writer() -> type:
+    """torch.utils.tensorboard.SummaryWriter, imported only when asked for; a missing or
+    broken tensorboard is one sentence, not torch's traceback."""
+    require("tensorboard")  # absent: "not installed"
+    # tensorboard's own import is lazy: its protobuf modules (where a protobuf version clash
+    # raises TypeError) load with torch.utils.tensorboard
+    return require("torch.utils.tensorboard", package="tensorboard").SummaryWriter
+
+
 class TensorBoardLog:
     def __init__(self, output_dir: str, enabled: bool):
         self.writer = None
         if enabled and is_main_process():
-            require("tensorboard")  # torch.utils.tensorboard's own error would be a traceback
-            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
+            SummaryWriter = _summary_writer()
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def scalars(self, values: Dict, step: int, prefix: str) -> None:
@@ -42,4 +50,4 @@ class TensorBoardLog:
 def check_tensorboard_flag(enabled: Optional[bool]) -> None:
     """Before any worker starts: --tensorboard without the package is one sentence."""
     if enabled:
-        require("tensorboard")
+        _summary_writer()

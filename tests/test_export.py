@@ -1,7 +1,12 @@
 """export_backbone.py: each format round-trips and gives our backbone's features; MoCo,
 SimCLR, lincls and facebookresearch/moco checkpoints export; bad input is one sentence."""
+import errno
 import functools
+import hashlib
 import json
+import os
+import shutil
+import stat
 import sys
 
 import pytest
@@ -88,7 +93,7 @@ def test_torchvision_export_loads_strict_in_plain_torchvision_and_gives_our_feat
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(x), ours(checkpoints[kind], arch, small)(x), atol=1e-5, rtol=0)
-    info = json.load(open(tmp_path / "backbone.json"))
+    info = json.load(open(tmp_path / "backbone.pth.json"))
     assert (info["arch"], info["small_images"], info["feature_dim"]) == (arch, small, 512 if small else 2048)
 
 
@@ -102,7 +107,7 @@ def test_lincls_export_keeps_its_linear_head(checkpoints, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(x), ref.eval()(x), atol=1e-5, rtol=0)
-    assert json.load(open(tmp_path / "classifier.json"))["num_classes"] == 3
+    assert json.load(open(tmp_path / "classifier.pth.json"))["num_classes"] == 3
     assert export([checkpoints["lincls"], "-o", str(tmp_path / "no_head.pth"), "--no-head"])[0] == 0
     assert not any(k.startswith("fc.") for k in torch.load(tmp_path / "no_head.pth", weights_only=True))
 
@@ -128,7 +133,7 @@ def test_onnx_export_round_trips_through_onnxruntime(checkpoints, tmp_path):
     got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
     with torch.no_grad():
         torch.testing.assert_close(got, ours(checkpoints["moco"])(x), atol=1e-5, rtol=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.json", "backbone.onnx"]  # one self-contained file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.onnx", "backbone.onnx.json"]  # one self-contained file
 
 
 def test_missing_onnx_package_is_one_sentence_and_writes_nothing(checkpoints, tmp_path, capsys, monkeypatch):
@@ -150,3 +155,149 @@ def test_foreign_files_are_one_sentence(tmp_path, capsys):
                 "arch": "resnet34"}, tmp_path / "odd.pth.tar")
     code, err = export([str(tmp_path / "odd.pth.tar")], capsys)
     assert code == 2 and "does not fit this backbone" in err and "Traceback" not in err
+
+
+needs_onnx = pytest.mark.skipif(not (available("onnx") and available("onnxscript") and available("onnxruntime")),
+                                reason="onnx, onnxscript and onnxruntime are optional (requirements-extra.txt)")
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A folder no file can be created in."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        pass
+    else:  # root ignores the mode bits: refuse creating files there as the kernel would for anyone else
+        (folder / "probe").unlink()
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def refuse(real):
+            def call(path, *args, **kwargs):
+                if os.path.abspath(path).startswith(str(folder) + os.sep):
+                    raise PermissionError(errno.EACCES, "Permission denied", str(path))
+                return real(path, *args, **kwargs)
+            return call
+        monkeypatch.setattr(os, "open", refuse(real_open))
+        monkeypatch.setattr(os, "mkdir", refuse(real_mkdir))
+    yield folder
+    folder.chmod(0o755)
+
+
+def test_output_that_is_the_checkpoint_is_refused_under_every_spelling(checkpoints, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = run / "checkpoint_last.pth.tar"
+    shutil.copy(checkpoints["moco"], ckpt)
+    os.link(ckpt, run / "checkpoint_0002.pth.tar")  # what main_moco.py's epoch files are
+    os.symlink(ckpt, run / "latest.pth.tar")
+    before, names = digest(ckpt), sorted(os.listdir(run))
+    monkeypatch.chdir(tmp_path)
+    for output in [str(ckpt), "run/checkpoint_last.pth.tar", "./run/../run//checkpoint_last.pth.tar",
+                   "run/checkpoint_0002.pth.tar", "run/latest.pth.tar"]:
+        for fmt in ["torchvision", "torchscript"]:
+            code, err = export(["run/checkpoint_last.pth.tar", "--format", fmt, "-o", output], capsys)
+            assert code == 2 and "would overwrite the checkpoint" in err and "pass another -o" in err, (output, err)
+            assert "Traceback" not in err
+    assert digest(ckpt) == before and sorted(os.listdir(run)) == names
+    assert torch.load(ckpt, weights_only=True)["state_dict"]  # still a training checkpoint
+
+
+@pytest.mark.parametrize("fmt", list(export_backbone.FORMATS))
+def test_unwritable_or_folder_output_is_one_sentence_and_leaves_nothing(checkpoints, fmt, read_only_dir, tmp_path,
+                                                                       capsys):
+    for output in [read_only_dir / "b.out", read_only_dir / "sub" / "b.out"]:
+        code, err = export([checkpoints["moco"], "--format", fmt, "-o", str(output)], capsys)
+        assert code == 2 and f"cannot write {output}" in err and "Permission" in err, err
+        assert "Traceback" not in err and list(read_only_dir.iterdir()) == []
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    code, err = export([checkpoints["moco"], "--format", fmt, "-o", str(folder)], capsys)
+    assert code == 2 and f"{folder} is a folder; pass -o a file name" in err and "Traceback" not in err
+    assert list(folder.iterdir()) == []
+
+
+def test_a_failed_write_leaves_the_earlier_export_whole(checkpoints, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "b.pth"
+    assert export([checkpoints["moco"], "-o", str(out)])[0] == 0
+    before = {p.name: digest(p) for p in tmp_path.iterdir()}
+
+    def disk_full(fmt, model, weights, example, tmp):
+        open(tmp, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(export_backbone, "write", disk_full)
+    code, err = export([checkpoints["simclr"], "-o", str(out)], capsys)
+    assert code == 2 and "No space left on device" in err and "nothing was written" in err and "Traceback" not in err
+    assert {p.name: digest(p) for p in tmp_path.iterdir()} == before  # no temporary file either
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_exports_beside_each_other_keep_one_json_each(checkpoints, tmp_path):
+    ckpt = shutil.copy(checkpoints["simclr"], tmp_path / "simclr.pth.tar")
+    for fmt in ["torchvision", "torchscript"]:
+        assert export([str(ckpt), "--format", fmt])[0] == 0  # the default names, beside the checkpoint
+    stem = str(tmp_path / "simclr_backbone")
+    for fmt, ext in [("torchvision", ".pth"), ("torchscript", ".pt")]:
+        info = json.load(open(stem + ext + ".json"))
+        assert info["format"] == fmt and info["file"] == os.path.abspath(stem + ext)
+    assert not os.path.exists(stem + ".json")
+
+
+@pytest.mark.parametrize("fmt", ["torchvision", "torchscript"])
+def test_exported_files_get_the_umask_mode(checkpoints, fmt, tmp_path, umask_022):
+    out = tmp_path / ("b" + export_backbone.FORMATS[fmt])
+    assert export([checkpoints["moco"], "--format", fmt, "-o", str(out)])[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, out.name + ".json"]  # no temporary file left
+    for p in tmp_path.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+@needs_onnx
+def test_onnx_export_of_trained_checkpoints_passes_its_check(moco_pretrained, tmp_path, capsys, umask_022):
+    # a longer run's features reach ~100: fp32 differences then exceed any fixed 1e-5
+    ckpt = torch.load(moco_pretrained, map_location="cpu", weights_only=False)
+    state = dict(ckpt["state_dict"])
+    for name in ["weight", "bias"]:
+        state[f"module.encoder_q.layer4.1.bn2.{name}"] = state[f"module.encoder_q.layer4.1.bn2.{name}"] * 40
+    scaled = tmp_path / "scaled.pth.tar"
+    torch.save({"state_dict": state, **{k: ckpt[k] for k in ["arch", "method", "args"]}}, scaled)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert ours(str(scaled), small=False)(torch.randn(4, 3, 32, 32)).abs().max() > 50
+    for path, out in [(moco_pretrained, tmp_path / "trained.onnx"), (str(scaled), tmp_path / "scaled.onnx")]:
+        capsys.readouterr()
+        code = export([path, "--format", "onnx", "-o", str(out)])[0]
+        log = capsys.readouterr()
+        assert code == 0, log.err
+        assert "matches on a random batch (max difference" in log.out and "of the largest feature" in log.out
+        info = json.load(open(str(out) + ".json"))
+        assert info["max_rel_difference"] <= export_backbone.RTOL and info["max_abs_difference"] >= 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        assert stat.S_IMODE(os.stat(str(out) + ".json").st_mode) == 0o644
+
+
+def test_a_real_mismatch_is_still_refused(checkpoints, tmp_path, capsys, monkeypatch):
+    features = torch.full((3, 512), 107.0)
+    assert export_backbone.matches(features + 7.25e-5, features)[0]  # fp32 reordering at a trained scale
+    assert not export_backbone.matches(features * 1.001, features)[0]
+    assert not export_backbone.matches(torch.full((3, 512), 1e-3), torch.zeros(3, 512))[0]
+    real = export_backbone.exported_forward
+    monkeypatch.setattr(export_backbone, "exported_forward",
+                        lambda *a: (lambda x, f=real(*a): f(x) * 1.001))  # off by 1e-3 of the features
+    code, err = export([checkpoints["moco"], "-o", str(tmp_path / "b.pth")], capsys)
+    assert code == 2 and "does not reproduce the backbone's features" in err and "of the largest feature" in err
+    assert "nothing was written" in err and list(tmp_path.iterdir()) == []
