@@ -21,8 +21,6 @@ checkpoint_last_backbone.pth.json) records the architecture, stem, feature width
 import argparse
 import json
 import os
-import secrets
-import stat
 import warnings
 from typing import Callable, Dict, Tuple
 
@@ -30,6 +28,7 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
+from common.atomic import atomic_path, create_temp
 from common.checkpoint import load_checkpoint
 from common.cli import HelpFormatter
 from common.errors import UserError, report_user_errors
@@ -129,19 +128,6 @@ def _reason(e: OSError) -> str:
     return f"{type(e).__name__}: {e.strerror or e}"
 
 
-def new_temp(path: str) -> str:
-    """An empty file beside `path` with the mode a plain open() gives (0o666 less the umask;
-    tempfile.mkstemp's are 0600), to write and then os.replace onto `path`."""
-    folder, name = os.path.split(os.path.abspath(path))
-    while True:
-        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp{os.path.splitext(name)[1]}")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-
-
 def check_output(out: str, checkpoint: str, ext: str) -> None:
     """Before the slow part: `out` and its JSON are files we may write that are not the
     checkpoint itself (under any spelling, symlink or hard link)."""
@@ -161,7 +147,7 @@ def make_room(out: str) -> None:
     the export rather than after it."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        os.remove(new_temp(out))
+        os.remove(create_temp(out))
     except OSError as e:
         raise UserError(f"cannot write {out} ({_reason(e)}); pass -o a path in a folder you can write to")
 
@@ -182,10 +168,7 @@ def matches(got: torch.Tensor, expected: torch.Tensor) -> Tuple[bool, float, flo
 
 def write(fmt: str, model: nn.Module, weights: Dict, example: torch.Tensor, tmp: str) -> None:
     if fmt == "torchvision":
-        with open(tmp, "wb") as f:
-            torch.save(weights, f)
-            f.flush()
-            os.fsync(f.fileno())
+        torch.save(weights, tmp)
     elif fmt == "torchscript":
         with warnings.catch_warnings():  # TorchScript's deprecation notice: the file still loads everywhere
             warnings.simplefilter("ignore")
@@ -222,35 +205,27 @@ def main(argv=None) -> None:
                         f"checkpoint from before the run diverged")
     info["feature_dim"] = model.fc.in_features if "num_classes" in info else int(expected.shape[1])
     info.update(format=args.format, file=os.path.abspath(out))
-    # both files are written under temporary names, checked, then moved into place: a failed
-    # check or write leaves nothing, and an earlier export of that name intact
-    tmp = tmp_json = None
+    # both files are written under temporary names, checked, then moved into place (the
+    # export first, the JSON that describes it last): a failed check or write leaves
+    # nothing, and an earlier export of that name intact
     try:
-        tmp, tmp_json = new_temp(out), new_temp(sidecar(out))
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)
-        write(args.format, model, weights, x[:2], tmp)
-        os.chmod(tmp, mode)  # an exporter that recreates the file would leave its own mode
-        forward = exported_forward(args.format, tmp, info)
-        if forward is not None:
-            with torch.no_grad():
-                got = forward(x[1:])  # another batch size than the trace's: the export is not fixed to it
-            ok, err, rel = matches(got, expected[1:])
-            if not ok:
-                raise UserError(f"the {args.format} export does not reproduce the backbone's features (max "
-                                f"difference {err:.2e}, {rel:.1e} of the largest feature); nothing was written; "
-                                f"please report this with the checkpoint")
-            info.update(max_abs_difference=err, max_rel_difference=rel)
-        with open(tmp_json, "w") as f:
-            json.dump(info, f, indent=1)
-        os.replace(tmp, out)
-        os.replace(tmp_json, sidecar(out))
+        with atomic_path(sidecar(out)) as tmp_json, atomic_path(out) as tmp:
+            write(args.format, model, weights, x[:2], tmp)
+            forward = exported_forward(args.format, tmp, info)
+            if forward is not None:
+                with torch.no_grad():
+                    got = forward(x[1:])  # another batch size than the trace's: the export is not fixed to it
+                ok, err, rel = matches(got, expected[1:])
+                if not ok:
+                    raise UserError(f"the {args.format} export does not reproduce the backbone's features (max "
+                                    f"difference {err:.2e}, {rel:.1e} of the largest feature); nothing was "
+                                    f"written; please report this with the checkpoint")
+                info.update(max_abs_difference=err, max_rel_difference=rel)
+            with open(tmp_json, "w") as f:
+                json.dump(info, f, indent=1)
     except OSError as e:
         raise UserError(f"could not write {out} ({_reason(e)}); nothing was written; pass -o a path in a "
                         f"folder you can write to, with space left") from e
-    finally:
-        for t in (tmp, tmp_json):
-            if t is not None and os.path.exists(t):
-                os.remove(t)
     print(f"=> {out}: {info['arch']} backbone ({info['feature_dim']}-d features"
           + (f", head of {info['num_classes']} classes" if "num_classes" in info else "") + ")"
           + (f", matches on a random batch (max difference {info['max_abs_difference']:.1e}, "

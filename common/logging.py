@@ -8,7 +8,9 @@ from typing import Dict, Iterable, Iterator
 
 import torch
 
+from common.atomic import atomic_path
 from common.dist import all_reduce_sum, is_main_process
+from common.plots import record_problem
 from common.tensorboard import TensorBoardLog
 
 
@@ -105,24 +107,43 @@ class MetricsLog:
         self.tensorboard = TensorBoardLog(output_dir, tensorboard)
 
     def drop_epochs_from(self, epoch: int) -> None:
-        """Forget the lines of `epoch` and later (a resumed run writes them again)."""
+        """Forget the lines of `epoch` and later (a resumed run writes them again). A last
+        line cut by a kill mid-write goes too; any other line that is not an epoch record
+        is kept as it is, with one warning line: the run goes on either way."""
         if not is_main_process() or not os.path.isfile(self.path):
             return
-        with open(self.path) as f:
+        # surrogateescape and newline="": a line torn through a multibyte character, or
+        # someone's \r\n, is read without an error and written back byte for byte
+        with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             lines = f.readlines()
-        keep = []
-        for line in lines:
+        keep, odd = [], []
+        for number, line in enumerate(lines, 1):
+            last = number == len(lines)
             try:
-                if json.loads(line).get("epoch", -1) >= epoch:
+                record = json.loads(line)
+            except ValueError:
+                if last and not line.endswith("\n"):  # write() ends every line it finishes with one
+                    odd.append(f"line {number}: cut off mid-write; dropped it")
                     continue
-            except ValueError:  # a line cut by a kill mid-write
+                if line.strip():
+                    odd.append(f"line {number}: not JSON; kept it as it is")
+                keep.append(line)
                 continue
-            keep.append(line)
-        if len(keep) != len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
+            problem = record_problem(record)
+            if problem is None:
+                if record.get("epoch", -1) >= epoch:
+                    continue
+            else:
+                odd.append(f"line {number}: {problem}; kept it as it is")
+            # the next write() appends: without a newline its record would join this one
+            keep.append(line if line.endswith("\n") else line + "\n")
+        if odd:
+            more = f"; and {len(odd) - 3} more such line(s)" if len(odd) > 3 else ""
+            print(f"=> warning: {self.path}, {'; '.join(odd[:3])}{more}", flush=True)
+        if keep != lines:
+            with atomic_path(self.path) as tmp:
+                with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+                    f.writelines(keep)
 
     def write(self, record: Dict) -> None:
         if not is_main_process():

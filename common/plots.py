@@ -4,11 +4,11 @@
 import json
 import numbers
 import os
-import secrets
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from common.atomic import atomic_path
 from common.errors import UserError
 from common.extras import available, require
 
@@ -47,18 +47,26 @@ def read_metrics(run_dir: str) -> List[Dict]:
             record = json.loads(line)
         except ValueError:  # a line cut by a kill mid-write
             continue
-        if not isinstance(record, dict):
-            raise UserError(f"{path}, line {number}: a JSON {JSON_TYPES.get(type(record), 'value')} where an "
-                            f"epoch record (a JSON object) belongs; delete that line, or pass the --output-dir of "
-                            f"a run of main_moco.py, main_simclr.py or main_lincls.py")
-        epoch = record.get("epoch", 0)
-        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Real):
-            raise UserError(f"{path}, line {number}: \"epoch\" is {json.dumps(epoch)}, not a number; fix or "
-                            f"delete that line")
+        problem = record_problem(record)
+        if problem is not None:
+            fix = ("fix or delete that line" if isinstance(record, dict) else "delete that line, or pass the "
+                   "--output-dir of a run of main_moco.py, main_simclr.py or main_lincls.py")
+            raise UserError(f"{path}, line {number}: {problem}; {fix}")
         records.append(record)
     if not records:
         raise UserError(f"{path} holds no finished epoch yet; plot it after the first epoch")
     return records
+
+
+def record_problem(record: Any) -> Optional[str]:
+    """Why one parsed line of metrics.jsonl is not an epoch record (a JSON object whose
+    "epoch", if it has one, is a number), or None when it is one."""
+    if not isinstance(record, dict):
+        return f"a JSON {JSON_TYPES.get(type(record), 'value')} where an epoch record (a JSON object) belongs"
+    epoch = record.get("epoch", 0)
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Real):  # True would sort as epoch 1
+        return f"\"epoch\" is {json.dumps(epoch)}, not a number"
+    return None
 
 
 def save_figure(fig: Any, path: str) -> str:
@@ -70,20 +78,13 @@ def save_figure(fig: Any, path: str) -> str:
     fmt = os.path.splitext(path)[1][1:].lower() or "png"
     if fmt not in fig.canvas.get_supported_filetypes():
         raise UserError(f"matplotlib cannot write .{fmt} files ({path}); name the output .png, .pdf or .svg")
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
     try:
-        os.makedirs(folder, exist_ok=True)
-        # os.open with 0o666: the mode a plain open() gives under the umask
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            fig.savefig(f, format=fmt)
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt)
     except OSError as e:
         raise UserError(f"cannot write {path} ({type(e).__name__}: {e.strerror or e}); "
                         f"choose a path in a folder you can write to")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

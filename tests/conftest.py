@@ -1,5 +1,6 @@
 """Shared fixtures: generated data, a script runner, and one MoCo pretraining run that
 the learning, lincls and kNN tests all reuse (pretraining is the slow part on CPU)."""
+import errno
 import os
 import signal
 import subprocess
@@ -55,6 +56,32 @@ def moco_pretrained(tmp_path_factory) -> str:
     # one thread: CPU kernels then sum in one fixed order, so the run is bit-reproducible
     run_script("main_moco.py", MOCO_LEARN + ["--output-dir", str(out)], env_extra={"OMP_NUM_THREADS": "1"})
     return str(out / "checkpoint_last.pth.tar")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A folder no file can be created in."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        pass
+    else:  # root ignores the mode bits: refuse creating files there as the kernel would for anyone else
+        (folder / "probe").unlink()
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def refuse(real):
+            def call(path, *args, **kwargs):
+                if os.path.abspath(path).startswith(str(folder) + os.sep):
+                    raise PermissionError(errno.EACCES, "Permission denied", str(path))
+                return real(path, *args, **kwargs)
+            return call
+        monkeypatch.setattr(os, "open", refuse(real_open))
+        monkeypatch.setattr(os, "mkdir", refuse(real_mkdir))
+    yield folder
+    folder.chmod(0o755)
 
 
 def write_image_folder(root, classes=("a", "b"), per_class=4, size=16, seed=0, split_dirs=("train",)):

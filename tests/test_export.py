@@ -172,32 +172,6 @@ def umask_022():
     os.umask(old)
 
 
-@pytest.fixture
-def read_only_dir(tmp_path, monkeypatch):
-    """A folder no file can be created in."""
-    folder = tmp_path / "read_only"
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        (folder / "probe").touch()
-    except PermissionError:
-        pass
-    else:  # root ignores the mode bits: refuse creating files there as the kernel would for anyone else
-        (folder / "probe").unlink()
-        real_open, real_mkdir = os.open, os.mkdir
-
-        def refuse(real):
-            def call(path, *args, **kwargs):
-                if os.path.abspath(path).startswith(str(folder) + os.sep):
-                    raise PermissionError(errno.EACCES, "Permission denied", str(path))
-                return real(path, *args, **kwargs)
-            return call
-        monkeypatch.setattr(os, "open", refuse(real_open))
-        monkeypatch.setattr(os, "mkdir", refuse(real_mkdir))
-    yield folder
-    folder.chmod(0o755)
-
-
 def test_output_that_is_the_checkpoint_is_refused_under_every_spelling(checkpoints, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()

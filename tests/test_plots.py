@@ -1,6 +1,5 @@
 """plot_run.py and common/plots.py: a metrics.jsonl that is not one epoch record per line,
 and an output that cannot be written, are one sentence; a missing folder is created."""
-import errno
 import json
 import os
 import stat
@@ -29,32 +28,6 @@ def run_dir(tmp_path):
     lines = [{"epoch": e, "loss": 5.0 - e, "lr": 0.1} for e in range(3)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return run
-
-
-@pytest.fixture
-def read_only_dir(tmp_path, monkeypatch):
-    """A folder no file can be created in."""
-    folder = tmp_path / "read_only"
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        (folder / "probe").touch()
-    except PermissionError:
-        pass
-    else:  # root ignores the mode bits: refuse creating files there as the kernel would for anyone else
-        (folder / "probe").unlink()
-        real_open, real_mkdir = os.open, os.mkdir
-
-        def refuse(real):
-            def call(path, *args, **kwargs):
-                if os.path.abspath(path).startswith(str(folder) + os.sep):
-                    raise PermissionError(errno.EACCES, "Permission denied", str(path))
-                return real(path, *args, **kwargs)
-            return call
-        monkeypatch.setattr(os, "open", refuse(real_open))
-        monkeypatch.setattr(os, "mkdir", refuse(real_mkdir))
-    yield folder
-    folder.chmod(0o755)
 
 
 @pytest.mark.parametrize("line,what", [("[1, 2]", "a JSON array"), ("3", "a JSON number"), ('"done"', "a JSON string"),
