@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from common.cli import HelpFormatter, add_training_args
+from common.cli import ArgumentParser, add_training_args
 from common.dist import is_main_process
 from common.engine import train_one_epoch
 from common.errors import UserError
@@ -33,8 +33,7 @@ GRID_IMAGES = 8  # images in the per-epoch reconstruction grid
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Context-encoder (inpainting) pretraining",
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="Context-encoder (inpainting) pretraining")
     add_training_args(parser, lr=1e-3, epochs=100, batch_size=128, schedule=(), weight_decay=0.0, name="inpaint")
     g = parser.add_argument_group("inpainting")
     g.add_argument("--patches", default=16, type=int, metavar="N", help="squares blanked out of each image")
@@ -51,7 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
-    finalize_pretrain_args(args, "inpaint", model_flags=("--loss",))
+    # the blanked squares and the loss define the task a resumed run must go on with
+    finalize_pretrain_args(args, "inpaint", model_flags=("--loss", "--patches", "--patch-size", "--masked-weight"))
     if args.patches < 1:
         raise UserError(f"--patches {args.patches} blanks nothing out, so there is nothing to paint back; "
                         f"use 1 or more (the tutorial uses 16)")
@@ -101,6 +101,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     grids = os.path.join(args.output_dir, "reconstructions")
     if is_main_process():
         os.makedirs(grids, exist_ok=True)
+
+    run.knn_before_training(inpaint.encoder)  # --knn-every: the untrained network's kNN, to compare with
 
     # ---- epochs: train (the step loop: common/engine.py), reconstruction grid, then kNN
     # monitor, metrics line, checkpoint

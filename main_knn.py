@@ -34,7 +34,7 @@ from common.dist import barrier, is_main_process
 from common.errors import UserError
 from common.extras import require
 from common.images import is_image_file, pil_loader
-from common.knn import extract_features, knn_search, knn_vote
+from common.knn import extract_indexed_features, knn_search, knn_vote, top_n, vote_accuracy
 from common.launch import add_dist_args, expected_world_size, per_worker, script_main, start_worker
 from common.logging import log
 from common.metrics import classification_report, save_per_class_csv
@@ -213,14 +213,17 @@ def knn_evaluate(train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tens
 
 def knn_reports(top_sim: torch.Tensor, top_idx: torch.Tensor, train_l: torch.Tensor, val_l: torch.Tensor,
                 classes: List[str], ks: Sequence[int], temperature: float) -> Tuple[Dict, Dict]:
-    """({k: top-1/top-5, per-class recall}, {k: vote scores}) for one set of labels."""
+    """({k: top-1/top-5, per-class recall}, {k: vote scores}) for one set of labels. "top5"
+    is over the top5_k = min(5, k, classes) best-voted classes, as DINO's knn_classifier:
+    k neighbours vote for at most k classes."""
     results, scores = {}, {}
     for k in ks:
+        k_used = min(k, top_idx.shape[1])
         scores[k] = knn_vote(top_sim, top_idx, train_l, len(classes), k, temperature)
         report = classification_report(scores[k], val_l, classes)
-        results[k] = {"k": k, "k_used": min(k, top_idx.shape[1]), "top1": report["acc1"], "top5": report["acc5"],
-                      "top5_k": report["top5_k"], "macro_recall": report["macro_recall"],
-                      "per_class": report["per_class"]}
+        n = top_n(k_used, len(classes))
+        results[k] = {"k": k, "k_used": k_used, "top1": report["acc1"], "top5": vote_accuracy(scores[k], val_l, n)[1],
+                      "top5_k": n, "macro_recall": report["macro_recall"], "per_class": report["per_class"]}
     return results, scores
 
 
@@ -281,10 +284,13 @@ def write_per_class_files(results: Dict, classes: List[str], output_dir: str, su
 # ---------------------------------------------------------------- export
 
 def export_embeddings(folder: str, split: str, feats: torch.Tensor, labels: torch.Tensor, base,
-                      classes: Sequence[str], dtype: str) -> None:
+                      index: torch.Tensor, classes: Sequence[str], dtype: str) -> None:
     """`{split}_features.npy` (N x D), `{split}_labels.npy` (N, -1 = unlabelled) and
-    `{split}.csv` (index, path, label, class): row i of each is image i. The features are
-    copied to a memory-mapped file in slices, so no second full copy is made in RAM."""
+    `{split}.csv` (index, path, label, class): row i of each is the image `index[i]` of
+    `base` (the csv's index, as in retrieval's captions.csv), the readable images in
+    dataset order; the unreadable ones (no features) are listed in `{split}_unreadable.csv`
+    (path, label, class). The features are copied to a memory-mapped file in slices, so no
+    second full copy is made in RAM."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{split}_features.npy")
     tmp = os.path.join(folder, f".tmp_{split}_features.npy")
@@ -299,8 +305,21 @@ def export_embeddings(folder: str, split: str, feats: torch.Tensor, labels: torc
     with open(os.path.join(folder, f"{split}.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "path", "label", "class"])
-        for i, lab in enumerate(labels.tolist()):
-            w.writerow([i, path_of(base, i), lab, class_name(classes, lab)])
+        for j, lab in zip(index.tolist(), labels.tolist()):
+            w.writerow([j, path_of(base, j), lab, class_name(classes, lab)])
+    unreadable = sorted(set(range(len(base))) - set(index.tolist()))
+    listed = os.path.join(folder, f"{split}_unreadable.csv")
+    if not unreadable:
+        if os.path.exists(listed):  # from an earlier export into this folder
+            os.remove(listed)
+        return
+    targets = getattr(base, "targets", None)
+    with open(listed, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "class"])
+        for j in unreadable:
+            lab = int(targets[j]) if targets is not None else -1
+            w.writerow([path_of(base, j), lab, class_name(classes, lab)])
 
 
 # ---------------------------------------------------------------- retrieval
@@ -314,23 +333,26 @@ def embed_files(model: nn.Module, paths: Sequence[str], crop_size: int, device: 
     return nn.functional.normalize(model(images).float(), dim=1).half()
 
 
-def retrieval(model: nn.Module, train_base, train_f: torch.Tensor, query_base, query_f: Optional[torch.Tensor],
-              query_split: str, classes: Sequence[str], args: argparse.Namespace, device: torch.device) -> List[str]:
+def retrieval(model: nn.Module, train_base, train_f: torch.Tensor, train_index: torch.Tensor, query_base,
+              query_f: Optional[torch.Tensor], query_index: Optional[torch.Tensor], query_split: str,
+              classes: Sequence[str], args: argparse.Namespace, device: torch.device) -> List[str]:
     """Grids of query + its --retrieval-k nearest training images, one row per query and
-    --grid-rows rows per PNG, plus captions.csv naming every cell. Returns the PNG paths."""
+    --grid-rows rows per PNG, plus captions.csv naming every cell. Returns the PNG paths.
+    `*_index`: the dataset index of each feature row (unreadable images have none)."""
     folder = os.path.join(args.output_dir, "retrieval")
     os.makedirs(folder, exist_ok=True)
     show = display_transform(args.crop_size)
     # queries: (caption fields, feature, image tensor)
     queries: List[Tuple[Dict, torch.Tensor, torch.Tensor]] = []
     if args.retrieval:
-        n = min(args.retrieval, len(query_base))
-        picks = torch.randperm(len(query_base), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+        n = min(args.retrieval, len(query_index))
+        picks = torch.randperm(len(query_index), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
         shown = TransformedDataset(query_base, show)
-        for i in picks:
+        for row in picks:
+            i = int(query_index[row])
             img, label = shown[i]
             queries.append(({"split": query_split, "index": i, "path": path_of(query_base, i), "label": label,
-                             "class": class_name(classes, label)}, query_f[i], img))
+                             "class": class_name(classes, label)}, query_f[row], img))
     if args.query:
         feats = embed_files(model, args.query, args.crop_size, device)
         for p, f in zip(args.query, feats):
@@ -347,7 +369,8 @@ def retrieval(model: nn.Module, train_base, train_f: torch.Tensor, query_base, q
             info, _, img = queries[qi]
             cells.append(img)
             captions.append({"grid": grid_name, "row": row, "column": 0, "role": "query", **info, "similarity": ""})
-            for col, (j, sim) in enumerate(zip(top_idx[qi].tolist(), top_sim[qi].tolist()), start=1):
+            for col, (row_j, sim) in enumerate(zip(top_idx[qi].tolist(), top_sim[qi].tolist()), start=1):
+                j = int(train_index[row_j])
                 nimg, label = train_shown[j]
                 cells.append(nimg)
                 captions.append({"grid": grid_name, "row": row, "column": col, "role": f"neighbour {col}",
@@ -417,12 +440,16 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         extract = dict(batch_size=batch_size, device=env.device, workers=workers,
                        precision=Precision.from_args(args), print_freq=args.print_freq)
         side = eval_decode_side(args.crop_size)
-        train_f, train_l = extract_features(model, TransformedDataset(train_base, tf, args.strict_data, side),
-                                            desc="features train", **extract)
-        val_f = val_l = None
+        # an unreadable image gets no row (a stand-in would put its features under this
+        # image's path and label, and count it twice): *_index maps rows to dataset indices
+        train_f, train_l, train_index = extract_indexed_features(
+            model, TransformedDataset(train_base, tf, args.strict_data, side, skip_unreadable=True),
+            desc="features train", **extract)
+        val_f = val_l = val_index = None
         if need_val:
-            val_f, val_l = extract_features(model, TransformedDataset(val_base, tf, args.strict_data, side),
-                                            desc="features val", **extract)
+            val_f, val_l, val_index = extract_indexed_features(
+                model, TransformedDataset(val_base, tf, args.strict_data, side, skip_unreadable=True),
+                desc="features val", **extract)
     log(f"=> features: {tuple(train_f.shape)} train" + (f", {tuple(val_f.shape)} val" if val_f is not None else "")
         + f", {train_f.dtype} on {train_f.device}")
 
@@ -430,7 +457,9 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     if is_main_process():
         info = {"pretrained": args.pretrained, "arch": args.arch, "crop_size": args.crop_size,
                 "small_images": args.small_images, "temperature": args.temperature,
-                "num_train": len(train_base), "num_val": len(val_base) if val_base is not None else 0,
+                "num_train": len(train_index), "num_val": len(val_index) if val_index is not None else 0,
+                "unreadable_train": len(train_base) - len(train_index),
+                "unreadable_val": len(val_base) - len(val_index) if val_index is not None else 0,
                 "num_classes": len(classes), "feature_dim": int(train_f.shape[1])}
         tensorboard = TensorBoardLog(args.output_dir, args.tensorboard)
         if not args.skip_knn:
@@ -438,12 +467,13 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
             if tree is None:
                 log_knn(results, classes, args.temperature)
                 for k, r in results.items():
-                    tensorboard.scalars({"top1": r["top1"], "top5": r["top5"]}, 0, f"knn_k{k}")
+                    tensorboard.scalars({"top1": r["top1"], f"top{min(5, r['k_used'])}": r["top5"]}, 0, f"knn_k{k}")
             else:
                 for level, (name, r) in enumerate(zip(tree.level_names, results["levels"])):
                     log_knn(r, tree.classes[level], args.temperature, f" level {level + 1} ({name})")
                     for k, rk in r.items():
-                        tensorboard.scalars({"top1": rk["top1"], "top5": rk["top5"]}, 0, f"knn_level{level + 1}_k{k}")
+                        tensorboard.scalars({"top1": rk["top1"], f"top{min(5, rk['k_used'])}": rk["top5"]}, 0,
+                                            f"knn_level{level + 1}_k{k}")
                 for k, p in results["path"].items():
                     log(f"=> kNN k={k} whole path: top-1 {p['path_top1']:.2f}  consistency {p['consistency_rate']:.2f} "
                         f"(predicted class under the predicted parent)")
@@ -451,14 +481,18 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
             log(f"=> kNN results in {os.path.join(args.output_dir, 'knn_results.json')} and knn_per_class.csv")
         if args.export_embeddings:
             folder = os.path.join(args.output_dir, "embeddings")
-            export_embeddings(folder, "train", train_f, train_l, train_base, classes, args.export_dtype)
+            export_embeddings(folder, "train", train_f, train_l, train_base, train_index, classes, args.export_dtype)
             if val_f is not None:
-                export_embeddings(folder, "val", val_f, val_l, val_base, classes, args.export_dtype)
-            log(f"=> embeddings in {folder}/ (<split>_features.npy, <split>_labels.npy, <split>.csv)")
+                export_embeddings(folder, "val", val_f, val_l, val_base, val_index, classes, args.export_dtype)
+            log(f"=> embeddings in {folder}/ (<split>_features.npy, <split>_labels.npy, <split>.csv"
+                + (", <split>_unreadable.csv: the images left out)" if len(train_index) < len(train_base)
+                   or (val_index is not None and len(val_index) < len(val_base)) else ")"))
         if args.retrieval or args.query:
-            qbase, qf = (val_base, val_f) if query_split == "val" else (train_base, train_f)
+            qbase, qf, qindex = (val_base, val_f, val_index) if query_split == "val" else (train_base, train_f,
+                                                                                            train_index)
             with without_head(model):
-                grids = retrieval(model, train_base, train_f, qbase, qf, query_split, classes, args, env.device)
+                grids = retrieval(model, train_base, train_f, train_index, qbase, qf, qindex, query_split, classes,
+                                  args, env.device)
             log(f"=> {len(grids)} retrieval grid(s) in {os.path.dirname(grids[0])}/ (captions.csv names every cell)")
             for path in grids:
                 tensorboard.image("retrieval/" + os.path.basename(path)[:-4], np.asarray(Image.open(path).convert("RGB")))

@@ -33,7 +33,7 @@ from common.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from common.cli import HelpFormatter, add_training_args, check_training_flags
+from common.cli import ArgumentParser, add_training_args, check_training_flags
 from common.datasets import build_dataset, default_crop_size
 from common.dist import DistEnv, is_main_process
 from common.errors import UserError
@@ -71,8 +71,7 @@ FINETUNE_DEFAULTS = (0.1, 1e-4)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Linear probe / fine-tuning of a pretrained backbone",
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="Linear probe / fine-tuning of a pretrained backbone")
     add_training_args(parser, lr=LINEAR_PROBE_DEFAULTS[0], epochs=100, batch_size=256, schedule=(60, 80),
                       weight_decay=LINEAR_PROBE_DEFAULTS[1], name="lincls")
     # None = "not given": the default depends on --head and --finetune (finalize_args)
@@ -131,7 +130,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     check_training_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", "lincls")
-    prepare_output_dir(args.output_dir)
+    prepare_output_dir(args.output_dir, new_run=not (args.resume or args.evaluate), overwrite=args.overwrite)
     if args.evaluate:
         path = resolve_resume(args.resume or "auto", args.output_dir)
         if not path:
@@ -244,13 +243,24 @@ def is_trainable(name: str, trainable_layers: Sequence[str]) -> bool:
     return name.startswith("fc.") or name.split(".")[0] in trainable_layers
 
 
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal, except that NaN equals NaN at the same place: an untouched NaN weight is
+    unchanged, and torch.equal(NaN, NaN) is False."""
+    if torch.equal(a, b):
+        return True
+    if a.shape != b.shape or not a.is_floating_point():
+        return False
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
 def sanity_check(model: nn.Module, reference: Dict[str, torch.Tensor], trainable_layers: Sequence[str] = ()) -> None:
     """A frozen backbone (or its frozen blocks, with --trainable-layers) must leave every
     tensor (weights and BN statistics) exactly as loaded: otherwise the reported accuracy is
     not a probe of the pretrained features. A difference is a bug, so it fails loudly."""
     current = {k: v for k, v in backbone_state(model).items() if not is_trainable(k, trainable_layers)}
     reference = {k: v for k, v in reference.items() if not is_trainable(k, trainable_layers)}
-    changed = [k for k in reference if k not in current or not torch.equal(current[k], reference[k].to(current[k].dtype))]
+    changed = [k for k in reference if k not in current or not same_tensor(current[k], reference[k].to(current[k].dtype))]
     if changed or set(current) != set(reference):
         raise RuntimeError(f"sanity check failed: the frozen backbone changed during training "
                            f"({len(changed)} tensors differ, e.g. {changed[:5]}; "
@@ -432,8 +442,9 @@ def fit_logreg_head(net: nn.Module, train_data, args: argparse.Namespace, env: D
     (the eval transform), multinomial logistic regression on them (lincls/logreg.py; with
     --class-weights, weighted per class), written into net.fc. Every rank fits the same
     model on the same gathered features."""
+    # an unreadable image is left out (a stand-in would be fitted twice, once under its label)
     plain = TransformedDataset(train_data, augment.eval_transform(args.crop_size), args.strict_data,
-                               decode_side=augment.eval_decode_side(args.crop_size))
+                               decode_side=augment.eval_decode_side(args.crop_size), skip_unreadable=True)
     with without_head(net):
         x, y = extract_features(net, plain, per_worker(args.batch_size, env.world_size), env.device, workers=workers,
                                 precision=Precision.from_args(args), normalize=False, print_freq=50,
@@ -464,8 +475,12 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         raise UserError(f"val classes {list(val_base.classes)[:5]} differ from train classes {classes[:5]}; "
                         f"the val split must have the same classes as the train split")
     num_classes = len(classes)
+    if num_classes < 2:  # one class: every prediction is right, 100 % top-1 and F1 that mean nothing
+        raise UserError(f"the dataset has only one class ({classes[0]!r}); a classifier needs at least two classes: "
+                        f"add another class folder to train/ and val/ (or another label to the csv files)")
+    # an unreadable val image is left out, so no image is counted twice (once under another's label)
     val_dataset = TransformedDataset(val_base, augment.eval_transform(args.crop_size), args.strict_data,
-                                     decode_side=augment.eval_decode_side(args.crop_size))
+                                     decode_side=augment.eval_decode_side(args.crop_size), skip_unreadable=True)
 
     # a checkpoint to continue (--resume) or to evaluate: read now, it fixes the head to build
     resume_path = resolve_resume(args.resume or ("auto" if args.evaluate else ""), args.output_dir)

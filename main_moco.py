@@ -10,15 +10,16 @@ from typing import Dict
 
 import torch
 
-from common.cli import HelpFormatter, add_training_args
+from common.batchnorm import bn_group_warning, fewest_positions
+from common.cli import ArgumentParser, add_training_args
 from common.engine import train_one_epoch
 from common.errors import UserError
-from common.launch import script_main, start_worker
+from common.launch import expected_world_size, script_main, start_worker
 from common.logging import log
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
-from common.recipes import SMALL_DATA_BUDGET, add_recipe_arg, apply_recipe, epochs_for_budget
+from common.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, add_recipe_arg, chosen, epochs_for_budget
 from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                              lr_schedule, two_view_data)
 from moco.augment import moco_v1, moco_v2
@@ -27,7 +28,7 @@ from moco.guards import cosine_momentum, fitted_queue, momentum_warning, queue_w
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="MoCo pretraining", formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="MoCo pretraining")
     add_training_args(parser, lr=0.03, epochs=200, batch_size=256, schedule=(120, 160), weight_decay=1e-4, name="moco")
     g = parser.add_argument_group("moco")
     g.add_argument("--moco-dim", default=128, type=int, help="feature dimension")
@@ -50,14 +51,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def small_data_recipe(num_images: int, crop_size: int) -> Dict[str, object]:
+def small_data_recipe(num_images: int, crop_size: int, args: argparse.Namespace) -> Dict[str, object]:
     """`--recipe small`: bench/quality.py's small-data MoCo v2 recipe (README: Small datasets).
-    The queue holds at most a tenth of the images (a multiple of the batch: one step's keys)."""
-    batch = 64
+    The queue holds at most a tenth of the images, a multiple of the keys one step enqueues
+    with the batch in use (the recipe's 64 or a given -b)."""
+    batch = chosen(args, "batch_size", SMALL_DATA_BATCH)
     values: Dict[str, object] = dict(epochs=epochs_for_budget(num_images, SMALL_DATA_BUDGET["moco"]),
-                                     batch_size=batch, lr=0.06, cos=True, mlp=True, aug_plus=True, moco_t=0.5,
-                                     moco_m=0.99, bn_splits=2,
-                                     moco_k=fitted_queue(num_images, batch))
+                                     batch_size=SMALL_DATA_BATCH, lr=0.06, cos=True, mlp=True, aug_plus=True,
+                                     moco_t=0.5, moco_m=0.99, bn_splits=2,
+                                     moco_k=fitted_queue(num_images, batch * (2 if args.symmetric else 1)))
     if crop_size <= 64:
         values["crop_min"] = 0.3  # 0.2 cuts most of a 28-32 px object away
     return values
@@ -65,14 +67,25 @@ def small_data_recipe(num_images: int, crop_size: int) -> Dict[str, object]:
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
-    apply_recipe(args, get_args_parser().parse_args([]), small_data_recipe)
-    finalize_pretrain_args(args, "moco", model_flags=("--moco-dim", "--moco-k", "--mlp", "--symmetric"))
+    finalize_pretrain_args(args, "moco", model_flags=("--moco-dim", "--moco-k", "--mlp", "--symmetric"),
+                           recipe=small_data_recipe)
     finalize_view_args(args)
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     if args.moco_k % keys_per_step != 0:
         raise UserError(f"--moco-k {args.moco_k} is not a multiple of the {keys_per_step} keys enqueued per step "
                         f"(global batch{' x2 with --symmetric' if args.symmetric else ''}); "
                         f"use e.g. --moco-k {max(1, args.moco_k // keys_per_step) * keys_per_step}")
+    world = expected_world_size(args)
+    splits = args.bn_splits if world == 1 and args.bn_splits > 1 else 1  # DDP: shuffle-BN per process instead
+    per_process = args.batch_size // world
+    if per_process % splits == 0:  # (else the worker names the divisibility problem)
+        warning = bn_group_warning(per_process // splits, fewest_positions(args.arch, args.small_images, args.crop_size),
+                                   f"-b {args.batch_size} over {world} process(es)"
+                                   + (f" in --bn-splits {splits} groups" if splits > 1 else ""),
+                                   "raise -b, lower --bn-splits, or keep more resolution (--small-images, a larger "
+                                   "--crop-size)")
+        if warning:
+            log(f"warning: {warning}")
     return args
 
 
@@ -113,6 +126,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     def key_momentum(progress: float) -> None:  # --moco-m-cos, per step as MoCo v3
         moco.m = cosine_momentum(args.moco_m, progress, args.epochs)
+
+    run.knn_before_training(moco.encoder_q)  # --knn-every: the untrained network's kNN, to compare with
 
     # ---- epochs: train (the step loop: common/engine.py), then kNN monitor, metrics line, checkpoint
     for epoch in range(run.start_epoch, args.epochs):

@@ -14,15 +14,16 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from common.cli import HelpFormatter, add_training_args
+from common.batchnorm import bn_group_warning, fewest_positions
+from common.cli import ArgumentParser, add_training_args
 from common.engine import train_one_epoch
 from common.errors import UserError
-from common.launch import expected_world_size, script_main, start_worker
+from common.launch import expected_world_size, script_main, start_worker, uses_cuda
 from common.logging import log
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
-from common.recipes import SMALL_DATA_BUDGET, add_recipe_arg, apply_recipe, epochs_for_budget
+from common.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, add_recipe_arg, chosen, epochs_for_budget
 from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                              lr_schedule, two_view_data)
 from simclr.augment import simclr_augmentation
@@ -31,7 +32,7 @@ from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="SimCLR pretraining", formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="SimCLR pretraining")
     add_training_args(parser, lr=0.3, epochs=100, batch_size=256, schedule=(), weight_decay=1e-6, name="simclr")
     # SimCLR's schedule: linear warmup, then cosine (--no-cos: the step --schedule instead)
     parser.set_defaults(cos=True, warmup_epochs=10.0)
@@ -66,12 +67,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def small_data_recipe(num_images: int, crop_size: int) -> Dict[str, object]:
+def small_data_recipe(num_images: int, crop_size: int, args: argparse.Namespace) -> Dict[str, object]:
     """`--recipe small`: bench/quality.py's small-data SimCLR recipe (README: Small datasets).
-    SGD at batch 64: LARS' trust ratio with lr 0.3 x B/256 barely moves the weights there."""
-    values: Dict[str, object] = dict(epochs=epochs_for_budget(num_images, SMALL_DATA_BUDGET["simclr"]),
-                                     batch_size=64, optimizer="sgd", lr=0.1, lr_scaling="none", weight_decay=1e-4,
-                                     temperature=0.2)
+    SGD at batch 64: LARS' trust ratio with lr 0.3 x B/256 barely moves the weights there.
+    The warmup is a tenth of the epochs in use (the recipe's or a given --epochs)."""
+    epochs = chosen(args, "epochs", epochs_for_budget(num_images, SMALL_DATA_BUDGET["simclr"]))
+    values: Dict[str, object] = dict(epochs=epochs, warmup_epochs=min(10.0, epochs / 10),
+                                     batch_size=SMALL_DATA_BATCH, optimizer="sgd", lr=0.1, lr_scaling="none",
+                                     weight_decay=1e-4, temperature=0.2)
     if crop_size <= 64:
         values["crop_min"] = 0.3
     return values
@@ -79,11 +82,8 @@ def small_data_recipe(num_images: int, crop_size: int) -> Dict[str, object]:
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
-    if apply_recipe(args, get_args_parser().parse_args([]), small_data_recipe) and args.warmup_epochs == 10.0:
-        args.warmup_epochs = min(10.0, args.epochs / 10)  # a tenth of a short run, as bench/quality.py
-        log(f"=> --recipe {args.recipe} sets --warmup-epochs {args.warmup_epochs:g}")
     finalize_pretrain_args(args, "simclr", model_flags=("--proj-dim", "--proj-hidden-dim", "--proj-layers",
-                                                         "--proj-bn", "--optimizer"))
+                                                         "--proj-bn", "--optimizer"), recipe=small_data_recipe)
     finalize_view_args(args)
     if args.batch_size < 2:
         raise UserError(f"--batch-size {args.batch_size} leaves NT-Xent no negatives (each image's only other "
@@ -95,6 +95,15 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.sync_bn and expected_world_size(args) > 1 and (args.cpu or not torch.cuda.is_available()):
         raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run between CPU processes; "
                         "drop --sync-bn")
+    world = expected_world_size(args)
+    synced = world > 1 and uses_cuda(args) and args.sync_bn is not False  # as main_worker decides
+    warning = bn_group_warning(2 * args.batch_size // (1 if synced else world),  # both views pass the BN together
+                               fewest_positions(args.arch, args.small_images, args.crop_size),
+                               f"two views of -b {args.batch_size}" + ("" if synced or world == 1 else
+                                                                        f" over {world} processes"),
+                               "raise -b or keep more resolution (--small-images, a larger --crop-size)")
+    if warning:
+        log(f"warning: {warning}")
     return args
 
 
@@ -126,6 +135,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- resume (--resume PATH|auto), then the run's metrics log, kNN monitor and checkpoints
     run = PretrainRun(model, optimizer, scaler, args, env, "simclr", data, lr_schedule(args, lr))
+
+    run.knn_before_training(simclr.encoder)  # --knn-every: the untrained network's kNN, to compare with
 
     # ---- epochs: train (the step loop: common/engine.py), then kNN monitor, metrics line, checkpoint
     for epoch in range(run.start_epoch, args.epochs):

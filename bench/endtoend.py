@@ -95,7 +95,7 @@ def run_script(args: argparse.Namespace, data: str, config: str, out: str) -> Di
     """Train with the config's flags; returns steady/epoch images/s, data wait and wall time."""
     cmd = [sys.executable, os.path.join(ROOT, f"main_{args.method}.py"), data, "-a", args.arch, "-b",
            str(args.batch_size), "-j", str(args.workers), "--crop-size", str(args.crop_size), "--epochs",
-           str(args.epochs), "-p", str(args.print_freq), "--seed", "0", "--output-dir", out, "--save-freq", "1000"]
+           str(args.epochs), "-p", str(args.print_freq), "--seed", "0", "--output-dir", out, "--overwrite", "--save-freq", "1000"]
     cmd += method_flags(args) + script_flags(config) + (["--cpu"] if args.device == "cpu" else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

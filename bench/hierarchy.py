@@ -106,7 +106,7 @@ def write_data(args: argparse.Namespace, out: str) -> Dict[str, int]:
 def flags(args: argparse.Namespace, data: str, out: str, n_labelled: int) -> List[str]:
     return [data, "--dataset", "csv", "-a", "resnet18", "--no-small-images", "--crop-size", "32",
             "-j", str(args.workers), "--seed", str(args.seed), "-b", str(probe_batch(n_labelled, args.batch_size)),
-            "--cos", "--output-dir", out, "-p", "1000"] + ([] if torch.cuda.is_available() else ["--cpu"])
+            "--cos", "--output-dir", out, "--overwrite", "-p", "1000"] + ([] if torch.cuda.is_available() else ["--cpu"])
 
 
 def level_rows(final: Dict) -> List[Dict[str, float]]:

@@ -310,8 +310,9 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
             seconds[f"pretrain_{method}"] = training_seconds(out, n_pool)
             continue
         print(f"=> pretraining {method} ({epochs[method]} epochs, batch {args.batch_size}) ...", flush=True)
+        # --overwrite: an unfinished earlier run in `out` is replaced, not resumed
         seconds[f"pretrain_{method}"] = run_script(scripts[method], pretrain_argv(method, args, pool_root, out,
-                                                                                  epochs[method]),
+                                                                                  epochs[method]) + ["--overwrite"],
                                                    os.path.join(out, "log.txt"))
     backbones["random_init"] = "none"
 
@@ -324,7 +325,7 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
             runs[name]["lincls"] = {}
             for f in args.fractions:
                 out = os.path.join(args.output_dir, f"probe_{name}_{f:g}")
-                run_script(main_lincls, lincls_argv(args, root, out, ckpt, f, labelled[f], False),
+                run_script(main_lincls, lincls_argv(args, root, out, ckpt, f, labelled[f], False) + ["--overwrite"],
                            os.path.join(out, "log.txt"))
                 runs[name]["lincls"][str(f)] = read_acc(out)
         seconds[f"probe_{name}"] = time.time() - t0
@@ -335,7 +336,7 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     for f in args.fractions:
         out = os.path.join(args.output_dir, f"supervised_{f:g}")
         if not (args.reuse and os.path.isfile(os.path.join(out, "results.json"))):
-            run_script(main_lincls, lincls_argv(args, root, out, "none", f, labelled[f], True),
+            run_script(main_lincls, lincls_argv(args, root, out, "none", f, labelled[f], True) + ["--overwrite"],
                        os.path.join(out, "log.txt"))
         # its own classifier's top-1; kNN of its features with the labels it was trained on
         runs["supervised"]["linear"][str(f)] = read_acc(out)

@@ -62,7 +62,8 @@ def recipe_values(method: str, pool: int, crop: int) -> Dict[str, object]:
     """What `--recipe small` sets for this pool and crop (the script's own function)."""
     import main_moco
     import main_simclr
-    return {"moco": main_moco, "simclr": main_simclr}[method].small_data_recipe(pool, crop)
+    script = {"moco": main_moco, "simclr": main_simclr}[method]
+    return script.small_data_recipe(pool, crop, script.get_args_parser().parse_args([]))  # no flag given
 
 
 def recipe_flags(values: Dict[str, object]) -> str:
@@ -85,7 +86,7 @@ def measure(args: argparse.Namespace, method: str, crop: int, data_root: str) ->
         write_jpegs(folder, measure_images(args, crop), size, size, classes=1)
     out = os.path.join(args.output_dir, f"{method}_{crop}px")
     argv = [folder, "--recipe", "small", "-a", args.arch, "--crop-size", str(crop), "--epochs",
-            str(args.measure_epochs), "-j", str(args.workers), "--seed", "0", "--output-dir", out, "-p", "1000"]
+            str(args.measure_epochs), "-j", str(args.workers), "--seed", "0", "--output-dir", out, "--overwrite", "-p", "1000"]
     if args.small_images is not None:
         argv.append("--small-images" if args.small_images else "--no-small-images")
     if args.device == "cpu":

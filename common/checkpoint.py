@@ -4,14 +4,16 @@ restoring model, optimizer, scaler and RNG state. Which checkpoint to resume is
 common/resume.py; backbones for evaluation common/pretrained.py."""
 import os
 import random
+import re
 import shutil
 import tempfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from common.atomic import atomic_path
 from common.errors import UserError
 
 METHODS = ("moco", "simclr", "inpaint", "lincls")
@@ -29,39 +31,47 @@ def save_atomic(state: Dict[str, Any], path: str) -> None:
     leaves the previous file intact."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth.tar", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the user's usual mode
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        # `.tmp_*.pth.tar`: the names prepare_output_dir clears after a kill mid-write
+        with atomic_path(path, prefix=".tmp_", suffix=".pth.tar") as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+    except (OSError, RuntimeError) as e:
         free = shutil.disk_usage(folder).free
         # a full disk surfaces as OSError, or from torch's zip writer as a RuntimeError
         # ("unexpected pos ...") deep in torch.serialization
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and free < LOW_DISK_BYTES):
+        if isinstance(e, OSError) or free < LOW_DISK_BYTES:
             kept = "the previous one is intact" if os.path.exists(path) else "no earlier one existed"
             raise UserError(f"could not write the checkpoint {path} ({str(e).strip() or type(e).__name__}; "
                             f"{free / 2**20:.0f} MiB free on that disk): free some space or use another "
                             f"--output-dir, then --resume; {kept}") from e
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
-    except OSError:
-        pass
 
 
-def prepare_output_dir(output_dir: str) -> None:
+# what a run leaves in its --output-dir (a new run would overwrite or empty them)
+RUN_FILE = re.compile(r"^(checkpoint_last|checkpoint_\d+|model_best)\.pth\.tar$|^metrics\.jsonl$|^results\.json$")
+
+
+def previous_run_files(output_dir: str) -> List[str]:
+    """The files of an earlier run in `output_dir` (checkpoints, metrics log, results)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir) if RUN_FILE.match(n)
+                  and not (n == "metrics.jsonl" and os.path.getsize(os.path.join(output_dir, n)) == 0))
+
+
+def prepare_output_dir(output_dir: str, new_run: bool = False, overwrite: bool = False) -> None:
     """Before any work: the folder exists (or can be made) and can be written, and the temp
-    files of checkpoint writes a kill interrupted (`.tmp_*.pth.tar`) are removed."""
+    files of checkpoint writes a kill interrupted (`.tmp_*.pth.tar`) are removed. For a
+    `new_run` (training without --resume) a folder that holds an earlier run is refused
+    unless `overwrite` says to replace it: a forgotten --resume must not wipe a finished run."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output-dir {output_dir!r} is a file, not a folder; pass a folder path")
+    earlier = previous_run_files(output_dir) if new_run else []
+    if earlier and new_run and not overwrite:
+        raise UserError(f"--output-dir {output_dir!r} already holds a run ({', '.join(earlier[:3])}"
+                        f"{', ...' if len(earlier) > 3 else ''}); pass --resume auto to continue it, another "
+                        f"--output-dir for a new run, or --overwrite to replace it")
     try:
         os.makedirs(output_dir, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=output_dir)
@@ -69,6 +79,13 @@ def prepare_output_dir(output_dir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to --output-dir {output_dir!r} ({e.strerror}); pass a folder you can write to")
+    if earlier and new_run and overwrite:
+        for name in earlier:  # the old checkpoint_NNNN files would otherwise sit among the new run's
+            try:
+                os.remove(os.path.join(output_dir, name))
+            except FileNotFoundError:  # another process of the same run (torchrun, srun) removed it first
+                pass
+        print(f"=> --overwrite: removed the earlier run's {', '.join(earlier)} from {output_dir}", flush=True)
     stale = [n for n in os.listdir(output_dir) if (n.startswith(".tmp_") and n.endswith(".pth.tar"))
              or n.endswith(".tmp_link")]
     for name in stale:
@@ -96,12 +113,6 @@ def check_free_space(output_dir: str, needed: int, what: str = "one checkpoint")
     if free < needed:
         raise UserError(f"--output-dir {output_dir!r} has {free / 2 ** 20:.0f} MiB free but {what} needs about "
                         f"{needed / 2 ** 20:.0f} MiB; free some space or pass another --output-dir")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch_file: bool = True,

@@ -2,7 +2,8 @@
 and the checks that turn an impossible value into one sentence before any work starts."""
 import argparse
 import math
-from typing import Sequence
+import sys
+from typing import List, Optional, Sequence, Tuple
 
 from common.datasets import add_data_args
 from common.errors import UserError
@@ -19,6 +20,33 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text or action.default is None or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the scripts' help format, which also records the flags the command
+    line gave (`args.given_flags`, their dests): a preset such as --recipe small must keep
+    a typed value even when it equals the default, and only argparse knows which were typed."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None,
+                         namespace: Optional[argparse.Namespace] = None) -> Tuple[argparse.Namespace, List[str]]:
+        argv = sys.argv[1:] if args is None else list(args)
+        parsed, extras = super().parse_known_args(argv, namespace)
+        # argparse fills a default only where the namespace lacks the attribute, so a
+        # namespace pre-filled with a marker keeps the marker exactly for the flags not typed
+        unset = object()
+        dests = [d for d in vars(super().parse_known_args([])[0]) if d != "given_flags"]
+        probe, _ = super().parse_known_args(argv, argparse.Namespace(**{d: unset for d in dests}))
+        parsed.given_flags = sorted(d for d in dests if getattr(probe, d) is not unset)
+        return parsed, extras
+
+
+def given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether the command line set `dest` (see ArgumentParser)."""
+    return dest in args.given_flags
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int,
@@ -44,6 +72,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int
     parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="print every N iterations")
     parser.add_argument("--resume", default="", type=str, metavar="PATH",
                         help="checkpoint to resume from, or 'auto' for the output folder's last one")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --output-dir that already holds one, deleting its checkpoints "
+                             "and metrics (without it such a folder is refused unless you --resume)")
     parser.add_argument("--seed", default=None, type=int, help="seed for initialisation, data order and augmentation")
     parser.add_argument("--output-dir", default=None, type=str,
                         help=f"folder for checkpoints and logs (default: ./runs/{name})")

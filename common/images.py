@@ -1,5 +1,6 @@
 """Image files on disk: decoding (reduced-scale JPEG decode, EXIF rotation, 16-bit
 images), a folder of class folders (ImageFolder, links followed once) and csv manifests."""
+import codecs
 import csv
 import os
 import sys
@@ -98,6 +99,39 @@ def image_folder(root: str) -> FileListDataset:
     return FileListDataset(samples, classes)
 
 
+def read_csv_rows(csv_path: str) -> List[List[str]]:
+    """Every row of a csv manifest. Excel's "CSV UTF-8" starts the file with a byte order
+    mark, which plain utf-8 would keep in the first cell (the header then is not
+    recognised, or the first path does not exist): "utf-8-sig" drops it. A file in
+    another encoding is one sentence saying where it stops being UTF-8."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.reader(f))
+    except UnicodeDecodeError:
+        raise UserError(_not_utf8(csv_path)) from None
+    except csv.Error as e:
+        raise UserError(f"csv manifest {csv_path!r} cannot be read as csv ({e}); check its quoting "
+                        f"(an unclosed \" swallows the rest of the file)") from None
+
+
+def _not_utf8(csv_path: str) -> str:
+    with open(csv_path, "rb") as f:
+        data = f.read()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        # Excel's "Unicode Text" export
+        return f"csv manifest {csv_path!r} is UTF-16 text; save it as UTF-8 (in Excel: Save As > CSV UTF-8)"
+    # the offset within the file, not within the decoder's buffer: decode it whole
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        data[skip:].decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as e:
+        pos = skip + e.start
+        line = data.count(b"\n", 0, pos) + 1
+        where = f" (byte 0x{data[pos]:02x} at offset {pos}, line {line})"
+    return f"csv manifest {csv_path!r} is not UTF-8 text{where}; save it as UTF-8 (in Excel: Save As > CSV UTF-8)"
+
+
 def csv_manifest(csv_path: str, classes: Optional[List[str]] = None) -> FileListDataset:
     """Rows `path,label` (a header row is allowed; label may be empty for unlabelled
     images); paths are relative to the csv's folder."""
@@ -105,14 +139,13 @@ def csv_manifest(csv_path: str, classes: Optional[List[str]] = None) -> FileList
         raise UserError(f"csv manifest {csv_path!r} does not exist; pass a csv with rows `path,label`")
     base = os.path.dirname(os.path.abspath(csv_path))
     rows = []
-    with open(csv_path, newline="") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if not row or row[0].startswith("#"):
-                continue
-            if i == 0 and row[0].strip().lower() in ("path", "file", "filename", "image"):
-                continue
-            label = row[1].strip() if len(row) > 1 else ""
-            rows.append((os.path.join(base, row[0].strip()), label))
+    for i, row in enumerate(read_csv_rows(csv_path)):
+        if not row or row[0].startswith("#"):
+            continue
+        if i == 0 and row[0].strip().lower() in ("path", "file", "filename", "image"):
+            continue
+        label = row[1].strip() if len(row) > 1 else ""
+        rows.append((os.path.join(base, row[0].strip()), label))
     if not rows:
         raise UserError(f"csv manifest {csv_path!r} lists no images; add rows `path,label`")
     missing = [p for p, _ in rows if not os.path.isfile(p)]

@@ -3,25 +3,39 @@
 
 `script_main` parses and finalizes the flags and calls `launch(main_worker, args)`; each
 worker calls `start_worker`, which joins the process group (`setup_distributed`), agrees on
-the seed and returns a `DistEnv`. SLURM's environment (nodelist, tasks per node) and the
-preemption signals that arrive before a training loop takes over are handled here too.
+the seed and returns a `DistEnv`. SLURM's environment (nodelist, tasks per node), a
+rendezvous that cannot complete, a spawned worker that dies, and the preemption signals
+that arrive before a training loop takes over are handled here too.
 Only global rank 0 prints and writes files (`common.dist.is_main_process()`).
 """
 import argparse
+import multiprocessing.connection
 import os
 import random
 import re
 import signal
-from typing import Callable, List, Optional, Tuple
+import socket
+import sys
+from datetime import timedelta
+from typing import Callable, List, Optional, Sequence, Tuple
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.constants import default_pg_timeout
 
 from common.dist import DistEnv, agree_seed, cleanup
 from common.errors import UserError, report_user_errors
-from common.slurm import slurm_env, slurm_tasks_on_this_node
+from common.slurm import check_master_resolves, host_resolves, slurm_env, slurm_tasks_on_this_node
+
+# How long the processes wait for each other to join the process group (seconds;
+# DIST_RENDEZVOUS_TIMEOUT overrides it). torch's own bound is its 30-minute collective
+# timeout, so a master that never comes up (a wrong address, a node that did not start)
+# held the whole job that long. Collectives keep torch's timeout: ranks legitimately wait
+# for rank 0's checkpoint writes or evaluation.
+RENDEZVOUS_TIMEOUT_S = 300.0
 
 
 def detect_launcher() -> Optional[str]:
@@ -98,19 +112,83 @@ def launch(worker: Callable[[Optional[int], argparse.Namespace], None], args: ar
         raise UserError(f"--multiprocessing-distributed cannot be combined with {launcher}, which already "
                         f"started {expected_world_size(args)} processes; drop the flag and start one "
                         f"process per GPU (srun --ntasks-per-node=GPUS, torchrun --nproc_per_node=GPUS)")
+    if launcher is None and expected_world_size(args) > 1:
+        # once, here, rather than in every spawned worker
+        _check_dist_url(args.dist_url)
+        rendezvous_timeout()
     if launcher is None and args.multiprocessing_distributed:
         nproc = _nproc_per_node(args)
+        # a module-level function: a functools.wraps wrapper of `worker` cannot be pickled
+        ctx = mp.spawn(_run_worker, nprocs=nproc, args=(worker, args), join=False)
+        forwarded = _forward_preemption_signals(ctx.processes)
+        _stop_if_a_worker_is_killed(ctx.processes, forwarded, args)
         try:
-            # a module-level function: a functools.wraps wrapper of `worker` cannot be pickled
-            ctx = mp.spawn(_run_worker, nprocs=nproc, args=(worker, args), join=False)
-            _forward_preemption_signals(ctx.processes)
             while not ctx.join():
                 pass
         except mp.ProcessExitedException as e:
-            # the worker already printed its one-line error; do not add mp's traceback
-            raise SystemExit(e.exit_code or 1)
+            # the worker already printed its one-line error; do not add mp's traceback.
+            # A signal's negative code -N would exit 256-N; 128+N is the shell's convention
+            raise SystemExit(128 - e.exit_code if e.exit_code < 0 else e.exit_code or 1)
     else:
         _run_worker(None, worker, args)
+
+
+def _check_dist_url(url: str) -> None:
+    parsed = urlparse(url)
+    if parsed.scheme == "tcp" and parsed.hostname and not host_resolves(parsed.hostname):
+        raise UserError(f"--dist-url {url}: host {parsed.hostname!r} does not resolve to an address on this node "
+                        f"({socket.gethostname()}); pass the IP address of the node rank 0 runs on, "
+                        f"e.g. --dist-url tcp://10.0.0.1:23456")
+
+
+# what a worker killed by these usually means
+_SIGNAL_HINTS = {"SIGKILL": " (often the out-of-memory killer: see `dmesg`, and lower -b or -j if so)",
+                 "SIGBUS": " (often /dev/shm too small for the data loading workers: lower -j or enlarge it)",
+                 "SIGSEGV": " (a crash in native code)"}
+
+
+def _stop_if_a_worker_is_killed(processes: list, forwarded: List[int], args: argparse.Namespace) -> None:
+    """Wait until every worker has ended or one failed; a worker killed by a signal we did
+    not send (the OOM killer's SIGKILL, a segfault) ends the run here with one sentence.
+
+    torch's join() answers a failed worker by SIGTERM to the others, which they take for a
+    preemption and announce a checkpoint that can never come: a rank is gone, so their
+    next collective fails. They are killed instead (they hold nothing a checkpoint could
+    save consistently; a checkpoint write cut short leaves a .tmp file the next run
+    removes), and the sentence says how to continue. Workers that exited on their own
+    (a UserError, the requeue code, a traceback) are left to torch's join()."""
+    while True:
+        codes = [p.exitcode for p in processes]
+        if None not in codes or any(codes):
+            break
+        multiprocessing.connection.wait([p.sentinel for p, c in zip(processes, codes) if c is None])
+    killed = [(index, -code) for index, code in enumerate(codes) if code is not None and code < 0]
+    if not killed:
+        return
+    index, signum = killed[0]
+    if forwarded and signum in (signal.SIGUSR1, signal.SIGTERM):
+        return  # our own forwarding of `kill PARENT` ended it
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+    for p in processes:
+        p.join()
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    rank = args.rank * len(processes) + index
+    others = "" if len(processes) == 1 else ", so this node's other workers were stopped" if args.world_size > 1 \
+        else ", so the other workers were stopped"
+    last = os.path.join(args.output_dir, "checkpoint_last.pth.tar") if args.output_dir else None
+    if last is not None and os.path.isfile(last):
+        then = f"to continue, run the same command with --resume auto, which resumes from {last}"
+    else:
+        then = "no checkpoint was written yet, so run the same command again to start over"
+    prog = os.path.basename(sys.argv[0]) or "python"
+    print(f"{prog}: error: worker rank {rank} was killed by {name}{_SIGNAL_HINTS.get(name, '')}{others}; {then}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
 
 def _run_worker(local_rank: Optional[int], worker: Callable[[Optional[int], argparse.Namespace], None],
@@ -121,12 +199,13 @@ def _run_worker(local_rank: Optional[int], worker: Callable[[Optional[int], argp
     cleanup()
 
 
-def _forward_preemption_signals(processes: list) -> None:
+def _forward_preemption_signals(processes: list) -> List[int]:
     """`kill PARENT` (or SLURM signalling every process) must reach the spawned workers,
     which checkpoint and exit (common/preempt.py). The first SIGUSR1/SIGTERM is passed
     on as SIGUSR1, so a worker signalled directly as well still sees one request; a
-    later SIGTERM is passed on as SIGTERM, which ends the workers at once."""
-    received = []
+    later SIGTERM is passed on as SIGTERM, which ends the workers at once. Returns the
+    signals received so far (a list that grows)."""
+    received: List[int] = []
 
     def forward(signum, frame):
         received.append(signum)
@@ -140,6 +219,7 @@ def _forward_preemption_signals(processes: list) -> None:
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, forward)
+    return received
 
 
 def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> DistEnv:
@@ -151,6 +231,7 @@ def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> Di
     elif launcher == "slurm":
         s = slurm_env()
         rank, world, local, init_method = s["rank"], s["world_size"], s["local_rank"], s["init_method"]
+        check_master_resolves(urlparse(init_method).hostname or "")
     else:
         local = local_rank or 0
         nproc = _nproc_per_node(args) if args.multiprocessing_distributed else 1
@@ -185,16 +266,77 @@ def setup_distributed(local_rank: Optional[int], args: argparse.Namespace) -> Di
     distributed = world > 1
     if distributed and not dist.is_initialized():
         backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend, init_method=init_method, world_size=world, rank=rank)
+        _join_process_group(backend, init_method, world, rank)
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, distributed=distributed,
                    local_world_size=max(local_procs, 1))
+
+
+def rendezvous_timeout() -> float:
+    """Seconds the processes wait for each other to join: DIST_RENDEZVOUS_TIMEOUT or RENDEZVOUS_TIMEOUT_S."""
+    value = os.environ.get("DIST_RENDEZVOUS_TIMEOUT", "").strip()
+    if not value:
+        return RENDEZVOUS_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"DIST_RENDEZVOUS_TIMEOUT={value!r} is not a positive number of seconds; set it to e.g. "
+                        f"{RENDEZVOUS_TIMEOUT_S:.0f}, or unset it")
+    return seconds
+
+
+def _join_process_group(backend: str, init_method: str, world: int, rank: int) -> None:
+    """init_process_group, with a tcp:// rendezvous bounded by rendezvous_timeout() and
+    its failure told in one sentence naming the master address and the ranks."""
+    url = urlparse(init_method)
+    try:
+        port = url.port
+    except ValueError:  # out of range: torch's own rendezvous says so
+        port = None
+    if url.scheme != "tcp" or not url.hostname or port is None:
+        # env:// (torchrun's agent has gathered the processes already) and file://
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=world, rank=rank)
+        return
+    seconds = rendezvous_timeout()
+    master = f"{url.hostname}:{port}"
+    try:
+        # what torch's tcp:// rendezvous builds, with the rendezvous timeout instead of the collective one
+        store = dist.TCPStore(url.hostname, port, world, is_master=rank == 0, timeout=timedelta(seconds=seconds),
+                              multi_tenant=True)
+        # the backend's own handshake through the store is still part of the rendezvous
+        dist.init_process_group(backend=backend, store=store, world_size=world, rank=rank)
+    except RuntimeError as e:  # torch's DistError (2.3+) is a RuntimeError, as are gloo's connection errors
+        raise UserError(_rendezvous_failure(str(e), rank, world, master, seconds)) from None
+    # later store operations (NCCL's lazy communicator set-up, new groups) wait as long as collectives
+    store.set_timeout(default_pg_timeout)
+
+
+def _rendezvous_failure(error: str, rank: int, world: int, master: str, seconds: float) -> str:
+    raise_it = "or raise DIST_RENDEZVOUS_TIMEOUT (seconds) if the processes just start slowly"
+    if "already in use" in error.lower():
+        return (f"rank 0 cannot listen on {master}: the port is in use (another run on this node?); pick a free "
+                f"port (--dist-url tcp://HOST:PORT, or MASTER_PORT under SLURM)")
+    timed_out = "timed out" in error.lower() or "timeout" in error.lower()
+    if timed_out and rank > 0 and "connect" in error.lower():
+        return (f"rank {rank} of {world} could not reach the master (rank 0) at {master} within {seconds:g} s; "
+                f"check that rank 0 started and that {master} is its address (MASTER_ADDR, the first host of the "
+                f"SLURM node list, or --dist-url) and not blocked by a firewall, {raise_it}")
+    if timed_out:
+        joined = re.search(r"(\d+)/\d+ clients joined", error)
+        count = f"only {joined.group(1)} of the {world} processes" if joined else f"not all {world} processes"
+        return (f"rank {rank} waited {seconds:g} s at {master} for the other {world - 1} rank(s), but {count} joined; "
+                f"check that every rank started (their logs say why one did not) and can reach {master}, {raise_it}")
+    first = error.strip().splitlines()[0] if error.strip() else "no reason given"
+    return (f"rank {rank} of {world} could not join the process group at {master} ({first}); check that every "
+            f"rank started (their logs say why one did not) and that {master} is rank 0's address and port")
 
 
 # SIGUSR1/SIGTERM that arrived before the training loop took over (common/preempt.py)
 _early_preemption: List[int] = []
 
 
-def hold_preemption_signals() -> None:
+def hold_preemption_signals(signals: Sequence[int] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
     """From a worker's start until the training loop installs its own handlers, remember a
     SLURM preemption signal instead of dying of it (SIGUSR1's default action): the loop
     then checkpoints after its first step and the job is requeued."""
@@ -203,7 +345,7 @@ def hold_preemption_signals() -> None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         _early_preemption.append(signum)
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in signals:
         signal.signal(sig, remember)
 
 
@@ -216,10 +358,18 @@ def start_worker(local_rank: Optional[int], args: argparse.Namespace,
                  preemptible: bool = False) -> Tuple[DistEnv, int, int]:
     """Join the process group and seed this rank. Returns (env, per-process batch size,
     per-process data-loading workers). `preemptible`: the script checkpoints on
-    SIGUSR1/SIGTERM (common/preempt.py), so one arriving before its loop is held for it."""
+    SIGUSR1/SIGTERM (common/preempt.py), so one arriving before its loop is held for it
+    (SIGTERM only once the process group is up: before, it ends the process)."""
+    if preemptible:
+        # Joining the group blocks in C++, where no Python handler runs: a held SIGTERM
+        # would wait for the rendezvous to give up. Nothing is trained yet, so until the
+        # group is up SIGTERM keeps its default action (end now); SIGUSR1, SLURM's
+        # warning before the time limit, is held so that the run still requeues.
+        hold_preemption_signals((signal.SIGUSR1,))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    env = setup_distributed(local_rank, args)
     if preemptible:
         hold_preemption_signals()
-    env = setup_distributed(local_rank, args)
     env.seed = agree_seed(args.seed, env)
     torch.manual_seed(env.seed + env.rank)
     np.random.seed(env.seed + env.rank)

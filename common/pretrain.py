@@ -35,6 +35,7 @@ from common.launch import expected_world_size, per_worker, uses_cuda
 from common.loader import ResumableSampler, make_loader
 from common.logging import MetricsLog, log
 from common.preempt import StopRequest
+from common.recipes import RecipeValues, apply_recipe
 from common.resume import check_arch, check_same_flags, resolve_resume, resumed_args, run_seed
 from common.schedule import lr_at
 from common.transformed import TransformedDataset, load_sample
@@ -76,14 +77,17 @@ def finalize_view_args(args: argparse.Namespace) -> None:
         raise UserError(f"--crop-min {args.crop_min} is an area fraction; use a value in (0, 1], e.g. 0.2")
 
 
-def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Sequence[str] = ()) -> argparse.Namespace:
+def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Sequence[str] = (),
+                           recipe: Optional[RecipeValues] = None) -> argparse.Namespace:
     """Derived defaults every pretraining script shares; checked before any worker starts.
     `model_flags`: the script's flags that shape the model; resuming with another value of
-    one of them is refused with its name."""
+    one of them is refused with its name. `recipe`: the script's `--recipe small` values."""
     check_training_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", name)
-    prepare_output_dir(args.output_dir)
+    prepare_output_dir(args.output_dir, new_run=not args.resume, overwrite=args.overwrite)
     resume_path, saved = resumed_args(args.resume, args.output_dir, name)
+    if recipe is not None:
+        apply_recipe(args, recipe, saved)
     args.seed = run_seed(args.seed, saved)  # stored in the checkpoint: resume replays it
     args.crop_size = args.crop_size or default_crop_size(args)
     if args.small_images is None:
@@ -197,9 +201,23 @@ class PretrainRun:
         # a kill between an epoch's metrics line and its checkpoint would repeat that line
         self.metrics.drop_epochs_from(self.start_epoch)
         self.knn = KnnMonitor(args, env) if args.knn_every else None
+        self.untrained: Dict[str, float] = {}  # knn_before_training's, for the first metrics line
         self.stop = StopRequest(env)
         # (a resumed run starts watching afresh: a collapse across the resume point goes unnoticed)
         self.collapse = CollapseWatch(collapse_hint)
+
+    def knn_before_training(self, backbone: nn.Module) -> None:
+        """--knn-every on a fresh run: the kNN of the untrained `backbone` (BatchNorm
+        statistics from the train images, as the trained network's will be), printed and
+        kept in the first epoch's metrics as knn_top1_untrained, so the run shows what
+        training bought."""
+        if self.knn is None or self.start_epoch or self.start_iter:
+            return
+        before = self.knn.evaluate_untrained(backbone)
+        if before:
+            self.untrained = {f"{k}_untrained": v for k, v in before.items()}
+            log(f"=> kNN before training: top-1 {before['knn_top1']:.1f} (the initial weights, BatchNorm statistics "
+                f"from the train images)")
 
     def save_due(self, done: int) -> bool:
         """--save-every-iters: a mid-epoch checkpoint after `done` iterations (the epoch's last
@@ -231,7 +249,8 @@ class PretrainRun:
         a = self.args
         if self.knn is not None and ((epoch + 1) % a.knn_every == 0 or epoch + 1 == a.epochs):
             stats.update(self.knn.evaluate(backbone))
-        record = {"epoch": epoch, "lr": self.lr_fn(epoch + 1 - 1e-9), **stats}
+        record = {"epoch": epoch, "lr": self.lr_fn(epoch + 1 - 1e-9), **stats, **self.untrained}
+        self.untrained = {}
         collapsed = self.collapse.update(epoch, stats["acc1"]) if "acc1" in stats else None
         record["collapsed"] = collapsed is not None
         log(f"=> epoch {epoch} done: " + "  ".join(f"{k} {v:.4g}" for k, v in record.items()

@@ -60,6 +60,19 @@ def load_backbone(model: nn.Module, ckpt: Dict[str, Any], path: str = "checkpoin
     return layout
 
 
+def check_finite(state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """Refuse weights with NaN or inf: a diverged run's checkpoint gives features that are
+    NaN everywhere, so a probe would report chance accuracy with val_loss nan and kNN
+    garbage, instead of naming the problem."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        first = state_dict[bad[0]]
+        n_bad = int((~torch.isfinite(first)).sum())
+        raise UserError(f"{path!r} holds non-finite (NaN/inf) weights in {len(bad)} of {len(state_dict)} tensors, "
+                        f"e.g. {bad[0]!r} ({n_bad} of its {first.numel()} values); the run that wrote it diverged: "
+                        f"pass an earlier checkpoint of it (or retrain with a lower --lr)")
+
+
 def torchvision_weights_path(arch: str) -> str:
     """Where torchvision caches `arch`'s default ImageNet weights (nothing is downloaded)."""
     try:
@@ -92,7 +105,8 @@ def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:
     """The checkpoint behind `--pretrained`: None for 'none' (random init); for 'imagenet'
     torchvision's weights if already cached (never a silent download); else a file from
     main_moco.py, main_simclr.py, main_lincls.py or facebookresearch/moco. Checks the
-    architecture and that the file holds a backbone (extract_backbone knows the layouts)."""
+    architecture, that the file holds a backbone (extract_backbone knows the layouts) and
+    that its weights are finite."""
     if pretrained == "none":
         return None
     if pretrained == "imagenet":
@@ -106,6 +120,7 @@ def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:
         except Exception as e:
             raise UserError(f"cannot read the cached torchvision weights {path!r} ({type(e).__name__}); "
                             f"delete the file and fetch it again")
+        check_finite(extract_backbone(state_dict)[0], path)
         return {"state_dict": state_dict, "arch": arch, "method": "torchvision"}
     ckpt = load_checkpoint(pretrained)
     method = ckpt.get("method")
@@ -115,5 +130,6 @@ def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:
     if not isinstance(ckpt["state_dict"], dict) or not ckpt["state_dict"]:
         raise UserError(f"{pretrained!r} holds no model weights; pass a checkpoint from main_moco.py or main_simclr.py")
     check_arch(ckpt, arch, pretrained)
-    extract_backbone(ckpt["state_dict"])  # unknown layout -> plain error now, before any data is read
+    # unknown layout or non-finite weights -> plain error now, before any data is read
+    check_finite(extract_backbone(ckpt["state_dict"])[0], pretrained)
     return ckpt

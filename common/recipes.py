@@ -4,6 +4,7 @@ record them like any flag, so a run says exactly what it ran."""
 import argparse
 from typing import Callable, Dict, List
 
+from common.cli import given
 from common.datasets import build_dataset, default_crop_size
 from common.logging import log
 
@@ -13,6 +14,7 @@ RECIPES = ("default", "small")
 # MoCo learns more slowly per image than SimCLR there: at 100k its kNN with all labels stayed
 # below random init's; 200k (14.5 min at 32 px on 2 CPU cores) passed it.
 SMALL_DATA_BUDGET = {"moco": 200000, "simclr": 100000, "inpaint": 100000}
+SMALL_DATA_BATCH = 64  # both contrastive recipes' batch
 
 
 def epochs_for_budget(num_images: int, budget: int) -> int:
@@ -23,28 +25,55 @@ def epochs_for_budget(num_images: int, budget: int) -> int:
 def add_recipe_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--recipe", default="default", choices=RECIPES,
                         help=f"small: {what}; flags you pass yourself are kept; every value it sets is printed "
-                             f"and stored in the checkpoint")
+                             f"and stored in the checkpoint; a resumed run keeps the values it started with")
 
 
 def flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def apply_recipe(args: argparse.Namespace, defaults: argparse.Namespace,
-                 values: Callable[[int, int], Dict[str, object]]) -> List[str]:
-    """`--recipe small`: values(num_images, crop_size) for the flags still at their
-    `defaults`; returns what was set, as "--flag value" strings (also printed)."""
+def shown(dest: str, value: object) -> str:
+    return flag(dest) if value is True else f"{flag(dest)} {value}"
+
+
+def chosen(args: argparse.Namespace, dest: str, recipe_value: object) -> object:
+    """The value `dest` will have under the recipe: the typed one, else the recipe's (for a
+    recipe value that depends on another flag, e.g. the queue on the batch in use)."""
+    return getattr(args, dest) if given(args, dest) else recipe_value
+
+
+# a method's recipe: (number of images, crop size, args) -> the flag values it sets
+RecipeValues = Callable[[int, int, argparse.Namespace], Dict[str, object]]
+
+
+def apply_recipe(args: argparse.Namespace, values: RecipeValues,
+                 saved: Dict[str, object]) -> List[str]:
+    """`--recipe small`: values(num_images, crop_size, args) for the flags the command line
+    did not give (args.given_flags); a resumed run (`saved`: its checkpoint's args) keeps the
+    values it started with, since the dataset may have grown and a new --epochs would bend
+    its lr schedule mid-run. Returns what was set, as "--flag value" strings (also printed)."""
     if args.recipe == "default":
         return []
     num_images = len(build_dataset(args, "pretrain"))
     crop = args.crop_size or default_crop_size(args)
-    set_, kept = [], []
-    for dest, value in values(num_images, crop).items():
-        if getattr(args, dest) != getattr(defaults, dest):
-            kept.append(f"{flag(dest)} {getattr(args, dest)}")
-            continue
-        setattr(args, dest, value)
-        set_.append(flag(dest) if value is True else f"{flag(dest)} {value}")
-    log(f"=> --recipe {args.recipe} for {num_images} images at {crop} px sets: {' '.join(set_) or 'nothing'}"
-        + (f"; kept from the command line: {', '.join(kept)}" if kept else ""))
-    return set_
+    set_, kept, restored, differs = [], [], [], []
+    for dest, value in values(num_images, crop, args).items():
+        if given(args, dest):
+            kept.append(shown(dest, getattr(args, dest)))
+        elif dest in saved:
+            setattr(args, dest, saved[dest])
+            restored.append(shown(dest, saved[dest]))
+            if saved[dest] != value:
+                differs.append(shown(dest, value))
+        else:
+            setattr(args, dest, value)
+            set_.append(shown(dest, value))
+    if restored:
+        log(f"=> --recipe {args.recipe}: the resumed run keeps the values it started with: {' '.join(restored)}"
+            + (f" (for today's {num_images} images the recipe would set {' '.join(differs)}; pass a flag to "
+               f"change it)" if differs else ""))
+    if set_ or not restored:
+        log(f"=> --recipe {args.recipe} for {num_images} images at {crop} px sets: {' '.join(set_) or 'nothing'}")
+    if kept:
+        log(f"=> --recipe {args.recipe}: kept from the command line: {', '.join(kept)}")
+    return set_ + restored

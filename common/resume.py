@@ -47,11 +47,15 @@ def check_same_flags(saved: Dict[str, Any], args, flags: Sequence[str], path: st
     """A resumed run must build the same model and problem: name the first flag whose
     value differs from the one the checkpoint was trained with."""
     values = vars(args)
+
+    def shown_as(value: Any) -> str:
+        # on/off only for real switches: a dict lookup showed --label-fraction 1.0 as "on" (1.0 == True)
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
     for flag in flags:
         key = flag.lstrip("-").replace("-", "_")
         if key in saved and saved[key] != values[key]:
-            shown = {True: "on", False: "off"}.get(saved[key], saved[key])
-            now = {True: "on", False: "off"}.get(values[key], values[key])
+            shown, now = shown_as(saved[key]), shown_as(values[key])
             raise UserError(f"{path!r} was trained with {flag} {shown} but this run has {flag} {now}; "
                             f"pass the same {flag} to resume it (or another --output-dir for a new run)")
 

@@ -1,9 +1,11 @@
 """What SLURM's environment says about a job step: the nodelist ('node[01-03]'), the
-master address and port every task derives the same way, this task's rank, and how many
-tasks share its node. `common/launch.py` uses it when srun started the processes."""
+master address and port every task derives the same way (and whether that address
+resolves), this task's rank, and how many tasks share its node. `common/launch.py` uses
+it when srun started the processes."""
 import os
 import re
 import shutil
+import socket
 import subprocess
 from typing import List
 
@@ -69,10 +71,14 @@ def slurm_master_addr(nodelist: str) -> str:
     return expand_nodelist(nodelist)[0]
 
 
+def _nodelist_key() -> str:
+    # the step's nodelist (srun) can be a subset of the job's; rank 0 runs on its first host
+    return "SLURM_STEP_NODELIST" if "SLURM_STEP_NODELIST" in os.environ else "SLURM_JOB_NODELIST"
+
+
 def slurm_env() -> dict:
     env = os.environ
-    # the step's nodelist (srun) can be a subset of the job's; rank 0 runs on its first host
-    nodelist_key = "SLURM_STEP_NODELIST" if "SLURM_STEP_NODELIST" in env else "SLURM_JOB_NODELIST"
+    nodelist_key = _nodelist_key()
     required = ["SLURM_PROCID", "SLURM_LOCALID"]
     required += [] if env.get("MASTER_ADDR") else [nodelist_key]
     required += [] if env.get("MASTER_PORT") else ["SLURM_JOB_ID"]
@@ -99,6 +105,32 @@ def slurm_env() -> dict:
     else:
         port = 15000 + number("SLURM_JOB_ID", env["SLURM_JOB_ID"]) % 20000
     return {"rank": rank, "world_size": ntasks, "local_rank": local, "init_method": f"tcp://{addr}:{port}"}
+
+
+def host_resolves(host: str) -> bool:
+    """Whether `host` has an address on this node. The rendezvous retries a name that does
+    not resolve as if the master were merely late, until its timeout."""
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):  # UnicodeError: a name IDNA cannot encode, e.g. 'a..b'
+        return False
+    return True
+
+
+def check_master_resolves(host: str) -> None:
+    """Stop with one sentence when the SLURM master host (MASTER_ADDR, or the first host of
+    the nodelist) has no address on this node."""
+    if host_resolves(host):
+        return
+    here = socket.gethostname()
+    if os.environ.get("MASTER_ADDR"):
+        raise UserError(f"MASTER_ADDR={host!r} does not resolve to an address on this node ({here}); set MASTER_ADDR "
+                        f"to the IP address of the node rank 0 runs on, or unset it to use the first host of the "
+                        f"SLURM node list")
+    key = _nodelist_key()
+    raise UserError(f"the master host {host!r}, the first host of {key}={os.environ.get(key, '')!r}, does not resolve "
+                    f"to an address on this node ({here}); set MASTER_ADDR to that node's IP address "
+                    f"(slurm/pretrain.sbatch shows how), or check the node list")
 
 
 def slurm_tasks_on_this_node() -> int:

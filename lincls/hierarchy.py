@@ -9,7 +9,6 @@ one integer target, and `LabelTree.level_targets` maps it up. That is why label
 subsets, samplers, loaders and the DDP logits gather work on hierarchical data unchanged.
 """
 import argparse
-import csv
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -18,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import UserError
-from common.images import FileListDataset, is_image_file, walk_once
+from common.images import FileListDataset, is_image_file, read_csv_rows, walk_once
 from common.metrics import classification_report
 
 SEP = "/"
@@ -163,20 +162,19 @@ def csv_samples(csv_path: str, depth: int, tree: Optional[LabelTree] = None
     base = os.path.dirname(os.path.abspath(csv_path))
     names = [f"level{i + 1}" for i in range(depth)]
     rows: List[Tuple[int, str, List[str]]] = []
-    with open(csv_path, newline="") as f:
-        for line, row in enumerate(csv.reader(f), start=1):
-            cells = [c.strip() for c in row]
-            if not cells or not cells[0] or cells[0].startswith("#"):
-                continue
-            if not rows and cells[0].lower() in ("path", "file", "filename", "image"):
-                names = [c or n for c, n in zip(cells[1:] + [""] * depth, names)]
-                continue
-            labels = cells[1:] + [""] * (depth + 1 - len(cells))
-            if any(labels[depth:]):
-                raise UserError(f"row {line} of {csv_path!r} has {len([c for c in labels if c])} labels but "
-                                f"--hierarchy-depth is {depth}; give one column per level or pass the "
-                                f"--hierarchy-depth the csv has")
-            rows.append((line, cells[0], labels[:depth]))
+    for line, row in enumerate(read_csv_rows(csv_path), start=1):
+        cells = [c.strip() for c in row]
+        if not cells or not cells[0] or cells[0].startswith("#"):
+            continue
+        if not rows and cells[0].lower() in ("path", "file", "filename", "image"):
+            names = [c or n for c, n in zip(cells[1:] + [""] * depth, names)]
+            continue
+        labels = cells[1:] + [""] * (depth + 1 - len(cells))
+        if any(labels[depth:]):
+            raise UserError(f"row {line} of {csv_path!r} has {len([c for c in labels if c])} labels but "
+                            f"--hierarchy-depth is {depth}; give one column per level or pass the "
+                            f"--hierarchy-depth the csv has")
+        rows.append((line, cells[0], labels[:depth]))
     if not rows:
         raise UserError(f"csv manifest {csv_path!r} lists no images; add rows `path,{','.join(names)}`")
     for line, path, labels in rows:

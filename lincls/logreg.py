@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from common.errors import UserError
+
 PROBE_WD = 1e-3  # L2 on the weights of the standardised features
 
 
@@ -17,6 +19,9 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     """Weights (D, C) and bias (C,) on the raw features x (N, D) with labels y (N,): fitted
     in float64 on x standardised by its own mean and std, then folded back, so that
     logits = x @ W + b. `class_weight` (C,) weights the loss per class (--class-weights)."""
+    if num_classes < 2:  # the loss is 0 from the start: a "probe" that is right by construction
+        raise UserError(f"logistic regression needs at least two classes, got {num_classes}; "
+                        f"give a dataset with two or more classes")
     x = x.double()
     mean, std = x.mean(0), x.std(0, unbiased=False) + 1e-6
     z = (x - mean) / std

@@ -34,8 +34,23 @@ def test_ci_runs_exactly_readmes_install_and_test_commands():
     # the install brings the test runner, and every requirements file it names exists
     install = readme_block("Install")
     assert "pytest" in install.split()
-    for name in re.findall(r"-r (\S+)", install):
+    for name in re.findall(r"-[rc] (\S+)", install):
         assert os.path.isfile(os.path.join(ROOT, name)), name
+
+
+def test_the_install_pins_a_tested_combination():
+    """A fresh clone installs the versions CI passed on (-c constraints.txt): a new torch
+    release must not change what a newcomer's first test run does."""
+    install = readme_block("Install")
+    assert "-c constraints.txt" in install
+    pins = dict(line.split("==") for line in open(os.path.join(ROOT, "constraints.txt")).read().splitlines()
+                if line and not line.startswith("#"))
+    pins = {k.lower().replace("_", "-"): v for k, v in pins.items()}
+    for req in ("requirements.txt", "requirements-extra.txt"):
+        for line in open(os.path.join(ROOT, req)).read().splitlines():
+            name = re.split(r"[<>=\s#]", line.strip(), 1)[0].lower()
+            assert not name or name in pins, f"{name} ({req}) has no pinned version in constraints.txt"
+    assert "pytest" in pins
 
 
 def events(folder: str):

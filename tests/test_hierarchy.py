@@ -3,10 +3,12 @@
 consistent decoding, one backbone pass for every head, frozen backbone, resume, DDP, kNN
 per level, and one-sentence errors for bad trees."""
 import argparse
+import codecs
 import colorsys
 import csv
 import json
 import os
+import sys
 from collections import Counter
 
 import numpy as np
@@ -31,6 +33,7 @@ from lincls.hierarchy import (
     LabelTree,
     LevelHeads,
     consistency_rate,
+    csv_samples,
     decode,
     hierarchical_dataset,
     hierarchical_report,
@@ -278,7 +281,7 @@ def test_resume_equals_uninterrupted_with_a_csv_tree(tree_data, tmp_path, capsys
     code, err = run_in_process([tree_data, "--dataset", "csv", "--pretrained", "none", "--head", "mlp", "--head-bn",
                                 "--epochs", "3",
                                 "--output-dir", str(split), "--resume", "auto"] + TINY, capsys)
-    assert code == 2 and "was trained with --hierarchy-depth 2 but this run has --hierarchy-depth off" in err
+    assert code == 2 and "was trained with --hierarchy-depth 2 but this run has --hierarchy-depth 0" in err
 
 
 def test_two_gloo_workers_match_one_process(tree_data, tmp_path):
@@ -358,6 +361,28 @@ def test_bad_trees_are_one_sentence(tree_data, tmp_path, capsys):
     assert code == 2 and "--consistent only applies to hierarchical labels; add --hierarchy-depth N" in err
     with pytest.raises(UserError, match="use --dataset imagefolder or --dataset csv instead of synthetic"):
         hierarchical_dataset(data_args(tree_data, "synthetic"), "train")
+
+
+def test_csv_tree_with_a_byte_order_mark_or_not_utf8(tree_data, tmp_path, capsys):
+    """Excel's "CSV UTF-8" starts with a BOM (the header must still name the levels); its
+    plain "CSV" is cp1252, which is one sentence naming the byte, not a UnicodeDecodeError."""
+    train = os.path.join(tree_data, "train")
+    rows = ["path,family,type", f"{train}/red/stripes/0.png,red,stripes", f"{train}/blue/rings/0.png,blue,rings"]
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(codecs.BOM_UTF8 + "\r\n".join(rows).encode() + b"\r\n")
+    samples, names = csv_samples(str(bom), 2)
+    assert names == ["family", "type"] and [labels for _, labels in samples] == [("red", "stripes"), ("blue", "rings")]
+
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(("\n".join(rows) + f"\n{train}/red/disc/0.png,rouge,disque_été\n").encode("cp1252"))
+    offset = len(("\n".join(rows) + f"\n{train}/red/disc/0.png,rouge,disque_").encode())
+    with pytest.raises(UserError) as e:
+        csv_samples(str(latin), 2)
+    assert str(e.value) == (f"csv manifest {str(latin)!r} is not UTF-8 text (byte 0xe9 at offset {offset}, line 4); "
+                            f"save it as UTF-8 (in Excel: Save As > CSV UTF-8)")
+    code, err = run_in_process([str(latin), "--dataset", "csv", "--hierarchy-depth", "2", "--pretrained", "none",
+                                "--output-dir", str(tmp_path / "o")] + TINY, capsys)
+    assert code == 2 and err.strip() == f"{os.path.basename(sys.argv[0])}: error: {e.value}", err
 
 
 def test_fashion_mnist_benchmark_data_is_imbalanced_and_shared_by_every_method(tmp_path):

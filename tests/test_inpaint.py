@@ -3,6 +3,7 @@ learning, exact resume, 2-process gloo, transfer to the evaluation scripts, bad 
 import functools
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -113,7 +114,8 @@ def test_pretraining_beats_random_init_under_the_same_knn(tmp_path):
     learn = SYNTHETIC + ["--synthetic-size", "512", "--synthetic-image-size", "16", "-b", "32", "--epochs", "6",
                          "--patches", "2", "--patch-size", "4", "--seed", "1", "-p", "1000"]
     run_script("main_inpaint.py", learn + ["--output-dir", str(tmp_path)])
-    args = main_inpaint.finalize_args(main_inpaint.get_args_parser().parse_args(learn + ["--output-dir", str(tmp_path)]))
+    args = main_inpaint.finalize_args(main_inpaint.get_args_parser().parse_args(
+        learn + ["--output-dir", str(tmp_path), "--resume", "auto"]))
     knn = KnnMonitor(args, DistEnv(0, 1, 0, torch.device("cpu"), False))  # k=20, T=0.07, train -> val
     torch.manual_seed(0)
     backbone = build_backbone("resnet18", small_images=args.small_images)
@@ -175,3 +177,16 @@ def test_a_moco_checkpoint_given_to_resume_is_one_sentence(moco_pretrained, tmp_
     err = capsys.readouterr().err
     assert e.value.code == 2 and "main_inpaint.py" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "checkpoint_last.pth.tar")
+
+
+@pytest.mark.parametrize("flag, value", [("--patches", "4"), ("--patch-size", "4"), ("--masked-weight", "2")])
+def test_resume_with_another_task_is_one_sentence_naming_the_flag(two_epochs, tmp_path, capsys, flag, value):
+    out, _ = two_epochs
+    shutil.copy(out / "checkpoint_last.pth.tar", tmp_path)  # the shared run stays untouched either way
+    argv = TINY + ["--epochs", "3", "--output-dir", str(tmp_path), "--resume", "auto"]
+    at = argv.index(flag) if flag in argv else None
+    argv = argv[:at] + argv[at + 2:] if at is not None else argv
+    with pytest.raises(SystemExit) as e:
+        main_inpaint.main(argv + [flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"was trained with {flag}" in err and f"this run has {flag} {value}" in err

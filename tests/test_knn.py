@@ -11,7 +11,7 @@ from PIL import Image
 
 import main_knn
 from common.knn import knn_accuracy, knn_predict, knn_search, knn_vote
-from conftest import SYNTHETIC, run_script
+from conftest import LEARNING_KNN_IMAGES, SYNTHETIC, run_script
 
 # the moco_pretrained run's data, fewer images: kNN only needs a forward pass
 DATA = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "-p", "1000"]
@@ -87,7 +87,8 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_pretrained_beats_random_init_with_export_and_retrieval(moco_pretrained, tmp_path):
+def test_pretrained_beats_the_untrained_network_with_export_and_retrieval(moco_pretrained, moco_untrained,
+                                                                         tmp_path):
     query = tmp_path / "mine.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 60, 3), dtype=np.uint8)).save(query)
     pre, rnd = tmp_path / "pretrained", tmp_path / "random"
@@ -98,11 +99,7 @@ def test_pretrained_beats_random_init_with_export_and_retrieval(moco_pretrained,
                                              "--query", str(query), "-p", "2"])
     assert "features train [" in proc.stdout and "img/s" in proc.stdout and "eta" in proc.stdout
     assert "per-class recall" in proc.stdout
-    main_knn.main(DATA + ["--pretrained", "none", "--output-dir", str(rnd)])  # in-process: no import cost
-    a, b = results(pre), results(rnd)
-    for k in ("20", "200"):
-        print(f"kNN k={k}: pretrained top-1 {a['knn'][k]['top1']:.2f} top-5 {a['knn'][k]['top5']:.2f} | "
-              f"random init top-1 {b['knn'][k]['top1']:.2f} top-5 {b['knn'][k]['top5']:.2f}")
+    a = results(pre)
     assert a["num_train"] == 512 and a["num_val"] == 128 and a["feature_dim"] == 512
     per_class = read_csv(pre / "knn_per_class.csv")
     assert len(per_class) == 8 and sum(int(r["support"]) for r in per_class) == 128
@@ -143,8 +140,20 @@ def test_pretrained_beats_random_init_with_export_and_retrieval(moco_pretrained,
     assert np.abs(grid[2:34, 2:34].astype(int) - expect.astype(int)).max() <= 1
 
     # last, so a weak checkpoint does not hide the checks above: pretraining must have learned
-    # something kNN sees (8 classes, 128 val images: 5 points = 7 images)
-    assert a["knn"]["20"]["top1"] > b["knn"]["20"]["top1"] + 5.0, (a["knn"]["20"], b["knn"]["20"])
+    # something kNN sees, against the same run at lr 0 (conftest.moco_untrained), on the
+    # learning tests' 2,048-image bank and 512 val images (in-process: no import cost).
+    # Measured over fixture seeds 1-6 (2 CPU cores, torch 2.14.1): kNN k=20 top-1 76.8-84.6
+    # against 62.5-72.1, gains 12.5-19.9 (mean 16.1, sd 2.9); margin 8. Against --pretrained
+    # none (79.3) the gain is -2.5..+5.3: a fresh network's identity BatchNorm statistics are
+    # another model, not the control for what training bought.
+    big = SYNTHETIC + ["--synthetic-size", str(LEARNING_KNN_IMAGES), "-b", "256", "-p", "1000"]
+    main_knn.main(big + ["--pretrained", moco_pretrained, "--output-dir", str(pre / "big")])
+    main_knn.main(big + ["--pretrained", moco_untrained, "--output-dir", str(rnd)])
+    learned, untrained = results(pre / "big")["knn"], results(rnd)["knn"]
+    for k in ("20", "200"):
+        print(f"kNN k={k}: pretrained top-1 {learned[k]['top1']:.2f} top-5 {learned[k]['top5']:.2f} | "
+              f"untrained top-1 {untrained[k]['top1']:.2f} top-5 {untrained[k]['top5']:.2f}")
+    assert learned["20"]["top1"] > untrained["20"]["top1"] + 8.0, (learned["20"], untrained["20"])
 
 
 def test_two_gloo_workers_give_the_single_process_features(tmp_path):

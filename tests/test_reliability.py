@@ -217,6 +217,27 @@ def test_a_disk_that_fills_mid_run_is_one_sentence_and_keeps_the_last_checkpoint
         checkpoint.save_checkpoint({"epoch": 2}, str(tmp_path))
 
 
+def test_checkpoint_writes_get_the_umask_mode_without_touching_the_umask(tmp_path, monkeypatch):
+    from common import checkpoint
+    real_save, temps = torch.save, []
+
+    def save(obj, f):  # what a kill mid-write would leave behind: prepare_output_dir must know the name
+        temps.append(os.path.basename(f.name))
+        real_save(obj, f)
+    old = os.umask(0o022)
+    try:
+        # os.umask(0) then os.umask(mask) would give files another thread creates meanwhile mode 0666
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("the umask was changed"))
+        monkeypatch.setattr(checkpoint.torch, "save", save)
+        checkpoint.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, str(tmp_path))
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_0001.pth.tar", "checkpoint_last.pth.tar"]
+    assert stat.S_IMODE(os.stat(tmp_path / "checkpoint_last.pth.tar").st_mode) == 0o644
+    assert len(temps) == 1 and temps[0].startswith(".tmp_") and temps[0].endswith(".pth.tar"), temps
+
+
 def test_checkpoints_respect_the_umask_and_auto_resume_says_it_starts_fresh(tmp_path):
     old = os.umask(0o022)
     try:

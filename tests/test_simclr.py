@@ -326,7 +326,7 @@ def test_pretraining_beats_random_init_under_the_same_knn(tmp_path):
     argv = LEARN + ["--output-dir", str(tmp_path)]
     assert run_in_process(argv) == 0
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
-    args = main_simclr.finalize_args(main_simclr.get_args_parser().parse_args(argv))
+    args = main_simclr.finalize_args(main_simclr.get_args_parser().parse_args(argv + ["--resume", "auto"]))
     knn = KnnMonitor(args, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False))
     # random init: the run's own starting weights (same seed, same construction order)
     torch.manual_seed(args.seed)

@@ -159,6 +159,102 @@ def test_missing_variable_is_one_sentence_from_the_script(tmp_path):
     assert "error: SLURM launch is missing SLURM_JOB_ID" in proc.stderr and "Traceback" not in proc.stderr
 
 
+# ---------------------------------------------------------------- a rendezvous that cannot complete
+
+def test_unresolvable_master_host_is_one_sentence_before_any_rendezvous(monkeypatch, tmp_path):
+    _set_env(monkeypatch, SLURM_PROCID=1, SLURM_NTASKS=2, SLURM_LOCALID=1, SLURM_JOB_ID=7,
+             SLURM_JOB_NODELIST="nosuchhost-xyz.invalid,node2")
+    here = socket.gethostname()
+    host = slurm.slurm_env()["init_method"][len("tcp://"):].rsplit(":", 1)[0]
+    with pytest.raises(UserError) as e:
+        slurm.check_master_resolves(host)
+    assert str(e.value) == (
+        f"the master host 'nosuchhost-xyz.invalid', the first host of SLURM_JOB_NODELIST='nosuchhost-xyz.invalid,node2', "
+        f"does not resolve to an address on this node ({here}); set MASTER_ADDR to that node's IP address "
+        f"(slurm/pretrain.sbatch shows how), or check the node list")
+    monkeypatch.setenv("MASTER_ADDR", "nosuchhost-xyz.invalid")
+    with pytest.raises(UserError, match=r"^MASTER_ADDR='nosuchhost-xyz.invalid' does not resolve to an address on "
+                                        r"this node \(.*\); set MASTER_ADDR to the IP address of the node rank 0 runs on"):
+        slurm.check_master_resolves("nosuchhost-xyz.invalid")
+    slurm.check_master_resolves("localhost")
+
+    # the script: one line, at once (not torch's 30-minute rendezvous retries)
+    env = clean_env(SLURM_PROCID=1, SLURM_NTASKS=2, SLURM_LOCALID=1, SLURM_JOB_ID=7, PATH="/nonexistent",
+                    SLURM_STEP_NODELIST="nosuchhost-xyz.invalid", SLURM_JOB_NODELIST="nosuchhost-xyz.invalid")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "main_moco.py"] + TINY + ["--epochs", "1", "--output-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "main_moco.py: error: the master host 'nosuchhost-xyz.invalid', the first host of SLURM_STEP_NODELIST="), proc.stderr
+    assert time.time() - t0 < 60
+
+
+def listening(port: int) -> bool:
+    """Whether some process listens on TCP `port` (from /proc/net: the test must not
+    connect, which would count as a rank joining)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if os.path.exists(table):
+            for line in open(table).read().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+def one_of_two_srun_tasks(rank: int, tmp_path, **extra):
+    """Task `rank` of a 2-task SLURM step whose other task never starts: (process, master port)."""
+    job = _free_slurm_job_id()
+    env = clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=2, SLURM_JOB_ID=job, SLURM_NODEID=0,
+                    SLURM_JOB_NODELIST="localhost", SLURM_TASKS_PER_NODE="2", PATH="/nonexistent", **extra)
+    proc = start(TINY + ["--epochs", "1", "--cpu", "--output-dir", str(tmp_path / f"out{rank}")], env,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return proc, 15000 + job % 20000
+
+
+def test_rendezvous_that_never_completes_gives_up_with_a_sentence(tmp_path):
+    """The master never comes up (rank 1 alone), or a rank never joins (rank 0 alone): each
+    ends after DIST_RENDEZVOUS_TIMEOUT with the address and the ranks, not after 30 minutes."""
+    (client, port1), (master, port0) = (one_of_two_srun_tasks(r, tmp_path, DIST_RENDEZVOUS_TIMEOUT=2) for r in (1, 0))
+    try:
+        out1, err1 = client.communicate(timeout=120)
+        out0, err0 = master.communicate(timeout=120)
+    finally:
+        for p in (client, master):
+            if p.poll() is None:
+                p.kill()
+    assert client.returncode == 2 and "Traceback" not in err1, err1
+    assert err1.strip().splitlines()[-1] == (
+        f"main_moco.py: error: rank 1 of 2 could not reach the master (rank 0) at localhost:{port1} within 2 s; "
+        f"check that rank 0 started and that localhost:{port1} is its address (MASTER_ADDR, the first host of the "
+        f"SLURM node list, or --dist-url) and not blocked by a firewall, or raise DIST_RENDEZVOUS_TIMEOUT (seconds) "
+        f"if the processes just start slowly"), err1
+    assert master.returncode == 2 and "Traceback" not in err0, err0
+    assert err0.strip().splitlines()[-1] == (
+        f"main_moco.py: error: rank 0 waited 2 s at localhost:{port0} for the other 1 rank(s), but only 1 of the 2 "
+        f"processes joined; check that every rank started (their logs say why one did not) and can reach "
+        f"localhost:{port0}, or raise DIST_RENDEZVOUS_TIMEOUT (seconds) if the processes just start slowly"), err0
+
+
+def test_sigterm_during_the_rendezvous_ends_the_process_at_once(tmp_path):
+    """Preemption signals are held until the loop can checkpoint, but SIGTERM is not held
+    while the rendezvous blocks (in C++, where no Python handler runs): nothing is trained
+    yet, and scancel must not wait for the rendezvous to give up."""
+    proc, port = one_of_two_srun_tasks(0, tmp_path, DIST_RENDEZVOUS_TIMEOUT=300)
+    try:
+        t0 = time.time()
+        while not listening(port):
+            assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        t1 = time.time()
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM and time.time() - t1 < 10
+
+
 # ---------------------------------------------------------------- the handler itself, in-process
 
 def test_sigterm_sets_flag_then_the_run_checkpoints_and_exits_for_requeue(tmp_path, monkeypatch):

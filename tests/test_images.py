@@ -1,0 +1,43 @@
+"""Image files on disk (common/images.py): csv manifests as spreadsheets write them."""
+import codecs
+
+import pytest
+
+from common.errors import UserError
+from common.images import csv_manifest
+from conftest import write_image_folder
+
+
+@pytest.fixture
+def images(tmp_path):
+    write_image_folder(tmp_path, classes=("cat", "dog"), per_class=2, split_dirs=("",))
+    return tmp_path
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_csv_with_a_byte_order_mark_reads_like_one_without(images, header):
+    """Excel's "CSV UTF-8" starts with a BOM: it must not stick to the header or the first path."""
+    rows = ["path,label"] * header + ["cat/0.png,cat", "cat/1.png,cat", "dog/0.png,dog", "dog/1.png,dog"]
+    path = images / "train.csv"
+    path.write_bytes(codecs.BOM_UTF8 + "\r\n".join(rows).encode() + b"\r\n")
+    data = csv_manifest(str(path))
+    assert data.classes == ["cat", "dog"] and data.targets == [0, 0, 1, 1]
+    assert data.path(0) == str(images / "cat" / "0.png")
+
+
+def test_csv_that_is_not_utf8_is_one_sentence_naming_where(images):
+    path = images / "train.csv"
+    # Excel's plain "CSV" on Windows: cp1252, where é is the single byte 0xe9
+    path.write_bytes("path,label\ncat/0.png,cat\ndog/0.png,chien_été\n".encode("cp1252"))
+    assert len("path,label\ncat/0.png,cat\ndog/0.png,chien_") == 41
+    with pytest.raises(UserError) as e:
+        csv_manifest(str(path))
+    assert str(e.value) == (f"csv manifest {str(path)!r} is not UTF-8 text (byte 0xe9 at offset 41, line 3); "
+                            f"save it as UTF-8 (in Excel: Save As > CSV UTF-8)")
+    # the offset counts the BOM too, so it is where a hex editor shows the byte
+    path.write_bytes(codecs.BOM_UTF8 + b"cat/0.png,\xe9t\xe9\n")
+    with pytest.raises(UserError, match=r"byte 0xe9 at offset 13, line 1\)"):
+        csv_manifest(str(path))
+    path.write_bytes("path,label\ncat/0.png,cat\n".encode("utf-16"))
+    with pytest.raises(UserError, match="is UTF-16 text; save it as UTF-8"):
+        csv_manifest(str(path))
