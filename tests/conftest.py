@@ -27,14 +27,15 @@ MOCO_LEARN = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "--moco-k", "64
 LEARNING_KNN_IMAGES = 2048
 
 
-def learning_knn(output_dir):
-    """KnnMonitor (k=20, T=0.07) on LEARNING_KNN_IMAGES synthetic images."""
+def learning_knn(output_dir, image_size: int = 32):
+    """KnnMonitor (k=20, T=0.07) on LEARNING_KNN_IMAGES synthetic images of `image_size` px
+    (resized to the 32 px crop)."""
     import torch
     import main_moco
     from common.dist import DistEnv
     from common.knn import KnnMonitor
-    argv = SYNTHETIC + ["--synthetic-size", str(LEARNING_KNN_IMAGES), "-b", "64", "--moco-k", "64",
-                        "--output-dir", str(output_dir)]
+    argv = SYNTHETIC + ["--synthetic-size", str(LEARNING_KNN_IMAGES), "--synthetic-image-size", str(image_size),
+                        "--crop-size", "32", "-b", "64", "--moco-k", "64", "--output-dir", str(output_dir)]
     args = main_moco.finalize_args(main_moco.get_args_parser().parse_args(argv))
     return KnnMonitor(args, DistEnv(0, 1, 0, torch.device("cpu"), False))
 

@@ -13,7 +13,7 @@ import main_inpaint
 import main_knn
 import main_lincls
 from common.models import build_backbone
-from conftest import SYNTHETIC, run_script
+from conftest import SYNTHETIC, run_main, run_script
 from inpaint.masking import InpaintingPair, random_patches
 from inpaint.model import ContextEncoder
 
@@ -103,27 +103,31 @@ def test_run_writes_checkpoints_metrics_and_reconstruction_grids(two_epochs):
     assert grid.size == (8 * 34 + 2, 3 * 34 + 2)  # 8 images x (original, masked, reconstruction)
 
 
-def test_pretraining_beats_random_init_under_the_same_knn(tmp_path):
-    """6 epochs on 512 generated 16 px images (resized to the 32 px crop, ImageNet stem): kNN
-    top-1 87.5-93.0 over seeds 1-3 against 76.6 for random init. With the CIFAR stem 3 epochs
-    were still below random init (52-66 vs 80.5): inpainting needs more steps than MoCo here."""
-    from common.dist import DistEnv
-    from common.knn import KnnMonitor
+def test_pretraining_beats_the_untrained_network_under_the_same_knn(tmp_path):
+    """6 epochs on 512 generated 16 px images (resized to the 32 px crop, ImageNet stem), on the
+    learning tests' kNN set (conftest.learning_knn, 16 px images). Measured over seeds 1-6 (2 CPU
+    cores, torch 2.14.1): kNN top-1 92.0 / 93.0 / 93.0 / 93.6 / 86.3 and 55.1 for seed 6,
+    whose features came out far worse though its loss fell as the others'; the untrained
+    control (BatchNorm statistics from the data) 73.6. So the test takes the mean of seeds
+    1-3, which one such seed in three still leaves 6 points ahead; margin 4 (the mean of
+    seeds 1-3 is 92.7). With the CIFAR stem 3 epochs were still below random init (52-66 vs
+    80.5): inpainting needs more steps than MoCo here."""
     from common.pretrained import load_backbone
+    from conftest import learning_knn, untrained_knn
 
-    learn = SYNTHETIC + ["--synthetic-size", "512", "--synthetic-image-size", "16", "-b", "32", "--epochs", "6",
-                         "--patches", "2", "--patch-size", "4", "--seed", "1", "-p", "1000"]
-    run_script("main_inpaint.py", learn + ["--output-dir", str(tmp_path)])
-    args = main_inpaint.finalize_args(main_inpaint.get_args_parser().parse_args(
-        learn + ["--output-dir", str(tmp_path), "--resume", "auto"]))
-    knn = KnnMonitor(args, DistEnv(0, 1, 0, torch.device("cpu"), False))  # k=20, T=0.07, train -> val
-    torch.manual_seed(0)
-    backbone = build_backbone("resnet18", small_images=args.small_images)
-    random_init = knn.evaluate(backbone)["knn_top1"]
-    load_backbone(backbone, load(tmp_path / "checkpoint_last.pth.tar"))
-    pretrained = knn.evaluate(backbone)["knn_top1"]
-    print(f"kNN top-1: random init {random_init:.1f}, inpainting {pretrained:.1f}")
-    assert pretrained > random_init + 4
+    knn = learning_knn(tmp_path / "knn", image_size=16)
+    control = untrained_knn(knn)
+    scores = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"seed{seed}"
+        learn = SYNTHETIC + ["--synthetic-size", "512", "--synthetic-image-size", "16", "-b", "32", "--epochs", "6",
+                             "--patches", "2", "--patch-size", "4", "--seed", seed, "-p", "1000"]
+        assert run_main(main_inpaint.main, learn + ["--output-dir", str(out)]) == 0
+        backbone = build_backbone("resnet18", small_images=False)
+        load_backbone(backbone, load(out / "checkpoint_last.pth.tar"))
+        scores.append(knn.evaluate(backbone)["knn_top1"])
+    print(f"kNN top-1: untrained {control:.1f}, inpainting seeds 1-3 {scores}")
+    assert sum(scores) / len(scores) > control + 4
 
 
 def test_resume_equals_an_uninterrupted_run(two_epochs, tmp_path):
