@@ -13,7 +13,7 @@ from common import gpu_decode as D
 from common.errors import UserError
 from common.images import FileListDataset
 from common.transformed import TransformedDataset
-from conftest import run_script
+from conftest import run_inline
 from moco.augment import moco_v2
 from simclr.augment import simclr_augmentation
 
@@ -102,7 +102,8 @@ def test_a_bad_jpeg_is_replaced_with_a_warning_or_stops_a_strict_run(tmp_path, c
         D._decode(D.payloads(batch[0]), torch.device("cpu"), strict=True)
 
 
-def test_main_moco_gpu_decode_resumes_exactly_on_jpeg_files(tmp_path):
+def test_main_moco_gpu_decode_resumes_exactly_on_jpeg_files(tmp_path, capsys):
+    import main_moco
     for c in ("a", "b"):
         os.makedirs(tmp_path / "data" / c)
         for i in range(16):
@@ -111,10 +112,10 @@ def test_main_moco_gpu_decode_resumes_exactly_on_jpeg_files(tmp_path):
               "--moco-dim", "16", "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "5", "-p", "1", "-j", "2",
               "--gpu-decode", "--channels-last", "--schedule", "1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    proc = run_script("main_moco.py", common + ["--epochs", "2", "--output-dir", str(straight)])
+    proc = run_inline(capsys, main_moco.main, common + ["--epochs", "2", "--output-dir", str(straight)])
     assert "(--gpu-decode)" in proc.stdout
-    run_script("main_moco.py", common + ["--epochs", "1", "--output-dir", str(split)])
-    run_script("main_moco.py", common + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
+    run_inline(capsys, main_moco.main, common + ["--epochs", "1", "--output-dir", str(split)])
+    run_inline(capsys, main_moco.main, common + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
     a = torch.load(straight / "checkpoint_last.pth.tar", weights_only=True)["state_dict"]
     b = torch.load(split / "checkpoint_last.pth.tar", weights_only=True)["state_dict"]
     for key in a:

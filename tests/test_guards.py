@@ -13,7 +13,7 @@ from common.dist import DistEnv
 from common.engine import train_one_epoch
 from common.gpu_augment import ViewsToDevice
 from common.pretrain import PretrainData
-from conftest import SYNTHETIC, run_script
+from conftest import SYNTHETIC, run_inline
 from moco.guards import cosine_momentum, init_share_at_end, momentum_warning, queue_warning
 from test_moco_builder import tiny_moco
 
@@ -91,9 +91,10 @@ def test_the_step_loop_sets_the_cosine_momentum_before_every_step():
     assert used == pytest.approx([cosine_momentum(0.9, p, 2) for p in seen])
 
 
-def test_main_moco_warns_about_queue_and_momentum_and_takes_moco_m_cos(tmp_path):
+def test_main_moco_warns_about_queue_and_momentum_and_takes_moco_m_cos(tmp_path, capsys):
+    import main_moco
     # 64 images, K 32 (half the dataset), 4 steps at momentum 0.999
-    proc = run_script("main_moco.py", SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32",
+    proc = run_inline(capsys, main_moco.main, SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32",
                                                    "--moco-dim", "16", "--bn-splits", "2", "--epochs", "1",
                                                    "--moco-m-cos", "--output-dir", str(tmp_path)])
     assert "warning: the queue (--moco-k 32) holds 50% of the 64 images" in proc.stdout

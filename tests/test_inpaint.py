@@ -132,8 +132,8 @@ def test_pretraining_beats_the_untrained_network_under_the_same_knn(tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(two_epochs, tmp_path):
     out, _ = two_epochs
-    run_script("main_inpaint.py", TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
-    run_script("main_inpaint.py", TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", "auto"])
+    assert run_main(main_inpaint.main, TINY + ["--epochs", "1", "--output-dir", str(tmp_path)]) == 0
+    assert run_main(main_inpaint.main, TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", "auto"]) == 0
     a, b = load(out / "checkpoint_last.pth.tar"), load(tmp_path / "checkpoint_last.pth.tar")
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from conftest import SYNTHETIC, run_script, write_image_folder
+import main_moco
+from conftest import SYNTHETIC, run_inline, run_script, write_image_folder
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",
                     "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "3", "-p", "2"]
@@ -15,13 +16,13 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_help():
-    out = run_script("main_moco.py", ["--help"]).stdout
+def test_help(capsys):
+    out = run_inline(capsys, main_moco.main, ["--help"]).stdout
     assert "--moco-k" in out and "--multiprocessing-distributed" in out
 
 
-def test_one_epoch_run_writes_checkpoint_and_metrics(tmp_path):
-    proc = run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
+def test_one_epoch_run_writes_checkpoint_and_metrics(tmp_path, capsys):
+    proc = run_inline(capsys, main_moco.main, TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
     assert "img/s" in proc.stdout and "eta" in proc.stdout and "data " in proc.stdout  # data-wait share
     assert "augmentation on the loader workers" in proc.stdout  # CPU runs default to the CPU path
     ckpt = load(tmp_path / "checkpoint_last.pth.tar")  # weights_only=True: no pickled classes
@@ -36,13 +37,13 @@ def test_one_epoch_run_writes_checkpoint_and_metrics(tmp_path):
 
 @pytest.mark.parametrize("extra", [[], ["--gpu-augment", "--channels-last", "-j", "2"]],
                          ids=["cpu-augment", "gpu-augment-channels-last"])
-def test_resume_equals_uninterrupted_run(tmp_path, extra):
+def test_resume_equals_uninterrupted_run(tmp_path, extra, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_script("main_moco.py", TINY + extra + ["--epochs", "2", "--schedule", "1", "--output-dir", str(straight)])
+    run_inline(capsys, main_moco.main, TINY + extra + ["--epochs", "2", "--schedule", "1", "--output-dir", str(straight)])
     # first half: a run that was stopped after epoch 1 (--epochs 1 with the lr schedule of 2 epochs:
     # --schedule keeps the step lr independent of --epochs)
-    run_script("main_moco.py", TINY + extra + ["--epochs", "1", "--schedule", "1", "--output-dir", str(split)])
-    proc = run_script("main_moco.py", TINY + extra + ["--epochs", "2", "--schedule", "1", "--output-dir", str(split),
+    run_inline(capsys, main_moco.main, TINY + extra + ["--epochs", "1", "--schedule", "1", "--output-dir", str(split)])
+    proc = run_inline(capsys, main_moco.main, TINY + extra + ["--epochs", "2", "--schedule", "1", "--output-dir", str(split),
                                                       "--resume", "auto"])
     assert "resumed" in proc.stdout
     a, b = load(straight / "checkpoint_last.pth.tar"), load(split / "checkpoint_last.pth.tar")
@@ -71,41 +72,41 @@ def test_two_gloo_workers_train_with_shuffle_bn(tmp_path):
      "not divisible by the world size 2"),
     (SYNTHETIC + ["-b", "16", "--moco-k", "32", "--resume", "/nonexistent.pth.tar"], "does not exist"),
 ])
-def test_bad_input_gives_one_sentence(args, message):
-    proc = run_script("main_moco.py", args + ["--epochs", "1"], check=False)
+def test_bad_input_gives_one_sentence(args, message, capsys):
+    proc = run_inline(capsys, main_moco.main, args + ["--epochs", "1"], check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_empty_class_folder_and_corrupt_image(tmp_path):
+def test_empty_class_folder_and_corrupt_image(tmp_path, capsys):
     root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=8, size=32)
     os.makedirs(tmp_path / "data" / "train" / "empty")
     base = ["-a", "resnet18", "--no-small-images", "-j", "0", "-b", "8", "--moco-k", "16", "--bn-splits", "2",
             "--crop-size", "32", "--epochs", "1", "--output-dir", str(tmp_path / "out")]
-    proc = run_script("main_moco.py", [root] + base, check=False)
+    proc = run_inline(capsys, main_moco.main, [root] + base, check=False)
     assert proc.returncode == 2 and "holds no images" in proc.stderr and "Traceback" not in proc.stderr
 
     os.rmdir(tmp_path / "data" / "train" / "empty")
     with open(tmp_path / "data" / "train" / "a" / "0.png", "wb") as f:
         f.write(b"not a png at all")
-    proc = run_script("main_moco.py", [root] + base)  # skipped with a warning, counted in the log
+    proc = run_inline(capsys, main_moco.main, [root] + base)  # skipped with a warning, counted in the log
     assert "unreadable image" in proc.stderr and "in its place" in proc.stderr
     rec = json.loads(open(tmp_path / "out" / "metrics.jsonl").readline())
     assert rec["skipped_images"] >= 1
-    proc = run_script("main_moco.py", [root] + base + ["--strict-data", "--overwrite"], check=False)
+    proc = run_inline(capsys, main_moco.main, [root] + base + ["--strict-data", "--overwrite"], check=False)
     assert proc.returncode == 2 and "cannot read image" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_resume_rejects_checkpoint_of_another_script_or_arch(tmp_path):
-    run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
+def test_resume_rejects_checkpoint_of_another_script_or_arch(tmp_path, capsys):
+    run_inline(capsys, main_moco.main, TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
     ckpt = load(tmp_path / "checkpoint_last.pth.tar")
     ckpt["method"] = "lincls"
     torch.save(ckpt, tmp_path / "lincls.pth.tar")
-    proc = run_script("main_moco.py", TINY + ["--epochs", "2", "--resume", str(tmp_path / "lincls.pth.tar"),
+    proc = run_inline(capsys, main_moco.main, TINY + ["--epochs", "2", "--resume", str(tmp_path / "lincls.pth.tar"),
                                               "--output-dir", str(tmp_path / "x")], check=False)
     assert proc.returncode == 2 and "main_lincls.py" in proc.stderr
-    proc = run_script("main_moco.py", TINY[:3] + ["resnet34"] + TINY[4:] + [
+    proc = run_inline(capsys, main_moco.main, TINY[:3] + ["resnet34"] + TINY[4:] + [
         "--epochs", "2", "--resume", str(tmp_path / "checkpoint_last.pth.tar"), "--output-dir", str(tmp_path / "y")],
         check=False)
     assert proc.returncode == 2 and "holds a resnet18" in proc.stderr
@@ -162,16 +163,16 @@ def test_compile_keeps_the_checkpoint_contract_and_the_numbers(tmp_path):
             assert torch.allclose(v, b["state_dict"][k], rtol=1e-3, atol=1e-4), k
 
 
-def test_knn_monitor_reports_the_untrained_network_first(tmp_path):
+def test_knn_monitor_reports_the_untrained_network_first(tmp_path, capsys):
     """--knn-every on a fresh run prints the untrained network's kNN (BatchNorm statistics from
     the train images) before the first step and keeps it in the first metrics line; a resumed
     run does not repeat it."""
-    proc = run_script("main_moco.py", TINY + ["--epochs", "1", "--knn-every", "1", "--output-dir", str(tmp_path)])
+    proc = run_inline(capsys, main_moco.main, TINY + ["--epochs", "1", "--knn-every", "1", "--output-dir", str(tmp_path)])
     assert "=> kNN before training: top-1" in proc.stdout
     assert proc.stdout.index("kNN before training") < proc.stdout.index("Epoch [0/1]")
     rec = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert 0 <= rec[0]["knn_top1_untrained"] <= 100 and "knn_top1" in rec[0]
-    proc = run_script("main_moco.py", TINY + ["--epochs", "2", "--knn-every", "1", "--output-dir", str(tmp_path),
+    proc = run_inline(capsys, main_moco.main, TINY + ["--epochs", "2", "--knn-every", "1", "--output-dir", str(tmp_path),
                                               "--resume", "auto"])
     assert "kNN before training" not in proc.stdout
     assert "knn_top1_untrained" not in json.loads(open(tmp_path / "metrics.jsonl").read().splitlines()[-1])

@@ -14,7 +14,14 @@ import torch
 from PIL import Image
 
 from common.resume import run_seed
-from conftest import ROOT, SYNTHETIC, run_script
+import main_knn
+import main_lincls
+import main_moco
+import main_simclr
+from conftest import ROOT, SYNTHETIC, run_inline, run_script
+
+MAINS = {"main_moco.py": main_moco.main, "main_simclr.py": main_simclr.main, "main_lincls.py": main_lincls.main,
+         "main_knn.py": main_knn.main}
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",
                     "--mlp", "--aug-plus", "--bn-splits", "2", "-p", "2"]
@@ -132,30 +139,30 @@ def test_lincls_says_when_the_reference_lr_blows_the_probe_up(tmp_path):
 
 @pytest.mark.parametrize("script, args, message", [("main_moco.py", a, m) for a, m in BAD_FLAGS]
                          + [(s, a, m) for s in ("main_simclr.py", "main_lincls.py") for a, m in BAD_FLAGS[2::4]])
-def test_bad_flags_are_one_sentence_before_any_work(tmp_path, script, args, message):
+def test_bad_flags_are_one_sentence_before_any_work(tmp_path, script, args, message, capsys):
     extra = ["--pretrained", "none"] if script == "main_lincls.py" else []
-    proc = run_script(script, SYNTHETIC + extra + args + ["--output-dir", str(tmp_path)], check=False)
+    proc = run_inline(capsys, MAINS[script], SYNTHETIC + extra + args + ["--output-dir", str(tmp_path)], check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not os.listdir(tmp_path)
 
 
-def test_main_knn_refuses_a_bad_batch_size():
-    proc = run_script("main_knn.py", SYNTHETIC + ["--pretrained", "none", "-b", "0"], check=False)
+def test_main_knn_refuses_a_bad_batch_size(capsys):
+    proc = run_inline(capsys, main_knn.main, SYNTHETIC + ["--pretrained", "none", "-b", "0"], check=False)
     assert proc.returncode == 2 and "--batch-size 0 must be at least 1" in proc.stderr
 
 
 # ---------------------------------------------------------------- the output folder
 
-def test_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+def test_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     path = tmp_path / "not_a_folder"
     path.write_text("x")
     for script, extra in (("main_moco.py", []), ("main_lincls.py", ["--pretrained", "none"]),
                           ("main_knn.py", ["--pretrained", "none"])):
-        proc = run_script(script, SYNTHETIC + extra + ["--output-dir", str(path)], check=False)
+        proc = run_inline(capsys, MAINS[script], SYNTHETIC + extra + ["--output-dir", str(path)], check=False)
         assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr, script
 
 
-def test_unwritable_output_dir_is_refused_before_any_work(tmp_path):
+def test_unwritable_output_dir_is_refused_before_any_work(tmp_path, capsys):
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # root writes into read-only folders; not into /proc
         target, restore = "/proc/no_checkpoints_here/run", None
     else:
@@ -164,7 +171,7 @@ def test_unwritable_output_dir_is_refused_before_any_work(tmp_path):
         ro.chmod(0o555)
         target, restore = str(ro / "run"), ro
     try:
-        proc = run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", target], check=False)
+        proc = run_inline(capsys, main_moco.main, TINY + ["--epochs", "1", "--output-dir", target], check=False)
         assert proc.returncode == 2 and "cannot write to --output-dir" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
     finally:
