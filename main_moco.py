@@ -21,7 +21,7 @@ from common.placement import place_model
 from common.precision import Precision
 from common.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, add_recipe_arg, chosen, epochs_for_budget
 from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
-                             lr_schedule, two_view_data)
+                             learning_watch, lr_schedule, two_view_data)
 from moco.augment import moco_v1, moco_v2
 from moco.builder import MoCo, SplitBatchNorm
 from moco.guards import cosine_momentum, fitted_queue, momentum_warning, queue_warning
@@ -122,7 +122,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- resume (--resume PATH|auto), then the run's metrics log, kNN monitor and checkpoints
     run = PretrainRun(model, optimizer, scaler, args, env, "moco", data, lr_schedule(args, args.lr),
-                      collapse_hint="on a small dataset lower --moco-k (see the queue warning), else lower --lr")
+                      collapse_hint="on a small dataset lower --moco-k (see the queue warning), else lower --lr",
+                      learning=learning_watch(args, 1 + args.moco_k, 0.2, "--moco-t", args.moco_t))  # 1 positive + K
 
     def key_momentum(progress: float) -> None:  # --moco-m-cos, per step as MoCo v3
         moco.m = cosine_momentum(args.moco_m, progress, args.epochs)

@@ -25,7 +25,7 @@ from common.placement import place_model
 from common.precision import Precision
 from common.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, add_recipe_arg, chosen, epochs_for_budget
 from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
-                             lr_schedule, two_view_data)
+                             learning_watch, lr_schedule, two_view_data)
 from simclr.augment import simclr_augmentation
 from simclr.builder import SimCLR
 from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
@@ -134,7 +134,9 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         f"temperature {args.temperature}")
 
     # ---- resume (--resume PATH|auto), then the run's metrics log, kNN monitor and checkpoints
-    run = PretrainRun(model, optimizer, scaler, args, env, "simclr", data, lr_schedule(args, lr))
+    # the positive among the 2N-1 other embeddings of the global batch
+    run = PretrainRun(model, optimizer, scaler, args, env, "simclr", data, lr_schedule(args, lr),
+                      learning=learning_watch(args, 2 * args.batch_size - 1, 0.08, "--temperature", args.temperature))
 
     run.knn_before_training(simclr.encoder)  # --knn-every: the untrained network's kNN, to compare with
 

@@ -23,7 +23,7 @@ from common.checkpoint import (
     training_state,
 )
 from common.cli import check_training_flags
-from common.collapse import CollapseWatch
+from common.collapse import CollapseWatch, LearningWatch
 from common.datasets import build_dataset, default_crop_size
 from common.dist import DistEnv, is_main_process
 from common.engine import EpochResult
@@ -42,7 +42,8 @@ from common.transformed import TransformedDataset, load_sample
 
 
 def add_view_args(parser: argparse.ArgumentParser) -> None:
-    """The two-view methods' augmentation flags (MoCo, SimCLR): strength, crops, --gpu-augment."""
+    """The two-view methods' flags (MoCo, SimCLR): augmentation strength, crops, --gpu-augment,
+    and what to do when the contrastive task stays at chance."""
     parser.add_argument("--color-strength", default=1.0, type=float,
                         help="colour distortion strength s: SimCLR jitter 0.8s/0.8s/0.8s/0.2s, MoCo v2 "
                              "(--aug-plus) jitter 0.4s/0.4s/0.4s/0.1s; 1.0 is the papers' recipe")
@@ -52,10 +53,19 @@ def add_view_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-augment", default=None, action=argparse.BooleanOptionalAction,
                         help="loader workers only decode, crop and flip; colour jitter, grayscale, blur and "
                              "normalisation run batched on the training device (default: on with a GPU)")
+    parser.add_argument("--stop-if-not-learning", action="store_true",
+                        help="stop (exit status 3, checkpoint kept) when the contrastive accuracy stayed near "
+                             "chance for two epochs in a row (from the second epoch on); without it the epoch line "
+                             "warns and metrics.jsonl says not_learning")
     parser.add_argument("--gpu-decode", action="store_true",
                         help="loader workers only read the files; JPEG decoding (nvJPEG), crop and flip run on the "
                              "training device too, then --gpu-augment's ops: for a GPU faster than the loader "
                              "cores can feed (e.g. with --compile; watch `data N%%` in the progress line)")
+
+
+# exit status of a run stopped by --stop-if-not-learning (2 is a usage error, 75 a requeue)
+NOT_LEARNING_EXIT = 3
+STUCK_EPOCHS_TO_STOP = 2  # one noisy epoch near chance does not stop a run
 
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +75,18 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every-iters", default=0, type=int, metavar="N",
                         help="also write checkpoint_last.pth.tar every N iterations inside an epoch (0: only at "
                              "epoch ends); a killed job then loses at most N iterations")
+
+
+def learning_watch(args: argparse.Namespace, candidates: int, method_crop_min: float, temperature_flag: str,
+                   temperature: float) -> LearningWatch:
+    """The not-learning check of a two-view run whose contrastive accuracy picks the positive
+    among `candidates`, with what to try named for this run's own values."""
+    crop_min = args.crop_min or method_crop_min
+    hint = (f"weaker colour jitter (--color-strength {args.color_strength / 2:g}, now {args.color_strength:g}), "
+            f"larger crops (--crop-min {min(1.0, max(0.3, 2 * crop_min)):g}, now {crop_min:g}), a lower "
+            f"{temperature_flag} (now {temperature:g}), or a larger --crop-size if the images are much larger than "
+            f"{args.crop_size} px")
+    return LearningWatch(100.0 / candidates, args.epochs, hint)
 
 
 def finalize_view_args(args: argparse.Namespace) -> None:
@@ -189,7 +211,7 @@ class PretrainRun:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, args: argparse.Namespace,
                  env: DistEnv, method: str, data: PretrainData, lr_fn: Callable[[float], float],
-                 collapse_hint: str = "lower --lr"):
+                 collapse_hint: str = "lower --lr", learning: Optional[LearningWatch] = None):
         self.model, self.optimizer, self.scaler, self.args, self.env = model, optimizer, scaler, args, env
         self.method, self.data, self.lr_fn = method, data, lr_fn
         # --resume: restores model, optimizer, scaler and RNG; start_iter iterations of
@@ -205,6 +227,7 @@ class PretrainRun:
         self.stop = StopRequest(env)
         # (a resumed run starts watching afresh: a collapse across the resume point goes unnoticed)
         self.collapse = CollapseWatch(collapse_hint)
+        self.learning = learning  # contrastive methods: is the accuracy leaving chance?
 
     def knn_before_training(self, backbone: nn.Module) -> None:
         """--knn-every on a fresh run: the kNN of the untrained `backbone` (BatchNorm
@@ -253,12 +276,19 @@ class PretrainRun:
         self.untrained = {}
         collapsed = self.collapse.update(epoch, stats["acc1"]) if "acc1" in stats else None
         record["collapsed"] = collapsed is not None
+        stuck = self.learning.update(epoch, stats["acc1"]) if self.learning is not None and "acc1" in stats else None
+        if self.learning is not None:
+            record["not_learning"] = stuck is not None
         log(f"=> epoch {epoch} done: " + "  ".join(f"{k} {v:.4g}" for k, v in record.items()
-                                                   if k not in ("epoch", "collapsed"))
-            + (f"  WARNING: {collapsed}" if collapsed else ""))
+                                                   if k not in ("epoch", "collapsed", "not_learning"))
+            + "".join(f"  WARNING: {w}" for w in (collapsed, stuck) if w))
         self.metrics.write(record)
         if is_main_process():
             save_checkpoint(training_state(self.model, self.optimizer, self.scaler, a, method=self.method,
                                            epoch=epoch + 1, metrics=record),
                             a.output_dir, epoch_file=(epoch + 1) % a.save_freq == 0 or epoch + 1 == a.epochs)
+        if stuck and a.stop_if_not_learning and self.learning.stuck_epochs >= STUCK_EPOCHS_TO_STOP:
+            log(f"=> --stop-if-not-learning: stopping after epoch {epoch}; the checkpoint is kept (--resume auto "
+                f"continues it, e.g. with --epochs of a new recipe)")
+            raise SystemExit(NOT_LEARNING_EXIT)
         return record

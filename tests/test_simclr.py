@@ -337,6 +337,7 @@ def test_pretraining_beats_the_untrained_network_under_the_same_knn(tmp_path):
     load_backbone(pretrained, load_checkpoint(str(tmp_path / "checkpoint_last.pth.tar")))
     # the checkpoint holds the backbone the run's own monitor evaluated
     assert monitor.evaluate(pretrained)["knn_top1"] == pytest.approx(logged["knn_top1"], abs=1.0)
+    assert logged["not_learning"] is False  # a run that learns is not flagged (common/collapse.py)
     knn = learning_knn(tmp_path / "knn")
     learned, control = knn.evaluate(pretrained)["knn_top1"], untrained_knn(knn)
     print(f"kNN top-1: SimCLR {learned:.2f}, untrained {control:.2f}")

@@ -1,0 +1,64 @@
+"""A contrastive run that never leaves chance says so from its second epoch, and
+--stop-if-not-learning stops it there with the checkpoint kept (common/collapse.py
+LearningWatch); runs that learn are not flagged."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main_moco
+import main_simclr
+from common.collapse import NEAR_CHANCE, LearningWatch
+from common.pretrain import NOT_LEARNING_EXIT
+from conftest import run_inline
+
+
+def test_the_watch_judges_from_the_second_epoch_against_chance():
+    watch = LearningWatch(chance=1.0, epochs=10, hint="weaker colour jitter")
+    assert watch.update(0, 0.5) is None  # MoCo's first epoch meets a random queue: not judged
+    message = watch.update(1, 1.5)
+    assert "1.50% against 1.00% by chance" in message and "try weaker colour jitter" in message
+    assert watch.update(2, 2.0) and watch.stuck_epochs == 2
+    assert watch.update(3, NEAR_CHANCE * 1.0) is None and watch.stuck_epochs == 0  # learning now
+    assert LearningWatch(chance=1.0, epochs=1, hint="x").update(0, 1.0)  # a one-epoch run: its only epoch
+
+
+@pytest.fixture(scope="module")
+def flat_gray(tmp_path_factory) -> str:
+    """128 images of one flat grey (a little pixel noise): after a crop of 1 % and full jitter
+    two views of one image are no more alike than views of two: the instance is gone."""
+    root = tmp_path_factory.mktemp("gray")
+    rng = np.random.default_rng(0)
+    for i in range(128):
+        os.makedirs(root / "train" / "ab"[i % 2], exist_ok=True)
+        arr = np.clip(128 + rng.normal(0, 3, (32, 32, 1)), 0, 255).astype(np.uint8).repeat(3, 2)
+        Image.fromarray(arr).save(root / "train" / "ab"[i % 2] / f"{i}.png")
+    return str(root)
+
+
+@pytest.mark.parametrize("script, extra", [
+    (main_simclr, []),
+    (main_moco, ["--moco-k", "64", "--mlp", "--aug-plus", "--bn-splits", "2"]),
+], ids=["simclr", "moco"])
+def test_a_run_at_chance_is_flagged_and_can_stop(flat_gray, tmp_path, capsys, script, extra):
+    argv = [flat_gray, "-a", "resnet18", "--no-small-images", "-j", "0", "--crop-size", "32", "-b", "32",
+            "--crop-min", "0.01", "--color-strength", "1", "--epochs", "20", "--seed", "0", "-p", "100"] + extra
+    proc = run_inline(capsys, script.main, argv + ["--epochs", "2", "--output-dir", str(tmp_path / "warn")])
+    epoch1 = next(line for line in proc.stdout.splitlines() if line.startswith("=> epoch 1 done"))
+    assert "WARNING: the contrastive accuracy is" in epoch1 and "the run is not learning" in epoch1
+    assert "--color-strength 0.5" in epoch1 and "--crop-min 0.3, now 0.01" in epoch1
+    rec = [json.loads(line) for line in open(tmp_path / "warn" / "metrics.jsonl")]
+    assert [r["not_learning"] for r in rec] == [False, True]
+
+    # --stop-if-not-learning: two epochs in a row near chance (epochs 1 and 2), a tenth of 20 epochs
+    out = tmp_path / "stop"
+    proc = run_inline(capsys, script.main, argv + ["--stop-if-not-learning", "--output-dir", str(out)], check=False)
+    assert proc.returncode == NOT_LEARNING_EXIT and "--stop-if-not-learning: stopping after epoch 2" in proc.stdout
+    assert len(open(out / "metrics.jsonl").read().splitlines()) == 3 and os.path.isfile(out / "checkpoint_last.pth.tar")
+
+
+def test_the_learning_fixture_is_not_flagged(moco_pretrained):
+    rec = [json.loads(line) for line in open(os.path.join(os.path.dirname(moco_pretrained), "metrics.jsonl"))]
+    assert [r["not_learning"] for r in rec] == [False, False]
