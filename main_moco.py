@@ -128,6 +128,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     def key_momentum(progress: float) -> None:  # --moco-m-cos, per step as MoCo v3
         moco.m = cosine_momentum(args.moco_m, progress, args.epochs)
 
+    run.check_views(aug)  # do two views of an image still look alike? (a few seconds)
     run.knn_before_training(moco.encoder_q)  # --knn-every: the untrained network's kNN, to compare with
 
     # ---- epochs: train (the step loop: common/engine.py), then kNN monitor, metrics line, checkpoint

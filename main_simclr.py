@@ -138,6 +138,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     run = PretrainRun(model, optimizer, scaler, args, env, "simclr", data, lr_schedule(args, lr),
                       learning=learning_watch(args, 2 * args.batch_size - 1, 0.08, "--temperature", args.temperature))
 
+    run.check_views(aug)  # do two views of an image still look alike? (a few seconds)
     run.knn_before_training(simclr.encoder)  # --knn-every: the untrained network's kNN, to compare with
 
     # ---- epochs: train (the step loop: common/engine.py), then kNN monitor, metrics line, checkpoint

@@ -39,6 +39,7 @@ from common.recipes import RecipeValues, apply_recipe
 from common.resume import check_arch, check_same_flags, resolve_resume, resumed_args, run_seed
 from common.schedule import lr_at
 from common.transformed import TransformedDataset, load_sample
+from common.view_check import view_check, view_check_message
 
 
 def add_view_args(parser: argparse.ArgumentParser) -> None:
@@ -241,6 +242,14 @@ class PretrainRun:
             self.untrained = {f"{k}_untrained": v for k, v in before.items()}
             log(f"=> kNN before training: top-1 {before['knn_top1']:.1f} (the initial weights, BatchNorm statistics "
                 f"from the train images)")
+
+    def check_views(self, recipe: augment.Recipe) -> None:
+        """A fresh run's view check (common/view_check.py): do two views of an image still
+        look alike? Printed before the first step, with what to try when they do not."""
+        if self.start_epoch or self.start_iter or not is_main_process():
+            return
+        result = view_check(self.data.dataset.base, recipe, self.args.arch, self.args.small_images, self.env.device)
+        log(view_check_message(result, self.learning.hint if self.learning is not None else "milder augmentations"))
 
     def save_due(self, done: int) -> bool:
         """--save-every-iters: a mid-epoch checkpoint after `done` iterations (the epoch's last

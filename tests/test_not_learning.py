@@ -46,6 +46,8 @@ def test_a_run_at_chance_is_flagged_and_can_stop(flat_gray, tmp_path, capsys, sc
     argv = [flat_gray, "-a", "resnet18", "--no-small-images", "-j", "0", "--crop-size", "32", "-b", "32",
             "--crop-min", "0.01", "--color-strength", "1", "--epochs", "20", "--seed", "0", "-p", "100"] + extra
     proc = run_inline(capsys, script.main, argv + ["--epochs", "2", "--output-dir", str(tmp_path / "warn")])
+    # told before the first step already (common/view_check.py), then by the epoch lines
+    assert "warning: the augmentations leave almost no instance signal" in proc.stdout.split("Epoch [0/2]")[0]
     epoch1 = next(line for line in proc.stdout.splitlines() if line.startswith("=> epoch 1 done"))
     assert "WARNING: the contrastive accuracy is" in epoch1 and "the run is not learning" in epoch1
     assert "--color-strength 0.5" in epoch1 and "--crop-min 0.3, now 0.01" in epoch1
@@ -62,3 +64,19 @@ def test_a_run_at_chance_is_flagged_and_can_stop(flat_gray, tmp_path, capsys, sc
 def test_the_learning_fixture_is_not_flagged(moco_pretrained):
     rec = [json.loads(line) for line in open(os.path.join(os.path.dirname(moco_pretrained), "metrics.jsonl"))]
     assert [r["not_learning"] for r in rec] == [False, False]
+
+
+def test_the_view_check_separates_an_image_s_views_from_other_images():
+    import torch
+    from common.datasets import build_dataset
+    from common.view_check import _separation, view_check, view_check_message
+    from conftest import MOCO_LEARN
+    from moco.augment import moco_v2
+
+    x = torch.randn(32, 8)
+    assert _separation(x, x) == 1.0 and abs(_separation(x, torch.randn(32, 8)) - 0.5) < 0.1
+    args = main_moco.get_args_parser().parse_args(MOCO_LEARN)
+    result = view_check(build_dataset(args, "pretrain"), moco_v2(32, blur=False, strength=0.25), "resnet18", False,
+                        torch.device("cpu"))
+    assert result["images"] == 64 and result["features"] > 0.7  # 0.81 measured: the learning tests' recipe
+    assert "warning" not in view_check_message(result, "x")
