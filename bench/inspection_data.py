@@ -80,12 +80,10 @@ def write_inspection_set(root: str, images: int, size: int, seed: int, val_fract
     counts = {split: {c: 0 for c in CLASSES} for split in ("train", "val")}
     rng = np.random.default_rng([seed, 1 << 30])
     val = set(rng.choice(images, size=int(round(val_fraction * images)), replace=False).tolist())
-    for split in counts:
-        for c in CLASSES:
-            os.makedirs(os.path.join(root, split, c), exist_ok=True)
     for i in range(images):
         img, label, _ = inspection_image(seed, i, size)
         split = "val" if i in val else "train"
+        os.makedirs(os.path.join(root, split, label), exist_ok=True)  # no empty folder for a split without images
         img.save(os.path.join(root, split, label, f"{i:05d}.png"))
         counts[split][label] += 1
     return counts

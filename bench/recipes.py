@@ -18,12 +18,13 @@ import json
 import os
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench.inspection_data import write_inspection_set  # noqa: E402
 from bench.quality import run_script  # noqa: E402
 from bench.util import format_table, resolve_device, save_record, write_jpegs  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
@@ -53,6 +54,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="take the images/s from an earlier recipes.json of this machine instead of measuring "
                         "(another --budget or --pools, the same timings)")
     p.add_argument("--data-dir", default=None, help="where the JPEG folders go (default: a temporary folder)")
+    p.add_argument("--source-size", default=None, metavar="WxH",
+                   help="time on source files of this size instead of 8/7 x the crop (e.g. 500x375, the size "
+                        "of a typical photo; the scripts decode and resize each one)")
+    p.add_argument("--source-format", default="jpeg", choices=("jpeg", "png"),
+                   help="png: bench/inspection_data.py's grayscale PNGs (square, --source-size's width)")
     p.add_argument("--output-dir", default="runs/bench_recipes")
     p.add_argument("--json", default=None, help="result file (default: OUTPUT_DIR/recipes.json)")
     return p
@@ -76,14 +82,30 @@ def measure_images(args: argparse.Namespace, crop: int) -> int:
     return round(args.measure_images * (max(args.crop_sizes) / crop) ** 2)
 
 
+def source_size(args: argparse.Namespace, crop: int) -> Tuple[int, int]:
+    """(width, height) of the timed files: --source-size, else 8/7 of the crop (ImageNet's 256 -> 224)."""
+    if args.source_size is None:
+        return round(crop * 8 / 7), round(crop * 8 / 7)
+    try:
+        width, height = (int(v) for v in args.source_size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--source-size {args.source_size!r} is not WIDTHxHEIGHT; pass e.g. 500x375")
+    if args.source_format == "png" and width != height:
+        raise UserError(f"--source-format png writes square images; pass --source-size {width}x{width}")
+    return width, height
+
+
 def measure(args: argparse.Namespace, method: str, crop: int, data_root: str) -> Dict[str, float]:
-    """images/s of the script's last epoch on JPEG files of 8/7 x crop px."""
+    """images/s of the script's last epoch on files of source_size()."""
     import main_moco
     import main_simclr
-    size = round(crop * 8 / 7)
-    folder = os.path.join(data_root, f"{size}px")
+    width, height = source_size(args, crop)
+    folder = os.path.join(data_root, f"{args.source_format}_{width}x{height}_{measure_images(args, crop)}")
     if not os.path.isdir(folder):
-        write_jpegs(folder, measure_images(args, crop), size, size, classes=1)
+        if args.source_format == "png":
+            write_inspection_set(folder, measure_images(args, crop), width, seed=0, val_fraction=0.0)
+        else:
+            write_jpegs(folder, measure_images(args, crop), width, height, classes=1)
     out = os.path.join(args.output_dir, f"{method}_{crop}px")
     argv = [folder, "--recipe", "small", "-a", args.arch, "--crop-size", str(crop), "--epochs",
             str(args.measure_epochs), "-j", str(args.workers), "--seed", "0", "--output-dir", out, "--overwrite", "-p", "1000"]
@@ -158,7 +180,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     sets = "\n".join(sets)
     timed = (f"from {args.rates}" if args.rates else f"the script's last of {args.measure_epochs} epochs on "
              + ", ".join(f"{measure_images(args, c)}" for c in args.crop_sizes)
-             + f" JPEGs of 8/7 x the crop, -j {args.workers}")
+             + (f" {args.source_format.upper()}s of {args.source_size}" if args.source_size else
+                " JPEGs of 8/7 x the crop") + f", -j {args.workers}")
     budget = (f"{args.budget:,}" if args.budget else
               ", ".join(f"{name[m]} {SMALL_DATA_BUDGET[m]:,}" for m in args.methods) + " (--recipe small)")
     title = f"{args.arch}, pretraining budget {budget} images seen; images/s: {timed}"

@@ -14,6 +14,7 @@ from bench import quality as bench_quality
 from bench import recipes as bench_recipes
 from bench import throughput as bench_throughput
 from bench.util import format_table, mnist_subset, stratified_first, write_mnist_layout
+from common.errors import UserError
 from common import augment
 from common.datasets import build_dataset
 from common.transformed import TransformedDataset
@@ -260,3 +261,14 @@ def test_recipes_table_times_the_script_and_derives_the_minutes(tmp_path):
                               str(tmp_path / "recipes.json"), "--device", "cpu",
                               "--output-dir", str(tmp_path / "own")])["results"][0]
     assert own["epochs"] == 200 and own["recipe_sets"].startswith("--epochs 200 ") and "--epochs" not in own["command"]
+
+
+def test_recipes_source_size_is_parsed_or_one_sentence():
+    args = bench_recipes.get_args_parser().parse_args(["--source-size", "500x375"])
+    assert bench_recipes.source_size(args, 32) == (500, 375)
+    assert bench_recipes.source_size(bench_recipes.get_args_parser().parse_args([]), 224) == (256, 256)
+    with pytest.raises(UserError, match="is not WIDTHxHEIGHT"):
+        bench_recipes.source_size(bench_recipes.get_args_parser().parse_args(["--source-size", "500"]), 32)
+    with pytest.raises(UserError, match="writes square images"):
+        bench_recipes.source_size(bench_recipes.get_args_parser().parse_args(
+            ["--source-size", "256x200", "--source-format", "png"]), 32)
