@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def small_data_recipe(num_images: int, crop_size: int, args: argparse.Namespace) -> Dict[str, object]:
-    """`--recipe small`: bench/quality.py's small-data MoCo v2 recipe (README: Small datasets).
+    """`--recipe small`: bench/quality.py's small-data MoCo v2 recipe (docs/moco.md: Small datasets).
     The queue holds at most a tenth of the images, a multiple of the keys one step enqueues
     with the batch in use (the recipe's 64 or a given -b)."""
     batch = chosen(args, "batch_size", SMALL_DATA_BATCH)

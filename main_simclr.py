@@ -68,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def small_data_recipe(num_images: int, crop_size: int, args: argparse.Namespace) -> Dict[str, object]:
-    """`--recipe small`: bench/quality.py's small-data SimCLR recipe (README: Small datasets).
+    """`--recipe small`: bench/quality.py's small-data SimCLR recipe (docs/moco.md: Small datasets).
     SGD at batch 64: LARS' trust ratio with lr 0.3 x B/256 barely moves the weights there.
     The warmup is a tenth of the epochs in use (the recipe's or a given --epochs)."""
     epochs = chosen(args, "epochs", epochs_for_budget(num_images, SMALL_DATA_BUDGET["simclr"]))

@@ -8,7 +8,7 @@ the product's own script, called through its main(argv).
 
     python bench/quality.py ../shared/data/fashion-mnist --quick          # 2 CPU cores, < 20 min
     python bench/quality.py ../shared/data/fashion-mnist --device cuda    # the full budget, for a GPU
-    # the small-data table (README): 2k and 10k pools, each method's `--recipe small` budget
+    # the small-data table (docs/moco.md): 2k and 10k pools, each method's `--recipe small` budget
     # (MoCo 200k, SimCLR 100k images seen), 3 seeds; --reuse goes on after a stop
     python bench/quality.py ../shared/data/fashion-mnist --quick --pools 2000 10000 --seeds 0 1 2 \
         --pretrain-budget recipe --reuse

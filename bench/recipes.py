@@ -6,7 +6,7 @@ For every method and crop size the real script (main_moco.py / main_simclr.py wi
 `--recipe small`) trains on a folder of JPEG files of the real image size (8/7 of the crop,
 as ImageNet's 256 -> 224) for --measure-epochs epochs; the last epoch's images/s (from its
 metrics.jsonl, data loading included) gives the minutes. The epochs are the recipe's:
-each method's pretraining budget in images seen, as bench/quality.py measured it (README: Small
+each method's pretraining budget in images seen, as bench/quality.py measured it (docs/moco.md: Small
 datasets; common/recipes.py), over the pool (--budget gives every method another one). The
 recipe's flags are those the script prints for that pool and crop.
 

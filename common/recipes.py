@@ -10,7 +10,7 @@ from common.logging import log
 
 RECIPES = ("default", "small")
 # images seen in pretraining (`--recipe small` sets --epochs = budget / images) that beat random
-# init on 2k- and 10k-image Fashion-MNIST pools (bench/quality.py; README: Small datasets).
+# init on 2k- and 10k-image Fashion-MNIST pools (bench/quality.py; docs/moco.md: Small datasets).
 # MoCo learns more slowly per image than SimCLR there: at 100k its kNN with all labels stayed
 # below random init's; 200k (14.5 min at 32 px on 2 CPU cores) passed it.
 SMALL_DATA_BUDGET = {"moco": 200000, "simclr": 100000, "inpaint": 100000}
