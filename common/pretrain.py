@@ -246,8 +246,8 @@ class PretrainRun:
     def check_views(self, recipe: augment.Recipe) -> None:
         """A fresh run's view check (common/view_check.py): do two views of an image still
         look alike? Printed before the first step, with what to try when they do not."""
-        if self.start_epoch or self.start_iter or not is_main_process():
-            return
+        if self.start_epoch or self.start_iter or not is_main_process() or len(self.data.dataset) < 2:
+            return  # (one image has no other to compare its views with)
         result = view_check(self.data.dataset.base, recipe, self.args.arch, self.args.small_images, self.env.device)
         log(view_check_message(result, self.learning.hint if self.learning is not None else "milder augmentations"))
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from common import augment
+from common.errors import UserError
 from common.models import build_backbone, without_head
 from common.transformed import TransformedDataset
 
@@ -52,6 +53,8 @@ def view_check(dataset: Dataset, recipe: augment.Recipe, arch: str, small_images
                                decode_side=recipe.decode_side())
     pairs = [views[(i * step, seed + i)] for i in range(n)]
     pairs = [p[0] for p in pairs if p is not None]
+    if len(pairs) < 2:
+        raise UserError("the view check needs two readable images; fix or remove the unreadable files")
     first, second = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     torch.manual_seed(seed)
     net = build_backbone(arch, small_images=small_images).to(device).train()
