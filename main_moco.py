@@ -19,7 +19,7 @@ from common.logging import log
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
-from common.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, add_recipe_arg, chosen, epochs_for_budget
+from common.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen, epochs_for_budget
 from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                              learning_watch, lr_schedule, two_view_data)
 from moco.augment import moco_v1, moco_v2
@@ -51,15 +51,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def small_data_recipe(num_images: int, crop_size: int, args: argparse.Namespace) -> Dict[str, object]:
+def small_data_recipe(data: DataProfile, crop_size: int, args: argparse.Namespace) -> Dict[str, object]:
     """`--recipe small`: bench/quality.py's small-data MoCo v2 recipe (docs/moco.md: Small datasets).
     The queue holds at most a tenth of the images, a multiple of the keys one step enqueues
     with the batch in use (the recipe's 64 or a given -b)."""
     batch = chosen(args, "batch_size", SMALL_DATA_BATCH)
-    values: Dict[str, object] = dict(epochs=epochs_for_budget(num_images, SMALL_DATA_BUDGET["moco"]),
+    values: Dict[str, object] = dict(epochs=epochs_for_budget(data.images, SMALL_DATA_BUDGET["moco"]),
                                      batch_size=SMALL_DATA_BATCH, lr=0.06, cos=True, mlp=True, aug_plus=True,
                                      moco_t=0.5, moco_m=0.99, bn_splits=2,
-                                     moco_k=fitted_queue(num_images, batch * (2 if args.symmetric else 1)))
+                                     moco_k=fitted_queue(data.images, batch * (2 if args.symmetric else 1)))
     if crop_size <= 64:
         values["crop_min"] = 0.3  # 0.2 cuts most of a 28-32 px object away
     return values
@@ -94,8 +94,9 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- data: two augmented views of every image, labels unused (--gpu-augment: the colour
     # and blur half of the recipe runs batched on the device)
-    aug = moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength,
-                  crop_min=args.crop_min) if args.aug_plus else moco_v1(args.crop_size, args.crop_min)
+    aug = moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength, crop_min=args.crop_min,
+                  gray_images=args.gray_images, crop_max=args.crop_max) if args.aug_plus else \
+        moco_v1(args.crop_size, args.crop_min, args.gray_images, args.crop_max)
     data = two_view_data(args, env, aug, batch_size, workers)
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     for warning in (queue_warning(args.moco_k, len(data.dataset), keys_per_step),

@@ -23,7 +23,7 @@ from common.logging import log
 from common.models import build_backbone
 from common.placement import place_model
 from common.precision import Precision
-from common.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, add_recipe_arg, chosen, epochs_for_budget
+from common.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen, epochs_for_budget
 from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                              learning_watch, lr_schedule, two_view_data)
 from simclr.augment import simclr_augmentation
@@ -67,11 +67,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def small_data_recipe(num_images: int, crop_size: int, args: argparse.Namespace) -> Dict[str, object]:
+def small_data_recipe(data: DataProfile, crop_size: int, args: argparse.Namespace) -> Dict[str, object]:
     """`--recipe small`: bench/quality.py's small-data SimCLR recipe (docs/moco.md: Small datasets).
     SGD at batch 64: LARS' trust ratio with lr 0.3 x B/256 barely moves the weights there.
     The warmup is a tenth of the epochs in use (the recipe's or a given --epochs)."""
-    epochs = chosen(args, "epochs", epochs_for_budget(num_images, SMALL_DATA_BUDGET["simclr"]))
+    epochs = chosen(args, "epochs", epochs_for_budget(data.images, SMALL_DATA_BUDGET["simclr"]))
     values: Dict[str, object] = dict(epochs=epochs, warmup_epochs=min(10.0, epochs / 10),
                                      batch_size=SMALL_DATA_BATCH, optimizer="sgd", lr=0.1, lr_scaling="none",
                                      weight_decay=1e-4, temperature=0.2)
@@ -112,7 +112,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- data: two augmented views of every image, labels unused (--gpu-augment: the colour
     # and blur half of the recipe runs batched on the device)
-    aug = simclr_augmentation(args.crop_size, strength=args.color_strength, blur=args.blur, crop_min=args.crop_min)
+    aug = simclr_augmentation(args.crop_size, strength=args.color_strength, blur=args.blur, crop_min=args.crop_min,
+                              gray_images=args.gray_images, crop_max=args.crop_max)
     data = two_view_data(args, env, aug, batch_size, workers)
 
     # ---- model

@@ -25,6 +25,16 @@ images, the reference protocol; on by default in the full mode).
 as IDX files in torchvision's layout under OUTPUT/data*, so the scripts read them like the
 real set), with small budgets; the full mode uses all 60k/10k images. Prints a table and
 writes OUTPUT/quality.json.
+
+--dataset inspection is the second benchmark, unlike Fashion-MNIST (bench/inspection_data.py:
+grayscale 256 px PNGs sharing one grid structure, the class a small local defect, 2:1): DATA is
+the folder the set is written to (once, seeded by --data-seed) and read from as an ImageFolder,
+and every pretraining run is the README's command, `--recipe small` with nothing else chosen
+for it (--pretrain-flags adds flags, for sweeps); each backbone is probed at the crop size its
+run used (random init at the first run's).
+
+    python bench/quality.py runs/inspection_data --dataset inspection --quick --seeds 0 1 2 \
+        --pretrain-budget recipe --no-supervised
 """
 import argparse
 import contextlib
@@ -39,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.inspection_data import write_inspection_set  # noqa: E402
 from bench.util import format_table, machine_info, mnist_subset, resolve_device, write_json  # noqa: E402
 from common import augment  # noqa: E402
 from common.datasets import build_dataset  # noqa: E402
@@ -91,7 +102,16 @@ def pretrain_epochs(args: argparse.Namespace, method: str, pool: int) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fashion-MNIST quality benchmark: SSL probes vs random init and supervised")
     p.add_argument("data", metavar="DIR", help="folder holding FashionMNIST/raw/ (e.g. ../shared/data/fashion-mnist)")
-    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist"))
+    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "inspection"))
+    p.add_argument("--data-seed", default=0, type=int,
+                   help="--dataset inspection: the generated set's seed (a new seed, new images)")
+    p.add_argument("--inspection-images", default=1700, type=int, help="--dataset inspection: images in all")
+    p.add_argument("--inspection-size", default=256, type=int, help="--dataset inspection: image side in px")
+    p.add_argument("--pretrain-flags", default="",
+                   help="--dataset inspection: more flags for every pretraining run, in one string "
+                        "(e.g. \"--crop-size 64 --color-strength 0.5\")")
+    p.add_argument("--supervised", default=True, action=argparse.BooleanOptionalAction,
+                   help="also train the network from scratch on the labels (the supervised row)")
     p.add_argument("--quick", action="store_true", help="small budget for 2 CPU cores (see PRESETS)")
     p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=("moco", "simclr", "inpaint"))
     p.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.1, 0.01],
@@ -145,8 +165,35 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def script_dataset(args: argparse.Namespace) -> str:
+    """The scripts' --dataset: the generated inspection set is read as an ImageFolder."""
+    return "imagefolder" if args.dataset == "inspection" else args.dataset
+
+
+def inspection_root(args: argparse.Namespace) -> str:
+    """DATA holding the generated inspection set (written on first use; a marker file says
+    which seed and size wrote it, so another --data-seed never reads stale files)."""
+    import json
+    tag = {"images": args.inspection_images, "size": args.inspection_size, "seed": args.data_seed}
+    root = os.path.join(args.data, f"inspection_{args.inspection_images}_{args.inspection_size}px_seed{args.data_seed}")
+    marker = os.path.join(root, "written.json")
+    if not os.path.isfile(marker):
+        print(f"=> writing the inspection set to {root} ...", flush=True)
+        write_inspection_set(root, args.inspection_images, args.inspection_size, args.data_seed)
+        with open(marker, "w") as f:
+            json.dump(tag, f)
+    return root
+
+
+def run_crop(ckpt_path: str, default: int) -> int:
+    """The crop size a pretraining run used (its checkpoint's args), for probing it at that size."""
+    if ckpt_path == "none" or not os.path.isfile(ckpt_path):
+        return default
+    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["args"]["crop_size"])
+
+
 def common_flags(args: argparse.Namespace, root: str) -> List[str]:
-    flags = [root, "--dataset", args.dataset, "-a", args.arch, "-j", str(args.workers), "--seed", str(args.seed),
+    flags = [root, "--dataset", script_dataset(args), "-a", args.arch, "-j", str(args.workers), "--seed", str(args.seed),
              "--small-images" if args.small_images else "--no-small-images"]
     if args.device == "cpu":
         flags.append("--cpu")
@@ -189,6 +236,12 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str, ep
     argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(epochs),
                                        "--output-dir", out, "-p", "20", "--save-freq", "1000000"]
     # (evaluate() sets args.moco_k per pool on a copy of args)
+    if args.dataset == "inspection":  # the README's command: the recipe chooses, nothing else given
+        if method == "inpaint":
+            raise UserError("--dataset inspection benchmarks the contrastive recipes; drop inpaint from --methods")
+        argv = common_flags(args, root) + ["--epochs", str(epochs), "--output-dir", out, "-p", "20",
+                                           "--save-freq", "1000000", "--recipe", "small"]
+        return argv + args.pretrain_flags.split()
     if method == "inpaint":  # the tutorial's Adam lr 1e-3 and BCE; 4 patches of 8 px on 32 px images (a quarter)
         return argv + ["--lr", "1e-3", "--patches", "4", "--patch-size", "8"]
     argv += ["--crop-min", str(args.crop_min)]
@@ -206,10 +259,10 @@ def probe_batch(n_labelled: int, batch_size: int) -> int:
 
 
 def lincls_argv(args: argparse.Namespace, root: str, out: str, pretrained: str, fraction: float, n_labelled: int,
-                supervised: bool) -> List[str]:
+                supervised: bool, crop: int = 32) -> List[str]:
     b = probe_batch(n_labelled, args.batch_size)
     argv = common_flags(args, root) + ["--pretrained", pretrained, "--label-fraction", str(fraction), "-b", str(b),
-                                       "--cos", "--output-dir", out, "-p", "1000"]
+                                       "--cos", "--output-dir", out, "-p", "1000", "--crop-size", str(crop)]
     if supervised:
         # from scratch: the whole network at one lr (no slower backbone), SGD + wd, cosine
         return argv + ["--finetune", "--backbone-lr-scale", "1", "--lr", "0.1", "--wd", "5e-4",
@@ -220,15 +273,16 @@ def lincls_argv(args: argparse.Namespace, root: str, out: str, pretrained: str, 
     return argv + ["--lr", f"{args.probe_lr * b / 256:.4g}", "--epochs", str(args.probe_epochs)]
 
 
-def embed(args: argparse.Namespace, data_args: argparse.Namespace, ckpt_path: str, device: torch.device):
+def embed(args: argparse.Namespace, data_args: argparse.Namespace, ckpt_path: str, device: torch.device,
+          crop: int = 32):
     """Raw fp32 backbone features (and labels) of the train and test images, un-augmented
-    (eval transform); ckpt_path 'none' is the random-init backbone (seeded by --seed)."""
+    (eval transform at `crop` px); ckpt_path 'none' is the random-init backbone (seeded by --seed)."""
     torch.manual_seed(args.seed)
     model = build_backbone(args.arch, small_images=args.small_images)
     if ckpt_path != "none":
         load_backbone(model, load_pretrained(ckpt_path, args.arch), ckpt_path)
     model.to(device)
-    tf = augment.eval_transform(32)
+    tf = augment.eval_transform(crop)
     with without_head(model):
         return [extract_features(model, TransformedDataset(build_dataset(data_args, split), tf), 256, device,
                                  workers=args.workers, normalize=False) for split in ("train", "val")]
@@ -279,17 +333,20 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     device = torch.device(args.device)
     os.makedirs(args.output_dir, exist_ok=True)
     t_start = time.time()
-    root = pool_root = args.data
-    if args.train_images or args.test_images:
+    root = pool_root = inspection_root(args) if args.dataset == "inspection" else args.data
+    if args.dataset == "inspection":
+        pass  # every train image is the pool and the labelled set; val/ is the test set
+    elif args.train_images or args.test_images:
         # class-balanced subsets as IDX files: the product scripts read them like the real set
         root = mnist_subset(args.data, os.path.join(args.output_dir, "data"), args.train_images, args.test_images,
                             args.dataset, seed=args.seed)
-    if args.pretrain_images:  # the unlabelled pool (its test split is unused)
+    if args.pretrain_images and args.dataset != "inspection":  # the unlabelled pool (its test split is unused)
         pool_root = mnist_subset(args.data, os.path.join(args.output_dir, "data_pool"), args.pretrain_images, 10,
                                  args.dataset, seed=args.seed + 1)
-    data_args = argparse.Namespace(dataset=args.dataset, data=root, download=False)
+    data_args = argparse.Namespace(dataset=script_dataset(args), data=root, download=False)
     train = build_dataset(data_args, "train")
-    n_pool = len(build_dataset(argparse.Namespace(dataset=args.dataset, data=pool_root, download=False), "train"))
+    n_pool = len(build_dataset(argparse.Namespace(dataset=script_dataset(args), data=pool_root, download=False),
+                               "train"))
     epochs = {m: pretrain_epochs(args, m, n_pool) for m in args.methods}
     args.moco_k = args.moco_k or fitted_queue(n_pool, args.batch_size)
     n_train, n_test, n_classes = len(train), len(build_dataset(data_args, "val")), len(train.classes)
@@ -315,40 +372,46 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
                                                                                   epochs[method]) + ["--overwrite"],
                                                    os.path.join(out, "log.txt"))
     backbones["random_init"] = "none"
+    # each run probed at its own crop (the recipe may choose it); random init at the first run's
+    crops = {name: run_crop(ckpt, 32) for name, ckpt in backbones.items()}
+    crops["random_init"] = next(iter(crops.values()))
 
     for name, ckpt in backbones.items():
-        print(f"=> {name}: linear probe and kNN ...", flush=True)
+        print(f"=> {name}: linear probe and kNN at {crops[name]} px ...", flush=True)
         t0 = time.time()
-        runs[name] = probe_at_fractions(args, embed(args, data_args, ckpt, device), train.targets, n_classes,
-                                        args.fractions)
+        runs[name] = probe_at_fractions(args, embed(args, data_args, ckpt, device, crops[name]), train.targets,
+                                        n_classes, args.fractions)
         if args.lincls_probe:
             runs[name]["lincls"] = {}
             for f in args.fractions:
                 out = os.path.join(args.output_dir, f"probe_{name}_{f:g}")
-                run_script(main_lincls, lincls_argv(args, root, out, ckpt, f, labelled[f], False) + ["--overwrite"],
+                run_script(main_lincls, lincls_argv(args, root, out, ckpt, f, labelled[f], False, crops[name])
+                           + ["--overwrite"],
                            os.path.join(out, "log.txt"))
                 runs[name]["lincls"][str(f)] = read_acc(out)
         seconds[f"probe_{name}"] = time.time() - t0
 
-    print("=> supervised from scratch on the same labels ...", flush=True)
     t0 = time.time()
-    runs["supervised"] = {"linear": {}, "knn": {}}
-    for f in args.fractions:
+    if args.supervised:
+        print("=> supervised from scratch on the same labels ...", flush=True)
+        runs["supervised"] = {"linear": {}, "knn": {}}
+    for f in args.fractions if args.supervised else ():
         out = os.path.join(args.output_dir, f"supervised_{f:g}")
         if not (args.reuse and os.path.isfile(os.path.join(out, "results.json"))):
-            run_script(main_lincls, lincls_argv(args, root, out, "none", f, labelled[f], True) + ["--overwrite"],
+            run_script(main_lincls, lincls_argv(args, root, out, "none", f, labelled[f], True, crops["random_init"])
+                       + ["--overwrite"],
                        os.path.join(out, "log.txt"))
         # its own classifier's top-1; kNN of its features with the labels it was trained on
         runs["supervised"]["linear"][str(f)] = read_acc(out)
-        sup = probe_at_fractions(args, embed(args, data_args, os.path.join(out, "checkpoint_last.pth.tar"), device),
-                                 train.targets, n_classes, [f])
+        sup = probe_at_fractions(args, embed(args, data_args, os.path.join(out, "checkpoint_last.pth.tar"), device,
+                                             crops["random_init"]), train.targets, n_classes, [f])
         runs["supervised"]["knn"].update(sup["knn"])
-    if args.lincls_probe:
+    if args.lincls_probe and args.supervised:
         runs["supervised"]["lincls"] = dict(runs["supervised"]["linear"])
     seconds["supervised"] = time.time() - t0
     seconds["total"] = time.time() - t_start
     return {"runs": runs, "seconds": seconds, "pool": n_pool, "train": n_train, "test": n_test,
-            "labelled": labelled, "epochs": epochs, "moco_k": args.moco_k,
+            "labelled": labelled, "epochs": epochs, "moco_k": args.moco_k, "crops": crops,
             "recipes": {m: pretrain_argv(m, args, "DATA", f"OUT/{m}", epochs[m]) for m in args.methods}}
 
 
@@ -417,8 +480,9 @@ def main(argv=None) -> Dict:
                     # beating random init by more than the seed spread of either (with one seed: at all)
                     margin = max(spread[m][k][f], spread["random_init"][k][f])
                     checks[f"{m}_{k}_beats_random_{f}{suffix}"] = means[m][k][f] - means["random_init"][k][f] > margin
-                checks[f"{m}_linear_beats_supervised_{f}{suffix}"] = \
-                    means[m]["linear"][f] > means["supervised"]["linear"][f]
+                if args.supervised:
+                    checks[f"{m}_linear_beats_supervised_{f}{suffix}"] = \
+                        means[m]["linear"][f] > means["supervised"]["linear"][f]
     print("\n" + "\n\n".join(tables) + f"\n({notes}; {seconds_total / 60:.1f} min in all on {device})", flush=True)
     first = next(iter(by_pool.values()))
     record = {"benchmark": "quality", "dataset": args.dataset, "data_root": os.path.abspath(args.data),

@@ -28,7 +28,7 @@ from bench.inspection_data import write_inspection_set  # noqa: E402
 from bench.quality import run_script  # noqa: E402
 from bench.util import format_table, resolve_device, save_record, write_jpegs  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
-from common.recipes import SMALL_DATA_BUDGET, epochs_for_budget  # noqa: E402
+from common.recipes import SMALL_DATA_BUDGET, DataProfile, epochs_for_budget  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,7 +69,8 @@ def recipe_values(method: str, pool: int, crop: int) -> Dict[str, object]:
     import main_moco
     import main_simclr
     script = {"moco": main_moco, "simclr": main_simclr}[method]
-    return script.small_data_recipe(pool, crop, script.get_args_parser().parse_args([]))  # no flag given
+    data = DataProfile(pool, grayscale=False, short_side=crop)
+    return script.small_data_recipe(data, crop, script.get_args_parser().parse_args([]))  # no flag given
 
 
 def recipe_flags(values: Dict[str, object]) -> str:

@@ -3,6 +3,7 @@ moco/augment.py and simclr/augment.py), and the classifier / eval transforms. A 
 runs whole in the loader workers on PIL images (the CPU path, as fast as the MoCo
 authors' loader: uint8 PIL ops, PIL's blur), or split with `--gpu-augment`: crop and flip
 in the workers, the photometric ops batched on the device (common/gpu_augment.py)."""
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -87,10 +88,11 @@ class Recipe:
     gray_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    crop_max: float = 1.0
 
     def _op(self, name: str) -> Callable:
         if name == "crop":
-            return transforms.RandomResizedCrop(self.crop_size, scale=(self.crop_min, 1.0))
+            return transforms.RandomResizedCrop(self.crop_size, scale=(self.crop_min, self.crop_max))
         if name == "flip":
             return transforms.RandomHorizontalFlip()
         if name == "jitter":
@@ -116,6 +118,12 @@ class Recipe:
                                blur_p=self.blur_p, blur_sigma=self.blur_sigma,
                                blur_kernel=blur_kernel_size(self.crop_size) if "blur" in ops else 0,
                                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    def for_gray_images(self) -> "Recipe":
+        """The recipe for grayscale images: the same crops, brightness and contrast; no saturation
+        or hue jitter and no random grayscale, which leave a gray image as it was."""
+        b, c, _, _ = self.jitter
+        return dataclasses.replace(self, ops=tuple(o for o in self.ops if o != "gray"), jitter=(b, c, 0.0, 0.0))
 
     def decode_side(self) -> int:
         """Shortest side a JPEG may be decoded at (PIL draft) without starving the smallest

@@ -81,7 +81,7 @@ class EncodedViews:
 
     def __init__(self, recipe: Recipe, num_views: int = 2):
         self.recipe, self.num_views, self.spec = recipe, num_views, recipe.spec()
-        self.scale, self.ratio = (recipe.crop_min, 1.0), (3.0 / 4.0, 4.0 / 3.0)
+        self.scale, self.ratio = (recipe.crop_min, recipe.crop_max), (3.0 / 4.0, 4.0 / 3.0)
         self.flip = "flip" in recipe.ops
 
     def __call__(self, img: Union[EncodedImage, Image.Image]) -> List[torch.Tensor]:

@@ -48,9 +48,16 @@ def add_view_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--color-strength", default=1.0, type=float,
                         help="colour distortion strength s: SimCLR jitter 0.8s/0.8s/0.8s/0.2s, MoCo v2 "
                              "(--aug-plus) jitter 0.4s/0.4s/0.4s/0.1s; 1.0 is the papers' recipe")
+    parser.add_argument("--gray-images", action="store_true",
+                        help="the images are grayscale: views get brightness and contrast jitter only (saturation, "
+                             "hue and random grayscale do nothing to a gray image); --recipe small sets it when every "
+                             "sampled image has equal channels")
     parser.add_argument("--crop-min", default=None, type=float,
                         help="smallest RandomResizedCrop area fraction (default: the method's, 0.2 MoCo, 0.08 "
                              "SimCLR; raise it for small objects or low-resolution images)")
+    parser.add_argument("--crop-max", default=1.0, type=float,
+                        help="largest RandomResizedCrop area fraction (default 1: the whole image); below 1 on "
+                             "sources much larger than --crop-size, the views keep the source's fine detail")
     parser.add_argument("--gpu-augment", default=None, action=argparse.BooleanOptionalAction,
                         help="loader workers only decode, crop and flip; colour jitter, grayscale, blur and "
                              "normalisation run batched on the training device (default: on with a GPU)")
@@ -98,6 +105,8 @@ def finalize_view_args(args: argparse.Namespace) -> None:
         raise UserError("--gpu-decode runs the whole augmentation on the device; drop --no-gpu-augment")
     if args.crop_min is not None and not 0 < args.crop_min <= 1:
         raise UserError(f"--crop-min {args.crop_min} is an area fraction; use a value in (0, 1], e.g. 0.2")
+    if not 0 < args.crop_max <= 1 or (args.crop_min is not None and args.crop_max < args.crop_min):
+        raise UserError(f"--crop-max {args.crop_max} must be an area fraction in (0, 1], at least --crop-min")
 
 
 def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Sequence[str] = (),

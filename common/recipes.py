@@ -2,7 +2,11 @@
 left those flags at their defaults. Every value set is printed, and the checkpoint's args
 record them like any flag, so a run says exactly what it ran."""
 import argparse
+from dataclasses import dataclass
 from typing import Callable, Dict, List
+
+import numpy as np
+from torch.utils.data import Dataset
 
 from common.cli import given
 from common.datasets import build_dataset, default_crop_size
@@ -42,22 +46,71 @@ def chosen(args: argparse.Namespace, dest: str, recipe_value: object) -> object:
     return getattr(args, dest) if given(args, dest) else recipe_value
 
 
-# a method's recipe: (number of images, crop size, args) -> the flag values it sets
-RecipeValues = Callable[[int, int, argparse.Namespace], Dict[str, object]]
+PROFILE_SAMPLE = 32  # images read to profile the data: a second or two
+
+
+@dataclass(frozen=True)
+class DataProfile:
+    """What `--recipe small` looks at: how many images, whether they are grayscale (every
+    sampled image has equal channels) and their median shortest side in pixels (0 when the
+    dataset cannot say, e.g. none of the sampled images could be read)."""
+    images: int
+    grayscale: bool
+    short_side: int
+
+
+def profile_data(dataset: Dataset, sample: int = PROFILE_SAMPLE) -> DataProfile:
+    """Read up to `sample` images spread over `dataset`; unreadable ones are left out."""
+    n = len(dataset)
+    step = max(1, n // max(1, sample))
+    sides, gray = [], True
+    for i in range(0, n, step)[:sample]:
+        try:
+            img = dataset[i][0]
+        except (OSError, ValueError):
+            continue
+        sides.append(min(img.size))
+        if gray and img.mode not in ("L", "1", "I", "F", "I;16"):
+            px = np.asarray(img.convert("RGB"))
+            gray = bool((px[..., 0] == px[..., 1]).all() and (px[..., 1] == px[..., 2]).all())
+    return DataProfile(n, gray and bool(sides), int(np.median(sides)) if sides else 0)
+
+
+def crop_for_source(short_side: int, default: int) -> int:
+    """`--recipe small`'s crop for sources of this shortest side (docs/small-data.md: which
+    crop for which source): the source's own size up to 64 px, then 64 px up to sources of
+    160 px, and 96 px above; `default` when the source size is unknown."""
+    if short_side <= 0:
+        return default
+    if short_side <= 64:
+        return max(16, short_side // 16 * 16) if short_side >= 32 else 32
+    return 64 if short_side <= 160 else 96
+
+
+# a method's recipe: (the data's profile, the crop size in use, args) -> the flag values it sets
+RecipeValues = Callable[[DataProfile, int, argparse.Namespace], Dict[str, object]]
 
 
 def apply_recipe(args: argparse.Namespace, values: RecipeValues,
                  saved: Dict[str, object]) -> List[str]:
-    """`--recipe small`: values(num_images, crop_size, args) for the flags the command line
-    did not give (args.given_flags); a resumed run (`saved`: its checkpoint's args) keeps the
-    values it started with, since the dataset may have grown and a new --epochs would bend
-    its lr schedule mid-run. Returns what was set, as "--flag value" strings (also printed)."""
+    """`--recipe small`: the crop size for the data's source size and the grayscale views for
+    grayscale data (both shared by every method), then values(profile, crop_size, args), for
+    the flags the command line did not give (args.given_flags); a resumed run (`saved`: its
+    checkpoint's args) keeps the values it started with, since the dataset may have grown and
+    a new --epochs would bend its lr schedule mid-run. Returns what was set, as "--flag
+    value" strings (also printed)."""
     if args.recipe == "default":
         return []
-    num_images = len(build_dataset(args, "pretrain"))
-    crop = args.crop_size or default_crop_size(args)
+    data = profile_data(build_dataset(args, "pretrain"))
+    shared: Dict[str, object] = {"crop_size": crop_for_source(data.short_side, default_crop_size(args))}
+    if data.grayscale:
+        shared["gray_images"] = True
+    crop = chosen(args, "crop_size", saved.get("crop_size", shared["crop_size"]))
+    num_images = data.images
+    log(f"=> --recipe {args.recipe}: {num_images} images, {'grayscale' if data.grayscale else 'colour'}, "
+        f"median shortest side {data.short_side or 'unknown'} px")
     set_, kept, restored, differs = [], [], [], []
-    for dest, value in values(num_images, crop, args).items():
+    for dest, value in {**shared, **values(data, crop, args)}.items():
         if given(args, dest):
             kept.append(shown(dest, getattr(args, dest)))
         elif dest in saved:

@@ -78,3 +78,61 @@ def test_a_resumed_recipe_run_keeps_its_epochs_on_a_grown_dataset(tmp_path, caps
     assert args.epochs == ckpt_epochs  # kept from the checkpoint, not 200,000 / 128
     assert args.moco_k == 64  # the queue it was built with (a tenth of 64 images, one batch)
     assert "the resumed run keeps the values it started with" in out and "would set --epochs 1562" in out
+
+
+def _png_folder(root, size, mode, n=6):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / "train" / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(d / f"{i}.png")
+    return str(root)
+
+
+def test_the_recipe_follows_the_data_grayscale_and_source_size(tmp_path, capsys):
+    from common.recipes import crop_for_source, profile_data
+    from common.datasets import build_dataset
+    import argparse
+    gray = _png_folder(tmp_path / "gray", (256, 200), "L")
+    colour = _png_folder(tmp_path / "colour", (40, 48), "RGB")
+    profile = profile_data(build_dataset(argparse.Namespace(dataset="imagefolder", data=gray), "pretrain"))
+    assert (profile.images, profile.grayscale, profile.short_side) == (6, True, 200)
+    assert not profile_data(build_dataset(argparse.Namespace(dataset="imagefolder", data=colour), "pretrain")).grayscale
+    args = finalize(main_simclr, [gray, "--recipe", "small"], tmp_path / "g")
+    out = capsys.readouterr().out
+    assert args.gray_images and args.crop_size == crop_for_source(200, 224)
+    assert "grayscale, median shortest side 200 px" in out and "--gray-images" in out
+    small = finalize(main_moco, [colour, "--recipe", "small"], tmp_path / "c")
+    assert not small.gray_images and small.crop_size == 32 and small.small_images  # a 40 px source: 32 px crops
+    kept = finalize(main_simclr, [gray, "--recipe", "small", "--crop-size", "48"], tmp_path / "k")
+    assert kept.crop_size == 48 and "kept from the command line: --crop-size 48" in capsys.readouterr().out
+    assert [crop_for_source(s, 224) for s in (0, 28, 32, 37, 64)] == [224, 32, 32, 32, 64]
+    assert crop_for_source(1000, 224) >= crop_for_source(256, 224) >= crop_for_source(100, 224) >= 64
+
+
+def test_gray_views_drop_the_ops_that_do_nothing_to_a_gray_image():
+    from moco.augment import moco_v1, moco_v2
+    from simclr.augment import simclr_augmentation
+    for full, gray in ((simclr_augmentation(32), simclr_augmentation(32, gray_images=True)),
+                       (moco_v2(32), moco_v2(32, gray_images=True)), (moco_v1(32), moco_v1(32, gray_images=True))):
+        assert "gray" in full.ops and "gray" not in gray.ops
+        assert gray.jitter == full.jitter[:2] + (0.0, 0.0) and gray.crop_min == full.crop_min
+        assert gray.spec().gray_p == 0.0
+
+
+def test_crop_max_bounds_the_crops_and_is_checked(tmp_path):
+    import pytest
+    from PIL import Image
+    from common.errors import UserError
+    from simclr.augment import simclr_augmentation
+    r = simclr_augmentation(16, blur=False, crop_min=0.04, crop_max=0.06)
+    assert r._pil.transforms[0].scale == (0.04, 0.06)
+    # a 16 px view of at most 6 % of a 256 px image: the source's own pixels, no downsampling beyond ~1x
+    img = Image.new("RGB", (256, 256))
+    assert r(img).shape == (3, 16, 16)
+    assert r.split().geometric.transforms[0].scale == (0.04, 0.06)
+    with pytest.raises(UserError, match="--crop-max 0.2 must be"):
+        finalize(main_simclr, ["--dataset", "synthetic", "--crop-min", "0.3", "--crop-max", "0.2"], tmp_path)
