@@ -17,15 +17,17 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from common.cli import ArgumentParser, add_training_args
-from common.dist import is_main_process
-from common.engine import train_one_epoch
+from common.dist.collectives import is_main_process
+from common.train.step import train_one_epoch
 from common.errors import UserError
-from common.gpu_augment import ViewsToDevice
-from common.launch import script_main, start_worker
-from common.models import build_backbone
-from common.placement import place_model
-from common.precision import Precision
-from common.pretrain import PretrainRun, add_pretrain_args, finalize_pretrain_args, lr_schedule, pretrain_data
+from common.augment.gpu import ViewsToDevice
+from common.dist.launch import script_main, start_worker
+from common.nets.models import build_backbone
+from common.dist.placement import place_model
+from common.train.precision import Precision
+from common.train.run import PretrainRun, lr_schedule
+from common.train.setup import add_pretrain_args, finalize_pretrain_args
+from common.train.data import pretrain_data
 from inpaint.masking import InpaintingPair
 from inpaint.model import LOSSES, ContextEncoder
 
@@ -104,7 +106,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     run.knn_before_training(inpaint.encoder)  # --knn-every: the untrained network's kNN, to compare with
 
-    # ---- epochs: train (the step loop: common/engine.py), reconstruction grid, then kNN
+    # ---- epochs: train (the step loop: common/train/step.py), reconstruction grid, then kNN
     # monitor, metrics line, checkpoint
     for epoch in range(run.start_epoch, args.epochs):
         result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run)

@@ -11,7 +11,7 @@ backbone: judge features without training anything, and find similar images.
 Features are the backbone's pooled output (head removed), L2-normalised and kept in fp16
 on the device. Weighted kNN as in InstDisc / DINO: the k nearest training features vote
 for their class with weight exp(cos / T), T = 0.07, k = 20 and 200. Similarities are
-computed in chunks (common/knn.py), so no N x N matrix is ever built.
+computed in chunks (common/eval/knn.py), so no N x N matrix is ever built.
 """
 import argparse
 import csv
@@ -26,24 +26,26 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.utils import save_image
 
-from common.augment import eval_decode_side, eval_transform
-from common.checkpoint import check_free_space, prepare_output_dir
+from common.augment.transforms import eval_decode_side, eval_transform
+from common.ckpt.io import check_free_space, prepare_output_dir
 from common.cli import HelpFormatter, add_tensorboard_arg, check_common_flags
-from common.datasets import add_data_args, build_dataset, default_crop_size
-from common.dist import barrier, is_main_process
+from common.data.datasets import add_data_args, build_dataset, default_crop_size
+from common.dist.collectives import barrier, is_main_process
 from common.errors import UserError
 from common.extras import require
-from common.images import is_image_file, pil_loader
-from common.knn import extract_indexed_features, knn_search, knn_vote, top_n, vote_accuracy
-from common.launch import add_dist_args, expected_world_size, per_worker, script_main, start_worker
-from common.logging import log
-from common.metrics import classification_report, save_per_class_csv
-from common.models import build_backbone, without_head
-from common.plots import embedding_methods, plot_embeddings
-from common.precision import Precision
-from common.pretrained import follow_checkpoint, load_backbone, load_pretrained
-from common.tensorboard import TensorBoardLog
-from common.transformed import TransformedDataset
+from common.data.images import is_image_file, pil_loader
+from common.eval.features import extract_indexed_features
+from common.eval.knn import knn_search, knn_vote, top_n, vote_accuracy
+from common.dist.world import add_dist_args, expected_world_size, per_worker
+from common.dist.launch import script_main, start_worker
+from common.log.progress import log
+from common.eval.metrics import classification_report, save_per_class_csv
+from common.nets.models import build_backbone, without_head
+from common.log.plots import embedding_methods, plot_embeddings
+from common.train.precision import Precision
+from common.ckpt.pretrained import follow_checkpoint, load_backbone, load_pretrained
+from common.log.tensorboard import TensorBoardLog
+from common.data.transformed import TransformedDataset
 from lincls.hierarchy import (
     LabelTree,
     add_hierarchy_args,

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import augment
-from common.checkpoint import (
+from common.augment import transforms as augment
+from common.ckpt.io import (
     check_free_space,
     checkpoint_bytes,
     load_checkpoint,
@@ -34,23 +34,24 @@ from common.checkpoint import (
     training_state,
 )
 from common.cli import ArgumentParser, add_training_args, check_training_flags
-from common.datasets import build_dataset, default_crop_size
-from common.dist import DistEnv, is_main_process
+from common.data.datasets import build_dataset, default_crop_size
+from common.dist.collectives import DistEnv, is_main_process
 from common.errors import UserError
-from common.knn import extract_features
-from common.launch import expected_world_size, per_worker, script_main, start_worker
-from common.loader import make_loader
-from common.logging import MeterBank, MetricsLog, Progress, log
-from common.loss_guard import LossGuard
-from common.metrics import classification_report, save_confusion_csv, save_per_class_csv
-from common.models import build_backbone, feature_dim, without_head
-from common.placement import place_model
-from common.precision import Precision
-from common.pretrained import extract_backbone, follow_checkpoint, load_backbone, load_pretrained
-from common.resume import check_arch, check_same_flags, resolve_resume, resumed_args, run_seed
-from common.schedule import lr_at, set_lr
-from common.subsets import SubsetDataset, class_counts, load_subset, save_subset, stratified_subset
-from common.transformed import TransformedDataset
+from common.eval.features import extract_features
+from common.dist.world import expected_world_size, per_worker
+from common.dist.launch import script_main, start_worker
+from common.data.loader import make_loader
+from common.log.progress import MeterBank, MetricsLog, Progress, log
+from common.watch.loss_guard import LossGuard
+from common.eval.metrics import classification_report, save_confusion_csv, save_per_class_csv
+from common.nets.models import build_backbone, feature_dim, without_head
+from common.dist.placement import place_model
+from common.train.precision import Precision
+from common.ckpt.pretrained import extract_backbone, follow_checkpoint, load_backbone, load_pretrained
+from common.ckpt.resume import check_arch, check_same_flags, resolve_resume, resumed_args, run_seed
+from common.train.schedule import lr_at, set_lr
+from common.data.subsets import SubsetDataset, class_counts, load_subset, save_subset, stratified_subset
+from common.data.transformed import TransformedDataset
 from lincls.balance import BalancedSampler, class_weights
 from lincls.hierarchy import (
     HierarchicalLoss,
@@ -204,7 +205,7 @@ def backbone_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def build_classifier(args: argparse.Namespace, num_classes: Union[int, Sequence[int]]
                      ) -> Tuple[nn.Module, Dict[str, torch.Tensor], str]:
-    """The backbone (pretrained weights loaded through common.checkpoint, which knows
+    """The backbone (pretrained weights loaded through common.ckpt.io, which knows
     every layout) with a new head (one per level for a list of class counts). Returns
     (model, the checkpoint's backbone tensors for the sanity check (empty for random
     init), description of where the weights came from)."""
@@ -381,7 +382,7 @@ def diverging(val_loss: float, lowest_val_loss: float, acc1: float, best_acc1: f
 def evaluate(model: nn.Module, val_dataset, class_names: List[str], args: argparse.Namespace, env: DistEnv,
              workers: int, tree: Optional[LabelTree] = None) -> Dict:
     """Logits of the whole val split (each rank its share, gathered in dataset order), then
-    every metric of common.metrics: top-1/top-5, per-class and macro P/R/F1, confusion; for
+    every metric of common.eval.metrics: top-1/top-5, per-class and macro P/R/F1, confusion; for
     a hierarchy those of every level, plus consistency and whole-path top-1 (lincls.hierarchy)."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     bs = per_worker(args.batch_size, env.world_size)

@@ -10,18 +10,20 @@ from typing import Dict
 
 import torch
 
-from common.batchnorm import bn_group_warning, fewest_positions
+from common.nets.batchnorm import bn_group_warning, fewest_positions
 from common.cli import ArgumentParser, add_training_args
-from common.engine import train_one_epoch
+from common.train.step import train_one_epoch
 from common.errors import UserError
-from common.launch import expected_world_size, script_main, start_worker
-from common.logging import log
-from common.models import build_backbone
-from common.placement import place_model
-from common.precision import Precision
-from common.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen, epochs_for_budget
-from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
-                             learning_watch, lr_schedule, two_view_data)
+from common.dist.world import expected_world_size
+from common.dist.launch import script_main, start_worker
+from common.log.progress import log
+from common.nets.models import build_backbone
+from common.dist.placement import place_model
+from common.train.precision import Precision
+from common.train.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen, epochs_for_budget
+from common.train.run import PretrainRun, lr_schedule
+from common.train.setup import add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args, learning_watch
+from common.train.data import two_view_data
 from moco.augment import moco_v1, moco_v2
 from moco.builder import MoCo, SplitBatchNorm
 from moco.guards import cosine_momentum, fitted_queue, momentum_warning, queue_warning
@@ -132,7 +134,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     run.check_views(aug)  # do two views of an image still look alike? (a few seconds)
     run.knn_before_training(moco.encoder_q)  # --knn-every: the untrained network's kNN, to compare with
 
-    # ---- epochs: train (the step loop: common/engine.py), then kNN monitor, metrics line, checkpoint
+    # ---- epochs: train (the step loop: common/train/step.py), then kNN monitor, metrics line, checkpoint
     for epoch in range(run.start_epoch, args.epochs):
         result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run,
                                  per_step=key_momentum if args.moco_m_cos else None)

@@ -14,18 +14,20 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from common.batchnorm import bn_group_warning, fewest_positions
+from common.nets.batchnorm import bn_group_warning, fewest_positions
 from common.cli import ArgumentParser, add_training_args
-from common.engine import train_one_epoch
+from common.train.step import train_one_epoch
 from common.errors import UserError
-from common.launch import expected_world_size, script_main, start_worker, uses_cuda
-from common.logging import log
-from common.models import build_backbone
-from common.placement import place_model
-from common.precision import Precision
-from common.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen, epochs_for_budget
-from common.pretrain import (PretrainRun, add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
-                             learning_watch, lr_schedule, two_view_data)
+from common.dist.world import expected_world_size, uses_cuda
+from common.dist.launch import script_main, start_worker
+from common.log.progress import log
+from common.nets.models import build_backbone
+from common.dist.placement import place_model
+from common.train.precision import Precision
+from common.train.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen, epochs_for_budget
+from common.train.run import PretrainRun, lr_schedule
+from common.train.setup import add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args, learning_watch
+from common.train.data import two_view_data
 from simclr.augment import simclr_augmentation
 from simclr.builder import SimCLR
 from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
@@ -142,7 +144,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     run.check_views(aug)  # do two views of an image still look alike? (a few seconds)
     run.knn_before_training(simclr.encoder)  # --knn-every: the untrained network's kNN, to compare with
 
-    # ---- epochs: train (the step loop: common/engine.py), then kNN monitor, metrics line, checkpoint
+    # ---- epochs: train (the step loop: common/train/step.py), then kNN monitor, metrics line, checkpoint
     for epoch in range(run.start_epoch, args.epochs):
         result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run)
         if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration

@@ -11,7 +11,7 @@ import os
 
 from common.cli import HelpFormatter
 from common.errors import report_user_errors
-from common.plots import plot_curves, read_metrics
+from common.log.plots import plot_curves, read_metrics
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Images/s of the pretraining input pipeline: decode + two augmented views, through the
-product's loader (common.loader.make_loader: persistent workers, prefetch, per-sample
+product's loader (common.data.loader.make_loader: persistent workers, prefetch, per-sample
 seeded augmentation), per worker count: the MoCo authors' loader (the baseline of every
 ratio), the scripts' CPU path, the loader half of --gpu-augment (decode, crop, flip,
 uint8 out: its photometric half runs on the GPU, timed by bench/throughput.py), our
@@ -27,15 +27,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.util import format_table, median, save_record, write_jpegs  # noqa: E402
-from common import augment  # noqa: E402
-from common.datasets import build_dataset  # noqa: E402
-from common.dist import DistEnv  # noqa: E402
+from common.augment import transforms as augment  # noqa: E402
+from common.data.datasets import build_dataset  # noqa: E402
+from common.dist.collectives import DistEnv  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
-from common.gpu_decode import EncodedViews, collate_encoded, read_sample  # noqa: E402
-from common.images import image_folder  # noqa: E402
-from common.loader import make_loader  # noqa: E402
-from common.synthetic import SyntheticPatterns  # noqa: E402
-from common.transformed import TransformedDataset, load_sample  # noqa: E402
+from common.augment.gpu_decode import EncodedViews, collate_encoded, read_sample  # noqa: E402
+from common.data.images import image_folder  # noqa: E402
+from common.data.loader import make_loader  # noqa: E402
+from common.data.synthetic import SyntheticPatterns  # noqa: E402
+from common.data.transformed import TransformedDataset, load_sample  # noqa: E402
 from moco.augment import moco_v2  # noqa: E402
 from simclr.augment import simclr_augmentation  # noqa: E402
 
@@ -166,7 +166,7 @@ def build_source(args: argparse.Namespace, tmp: str):
         return SyntheticPatterns(args.num_images, 8, args.image_size[0])
     ds = build_dataset(argparse.Namespace(dataset=args.source, data=args.data, download=False), "pretrain")
     if len(ds) > args.num_images:
-        from common.subsets import SubsetDataset
+        from common.data.subsets import SubsetDataset
         ds = SubsetDataset(ds, range(args.num_images))
     return ds
 

@@ -35,12 +35,12 @@ from PIL import Image  # noqa: E402
 
 from bench.quality import probe_batch, run_script  # noqa: E402
 from bench.util import format_table, save_record  # noqa: E402
-from common import augment  # noqa: E402
+from common.augment import transforms as augment  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
-from common.images import csv_manifest  # noqa: E402
-from common.knn import extract_features  # noqa: E402
-from common.models import build_backbone  # noqa: E402
-from common.transformed import TransformedDataset  # noqa: E402
+from common.data.images import csv_manifest  # noqa: E402
+from common.eval.features import extract_features  # noqa: E402
+from common.nets.models import build_backbone  # noqa: E402
+from common.data.transformed import TransformedDataset  # noqa: E402
 from lincls.hierarchy import LabelTree, consistency_rate, path_accuracy  # noqa: E402
 
 # Fashion-MNIST's label order, as folder-safe names, and the two-level grouping

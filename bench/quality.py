@@ -51,16 +51,17 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.inspection_data import write_inspection_set  # noqa: E402
 from bench.util import format_table, machine_info, mnist_subset, resolve_device, write_json  # noqa: E402
-from common import augment  # noqa: E402
-from common.datasets import build_dataset  # noqa: E402
+from common.augment import transforms as augment  # noqa: E402
+from common.data.datasets import build_dataset  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
-from common.knn import extract_features, knn_accuracy  # noqa: E402
-from common.models import build_backbone, without_head  # noqa: E402
-from common.pretrained import load_backbone, load_pretrained  # noqa: E402
-from common.subsets import stratified_subset  # noqa: E402
-from common.transformed import TransformedDataset  # noqa: E402
+from common.eval.features import extract_features  # noqa: E402
+from common.eval.knn import knn_accuracy  # noqa: E402
+from common.nets.models import build_backbone, without_head  # noqa: E402
+from common.ckpt.pretrained import load_backbone, load_pretrained  # noqa: E402
+from common.data.subsets import stratified_subset  # noqa: E402
+from common.data.transformed import TransformedDataset  # noqa: E402
 from lincls.logreg import PROBE_WD, logistic_regression_accuracy  # noqa: E402
-from common.recipes import SMALL_DATA_BUDGET, epochs_for_budget  # noqa: E402
+from common.train.recipes import SMALL_DATA_BUDGET, epochs_for_budget  # noqa: E402
 from moco.guards import fitted_queue  # noqa: E402
 
 # moco_k 0: fit the pool, the largest multiple of the batch up to a tenth of it (at most 4096;
@@ -126,7 +127,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="unlabelled pool sizes to pretrain on, one evaluation each (default: --pretrain-images)")
     p.add_argument("--pretrain-budget", type=budget_arg, default=0,
                    help="images seen in pretraining (epochs = budget / pool, at least 1), so every pool gets the "
-                        "same compute; 'recipe': each method's --recipe small budget (common/recipes.py); "
+                        "same compute; 'recipe': each method's --recipe small budget (common/train/recipes.py); "
                         "0: --pretrain-epochs for every pool and method")
     p.add_argument("--reuse", action="store_true",
                    help="keep the training runs OUTPUT_DIR already holds finished (a pretraining run's "

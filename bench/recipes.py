@@ -7,7 +7,7 @@ For every method and crop size the real script (main_moco.py / main_simclr.py wi
 as ImageNet's 256 -> 224) for --measure-epochs epochs; the last epoch's images/s (from its
 metrics.jsonl, data loading included) gives the minutes. The epochs are the recipe's:
 each method's pretraining budget in images seen, as bench/quality.py measured it (docs/moco.md: Small
-datasets; common/recipes.py), over the pool (--budget gives every method another one). The
+datasets; common/train/recipes.py), over the pool (--budget gives every method another one). The
 recipe's flags are those the script prints for that pool and crop.
 
     python bench/recipes.py                        # CPU: ImageNet stem at every size
@@ -28,7 +28,7 @@ from bench.inspection_data import write_inspection_set  # noqa: E402
 from bench.quality import run_script  # noqa: E402
 from bench.util import format_table, resolve_device, save_record, write_jpegs  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
-from common.recipes import SMALL_DATA_BUDGET, DataProfile, epochs_for_budget  # noqa: E402
+from common.train.recipes import SMALL_DATA_BUDGET, DataProfile, epochs_for_budget  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pretraining step throughput, step time and peak memory of MoCo v2 and SimCLR, in one
 process: a baseline written like facebookresearch/moco's loop (fp32, NCHW, for-loop SGD,
-`loss.item()` and accuracy read every step) against our engine (common/engine.py) with
+`loss.item()` and accuracy read every step) against our engine (common/train/step.py) with
 its defaults and with each speed flag. Configurations are interleaved (A B C A B C ...)
 so drifting clocks or a busy neighbour hit all of them alike; medians are reported, and
 every ratio is against the baseline measured in the same run.
@@ -42,15 +42,15 @@ from bench.util import (  # noqa: E402
     texture_jpeg,
     write_json,
 )
-from common import augment  # noqa: E402
-from common.dist import DistEnv  # noqa: E402
-from common.engine import train_one_epoch  # noqa: E402
+from common.augment import transforms as augment  # noqa: E402
+from common.dist.collectives import DistEnv  # noqa: E402
+from common.train.step import train_one_epoch  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
-from common.gpu_augment import ViewsToDevice, draw_params  # noqa: E402
-from common.gpu_decode import DecodeToDevice, EncodedImage, EncodedViews, collate_encoded  # noqa: E402
-from common.models import build_backbone  # noqa: E402
-from common.precision import Precision  # noqa: E402
-from common.pretrain import PretrainData  # noqa: E402
+from common.augment.gpu import ViewsToDevice, draw_params  # noqa: E402
+from common.augment.gpu_decode import DecodeToDevice, EncodedImage, EncodedViews, collate_encoded  # noqa: E402
+from common.nets.models import build_backbone  # noqa: E402
+from common.train.precision import Precision  # noqa: E402
+from common.train.data import PretrainData  # noqa: E402
 from moco.augment import moco_v2  # noqa: E402
 from moco.builder import MoCo, SplitBatchNorm  # noqa: E402
 from simclr.augment import simclr_augmentation  # noqa: E402
@@ -163,7 +163,7 @@ class Runner:
         if cfg["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
         if cfg["compile"]:
-            # as the scripts do (common.placement.place_model): the networks, in place, glue eager
+            # as the scripts do (common.dist.placement.place_model): the networks, in place, glue eager
             for net in self.model.networks():
                 net.compile()
         self.optimizer = build_optimizer(method, self.model, cfg["optim_impl"], device, args)

@@ -5,10 +5,10 @@ import math
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from common.datasets import add_data_args
+from common.data.datasets import add_data_args
 from common.errors import UserError
-from common.launch import add_dist_args
-from common.tensorboard import check_tensorboard_flag
+from common.dist.world import add_dist_args
+from common.log.tensorboard import check_tensorboard_flag
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -1,6 +1,6 @@
 """Context-encoder inputs (Pathak et al., 2016): random square patches blanked out of an
 image; the target is the image itself. Drawn from torch's global RNG, which the loader
-seeds per sample (common/transformed.py), so the same sample in the same epoch gets the
+seeds per sample (common/data/transformed.py), so the same sample in the same epoch gets the
 same patches on any number of workers and after a resume, and new ones every epoch."""
 from typing import List
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.augment import IMAGENET_MEAN, IMAGENET_STD
+from common.augment.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 LOSSES = ("bce", "mse", "l1")
 

@@ -5,8 +5,8 @@ from typing import List, Sequence
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from common.loader import ResumableSampler
-from common.subsets import class_counts
+from common.data.loader import ResumableSampler
+from common.data.subsets import class_counts
 
 
 def balanced_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import UserError
-from common.images import FileListDataset, is_image_file, read_csv_rows, walk_once
-from common.metrics import classification_report
+from common.data.images import FileListDataset, is_image_file, read_csv_rows, walk_once
+from common.eval.metrics import classification_report
 
 SEP = "/"
 DECODINGS = ("independent", "top-down", "path")
@@ -216,7 +216,7 @@ def hierarchical_dataset(args: argparse.Namespace, split: str,
     split's, which the val split must use."""
     depth, root = args.hierarchy_depth, args.data
     if args.dataset == "csv":
-        # DATA is train.csv, or a folder holding train.csv and val.csv (as common.datasets reads it)
+        # DATA is train.csv, or a folder holding train.csv and val.csv (as common.data.datasets reads it)
         folder = os.path.isdir(root)
         path = os.path.join(root, f"{split}.csv") if folder else root if split == "train" else None
         if path is None or (split == "val" and not os.path.isfile(path)):
@@ -322,7 +322,7 @@ def path_accuracy(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
 
 def hierarchical_report(logits: torch.Tensor, leaf_target: torch.Tensor, tree: LabelTree, decoding: str,
                         level_weights: Sequence[float]) -> Dict:
-    """common.metrics' classification_report for every level (under `decoding`, plus that
+    """common.eval.metrics' classification_report for every level (under `decoding`, plus that
     level's val loss), the consistency rate and whole-path top-1 of the decisions and of
     the independent argmax, and the weighted loss. `acc1` is the whole-path top-1."""
     logits, leaf_target = logits.float().cpu(), leaf_target.long().cpu()

@@ -1,7 +1,7 @@
 """MoCo's augmentation recipes: v1 (InstDisc's) and v2 ("aug-plus")."""
 from typing import Optional
 
-from common.augment import Recipe
+from common.augment.transforms import Recipe
 
 
 def moco_v1(crop_size: int = 224, crop_min: Optional[float] = None, gray_images: bool = False,

@@ -1,7 +1,7 @@
 """SimCLR's augmentation recipe (Chen et al., 2020, appendix A)."""
 from typing import Optional
 
-from common.augment import Recipe
+from common.augment.transforms import Recipe
 
 
 def simclr_augmentation(crop_size: int = 224, strength: float = 1.0, blur: bool = True,

@@ -4,13 +4,13 @@ batch as a negative.
 
 The projection head replaces the torchvision model's `fc`, so the checkpoint keys are
 `module.encoder.*` with the head under `module.encoder.fc.*`: dropping `fc` gives a plain
-torchvision backbone (common.checkpoint.extract_backbone)."""
+torchvision backbone (common.ckpt.io.extract_backbone)."""
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from common.models import feature_dim
+from common.nets.models import feature_dim
 from simclr.loss import nt_xent
 
 

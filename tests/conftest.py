@@ -32,8 +32,8 @@ def learning_knn(output_dir, image_size: int = 32):
     (resized to the 32 px crop)."""
     import torch
     import main_moco
-    from common.dist import DistEnv
-    from common.knn import KnnMonitor
+    from common.dist.collectives import DistEnv
+    from common.eval.monitor import KnnMonitor
     argv = SYNTHETIC + ["--synthetic-size", str(LEARNING_KNN_IMAGES), "--synthetic-image-size", str(image_size),
                         "--crop-size", "32", "-b", "64", "--moco-k", "64", "--output-dir", str(output_dir)]
     args = main_moco.finalize_args(main_moco.get_args_parser().parse_args(argv))
@@ -44,8 +44,8 @@ def untrained_knn(knn, seed: int = 0) -> float:
     """kNN top-1 of the untrained control: a random-init resnet18 (ImageNet stem) whose
     BatchNorm statistics are estimated on the bank's images, as a trained network's are."""
     import torch
-    from common.batchnorm import recalibrate_batchnorm
-    from common.models import build_backbone
+    from common.nets.batchnorm import recalibrate_batchnorm
+    from common.nets.models import build_backbone
     torch.manual_seed(seed)
     return knn.evaluate(recalibrate_batchnorm(build_backbone("resnet18", small_images=False), knn.train))["knn_top1"]
 

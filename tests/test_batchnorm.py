@@ -1,10 +1,10 @@
 """BatchNorm groups too small to normalise: refused before training with the values that
-work (common/batchnorm.py)."""
+work (common/nets/batchnorm.py)."""
 import pytest
 
 import main_moco
 import main_simclr
-from common.batchnorm import MIN_VALUES, bn_group_warning, fewest_positions
+from common.nets.batchnorm import MIN_VALUES, bn_group_warning, fewest_positions
 from common.errors import UserError
 
 

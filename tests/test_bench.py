@@ -15,9 +15,9 @@ from bench import recipes as bench_recipes
 from bench import throughput as bench_throughput
 from bench.util import format_table, mnist_subset, stratified_first, write_mnist_layout
 from common.errors import UserError
-from common import augment
-from common.datasets import build_dataset
-from common.transformed import TransformedDataset
+from common.augment import transforms as augment
+from common.data.datasets import build_dataset
+from common.data.transformed import TransformedDataset
 from lincls.logreg import logistic_regression_accuracy
 from moco.augment import moco_v2
 

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 import main_knn
 import main_lincls
-from common.augment import eval_transform
+from common.augment.transforms import eval_transform
 from common.errors import UserError
-from common.images import FileListDataset, image_folder, pil_loader
-from common.knn import knn_accuracy, knn_search
-from common.models import build_backbone, without_head
-from common.resume import check_same_flags
-from common.transformed import TransformedDataset, drop_unreadable_collate
+from common.data.images import FileListDataset, image_folder, pil_loader
+from common.eval.knn import knn_accuracy, knn_search
+from common.nets.models import build_backbone, without_head
+from common.ckpt.resume import check_same_flags
+from common.data.transformed import TransformedDataset, drop_unreadable_collate
 from conftest import run_main, run_script, write_image_folder
 from lincls.logreg import fit_logistic_regression
 

@@ -12,7 +12,7 @@ import main_knn
 import main_moco
 import plot_run
 from common.extras import available
-from common.plots import CURVES_SIZE
+from common.log.plots import CURVES_SIZE
 from conftest import ROOT, SYNTHETIC, run_script
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",

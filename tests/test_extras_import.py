@@ -7,7 +7,7 @@ import pytest
 import main_moco
 from common.errors import UserError
 from common.extras import available, require
-from common.tensorboard import check_tensorboard_flag
+from common.log.tensorboard import check_tensorboard_flag
 from conftest import SYNTHETIC, run_main
 
 PROTOBUF_CLASH = "Descriptors cannot be created directly.\nIf this call came from a _pb2.py file, regenerate it."

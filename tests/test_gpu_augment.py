@@ -9,11 +9,11 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from common import augment
-from common import gpu_augment as G
-from common.images import FileListDataset, pil_loader
-from common.models import build_backbone
-from common.transformed import TransformedDataset
+from common.augment import transforms as augment
+from common.augment import gpu as G
+from common.data.images import FileListDataset, pil_loader
+from common.nets.models import build_backbone
+from common.data.transformed import TransformedDataset
 from moco.augment import moco_v1, moco_v2
 from moco.builder import SplitBatchNorm, _group_batch_norm_ops
 from simclr.augment import simclr_augmentation

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from common import augment
-from common import gpu_decode as D
+from common.augment import transforms as augment
+from common.augment import gpu_decode as D
 from common.errors import UserError
-from common.images import FileListDataset
-from common.transformed import TransformedDataset
+from common.data.images import FileListDataset
+from common.data.transformed import TransformedDataset
 from conftest import run_inline
 from moco.augment import moco_v2
 from simclr.augment import simclr_augmentation

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from common.collapse import CollapseWatch
-from common.dist import DistEnv
-from common.engine import train_one_epoch
-from common.gpu_augment import ViewsToDevice
-from common.pretrain import PretrainData
+from common.watch.collapse import CollapseWatch
+from common.dist.collectives import DistEnv
+from common.train.step import train_one_epoch
+from common.augment.gpu import ViewsToDevice
+from common.train.data import PretrainData
 from conftest import SYNTHETIC, run_inline
 from moco.guards import cosine_momentum, init_share_at_end, momentum_warning, queue_warning
 from test_moco_builder import tiny_moco

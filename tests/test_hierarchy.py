@@ -22,11 +22,11 @@ import main_lincls
 from bench.hierarchy import FAMILY, write_data
 from bench.util import write_mnist_layout
 from common.errors import UserError
-from common.images import csv_manifest
-from common.knn import knn_predict
-from common.models import build_backbone
-from common.subsets import load_subset, save_subset, stratified_subset
-from common.synthetic import SyntheticPatterns
+from common.data.images import csv_manifest
+from common.eval.knn import knn_predict
+from common.nets.models import build_backbone
+from common.data.subsets import load_subset, save_subset, stratified_subset
+from common.data.synthetic import SyntheticPatterns
 from lincls.balance import BalancedSampler, class_weights
 from lincls.hierarchy import (
     HierarchicalLoss,

@@ -1,10 +1,10 @@
-"""Image files on disk (common/images.py): csv manifests as spreadsheets write them."""
+"""Image files on disk (common/data/images.py): csv manifests as spreadsheets write them."""
 import codecs
 
 import pytest
 
 from common.errors import UserError
-from common.images import csv_manifest
+from common.data.images import csv_manifest
 from conftest import write_image_folder
 
 

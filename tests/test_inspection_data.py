@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from bench.inspection_data import inspection_image, surface, write_inspection_set
-from common.images import image_folder
+from common.data.images import image_folder
 
 
 def test_the_set_is_seeded_two_to_one_and_read_as_an_image_folder(tmp_path):

@@ -1,4 +1,4 @@
-"""kNN (common/knn.py) and main_knn.py: exact against a brute-force reference, chunking,
+"""kNN (common/eval/knn.py) and main_knn.py: exact against a brute-force reference, chunking,
 pretrained beats random init, retrieval grids, embedding export, DDP, clear errors."""
 import csv
 import json
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import main_knn
-from common.knn import knn_accuracy, knn_predict, knn_search, knn_vote
+from common.eval.knn import knn_accuracy, knn_predict, knn_search, knn_vote
 from conftest import LEARNING_KNN_IMAGES, SYNTHETIC, run_script
 
 # the moco_pretrained run's data, fewer images: kNN only needs a forward pass
@@ -135,7 +135,7 @@ def test_pretrained_beats_the_untrained_network_with_export_and_retrieval(moco_p
     # the grid's query cell is the query image itself (resized + centre-cropped, not normalised)
     grid = np.asarray(Image.open(ret / "grid_000.png").convert("RGB"))
     q0 = int(caps[0]["index"])
-    from common.synthetic import SyntheticPatterns
+    from common.data.synthetic import SyntheticPatterns
     expect = np.asarray(SyntheticPatterns(512)[q0][0])
     assert np.abs(grid[2:34, 2:34].astype(int) - expect.astype(int)).max() <= 1
 

@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 
 import main_lincls
-from common.loader import ResumableSampler
-from common.metrics import accuracy, classification_report, confusion_matrix, precision_recall_f1
-from common.models import build_backbone
-from common.pretrained import torchvision_weights_path
-from common.subsets import stratified_subset
+from common.data.loader import ResumableSampler
+from common.eval.metrics import accuracy, classification_report, confusion_matrix, precision_recall_f1
+from common.nets.models import build_backbone
+from common.ckpt.pretrained import torchvision_weights_path
+from common.data.subsets import stratified_subset
 from conftest import LEARNING_KNN_IMAGES, SYNTHETIC, run_main, run_script, write_image_folder
 from lincls.balance import BalancedSampler, class_weights
 
@@ -375,11 +375,11 @@ def test_logreg_probe_fits_the_head_in_one_go_and_beats_the_untrained_network(mo
     On the learning tests' 2,048 images (205 labelled, 512 val), over fixture seeds 1-6 (2 CPU
     cores, torch 2.14.1): top-1 69.5-76.8 against 45.5-56.2 untrained, gains 15.9-28.4 (mean
     22.8, sd 4.4); margin 10. Against --pretrained none (66.0): +3.5..+10.8."""
-    from common.datasets import build_dataset
-    from common.knn import extract_features
-    from common.models import without_head
-    from common.transformed import TransformedDataset
-    from common import augment
+    from common.data.datasets import build_dataset
+    from common.eval.features import extract_features
+    from common.nets.models import without_head
+    from common.data.transformed import TransformedDataset
+    from common.augment import transforms as augment
     from lincls.logreg import fit_logistic_regression
 
     acc = {}

@@ -1,4 +1,4 @@
-"""common/logging.py: a resumed run forgets the metrics lines it will write again, and a
+"""common/log/progress.py: a resumed run forgets the metrics lines it will write again, and a
 metrics.jsonl that holds other lines (cut by a kill, foreign, hand-edited) does not stop it."""
 import json
 import os
@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from common.logging import MetricsLog
+from common.log.progress import MetricsLog
 
 
 def records(*epochs) -> str:

@@ -127,9 +127,9 @@ def test_pretraining_beats_the_untrained_network_under_the_same_knn(moco_pretrai
     over init seeds 0-5 (65.6 for seed 0, the one used). Margin 8: the smallest gap seen is
     11.2, the mean 16-18, about 3 sd above the margin. Against the identity statistics
     (--pretrained none: 74-83 over init seeds) the same runs lead by only 4.7 +- 3."""
-    from common.checkpoint import load_checkpoint
-    from common.models import build_backbone
-    from common.pretrained import load_backbone
+    from common.ckpt.io import load_checkpoint
+    from common.nets.models import build_backbone
+    from common.ckpt.pretrained import load_backbone
     from conftest import MOCO_LEARN, learning_knn, untrained_knn
 
     knn = learning_knn(tmp_path / "knn")

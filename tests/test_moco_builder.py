@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.models import build_backbone
+from common.nets.models import build_backbone
 from moco.builder import MoCo, SplitBatchNorm
 
 

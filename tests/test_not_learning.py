@@ -1,5 +1,5 @@
 """A contrastive run that never leaves chance says so from its second epoch, and
---stop-if-not-learning stops it there with the checkpoint kept (common/collapse.py
+--stop-if-not-learning stops it there with the checkpoint kept (common/watch/collapse.py
 LearningWatch); runs that learn are not flagged."""
 import json
 import os
@@ -10,8 +10,8 @@ from PIL import Image
 
 import main_moco
 import main_simclr
-from common.collapse import NEAR_CHANCE, LearningWatch
-from common.pretrain import NOT_LEARNING_EXIT
+from common.watch.collapse import NEAR_CHANCE, LearningWatch
+from common.train.run import NOT_LEARNING_EXIT
 from conftest import run_inline
 
 
@@ -46,7 +46,7 @@ def test_a_run_at_chance_is_flagged_and_can_stop(flat_gray, tmp_path, capsys, sc
     argv = [flat_gray, "-a", "resnet18", "--no-small-images", "-j", "0", "--crop-size", "32", "-b", "32",
             "--crop-min", "0.01", "--color-strength", "1", "--epochs", "20", "--seed", "0", "-p", "100"] + extra
     proc = run_inline(capsys, script.main, argv + ["--epochs", "2", "--output-dir", str(tmp_path / "warn")])
-    # told before the first step already (common/view_check.py), then by the epoch lines
+    # told before the first step already (common/watch/view_check.py), then by the epoch lines
     assert "warning: the augmentations leave almost no instance signal" in proc.stdout.split("Epoch [0/2]")[0]
     epoch1 = next(line for line in proc.stdout.splitlines() if line.startswith("=> epoch 1 done"))
     assert "WARNING: the contrastive accuracy is" in epoch1 and "the run is not learning" in epoch1
@@ -68,8 +68,8 @@ def test_the_learning_fixture_is_not_flagged(moco_pretrained):
 
 def test_the_view_check_separates_an_image_s_views_from_other_images():
     import torch
-    from common.datasets import build_dataset
-    from common.view_check import _separation, view_check, view_check_message
+    from common.data.datasets import build_dataset
+    from common.watch.view_check import _separation, view_check, view_check_message
     from conftest import MOCO_LEARN
     from moco.augment import moco_v2
 

@@ -1,4 +1,4 @@
-"""plot_run.py and common/plots.py: a metrics.jsonl that is not one epoch record per line,
+"""plot_run.py and common/log/plots.py: a metrics.jsonl that is not one epoch record per line,
 and an output that cannot be written, are one sentence; a missing folder is created."""
 import json
 import os
@@ -41,7 +41,7 @@ def test_a_line_that_is_not_an_epoch_record_is_one_sentence_naming_file_and_line
 
 
 def test_a_line_cut_mid_write_or_undecodable_is_skipped(run_dir):
-    from common.plots import read_metrics
+    from common.log.plots import read_metrics
     with open(run_dir / "metrics.jsonl", "ab") as f:
         f.write(b'{"epoch": 3, "lo\xff\xfe')  # a kill mid-write, torn through a multibyte character
     assert [r["epoch"] for r in read_metrics(str(run_dir))] == [0, 1, 2]

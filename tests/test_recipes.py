@@ -17,7 +17,7 @@ def test_moco_small_recipe_fits_the_queue_and_keeps_given_flags(tmp_path, capsys
     assert (args.lr, args.cos, args.mlp, args.aug_plus, args.moco_m, args.crop_min) == (0.06, True, True, True,
                                                                                         0.99, 0.3)
     assert args.moco_t == 0.2  # given on the command line: kept
-    assert args.epochs == 115  # 200,000 images seen (common.recipes.SMALL_DATA_BUDGET) / 1,736
+    assert args.epochs == 115  # 200,000 images seen (common.train.recipes.SMALL_DATA_BUDGET) / 1,736
     assert "--recipe small for 1736 images at 32 px sets:" in out and "--moco-k 128" in out
     assert "kept from the command line: --moco-t 0.2" in out
     default = finalize(main_moco, ["--dataset", "synthetic"], tmp_path / "d")
@@ -93,8 +93,8 @@ def _png_folder(root, size, mode, n=6):
 
 
 def test_the_recipe_follows_the_data_grayscale_and_source_size(tmp_path, capsys):
-    from common.recipes import crop_for_source, profile_data
-    from common.datasets import build_dataset
+    from common.train.recipes import crop_for_source, profile_data
+    from common.data.datasets import build_dataset
     import argparse
     gray = _png_folder(tmp_path / "gray", (256, 200), "L")
     colour = _png_folder(tmp_path / "colour", (40, 48), "RGB")

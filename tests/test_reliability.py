@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.resume import run_seed
+from common.ckpt.resume import run_seed
 import main_knn
 import main_lincls
 import main_moco
@@ -31,9 +31,9 @@ TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--m
 WORKER = r"""
 import json, sys
 import main_moco
-from common.loader import ResumableSampler
-from common.dist import cleanup
-from common.launch import start_worker
+from common.data.loader import ResumableSampler
+from common.dist.collectives import cleanup
+from common.dist.launch import start_worker
 args = main_moco.finalize_args(main_moco.get_args_parser().parse_args(sys.argv[2:]))
 drawn = args.seed
 env, batch, _ = start_worker(None, args)
@@ -180,7 +180,7 @@ def test_unwritable_output_dir_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_too_little_space_and_stale_temp_files(tmp_path, capsys):
-    from common.checkpoint import check_free_space, prepare_output_dir
+    from common.ckpt.io import check_free_space, prepare_output_dir
     from common.errors import UserError
     with pytest.raises(UserError, match="MiB free but one checkpoint needs about"):
         check_free_space(str(tmp_path), shutil.disk_usage(tmp_path).free + 2 ** 40)
@@ -197,7 +197,7 @@ def test_a_disk_that_fills_mid_run_is_one_sentence_and_keeps_the_last_checkpoint
     import collections
     import errno
 
-    from common import checkpoint
+    from common.ckpt import io as checkpoint
     from common.errors import UserError
     checkpoint.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, str(tmp_path), epoch_file=False)
 
@@ -225,7 +225,7 @@ def test_a_disk_that_fills_mid_run_is_one_sentence_and_keeps_the_last_checkpoint
 
 
 def test_checkpoint_writes_get_the_umask_mode_without_touching_the_umask(tmp_path, monkeypatch):
-    from common import checkpoint
+    from common.ckpt import io as checkpoint
     real_save, temps = torch.save, []
 
     def save(obj, f):  # what a kill mid-write would leave behind: prepare_output_dir must know the name
@@ -269,7 +269,7 @@ def test_metrics_keep_one_line_per_epoch_after_a_kill_between_line_and_checkpoin
 def test_pickled_objects_are_refused_in_one_sentence(tmp_path):
     import argparse
 
-    from common.checkpoint import load_checkpoint
+    from common.ckpt.io import load_checkpoint
     from common.errors import UserError
     torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "foreign.pth.tar")
     with pytest.raises(UserError, match="it holds pickled Python objects besides tensors") as e:
@@ -280,7 +280,7 @@ def test_pickled_objects_are_refused_in_one_sentence(tmp_path):
 # ---------------------------------------------------------------- images read right
 
 def test_16_bit_png_exif_rotation_and_symlink_loops(tmp_path):
-    from common.images import image_folder, pil_loader
+    from common.data.images import image_folder, pil_loader
     ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     x = np.asarray(pil_loader(str(tmp_path / "g16.png")))
@@ -298,7 +298,7 @@ def test_16_bit_png_exif_rotation_and_symlink_loops(tmp_path):
 
 
 def test_csv_labels_are_stripped_and_case_clashes_warned(tmp_path, capsys):
-    from common.images import csv_manifest
+    from common.data.images import csv_manifest
     for name in ("a.png", "b.png", "c.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     (tmp_path / "train.csv").write_text("path,label\na.png,Cat \nb.png, Cat\nc.png,cat\n")

@@ -15,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import main_simclr
-from common.checkpoint import load_checkpoint
-from common.dist import DistEnv, all_gather_with_grad
-from common.knn import KnnMonitor
-from common.models import build_backbone
-from common.pretrained import load_backbone
+from common.ckpt.io import load_checkpoint
+from common.dist.collectives import DistEnv, all_gather_with_grad
+from common.eval.monitor import KnnMonitor
+from common.nets.models import build_backbone
+from common.ckpt.pretrained import load_backbone
 from conftest import SYNTHETIC, run_main, run_script
 from simclr.builder import SimCLR, projection_head
 from simclr.loss import nt_xent
@@ -337,7 +337,7 @@ def test_pretraining_beats_the_untrained_network_under_the_same_knn(tmp_path):
     load_backbone(pretrained, load_checkpoint(str(tmp_path / "checkpoint_last.pth.tar")))
     # the checkpoint holds the backbone the run's own monitor evaluated
     assert monitor.evaluate(pretrained)["knn_top1"] == pytest.approx(logged["knn_top1"], abs=1.0)
-    assert logged["not_learning"] is False  # a run that learns is not flagged (common/collapse.py)
+    assert logged["not_learning"] is False  # a run that learns is not flagged (common/watch/collapse.py)
     knn = learning_knn(tmp_path / "knn")
     learned, control = knn.evaluate(pretrained)["knn_top1"], untrained_knn(knn)
     print(f"kNN top-1: SimCLR {learned:.2f}, untrained {control:.2f}")

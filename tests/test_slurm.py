@@ -12,10 +12,11 @@ import time
 import pytest
 import torch
 
-from common import dist as cdist
-from common import launch, slurm
+from common.dist import collectives as cdist
+from common.dist import world
+from common.dist import slurm
 from common.errors import UserError
-from common.preempt import REQUEUE_EXIT_CODE
+from common.train.preempt import REQUEUE_EXIT_CODE
 from conftest import ROOT, SYNTHETIC
 
 # 4 iterations per epoch; -j 0 and a fixed seed make runs bitwise repeatable
@@ -108,7 +109,7 @@ def _set_env(monkeypatch, **values):
 def test_slurm_env_reads_rank_world_master_and_port(monkeypatch):
     _set_env(monkeypatch, SLURM_PROCID=5, SLURM_NTASKS=8, SLURM_LOCALID=1, SLURM_JOB_ID=123456,
              SLURM_JOB_NODELIST="gpu[03-06]", SLURM_TASKS_PER_NODE="2(x4)", SLURM_NODEID=2)
-    assert launch.detect_launcher() == "slurm"
+    assert world.detect_launcher() == "slurm"
     s = slurm.slurm_env()
     assert s == {"rank": 5, "world_size": 8, "local_rank": 1, "init_method": "tcp://gpu03:18456"}
     assert slurm.slurm_tasks_on_this_node() == 2
@@ -130,9 +131,9 @@ def test_slurm_env_reads_rank_world_master_and_port(monkeypatch):
 
 def test_single_task_or_torchrun_is_not_slurm(monkeypatch):
     _set_env(monkeypatch, SLURM_PROCID=0, SLURM_NTASKS=1, SLURM_LOCALID=0, SLURM_JOB_ID=1)
-    assert launch.detect_launcher() is None  # `srun -n1 python main_moco.py ...`: a plain run
+    assert world.detect_launcher() is None  # `srun -n1 python main_moco.py ...`: a plain run
     _set_env(monkeypatch, SLURM_PROCID=0, SLURM_NTASKS=4, RANK=0, WORLD_SIZE=2, LOCAL_RANK=0)
-    assert launch.detect_launcher() == "torchrun"  # torchrun inside an allocation
+    assert world.detect_launcher() == "torchrun"  # torchrun inside an allocation
 
 
 @pytest.mark.parametrize("values, missing", [
@@ -263,8 +264,9 @@ def test_sigterm_sets_flag_then_the_run_checkpoints_and_exits_for_requeue(tmp_pa
     returns the requeue exit code."""
     import argparse
 
-    from common.preempt import PREEMPT_SIGNALS
-    from common.pretrain import PretrainData, PretrainRun
+    from common.dist.signals import PREEMPT_SIGNALS
+    from common.train.data import PretrainData
+    from common.train.run import PretrainRun
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     model = torch.nn.Linear(3, 2)

@@ -1,0 +1,173 @@
+"""Augmentation building blocks: a pretraining `Recipe` (the methods' own recipes are
+moco/augment.py and simclr/augment.py), and the classifier / eval transforms. A recipe
+runs whole in the loader workers on PIL images (the CPU path, as fast as the MoCo
+authors' loader: uint8 PIL ops, PIL's blur), or split with `--gpu-augment`: crop and flip
+in the workers, the photometric ops batched on the device (common/augment/gpu.py)."""
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+import torch
+from PIL import Image, ImageFilter
+from torchvision import transforms
+from torchvision.transforms.functional import pil_to_tensor
+
+from common.augment.gpu import PhotometricSpec, draw_params
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TwoCropsTransform:
+    """Two independent augmentations of one image: the query and the key."""
+
+    def __init__(self, base_transform: Callable):
+        self.base_transform = base_transform
+
+    def __call__(self, x) -> List:
+        return [self.base_transform(x), self.base_transform(x)]
+
+
+def _normalize() -> transforms.Normalize:
+    return transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+class ToNormalizedTensor:
+    """PIL uint8 image -> normalised float tensor in one pass: ToTensor() then Normalize()
+    with the ImageNet statistics, without the intermediate [0, 1] tensor (half the float
+    work of the two transforms)."""
+
+    def __init__(self, mean: Tuple[float, ...] = IMAGENET_MEAN, std: Tuple[float, ...] = IMAGENET_STD):
+        self.shift = torch.tensor(mean).view(-1, 1, 1) * 255
+        self.scale = torch.tensor(std).view(-1, 1, 1) * 255
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return pil_to_tensor(img).float().sub_(self.shift).div_(self.scale)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def blur_kernel_size(crop_size: int) -> int:
+    """~10 % of the image side, odd, as in SimCLR (23 at 224 px)."""
+    return max(3, int(0.1 * crop_size) // 2 * 2 + 1)
+
+
+class PILGaussianBlur:
+    """Gaussian blur with sigma ~ U(sigma_min, sigma_max) through PIL's filter, as the MoCo
+    authors' loader does (moco/loader.py): about 1 ms on a 224 px image, where
+    torchvision's GaussianBlur, a float convolution on a PIL image, takes about 50 ms.
+    sigma is drawn from torch's RNG so the per-sample seed fixes it."""
+
+    def __init__(self, sigma: Tuple[float, float] = (0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        sigma = float(torch.empty(1).uniform_(*self.sigma))
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))  # PIL's radius is the standard deviation
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One view's augmentation as an ordered list of ops ("crop", "flip", "jitter", "gray",
+    "blur"). Called on a PIL image it runs the whole recipe in the loader worker (the CPU
+    path). `split()` gives the `--gpu-augment` path: crop and flip in the worker, which
+    returns the uint8 crop and its photometric parameters, and `spec()` for the batched
+    photometric ops on the training device (common/augment/gpu.py). Flips commute with the
+    photometric ops, so both paths draw from the same distribution."""
+    crop_size: int
+    crop_min: float
+    ops: Tuple[str, ...]
+    jitter: Tuple[float, float, float, float]
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    crop_max: float = 1.0
+
+    def _op(self, name: str) -> Callable:
+        if name == "crop":
+            return transforms.RandomResizedCrop(self.crop_size, scale=(self.crop_min, self.crop_max))
+        if name == "flip":
+            return transforms.RandomHorizontalFlip()
+        if name == "jitter":
+            jitter = transforms.ColorJitter(*self.jitter)
+            return jitter if self.jitter_p >= 1 else transforms.RandomApply([jitter], p=self.jitter_p)
+        if name == "gray":
+            return transforms.RandomGrayscale(p=self.gray_p)
+        return transforms.RandomApply([PILGaussianBlur(self.blur_sigma)], p=self.blur_p)
+
+    @functools.cached_property
+    def _pil(self) -> transforms.Compose:
+        return transforms.Compose([self._op(o) for o in self.ops] + [ToNormalizedTensor()])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self._pil(img)
+
+    def spec(self) -> PhotometricSpec:
+        """The photometric part, for common.augment.gpu.photometric."""
+        ops = self.ops
+        return PhotometricSpec(jitter=self.jitter, jitter_p=self.jitter_p if "jitter" in ops else 0.0,
+                               gray_p=self.gray_p if "gray" in ops else 0.0,
+                               gray_first="gray" in ops and "jitter" in ops and ops.index("gray") < ops.index("jitter"),
+                               blur_p=self.blur_p, blur_sigma=self.blur_sigma,
+                               blur_kernel=blur_kernel_size(self.crop_size) if "blur" in ops else 0,
+                               mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    def for_gray_images(self) -> "Recipe":
+        """The recipe for grayscale images: the same crops, brightness and contrast; no saturation
+        or hue jitter and no random grayscale, which leave a gray image as it was."""
+        b, c, _, _ = self.jitter
+        return dataclasses.replace(self, ops=tuple(o for o in self.ops if o != "gray"), jitter=(b, c, 0.0, 0.0))
+
+    def decode_side(self) -> int:
+        """Shortest side a JPEG may be decoded at (PIL draft) without starving the smallest
+        random crop (area crop_min of the image) of pixels: crop / sqrt(crop_min)."""
+        return int(math.ceil(self.crop_size / math.sqrt(self.crop_min)))
+
+    def split(self) -> "GeometricPart":
+        return GeometricPart(self)
+
+
+class GeometricPart:
+    """The loader-worker half of `--gpu-augment`: crop and flip on the PIL image, then the
+    uint8 crop (no float work) and the view's photometric parameters, drawn here from the
+    per-sample seed so resume stays exact."""
+
+    def __init__(self, recipe: Recipe):
+        self.spec = recipe.spec()
+        self.geometric = transforms.Compose([recipe._op(o) for o in recipe.ops if o in ("crop", "flip")])
+
+    def __call__(self, img: Image.Image) -> List[torch.Tensor]:
+        crop = pil_to_tensor(self.geometric(img))
+        return [crop, draw_params(self.spec)]
+
+
+def train_classifier(crop_size: int = 224) -> transforms.Compose:
+    """Supervised training augmentation for the linear probe (as in facebookresearch/moco)."""
+    ops = [transforms.RandomResizedCrop(crop_size)] if crop_size > 64 else \
+        [transforms.Resize(crop_size), transforms.RandomCrop(crop_size, padding=crop_size // 8)]
+    return transforms.Compose(ops + [transforms.RandomHorizontalFlip(), transforms.ToTensor(), _normalize()])
+
+
+def train_classifier_decode_side(crop_size: int = 224) -> int:
+    """Shortest side train_classifier needs of a decoded image (JPEG draft): its smallest
+    RandomResizedCrop takes 8 % of the image; small crops are a plain resize."""
+    return int(math.ceil(crop_size / math.sqrt(0.08))) if crop_size > 64 else crop_size
+
+
+def eval_decode_side(crop_size: int = 224) -> int:
+    """Shortest side eval_transform needs of a decoded image: its Resize target."""
+    return int(round(crop_size / 0.875)) if crop_size > 64 else crop_size
+
+
+def eval_transform(crop_size: int = 224) -> transforms.Compose:
+    """Resize to crop/0.875 then centre crop (256 -> 224 for ImageNet); small images just resize."""
+    resize = int(round(crop_size / 0.875)) if crop_size > 64 else crop_size
+    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop_size),
+                               transforms.ToTensor(), _normalize()])

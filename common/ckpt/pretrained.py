@@ -1,0 +1,135 @@
+"""Weights for evaluation: the one place that knows which keys hold the backbone in every
+supported checkpoint layout (ours, facebookresearch/moco, classifiers, torchvision), and
+`--pretrained PATH|imagenet|none`."""
+import argparse
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torchvision.models as tvm
+
+from common.ckpt.io import METHODS, load_checkpoint
+from common.errors import UserError
+from common.ckpt.resume import check_arch
+
+# prefixes under which pretraining checkpoints keep the backbone, most specific first
+BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "encoder.")
+
+
+def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Backbone weights (head `fc.*` dropped, prefix stripped) from any supported layout:
+    MoCo (ours and facebookresearch/moco: `module.encoder_q.*`), SimCLR (`module.encoder.*`),
+    a classifier from main_lincls.py or torchvision (`module.*` or bare keys).
+    Returns (weights, layout name)."""
+    for prefix in BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in state_dict):
+            layout = prefix.rstrip(".")
+            break
+    else:
+        keys = list(state_dict)
+        if any(k.startswith("module.") for k in keys):
+            prefix, layout = "module.", "classifier"
+        elif "conv1.weight" in state_dict or any(k.startswith("layer1.") for k in keys):
+            prefix, layout = "", "classifier"
+        else:
+            raise UserError(f"unknown checkpoint layout (first keys: {keys[:4]}); expected keys starting with "
+                            f"{', '.join(BACKBONE_PREFIXES)} or a plain ResNet state_dict")
+    out = {k[len(prefix):]: v for k, v in state_dict.items()
+           if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")}
+    return out, layout
+
+
+def load_backbone(model: nn.Module, ckpt: Dict[str, Any], path: str = "checkpoint") -> str:
+    """Load a checkpoint's backbone into `model` (a torchvision model; its `fc` is left
+    alone). Any other missing or mismatched key is a plain error naming the likely cause."""
+    if ckpt.get("arch") is None:
+        pass  # foreign checkpoints (torchvision, reference repo) may not say; shapes decide
+    weights, layout = extract_backbone(ckpt["state_dict"])
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        saved = ckpt.get("arch", "an unknown architecture")
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {wrong[:3]}")
+        raise UserError(f"checkpoint {path!r} ({saved}) does not fit this backbone ({detail}); pass the -a/--arch "
+                        f"and --small-images/--no-small-images it was pretrained with")
+    model.load_state_dict(weights, strict=False)
+    return layout
+
+
+def check_finite(state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """Refuse weights with NaN or inf: a diverged run's checkpoint gives features that are
+    NaN everywhere, so a probe would report chance accuracy with val_loss nan and kNN
+    garbage, instead of naming the problem."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        first = state_dict[bad[0]]
+        n_bad = int((~torch.isfinite(first)).sum())
+        raise UserError(f"{path!r} holds non-finite (NaN/inf) weights in {len(bad)} of {len(state_dict)} tensors, "
+                        f"e.g. {bad[0]!r} ({n_bad} of its {first.numel()} values); the run that wrote it diverged: "
+                        f"pass an earlier checkpoint of it (or retrain with a lower --lr)")
+
+
+def torchvision_weights_path(arch: str) -> str:
+    """Where torchvision caches `arch`'s default ImageNet weights (nothing is downloaded)."""
+    try:
+        weights = tvm.get_model_weights(arch).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(f"torchvision has no ImageNet weights for {arch!r}; pass a checkpoint to --pretrained")
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def follow_checkpoint(args: argparse.Namespace, default_arch: str = "resnet50") -> None:
+    """-a/--arch and --small-images from the `--pretrained` checkpoint where the command
+    line left them unset (None), so `--pretrained ckpt` alone rebuilds the network the run
+    trained; a given -a must match the checkpoint's. 'none'/'imagenet' (and checkpoints
+    without args) fall back to `default_arch` and the CIFAR stem for crops <= 64 px
+    (args.crop_size must be set)."""
+    saved_arch, saved_args = None, {}
+    if args.pretrained not in (None, "none", "imagenet"):
+        ckpt = load_checkpoint(args.pretrained)
+        saved_arch, saved_args = ckpt.get("arch"), ckpt.get("args") or {}
+        if args.arch:
+            check_arch(ckpt, args.arch, args.pretrained)
+        del ckpt
+    args.arch = args.arch or saved_arch or default_arch
+    if args.small_images is None:
+        saved = saved_args.get("small_images")
+        args.small_images = bool(saved) if saved is not None else args.crop_size <= 64
+
+
+def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:
+    """The checkpoint behind `--pretrained`: None for 'none' (random init); for 'imagenet'
+    torchvision's weights if already cached (never a silent download); else a file from
+    main_moco.py, main_simclr.py, main_lincls.py or facebookresearch/moco. Checks the
+    architecture, that the file holds a backbone (extract_backbone knows the layouts) and
+    that its weights are finite."""
+    if pretrained == "none":
+        return None
+    if pretrained == "imagenet":
+        path = torchvision_weights_path(arch)
+        if not os.path.isfile(path):
+            raise UserError(f"torchvision's ImageNet weights for {arch} are not cached at {path!r} and nothing is "
+                            f"downloaded here; fetch them once (python -c \"import torchvision; "
+                            f"torchvision.models.get_model('{arch}', weights='DEFAULT')\") or pass a checkpoint")
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read the cached torchvision weights {path!r} ({type(e).__name__}); "
+                            f"delete the file and fetch it again")
+        check_finite(extract_backbone(state_dict)[0], path)
+        return {"state_dict": state_dict, "arch": arch, "method": "torchvision"}
+    ckpt = load_checkpoint(pretrained)
+    method = ckpt.get("method")
+    if method is not None and method not in METHODS:
+        raise UserError(f"{pretrained!r} was written by an unknown method {method!r}, not by a pretraining run; "
+                        f"pass a checkpoint from main_moco.py or main_simclr.py")
+    if not isinstance(ckpt["state_dict"], dict) or not ckpt["state_dict"]:
+        raise UserError(f"{pretrained!r} holds no model weights; pass a checkpoint from main_moco.py or main_simclr.py")
+    check_arch(ckpt, arch, pretrained)
+    # unknown layout or non-finite weights -> plain error now, before any data is read
+    check_finite(extract_backbone(ckpt["state_dict"])[0], pretrained)
+    return ckpt

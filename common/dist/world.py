@@ -1,0 +1,69 @@
+"""The shape of a run before any process starts: which launcher started this process
+(torchrun, srun, or none), how many processes the flags ask for, the per-process batch, and
+the distributed flags themselves."""
+import argparse
+import os
+from typing import Optional
+import torch
+from common.errors import UserError
+
+
+def detect_launcher() -> Optional[str]:
+    """'torchrun' or 'slurm' when an external launcher started this process, else None."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
+        return "torchrun"
+    ntasks = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS"))
+    if "SLURM_PROCID" in env and ntasks is not None and int(ntasks) > 1:
+        return "slurm"
+    return None
+
+
+def add_dist_args(parser: argparse.ArgumentParser) -> None:
+    """facebookresearch/moco's distributed flags, plus --nproc-per-node for CPU runs."""
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--world-size", default=1, type=int,
+                   help="number of nodes (with --multiprocessing-distributed) or processes")
+    g.add_argument("--rank", default=0, type=int, help="node rank for distributed training")
+    g.add_argument("--dist-url", default="tcp://127.0.0.1:23456", type=str,
+                   help="url used to set up distributed training")
+    g.add_argument("--dist-backend", default=None, type=str,
+                   help="distributed backend (default: nccl on GPU, gloo on CPU)")
+    g.add_argument("--multiprocessing-distributed", action="store_true",
+                   help="spawn one worker per GPU (or --nproc-per-node CPU workers) on this node")
+    g.add_argument("--nproc-per-node", default=None, type=int,
+                   help="workers per node for --multiprocessing-distributed "
+                        "(default: number of GPUs, or 1 without GPUs)")
+    g.add_argument("--gpu", default=None, type=int, help="GPU id to use for a single-process run")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+
+
+def uses_cuda(args: argparse.Namespace) -> bool:
+    """Whether the workers will train on GPUs (a GPU is visible and --cpu was not given)."""
+    return torch.cuda.is_available() and not args.cpu
+
+
+def expected_world_size(args: argparse.Namespace) -> int:
+    """World size as it will be once workers start (checked before spawning)."""
+    launcher = detect_launcher()
+    if launcher == "torchrun":
+        return int(os.environ["WORLD_SIZE"])
+    if launcher == "slurm":
+        return int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+    if args.multiprocessing_distributed:
+        return nproc_per_node(args) * args.world_size
+    return args.world_size
+
+
+def nproc_per_node(args: argparse.Namespace) -> int:
+    if args.nproc_per_node:
+        return args.nproc_per_node
+    return torch.cuda.device_count() if uses_cuda(args) else 1
+
+
+def per_worker(total: int, world_size: int, what: str = "--batch-size") -> int:
+    """Split a global quantity evenly over workers, or say plainly why it cannot be."""
+    if total % world_size != 0:
+        raise UserError(f"{what} {total} is not divisible by the world size {world_size}; "
+                        f"use a multiple of {world_size}")
+    return total // world_size

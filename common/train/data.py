@@ -1,0 +1,71 @@
+"""The pretraining input: every image of the pretraining split through a view transform,
+seeded per sample, in a resumable order (`PretrainData`); the two-view loader with the
+--gpu-augment and --gpu-decode paths."""
+import argparse
+from dataclasses import dataclass
+from typing import Callable, Optional
+from torch.utils.data import DataLoader
+from common.augment import transforms as augment
+from common.data.datasets import build_dataset
+from common.dist.collectives import DistEnv
+from common.errors import UserError
+from common.augment.gpu import ViewsToDevice
+from common.augment.gpu_decode import DecodeToDevice, EncodedViews, check_device_decoding, collate_encoded, read_sample
+from common.data.loader import ResumableSampler, make_loader
+from common.log.progress import log
+from common.data.transformed import TransformedDataset, load_sample
+
+
+@dataclass
+class PretrainData:
+    dataset: TransformedDataset
+    loader: DataLoader
+    sampler: ResumableSampler
+    batch_size: int  # per process
+    iters_per_epoch: int
+    to_device: Callable  # the loader's views -> normalised device tensors (ViewsToDevice, DecodeToDevice)
+
+    def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
+        """This epoch's order; a mid-epoch resume skips the `start_iter` batches done."""
+        if self.sampler is not None:  # benchmarks hand a list of batches
+            self.sampler.set_epoch(epoch, start_iter * self.batch_size)
+
+
+def pretrain_data(args: argparse.Namespace, env: DistEnv, transform, batch_size: int, workers: int,
+                  decode_side: int, to_device: Callable, read: Callable = load_sample,
+                  collate_fn: Optional[Callable] = None) -> PretrainData:
+    """Every image of the pretraining split through `transform` (seeded per sample; labels
+    unused), in batches of `batch_size` per process. `read` and `collate_fn`: how a sample
+    is read and batched (--gpu-decode reads bytes and keeps them in a list)."""
+    dataset = TransformedDataset(build_dataset(args, "pretrain"), transform, args.strict_data, decode_side=decode_side,
+                                 read=read)
+    loader, sampler = make_loader(dataset, batch_size, env, workers, env.seed, collate_fn=collate_fn)
+    iters_per_epoch = len(dataset) // env.world_size // batch_size
+    if iters_per_epoch == 0:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size}; "
+                        f"lower --batch-size or add images")
+    log(f"=> {len(dataset)} images, {iters_per_epoch} iterations/epoch, {env.world_size} process(es), "
+        f"batch {batch_size}/process on {env.device}")
+    return PretrainData(dataset, loader, sampler, batch_size, iters_per_epoch, to_device)
+
+
+def two_view_data(args: argparse.Namespace, env: DistEnv, recipe: augment.Recipe, batch_size: int,
+                  workers: int) -> PretrainData:
+    """Every image of the pretraining split as two independent views (labels unused); with
+    --gpu-augment the workers hand over uint8 crops and the photometric half of `recipe`
+    runs batched on the device (data.to_device); with --gpu-decode the workers hand over
+    the JPEG bytes and the device decodes and crops too (common/augment/gpu_decode.py)."""
+    if args.gpu_decode:
+        check_device_decoding(env.device)
+        data = pretrain_data(args, env, EncodedViews(recipe, 2), batch_size, workers, recipe.decode_side(),
+                             DecodeToDevice(recipe, env.device, args.channels_last, args.strict_data),
+                             read=read_sample, collate_fn=collate_encoded)
+        log(f"=> JPEG decoding, crops and colour/blur augmentation on {env.device.type} (--gpu-decode)")
+        return data
+    view_transform = recipe.split() if args.gpu_augment else recipe
+    to_device = ViewsToDevice(env.device, args.channels_last, recipe.spec() if args.gpu_augment else None)
+    data = pretrain_data(args, env, augment.TwoCropsTransform(view_transform), batch_size, workers,
+                         recipe.decode_side(), to_device)
+    log(f"=> colour/blur augmentation on "
+        f"{env.device.type + ' (--gpu-augment)' if args.gpu_augment else 'the loader workers'}")
+    return data

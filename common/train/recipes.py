@@ -1,0 +1,132 @@
+"""Presets (`--recipe small`): flag values a method's script fills in when the command line
+left those flags at their defaults. Every value set is printed, and the checkpoint's args
+record them like any flag, so a run says exactly what it ran."""
+import argparse
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from common.cli import given
+from common.data.datasets import build_dataset, default_crop_size
+from common.log.progress import log
+
+RECIPES = ("default", "small")
+# images seen in pretraining (`--recipe small` sets --epochs = budget / images) that beat random
+# init on 2k- and 10k-image Fashion-MNIST pools (bench/quality.py; docs/moco.md: Small datasets).
+# MoCo learns more slowly per image than SimCLR there: at 100k its kNN with all labels stayed
+# below random init's; 200k (14.5 min at 32 px on 2 CPU cores) passed it.
+SMALL_DATA_BUDGET = {"moco": 200000, "simclr": 100000, "inpaint": 100000}
+SMALL_DATA_BATCH = 64  # both contrastive recipes' batch
+
+
+def epochs_for_budget(num_images: int, budget: int) -> int:
+    """Epochs that show the model `budget` images, at least one."""
+    return max(1, round(budget / num_images))
+
+
+def add_recipe_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--recipe", default="default", choices=RECIPES,
+                        help=f"small: {what}; flags you pass yourself are kept; every value it sets is printed "
+                             f"and stored in the checkpoint; a resumed run keeps the values it started with")
+
+
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def shown(dest: str, value: object) -> str:
+    return flag(dest) if value is True else f"{flag(dest)} {value}"
+
+
+def chosen(args: argparse.Namespace, dest: str, recipe_value: object) -> object:
+    """The value `dest` will have under the recipe: the typed one, else the recipe's (for a
+    recipe value that depends on another flag, e.g. the queue on the batch in use)."""
+    return getattr(args, dest) if given(args, dest) else recipe_value
+
+
+PROFILE_SAMPLE = 32  # images read to profile the data: a second or two
+
+
+@dataclass(frozen=True)
+class DataProfile:
+    """What `--recipe small` looks at: how many images, whether they are grayscale (every
+    sampled image has equal channels) and their median shortest side in pixels (0 when the
+    dataset cannot say, e.g. none of the sampled images could be read)."""
+    images: int
+    grayscale: bool
+    short_side: int
+
+
+def profile_data(dataset: Dataset, sample: int = PROFILE_SAMPLE) -> DataProfile:
+    """Read up to `sample` images spread over `dataset`; unreadable ones are left out."""
+    n = len(dataset)
+    step = max(1, n // max(1, sample))
+    sides, gray = [], True
+    for i in range(0, n, step)[:sample]:
+        try:
+            img = dataset[i][0]
+        except (OSError, ValueError):
+            continue
+        sides.append(min(img.size))
+        if gray and img.mode not in ("L", "1", "I", "F", "I;16"):
+            px = np.asarray(img.convert("RGB"))
+            gray = bool((px[..., 0] == px[..., 1]).all() and (px[..., 1] == px[..., 2]).all())
+    return DataProfile(n, gray and bool(sides), int(np.median(sides)) if sides else 0)
+
+
+def crop_for_source(short_side: int, default: int) -> int:
+    """`--recipe small`'s crop for sources of this shortest side (docs/small-data.md: which
+    crop for which source): the source's own size up to 64 px, then 64 px up to sources of
+    160 px, and 96 px above; `default` when the source size is unknown."""
+    if short_side <= 0:
+        return default
+    if short_side <= 64:
+        return max(16, short_side // 16 * 16) if short_side >= 32 else 32
+    return 64 if short_side <= 160 else 96
+
+
+# a method's recipe: (the data's profile, the crop size in use, args) -> the flag values it sets
+RecipeValues = Callable[[DataProfile, int, argparse.Namespace], Dict[str, object]]
+
+
+def apply_recipe(args: argparse.Namespace, values: RecipeValues,
+                 saved: Dict[str, object]) -> List[str]:
+    """`--recipe small`: the crop size for the data's source size and the grayscale views for
+    grayscale data (both shared by every method), then values(profile, crop_size, args), for
+    the flags the command line did not give (args.given_flags); a resumed run (`saved`: its
+    checkpoint's args) keeps the values it started with, since the dataset may have grown and
+    a new --epochs would bend its lr schedule mid-run. Returns what was set, as "--flag
+    value" strings (also printed)."""
+    if args.recipe == "default":
+        return []
+    data = profile_data(build_dataset(args, "pretrain"))
+    shared: Dict[str, object] = {"crop_size": crop_for_source(data.short_side, default_crop_size(args))}
+    if data.grayscale:
+        shared["gray_images"] = True
+    crop = chosen(args, "crop_size", saved.get("crop_size", shared["crop_size"]))
+    num_images = data.images
+    log(f"=> --recipe {args.recipe}: {num_images} images, {'grayscale' if data.grayscale else 'colour'}, "
+        f"median shortest side {data.short_side or 'unknown'} px")
+    set_, kept, restored, differs = [], [], [], []
+    for dest, value in {**shared, **values(data, crop, args)}.items():
+        if given(args, dest):
+            kept.append(shown(dest, getattr(args, dest)))
+        elif dest in saved:
+            setattr(args, dest, saved[dest])
+            restored.append(shown(dest, saved[dest]))
+            if saved[dest] != value:
+                differs.append(shown(dest, value))
+        else:
+            setattr(args, dest, value)
+            set_.append(shown(dest, value))
+    if restored:
+        log(f"=> --recipe {args.recipe}: the resumed run keeps the values it started with: {' '.join(restored)}"
+            + (f" (for today's {num_images} images the recipe would set {' '.join(differs)}; pass a flag to "
+               f"change it)" if differs else ""))
+    if set_ or not restored:
+        log(f"=> --recipe {args.recipe} for {num_images} images at {crop} px sets: {' '.join(set_) or 'nothing'}")
+    if kept:
+        log(f"=> --recipe {args.recipe}: kept from the command line: {', '.join(kept)}")
+    return set_ + restored

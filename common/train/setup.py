@@ -1,0 +1,103 @@
+"""The pretraining scripts' shared flags and their derived defaults (main_moco.py,
+main_simclr.py, main_inpaint.py): views, the kNN monitor, --save-every-iters, the
+not-learning stop; checked before any worker starts."""
+import argparse
+import os
+from typing import Optional, Sequence
+from common.ckpt.io import (
+    prepare_output_dir,
+)
+from common.cli import check_training_flags
+from common.watch.collapse import LearningWatch
+from common.data.datasets import default_crop_size
+from common.errors import UserError
+from common.dist.world import expected_world_size, per_worker, uses_cuda
+from common.train.recipes import RecipeValues, apply_recipe
+from common.ckpt.resume import check_same_flags, resumed_args, run_seed
+
+
+def add_view_args(parser: argparse.ArgumentParser) -> None:
+    """The two-view methods' flags (MoCo, SimCLR): augmentation strength, crops, --gpu-augment,
+    and what to do when the contrastive task stays at chance."""
+    parser.add_argument("--color-strength", default=1.0, type=float,
+                        help="colour distortion strength s: SimCLR jitter 0.8s/0.8s/0.8s/0.2s, MoCo v2 "
+                             "(--aug-plus) jitter 0.4s/0.4s/0.4s/0.1s; 1.0 is the papers' recipe")
+    parser.add_argument("--gray-images", action="store_true",
+                        help="the images are grayscale: views get brightness and contrast jitter only (saturation, "
+                             "hue and random grayscale do nothing to a gray image); --recipe small sets it when every "
+                             "sampled image has equal channels")
+    parser.add_argument("--crop-min", default=None, type=float,
+                        help="smallest RandomResizedCrop area fraction (default: the method's, 0.2 MoCo, 0.08 "
+                             "SimCLR; raise it for small objects or low-resolution images)")
+    parser.add_argument("--crop-max", default=1.0, type=float,
+                        help="largest RandomResizedCrop area fraction (default 1: the whole image); below 1 on "
+                             "sources much larger than --crop-size, the views keep the source's fine detail")
+    parser.add_argument("--gpu-augment", default=None, action=argparse.BooleanOptionalAction,
+                        help="loader workers only decode, crop and flip; colour jitter, grayscale, blur and "
+                             "normalisation run batched on the training device (default: on with a GPU)")
+    parser.add_argument("--stop-if-not-learning", action="store_true",
+                        help="stop (exit status 3, checkpoint kept) when the contrastive accuracy stayed near "
+                             "chance for two epochs in a row (from the second epoch on); without it the epoch line "
+                             "warns and metrics.jsonl says not_learning")
+    parser.add_argument("--gpu-decode", action="store_true",
+                        help="loader workers only read the files; JPEG decoding (nvJPEG), crop and flip run on the "
+                             "training device too, then --gpu-augment's ops: for a GPU faster than the loader "
+                             "cores can feed (e.g. with --compile; watch `data N%%` in the progress line)")
+
+
+def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every pretraining script takes: the kNN monitor and --save-every-iters."""
+    parser.add_argument("--knn-every", default=0, type=int,
+                        help="kNN accuracy of the backbone on the labelled train/val split every N epochs (0: off)")
+    parser.add_argument("--save-every-iters", default=0, type=int, metavar="N",
+                        help="also write checkpoint_last.pth.tar every N iterations inside an epoch (0: only at "
+                             "epoch ends); a killed job then loses at most N iterations")
+
+
+def learning_watch(args: argparse.Namespace, candidates: int, method_crop_min: float, temperature_flag: str,
+                   temperature: float) -> LearningWatch:
+    """The not-learning check of a two-view run whose contrastive accuracy picks the positive
+    among `candidates`, with what to try named for this run's own values."""
+    crop_min = args.crop_min or method_crop_min
+    hint = (f"weaker colour jitter (--color-strength {args.color_strength / 2:g}, now {args.color_strength:g}), "
+            f"larger crops (--crop-min {min(1.0, max(0.3, 2 * crop_min)):g}, now {crop_min:g}), a lower "
+            f"{temperature_flag} (now {temperature:g}), or a larger --crop-size if the images are much larger than "
+            f"{args.crop_size} px")
+    return LearningWatch(100.0 / candidates, args.epochs, hint)
+
+
+def finalize_view_args(args: argparse.Namespace) -> None:
+    """add_view_args' derived defaults and checks."""
+    if args.gpu_augment is None:
+        args.gpu_augment = uses_cuda(args) or args.gpu_decode
+    if args.gpu_decode and not args.gpu_augment:
+        raise UserError("--gpu-decode runs the whole augmentation on the device; drop --no-gpu-augment")
+    if args.crop_min is not None and not 0 < args.crop_min <= 1:
+        raise UserError(f"--crop-min {args.crop_min} is an area fraction; use a value in (0, 1], e.g. 0.2")
+    if not 0 < args.crop_max <= 1 or (args.crop_min is not None and args.crop_max < args.crop_min):
+        raise UserError(f"--crop-max {args.crop_max} must be an area fraction in (0, 1], at least --crop-min")
+
+
+def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Sequence[str] = (),
+                           recipe: Optional[RecipeValues] = None) -> argparse.Namespace:
+    """Derived defaults every pretraining script shares; checked before any worker starts.
+    `model_flags`: the script's flags that shape the model; resuming with another value of
+    one of them is refused with its name. `recipe`: the script's `--recipe small` values."""
+    check_training_flags(args)
+    args.output_dir = args.output_dir or os.path.join("runs", name)
+    prepare_output_dir(args.output_dir, new_run=not args.resume, overwrite=args.overwrite)
+    resume_path, saved = resumed_args(args.resume, args.output_dir, name)
+    if recipe is not None:
+        apply_recipe(args, recipe, saved)
+    args.seed = run_seed(args.seed, saved)  # stored in the checkpoint: resume replays it
+    args.crop_size = args.crop_size or default_crop_size(args)
+    if args.small_images is None:
+        args.small_images = args.crop_size <= 64
+    if args.save_every_iters < 0:
+        raise UserError(f"--save-every-iters {args.save_every_iters} is negative; pass N > 0, or 0 to save only at "
+                        f"epoch ends")
+    per_worker(args.batch_size, expected_world_size(args))
+    if resume_path:
+        # (-a/--arch is checked with the checkpoint's own arch field when it is loaded)
+        check_same_flags(saved, args, ("--small-images",) + tuple(model_flags), resume_path)
+    return args
