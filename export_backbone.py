@@ -30,11 +30,11 @@ import torchvision.models as tvm
 
 from common.ckpt.atomic import atomic_path, create_temp
 from common.ckpt.io import load_checkpoint
+from common.ckpt.pretrained import extract_backbone, load_backbone
 from common.cli import HelpFormatter
 from common.errors import UserError, report_user_errors
 from common.extras import available, require
 from common.nets.models import arch_names, build_backbone
-from common.ckpt.pretrained import extract_backbone, load_backbone
 
 FORMATS = {"torchvision": ".pth", "torchscript": ".pt", "onnx": ".onnx"}
 # fp32 kernels differ in summation order between runtimes, so the difference grows with the

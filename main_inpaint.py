@@ -16,18 +16,18 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from common.augment.gpu import ViewsToDevice
 from common.cli import ArgumentParser, add_training_args
 from common.dist.collectives import is_main_process
-from common.train.step import train_one_epoch
-from common.errors import UserError
-from common.augment.gpu import ViewsToDevice
 from common.dist.launch import script_main, start_worker
-from common.nets.models import build_backbone
 from common.dist.placement import place_model
+from common.errors import UserError
+from common.nets.models import build_backbone
+from common.train.data import pretrain_data
 from common.train.precision import Precision
 from common.train.run import PretrainRun, lr_schedule
 from common.train.setup import add_pretrain_args, finalize_pretrain_args
-from common.train.data import pretrain_data
+from common.train.step import train_one_epoch
 from inpaint.masking import InpaintingPair
 from inpaint.model import LOSSES, ContextEncoder
 

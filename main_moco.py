@@ -10,23 +10,26 @@ from typing import Dict
 
 import torch
 
-from common.nets.batchnorm import bn_group_warning, fewest_positions
 from common.cli import ArgumentParser, add_training_args
-from common.train.step import train_one_epoch
-from common.errors import UserError
-from common.dist.world import expected_world_size
 from common.dist.launch import script_main, start_worker
-from common.log.progress import log
-from common.nets.models import build_backbone
 from common.dist.placement import place_model
-from common.train.precision import Precision
-from common.train.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen, epochs_for_budget
-from common.train.run import PretrainRun, lr_schedule
-from common.train.setup import add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args, learning_watch
+from common.dist.world import expected_world_size
+from common.errors import UserError
+from common.log.progress import log
+from common.nets.batchnorm import bn_group_warning, fewest_positions
+from common.nets.models import build_backbone
 from common.train.data import two_view_data
+from common.train.precision import Precision
+from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen,
+                                  epochs_for_budget)
+from common.train.run import PretrainRun, lr_schedule
+from common.train.setup import (add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
+                                learning_watch)
+from common.train.step import train_one_epoch
 from moco.augment import moco_v1, moco_v2
-from moco.builder import MoCo, SplitBatchNorm
+from moco.builder import MoCo
 from moco.guards import cosine_momentum, fitted_queue, momentum_warning, queue_warning
+from moco.split_bn import SplitBatchNorm
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -14,20 +14,22 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from common.nets.batchnorm import bn_group_warning, fewest_positions
 from common.cli import ArgumentParser, add_training_args
-from common.train.step import train_one_epoch
-from common.errors import UserError
-from common.dist.world import expected_world_size, uses_cuda
 from common.dist.launch import script_main, start_worker
-from common.log.progress import log
-from common.nets.models import build_backbone
 from common.dist.placement import place_model
-from common.train.precision import Precision
-from common.train.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen, epochs_for_budget
-from common.train.run import PretrainRun, lr_schedule
-from common.train.setup import add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args, learning_watch
+from common.dist.world import expected_world_size, uses_cuda
+from common.errors import UserError
+from common.log.progress import log
+from common.nets.batchnorm import bn_group_warning, fewest_positions
+from common.nets.models import build_backbone
 from common.train.data import two_view_data
+from common.train.precision import Precision
+from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen,
+                                  epochs_for_budget)
+from common.train.run import PretrainRun, lr_schedule
+from common.train.setup import (add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
+                                learning_watch)
+from common.train.step import train_one_epoch
 from simclr.augment import simclr_augmentation
 from simclr.builder import SimCLR
 from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
@@ -35,11 +37,10 @@ from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="SimCLR pretraining")
-    add_training_args(parser, lr=0.3, epochs=100, batch_size=256, schedule=(), weight_decay=1e-6, name="simclr")
+    add_training_args(parser, lr=0.3, epochs=100, batch_size=256, schedule=(), weight_decay=1e-6, name="simclr",
+                      helps={"lr": "base learning rate: the lr used is this x batch/256 (see --lr-scaling)"})
     # SimCLR's schedule: linear warmup, then cosine (--no-cos: the step --schedule instead)
     parser.set_defaults(cos=True, warmup_epochs=10.0)
-    parser._option_string_actions["--lr"].help = ("base learning rate: the lr used is this x batch/256 "
-                                                  "(see --lr-scaling)")
     g = parser.add_argument_group("simclr")
     g.add_argument("--no-cos", dest="cos", action="store_false", help="step schedule (--schedule) instead of cosine")
     g.add_argument("--temperature", default=0.1, type=float,

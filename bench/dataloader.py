@@ -28,14 +28,14 @@ import torch  # noqa: E402
 
 from bench.util import format_table, median, save_record, write_jpegs  # noqa: E402
 from common.augment import transforms as augment  # noqa: E402
-from common.data.datasets import build_dataset  # noqa: E402
-from common.dist.collectives import DistEnv  # noqa: E402
-from common.errors import UserError, report_user_errors  # noqa: E402
 from common.augment.gpu_decode import EncodedViews, collate_encoded, read_sample  # noqa: E402
+from common.data.datasets import build_dataset  # noqa: E402
 from common.data.images import image_folder  # noqa: E402
 from common.data.loader import make_loader  # noqa: E402
 from common.data.synthetic import SyntheticPatterns  # noqa: E402
 from common.data.transformed import TransformedDataset, load_sample  # noqa: E402
+from common.dist.collectives import DistEnv  # noqa: E402
+from common.errors import UserError, report_user_errors  # noqa: E402
 from moco.augment import moco_v2  # noqa: E402
 from simclr.augment import simclr_augmentation  # noqa: E402
 

@@ -35,8 +35,8 @@ import torch  # noqa: E402
 
 from bench import throughput  # noqa: E402
 from bench.util import format_table, save_record, write_jpegs  # noqa: E402
-from common.errors import UserError, report_user_errors  # noqa: E402
 from common.data.images import IMG_EXTENSIONS  # noqa: E402
+from common.errors import UserError, report_user_errors  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(r"^Epoch \[(\d+)/\d+\]\[\s*(\d+)/(\d+)\]")

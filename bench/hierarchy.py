@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Hierarchical classification on Fashion-MNIST (issue 15): one frozen backbone with a head
+"""Hierarchical classification on Fashion-MNIST: one frozen backbone with a head
 per level (main_lincls.py --hierarchy-depth 2) against a network trained from scratch for
 each level, at 100 % and 10 % of the labels, with and without oversampling. Precision,
 recall, F1 (macro) and accuracy per level on the test images, as the industrial comparison
@@ -36,12 +36,12 @@ from PIL import Image  # noqa: E402
 from bench.quality import probe_batch, run_script  # noqa: E402
 from bench.util import format_table, save_record  # noqa: E402
 from common.augment import transforms as augment  # noqa: E402
-from common.errors import UserError, report_user_errors  # noqa: E402
 from common.data.images import csv_manifest  # noqa: E402
-from common.eval.features import extract_features  # noqa: E402
-from common.nets.models import build_backbone  # noqa: E402
 from common.data.transformed import TransformedDataset  # noqa: E402
-from lincls.hierarchy import LabelTree, consistency_rate, path_accuracy  # noqa: E402
+from common.errors import UserError, report_user_errors  # noqa: E402
+from common.eval.features import extract_features  # noqa: E402
+from common.eval.label_tree import LabelTree, consistency_rate, path_accuracy  # noqa: E402
+from common.nets.models import build_backbone  # noqa: E402
 
 # Fashion-MNIST's label order, as folder-safe names, and the two-level grouping
 TYPES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")

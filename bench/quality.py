@@ -6,7 +6,7 @@ backbone and a ResNet trained from scratch
 (main_lincls.py --finetune --pretrained none) on the same labels. Every training run is
 the product's own script, called through its main(argv).
 
-    python bench/quality.py ../shared/data/fashion-mnist --quick          # 2 CPU cores, < 20 min
+    python bench/quality.py ../shared/data/fashion-mnist --quick          # 2 CPU cores (docs/performance.md)
     python bench/quality.py ../shared/data/fashion-mnist --device cuda    # the full budget, for a GPU
     # the small-data table (docs/moco.md): 2k and 10k pools, each method's `--recipe small` budget
     # (MoCo 200k, SimCLR 100k images seen), 3 seeds; --reuse goes on after a stop
@@ -52,26 +52,25 @@ import torch.nn.functional as F  # noqa: E402
 from bench.inspection_data import write_inspection_set  # noqa: E402
 from bench.util import format_table, machine_info, mnist_subset, resolve_device, write_json  # noqa: E402
 from common.augment import transforms as augment  # noqa: E402
+from common.ckpt.pretrained import load_backbone, load_pretrained  # noqa: E402
 from common.data.datasets import build_dataset  # noqa: E402
+from common.data.subsets import stratified_subset  # noqa: E402
+from common.data.transformed import TransformedDataset  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 from common.eval.features import extract_features  # noqa: E402
 from common.eval.knn import knn_accuracy  # noqa: E402
 from common.nets.models import build_backbone, without_head  # noqa: E402
-from common.ckpt.pretrained import load_backbone, load_pretrained  # noqa: E402
-from common.data.subsets import stratified_subset  # noqa: E402
-from common.data.transformed import TransformedDataset  # noqa: E402
-from lincls.logreg import PROBE_WD, logistic_regression_accuracy  # noqa: E402
 from common.train.recipes import SMALL_DATA_BUDGET, epochs_for_budget  # noqa: E402
+from lincls.logreg import PROBE_WD, logistic_regression_accuracy  # noqa: E402
 from moco.guards import fitted_queue  # noqa: E402
 
 # moco_k 0: fit the pool, the largest multiple of the batch up to a tenth of it (at most 4096;
 # main_moco.py warns above a tenth: each image would meet its own older keys as negatives).
-# budgets: --quick fits 2 CPU cores (~270 img/s MoCo, ~220 img/s SimCLR steps with the
-# ImageNet stem at 32 px, 2 threads); full is the CIFAR-demo-sized recipe for one GPU.
-# crop_min 0.3: the papers' 0.08/0.2 crops cut most of a 28 px silhouette away (at the quick
-# budget 0.3 gave SimCLR +5 kNN points over 0.08); moco_k 4096 needs a pool several times
-# larger, or the queue holds stale keys of the query's own image as negatives; MoCo T 0.5 at
-# the quick budget: 0.2 (the long-schedule value) left its probes below random init's there
+# budgets: --quick fits 2 CPU cores with the ImageNet stem at 32 px; full is the CIFAR-demo-sized
+# recipe for one GPU. crop_min 0.3: the papers' 0.08/0.2 crops cut most of a 28 px silhouette
+# away; moco_k 4096 needs a pool several times larger, or the queue holds stale keys of the
+# query's own image as negatives; MoCo T 0.5 at the quick budget, where 0.2 (the long-schedule
+# value) left its probes below random init's (docs/small-data.md: why these values)
 PRESETS = {
     "quick": dict(pretrain_images=10000, train_images=2000, test_images=2000, pretrain_epochs=8, batch_size=64,
                   probe_epochs=5, sup_epochs=5, small_images=False, workers=0, moco_k=0, probe_lr=2.0,
@@ -233,7 +232,7 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str, ep
     SimCLR, where LARS' trust ratio with lr 0.3 x B/256 barely moves the weights), with this
     benchmark's batch, epochs, crop-min, MoCo T and queue given explicitly (kept by the
     recipe); SimCLR at batches of 1024 and more keeps its LARS defaults."""
-    # --save-freq past the end: only the last epoch's file (one per epoch is 5 GB for a 60-epoch MoCo run)
+    # --save-freq past the end: only the last epoch's file (one per epoch fills a disk on long runs)
     argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(epochs),
                                        "--output-dir", out, "-p", "20", "--save-freq", "1000000"]
     # (evaluate() sets args.moco_k per pool on a copy of args)

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from bench.util import format_table, machine_info, median, synchronize, write_json  # noqa: E402
-from moco.builder import SplitBatchNorm  # noqa: E402
+from moco.split_bn import SplitBatchNorm  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -43,16 +43,17 @@ from bench.util import (  # noqa: E402
     write_json,
 )
 from common.augment import transforms as augment  # noqa: E402
-from common.dist.collectives import DistEnv  # noqa: E402
-from common.train.step import train_one_epoch  # noqa: E402
-from common.errors import UserError, report_user_errors  # noqa: E402
 from common.augment.gpu import ViewsToDevice, draw_params  # noqa: E402
 from common.augment.gpu_decode import DecodeToDevice, EncodedImage, EncodedViews, collate_encoded  # noqa: E402
+from common.dist.collectives import DistEnv  # noqa: E402
+from common.errors import UserError, report_user_errors  # noqa: E402
 from common.nets.models import build_backbone  # noqa: E402
-from common.train.precision import Precision  # noqa: E402
 from common.train.data import PretrainData  # noqa: E402
+from common.train.precision import Precision  # noqa: E402
+from common.train.step import train_one_epoch  # noqa: E402
 from moco.augment import moco_v2  # noqa: E402
-from moco.builder import MoCo, SplitBatchNorm  # noqa: E402
+from moco.builder import MoCo  # noqa: E402
+from moco.split_bn import SplitBatchNorm  # noqa: E402
 from simclr.augment import simclr_augmentation  # noqa: E402
 from simclr.builder import SimCLR  # noqa: E402
 from simclr.optim import LARS, split_decay_groups  # noqa: E402

@@ -1,13 +1,15 @@
-"""Flags every training script shares (names and defaults follow facebookresearch/moco),
-and the checks that turn an impossible value into one sentence before any work starts."""
+"""Flags the scripts share, in groups (names and defaults follow facebookresearch/moco):
+every flag of a training script, the subset of them a script that trains nothing takes, and
+the checks that turn an impossible value into one sentence before any work starts."""
 import argparse
 import math
 import sys
-from typing import List, Optional, Sequence, Tuple
+from types import MappingProxyType
+from typing import Any, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from common.data.datasets import add_data_args
-from common.errors import UserError
 from common.dist.world import add_dist_args
+from common.errors import UserError
 from common.log.tensorboard import check_tensorboard_flag
 
 
@@ -49,51 +51,112 @@ def given(args: argparse.Namespace, dest: str) -> bool:
     return dest in args.given_flags
 
 
-def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int,
-                      schedule: Sequence[int], weight_decay: float, name: str) -> None:
+class ArgumentAdder(Protocol):
+    """A parser or one of its argument groups: where a shared flag may be added."""
+
+    def add_argument(self, *name_or_flags: str, **kwargs: Any) -> argparse.Action: ...
+
+
+# Help texts a script words its own way, by dest (e.g. {"lr": "base learning rate: ..."}): the
+# flag keeps its one definition here, and a script never edits argparse's actions
+Helps = Mapping[str, str]
+NO_HELPS: Helps = MappingProxyType({})
+
+
+def add_input_args(parser: argparse.ArgumentParser, helps: Helps = NO_HELPS) -> None:
+    """DIR, -a and -j."""
     parser.add_argument("data", metavar="DIR", nargs="?", default="",
                         help="path to dataset (not needed for --dataset synthetic)")
     parser.add_argument("-a", "--arch", metavar="ARCH", default="resnet50",
-                        help="torchvision model architecture (default: resnet50)")
+                        help=helps.get("arch", "torchvision model architecture (default: resnet50)"))
     parser.add_argument("-j", "--workers", default=8, type=int, metavar="N",
                         help="data loading workers in total over this node's processes (default: 8)")
-    parser.add_argument("--epochs", default=epochs, type=int, metavar="N", help="number of total epochs to run")
+
+
+def add_batch_size_arg(parser: argparse.ArgumentParser, batch_size: int, helps: Helps = NO_HELPS) -> None:
     parser.add_argument("-b", "--batch-size", default=batch_size, type=int, metavar="N",
-                        help=f"global batch size over all processes and nodes (default: {batch_size})")
+                        help=helps.get("batch_size",
+                                       f"global batch size over all processes and nodes (default: {batch_size})"))
+
+
+def add_print_freq_arg(parser: argparse.ArgumentParser, helps: Helps = NO_HELPS) -> None:
+    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N",
+                        help=helps.get("print_freq", "print every N iterations"))
+
+
+def add_run_args(parser: argparse.ArgumentParser, name: str, helps: Helps = NO_HELPS) -> None:
+    """--seed and --output-dir (default ./runs/NAME)."""
+    parser.add_argument("--seed", default=None, type=int,
+                        help=helps.get("seed", "seed for initialisation, data order and augmentation"))
+    parser.add_argument("--output-dir", default=None, type=str,
+                        help=helps.get("output_dir", f"folder for checkpoints and logs (default: ./runs/{name})"))
+
+
+def add_image_args(parser: argparse.ArgumentParser, helps: Helps = NO_HELPS) -> None:
+    """--crop-size and --small-images (the network's stem)."""
+    parser.add_argument("--crop-size", default=None, type=int,
+                        help=helps.get("crop_size", "training crop size (default: 224; 32 for CIFAR/MNIST/synthetic, "
+                                                    "96 for STL-10)"))
+    parser.add_argument("--small-images", default=None, action=argparse.BooleanOptionalAction,
+                        help=helps.get("small_images",
+                                       "CIFAR stem (3x3 conv1, no max-pool); on by default for crops <= 64 px"))
+
+
+def add_precision_args(parser: argparse.ArgumentParser, helps: Helps = NO_HELPS) -> None:
+    """--amp, --amp-dtype and --channels-last (common/train/precision.py reads them)."""
+    parser.add_argument("--amp", action="store_true",
+                        help=helps.get("amp", "mixed precision (bf16 autocast; fp16 + GradScaler with --amp-dtype fp16)"))
+    parser.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"), help="autocast dtype for --amp")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int,
+                      schedule: Sequence[int], weight_decay: float, name: str, helps: Helps = NO_HELPS) -> None:
+    """Every flag of a training script; `helps` rewords some for this script (see Helps)."""
+    add_input_args(parser, helps)
+    parser.add_argument("--epochs", default=epochs, type=int, metavar="N", help="number of total epochs to run")
+    add_batch_size_arg(parser, batch_size, helps)
     parser.add_argument("--lr", "--learning-rate", default=lr, type=float, metavar="LR", dest="lr",
-                        help=f"initial learning rate (default: {lr})")
+                        help=helps.get("lr", f"initial learning rate (default: {lr})"))
     parser.add_argument("--schedule", default=list(schedule), nargs="*", type=int,
                         help="epochs at which lr drops by 10x (ignored with --cos)")
     parser.add_argument("--cos", action="store_true", help="use a cosine lr schedule")
     parser.add_argument("--warmup-epochs", default=0.0, type=float, help="linear lr warmup epochs (default: 0)")
     parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="SGD momentum")
     parser.add_argument("--wd", "--weight-decay", default=weight_decay, type=float, metavar="W",
-                        dest="weight_decay", help=f"weight decay (default: {weight_decay})")
-    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="print every N iterations")
+                        dest="weight_decay", help=helps.get("weight_decay", f"weight decay (default: {weight_decay})"))
+    add_print_freq_arg(parser, helps)
     parser.add_argument("--resume", default="", type=str, metavar="PATH",
                         help="checkpoint to resume from, or 'auto' for the output folder's last one")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an --output-dir that already holds one, deleting its checkpoints "
                              "and metrics (without it such a folder is refused unless you --resume)")
-    parser.add_argument("--seed", default=None, type=int, help="seed for initialisation, data order and augmentation")
-    parser.add_argument("--output-dir", default=None, type=str,
-                        help=f"folder for checkpoints and logs (default: ./runs/{name})")
-    parser.add_argument("--crop-size", default=None, type=int,
-                        help="training crop size (default: 224; 32 for CIFAR/MNIST/synthetic, 96 for STL-10)")
-    parser.add_argument("--small-images", default=None, action=argparse.BooleanOptionalAction,
-                        help="CIFAR stem (3x3 conv1, no max-pool); on by default for crops <= 64 px")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 autocast; fp16 + GradScaler with --amp-dtype fp16)")
-    parser.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"), help="autocast dtype for --amp")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
+    add_run_args(parser, name, helps)
+    add_image_args(parser, helps)
+    add_precision_args(parser, helps)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the networks (PyTorch 2; the first steps are slow while it compiles)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend for --compile (e.g. aot_eager to debug without a compiler)")
     add_tensorboard_arg(parser)
     parser.add_argument("--save-freq", default=1, type=int,
-                        help="keep checkpoint_NNNN.pth.tar every N epochs (checkpoint_last is always written)")
+                        help=helps.get("save_freq", "keep checkpoint_NNNN.pth.tar every N epochs (checkpoint_last is "
+                                                    "always written)"))
     add_data_args(parser)
     add_dist_args(parser)
+
+
+def add_eval_args(parser: argparse.ArgumentParser, *, batch_size: int, name: str, helps: Helps = NO_HELPS) -> None:
+    """The flags of a script that trains nothing (main_knn.py): add_training_args' without
+    the optimisation, resume and compile ones, checked by check_common_flags. The script
+    adds the data and distributed groups (add_data_args, add_dist_args) after its own."""
+    add_input_args(parser, helps)
+    add_batch_size_arg(parser, batch_size, helps)
+    add_print_freq_arg(parser, helps)
+    add_run_args(parser, name, helps)
+    add_image_args(parser, helps)
+    add_precision_args(parser, helps)
+    add_tensorboard_arg(parser)
 
 
 def add_tensorboard_arg(parser: argparse.ArgumentParser) -> None:

@@ -1,14 +1,25 @@
 """The logistic-regression probe (`main_lincls.py --probe logreg`, bench/quality.py):
 multinomial logistic regression on standardised frozen features, fitted to convergence
-by full-batch L-BFGS with a fixed L2 penalty. Nothing to tune: no lr, no epochs, blind to
-the scale of the features (the reference SGD probe at lr 30 diverges on small label sets
-and on features whose scale differs from a MoCo ResNet-50's)."""
+by full-batch L-BFGS with a fixed L2 penalty, and written into a classifier's head.
+Nothing to tune: no lr, no epochs, blind to the scale of the features (the reference SGD
+probe at lr 30 diverges on small label sets and on features whose scale differs from a
+MoCo ResNet-50's)."""
+import argparse
 from typing import Optional, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
+from common.dist.collectives import DistEnv
+from common.dist.world import per_worker
 from common.errors import UserError
+from common.eval.features import extract_features
+from common.eval.setup import eval_view
+from common.nets.models import without_head
+from common.train.precision import Precision
+from lincls.balance import class_weights
 
 PROBE_WD = 1e-3  # L2 on the weights of the standardised features
 
@@ -49,3 +60,20 @@ def logistic_regression_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, t
     """Test top-1 (%) of fit_logistic_regression trained on (train_x, train_y)."""
     w, b = fit_logistic_regression(train_x, train_y, num_classes, wd)
     return 100.0 * ((test_x.double() @ w + b).argmax(1) == test_y).double().mean().item()
+
+
+def fit_logreg_head(net: nn.Module, train_data: Dataset, args: argparse.Namespace, env: DistEnv, workers: int) -> None:
+    """--probe logreg: the frozen backbone's features of the un-augmented training images
+    (the eval transform), multinomial logistic regression on them (fit_logistic_regression;
+    with --class-weights, weighted per class), written into net.fc. Every rank fits the
+    same model on the same gathered features."""
+    with without_head(net):
+        x, y = extract_features(net, eval_view(train_data, args), per_worker(args.batch_size, env.world_size),
+                                env.device, workers=workers, precision=Precision.from_args(args), normalize=False,
+                                print_freq=50, desc="probe features")
+    num_classes = net.fc.out_features
+    weight = class_weights(train_data.targets, num_classes) if args.class_weights else None
+    w, b = fit_logistic_regression(x.float(), y, num_classes, class_weight=weight)
+    with torch.no_grad():
+        net.fc.weight.copy_(w.T.to(net.fc.weight.dtype))
+        net.fc.bias.copy_(b.to(net.fc.bias.dtype))

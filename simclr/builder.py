@@ -4,7 +4,7 @@ batch as a negative.
 
 The projection head replaces the torchvision model's `fc`, so the checkpoint keys are
 `module.encoder.*` with the head under `module.encoder.fc.*`: dropping `fc` gives a plain
-torchvision backbone (common.ckpt.io.extract_backbone)."""
+torchvision backbone (common.ckpt.pretrained.extract_backbone)."""
 from typing import Callable, Dict, Optional, Tuple
 
 import torch

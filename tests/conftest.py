@@ -31,6 +31,7 @@ def learning_knn(output_dir, image_size: int = 32):
     """KnnMonitor (k=20, T=0.07) on LEARNING_KNN_IMAGES synthetic images of `image_size` px
     (resized to the 32 px crop)."""
     import torch
+
     import main_moco
     from common.dist.collectives import DistEnv
     from common.eval.monitor import KnnMonitor
@@ -44,6 +45,7 @@ def untrained_knn(knn, seed: int = 0) -> float:
     """kNN top-1 of the untrained control: a random-init resnet18 (ImageNet stem) whose
     BatchNorm statistics are estimated on the bank's images, as a trained network's are."""
     import torch
+
     from common.nets.batchnorm import recalibrate_batchnorm
     from common.nets.models import build_backbone
     torch.manual_seed(seed)

@@ -4,8 +4,8 @@ import pytest
 
 import main_moco
 import main_simclr
-from common.nets.batchnorm import MIN_VALUES, bn_group_warning, fewest_positions
 from common.errors import UserError
+from common.nets.batchnorm import MIN_VALUES, bn_group_warning, fewest_positions
 
 
 def finalize(module, argv, tmp_path):

@@ -14,10 +14,10 @@ from bench import quality as bench_quality
 from bench import recipes as bench_recipes
 from bench import throughput as bench_throughput
 from bench.util import format_table, mnist_subset, stratified_first, write_mnist_layout
-from common.errors import UserError
 from common.augment import transforms as augment
 from common.data.datasets import build_dataset
 from common.data.transformed import TransformedDataset
+from common.errors import UserError
 from lincls.logreg import logistic_regression_accuracy
 from moco.augment import moco_v2
 

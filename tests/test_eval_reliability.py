@@ -10,18 +10,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_main, run_script, write_image_folder
 
 import main_knn
 import main_lincls
 from common.augment.transforms import eval_transform
-from common.errors import UserError
+from common.ckpt.resume import check_same_flags
 from common.data.images import FileListDataset, image_folder, pil_loader
+from common.data.transformed import TransformedDataset, drop_unreadable_collate
+from common.errors import UserError
 from common.eval.knn import knn_accuracy, knn_search
 from common.nets.models import build_backbone, without_head
-from common.ckpt.resume import check_same_flags
-from common.data.transformed import TransformedDataset, drop_unreadable_collate
-from conftest import run_main, run_script, write_image_folder
+from knn.evaluate import knn_reports
+from knn.reports import log_knn
+from lincls.heads import backbone_state
 from lincls.logreg import fit_logistic_regression
+from lincls.sanity import same_tensor, sanity_check
 
 # resnet18 with the ImageNet stem at 32 px: a forward pass of a few images takes milliseconds
 SMALL = ["-a", "resnet18", "--no-small-images", "--crop-size", "32", "-j", "0"]
@@ -166,13 +170,13 @@ def test_sanity_check_treats_an_untouched_nan_as_unchanged():
     model = build_backbone("resnet18", num_classes=2)
     with torch.no_grad():
         model.layer1[0].conv1.weight[0, 0, 0, 0] = float("nan")
-    reference = main_lincls.backbone_state(model)
-    main_lincls.sanity_check(model, reference)  # torch.equal(NaN, NaN) alone is False
+    reference = backbone_state(model)
+    sanity_check(model, reference)  # torch.equal(NaN, NaN) alone is False
     with torch.no_grad():
         model.layer1[0].conv1.weight[0, 0, 0, 1] += 1.0
     with pytest.raises(RuntimeError, match="1 tensors differ"):
-        main_lincls.sanity_check(model, reference)
-    assert not main_lincls.same_tensor(torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, float("nan")]))
+        sanity_check(model, reference)
+    assert not same_tensor(torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, float("nan")]))
 
 
 # ---------------------------------------------------------------- 3. kNN top-5 with k < 5
@@ -197,10 +201,10 @@ def test_knn_top5_is_top_k_below_five_neighbours(capsys):
     assert set(knn_accuracy(train, train_l, query, val_l, 8, k=5)) == {"knn_top1", "knn_top5"}
     top_sim, top_idx = knn_search(train, query, 3)
     classes = [f"c{c}" for c in range(8)]
-    results, _ = main_knn.knn_reports(top_sim, top_idx, train_l, val_l, classes, [1, 3], 0.07)
+    results, _ = knn_reports(top_sim, top_idx, train_l, val_l, classes, [1, 3], 0.07)
     assert (results[1]["top5"], results[1]["top5_k"]) == (0.0, 1)
     assert (results[3]["top5"], results[3]["top5_k"]) == (50.0, 3)
-    main_knn.log_knn(results, classes, 0.07)
+    log_knn(results, classes, 0.07)
     out = capsys.readouterr().out
     assert "k=1 T=0.07: top-1 0.00  top-1 0.00" in out and "k=3 T=0.07: top-1 0.00  top-3 50.00" in out
 

@@ -15,9 +15,9 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 import export_backbone
+from common.ckpt.pretrained import load_backbone
 from common.extras import available
 from common.nets.models import build_backbone
-from common.ckpt.pretrained import load_backbone
 from moco.builder import MoCo
 from simclr.builder import SimCLR
 

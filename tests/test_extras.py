@@ -6,6 +6,7 @@ import re
 import sys
 
 import pytest
+from conftest import ROOT, SYNTHETIC, run_script
 from PIL import Image
 
 import main_knn
@@ -13,7 +14,6 @@ import main_moco
 import plot_run
 from common.extras import available
 from common.log.plots import CURVES_SIZE
-from conftest import ROOT, SYNTHETIC, run_script
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",
                     "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "3", "-p", "2"]

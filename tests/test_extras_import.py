@@ -3,12 +3,12 @@ tensorboard, say) is one sentence naming it, the error and the fix, and not avai
 import sys
 
 import pytest
+from conftest import SYNTHETIC, run_main
 
 import main_moco
 from common.errors import UserError
 from common.extras import available, require
 from common.log.tensorboard import check_tensorboard_flag
-from conftest import SYNTHETIC, run_main
 
 PROTOBUF_CLASH = "Descriptors cannot be created directly.\nIf this call came from a _pb2.py file, regenerate it."
 

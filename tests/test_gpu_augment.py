@@ -9,13 +9,13 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from common.augment import transforms as augment
 from common.augment import gpu as G
+from common.augment import transforms as augment
 from common.data.images import FileListDataset, pil_loader
-from common.nets.models import build_backbone
 from common.data.transformed import TransformedDataset
+from common.nets.models import build_backbone
 from moco.augment import moco_v1, moco_v2
-from moco.builder import SplitBatchNorm, _group_batch_norm_ops
+from moco.split_bn import SplitBatchNorm, _group_batch_norm_ops
 from simclr.augment import simclr_augmentation
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

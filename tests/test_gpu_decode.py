@@ -6,14 +6,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import run_inline
 from PIL import Image
 
-from common.augment import transforms as augment
 from common.augment import gpu_decode as D
-from common.errors import UserError
+from common.augment import transforms as augment
 from common.data.images import FileListDataset
 from common.data.transformed import TransformedDataset
-from conftest import run_inline
+from common.errors import UserError
 from moco.augment import moco_v2
 from simclr.augment import simclr_augmentation
 

@@ -16,30 +16,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_lincls import lincls, load, one_and_two_gloo_workers, resumed_equals_straight, run_in_process
 
 import main_knn
 import main_lincls
 from bench.hierarchy import FAMILY, write_data
 from bench.util import write_mnist_layout
-from common.errors import UserError
 from common.data.images import csv_manifest
-from common.eval.knn import knn_predict
-from common.nets.models import build_backbone
 from common.data.subsets import load_subset, save_subset, stratified_subset
 from common.data.synthetic import SyntheticPatterns
+from common.errors import UserError
+from common.eval.hierarchical_data import csv_samples, hierarchical_dataset
+from common.eval.knn import knn_predict
+from common.eval.label_tree import LabelTree, consistency_rate, path_accuracy
+from common.nets.models import build_backbone
 from lincls.balance import BalancedSampler, class_weights
-from lincls.hierarchy import (
-    HierarchicalLoss,
-    LabelTree,
-    LevelHeads,
-    consistency_rate,
-    csv_samples,
-    decode,
-    hierarchical_dataset,
-    hierarchical_report,
-    path_accuracy,
-)
-from test_lincls import lincls, load, one_and_two_gloo_workers, resumed_equals_straight, run_in_process
+from lincls.data import training_subset
+from lincls.heads import build_classifier
+from lincls.hierarchy import HierarchicalLoss, LevelHeads, decode, hierarchical_report
 
 # family = hue, type = pattern; 'stripes' is a type of both families (two classes, told
 # apart by their path); 20 : 6 : 3 : 1 training images, 20:1 between the extreme classes
@@ -109,7 +103,7 @@ def test_label_fraction_is_stratified_on_the_deepest_level_and_balancing_picks_a
     args = lincls_args(tree_data, tmp_path)
     args.label_fraction = 0.5
     train = hierarchical_dataset(args, "train")
-    subset, _ = main_lincls.training_subset(train, args)
+    subset, _ = training_subset(train, args)
     assert Counter(subset.targets) == {3: 10, 2: 3, 1: 2, 0: 1}  # round(n / 2) of each deepest class
     # oversampling at level 1 evens the families out, at level 2 the four types
     for level, n in ((0, 2), (1, 4)):
@@ -189,7 +183,7 @@ def test_one_head_per_level_and_one_backbone_pass(tree_data, tmp_path):
     args = lincls_args(tree_data, tmp_path)
     args.head = "mlp"
     args.head_bn = True
-    model, _, _ = main_lincls.build_classifier(args, [2, 4])
+    model, _, _ = build_classifier(args, [2, 4])
     assert isinstance(model.fc[1], LevelHeads) and len(model.fc[1].heads) == 2  # --head-bn: one BN for both
     assert [h[-1].out_features for h in model.fc[1].heads] == [2, 4]
     calls = []

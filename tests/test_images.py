@@ -2,10 +2,10 @@
 import codecs
 
 import pytest
-
-from common.errors import UserError
-from common.data.images import csv_manifest
 from conftest import write_image_folder
+
+from common.data.images import csv_manifest
+from common.errors import UserError
 
 
 @pytest.fixture

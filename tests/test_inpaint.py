@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import SYNTHETIC, run_main, run_script
 from PIL import Image
 
 import main_inpaint
 import main_knn
 import main_lincls
 from common.nets.models import build_backbone
-from conftest import SYNTHETIC, run_main, run_script
 from inpaint.masking import InpaintingPair, random_patches
 from inpaint.model import ContextEncoder
 
@@ -112,8 +112,9 @@ def test_pretraining_beats_the_untrained_network_under_the_same_knn(tmp_path):
     1-3, which one such seed in three still leaves 6 points ahead; margin 4 (the mean of
     seeds 1-3 is 92.7). With the CIFAR stem 3 epochs were still below random init (52-66 vs
     80.5): inpainting needs more steps than MoCo here."""
-    from common.ckpt.pretrained import load_backbone
     from conftest import learning_knn, untrained_knn
+
+    from common.ckpt.pretrained import load_backbone
 
     knn = learning_knn(tmp_path / "knn", image_size=16)
     control = untrained_knn(knn)

@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import LEARNING_KNN_IMAGES, SYNTHETIC, run_script
 from PIL import Image
 
 import main_knn
 from common.eval.knn import knn_accuracy, knn_predict, knn_search, knn_vote
-from conftest import LEARNING_KNN_IMAGES, SYNTHETIC, run_script
 
 # the moco_pretrained run's data, fewer images: kNN only needs a forward pass
 DATA = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "-p", "1000"]

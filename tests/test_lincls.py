@@ -10,15 +10,18 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn as nn
+from conftest import LEARNING_KNN_IMAGES, SYNTHETIC, run_main, run_script, write_image_folder
 
 import main_lincls
+from common.ckpt.pretrained import torchvision_weights_path
+from common.data.datasets import build_dataset
 from common.data.loader import ResumableSampler
+from common.data.subsets import SubsetDataset, stratified_subset
 from common.eval.metrics import accuracy, classification_report, confusion_matrix, precision_recall_f1
 from common.nets.models import build_backbone
-from common.ckpt.pretrained import torchvision_weights_path
-from common.data.subsets import stratified_subset
-from conftest import LEARNING_KNN_IMAGES, SYNTHETIC, run_main, run_script, write_image_folder
 from lincls.balance import BalancedSampler, class_weights
+from lincls.data import training_subset
+from lincls.heads import build_classifier
 
 # The probe comparison config: 512 training / 128 val images, 8 iterations per epoch, with
 # --head-bn (MAE's parameter-free BatchNorm before the linear layer). Without it the SGD probe
@@ -106,13 +109,13 @@ def test_label_fraction_subset_is_stratified_seeded_and_reproducible(tmp_path):
     args = main_lincls.finalize_args(main_lincls.get_args_parser().parse_args(
         SYNTHETIC + ["--synthetic-size", "80", "--pretrained", "none", "--label-fraction", "0.2",
                      "--output-dir", str(tmp_path / "a")]))
-    train = main_lincls.build_dataset(args, "train")
-    subset, path = main_lincls.training_subset(train, args)
+    train = build_dataset(args, "train")
+    subset, path = training_subset(train, args)
     assert path == str(tmp_path / "a" / "label_subset.json")
     assert subset.indices == stratified_subset(train.targets, 0.2, seed=0)
     assert Counter(subset.targets) == {c: 2 for c in range(8)}  # 10 per class -> 2 each
     args.label_fraction, args.label_subset = 1.0, path
-    again, _ = main_lincls.training_subset(train, args)
+    again, _ = training_subset(train, args)
     assert again.indices == subset.indices
 
 
@@ -189,13 +192,13 @@ def test_imagenet_weights_only_from_the_local_cache(tmp_path, monkeypatch, capsy
     args = main_lincls.finalize_args(main_lincls.get_args_parser().parse_args(
         SYNTHETIC + ["--pretrained", "imagenet", "--output-dir", str(tmp_path / "o")]))
     with pytest.raises(main_lincls.UserError, match="not cached .* nothing is downloaded"):
-        main_lincls.build_classifier(args, 8)
+        build_classifier(args, 8)
     cached = build_backbone("resnet18", num_classes=1000).state_dict()  # stands in for torchvision's file
     path = torchvision_weights_path("resnet18")
     assert path.startswith(str(tmp_path / "torch"))
     os.makedirs(os.path.dirname(path))
     torch.save(cached, path)
-    model, reference, source = main_lincls.build_classifier(args, 8)
+    model, reference, source = build_classifier(args, 8)
     assert "torchvision" in source and model.fc.out_features == 8
     assert torch.equal(model.state_dict()["layer4.1.bn2.running_var"], cached["layer4.1.bn2.running_var"])
 
@@ -228,7 +231,7 @@ def test_frozen_probe_keeps_backbone_and_trains_head(probes, moco_pretrained):
     args = main_lincls.finalize_args(main_lincls.get_args_parser().parse_args(
         PROBE + ["--pretrained", moco_pretrained, "--output-dir", str(folder), "--resume", "auto"]))
     torch.manual_seed(args.seed)
-    init, _, _ = main_lincls.build_classifier(args, 8)
+    init, _, _ = build_classifier(args, 8)
     assert not torch.allclose(sd["module.fc.1.weight"], init.fc[1].weight, atol=1e-3)
     assert sd["module.fc.1.bias"].abs().sum() > 0
     # --head-bn: the head's BatchNorm has no parameters, and learned the features' statistics
@@ -375,11 +378,11 @@ def test_logreg_probe_fits_the_head_in_one_go_and_beats_the_untrained_network(mo
     On the learning tests' 2,048 images (205 labelled, 512 val), over fixture seeds 1-6 (2 CPU
     cores, torch 2.14.1): top-1 69.5-76.8 against 45.5-56.2 untrained, gains 15.9-28.4 (mean
     22.8, sd 4.4); margin 10. Against --pretrained none (66.0): +3.5..+10.8."""
+    from common.augment import transforms as augment
     from common.data.datasets import build_dataset
+    from common.data.transformed import TransformedDataset
     from common.eval.features import extract_features
     from common.nets.models import without_head
-    from common.data.transformed import TransformedDataset
-    from common.augment import transforms as augment
     from lincls.logreg import fit_logistic_regression
 
     acc = {}
@@ -402,11 +405,11 @@ def test_logreg_probe_fits_the_head_in_one_go_and_beats_the_untrained_network(mo
     # the head equals a direct fit on the same features
     args = main_lincls.finalize_args(main_lincls.get_args_parser().parse_args(
         base + ["--pretrained", moco_pretrained, "--output-dir", str(tmp_path / "x")]))
-    net, _, _ = main_lincls.build_classifier(args, 8)
+    net, _, _ = build_classifier(args, 8)
     subset = json.load(open(tmp_path / "moco" / "label_subset.json"))
     train = build_dataset(args, "train")
     indices = subset["indices"]
-    plain = TransformedDataset(main_lincls.SubsetDataset(train, indices), augment.eval_transform(args.crop_size))
+    plain = TransformedDataset(SubsetDataset(train, indices), augment.eval_transform(args.crop_size))
     with without_head(net):
         x, y = extract_features(net, plain, 64, torch.device("cpu"), normalize=False)
     w, b = fit_logistic_regression(x, y, 8)

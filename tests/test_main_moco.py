@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
+from conftest import SYNTHETIC, run_inline, run_script, write_image_folder
 
 import main_moco
-from conftest import SYNTHETIC, run_inline, run_script, write_image_folder
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",
                     "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "3", "-p", "2"]
@@ -127,10 +127,11 @@ def test_pretraining_beats_the_untrained_network_under_the_same_knn(moco_pretrai
     over init seeds 0-5 (65.6 for seed 0, the one used). Margin 8: the smallest gap seen is
     11.2, the mean 16-18, about 3 sd above the margin. Against the identity statistics
     (--pretrained none: 74-83 over init seeds) the same runs lead by only 4.7 +- 3."""
-    from common.ckpt.io import load_checkpoint
-    from common.nets.models import build_backbone
-    from common.ckpt.pretrained import load_backbone
     from conftest import MOCO_LEARN, learning_knn, untrained_knn
+
+    from common.ckpt.io import load_checkpoint
+    from common.ckpt.pretrained import load_backbone
+    from common.nets.models import build_backbone
 
     knn = learning_knn(tmp_path / "knn")
     control = untrained_knn(knn)

@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.nets.models import build_backbone
-from moco.builder import MoCo, SplitBatchNorm
+from moco.builder import MoCo
+from moco.split_bn import SplitBatchNorm
 
 
 def tiny_moco(K=16, dim=8, m=0.9, T=0.07, mlp=False, symmetric=False, splits=2):

@@ -6,13 +6,13 @@ import os
 
 import numpy as np
 import pytest
+from conftest import run_inline
 from PIL import Image
 
 import main_moco
 import main_simclr
-from common.watch.collapse import NEAR_CHANCE, LearningWatch
 from common.train.run import NOT_LEARNING_EXIT
-from conftest import run_inline
+from common.watch.collapse import NEAR_CHANCE, LearningWatch
 
 
 def test_the_watch_judges_from_the_second_epoch_against_chance():
@@ -68,9 +68,10 @@ def test_the_learning_fixture_is_not_flagged(moco_pretrained):
 
 def test_the_view_check_separates_an_image_s_views_from_other_images():
     import torch
+    from conftest import MOCO_LEARN
+
     from common.data.datasets import build_dataset
     from common.watch.view_check import _separation, view_check, view_check_message
-    from conftest import MOCO_LEARN
     from moco.augment import moco_v2
 
     x = torch.randn(32, 8)

@@ -93,9 +93,10 @@ def _png_folder(root, size, mode, n=6):
 
 
 def test_the_recipe_follows_the_data_grayscale_and_source_size(tmp_path, capsys):
-    from common.train.recipes import crop_for_source, profile_data
-    from common.data.datasets import build_dataset
     import argparse
+
+    from common.data.datasets import build_dataset
+    from common.train.recipes import crop_for_source, profile_data
     gray = _png_folder(tmp_path / "gray", (256, 200), "L")
     colour = _png_folder(tmp_path / "colour", (40, 48), "RGB")
     profile = profile_data(build_dataset(argparse.Namespace(dataset="imagefolder", data=gray), "pretrain"))
@@ -109,8 +110,7 @@ def test_the_recipe_follows_the_data_grayscale_and_source_size(tmp_path, capsys)
     assert not small.gray_images and small.crop_size == 32 and small.small_images  # a 40 px source: 32 px crops
     kept = finalize(main_simclr, [gray, "--recipe", "small", "--crop-size", "48"], tmp_path / "k")
     assert kept.crop_size == 48 and "kept from the command line: --crop-size 48" in capsys.readouterr().out
-    assert [crop_for_source(s, 224) for s in (0, 28, 32, 37, 64)] == [224, 32, 32, 32, 64]
-    assert crop_for_source(1000, 224) >= crop_for_source(256, 224) >= crop_for_source(100, 224) >= 64
+    assert [crop_for_source(s, 224) for s in (0, 28, 32, 37, 48, 64, 256, 4000)] == [224, 32, 32, 32, 32, 64, 64, 64]
 
 
 def test_gray_views_drop_the_ops_that_do_nothing_to_a_gray_image():
@@ -126,6 +126,7 @@ def test_gray_views_drop_the_ops_that_do_nothing_to_a_gray_image():
 def test_crop_max_bounds_the_crops_and_is_checked(tmp_path):
     import pytest
     from PIL import Image
+
     from common.errors import UserError
     from simclr.augment import simclr_augmentation
     r = simclr_augmentation(16, blur=False, crop_min=0.04, crop_max=0.06)
@@ -136,3 +137,24 @@ def test_crop_max_bounds_the_crops_and_is_checked(tmp_path):
     assert r.split().geometric.transforms[0].scale == (0.04, 0.06)
     with pytest.raises(UserError, match="--crop-max 0.2 must be"):
         finalize(main_simclr, ["--dataset", "synthetic", "--crop-min", "0.3", "--crop-max", "0.2"], tmp_path)
+
+
+def test_the_probes_take_the_crop_the_run_learned_on(tmp_path):
+    """--recipe small may choose the crop: main_lincls.py and main_knn.py --pretrained CKPT then
+    use it unless --crop-size is given (the default for the data otherwise)."""
+    import argparse
+    import torch
+    from common.ckpt.pretrained import follow_checkpoint
+    path = str(tmp_path / "ckpt.pth.tar")
+    torch.save({"state_dict": {}, "arch": "resnet18", "method": "simclr",
+                "args": {"crop_size": 64, "small_images": False}}, path)
+
+    def followed(**given):
+        args = argparse.Namespace(**{"pretrained": path, "arch": None, "crop_size": None, "small_images": None,
+                                     "dataset": "imagefolder", **given})
+        follow_checkpoint(args)
+        return args.crop_size, args.small_images, args.arch
+    assert followed() == (64, False, "resnet18")
+    assert followed(crop_size=96) == (96, False, "resnet18")
+    assert followed(pretrained="none") == (224, False, "resnet50")
+    assert followed(pretrained="none", dataset="synthetic") == (32, True, "resnet50")

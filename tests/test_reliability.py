@@ -11,14 +11,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SYNTHETIC, run_inline, run_script
 from PIL import Image
 
-from common.ckpt.resume import run_seed
 import main_knn
 import main_lincls
 import main_moco
 import main_simclr
-from conftest import ROOT, SYNTHETIC, run_inline, run_script
+from common.ckpt.resume import run_seed
 
 MAINS = {"main_moco.py": main_moco.main, "main_simclr.py": main_simclr.main, "main_lincls.py": main_lincls.main,
          "main_knn.py": main_knn.main}

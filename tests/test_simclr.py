@@ -13,14 +13,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import SYNTHETIC, run_main, run_script
 
 import main_simclr
 from common.ckpt.io import load_checkpoint
+from common.ckpt.pretrained import load_backbone
 from common.dist.collectives import DistEnv, all_gather_with_grad
 from common.eval.monitor import KnnMonitor
 from common.nets.models import build_backbone
-from common.ckpt.pretrained import load_backbone
-from conftest import SYNTHETIC, run_main, run_script
 from simclr.builder import SimCLR, projection_head
 from simclr.loss import nt_xent
 from simclr.optim import LARS, build_optimizer, scaled_lr, split_decay_groups

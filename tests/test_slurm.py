@@ -11,13 +11,12 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, SYNTHETIC
 
 from common.dist import collectives as cdist
-from common.dist import world
-from common.dist import slurm
+from common.dist import slurm, world
 from common.errors import UserError
 from common.train.preempt import REQUEUE_EXIT_CODE
-from conftest import ROOT, SYNTHETIC
 
 # 4 iterations per epoch; -j 0 and a fixed seed make runs bitwise repeatable
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",

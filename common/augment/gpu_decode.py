@@ -27,16 +27,16 @@ from torch.utils.data import default_collate
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from common.augment.transforms import Recipe
-from common.errors import UserError
 from common.augment.gpu import draw_params, photometric
+from common.augment.transforms import Recipe
 from common.data.images import FileListDataset, pil_loader
 from common.data.subsets import SubsetDataset
+from common.errors import UserError
 
 # layout of one view's geometry vector: the crop box in source pixels, and the flip
 TOP, LEFT, HEIGHT, WIDTH, FLIP = range(5)
 # decoded images of at most this many samples are held at once: a batch of 256 phone
-# photos (4000x3000) would otherwise take 9 GB of device memory before the crops
+# photos (4000x3000) would otherwise take gigabytes of device memory before the crops
 DECODE_CHUNK = 64
 _EXIF_ORIENTATION = 0x0112
 

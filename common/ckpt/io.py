@@ -1,4 +1,4 @@
-"""The checkpoint contract (see DESIGN.md): what a checkpoint holds (training_state),
+"""The checkpoint contract, defined here: what a checkpoint holds (training_state's dict),
 atomic writes that never destroy the last good file, reading with a plain error, and
 restoring model, optimizer, scaler and RNG state. Which checkpoint to resume is
 common/ckpt/resume.py; backbones for evaluation common/ckpt/pretrained.py."""
@@ -207,8 +207,10 @@ def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, args, *, method: str,
                    epoch: int, iteration: int = 0, metrics: Optional[Dict[str, Any]] = None,
                    **extra: Any) -> Dict[str, Any]:
-    """The checkpoint dict of DESIGN.md. `epoch` is the next epoch to run, or the current
-    one when `iteration` > 0 (a mid-epoch checkpoint: that many iterations are done)."""
+    """The checkpoint dict every script writes and resumes from: epoch, iteration, arch,
+    method, state_dict, optimizer, scaler, args (the plain-valued flags), rng, metrics, plus
+    the script's `extra` keys. `epoch` is the next epoch to run, or the current one when
+    `iteration` > 0 (a mid-epoch checkpoint: that many iterations are done)."""
     return {
         "epoch": epoch, "iteration": iteration, "arch": args.arch, "method": method,
         "state_dict": model_state_dict(model), "optimizer": optimizer.state_dict(),

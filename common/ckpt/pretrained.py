@@ -10,8 +10,9 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 from common.ckpt.io import METHODS, load_checkpoint
-from common.errors import UserError
 from common.ckpt.resume import check_arch
+from common.data.datasets import default_crop_size
+from common.errors import UserError
 
 # prefixes under which pretraining checkpoints keep the backbone, most specific first
 BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "encoder.")
@@ -83,11 +84,12 @@ def torchvision_weights_path(arch: str) -> str:
 
 
 def follow_checkpoint(args: argparse.Namespace, default_arch: str = "resnet50") -> None:
-    """-a/--arch and --small-images from the `--pretrained` checkpoint where the command
-    line left them unset (None), so `--pretrained ckpt` alone rebuilds the network the run
-    trained; a given -a must match the checkpoint's. 'none'/'imagenet' (and checkpoints
-    without args) fall back to `default_arch` and the CIFAR stem for crops <= 64 px
-    (args.crop_size must be set)."""
+    """-a/--arch, --crop-size and --small-images from the `--pretrained` checkpoint where the
+    command line left them unset (None), so `--pretrained ckpt` alone rebuilds the network
+    the run trained and shows it images at the size it learned on (--recipe small may have
+    chosen it); a given -a must match the checkpoint's. 'none'/'imagenet' (and checkpoints
+    without args) fall back to `default_arch`, the dataset's default crop and the CIFAR stem
+    for crops <= 64 px."""
     saved_arch, saved_args = None, {}
     if args.pretrained not in (None, "none", "imagenet"):
         ckpt = load_checkpoint(args.pretrained)
@@ -96,6 +98,7 @@ def follow_checkpoint(args: argparse.Namespace, default_arch: str = "resnet50") 
             check_arch(ckpt, args.arch, args.pretrained)
         del ckpt
     args.arch = args.arch or saved_arch or default_arch
+    args.crop_size = args.crop_size or saved_args.get("crop_size") or default_crop_size(args)
     if args.small_images is None:
         saved = saved_args.get("small_images")
         args.small_images = bool(saved) if saved is not None else args.crop_size <= 64

@@ -10,9 +10,9 @@ from typing import Optional
 import torchvision.datasets as tvd
 from torch.utils.data import Dataset
 
-from common.errors import UserError
 from common.data.images import csv_manifest, image_folder
 from common.data.synthetic import SyntheticPatterns
+from common.errors import UserError
 
 DATASETS = ("imagefolder", "csv", "cifar10", "cifar100", "stl10", "mnist", "fashion-mnist", "synthetic")
 # images of these datasets are small: default crop 32 px (96 for STL-10)

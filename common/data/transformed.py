@@ -11,9 +11,9 @@ from typing import Callable, List, Optional, Set, Tuple, Union
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from common.errors import UserError
 from common.data.images import FileListDataset
 from common.data.subsets import SubsetDataset
+from common.errors import UserError
 
 READ_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for bad files
 

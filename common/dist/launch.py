@@ -23,11 +23,11 @@ import torch
 import torch.multiprocessing as mp
 
 from common.dist.collectives import DistEnv, agree_seed, cleanup
-from common.errors import UserError, report_user_errors
 from common.dist.rendezvous import rendezvous_timeout, setup_distributed
 from common.dist.signals import forward_preemption_signals, hold_preemption_signals
 from common.dist.slurm import host_resolves
 from common.dist.world import detect_launcher, expected_world_size, nproc_per_node, per_worker
+from common.errors import UserError, report_user_errors
 
 
 def launch(worker: Callable[[Optional[int], argparse.Namespace], None], args: argparse.Namespace) -> None:

@@ -7,14 +7,15 @@ import re
 from datetime import timedelta
 from typing import Optional
 from urllib.parse import urlparse
+
 import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
-from common.dist.world import detect_launcher, expected_world_size, nproc_per_node, uses_cuda
-from common.dist.collectives import DistEnv
-from common.errors import UserError
-from common.dist.slurm import check_master_resolves, slurm_env, slurm_tasks_on_this_node
 
+from common.dist.collectives import DistEnv
+from common.dist.slurm import check_master_resolves, slurm_env, slurm_tasks_on_this_node
+from common.dist.world import detect_launcher, expected_world_size, nproc_per_node, uses_cuda
+from common.errors import UserError
 
 # How long the processes wait for each other to join the process group (seconds;
 # DIST_RENDEZVOUS_TIMEOUT overrides it). torch's own bound is its 30-minute collective

@@ -4,7 +4,9 @@ the distributed flags themselves."""
 import argparse
 import os
 from typing import Optional
+
 import torch
+
 from common.errors import UserError
 
 

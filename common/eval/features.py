@@ -2,17 +2,19 @@
 share, unreadable images are left out and listed, and the rows come back in dataset order."""
 import time
 from typing import Tuple
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+
+from common.data.loader import ResumableSampler
+from common.data.transformed import TransformedDataset, drop_unreadable_collate
 from common.dist.collectives import concat_all_gather, get_rank, get_world_size
 from common.errors import UserError
-from common.data.loader import ResumableSampler
 from common.log.progress import format_seconds, log
 from common.train.precision import Precision
-from common.data.transformed import TransformedDataset, drop_unreadable_collate
 
 
 class _Indexed(Dataset):

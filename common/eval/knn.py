@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 @torch.no_grad()
 def knn_search(train_features: torch.Tensor, query_features: torch.Tensor, k: int, chunk_size: int = 1024,
                train_chunk_size: Optional[int] = 65536) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -2,25 +2,27 @@
 labelled train/val split every N epochs, and once before training for comparison."""
 import copy
 from typing import Dict
+
 import torch.nn as nn
 from torch.utils.data import Subset
+
+from common.augment.transforms import eval_decode_side, eval_transform
+from common.data.datasets import build_dataset
+from common.data.transformed import TransformedDataset
 from common.eval.features import extract_features
 from common.eval.knn import knn_accuracy
-from common.augment.transforms import eval_decode_side, eval_transform
-from common.nets.batchnorm import recalibrate_batchnorm
-from common.data.datasets import build_dataset
 from common.log.progress import log
+from common.nets.batchnorm import recalibrate_batchnorm
 from common.nets.models import without_head
 from common.train.precision import Precision
-from common.data.transformed import TransformedDataset
-
 
 RECALIBRATION_IMAGES = 2048  # enough for BatchNorm's means and variances, a bounded cost on large sets
 
 
 class KnnMonitor:
     """kNN accuracy of a pretraining run's backbone on the labelled train/val splits,
-    every `--knn-every` epochs (the `--knn-k` nearest neighbours, temperature 0.07)."""
+    every `--knn-every` epochs (`k` = 20 nearest neighbours, temperature 0.07; there is no
+    flag for k here: main_knn.py's --knn-k is that script's own)."""
 
     def __init__(self, args, env, k: int = 20):
         self.env, self.k, self.args = env, k, args

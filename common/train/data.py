@@ -4,16 +4,18 @@ seeded per sample, in a resumable order (`PretrainData`); the two-view loader wi
 import argparse
 from dataclasses import dataclass
 from typing import Callable, Optional
+
 from torch.utils.data import DataLoader
+
 from common.augment import transforms as augment
-from common.data.datasets import build_dataset
-from common.dist.collectives import DistEnv
-from common.errors import UserError
 from common.augment.gpu import ViewsToDevice
 from common.augment.gpu_decode import DecodeToDevice, EncodedViews, check_device_decoding, collate_encoded, read_sample
+from common.data.datasets import build_dataset
 from common.data.loader import ResumableSampler, make_loader
-from common.log.progress import log
 from common.data.transformed import TransformedDataset, load_sample
+from common.dist.collectives import DistEnv
+from common.errors import UserError
+from common.log.progress import log
 
 
 @dataclass

@@ -13,10 +13,9 @@ from common.data.datasets import build_dataset, default_crop_size
 from common.log.progress import log
 
 RECIPES = ("default", "small")
-# images seen in pretraining (`--recipe small` sets --epochs = budget / images) that beat random
-# init on 2k- and 10k-image Fashion-MNIST pools (bench/quality.py; docs/moco.md: Small datasets).
-# MoCo learns more slowly per image than SimCLR there: at 100k its kNN with all labels stayed
-# below random init's; 200k (14.5 min at 32 px on 2 CPU cores) passed it.
+# images seen in pretraining (`--recipe small` sets --epochs = budget / images): the budgets that
+# beat random init in bench/quality.py's small-data table; MoCo learns more slowly per image than
+# SimCLR there (docs/small-data.md: why these values)
 SMALL_DATA_BUDGET = {"moco": 200000, "simclr": 100000, "inpaint": 100000}
 SMALL_DATA_BATCH = 64  # both contrastive recipes' batch
 
@@ -77,14 +76,14 @@ def profile_data(dataset: Dataset, sample: int = PROFILE_SAMPLE) -> DataProfile:
 
 
 def crop_for_source(short_side: int, default: int) -> int:
-    """`--recipe small`'s crop for sources of this shortest side (docs/small-data.md: which
-    crop for which source): the source's own size up to 64 px, then 64 px up to sources of
-    160 px, and 96 px above; `default` when the source size is unknown."""
+    """`--recipe small`'s crop for sources of this shortest side: 32 px for small sources (the
+    crop the Fashion-MNIST table measured), 64 px for larger ones, whose detail a 32 px view
+    resizes away (docs/small-data.md: the crop for the source); `default` when the source size
+    is unknown. Larger crops cost the square of their side on a CPU and were not found to
+    learn better on the inspection benchmark, so the recipe stops at 64."""
     if short_side <= 0:
         return default
-    if short_side <= 64:
-        return max(16, short_side // 16 * 16) if short_side >= 32 else 32
-    return 64 if short_side <= 160 else 96
+    return 32 if short_side <= 48 else 64
 
 
 # a method's recipe: (the data's profile, the crop size in use, args) -> the flag values it sets

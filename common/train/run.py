@@ -19,18 +19,16 @@ from common.ckpt.io import (
     save_checkpoint,
     training_state,
 )
-from common.watch.collapse import CollapseWatch, LearningWatch
+from common.ckpt.resume import check_arch, resolve_resume
 from common.dist.collectives import DistEnv, is_main_process
-from common.train.data import PretrainData
-from common.train.step import EpochResult
 from common.eval.monitor import KnnMonitor
 from common.log.progress import MetricsLog, log
+from common.train.data import PretrainData
 from common.train.preempt import StopRequest
-from common.ckpt.resume import check_arch, resolve_resume
 from common.train.schedule import lr_at
+from common.train.step import EpochResult
+from common.watch.collapse import CollapseWatch, LearningWatch
 from common.watch.view_check import view_check, view_check_message
-
-
 
 # exit status of a run stopped by --stop-if-not-learning (2 is a usage error, 75 a requeue)
 NOT_LEARNING_EXIT = 3

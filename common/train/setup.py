@@ -4,16 +4,17 @@ not-learning stop; checked before any worker starts."""
 import argparse
 import os
 from typing import Optional, Sequence
+
 from common.ckpt.io import (
     prepare_output_dir,
 )
-from common.cli import check_training_flags
-from common.watch.collapse import LearningWatch
-from common.data.datasets import default_crop_size
-from common.errors import UserError
-from common.dist.world import expected_world_size, per_worker, uses_cuda
-from common.train.recipes import RecipeValues, apply_recipe
 from common.ckpt.resume import check_same_flags, resumed_args, run_seed
+from common.cli import check_training_flags
+from common.data.datasets import default_crop_size
+from common.dist.world import expected_world_size, per_worker, uses_cuda
+from common.errors import UserError
+from common.train.recipes import RecipeValues, apply_recipe
+from common.watch.collapse import LearningWatch
 
 
 def add_view_args(parser: argparse.ArgumentParser) -> None:

@@ -12,9 +12,10 @@ import torch.nn as nn
 
 from common.dist.collectives import DistEnv
 from common.log.progress import MeterBank, Progress, log
-from common.watch.loss_guard import LossGuard
 from common.train.precision import Precision
 from common.train.schedule import set_lr
+from common.watch.loss_guard import LossGuard
+
 
 class RunHooks(Protocol):
     """What the step loop asks of the run (common/train/run.py `PretrainRun`): where a

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from common.augment import transforms as augment
+from common.data.transformed import TransformedDataset
 from common.errors import UserError
 from common.nets.models import build_backbone, without_head
-from common.data.transformed import TransformedDataset
 
 SAMPLE = 64  # images; a few seconds even at 224 px
-# below both (chance 0.5): no instance signal. Measured at 32 px: one flat grey with a 1 % crop
-# and full jitter 0.50-0.52 (features) and 0.47-0.56 (pixels); SimCLR's full recipe on the
-# synthetic set 0.58 / 0.58; MoCo v2 with the learning tests' mild jitter 0.81 / 0.66
+# below both (chance 0.5): no instance signal; the levels sit between a recipe that destroys the
+# instance (a 1 % crop and full jitter on flat grey images) and the recipes that learn on the
+# synthetic set (docs/small-data.md: the view check's levels)
 NO_SIGNAL_FEATURES, NO_SIGNAL_PIXELS = 0.55, 0.6
 
 

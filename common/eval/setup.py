@@ -1,0 +1,96 @@
+"""What main_lincls.py and main_knn.py both set up before they evaluate anything: the
+--pretrained flag and the backbone it names, the labelled train/val splits (flat or
+hierarchical) with their checks, and the un-augmented view the network sees of them."""
+import argparse
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from common.augment.transforms import eval_decode_side, eval_transform
+from common.ckpt.pretrained import extract_backbone, load_backbone, load_pretrained
+from common.cli import ArgumentAdder
+from common.data.datasets import build_dataset
+from common.data.transformed import TransformedDataset
+from common.errors import UserError
+from common.eval.hierarchical_data import hierarchical_dataset
+from common.eval.label_tree import LabelTree
+from common.nets.models import build_backbone
+
+# -a of a script that loads a backbone: follow_checkpoint fills it from --pretrained
+ARCH_HELP = "torchvision architecture (default: the --pretrained checkpoint's, else resnet50)"
+
+
+def add_pretrained_arg(parser: ArgumentAdder, required: bool) -> None:
+    parser.add_argument("--pretrained", required=required, default=None, type=str, metavar="PATH|none|imagenet",
+                        help="pretraining checkpoint (ours: MoCo, SimCLR, lincls; or facebookresearch/moco's), "
+                             "'none' for a random-init backbone, 'imagenet' for torchvision's cached weights")
+
+
+def pretrained_backbone(args: argparse.Namespace, num_classes: int = 1000, load: bool = True,
+                        keep_reference: bool = False) -> Tuple[nn.Module, str, Dict[str, torch.Tensor]]:
+    """-a's network with the backbone of --pretrained (common.ckpt.pretrained knows every
+    layout; `load` False or --pretrained none: random init). Returns (model, where its
+    weights came from, with keep_reference a copy of the checkpoint's backbone tensors for
+    a later sanity check, else {})."""
+    # num_classes sizes the fc a classifier replaces: it still draws from the RNG, so a run's
+    # head init depends on it
+    model = build_backbone(args.arch, num_classes=num_classes, small_images=args.small_images)
+    ckpt = load_pretrained(args.pretrained, args.arch) if load else None
+    if ckpt is None:
+        return model, "random init", {}
+    where = args.pretrained if args.pretrained != "imagenet" else "torchvision ImageNet weights"
+    layout = load_backbone(model, ckpt, where)
+    source = f"{where} ({ckpt.get('method') or 'reference'} checkpoint, layout {layout})"
+    reference = {k: v.clone() for k, v in extract_backbone(ckpt["state_dict"])[0].items()} if keep_reference else {}
+    return model, source, reference
+
+
+class Splits(NamedTuple):
+    train: Dataset
+    val: Optional[Dataset]  # None: the data has no val split
+    tree: Optional[LabelTree]  # --hierarchy-depth: classes are the deepest level's paths
+    classes: List[str]  # the training split's ([] when unlabelled)
+
+
+def labelled(dataset: Optional[Dataset], split: str, needs: str, way_out: str = "") -> Dataset:
+    """`dataset`, refused when it is absent or has an image without a label. `needs` names
+    who needs the labels and `way_out` how to do without, for the message."""
+    if dataset is None:
+        raise UserError(f"{needs} needs a labelled {split} split; give DATA/train and DATA/val class folders "
+                        f"(or train.csv and val.csv with --dataset csv){way_out}")
+    unlabelled = sum(1 for t in dataset.targets if t < 0)
+    if not getattr(dataset, "classes", None) or unlabelled:
+        raise UserError(f"{unlabelled or len(dataset)} {split} images have no label; {needs} needs every image in "
+                        f"a class folder (or a label in the csv){way_out}")
+    return dataset
+
+
+def eval_splits(args: argparse.Namespace, needs: Optional[str], way_out: str = "") -> Splits:
+    """The train and val splits of DATA. With `needs` (see labelled) both must be labelled
+    with the same classes; without, either may be unlabelled and val absent. With
+    --hierarchy-depth the tree is read from train, and val must use its classes."""
+    check = (lambda ds, split: labelled(ds, split, needs, way_out)) if needs else (lambda ds, split: ds)
+    # train is checked before val is read, so its problem is the one reported
+    if args.hierarchy_depth:
+        train = check(hierarchical_dataset(args, "train"), "train")
+        tree = train.tree
+        val = check(hierarchical_dataset(args, "val", tree), "val")
+    else:
+        tree = None
+        train = check(build_dataset(args, "train"), "train")
+        val = check(build_dataset(args, "val"), "val")
+    classes = list(getattr(train, "classes", None) or [])
+    if needs and list(val.classes) != classes:
+        raise UserError(f"val classes {list(val.classes)[:5]} differ from train classes {classes[:5]}; "
+                        f"the val split must have the same classes as the train split")
+    return Splits(train, val, tree, classes)
+
+
+def eval_view(dataset: Dataset, args: argparse.Namespace) -> TransformedDataset:
+    """What the network is evaluated on: resize and centre crop, no augmentation. An
+    unreadable image is left out: a stand-in would be counted (or fitted) under this
+    image's label, once more."""
+    return TransformedDataset(dataset, eval_transform(args.crop_size), args.strict_data,
+                              decode_side=eval_decode_side(args.crop_size), skip_unreadable=True)

@@ -1,0 +1,48 @@
+"""kNN evaluation of embedded splits: top-1/top-5 and per-class recall for every --knn-k,
+from one neighbour search (common/eval/knn.py), per level of a label tree."""
+import argparse
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from common.eval.knn import knn_search, knn_vote, top_n, vote_accuracy
+from common.eval.label_tree import LabelTree, consistency_rate, path_accuracy
+from common.eval.metrics import classification_report
+
+
+def knn_evaluate(train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tensor, val_l: torch.Tensor,
+                 classes: List[str], args: argparse.Namespace, tree: Optional[LabelTree] = None) -> Dict:
+    """Top-1/top-5 and per-class recall for every k, from one search with the largest k.
+    With a label tree: the same for every level ({"levels": [results of level 1, ...]}),
+    the neighbours voting with their class at that level, plus per k the consistency rate
+    and whole-path top-1 of the levels' decisions ({"path": {k: ...}})."""
+    ks = sorted(set(args.knn_k))
+    top_sim, top_idx = knn_search(train_f, val_f, max(ks), args.chunk_size, args.train_chunk_size)
+    if tree is None:
+        return knn_reports(top_sim, top_idx, train_l, val_l, classes, ks, args.temperature)[0]
+    levels, preds = [], []
+    for level, names in enumerate(tree.classes):
+        results, scores = knn_reports(top_sim, top_idx, tree.level_targets(train_l, level),
+                                      tree.level_targets(val_l, level), names, ks, args.temperature)
+        levels.append(results)
+        preds.append({k: s.argmax(dim=1) for k, s in scores.items()})
+    targets = [tree.level_targets(val_l, level) for level in range(tree.depth)]
+    path = {k: {"path_top1": path_accuracy([p[k] for p in preds], targets),
+                "consistency_rate": consistency_rate([p[k] for p in preds], tree)} for k in ks}
+    return {"levels": levels, "path": path}
+
+
+def knn_reports(top_sim: torch.Tensor, top_idx: torch.Tensor, train_l: torch.Tensor, val_l: torch.Tensor,
+                classes: List[str], ks: Sequence[int], temperature: float) -> Tuple[Dict, Dict]:
+    """({k: top-1/top-5, per-class recall}, {k: vote scores}) for one set of labels. "top5"
+    is over the top5_k = min(5, k, classes) best-voted classes, as DINO's knn_classifier:
+    k neighbours vote for at most k classes."""
+    results, scores = {}, {}
+    for k in ks:
+        k_used = min(k, top_idx.shape[1])
+        scores[k] = knn_vote(top_sim, top_idx, train_l, len(classes), k, temperature)
+        report = classification_report(scores[k], val_l, classes)
+        n = top_n(k_used, len(classes))
+        results[k] = {"k": k, "k_used": k_used, "top1": report["acc1"], "top5": vote_accuracy(scores[k], val_l, n)[1],
+                      "top5_k": n, "macro_recall": report["macro_recall"], "per_class": report["per_class"]}
+    return results, scores

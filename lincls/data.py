@@ -1,0 +1,82 @@
+"""The training images of a probe and their loader: all of the labelled train split, or
+the class-stratified label subset (--label-fraction / --label-subset), the same one every
+time; augmented, and optionally class-balanced."""
+import argparse
+import os
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+from torch.utils.data import DataLoader, Dataset
+
+from common.augment import transforms as augment
+from common.data.loader import ResumableSampler, make_loader
+from common.data.subsets import SubsetDataset, class_counts, load_subset, save_subset, stratified_subset
+from common.data.transformed import TransformedDataset
+from common.dist.collectives import DistEnv, is_main_process
+from common.errors import UserError
+from common.eval.label_tree import LabelTree
+from common.log.progress import log
+from lincls.balance import BalancedSampler
+
+
+def training_subset(train: Dataset, args: argparse.Namespace) -> Tuple[Dataset, Optional[str]]:
+    """--label-subset / --label-fraction: the same images every time, saved next to the run.
+    Returns (the training images, the subset file written, None when all are used)."""
+    if args.label_subset:
+        indices = load_subset(args.label_subset, train)
+    elif args.label_fraction < 1.0:
+        indices = stratified_subset(train.targets, args.label_fraction, args.subset_seed, train.classes)
+    else:
+        return train, None
+    subset = SubsetDataset(train, indices)
+    missing = [train.classes[c] for c, n in enumerate(class_counts(subset.targets, len(train.classes))) if n == 0]
+    if missing:
+        raise UserError(f"the label subset has no image of class(es) {missing[:5]}; draw another with --label-fraction")
+    path = os.path.join(args.output_dir, "label_subset.json")
+    if is_main_process():
+        save_subset(path, indices, train, args.label_fraction if not args.label_subset else -1.0, args.subset_seed)
+    return subset, path
+
+
+class TrainingData(NamedTuple):
+    images: Dataset  # the raw training images (the label subset, if any)
+    dataset: TransformedDataset  # the same, augmented
+    loader: DataLoader
+    sampler: ResumableSampler
+    subset_path: Optional[str]  # where the label subset was saved
+    # the labels --balanced-sampling and --class-weights balance: the --balance-level classes
+    balance_targets: Sequence[int]
+    balance_classes: int
+
+
+def training_data(train: Dataset, args: argparse.Namespace, env: DistEnv, batch_size: int, workers: int,
+                  tree: Optional[LabelTree] = None) -> TrainingData:
+    """The augmented training images (a label subset with --label-fraction / --label-subset)
+    and their loader; with --balanced-sampling, small classes of --balance-level oversampled."""
+    images, subset_path = training_subset(train, args)
+    dataset = TransformedDataset(images, augment.train_classifier(args.crop_size), args.strict_data,
+                                 decode_side=augment.train_classifier_decode_side(args.crop_size))
+    balance_targets, balance_classes = images.targets, len(train.classes)
+    if tree is not None:
+        balance_targets = tree.level_targets(images.targets, args.balance_level - 1).tolist()
+        balance_classes = tree.sizes[args.balance_level - 1]
+    sampler = None
+    if args.balanced_sampling:
+        sampler = BalancedSampler(balance_targets, balance_classes, env.world_size, env.rank, seed=env.seed)
+    loader, sampler = make_loader(dataset, batch_size, env, workers, env.seed, drop_last=False, sampler=sampler)
+    return TrainingData(images, dataset, loader, sampler, subset_path, balance_targets, balance_classes)
+
+
+def log_training_data(data: TrainingData, num_val: int, batch_size: int, args: argparse.Namespace,
+                      tree: Optional[LabelTree] = None) -> None:
+    """How many images, iterations and images per class (per level of a hierarchy) a run has."""
+    counts = class_counts(data.images.targets, len(data.images.classes))
+    log(f"=> {len(data.dataset)} training images" + (f" (label fraction {args.label_fraction}, subset saved to "
+                                                      f"{data.subset_path})" if data.subset_path else "")
+        + f", {num_val} val images, {len(data.loader)} iterations/epoch, batch {batch_size}/process; "
+        f"images per class {min(counts)}..{max(counts)}")
+    if tree is not None:
+        for level, (name, n) in enumerate(zip(tree.level_names, tree.sizes)):
+            c = class_counts(tree.level_targets(data.images.targets, level).tolist(), n)
+            log(f"=> level {level + 1} ({name}): {n} classes, images per class {min(c)}..{max(c)}"
+                + (" (balanced by --balanced-sampling/--class-weights)" if level + 1 == args.balance_level
+                   and (args.balanced_sampling or args.class_weights) else ""))
