@@ -12,6 +12,7 @@ def finalize(module, argv, tmp_path):
     return module.finalize_args(module.get_args_parser().parse_args(argv + ["--output-dir", str(tmp_path)]))
 
 
+@pytest.mark.slow
 def test_fewest_positions_follow_the_stem_and_the_crop():
     assert fewest_positions("resnet18", small_images=False, crop_size=32) == 1  # layer4 at 1x1
     assert fewest_positions("resnet18", small_images=True, crop_size=32) == 16  # 4x4
@@ -28,6 +29,7 @@ def test_moco_refuses_bn_groups_too_small_to_normalise(argv, tmp_path):
     assert "raise -b, lower --bn-splits" in str(e.value) and f"at least {MIN_VALUES} values" in str(e.value)
 
 
+@pytest.mark.slow
 def test_workable_groups_pass_and_borderline_ones_warn(tmp_path, capsys):
     finalize(main_moco, ["--dataset", "synthetic", "--no-small-images", "-b", "16", "--bn-splits", "2",
                          "--moco-k", "32"], tmp_path)  # 8 samples x 1x1: runs, with a warning

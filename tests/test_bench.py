@@ -63,6 +63,7 @@ def test_mnist_subset_is_class_balanced(tmp_path):
     assert stratified_first(np.array([0, 0, 1, 1, 1]), 0).tolist() == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_throughput_smoke(tmp_path):
     out = tmp_path / "t.json"
     bench_throughput.main(["-a", "resnet18", "--no-small-images", "--crop-size", "32", "-b", "8", "--moco-k", "16",
@@ -98,6 +99,7 @@ def test_throughput_bad_input_is_one_sentence(capsys):
     assert "--moco-k 20 is not a multiple of --batch-size 8" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_dataloader_smoke(tmp_path):
     out = tmp_path / "d.json"
     paths = ("reference", "pil", "gpu_split", "torchvision_blur", "tensor_v2")
@@ -125,6 +127,7 @@ def test_compared_pipelines_give_the_scripts_output_format():
         assert crop.dtype == torch.uint8 and crop.shape == (3, 80, 80) and params.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_quality_smoke(tmp_path):
     """The whole protocol on 60 train / 30 test images: every script runs, every cell is
     filled and the checks are computed (accuracies this small mean nothing)."""
@@ -205,6 +208,7 @@ def test_format_table():
     assert t.splitlines()[0] == "| a  |   bb |" and t.splitlines()[3] == "| yy | 10.5 |"
 
 
+@pytest.mark.slow
 def test_endtoend_smoke_runs_the_script_on_jpegs_next_to_the_step_rate(tmp_path):
     from bench import endtoend
     out = tmp_path / "e.json"
@@ -235,6 +239,7 @@ def test_quality_fits_the_queue_to_the_pool_and_reports_mean_and_spread():
     assert bench_quality.mean_and_spread([70.0]) == (70.0, 0.0)
 
 
+@pytest.mark.slow
 def test_recipes_table_times_the_script_and_derives_the_minutes(tmp_path):
     """One timed epoch of main_moco.py --recipe small on 64 JPEGs of 37 px; the table's
     minutes are the budget's epochs over that rate, and it shows what the recipe sets."""
@@ -272,3 +277,22 @@ def test_recipes_source_size_is_parsed_or_one_sentence():
     with pytest.raises(UserError, match="writes square images"):
         bench_recipes.source_size(bench_recipes.get_args_parser().parse_args(
             ["--source-size", "256x200", "--source-format", "png"]), 32)
+
+
+@pytest.mark.slow
+def test_quality_on_the_inspection_set_runs_the_readme_recipe(tmp_path):
+    """--dataset inspection: the set is written once (seeded), pretraining is `--recipe small`
+    with nothing chosen for it, and each backbone is probed at the crop its run used."""
+    out = tmp_path / "q"
+    argv = [str(tmp_path / "data"), "--dataset", "inspection", "--quick", "--inspection-images", "40",
+            "--inspection-size", "80", "--methods", "simclr", "--pretrain-epochs", "1", "--fractions", "1",
+            "--no-supervised", "--device", "cpu", "--output-dir", str(out), "--pretrain-flags", "-b 8"]
+    rec = bench_quality.main(argv)
+    run = rec["by_pool"]["30"]
+    assert run["recipes"]["simclr"][-3:] == ["small", "-b", "8"] and "--crop-min" not in run["recipes"]["simclr"]
+    assert run["per_seed"]["0"]["crops"] == {"simclr": 64, "random_init": 64}  # an 80 px source: 64 px crops
+    assert set(rec["results"]) == {"simclr", "random_init"}
+    log = (out / "simclr" / "log.txt").read_text()
+    assert "grayscale, median shortest side 80 px" in log and "--gray-images" in log
+    written = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert written == ["inspection_40_80px_seed0"]

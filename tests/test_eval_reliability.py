@@ -86,6 +86,7 @@ def embed_alone(paths, seed=0):
         return np.stack([F.normalize(model(tf(pil_loader(p))[None]), dim=1)[0].numpy() for p in paths])
 
 
+@pytest.mark.slow
 def test_knn_export_rows_are_exactly_the_readable_images(tmp_path, capsys):
     root, bad = folder_with_unreadable_images(tmp_path / "data")
     out = tmp_path / "out"
@@ -113,6 +114,7 @@ def test_knn_export_rows_are_exactly_the_readable_images(tmp_path, capsys):
     assert [int(r["support"]) for r in read_csv(out / "knn_per_class.csv")] == [4, 3]
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_leave_out_the_same_images(tmp_path):
     # 8 images, 2 ranks: the unreadable one is in one rank's share only, so the ranks drop
     # different numbers of rows and the gather still has to line up

@@ -83,6 +83,7 @@ def plain_torchvision(arch: str, small: bool, num_classes=None) -> nn.Module:
     return net.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["moco", "simclr", "reference"])
 def test_torchvision_export_loads_strict_in_plain_torchvision_and_gives_our_features(checkpoints, kind, tmp_path):
     out = tmp_path / "backbone.pth"
@@ -97,6 +98,7 @@ def test_torchvision_export_loads_strict_in_plain_torchvision_and_gives_our_feat
     assert (info["arch"], info["small_images"], info["feature_dim"]) == (arch, small, 512 if small else 2048)
 
 
+@pytest.mark.slow
 def test_lincls_export_keeps_its_linear_head(checkpoints, tmp_path):
     out = tmp_path / "classifier.pth"
     assert export([checkpoints["lincls"], "-o", str(out)])[0] == 0
@@ -112,6 +114,7 @@ def test_lincls_export_keeps_its_linear_head(checkpoints, tmp_path):
     assert not any(k.startswith("fc.") for k in torch.load(tmp_path / "no_head.pth", weights_only=True))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_torchscript_export_round_trips(checkpoints, tmp_path):
     out = tmp_path / "backbone.pt"
@@ -124,6 +127,7 @@ def test_torchscript_export_round_trips(checkpoints, tmp_path):
 
 @pytest.mark.skipif(not (available("onnx") and available("onnxscript") and available("onnxruntime")),
                     reason="onnx, onnxscript and onnxruntime are optional (requirements-extra.txt)")
+@pytest.mark.slow
 def test_onnx_export_round_trips_through_onnxruntime(checkpoints, tmp_path):
     import onnxruntime
     out = tmp_path / "backbone.onnx"
@@ -136,6 +140,7 @@ def test_onnx_export_round_trips_through_onnxruntime(checkpoints, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.onnx", "backbone.onnx.json"]  # one self-contained file
 
 
+@pytest.mark.slow
 def test_missing_onnx_package_is_one_sentence_and_writes_nothing(checkpoints, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails as if not installed
     code, err = export([checkpoints["moco"], "--format", "onnx", "-o", str(tmp_path / "b.onnx")], capsys)
@@ -205,6 +210,7 @@ def test_unwritable_or_folder_output_is_one_sentence_and_leaves_nothing(checkpoi
     assert list(folder.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_failed_write_leaves_the_earlier_export_whole(checkpoints, tmp_path, capsys, monkeypatch):
     out = tmp_path / "b.pth"
     assert export([checkpoints["moco"], "-o", str(out)])[0] == 0
@@ -219,6 +225,7 @@ def test_a_failed_write_leaves_the_earlier_export_whole(checkpoints, tmp_path, c
     assert {p.name: digest(p) for p in tmp_path.iterdir()} == before  # no temporary file either
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_exports_beside_each_other_keep_one_json_each(checkpoints, tmp_path):
     ckpt = shutil.copy(checkpoints["simclr"], tmp_path / "simclr.pth.tar")
@@ -231,6 +238,7 @@ def test_exports_beside_each_other_keep_one_json_each(checkpoints, tmp_path):
     assert not os.path.exists(stem + ".json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchvision", "torchscript"])
 def test_exported_files_get_the_umask_mode(checkpoints, fmt, tmp_path, umask_022):
     out = tmp_path / ("b" + export_backbone.FORMATS[fmt])
@@ -240,6 +248,7 @@ def test_exported_files_get_the_umask_mode(checkpoints, fmt, tmp_path, umask_022
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
 
 
+@pytest.mark.slow
 @needs_onnx
 def test_onnx_export_of_trained_checkpoints_passes_its_check(moco_pretrained, tmp_path, capsys, umask_022):
     # a longer run's features reach ~100: fp32 differences then exceed any fixed 1e-5
@@ -264,6 +273,7 @@ def test_onnx_export_of_trained_checkpoints_passes_its_check(moco_pretrained, tm
         assert stat.S_IMODE(os.stat(str(out) + ".json").st_mode) == 0o644
 
 
+@pytest.mark.slow
 def test_a_real_mismatch_is_still_refused(checkpoints, tmp_path, capsys, monkeypatch):
     features = torch.full((3, 512), 107.0)
     assert export_backbone.matches(features + 7.25e-5, features)[0]  # fp32 reordering at a trained scale

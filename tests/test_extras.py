@@ -60,6 +60,7 @@ def events(folder: str):
     return acc.Tags()
 
 
+@pytest.mark.slow
 @needs_tensorboard
 @needs_matplotlib
 def test_tensorboard_and_curves_from_a_real_one_epoch_run(tmp_path):
@@ -73,6 +74,7 @@ def test_tensorboard_and_curves_from_a_real_one_epoch_run(tmp_path):
     assert png.size == (CURVES_SIZE[0] * 100, CURVES_SIZE[1] * 100) and png.getextrema() != ((255, 255),) * 4
 
 
+@pytest.mark.slow
 @needs_tensorboard
 @needs_matplotlib
 def test_knn_tensorboard_retrieval_images_and_embedding_map(moco_pretrained, tmp_path, capsys):

@@ -240,6 +240,7 @@ def test_split_batchnorm_under_torch_compile_equals_the_reshape_path():
         assert torch.allclose(getattr(bn, name), getattr(traced, name), atol=1e-12)
 
 
+@pytest.mark.slow
 def test_a_split_batchnorm_resnet_compiles_to_one_graph_and_matches_eager():
     """No graph break in the query (grad) or key (no_grad) encoder, channels-last; a break
     per BN layer made every block a graph of its own, past dynamo's recompile limit, and

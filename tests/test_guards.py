@@ -64,6 +64,7 @@ def test_collapse_watch_speaks_once_the_accuracy_fell_after_rising():
     assert early.update(0, 20.0) is None and early.update(1, 5.0) is None  # it had never risen
 
 
+@pytest.mark.slow
 def test_the_step_loop_sets_the_cosine_momentum_before_every_step():
     model = tiny_moco(K=16, dim=8, m=0.9)
     batches = [([torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)], torch.zeros(8)) for _ in range(4)]
@@ -91,6 +92,7 @@ def test_the_step_loop_sets_the_cosine_momentum_before_every_step():
     assert used == pytest.approx([cosine_momentum(0.9, p, 2) for p in seen])
 
 
+@pytest.mark.slow
 def test_main_moco_warns_about_queue_and_momentum_and_takes_moco_m_cos(tmp_path, capsys):
     import main_moco
     # 64 images, K 32 (half the dataset), 4 steps at momentum 0.999

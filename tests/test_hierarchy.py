@@ -213,6 +213,7 @@ def simclr_checkpoint(path) -> dict:
     return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
 
 
+@pytest.mark.slow
 def test_frozen_backbone_heads_per_level_and_every_metric_file(tree_data, tmp_path):
     expected = simclr_checkpoint(tmp_path / "simclr.pth.tar")
     out = tmp_path / "run"
@@ -260,6 +261,7 @@ def test_frozen_backbone_heads_per_level_and_every_metric_file(tree_data, tmp_pa
     assert os.path.isfile(evaluation / "confusion_matrix_level2_eval.csv")
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_with_a_csv_tree(tree_data, tmp_path, capsys):
     # MLP heads (dropout), weighted levels, half the labels, level-1 oversampling and class weights
     base = [tree_data, "--dataset", "csv", "--hierarchy-depth", "2", "--pretrained", "none", "--head", "mlp",
@@ -278,6 +280,7 @@ def test_resume_equals_uninterrupted_with_a_csv_tree(tree_data, tmp_path, capsys
     assert code == 2 and "was trained with --hierarchy-depth 2 but this run has --hierarchy-depth 0" in err
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_match_one_process(tree_data, tmp_path):
     args = [tree_data, "--hierarchy-depth", "2", "--pretrained", "none", "--epochs", "1"] + TINY
     a, b = one_and_two_gloo_workers(args, tmp_path, 29541)
@@ -290,6 +293,7 @@ def test_two_gloo_workers_match_one_process(tree_data, tmp_path):
         assert la["confusion"] == lb["confusion"]  # every val image evaluated once, at every level
 
 
+@pytest.mark.slow
 def test_knn_evaluates_every_level(tree_data, tmp_path):
     out = tmp_path / "knn"
     main_knn.main([tree_data, "--dataset", "csv", "--hierarchy-depth", "2", "--pretrained", "none", "-a", "resnet18",

@@ -54,6 +54,7 @@ def test_pair_blanks_exactly_the_mask_and_keeps_the_rest():
     assert image.min() > 0.19 and image.max() <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("small", [False, True])
 def test_decoder_paints_back_an_image_of_the_input_size(small):
     model = ContextEncoder(functools.partial(build_backbone, "resnet18", small_images=small))
@@ -90,6 +91,7 @@ def two_epochs(tmp_path_factory):
     return out, run_script("main_inpaint.py", TINY + ["--epochs", "2", "--output-dir", str(out)])
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoints_metrics_and_reconstruction_grids(two_epochs):
     out, proc = two_epochs
     assert "masked_mse" in proc.stdout and "img/s" in proc.stdout
@@ -103,6 +105,7 @@ def test_run_writes_checkpoints_metrics_and_reconstruction_grids(two_epochs):
     assert grid.size == (8 * 34 + 2, 3 * 34 + 2)  # 8 images x (original, masked, reconstruction)
 
 
+@pytest.mark.slow
 def test_pretraining_beats_the_untrained_network_under_the_same_knn(tmp_path):
     """6 epochs on 512 generated 16 px images (resized to the 32 px crop, ImageNet stem), on the
     learning tests' kNN set (conftest.learning_knn, 16 px images). Measured over seeds 1-6 (2 CPU
@@ -131,6 +134,7 @@ def test_pretraining_beats_the_untrained_network_under_the_same_knn(tmp_path):
     assert sum(scores) / len(scores) > control + 4
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(two_epochs, tmp_path):
     out, _ = two_epochs
     assert run_main(main_inpaint.main, TINY + ["--epochs", "1", "--output-dir", str(tmp_path)]) == 0
@@ -140,6 +144,7 @@ def test_resume_equals_an_uninterrupted_run(two_epochs, tmp_path):
         assert torch.equal(v, b["state_dict"][k]), k
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_train(tmp_path):
     run_script("main_inpaint.py", TINY + ["--epochs", "1", "--output-dir", str(tmp_path), "--cpu",
                                           "--multiprocessing-distributed", "--nproc-per-node", "2",
@@ -148,6 +153,7 @@ def test_two_gloo_workers_train(tmp_path):
     assert ckpt["method"] == "inpaint" and ckpt["args"]["batch_size"] == 16
 
 
+@pytest.mark.slow
 def test_encoder_loads_in_knn_and_partial_fine_tuning_changes_only_the_trainable_blocks(two_epochs, tmp_path,
                                                                                          capsys):
     out, _ = two_epochs
@@ -184,6 +190,7 @@ def test_a_moco_checkpoint_given_to_resume_is_one_sentence(moco_pretrained, tmp_
     assert not os.path.exists(tmp_path / "checkpoint_last.pth.tar")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, value", [("--patches", "4"), ("--patch-size", "4"), ("--masked-weight", "2")])
 def test_resume_with_another_task_is_one_sentence_naming_the_flag(two_epochs, tmp_path, capsys, flag, value):
     out, _ = two_epochs

@@ -62,6 +62,7 @@ def test_knn_matches_brute_force(dtype):
     assert acc["knn_top5"] == pytest.approx(100.0 * (ref_top5 == val_labels.numpy()[:, None]).any(1).mean())
 
 
+@pytest.mark.slow
 def test_chunked_equals_unchunked():
     train, labels, query = random_problem(n_train=1000, n_query=300, dim=64, dtype=torch.float16, seed=3)
     full_sim, full_idx = knn_search(train, query, 40, chunk_size=10_000, train_chunk_size=None)
@@ -87,6 +88,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_pretrained_beats_the_untrained_network_with_export_and_retrieval(moco_pretrained, moco_untrained,
                                                                          tmp_path):
     query = tmp_path / "mine.png"
@@ -156,6 +158,7 @@ def test_pretrained_beats_the_untrained_network_with_export_and_retrieval(moco_p
     assert learned["20"]["top1"] > untrained["20"]["top1"] + 8.0, (learned["20"], untrained["20"])
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_give_the_single_process_features(tmp_path):
     base = SYNTHETIC + ["--synthetic-size", "72", "-b", "16", "--pretrained", "none", "--export-embeddings",
                         "--knn-k", "5", "20"]
@@ -229,6 +232,7 @@ def test_arch_mismatch_is_a_clear_error(capsys, moco_pretrained, tmp_path):
     assert "does not fit this backbone" in err
 
 
+@pytest.mark.slow
 def test_unlabelled_images_export_and_retrieve_with_skip_knn(tmp_path):
     photos = flat_folder(tmp_path / "photos", 6)
     out = tmp_path / "out"

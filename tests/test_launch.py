@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from test_slurm import TINY, _free_slurm_job_id, clean_env, start, wait_for_line
 
 
@@ -25,6 +26,7 @@ def spawned_workers(parent: int) -> list:
     return [pid for _, pid in sorted(workers)]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_by_sigkill_names_its_rank_and_how_to_continue(tmp_path):
     out = tmp_path / "out"
     args = TINY + ["--epochs", "3", "--cpu", "--moco-k", "48", "--output-dir", str(out), "--save-every-iters", "1",

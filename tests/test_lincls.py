@@ -167,6 +167,7 @@ def official_moco_checkpoint(path, arch="resnet18"):
             if k.startswith("module.encoder_q.") and ".fc." not in "." + k[len("module.encoder_q."):]}
 
 
+@pytest.mark.slow
 def test_loads_official_reference_layout(tmp_path, capsys):
     expected = official_moco_checkpoint(tmp_path / "moco_v2_800ep_pretrain.pth.tar")
     out = tmp_path / "out"
@@ -216,6 +217,7 @@ def probes(moco_pretrained, moco_untrained, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_frozen_probe_keeps_backbone_and_trains_head(probes, moco_pretrained):
     folder, stdout = probes["moco"]
     assert "sanity check passed" in stdout and "frozen backbone" in stdout
@@ -252,6 +254,7 @@ def test_frozen_probe_keeps_backbone_and_trains_head(probes, moco_pretrained):
     assert "=> final" in stdout and "macro_f1" in stdout
 
 
+@pytest.mark.slow
 def test_pretrained_probe_beats_the_untrained_network(probes):
     """Measured over fixture seeds 1-6 (2 CPU cores, torch 2.14.1; 128 val images, so one
     image is 0.8 points): top-1 68.0-77.3 against 57.8-64.1 untrained, gains 7.8-18.0 (mean
@@ -285,6 +288,7 @@ def resumed_equals_straight(base, straight, split):
     return a, b
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path, capsys):
     # fine-tuning with an MLP head (dropout), a label subset and balanced sampling: every RNG in play
     base = SYNTHETIC + ["--synthetic-size", "96", "-b", "16", "--lr", "0.05", "--schedule", "1", "--finetune",
@@ -315,6 +319,7 @@ def one_and_two_gloo_workers(args, tmp_path, port: int):
     return load(one / "checkpoint_last.pth.tar"), load(two / "checkpoint_last.pth.tar")
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_match_one_process(tmp_path):
     # frozen BN + the same global batch: 2 workers x 16 compute the 1 x 32 run's gradients
     args = TINY + ["--pretrained", "none", "--synthetic-size", "128", "--epochs", "1"]
@@ -360,6 +365,7 @@ def test_errors_are_one_sentence(tmp_path, moco_pretrained, capsys):
         assert "Traceback" not in line
 
 
+@pytest.mark.slow
 def test_error_reaches_the_user_as_one_line(tmp_path):
     proc = run_script("main_lincls.py", TINY[:3] + ["resnet50"] + TINY[4:] + [
         "--pretrained", str(tmp_path / "missing.pth.tar"), "--output-dir", str(tmp_path)], check=False)
@@ -368,6 +374,7 @@ def test_error_reaches_the_user_as_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_logreg_probe_fits_the_head_in_one_go_and_beats_the_untrained_network(moco_pretrained, moco_untrained,
                                                                                tmp_path, capsys):
     """--probe logreg: the head is the logistic regression fitted on the frozen features of

@@ -21,6 +21,7 @@ def test_help(capsys):
     assert "--moco-k" in out and "--multiprocessing-distributed" in out
 
 
+@pytest.mark.slow
 def test_one_epoch_run_writes_checkpoint_and_metrics(tmp_path, capsys):
     proc = run_inline(capsys, main_moco.main, TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
     assert "img/s" in proc.stdout and "eta" in proc.stdout and "data " in proc.stdout  # data-wait share
@@ -37,6 +38,7 @@ def test_one_epoch_run_writes_checkpoint_and_metrics(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [[], ["--gpu-augment", "--channels-last", "-j", "2"]],
                          ids=["cpu-augment", "gpu-augment-channels-last"])
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(tmp_path, extra, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_inline(capsys, main_moco.main, TINY + extra + ["--epochs", "2", "--schedule", "1", "--output-dir", str(straight)])
@@ -53,6 +55,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, extra, capsys):
     assert torch.equal(a["state_dict"]["module.queue"], b["state_dict"]["module.queue"])
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_train_with_shuffle_bn(tmp_path):
     proc = run_script("main_moco.py", TINY + ["--epochs", "1", "--output-dir", str(tmp_path), "--cpu", "--moco-k", "48",
                                               "--multiprocessing-distributed", "--world-size", "1",
@@ -79,6 +82,7 @@ def test_bad_input_gives_one_sentence(args, message, capsys):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_empty_class_folder_and_corrupt_image(tmp_path, capsys):
     root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=8, size=32)
     os.makedirs(tmp_path / "data" / "train" / "empty")
@@ -98,6 +102,7 @@ def test_empty_class_folder_and_corrupt_image(tmp_path, capsys):
     assert proc.returncode == 2 and "cannot read image" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_rejects_checkpoint_of_another_script_or_arch(tmp_path, capsys):
     run_inline(capsys, main_moco.main, TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
     ckpt = load(tmp_path / "checkpoint_last.pth.tar")
@@ -112,6 +117,7 @@ def test_resume_rejects_checkpoint_of_another_script_or_arch(tmp_path, capsys):
     assert proc.returncode == 2 and "holds a resnet18" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment_on", ["workers", "device"])
 def test_pretraining_beats_the_untrained_network_under_the_same_knn(moco_pretrained, tmp_path, augment_on):
     """The fixture's 16 steps of MoCo v2 must give better features than the same network
@@ -148,6 +154,7 @@ def test_pretraining_beats_the_untrained_network_under_the_same_knn(moco_pretrai
     assert pretrained > control + 8
 
 
+@pytest.mark.slow
 def test_compile_keeps_the_checkpoint_contract_and_the_numbers(tmp_path):
     # aot_eager traces fwd+bwd through dynamo/AOTAutograd like inductor, without a C compiler.
     # One step: the traced BN groups (var_mean) round differently from the eager kernel, 1e-5
@@ -164,6 +171,7 @@ def test_compile_keeps_the_checkpoint_contract_and_the_numbers(tmp_path):
             assert torch.allclose(v, b["state_dict"][k], rtol=1e-3, atol=1e-4), k
 
 
+@pytest.mark.slow
 def test_knn_monitor_reports_the_untrained_network_first(tmp_path, capsys):
     """--knn-every on a fresh run prints the untrained network's kNN (BatchNorm statistics from
     the train images) before the first step and keeps it in the first metrics line; a resumed

@@ -42,6 +42,7 @@ def flat_gray(tmp_path_factory) -> str:
     (main_simclr, []),
     (main_moco, ["--moco-k", "64", "--mlp", "--aug-plus", "--bn-splits", "2"]),
 ], ids=["simclr", "moco"])
+@pytest.mark.slow
 def test_a_run_at_chance_is_flagged_and_can_stop(flat_gray, tmp_path, capsys, script, extra):
     argv = [flat_gray, "-a", "resnet18", "--no-small-images", "-j", "0", "--crop-size", "32", "-b", "32",
             "--crop-min", "0.01", "--color-strength", "1", "--epochs", "20", "--seed", "0", "-p", "100"] + extra

@@ -3,9 +3,11 @@ command continues it (--resume) or says --overwrite; nothing in it is touched fi
 import hashlib
 import os
 
+import pytest
+from conftest import SYNTHETIC, run_main
+
 import main_lincls
 import main_moco
-from conftest import SYNTHETIC, run_main
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16", "--bn-splits", "2",
                     "--seed", "3", "-p", "100"]
@@ -15,6 +17,7 @@ def digest(folder) -> dict:
     return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest() for n in sorted(os.listdir(folder))}
 
 
+@pytest.mark.slow
 def test_a_forgotten_resume_is_refused_and_overwrite_replaces_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_main(main_moco.main, TINY + ["--epochs", "2", "--output-dir", str(out)]) == 0
@@ -35,6 +38,7 @@ def test_a_forgotten_resume_is_refused_and_overwrite_replaces_the_run(tmp_path, 
     assert len(open(out / "metrics.jsonl").read().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_logreg_probe_into_an_sgd_probe_folder_is_refused(moco_pretrained, tmp_path, capsys):
     out = tmp_path / "probe"
     probe = SYNTHETIC + ["--synthetic-size", "64", "-b", "32", "--epochs", "1", "--seed", "2", "-p", "100",

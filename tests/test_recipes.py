@@ -1,5 +1,7 @@
 """--recipe small: fills the flags left at their defaults, keeps the ones given, fits the
 MoCo queue to the dataset, prints every value it set, and stores them in the args."""
+import pytest
+
 import main_moco
 import main_simclr
 
@@ -24,6 +26,7 @@ def test_moco_small_recipe_fits_the_queue_and_keeps_given_flags(tmp_path, capsys
     assert (default.moco_k, default.moco_m, default.mlp) == (65536, 0.999, False)  # the default recipe: untouched
 
 
+@pytest.mark.slow
 def test_simclr_small_recipe_uses_sgd_and_a_short_warmup(tmp_path, capsys):
     args = finalize(main_simclr, ["--dataset", "synthetic", "--recipe", "small", "--epochs", "20"], tmp_path)
     out = capsys.readouterr().out
@@ -39,6 +42,7 @@ def test_simclr_small_recipe_uses_sgd_and_a_short_warmup(tmp_path, capsys):
     assert big.crop_min is None  # 0.3 is for <= 64 px objects; 96 px keeps SimCLR's 0.08
 
 
+@pytest.mark.slow
 def test_flags_typed_at_their_default_value_are_kept(tmp_path, capsys):
     """A flag given on the command line is the user's choice even when it equals the
     default: the recipe must not replace it (argparse alone cannot tell them apart)."""
@@ -65,6 +69,7 @@ def test_the_queue_fits_the_batch_in_use(tmp_path):
     assert sym.moco_k == 128 and sym.moco_k % (2 * sym.batch_size) == 0  # two keys per image per step
 
 
+@pytest.mark.slow
 def test_a_resumed_recipe_run_keeps_its_epochs_on_a_grown_dataset(tmp_path, capsys):
     from conftest import run_script
     tiny = ["--dataset", "synthetic", "-a", "resnet18", "-j", "0", "--recipe", "small", "--moco-dim", "16",
@@ -92,6 +97,7 @@ def _png_folder(root, size, mode, n=6):
     return str(root)
 
 
+@pytest.mark.slow
 def test_the_recipe_follows_the_data_grayscale_and_source_size(tmp_path, capsys):
     import argparse
 
@@ -143,7 +149,9 @@ def test_the_probes_take_the_crop_the_run_learned_on(tmp_path):
     """--recipe small may choose the crop: main_lincls.py and main_knn.py --pretrained CKPT then
     use it unless --crop-size is given (the default for the data otherwise)."""
     import argparse
+
     import torch
+
     from common.ckpt.pretrained import follow_checkpoint
     path = str(tmp_path / "ckpt.pth.tar")
     torch.save({"state_dict": {}, "arch": "resnet18", "method": "simclr",

@@ -50,6 +50,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_processes_without_seed_agree_on_one_and_see_every_index_once(tmp_path):
     port = free_port()
     procs = []
@@ -85,6 +86,7 @@ def one_epoch(tmp_path_factory):
 
 @pytest.mark.parametrize("flag, value, stored", [("--moco-k", "64", "--moco-k 32"), ("--moco-dim", "8", "--moco-dim 16"),
                                                  ("--small-images", None, "--small-images off")])
+@pytest.mark.slow
 def test_resume_with_another_model_flag_names_the_flag(one_epoch, flag, value, stored):
     extra = [flag] + ([value] if value else [])
     proc = run_script("main_moco.py", TINY + extra + ["--epochs", "2", "--resume", "auto", "--output-dir",
@@ -95,6 +97,7 @@ def test_resume_with_another_model_flag_names_the_flag(one_epoch, flag, value, s
 
 # ---------------------------------------------------------------- training that cannot succeed
 
+@pytest.mark.slow
 def test_nan_loss_stops_before_overwriting_the_last_good_checkpoint(one_epoch, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(one_epoch, out)
@@ -130,6 +133,7 @@ BAD_FLAGS = [
 
 
 # every flag on main_moco.py; the other training scripts share the check (common/cli.py): two each
+@pytest.mark.slow
 def test_lincls_says_when_the_reference_lr_blows_the_probe_up(tmp_path):
     proc = run_script("main_lincls.py", SYNTHETIC + ["--synthetic-size", "128", "-b", "32", "--epochs", "1",
                                                      "--pretrained", "none", "--seed", "1", "--output-dir",
@@ -245,6 +249,7 @@ def test_checkpoint_writes_get_the_umask_mode_without_touching_the_umask(tmp_pat
     assert len(temps) == 1 and temps[0].startswith(".tmp_") and temps[0].endswith(".pth.tar"), temps
 
 
+@pytest.mark.slow
 def test_checkpoints_respect_the_umask_and_auto_resume_says_it_starts_fresh(tmp_path):
     old = os.umask(0o022)
     try:
@@ -256,6 +261,7 @@ def test_checkpoints_respect_the_umask_and_auto_resume_says_it_starts_fresh(tmp_
     assert stat.S_IMODE(os.stat(tmp_path / "checkpoint_last.pth.tar").st_mode) == 0o644
 
 
+@pytest.mark.slow
 def test_metrics_keep_one_line_per_epoch_after_a_kill_between_line_and_checkpoint(tmp_path):
     run_script("main_moco.py", TINY + ["--seed", "1", "--epochs", "2", "--output-dir", str(tmp_path)])
     # as if killed after epoch 1's metrics line but before its checkpoint

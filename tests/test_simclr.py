@@ -159,6 +159,7 @@ def _dist_worker(rank: int, world: int, url: str, case: dict) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_equal_one_process_on_the_full_batch(tmp_path):
     torch.manual_seed(0)
     t, N = 0.2, 8
@@ -262,6 +263,7 @@ def one_epoch_run(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_one_epoch_run_writes_checkpoint_metrics_and_loads_as_backbone(one_epoch_run):
     out, proc = one_epoch_run
     assert "img/s" in proc.stdout and "eta" in proc.stdout and "lars lr 0.01875" in proc.stdout
@@ -279,6 +281,7 @@ def test_one_epoch_run_writes_checkpoint_metrics_and_loads_as_backbone(one_epoch
     assert torch.equal(backbone.layer4[1].conv2.weight, sd["module.encoder.layer4.1.conv2.weight"])
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(capsys, tmp_path):
     # in-process (the fixture's subprocess may differ in CPU threads, hence in the last bits)
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -320,6 +323,7 @@ LEARN = SYNTHETIC + ["--synthetic-size", "1024", "-b", "32", "--epochs", "4", "-
                      "--knn-every", "4"]
 
 
+@pytest.mark.slow
 def test_pretraining_beats_the_untrained_network_under_the_same_knn(tmp_path):
     """Measured over seeds 1-6 (2 CPU cores, torch 2.14.1) on the learning tests' kNN set
     (conftest.learning_knn: 2,048-image bank, 512 val): kNN top-1 85.2 / 89.6 / 85.7 / 79.5 /

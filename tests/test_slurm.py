@@ -151,6 +151,7 @@ def test_missing_or_bad_slurm_variables_name_the_problem(monkeypatch, values, mi
     assert "srun" in str(e.value)
 
 
+@pytest.mark.slow
 def test_missing_variable_is_one_sentence_from_the_script(tmp_path):
     env = clean_env(SLURM_PROCID=0, SLURM_NTASKS=2, SLURM_LOCALID=0, SLURM_JOB_NODELIST="localhost", PATH="/nonexistent")
     proc = subprocess.run([sys.executable, "main_moco.py"] + TINY + ["--epochs", "1", "--output-dir", str(tmp_path)],
@@ -161,6 +162,7 @@ def test_missing_variable_is_one_sentence_from_the_script(tmp_path):
 
 # ---------------------------------------------------------------- a rendezvous that cannot complete
 
+@pytest.mark.slow
 def test_unresolvable_master_host_is_one_sentence_before_any_rendezvous(monkeypatch, tmp_path):
     _set_env(monkeypatch, SLURM_PROCID=1, SLURM_NTASKS=2, SLURM_LOCALID=1, SLURM_JOB_ID=7,
              SLURM_JOB_NODELIST="nosuchhost-xyz.invalid,node2")
@@ -212,6 +214,7 @@ def one_of_two_srun_tasks(rank: int, tmp_path, **extra):
     return proc, 15000 + job % 20000
 
 
+@pytest.mark.slow
 def test_rendezvous_that_never_completes_gives_up_with_a_sentence(tmp_path):
     """The master never comes up (rank 1 alone), or a rank never joins (rank 0 alone): each
     ends after DIST_RENDEZVOUS_TIMEOUT with the address and the ranks, not after 30 minutes."""
@@ -236,6 +239,7 @@ def test_rendezvous_that_never_completes_gives_up_with_a_sentence(tmp_path):
         f"localhost:{port0}, or raise DIST_RENDEZVOUS_TIMEOUT (seconds) if the processes just start slowly"), err0
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_rendezvous_ends_the_process_at_once(tmp_path):
     """Preemption signals are held until the loop can checkpoint, but SIGTERM is not held
     while the rendezvous blocks (in C++, where no Python handler runs): nothing is trained
@@ -308,6 +312,7 @@ def _free_slurm_job_id() -> int:
     raise RuntimeError("no free port")
 
 
+@pytest.mark.slow
 def test_two_srun_tasks_train_and_agree_to_stop_on_one_ranks_signal(tmp_path):
     """Two processes with srun's variables form a gloo group (master from `scontrol show
     hostnames`, port from the job id) and train a full epoch; SIGUSR1 to rank 1 alone
@@ -350,6 +355,7 @@ def test_two_srun_tasks_train_and_agree_to_stop_on_one_ranks_signal(tmp_path):
     assert f"(epoch 1, iteration {mid['iteration']})" in seen
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_spawning_parent_reaches_its_workers(tmp_path):
     """`--multiprocessing-distributed`: `kill PARENT` is passed on to the spawned workers,
     which stop together, checkpoint and exit with the requeue code."""
@@ -375,6 +381,7 @@ def straight(tmp_path_factory):
     return out / "checkpoint_last.pth.tar"
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_mid_epoch_exits_for_requeue_and_resumes_exactly(tmp_path, straight):
     out = tmp_path / "out"
     args = TINY + ["--epochs", "2", "--output-dir", str(out), "--resume", "auto"]
@@ -401,6 +408,7 @@ def test_sigusr1_checkpoints_mid_epoch_exits_for_requeue_and_resumes_exactly(tmp
     assert_same_weights(straight, out / "checkpoint_last.pth.tar")
 
 
+@pytest.mark.slow
 def test_sigusr1_and_resume_without_seed_keep_the_runs_own_seed(tmp_path):
     """slurm/pretrain.sbatch passes no --seed: the interrupted run's seed must come back."""
     no_seed = TINY[:TINY.index("--seed")] + TINY[TINY.index("--seed") + 2:]
@@ -424,6 +432,7 @@ def test_sigusr1_and_resume_without_seed_keep_the_runs_own_seed(tmp_path):
     assert_same_weights(ref / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
 
 
+@pytest.mark.slow
 def test_signal_before_the_first_step_still_checkpoints_and_requeues(tmp_path):
     out = tmp_path / "out"
     proc = start(TINY + ["--epochs", "1", "--output-dir", str(out)], clean_env(PATH=os.environ["PATH"]),
@@ -435,6 +444,7 @@ def test_signal_before_the_first_step_still_checkpoints_and_requeues(tmp_path):
     assert (ckpt["epoch"], ckpt["iteration"]) == (0, 1)
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_from_save_every_iters_checkpoint(tmp_path, straight):
     """A hard kill (no signal handler runs) loses at most --save-every-iters iterations;
     resuming from that checkpoint still reproduces the uninterrupted run."""
