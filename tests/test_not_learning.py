@@ -82,3 +82,19 @@ def test_the_view_check_separates_an_image_s_views_from_other_images():
                         torch.device("cpu"))
     assert result["images"] == 64 and result["features"] > 0.7  # 0.81 measured: the learning tests' recipe
     assert "warning" not in view_check_message(result, "x")
+
+
+def test_the_view_check_leaves_the_random_state_as_it_was():
+    import torch
+    import argparse
+
+    from common.data.datasets import build_dataset
+    from common.watch.view_check import view_check
+    from simclr.augment import simclr_augmentation
+    ds = build_dataset(argparse.Namespace(dataset="synthetic", data="", synthetic_size=16, synthetic_classes=2,
+                                          synthetic_image_size=32), "pretrain")
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    view_check(ds, simclr_augmentation(32, blur=False), "resnet18", False, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)

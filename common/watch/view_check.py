@@ -46,7 +46,15 @@ def view_check(dataset: Dataset, recipe: augment.Recipe, arch: str, small_images
                seed: int = 0) -> Dict[str, float]:
     """{"images", "pixels", "features"}: the separation (_separation: 0.5 chance, 1 perfect) of
     the sampled images' two views, by pixel statistics and by the pooled features of an
-    untrained `arch` (in train mode: BatchNorm normalises with the sample's statistics)."""
+    untrained `arch` (in train mode: BatchNorm normalises with the sample's statistics). The
+    caller's random state is left as it was, so a run draws the same numbers with or without
+    the check."""
+    with torch.random.fork_rng(devices=[]):
+        return _view_check(dataset, recipe, arch, small_images, device, seed)
+
+
+def _view_check(dataset: Dataset, recipe: augment.Recipe, arch: str, small_images: bool, device: torch.device,
+                seed: int) -> Dict[str, float]:
     n = min(SAMPLE, len(dataset))
     step = max(1, len(dataset) // n)
     views = TransformedDataset(dataset, augment.TwoCropsTransform(recipe), skip_unreadable=True,
