@@ -11,6 +11,10 @@ facebookresearch/moco's. Formats:
                 its `fc` is nn.Identity() (with a lincls linear head: with its `fc`, for
                 `<arch>(num_classes=C)`); CIFAR-stem backbones also need the stem swap the
                 sidecar JSON describes
+                Other families (ConvNeXt, EfficientNet, MobileNet, DenseNet, Swin, ViT, ...)
+                are exported in our layout, `body.*` (+ `fc.*`): rebuild them with
+                common.nets.models.build_backbone(arch, small_images=...) as the sidecar's
+                "family" and "small_images" say, set `fc` to nn.Identity() and load strictly
   torchscript   the whole backbone, architecture included (torch.jit.load)
   onnx          the same as an ONNX graph, input "images" N x 3 x H x W, output "features"
 Before anything is written, the exported model's features are compared with ours on a
@@ -34,6 +38,7 @@ from common.ckpt.pretrained import extract_backbone, load_backbone
 from common.cli import HelpFormatter
 from common.errors import UserError, report_user_errors
 from common.extras import available, require
+from common.nets.backbones import family
 from common.nets.models import arch_names, build_backbone
 
 FORMATS = {"torchvision": ".pth", "torchscript": ".pt", "onnx": ".onnx"}
@@ -97,6 +102,13 @@ def backbone_and_head(ckpt: Dict, info: Dict, path: str, with_head: bool) -> Tup
 
 def exported_forward(fmt: str, file: str, info: Dict) -> Callable[[torch.Tensor], torch.Tensor]:
     """The exported model, read back from `file` as a user would, as a function of a batch."""
+    if fmt == "torchvision" and info["family"] != "ResNet":  # `body.*` layout, or a non-ResNet stem
+        net = build_backbone(info["arch"], num_classes=info.get("num_classes", 1000),
+                             small_images=info["small_images"])
+        if "num_classes" not in info:
+            net.fc = nn.Identity()
+        net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True), strict=True)
+        return net.eval()
     if fmt == "torchvision":
         net = tvm.get_model(info["arch"], num_classes=info.get("num_classes", 1000))
         if info["small_images"]:
@@ -172,7 +184,9 @@ def write(fmt: str, model: nn.Module, weights: Dict, example: torch.Tensor, tmp:
     elif fmt == "torchscript":
         with warnings.catch_warnings():  # TorchScript's deprecation notice: the file still loads everywhere
             warnings.simplefilter("ignore")
-            torch.jit.save(torch.jit.trace(model, example), tmp)
+            # check_trace off: a ViT's attention fast path traces differently on each run (the graphs
+            # compare unequal though they compute the same); the export is checked on a random batch below
+            torch.jit.save(torch.jit.trace(model, example, check_trace=False), tmp)
     else:
         require("onnx")
         require("onnxscript")  # torch's ONNX exporter
@@ -195,6 +209,7 @@ def main(argv=None) -> None:
                         f"main_simclr.py, main_lincls.py or facebookresearch/moco")
     info = describe(ckpt, args, args.checkpoint)
     model, weights = backbone_and_head(ckpt, info, args.checkpoint, with_head=not args.no_head)
+    info["family"] = family(model)  # not ResNet: rebuild with build_backbone (`body.*` layout when wrapped)
 
     torch.manual_seed(0)
     x = torch.randn(4, 3, info["crop_size"], info["crop_size"])

@@ -83,8 +83,12 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     world = expected_world_size(args)
     splits = args.bn_splits if world == 1 and args.bn_splits > 1 else 1  # DDP: shuffle-BN per process instead
     per_process = args.batch_size // world
-    if per_process % splits == 0:  # (else the worker names the divisibility problem)
-        warning = bn_group_warning(per_process // splits, fewest_positions(args.arch, args.small_images, args.crop_size),
+    positions = fewest_positions(args.arch, args.small_images, args.crop_size)
+    if positions == 0 and args.bn_splits > 1:  # LayerNorm networks (ConvNeXt, Swin, ViT): nothing to split
+        log(f"=> {args.arch} has no BatchNorm: shuffle-BN (--bn-splits) is not needed and is off")
+        args.bn_splits = 1
+    elif per_process % splits == 0:  # (else the worker names the divisibility problem)
+        warning = bn_group_warning(per_process // splits, positions,
                                    f"-b {args.batch_size} over {world} process(es)"
                                    + (f" in --bn-splits {splits} groups" if splits > 1 else ""),
                                    "raise -b, lower --bn-splits, or keep more resolution (--small-images, a larger "

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.augment.transforms import IMAGENET_MEAN, IMAGENET_STD
+from common.errors import UserError
+from common.nets.backbones import family
 
 LOSSES = ("bce", "mse", "l1")
 
@@ -38,6 +40,10 @@ class ContextEncoder(nn.Module):
         CIFAR stem)."""
         super().__init__()
         self.encoder = base_encoder()
+        if not all(hasattr(self.encoder, n) for n in ("conv1", "maxpool", "layer2", "layer3", "layer4")):
+            raise UserError(f"main_inpaint.py decodes a ResNet's layer4 feature map, which the "
+                            f"{family(self.encoder)} family has no match for here; pick a ResNet-family "
+                            f"-a (resnet18/50, resnext, wide_resnet)")
         width = self.encoder.fc.in_features
         self.encoder.fc = nn.Identity()
         self.stride = self._stride()

@@ -13,10 +13,11 @@ from common.errors import UserError
 from common.eval.label_tree import LabelTree
 from common.eval.setup import pretrained_backbone
 from common.log.progress import log
+from common.nets.backbones import block_names
 from common.nets.models import feature_dim
 from lincls.hierarchy import LevelHeads
 
-BLOCKS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+BLOCKS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")  # ResNet's; other families: block_names
 
 
 def build_head(in_dim: int, num_classes: Union[int, Sequence[int]], kind: str, hidden_dim: int = 0,
@@ -55,18 +56,26 @@ def build_classifier(args: argparse.Namespace, num_classes: Union[int, Sequence[
     outputs = num_classes if isinstance(num_classes, int) else sum(num_classes)
     # --evaluate loads the whole classifier from --resume afterwards
     model, source, reference = pretrained_backbone(args, outputs, load=not args.evaluate, keep_reference=True)
+    check_trainable_layers(model, args.arch, getattr(args, "trainable_layers", None) or [])
     model.fc = build_head(feature_dim(model), num_classes, args.head, args.mlp_hidden_dim, args.dropout,
                           args.head_bn)
     return model, reference, source
 
 
+def check_trainable_layers(model: nn.Module, arch: str, names: Sequence[str]) -> None:
+    """Every --trainable-layers name is a block of this network (common.nets.backbones.block_names)."""
+    blocks = block_names(model)
+    unknown = [n for n in names if n not in blocks]
+    if unknown:
+        example = ",".join(blocks[-2:])
+        raise UserError(f"--trainable-layers names {unknown[0]!r}, which is not a block of {arch}; pick from "
+                        f"{','.join(blocks)} (e.g. --trainable-layers {example})")
+
+
 def parse_trainable_layers(value: str, finetune: bool) -> List[str]:
     """--trainable-layers 'layer3,layer4' -> ['layer3', 'layer4'], checked."""
     names = [n.strip() for n in value.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BLOCKS]
-    if unknown:
-        raise UserError(f"--trainable-layers names {unknown[0]!r}, which is not a backbone block; pick from "
-                        f"{','.join(BLOCKS)} (e.g. --trainable-layers layer3,layer4)")
+    # the names are checked against the network's own blocks once it is built (check_trainable_layers)
     if names and finetune:
         raise UserError("--finetune trains every block and --trainable-layers only some; pass one of them")
     return names
@@ -74,7 +83,10 @@ def parse_trainable_layers(value: str, finetune: bool) -> List[str]:
 
 def is_trainable(name: str, trainable_layers: Sequence[str]) -> bool:
     """The head always; a backbone tensor when its block is in --trainable-layers."""
-    return name.startswith("fc.") or name.split(".")[0] in trainable_layers
+    if name.startswith("fc."):
+        return True
+    name = name[len("body."):] if name.startswith("body.") else name  # a wrapped family (Backbone)
+    return any(name == b or name.startswith(b + ".") for b in trainable_layers)
 
 
 def place_classifier(args: argparse.Namespace, env: DistEnv, num_classes: int, tree: Optional[LabelTree] = None

@@ -13,6 +13,7 @@ from common.ckpt.io import METHODS, load_checkpoint
 from common.ckpt.resume import check_arch
 from common.data.datasets import default_crop_size
 from common.errors import UserError
+from common.nets.backbones import HEAD_ATTRS
 
 # prefixes under which pretraining checkpoints keep the backbone, most specific first
 BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "encoder.")
@@ -23,7 +24,8 @@ def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, tor
     MoCo (ours and facebookresearch/moco: `module.encoder_q.*`), SimCLR (`module.encoder.*`),
     a classifier from main_lincls.py or torchvision (`module.*` or bare keys).
     Returns (weights, layout name)."""
-    for prefix in BACKBONE_PREFIXES:
+    # torchvision's own ViT: its `encoder.*` is not SimCLR's
+    for prefix in (BACKBONE_PREFIXES if "class_token" not in state_dict else ()):
         if any(k.startswith(prefix) for k in state_dict):
             layout = prefix.rstrip(".")
             break
@@ -31,11 +33,14 @@ def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, tor
         keys = list(state_dict)
         if any(k.startswith("module.") for k in keys):
             prefix, layout = "module.", "classifier"
-        elif "conv1.weight" in state_dict or any(k.startswith("layer1.") for k in keys):
+        elif ("conv1.weight" in state_dict or "class_token" in state_dict
+              or any(k.startswith(("layer1.", "body.", "features.", "stem.")) for k in keys)):
+            # `body.*`: a non-ResNet family as common.nets.backbones.Backbone wraps it; `features.*`,
+            # `stem.*`, `class_token`: torchvision's own ConvNeXt/EfficientNet/..., RegNet, ViT
             prefix, layout = "", "classifier"
         else:
             raise UserError(f"unknown checkpoint layout (first keys: {keys[:4]}); expected keys starting with "
-                            f"{', '.join(BACKBONE_PREFIXES)} or a plain ResNet state_dict")
+                            f"{', '.join(BACKBONE_PREFIXES)} or a plain ResNet (or `body.*`) state_dict")
     out = {k[len(prefix):]: v for k, v in state_dict.items()
            if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")}
     return out, layout
@@ -48,6 +53,10 @@ def load_backbone(model: nn.Module, ckpt: Dict[str, Any], path: str = "checkpoin
         pass  # foreign checkpoints (torchvision, reference repo) may not say; shapes decide
     weights, layout = extract_backbone(ckpt["state_dict"])
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    if any(k.startswith("body.") for k in own) and not any(k.startswith("body.") for k in weights):
+        # torchvision's layout of a wrapped family (e.g. --pretrained imagenet): ours is under `body.`,
+        # without the classifier's last Linear
+        weights = {"body." + k: v for k, v in weights.items() if "body." + k in own or not k.startswith(HEAD_ATTRS)}
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)

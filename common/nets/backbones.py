@@ -1,0 +1,199 @@
+"""Every torchvision classification family as a backbone whose `fc` is the head.
+
+Models that already have an `fc` Linear (ResNet, ResNeXt, Wide ResNet, RegNet, GoogLeNet,
+ShuffleNet) are used as they are: their state_dict keys stay those of torchvision and of
+facebookresearch/moco checkpoints. Every other family (ConvNeXt, EfficientNet, MobileNet,
+MNASNet, DenseNet, Swin, ViT, MaxViT, VGG, AlexNet) is wrapped in `Backbone`: `body` is
+the torchvision model with its last Linear (and the Dropout in front of it) removed, so it
+returns the pooled feature vector, and `fc` is a fresh Linear on it."""
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as tvm
+from torchvision.models.vision_transformer import VisionTransformer
+
+from common.errors import UserError
+
+# a ViT small enough for CPU tests: patch 4 (32 px -> 8x8 tokens), 2 layers, 2 heads, width 64
+TINY_VIT = {"vit_tiny": dict(patch_size=4, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128)}
+HEAD_ATTRS = ("classifier", "head", "heads")
+
+
+class Backbone(nn.Module):
+    """`fc(body(x))`; body gives the N x width feature vector."""
+
+    def __init__(self, body: nn.Module, width: int, num_classes: int, family: str):
+        super().__init__()
+        self.body = body
+        self.fc = nn.Linear(width, num_classes)
+        self.family = family
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+class AnySizeViT(VisionTransformer):
+    """torchvision's ViT that takes any image side divisible by the patch: the position
+    embedding is interpolated (bicubic, as DINO/timm do) when the side differs from the
+    one it was built for."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        p = self.patch_size
+        x = self.conv_proj(x)
+        gh, gw = x.shape[-2], x.shape[-1]
+        x = x.reshape(n, self.hidden_dim, gh * gw).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        pos = self.encoder.pos_embedding
+        if (h, w) != (self.image_size, self.image_size):
+            side = self.image_size // p
+            grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+            pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
+        enc = self.encoder
+        x = enc.ln(enc.layers(enc.dropout(x + pos)))
+        return self.heads(x[:, 0])
+
+
+def arch_names() -> list:
+    return sorted([n for n, f in vars(tvm).items()
+                   if n.islower() and not n.startswith("_") and callable(f)
+                   and n not in ("get_model", "get_weight", "list_models", "get_model_weights", "get_model_builder")]
+                  + list(TINY_VIT))
+
+
+def family(model: nn.Module) -> str:
+    """The torchvision class of the network (e.g. ResNet, ConvNeXt, VisionTransformer)."""
+    net = model.body if isinstance(model, Backbone) else model
+    return "VisionTransformer" if isinstance(net, VisionTransformer) else type(net).__name__
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def replace_batchnorm(model: nn.Module, norm_layer: Callable[[int], nn.Module]) -> None:
+    """Every BatchNorm2d becomes norm_layer(C) with the same eps, momentum and tensors."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            new = norm_layer(child.num_features)
+            new.eps, new.momentum = child.eps, child.momentum
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new)
+        else:
+            replace_batchnorm(child, norm_layer)
+
+
+def _build_vit(arch: str, num_classes: int, small_images: bool, crop_size: Optional[int]) -> VisionTransformer:
+    if arch in TINY_VIT:
+        cfg = TINY_VIT[arch]
+    else:
+        ref = tvm.__dict__[arch]()
+        cfg = dict(patch_size=4 if small_images else ref.patch_size, num_layers=len(ref.encoder.layers),
+                   num_heads=ref.encoder.layers[0].num_heads, hidden_dim=ref.hidden_dim, mlp_dim=ref.mlp_dim)
+        del ref
+    if crop_size is None:  # the side the position embedding is built for; others are interpolated
+        crop_size = 32 if small_images or arch in TINY_VIT else 224
+    side = crop_size - crop_size % cfg["patch_size"]
+    return AnySizeViT(image_size=side, num_classes=num_classes, **cfg)
+
+
+def _strip_head(model: nn.Module, arch: str) -> int:
+    """Remove the last Linear of the classifier (and a Dropout right before it) in place;
+    returns its in_features."""
+    for attr in HEAD_ATTRS:
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Linear):
+            setattr(model, attr, nn.Identity())
+            return head.in_features
+        if isinstance(head, nn.Sequential) and len(head) and isinstance(head[-1], nn.Linear):
+            width = head[-1].in_features
+            keep = list(head.children())[:-1]
+            if keep and isinstance(keep[-1], nn.Dropout):
+                keep = keep[:-1]
+            setattr(model, attr, nn.Sequential(*keep) if keep else nn.Identity())
+            return width
+    raise UserError(f"architecture {arch!r} ({type(model).__name__}) has no linear classifier to replace; pick "
+                    f"a ResNet, RegNet, ConvNeXt, EfficientNet, MobileNet, DenseNet, Swin or ViT model")
+
+
+def _small_stem(model: nn.Module, arch: str) -> None:
+    """--small-images: keep more of a 32 px image in the first layers."""
+    fam = family(model)
+    if isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool"):  # ResNet
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif fam == "RegNet":
+        model.stem[0].stride = (1, 1)
+    elif fam == "DenseNet":
+        c = model.features.conv0.out_channels
+        model.features.conv0 = nn.Conv2d(3, c, kernel_size=3, stride=1, padding=1, bias=False)
+        model.features.pool0 = nn.Identity()
+    elif fam in ("EfficientNet", "MobileNetV2", "MobileNetV3", "MNASNet"):
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        first.stride = (1, 1)
+    elif fam in ("ConvNeXt", "SwinTransformer"):  # patchify 4x4/4 -> 2x2/2, same channels
+        conv = model.features[0][0]
+        model.features[0][0] = nn.Conv2d(3, conv.out_channels, kernel_size=2, stride=2)
+    elif fam != "VisionTransformer":  # ViT: patch 4, built so
+        raise UserError(f"--small-images has no small-image stem for the {fam} family ({arch!r}); "
+                        f"pass --no-small-images")
+
+
+def build_any(arch: str, num_classes: int, small_images: bool,
+              norm_layer: Optional[Callable[[int], nn.Module]], crop_size: Optional[int]) -> nn.Module:
+    if arch in TINY_VIT or arch.startswith("vit_"):
+        model = _build_vit(arch, num_classes, small_images, crop_size)
+    else:
+        kwargs = {"num_classes": num_classes}
+        resnet_style = norm_layer is not None and "norm_layer" in _init_params(arch)
+        if resnet_style:
+            kwargs["norm_layer"] = norm_layer
+        try:
+            model = tvm.__dict__[arch](**kwargs)
+        except TypeError as e:
+            raise UserError(f"architecture {arch!r} cannot be built with these options ({e}); "
+                            f"pick a torchvision classification model such as resnet50 or convnext_tiny")
+        if norm_layer is not None and not resnet_style:
+            replace_batchnorm(model, norm_layer)
+    if small_images:
+        _small_stem(model, arch)
+    if isinstance(getattr(model, "fc", None), nn.Linear):
+        return model
+    fam = family(model)
+    width = _strip_head(model, arch)
+    return Backbone(model, width, num_classes, fam)
+
+
+def _init_params(arch: str) -> List[str]:
+    """Keyword names the ResNet/RegNet constructors take (others get BatchNorm replaced)."""
+    probe = {"resnet": tvm.ResNet, "resnext": tvm.ResNet, "wide_resnet": tvm.ResNet, "regnet": tvm.RegNet}
+    for prefix, cls in probe.items():
+        if arch.startswith(prefix):
+            return list(cls.__init__.__code__.co_varnames)
+    return []
+
+
+def block_names(model: nn.Module) -> List[str]:
+    """The names --trainable-layers takes for this network: its top-level blocks (for a
+    wrapped family, relative to `body`), stages of `features`/`trunk_output`/`encoder.layers`
+    one by one; the head `fc` is always trainable and not listed."""
+    net = model.body if isinstance(model, Backbone) else model
+    out: List[str] = [n for n, _ in net.named_parameters(recurse=False)]
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        out.extend(prefix + n for n, _ in module.named_parameters(recurse=False) if prefix)
+        for name, child in module.named_children():
+            if name == "fc" and module is net:
+                continue
+            if not any(True for _ in child.parameters()):
+                continue
+            if name in ("features", "trunk_output", "blocks", "encoder", "layers") and len(list(child.children())) > 1:
+                walk(child, prefix + name + ".")
+            else:
+                out.append(prefix + name)
+
+    walk(net, "")
+    return out
