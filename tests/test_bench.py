@@ -285,14 +285,14 @@ def test_quality_on_the_inspection_set_runs_the_readme_recipe(tmp_path):
     with nothing chosen for it, and each backbone is probed at the crop its run used."""
     out = tmp_path / "q"
     argv = [str(tmp_path / "data"), "--dataset", "inspection", "--quick", "--inspection-images", "40",
-            "--inspection-size", "80", "--methods", "simclr", "--pretrain-epochs", "1", "--fractions", "1",
+            "--inspection-size", "56", "--methods", "simclr", "--pretrain-epochs", "1", "--fractions", "1",
             "--no-supervised", "--device", "cpu", "--output-dir", str(out), "--pretrain-flags", "-b 8"]
     rec = bench_quality.main(argv)
     run = rec["by_pool"]["30"]
     assert run["recipes"]["simclr"][-3:] == ["small", "-b", "8"] and "--crop-min" not in run["recipes"]["simclr"]
-    assert run["per_seed"]["0"]["crops"] == {"simclr": 64, "random_init": 64}  # an 80 px source: 64 px crops
+    assert run["per_seed"]["0"]["crops"] == {"simclr": 64, "random_init": 64}  # a 56 px source: 64 px crops
     assert set(rec["results"]) == {"simclr", "random_init"}
     log = (out / "simclr" / "log.txt").read_text()
-    assert "grayscale, median shortest side 80 px" in log and "--gray-images" in log
+    assert "grayscale, median shortest side 56 px" in log and "--gray-images" in log
     written = sorted(p.name for p in (tmp_path / "data").iterdir())
-    assert written == ["inspection_40_80px_seed0"]
+    assert written == ["inspection_40_56px_seed0"]
