@@ -36,7 +36,7 @@ from common.log.plots import embedding_methods, plot_embeddings
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
 from common.nets.models import without_head
-from knn.embeddings import embed, export_embeddings
+from knn.embeddings import EXPORT_FORMATS, embed, export_embeddings
 from knn.evaluate import knn_evaluate
 from knn.reports import report_knn
 from knn.retrieval import retrieval
@@ -72,8 +72,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("export and retrieval")
     g.add_argument("--export-embeddings", action="store_true",
-                   help="save features (.npy), labels (.npy) and file paths (.csv) of every split to "
-                        "OUTPUT_DIR/embeddings/")
+                   help="save the features, labels and file paths of every split to OUTPUT_DIR/embeddings/, "
+                        "in --export-format")
+    g.add_argument("--export-format", default="npy", choices=EXPORT_FORMATS,
+                   help="npy: <split>_features.npy + <split>_labels.npy + <split>.csv naming each row's image; "
+                        "csv / parquet (needs pyarrow): one table <split>_embeddings.csv|.parquet, one row per "
+                        "image in file order (path, label, class, skipped, features; unreadable images are rows "
+                        "with skipped 1 and no features)")
     g.add_argument("--export-dtype", default="float16", choices=("float16", "float32"),
                    help="dtype of the exported features")
     g.add_argument("--retrieval", default=0, type=int, metavar="N",
@@ -102,6 +107,11 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     check_hierarchy_depth(args)
     if args.plot_embeddings:
         require("matplotlib")
+    if args.export_format != "npy" and not args.export_embeddings:
+        raise UserError(f"--export-format {args.export_format} is the format of --export-embeddings; add "
+                        f"--export-embeddings")
+    if args.export_format == "parquet":  # found out before the extraction, not after it
+        require("pyarrow.parquet", "pyarrow")
     args.output_dir = args.output_dir or os.path.join("runs", "knn")
     prepare_output_dir(args.output_dir)
     follow_checkpoint(args)  # -a, the crop and the stem of the pretraining run unless given
@@ -157,7 +167,9 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     if args.export_embeddings and is_main_process():  # found out before the extraction, not after it
         rows = len(train_base) + (len(val_base) if need_val else 0)
         dim = model.fc.in_features
-        check_free_space(args.output_dir, rows * dim * (2 if args.export_dtype == "float16" else 4) + 2 ** 20,
+        # csv: up to 12 / 16 characters a value (5 / 9 significant digits, sign, exponent, comma)
+        per_value = {"float16": 2, "float32": 4}[args.export_dtype] * (6 if args.export_format == "csv" else 1)
+        check_free_space(args.output_dir, rows * dim * per_value + 2 ** 20,
                          what=f"exporting {rows} embeddings of width {dim}")
 
     # ---- features of every split needed
@@ -182,11 +194,15 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                        tensorboard)
         if args.export_embeddings:
             folder = os.path.join(args.output_dir, "embeddings")
-            export_embeddings(folder, "train", train_f, train_l, train_base, train_index, classes, args.export_dtype)
+            export_embeddings(folder, "train", train_f, train_l, train_base, train_index, classes, args.export_dtype,
+                              args.export_format)
             if val_f is not None:
-                export_embeddings(folder, "val", val_f, val_l, val_base, val_index, classes, args.export_dtype)
-            log(f"=> embeddings in {folder}/ (<split>_features.npy, <split>_labels.npy, <split>.csv"
-                + (", <split>_unreadable.csv: the images left out)" if len(train_index) < len(train_base)
+                export_embeddings(folder, "val", val_f, val_l, val_base, val_index, classes, args.export_dtype,
+                                  args.export_format)
+            files = ("<split>_features.npy, <split>_labels.npy, <split>.csv" if args.export_format == "npy"
+                     else f"<split>_embeddings.{args.export_format}: one row per image")
+            log(f"=> embeddings in {folder}/ ({files}"
+                + (", <split>_unreadable.csv: the images without features)" if len(train_index) < len(train_base)
                    or (val_index is not None and len(val_index) < len(val_base)) else ")"))
         if args.retrieval or args.query:
             qbase, qf, qindex = (val_base, val_f, val_index) if query_split == "val" else (train_base, train_f,

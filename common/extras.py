@@ -13,6 +13,7 @@ EXTRAS = {
     "onnx": "export_backbone.py --format onnx",
     "onnxscript": "export_backbone.py --format onnx",
     "onnxruntime": "checking an ONNX export",
+    "pyarrow": "main_knn.py --export-format parquet",
 }
 
 

@@ -99,7 +99,9 @@ def moco_pretrained(tmp_path_factory) -> str:
     """Checkpoint of a short MoCo v2 run on synthetic data that has learned something."""
     out = tmp_path_factory.mktemp("moco_pretrained")
     # one thread: CPU kernels then sum in one fixed order, so the run is bit-reproducible
-    run_script("main_moco.py", MOCO_LEARN + ["--output-dir", str(out)], env_extra={"OMP_NUM_THREADS": "1"})
+    # --export-at-end: tests/test_hub.py loads the run's exported/ backbone (no run of its own)
+    run_script("main_moco.py", MOCO_LEARN + ["--output-dir", str(out), "--export-at-end"],
+               env_extra={"OMP_NUM_THREADS": "1"})
     return str(out / "checkpoint_last.pth.tar")
 
 

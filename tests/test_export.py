@@ -9,6 +9,7 @@ import shutil
 import stat
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -18,6 +19,7 @@ import export_backbone
 from common.ckpt.pretrained import load_backbone
 from common.extras import available
 from common.nets.models import build_backbone
+from export import formats
 from moco.builder import MoCo
 from simclr.builder import SimCLR
 
@@ -196,7 +198,7 @@ def test_output_that_is_the_checkpoint_is_refused_under_every_spelling(checkpoin
     assert torch.load(ckpt, weights_only=True)["state_dict"]  # still a training checkpoint
 
 
-@pytest.mark.parametrize("fmt", list(export_backbone.FORMATS))
+@pytest.mark.parametrize("fmt", list(formats.FORMATS))
 def test_unwritable_or_folder_output_is_one_sentence_and_leaves_nothing(checkpoints, fmt, read_only_dir, tmp_path,
                                                                        capsys):
     for output in [read_only_dir / "b.out", read_only_dir / "sub" / "b.out"]:
@@ -216,10 +218,10 @@ def test_a_failed_write_leaves_the_earlier_export_whole(checkpoints, tmp_path, c
     assert export([checkpoints["moco"], "-o", str(out)])[0] == 0
     before = {p.name: digest(p) for p in tmp_path.iterdir()}
 
-    def disk_full(fmt, model, weights, example, tmp):
+    def disk_full(fmt, model, data, example, tmp):
         open(tmp, "wb").write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(export_backbone, "write", disk_full)
+    monkeypatch.setattr(formats, "write", disk_full)
     code, err = export([checkpoints["simclr"], "-o", str(out)], capsys)
     assert code == 2 and "No space left on device" in err and "nothing was written" in err and "Traceback" not in err
     assert {p.name: digest(p) for p in tmp_path.iterdir()} == before  # no temporary file either
@@ -232,16 +234,18 @@ def test_exports_beside_each_other_keep_one_json_each(checkpoints, tmp_path):
     for fmt in ["torchvision", "torchscript"]:
         assert export([str(ckpt), "--format", fmt])[0] == 0  # the default names, beside the checkpoint
     stem = str(tmp_path / "simclr_backbone")
-    for fmt, ext in [("torchvision", ".pth"), ("torchscript", ".pt")]:
-        info = json.load(open(stem + ext + ".json"))
-        assert info["format"] == fmt and info["file"] == os.path.abspath(stem + ext)
+    pth = [p for p in os.listdir(tmp_path) if p.endswith(".pth")]
+    assert len(pth) == 1 and pth[0].startswith("simclr_backbone-")
+    for fmt, file in [("torchvision", str(tmp_path / pth[0])), ("torchscript", stem + ".pt")]:
+        info = json.load(open(file + ".json"))
+        assert info["format"] == fmt and info["file"] == os.path.abspath(file) and info["sha256"] == digest(file)
     assert not os.path.exists(stem + ".json")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchvision", "torchscript"])
 def test_exported_files_get_the_umask_mode(checkpoints, fmt, tmp_path, umask_022):
-    out = tmp_path / ("b" + export_backbone.FORMATS[fmt])
+    out = tmp_path / ("b" + formats.FORMATS[fmt])
     assert export([checkpoints["moco"], "--format", fmt, "-o", str(out)])[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, out.name + ".json"]  # no temporary file left
     for p in tmp_path.iterdir():
@@ -268,7 +272,7 @@ def test_onnx_export_of_trained_checkpoints_passes_its_check(moco_pretrained, tm
         assert code == 0, log.err
         assert "matches on a random batch (max difference" in log.out and "of the largest feature" in log.out
         info = json.load(open(str(out) + ".json"))
-        assert info["max_rel_difference"] <= export_backbone.RTOL and info["max_abs_difference"] >= 0
+        assert info["max_rel_difference"] <= formats.RTOL and info["max_abs_difference"] >= 0
         assert stat.S_IMODE(out.stat().st_mode) == 0o644
         assert stat.S_IMODE(os.stat(str(out) + ".json").st_mode) == 0o644
 
@@ -276,12 +280,133 @@ def test_onnx_export_of_trained_checkpoints_passes_its_check(moco_pretrained, tm
 @pytest.mark.slow
 def test_a_real_mismatch_is_still_refused(checkpoints, tmp_path, capsys, monkeypatch):
     features = torch.full((3, 512), 107.0)
-    assert export_backbone.matches(features + 7.25e-5, features)[0]  # fp32 reordering at a trained scale
-    assert not export_backbone.matches(features * 1.001, features)[0]
-    assert not export_backbone.matches(torch.full((3, 512), 1e-3), torch.zeros(3, 512))[0]
-    real = export_backbone.exported_forward
-    monkeypatch.setattr(export_backbone, "exported_forward",
+    assert formats.matches(features + 7.25e-5, features)[0]  # fp32 reordering at a trained scale
+    assert not formats.matches(features * 1.001, features)[0]
+    assert not formats.matches(torch.full((3, 512), 1e-3), torch.zeros(3, 512))[0]
+    real = formats.exported_forward
+    monkeypatch.setattr(formats, "exported_forward",
                         lambda *a: (lambda x, f=real(*a): f(x) * 1.001))  # off by 1e-3 of the features
     code, err = export([checkpoints["moco"], "-o", str(tmp_path / "b.pth")], capsys)
     assert code == 2 and "does not reproduce the backbone's features" in err and "of the largest feature" in err
     assert "nothing was written" in err and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- detectron2, torch.export, hashes, metadata
+
+def moco_converter(state_dict):
+    """facebookresearch/moco's detection/convert-pretrain-to-detectron2.py, verbatim but for
+    the file handling: the rules our detectron2 export must follow."""
+    newmodel = {}
+    for k, v in state_dict.items():
+        if not k.startswith("module.encoder_q."):
+            continue
+        k = k.replace("module.encoder_q.", "")
+        if "layer" not in k:
+            k = "stem." + k
+        for t in [1, 2, 3, 4]:
+            k = k.replace("layer{}".format(t), "res{}".format(t + 1))
+        for t in [1, 2, 3]:
+            k = k.replace("bn{}".format(t), "conv{}.norm".format(t))
+        k = k.replace("downsample.0", "shortcut")
+        k = k.replace("downsample.1", "shortcut.norm")
+        newmodel[k] = v.numpy()
+    return newmodel
+
+
+@pytest.fixture(scope="module")
+def imagenet_stem(tmp_path_factory):
+    """MoCo checkpoints with the ImageNet stem: resnet18 (basic blocks), resnet50 (bottleneck)."""
+    root = tmp_path_factory.mktemp("d2")
+    torch.manual_seed(2)
+    out = {}
+    for arch in ("resnet18", "resnet50"):
+        moco = _randomise_bn(MoCo(functools.partial(build_backbone, arch), 16, 32, mlp=False))
+        out[arch] = _save(root / f"{arch}.pth.tar", moco, "moco", small_images=False, arch=arch)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_detectron2_export_has_the_converters_keys_shapes_and_values(imagenet_stem, arch, tmp_path):
+    import pickle
+    out = tmp_path / "d2.pkl"
+    assert export([imagenet_stem[arch], "--format", "detectron2", "-o", str(out)])[0] == 0
+    obj = pickle.load(open(out, "rb"))
+    assert obj["matching_heuristics"] is True and set(obj) == {"model", "__author__", "matching_heuristics"}
+    ref = moco_converter(torch.load(imagenet_stem[arch], weights_only=True)["state_dict"])
+    # the converter keeps the head as stem.fc.*, which detectron2 ignores: ours leaves it out
+    assert {k for k in ref if k.startswith("stem.fc.")} == {"stem.fc.weight", "stem.fc.bias"}
+    ref = {k: v for k, v in ref.items() if not k.startswith("stem.fc.")}
+    assert set(obj["model"]) == set(ref)
+    for k, v in ref.items():
+        assert obj["model"][k].shape == v.shape and np.array_equal(obj["model"][k], v), k
+    block = "res2.0.conv3.norm.running_var" if arch == "resnet50" else "res2.0.conv2.norm.running_var"
+    assert block in ref and "res3.0.shortcut.weight" in ref and "res5.1.conv1.norm.bias" in ref
+    assert "stem.conv1.weight" in ref and "stem.conv1.norm.running_mean" in ref
+    info = json.load(open(str(out) + ".json"))
+    assert info["format"] == "detectron2" and info["max_abs_difference"] <= 1e-5  # read back, features compared
+
+
+def test_detectron2_refuses_other_families_and_the_cifar_stem(checkpoints, tmp_path, capsys):
+    code, err = export([checkpoints["moco"], "--format", "detectron2", "-o", str(tmp_path / "a.pkl")], capsys)
+    assert code == 2 and "a CIFAR-stem (--small-images) ResNet" in err and "--format torchvision" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    vit = build_backbone("vit_tiny", small_images=True)
+    torch.save({"state_dict": {"module." + k: v for k, v in vit.state_dict().items()}, "arch": "vit_tiny",
+                "method": "lincls", "args": {"small_images": False, "crop_size": 32}}, tmp_path / "vit.pth.tar")
+    code, err = export([str(tmp_path / "vit.pth.tar"), "--format", "detectron2", "-o", str(tmp_path / "b.pkl"),
+                        "--no-head"], capsys)
+    assert code == 2 and "not the VisionTransformer family" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.pth.tar"]
+
+
+@pytest.mark.slow
+def test_torch_export_program_reloads_and_gives_our_features(checkpoints, tmp_path):
+    out = tmp_path / "backbone.pt2"
+    assert export([checkpoints["moco"], "--format", "torch-export", "-o", str(out)])[0] == 0
+    net = torch.export.load(str(out)).module()
+    x = torch.randn(5, 3, 32, 32)  # another batch size than the export's example
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ours(checkpoints["moco"])(x), atol=1e-5, rtol=0)
+    assert json.load(open(str(out) + ".json"))["format"] == "torch-export"
+
+
+@pytest.mark.slow
+def test_default_name_carries_the_real_hash_and_the_json_torchvision_meta(checkpoints, tmp_path):
+    ckpt = shutil.copy(checkpoints["moco"], tmp_path / "checkpoint_0002.pth.tar")
+    lines = [{"epoch": 0, "loss": 5.0, "acc1": 10.0}, {"epoch": 1, "loss": 4.0, "acc1": 20.0},
+             {"epoch": 2, "loss": 3.0, "acc1": 30.0}]  # a later epoch than the checkpoint's
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    state = torch.load(ckpt, weights_only=True)
+    state.update(epoch=2, args={**state["args"], "epochs": 3, "lr": 0.03})
+    torch.save(state, ckpt)
+    assert export([str(ckpt)])[0] == 0
+    names = sorted(p.name for p in tmp_path.iterdir() if "_backbone" in p.name)
+    assert len(names) == 2 and names[1] == names[0] + ".json"
+    file = tmp_path / names[0]
+    sha = digest(file)
+    assert names[0] == f"checkpoint_0002_backbone-{sha[:8]}.pth"
+    # torch.hub's own check of the name against the file
+    got = torch.hub.load_state_dict_from_url(file.as_uri(), model_dir=str(tmp_path / "hub"), check_hash=True,
+                                             progress=False)
+    assert set(got) == set(torch.load(file, weights_only=True))
+    info = json.load(open(str(file) + ".json"))
+    net = ours(checkpoints["moco"])
+    assert info["sha256"] == sha and info["num_params"] == sum(p.numel() for p in net.parameters())
+    assert info["min_size"] == [1, 1] and info["input_size"] == [32, 32] and info["categories"] is None
+    assert info["mean"] == [0.485, 0.456, 0.406] and info["std"] == [0.229, 0.224, 0.225]
+    assert info["recipe"] == {"method": "moco", "arch": "resnet18", "epochs": 2, "args": state["args"]}
+    assert info["metrics"] == lines[1]  # the checkpoint's epoch (epoch 2 = after epoch index 1)
+    # the same weights give the same bytes: a second export lands on the same name
+    assert export([str(ckpt)])[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if "_backbone" in p.name) == names and digest(file) == sha
+
+
+def test_a_dash_in_the_checkpoint_name_does_not_hide_the_hash():
+    from torch.hub import HASH_REGEX
+
+    from export.meta import hashed_name
+    sha = "0123abcd" + "e" * 56
+    for name in ["run-a1.b/checkpoint_last_backbone.pth", "x/moco-ab.c_backbone.pth", "x/backbone.pth"]:
+        out = hashed_name(name, sha)
+        assert HASH_REGEX.search(os.path.basename(out)).group(1) == sha[:8] and out.endswith("-0123abcd.pth"), out

@@ -3,15 +3,17 @@ pretrained beats random init, retrieval grids, embedding export, DDP, clear erro
 import csv
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import LEARNING_KNN_IMAGES, SYNTHETIC, run_script
+from conftest import LEARNING_KNN_IMAGES, SYNTHETIC, run_script, write_image_folder
 from PIL import Image
 
 import main_knn
 from common.eval.knn import knn_accuracy, knn_predict, knn_search, knn_vote
+from common.extras import available
 
 # the moco_pretrained run's data, fewer images: kNN only needs a forward pass
 DATA = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "-p", "1000"]
@@ -244,3 +246,53 @@ def test_unlabelled_images_export_and_retrieve_with_skip_knn(tmp_path):
     assert [r["label"] for r in rows] == ["-1"] * 6 and rows[0]["path"].endswith("0.png")
     assert not os.path.exists(out / "knn_results.json")
     assert Image.open(out / "retrieval" / "grid_000.png").size == (4 * 34 + 2, 2 * 34 + 2)
+
+
+@pytest.mark.slow
+def test_embedding_tables_have_one_row_per_image_in_file_order_with_unreadable_ones_skipped(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=3, size=20, split_dirs=("train",))
+    broken = [os.path.join(root, "train", "a", "1.png"), os.path.join(root, "train", "b", "0.png")]
+    for path in broken:
+        open(path, "wb").write(b"not an image")
+    files = [os.path.join(root, "train", c, f"{i}.png") for c in ("a", "b") for i in range(3)]
+    base = [root, "-a", "resnet18", "-j", "0", "-b", "4", "--crop-size", "32", "--pretrained", "none", "--skip-knn",
+            "--export-embeddings", "--export-dtype", "float32"]
+    formats = ["npy", "csv"] + (["parquet"] if available("pyarrow") else [])
+    for fmt in formats:
+        main_knn.main(base + ["--export-format", fmt, "--output-dir", str(tmp_path / fmt)])
+    emb = tmp_path / "npy" / "embeddings"
+    feats = np.load(emb / "train_features.npy")  # the readable images' rows, in order
+    readable = [i for i, f in enumerate(files) if f not in broken]
+    assert [r["path"] for r in read_csv(emb / "train.csv")] == [files[i] for i in readable]
+    assert [r["path"] for r in read_csv(emb / "train_unreadable.csv")] == broken
+    labels = [0, 0, 0, 1, 1, 1]
+
+    rows = read_csv(tmp_path / "csv" / "embeddings" / "train_embeddings.csv")
+    assert [r["path"] for r in rows] == files and [int(r["index"]) for r in rows] == list(range(6))
+    assert [int(r["label"]) for r in rows] == labels and [r["class"] for r in rows] == ["a"] * 3 + ["b"] * 3
+    assert [r["skipped"] for r in rows] == ["1" if f in broken else "0" for f in files]
+    table = np.array([[float(r[f"f{d}"]) if r["skipped"] == "0" else np.nan for d in range(512)] for r in rows],
+                     dtype=np.float32)
+    assert np.array_equal(table[readable], feats) and np.isnan(table[[1, 3]]).all()  # 9 digits: exact
+    assert [r["path"] for r in read_csv(tmp_path / "csv" / "embeddings" / "train_unreadable.csv")] == broken
+
+    if "parquet" in formats:
+        import pyarrow.parquet as pq
+        t = pq.read_table(tmp_path / "parquet" / "embeddings" / "train_embeddings.parquet").to_pydict()
+        assert t["path"] == files and t["index"] == list(range(6)) and t["label"] == labels
+        assert t["skipped"] == [f in broken for f in files]
+        assert [t["embedding"][i] for i in (1, 3)] == [None, None]
+        assert np.array_equal(np.array([t["embedding"][i] for i in readable], dtype=np.float32), feats)
+    # no temporary file left beside any export
+    assert not [p for fmt in formats for p in os.listdir(tmp_path / fmt / "embeddings") if ".tmp" in p]
+
+
+def test_export_format_errors_are_one_sentence(capsys, tmp_path, monkeypatch):
+    small = SYNTHETIC + ["--synthetic-size", "16", "-b", "8", "--pretrained", "none", "--output-dir", str(tmp_path)]
+    err = user_error(capsys, small + ["--export-format", "csv"])
+    assert "--export-format csv is the format of --export-embeddings; add --export-embeddings" in err
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    err = user_error(capsys, small + ["--export-embeddings", "--export-format", "parquet"])
+    assert "--export-format parquet needs the pyarrow package" in err and "pip install pyarrow" in err
+    assert not os.path.exists(tmp_path / "embeddings")

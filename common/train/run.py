@@ -1,8 +1,8 @@
 """The run state around the pretraining scripts' epoch loop: resume, the lr schedule, and
 `PretrainRun`, which keeps a run's metrics log, kNN monitor, learning and collapse watches,
-stop request and checkpoints. The recipe itself (augmentation, model, optimizer, the epoch
-loop) is in the scripts; the step loop is common/train/step.py, which this module calls into
-only through the scripts."""
+stop request and checkpoints (and --export-at-end's export). The recipe itself (augmentation,
+model, optimizer, the epoch loop) is in the scripts; the step loop is common/train/step.py,
+which this module calls into only through the scripts."""
 import argparse
 import functools
 from typing import Callable, Dict, Optional, Tuple
@@ -29,6 +29,7 @@ from common.train.schedule import lr_at
 from common.train.step import EpochResult
 from common.watch.collapse import CollapseWatch, LearningWatch
 from common.watch.view_check import view_check, view_check_message
+from export.backbone import export_at_end
 
 # exit status of a run stopped by --stop-if-not-learning (2 is a usage error, 75 a requeue)
 NOT_LEARNING_EXIT = 3
@@ -150,9 +151,12 @@ class PretrainRun:
             + "".join(f"  WARNING: {w}" for w in (collapsed, stuck) if w))
         self.metrics.write(record)
         if is_main_process():
-            save_checkpoint(training_state(self.model, self.optimizer, self.scaler, a, method=self.method,
-                                           epoch=epoch + 1, metrics=record),
-                            a.output_dir, epoch_file=(epoch + 1) % a.save_freq == 0 or epoch + 1 == a.epochs)
+            state = training_state(self.model, self.optimizer, self.scaler, a, method=self.method, epoch=epoch + 1,
+                                   metrics=record)
+            path = save_checkpoint(state, a.output_dir,
+                                   epoch_file=(epoch + 1) % a.save_freq == 0 or epoch + 1 == a.epochs)
+            if a.export_at_end and epoch + 1 == a.epochs:  # after the checkpoint: a failed export loses no training
+                export_at_end(state, path, a.output_dir)
         if stuck and a.stop_if_not_learning and self.learning.stuck_epochs >= STUCK_EPOCHS_TO_STOP:
             log(f"=> --stop-if-not-learning: stopping after epoch {epoch}; the checkpoint is kept (--resume auto "
                 f"continues it, e.g. with --epochs of a new recipe)")

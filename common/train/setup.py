@@ -47,12 +47,21 @@ def add_view_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
-    """Flags every pretraining script takes: the kNN monitor and --save-every-iters."""
+    """Flags every pretraining script takes: the kNN monitor, --save-every-iters and --init."""
     parser.add_argument("--knn-every", default=0, type=int,
                         help="kNN accuracy of the backbone on the labelled train/val split every N epochs (0: off)")
     parser.add_argument("--save-every-iters", default=0, type=int, metavar="N",
                         help="also write checkpoint_last.pth.tar every N iterations inside an epoch (0: only at "
                              "epoch ends); a killed job then loses at most N iterations")
+    parser.add_argument("--export-at-end", action="store_true",
+                        help="after the last epoch, also write the backbone as OUTPUT_DIR/exported/"
+                             "backbone-<sha256[:8]>.pth + .json (export_backbone.py's torchvision format; "
+                             "torch.hub.load(<repo>, 'backbone', path=OUTPUT_DIR, source='local') loads it)")
+    parser.add_argument("--init", default=None, metavar="imagenet|PATH",
+                        help="start the backbone (both MoCo encoders) from these weights and continue pretraining: "
+                             "'imagenet' (torchvision's weights for -a, from the local torch hub cache only), a "
+                             "torchvision state_dict, an export_backbone.py export, or any checkpoint main_lincls.py "
+                             "takes; stored in the checkpoint, ignored by --resume")
 
 
 def learning_watch(args: argparse.Namespace, candidates: int, method_crop_min: float, temperature_flag: str,

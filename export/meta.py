@@ -1,0 +1,83 @@
+"""What the JSON beside an export says, in the terms of torchvision's `Weights.meta`, and
+the hash-carrying file names torch.hub's `check_hash` accepts."""
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from torch.hub import HASH_REGEX
+
+from common.augment.transforms import IMAGENET_MEAN, IMAGENET_STD
+from common.errors import UserError
+
+
+def describe(ckpt: Dict, path: str, arch: Optional[str] = None, small_images: Optional[bool] = None,
+             crop_size: Optional[int] = None) -> Dict:
+    """Architecture, stem and input size: from the arguments, else the checkpoint's own args."""
+    saved = ckpt.get("args", {}) if isinstance(ckpt.get("args"), dict) else {}
+    arch = arch or ckpt.get("arch")
+    if arch is None:
+        raise UserError(f"{path!r} does not say its architecture; pass -a/--arch (e.g. -a resnet50)")
+    crop = crop_size or saved.get("crop_size") or 224
+    small = small_images if small_images is not None else saved.get("small_images", False)
+    return {"arch": arch, "small_images": bool(small), "crop_size": int(crop), "method": ckpt.get("method"),
+            "checkpoint": os.path.abspath(path)}
+
+
+def min_size(model: nn.Module, crop_size: int) -> List[int]:
+    """The smallest square input the network takes (torchvision's meta["min_size"]), found by
+    trying sides up to the trained crop: pooling and strides decide it, per family."""
+    side = 1
+    while side < crop_size:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, side, side))
+            break
+        except (RuntimeError, ValueError, AssertionError, IndexError):
+            side *= 2
+    side = min(side, crop_size)
+    return [side, side]
+
+
+def run_metrics(ckpt: Dict, path: str) -> Dict:
+    """The run's metrics for the checkpoint's last epoch: its line of the metrics.jsonl beside
+    the checkpoint (the last line when none is that epoch's), else the checkpoint's own."""
+    log = os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.jsonl")
+    lines = []
+    if os.path.isfile(log):
+        with open(log) as f:
+            for line in f:
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:  # a line cut short by a kill
+                    continue
+    epoch = ckpt.get("epoch")
+    same = [r for r in lines if isinstance(r, dict) and epoch is not None and r.get("epoch") == epoch - 1]
+    if same or lines:
+        return (same or lines)[-1]
+    return dict(ckpt.get("metrics") or {})
+
+
+def weights_meta(model: nn.Module, info: Dict, ckpt: Dict, path: str) -> Dict:
+    """torchvision's Weights.meta fields for this export: parameter count, input sizes,
+    normalisation, categories (none: features, not classes), the recipe and its metrics."""
+    saved = ckpt.get("args", {}) if isinstance(ckpt.get("args"), dict) else {}
+    return {"num_params": sum(p.numel() for p in model.parameters()),
+            "min_size": min_size(model, info["crop_size"]),
+            "input_size": [info["crop_size"], info["crop_size"]],
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "categories": None,
+            "recipe": {"method": ckpt.get("method"), "arch": info["arch"], "epochs": ckpt.get("epoch"),
+                       "args": saved},
+            "metrics": run_metrics(ckpt, path)}
+
+
+def hashed_name(out: str, sha256: str) -> str:
+    """`<name>-<first 8 hex digits of the sha256>.<ext>`: torch.hub.load_state_dict_from_url
+    (check_hash=True) takes the digits after the first `-` that is followed by hex digits and
+    a dot, so any such `-` in the name itself becomes `_`."""
+    folder, base = os.path.split(out)
+    stem, ext = os.path.splitext(base)
+    if HASH_REGEX.search(f"{stem}-{sha256[:8]}{ext}").group(1) != sha256[:8]:
+        stem = stem.replace("-", "_")
+    return os.path.join(folder, f"{stem}-{sha256[:8]}{ext}")
