@@ -1,0 +1,95 @@
+"""Every image embedded once, resumably: each split is cut into shards of --shard-size
+images whose features are written to OUTPUT_DIR/embeddings/ beside a manifest naming the
+model and the files, so a rerun after an interruption embeds only the shards not yet
+written (a changed model or file list starts over)."""
+import argparse
+import hashlib
+import json
+import os
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from common.ckpt.atomic import atomic_path
+from common.dist.collectives import DistEnv, barrier, is_main_process
+from common.log.progress import log
+from knn.embeddings import embed, path_of
+
+
+class Slice(Dataset):
+    """Images [start, stop) of `base`, with their paths and labels."""
+
+    def __init__(self, base: Dataset, start: int, stop: int):
+        self.base, self.start, self.stop = base, start, stop
+        self.targets = list(base.targets[start:stop])
+        self.classes = list(getattr(base, "classes", []) or [])
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int):
+        return self.base[self.start + index]
+
+    def path(self, index: int) -> str:
+        return path_of(self.base, self.start + index)
+
+
+def fingerprint(dataset: Dataset, args: argparse.Namespace) -> dict:
+    """What the features depend on: the model, the eval view and the list of files."""
+    pretrained = args.pretrained
+    stamp = None
+    if pretrained not in ("none", "imagenet") and os.path.isfile(pretrained):
+        st = os.stat(pretrained)
+        stamp = [os.path.abspath(pretrained), st.st_size, st.st_mtime_ns]
+    files = hashlib.sha256("\n".join(path_of(dataset, i) for i in range(len(dataset))).encode()).hexdigest()
+    return {"pretrained": pretrained, "checkpoint": stamp, "arch": args.arch, "crop_size": args.crop_size,
+            "small_images": bool(args.small_images), "seed": args.seed if pretrained == "none" else None,
+            "images": len(dataset), "files_sha256": files, "shard_size": args.shard_size}
+
+
+def embed_split(model: nn.Module, dataset: Dataset, split: str, args: argparse.Namespace, env: DistEnv,
+                batch_size: int, workers: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features fp16 on the device, labels, dataset index of each row) of `dataset`, shard
+    by shard; shards already in OUTPUT_DIR/embeddings/ under the same fingerprint are read
+    back instead of embedded again."""
+    folder = os.path.join(args.output_dir, "embeddings")
+    manifest = os.path.join(folder, f"{split}_manifest.json")
+    want = fingerprint(dataset, args)
+    try:
+        with open(manifest) as f:
+            fresh = json.load(f) == want
+    except (OSError, ValueError):
+        fresh = False
+    barrier()  # every rank has read the old manifest before rank 0 replaces it
+    if not fresh and is_main_process():
+        os.makedirs(folder, exist_ok=True)
+        with atomic_path(manifest) as tmp, open(tmp, "w") as f:
+            json.dump(want, f, indent=1)
+    barrier()
+    feats: List[torch.Tensor] = []
+    labels: List[torch.Tensor] = []
+    index: List[torch.Tensor] = []
+    starts = list(range(0, len(dataset), args.shard_size))
+    reused = 0
+    for s, start in enumerate(starts):
+        path = os.path.join(folder, f"{split}_{s:05d}.pt")
+        if fresh and os.path.isfile(path):
+            shard = torch.load(path, map_location="cpu", weights_only=True)
+            f_, l_, i_ = shard["features"].to(env.device), shard["labels"], shard["index"]
+            reused += 1
+        else:
+            stop = min(start + args.shard_size, len(dataset))
+            desc = split + (f" shard {s + 1}/{len(starts)}" if len(starts) > 1 else "")
+            f_, l_, i_ = embed(model, Slice(dataset, start, stop), desc, args, env, batch_size, workers)
+            l_, i_ = l_.cpu(), i_.cpu() + start
+            if is_main_process():
+                with atomic_path(path) as tmp:
+                    torch.save({"features": f_.cpu(), "labels": l_, "index": i_}, tmp)
+        feats.append(f_)
+        labels.append(l_)
+        index.append(i_)
+    if reused:
+        log(f"=> {split}: {reused} of {len(starts)} embedding shard(s) reused from {folder}/")
+    return torch.cat(feats), torch.cat(labels), torch.cat(index)

@@ -1,0 +1,102 @@
+"""Each finding as files and a report section: its csv (every row), its PNG grid(s) and a
+table of the first rows with thumbnails."""
+import os
+from typing import List, Sequence
+
+import torch
+
+from curate.duplicates import Pair, groups_of
+from curate.grids import captioned_grid, thumbnail, write_grids
+from curate.items import Items
+from curate.report import Section, write_csv
+
+SHOWN = 24  # rows of a finding shown in report.html and its grids (the csv has all)
+
+
+def _thumb(items: Items, out: str, row: int) -> str:
+    return thumbnail(items.image(row), os.path.join(out, "thumbnails"), row)
+
+
+def duplicates_section(items: Items, pairs: Sequence[Pair], threshold: float, out: str) -> Section:
+    rows = [[p.group, "exact" if p.exact else "near", int(p.cross_split), f"{p.similarity:.4f}", items.paths[p.a],
+             items.splits[p.a], items.class_of(items.labels[p.a]), items.paths[p.b], items.splits[p.b],
+             items.class_of(items.labels[p.b])] for p in pairs]
+    csv_path = write_csv(os.path.join(out, "duplicates.csv"),
+                         ["group", "kind", "cross_split", "similarity", "path_a", "split_a", "class_a", "path_b",
+                          "split_b", "class_b"], rows)
+    groups = groups_of(pairs)
+    cross = sum(p.cross_split for p in pairs)
+    exact = sum(p.exact for p in pairs)
+    shown = sorted(groups, key=lambda g: min(k for k, p in enumerate(pairs) if p.group == g))[:SHOWN]
+    grid_rows = [[(items.image(r), f"{items.splits[r]} {items.class_of(items.labels[r])}\n"
+                                   f"{os.path.basename(items.paths[r])}") for r in groups[g][:8]] for g in shown]
+    s = Section("Duplicates", f"{len(pairs)} pairs in {len(groups)} groups: {exact} exact (same bytes), "
+                f"{len(pairs) - exact} near (cosine >= {threshold}); {cross} pairs cross splits (leakage), listed "
+                f"first", [csv_path], header=["kind", "similarity", "image a", "image b"])
+    s.grids = write_grids(grid_rows, os.path.join(out, "grids"), "duplicates") if grid_rows else []
+    s.files += s.grids
+    s.rows = [[("", ("exact" if p.exact else "near") + (" cross-split" if p.cross_split else "")),
+               ("", f"{p.similarity:.3f}"), (_thumb(items, out, p.a), f"{items.splits[p.a]}: {items.paths[p.a]}"),
+               (_thumb(items, out, p.b), f"{items.splits[p.b]}: {items.paths[p.b]}")] for p in pairs[:SHOWN]]
+    return s
+
+
+def outliers_section(items: Items, scores: torch.Tensor, k: int, per_class: bool, out: str) -> Section:
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    csv_path = write_csv(os.path.join(out, "outliers.csv"), ["rank", "score", "path", "split", "class"],
+                         [[n, f"{float(scores[r]):.4f}", items.paths[r], items.splits[r],
+                           items.class_of(items.labels[r])] for n, r in enumerate(order)])
+    cells = [(items.image(r), f"#{n} {float(scores[r]):.3f}\n{items.class_of(items.labels[r])}")
+             for n, r in enumerate(order[:SHOWN])]
+    grid = captioned_grid([cells[s:s + 8] for s in range(0, len(cells), 8)], os.path.join(out, "grids", "outliers.png"))
+    where = "of its class" if per_class else "image"
+    return Section("Outliers", f"every image ranked by 1 - cosine to its {k}-th nearest {where}; the first "
+                   f"{len(cells)} shown", [csv_path, grid], [grid], ["rank", "score", "image"],
+                   [[("", str(n)), ("", f"{float(scores[r]):.3f}"), (_thumb(items, out, r), items.paths[r])]
+                    for n, r in enumerate(order[:SHOWN])])
+
+
+def label_errors_section(items: Items, rows: torch.Tensor, suspected: torch.Tensor, suggested: torch.Tensor,
+                         self_conf: torch.Tensor, method: str, out: str) -> Section:
+    """`rows`: the labelled rows the other tensors describe."""
+    order = [int(i) for i in torch.argsort(self_conf, stable=True) if bool(suspected[i])]
+    table = [[n, f"{float(self_conf[i]):.4f}", items.paths[int(rows[i])], items.splits[int(rows[i])],
+              items.class_of(items.labels[rows[i]]), items.class_of(suggested[i])] for n, i in enumerate(order)]
+    csv_path = write_csv(os.path.join(out, "label_errors.csv"),
+                         ["rank", "self_confidence", "path", "split", "given", "suggested"], table)
+    cells = [(items.image(int(rows[i])), f"given {items.class_of(items.labels[rows[i]])}\nsuggested "
+              f"{items.class_of(suggested[i])}") for i in order[:SHOWN]]
+    files: List[str] = [csv_path]
+    grids = [captioned_grid([cells[s:s + 8] for s in range(0, len(cells), 8)],
+                            os.path.join(out, "grids", "label_errors.png"))] if cells else []
+    return Section("Suspected label errors", f"{len(order)} of {len(rows)} labelled images, ranked by the "
+                   f"out-of-fold ({method}) probability of their given label", files + grids, grids,
+                   ["p(given)", "given", "suggested", "image"],
+                   [[("", f"{float(self_conf[i]):.3f}"), ("", items.class_of(items.labels[rows[i]])),
+                     ("", items.class_of(suggested[i])), (_thumb(items, out, int(rows[i])), items.paths[int(rows[i])])]
+                    for i in order[:SHOWN]])
+
+
+def suggestions_section(items: Items, rows: torch.Tensor, probs: torch.Tensor, out: str) -> Section:
+    conf, best = probs.max(1)
+    order = torch.argsort(conf, descending=True, stable=True).tolist()
+    csv_path = write_csv(os.path.join(out, "label_suggestions.csv"), ["path", "label", "confidence", "split"],
+                         [[items.paths[int(rows[i])], items.class_of(best[i]), f"{float(conf[i]):.4f}",
+                           items.splits[int(rows[i])]] for i in order])
+    return Section("Label suggestions", f"{len(rows)} unlabelled images with the class their labelled neighbours "
+                   f"vote for (path,label columns: a --dataset csv manifest)", [csv_path], [],
+                   ["confidence", "suggested", "image"],
+                   [[("", f"{float(conf[i]):.3f}"), ("", items.class_of(best[i])),
+                     (_thumb(items, out, int(rows[i])), items.paths[int(rows[i])])] for i in order[:SHOWN]])
+
+
+def selection_section(items: Items, picks: Sequence[int], gaps: Sequence[float], pool: int, typical: float,
+                      out: str) -> Section:
+    csv_path = write_csv(os.path.join(out, "select.csv"), ["path", "label", "rank", "distance"],
+                         [[items.paths[r], "", n, f"{g:.4f}"] for n, (r, g) in enumerate(zip(picks, gaps))])
+    among = f" among the {typical:.0%} most typical" if typical < 1 else ""
+    return Section("What to label next", f"{len(picks)} of {pool} unlabelled images by k-center greedy{among}, in "
+                   f"pick order (fill the label column: select.csv is a --dataset csv manifest)", [csv_path], [],
+                   ["rank", "distance", "image"],
+                   [[("", str(n)), ("", f"{g:.3f}"), (_thumb(items, out, r), items.paths[r])]
+                    for n, (r, g) in enumerate(list(zip(picks, gaps))[:SHOWN])])

@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""Clean and choose data with a pretrained backbone: duplicates (and train/val leakage),
+outliers, what to label next, label suggestions and suspected label errors, from one
+embedding of every image. Nothing in DATA is modified, moved or deleted.
+
+    python main_curate.py /data/photos --pretrained runs/moco/checkpoint_last.pth.tar
+    python main_curate.py /data/labelled --unlabelled /data/pool --pretrained ckpt.pth.tar --select 500 \\
+        --write-clean-csv --amp --multiprocessing-distributed
+
+Writes OUTPUT_DIR/report.html (open it in a browser; it links every csv and grid),
+duplicates.csv, outliers.csv, label_errors.csv, label_suggestions.csv, select.csv and
+clean_<split>.csv. Features are centred and L2-normalised; every search is chunked
+(common/eval/knn.py), so no N x N matrix is built (memory: docs/curate.md).
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.ckpt.io import prepare_output_dir
+from common.ckpt.pretrained import follow_checkpoint
+from common.cli import HelpFormatter, add_eval_args, check_common_flags
+from common.data.datasets import add_data_args, build_dataset
+from common.data.images import FileListDataset, image_folder
+from common.dist.collectives import barrier, is_main_process
+from common.dist.launch import script_main, start_worker
+from common.dist.world import add_dist_args, expected_world_size, per_worker
+from common.errors import UserError
+from common.eval.setup import ARCH_HELP, add_pretrained_arg, pretrained_backbone
+from common.extras import require
+from common.log.progress import log
+from common.log.tensorboard import TensorBoardLog
+from curate.duplicates import file_hash, find_duplicates, redundant_rows
+from curate.embed import embed_split
+from curate.items import join_splits
+from curate.labels import METHODS, knn_probs, label_issues, probe_probs
+from curate.outliers import outlier_scores
+from curate.report import write_csv, write_html
+from curate.search import INDEXES, self_neighbours
+from curate.sections import (duplicates_section, label_errors_section, outliers_section, selection_section,
+                             suggestions_section)
+from curate.select import k_center_greedy, typical_candidates
+
+FINDINGS = ("duplicates", "outliers", "labels")
+# cosine of centred features above which two images are near-duplicates (docs/curate.md: bench/curate.py)
+DUP_THRESHOLD = 0.95
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="find duplicates, leakage, outliers, label errors and what to "
+                                                 "label next with a pretrained backbone", formatter_class=HelpFormatter)
+    add_pretrained_arg(parser, required=True)
+    add_eval_args(parser, batch_size=256, name="curate", helps={
+        "arch": ARCH_HELP, "batch_size": "global batch size of feature extraction over all processes",
+        "print_freq": "progress line every N batches of feature extraction",
+        "seed": "seed of the --pretrained none init, the probe folds and the first --select pick",
+        "output_dir": "folder for the report, csvs, grids and embedding shards (default: ./runs/curate)",
+        "crop_size": "eval crop size (default: the --pretrained run's crop, else 224; 32 for CIFAR/MNIST/synthetic)",
+        "small_images": "CIFAR stem (default: as the checkpoint was pretrained, else on for crops <= 64 px)",
+        "amp": "mixed precision feature extraction"})
+    parser.set_defaults(arch=None, seed=0)
+    g = parser.add_argument_group("curate")
+    g.add_argument("--findings", default=list(FINDINGS), nargs="+", choices=FINDINGS,
+                   help="what to look for (labels: suspected label errors and suggestions for unlabelled images)")
+    g.add_argument("--unlabelled", default="", metavar="DIR",
+                   help="a folder of unlabelled images (flat or nested) to suggest labels for and --select from, "
+                        "besides the unlabelled images of DATA")
+    g.add_argument("--select", default=0, type=int, metavar="N",
+                   help="write select.csv: the N unlabelled images to label next (k-center greedy from the labelled)")
+    g.add_argument("--select-typical", default=0.5, type=float, metavar="FRACTION",
+                   help="--select picks among this fraction of the pool nearest to their --outlier-k-th neighbour "
+                        "(1: the whole pool, plain k-center greedy)")
+    g.add_argument("--dup-threshold", default=DUP_THRESHOLD, type=float,
+                   help="cosine (centred features) at or above which two images are near-duplicates")
+    g.add_argument("--dup-k", default=10, type=int, help="neighbours searched per image for near-duplicates")
+    g.add_argument("--outlier-k", default=10, type=int, help="outlier score: 1 - cosine to the k-th neighbour")
+    g.add_argument("--outlier-per-class", action="store_true", help="neighbours of the same class only")
+    g.add_argument("--label-method", default="probe", choices=METHODS,
+                   help="out-of-fold probabilities for label errors: a linear probe over --probe-folds folds, or "
+                        "a leave-one-out kNN vote")
+    g.add_argument("--label-k", default=20, type=int,
+                   help="neighbours that vote for label suggestions (and --label-method knn)")
+    g.add_argument("--probe-folds", default=5, type=int, help="folds of the out-of-fold probe")
+    g.add_argument("--probe-steps", default=2000, type=int, help="minibatches of 512 each fold's probe trains for")
+    g.add_argument("--index", default="torch", choices=INDEXES,
+                   help="neighbour search: exact chunked torch (GPU when present) or faiss (pip install faiss-cpu)")
+    g.add_argument("--chunk-size", default=1024, type=int, help="queries per similarity chunk")
+    g.add_argument("--shard-size", default=50000, type=int,
+                   help="images per embedding shard in OUTPUT_DIR/embeddings/ (an interrupted run resumes there)")
+    g.add_argument("--write-clean-csv", action="store_true",
+                   help="clean_<split>.csv: the images kept, as --dataset csv manifests (DATA is never changed)")
+    g.add_argument("--clean-drop", default=["duplicates"], nargs="+", choices=("duplicates", "outliers", "labels"),
+                   help="what the clean csv leaves out: all copies of a duplicate group but one (a val copy over "
+                        "train ones), the top --clean-outliers outliers, the suspected label errors")
+    g.add_argument("--clean-outliers", default=0.005, type=float, help="fraction of images --clean-drop outliers drops")
+    add_data_args(parser)
+    add_dist_args(parser)
+    return parser
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Derived defaults and impossible values, before any worker starts."""
+    check_common_flags(args)
+    args.output_dir = args.output_dir or os.path.join("runs", "curate")
+    prepare_output_dir(args.output_dir)
+    follow_checkpoint(args)
+    for flag, value, least in (("--select", args.select, 0), ("--dup-k", args.dup_k, 1),
+                               ("--outlier-k", args.outlier_k, 1), ("--label-k", args.label_k, 1),
+                               ("--probe-folds", args.probe_folds, 2), ("--probe-steps", args.probe_steps, 1),
+                               ("--chunk-size", args.chunk_size, 1), ("--shard-size", args.shard_size, 1)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    if not -1.0 <= args.dup_threshold <= 1.0:
+        raise UserError(f"--dup-threshold is a cosine in [-1, 1], got {args.dup_threshold}; e.g. {DUP_THRESHOLD}")
+    if not 0.0 < args.select_typical <= 1.0:
+        raise UserError(f"--select-typical is a fraction in (0, 1], got {args.select_typical}; e.g. 0.5")
+    if not 0.0 <= args.clean_outliers < 1.0:
+        raise UserError(f"--clean-outliers is a fraction in [0, 1), got {args.clean_outliers}")
+    if args.index == "faiss":
+        require("faiss", "faiss-cpu")
+    if args.unlabelled and not os.path.isdir(args.unlabelled):
+        raise UserError(f"--unlabelled {args.unlabelled!r} is not a folder; pass the folder of unlabelled images")
+    per_worker(args.batch_size, expected_world_size(args))
+    return args
+
+
+def main_worker(local_rank, args: argparse.Namespace) -> None:
+    env, batch_size, workers = start_worker(local_rank, args)
+
+    # ---- data: train, val when there is one, and the --unlabelled pool (labels -1)
+    train, val = build_dataset(args, "train"), build_dataset(args, "val")
+    classes = list(getattr(train, "classes", None) or [])
+    parts = [("train", train)] + ([("val", val)] if val is not None else [])
+    if args.unlabelled:
+        pool = image_folder(args.unlabelled)
+        parts.append(("unlabelled", FileListDataset([(p, -1) for p, _ in pool.samples], [])))
+    total = sum(len(ds) for _, ds in parts)
+    if total < 2:
+        raise UserError(f"found {total} image; curating needs at least 2 (duplicates and outliers compare images "
+                        f"with each other): add images to the data folder")
+    unlabelled = sum(sum(1 for t in ds.targets if t < 0) for _, ds in parts)
+    if args.select > unlabelled:
+        raise UserError(f"--select {args.select} asks for more images than the {unlabelled} unlabelled ones; pass "
+                        f"--select {unlabelled} or less (or more unlabelled images with --unlabelled DIR)")
+
+    # ---- model: the checkpoint's backbone, head removed (same seed on every rank for --pretrained none)
+    torch.manual_seed(args.seed)
+    model, source, _ = pretrained_backbone(args)
+    model.to(env.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    log(f"=> {args.arch} from {source}; {total} images ({', '.join(f'{len(ds)} {n}' for n, ds in parts)}) at "
+        f"{args.crop_size} px, {env.world_size} process(es) on {env.device}")
+
+    # ---- embed every image once (resumable shards in OUTPUT_DIR/embeddings/)
+    items = join_splits([(name, ds, *embed_split(model, ds, name, args, env, batch_size, workers))
+                         for name, ds in parts], classes)
+    if not is_main_process():  # the findings are cheap next to extraction: rank 0 does them
+        barrier()
+        return
+    out = args.output_dir
+    settings = {"pretrained": f"{args.pretrained} ({source})", "arch": args.arch, "crop size": args.crop_size,
+                "images": len(items), "classes": len(classes), "neighbour search": args.index}
+    sections, drop = [], set()
+    # one neighbour search serves the duplicates and the (all-class) outliers
+    neighbours = (self_neighbours(items.feats, max(args.dup_k, args.outlier_k), args.index, args.chunk_size)
+                  if "duplicates" in args.findings or "outliers" in args.findings else None)
+
+    # ---- 1. duplicates: same bytes, or cosine >= --dup-threshold among the --dup-k nearest
+    if "duplicates" in args.findings:
+        sim, idx = neighbours[0][:, :args.dup_k + 1], neighbours[1][:, :args.dup_k + 1]
+        pairs = find_duplicates(sim, idx, [file_hash(p) for p in items.paths], items.splits, args.dup_threshold)
+        sections.append(duplicates_section(items, pairs, args.dup_threshold, out))
+        settings["near-duplicate threshold (cosine)"] = args.dup_threshold
+        if "duplicates" in args.clean_drop:
+            drop.update(redundant_rows(pairs, items.splits))
+
+    # ---- 2. outliers: far from their k-th neighbour
+    if "outliers" in args.findings:
+        scores = outlier_scores(items.feats, args.outlier_k, items.labels if args.outlier_per_class else None,
+                                args.index, args.chunk_size, neighbours[0])
+        sections.append(outliers_section(items, scores, args.outlier_k, args.outlier_per_class, out))
+        settings["outlier k"] = args.outlier_k
+        if "outliers" in args.clean_drop:
+            drop.update(torch.argsort(scores, descending=True)[:int(args.clean_outliers * len(items))].tolist())
+
+    # ---- 3. labels: suspected errors from out-of-fold probabilities, suggestions by kNN vote
+    lab_rows = (items.labels >= 0).nonzero().squeeze(1)
+    unl_rows = (items.labels < 0).nonzero().squeeze(1)
+    if "labels" in args.findings and len(classes) > 1 and len(lab_rows) > 1:
+        lab_f, lab_l = items.feats[lab_rows.to(items.feats.device)], items.labels[lab_rows]
+        probs = (probe_probs(lab_f, lab_l, len(classes), args.probe_folds, args.seed, args.probe_steps)
+                 if args.label_method == "probe" else
+                 knn_probs(lab_f, lab_l, lab_f, len(classes), args.label_k, leave_out_self=True))
+        suspected, suggested, self_conf = label_issues(probs, lab_l)
+        sections.append(label_errors_section(items, lab_rows, suspected, suggested, self_conf, args.label_method, out))
+        settings["label errors"] = f"{args.label_method} out-of-fold probabilities, confident-learning thresholds"
+        if "labels" in args.clean_drop:
+            drop.update(lab_rows[suspected].tolist())
+        if len(unl_rows):
+            sections.append(suggestions_section(items, unl_rows, knn_probs(
+                lab_f, lab_l, items.feats[unl_rows.to(items.feats.device)], len(classes), args.label_k), out))
+    elif "labels" in args.findings:
+        log("=> labels: skipped, the data has fewer than two labelled classes")
+
+    # ---- 4. what to label next: k-center greedy from the labelled images
+    if args.select:
+        if args.select > len(unl_rows):
+            raise UserError(f"--select {args.select} asks for more images than the {len(unl_rows)} readable "
+                            f"unlabelled ones; pass --select {len(unl_rows)} or less")
+        candidates = typical_candidates(items.feats, unl_rows, args.select_typical, args.select, args.outlier_k,
+                                        args.chunk_size)
+        picks, gaps = k_center_greedy(items.feats, candidates, lab_rows, args.select, args.seed, args.chunk_size)
+        sections.append(selection_section(items, picks, gaps, len(unl_rows), args.select_typical, out))
+
+    # ---- outputs: the clean csv, report.html, TensorBoard
+    if args.write_clean_csv:
+        for split in dict.fromkeys(items.splits):
+            path = write_csv(os.path.join(out, f"clean_{split}.csv"), ["path", "label"],
+                             [[items.paths[r], items.class_of(items.labels[r])] for r in range(len(items))
+                              if items.splits[r] == split and r not in drop])
+            log(f"=> {path}: {sum(s == split for s in items.splits) - sum(items.splits[r] == split for r in drop)} "
+                f"kept of the {split} images")
+    report = write_html(out, "Data curation report", settings, sections)
+    for s in sections:
+        log(f"=> {s.title.lower()}: {s.summary}")
+    log(f"=> report: {report}")
+    tensorboard = TensorBoardLog(out, args.tensorboard)
+    for s in sections:
+        for g in s.grids:
+            tensorboard.image(f"curate/{os.path.basename(g)[:-4]}", np.asarray(Image.open(g).convert("RGB")))
+    tensorboard.close()
+    barrier()
+
+
+main = script_main(get_args_parser, finalize_args, main_worker)
+
+
+if __name__ == "__main__":
+    main()
