@@ -13,6 +13,11 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# README's test command runs two xdist workers: one thread each (set before torch is imported;
+# the scripts the tests start inherit it), so the two share the cores instead of fighting over them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 # Fast, still learnable: resnet18 with the ImageNet stem on 32 px synthetic images (class =
 # hue, layout random). 16 steps of this MoCo config (BN groups of 32, fast key encoder
 # m=0.9, mild colour jitter since the class is the hue, the queue one batch: a tenth of the
@@ -25,6 +30,12 @@ MOCO_LEARN = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "--moco-k", "64
 # the learning tests' kNN: the pretraining images plus 1,536 more in the bank, 512 val
 # images (the 128 of a 512-image run's monitor leave a 4-point sampling spread alone)
 LEARNING_KNN_IMAGES = 2048
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests marked `long` first (a stable sort keeps the rest in file order): with two xdist
+    workers, a long test handed out last runs alone while the other worker sits idle."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def learning_knn(output_dir, image_size: int = 32):

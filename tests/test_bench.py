@@ -127,6 +127,7 @@ def test_compared_pipelines_give_the_scripts_output_format():
         assert crop.dtype == torch.uint8 and crop.shape == (3, 80, 80) and params.dtype == torch.float32
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_quality_smoke(tmp_path):
     """The whole protocol on 60 train / 30 test images: every script runs, every cell is
@@ -208,6 +209,7 @@ def test_format_table():
     assert t.splitlines()[0] == "| a  |   bb |" and t.splitlines()[3] == "| yy | 10.5 |"
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_endtoend_smoke_runs_the_script_on_jpegs_next_to_the_step_rate(tmp_path):
     from bench import endtoend

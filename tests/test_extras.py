@@ -30,7 +30,7 @@ def readme_block(section: str) -> str:
 def test_ci_runs_exactly_readmes_install_and_test_commands():
     ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
           if line and not line.startswith(("#", "set ", "cd "))]
-    assert ci == [readme_block("Install"), readme_block("Test")]
+    assert ci == readme_block("Install").splitlines() + readme_block("Test").splitlines()
     # the install brings the test runner, and every requirements file it names exists
     install = readme_block("Install")
     assert "pytest" in install.split()

@@ -102,6 +102,7 @@ def test_a_bad_jpeg_is_replaced_with_a_warning_or_stops_a_strict_run(tmp_path, c
         D._decode(D.payloads(batch[0]), torch.device("cpu"), strict=True)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_main_moco_gpu_decode_resumes_exactly_on_jpeg_files(tmp_path, capsys):
     import main_moco
