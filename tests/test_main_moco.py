@@ -117,6 +117,7 @@ def test_resume_rejects_checkpoint_of_another_script_or_arch(tmp_path, capsys):
     assert proc.returncode == 2 and "holds a resnet18" in proc.stderr
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("augment_on", ["workers", "device"])
 def test_pretraining_beats_the_untrained_network_under_the_same_knn(moco_pretrained, tmp_path, augment_on):

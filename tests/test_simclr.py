@@ -323,6 +323,7 @@ LEARN = SYNTHETIC + ["--synthetic-size", "1024", "-b", "32", "--epochs", "4", "-
                      "--knn-every", "4"]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_pretraining_beats_the_untrained_network_under_the_same_knn(tmp_path):
     """Measured over seeds 1-6 (2 CPU cores, torch 2.14.1) on the learning tests' kNN set
