@@ -90,8 +90,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true",
                    help="train the whole network end to end instead of a frozen backbone")
     g.add_argument("--trainable-layers", default="", metavar="NAMES",
-                   help="fine-tune only these backbone blocks (comma-separated, of conv1,bn1,layer1..layer4, e.g. "
-                        "layer3,layer4) plus the head; the rest stays frozen and in eval mode")
+                   help="fine-tune only these backbone blocks (comma-separated; ResNet: conv1,bn1,layer1..layer4, e.g. "
+                        "layer3,layer4; other families: docs/backbones.md, and a wrong name lists the "
+                        "network's) plus the head; the rest stays frozen and in eval mode")
     g.add_argument("--backbone-lr-scale", default=0.1, type=float,
                    help="with --finetune or --trainable-layers: the backbone's lr is --lr times this")
     g.add_argument("--label-fraction", default=1.0, type=float,

@@ -8,6 +8,11 @@ every ratio is against the baseline measured in the same run.
 
     python bench/throughput.py -a resnet18 --crop-size 32 -b 32 --device cpu --steps 4 --repeats 3
     python bench/throughput.py -a resnet50 --crop-size 224 -b 128 --device cuda
+    python bench/throughput.py --families --crop-size 32 -b 16 --device cpu --steps 2 --repeats 3
+
+--families measures our default step (the "default" configuration) once per backbone
+family instead, each family's smallest member (common/nets/backbones.py), interleaved the
+same way, every ratio against the first family (resnet18) of the same run.
 
 Inputs are random tensors already in memory (the data pipeline has its own benchmark,
 bench/dataloader.py, and bench/endtoend.py runs the real script on JPEG files), handed
@@ -47,7 +52,8 @@ from common.augment.gpu import ViewsToDevice, draw_params  # noqa: E402
 from common.augment.gpu_decode import DecodeToDevice, EncodedImage, EncodedViews, collate_encoded  # noqa: E402
 from common.dist.collectives import DistEnv  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
-from common.nets.models import build_backbone  # noqa: E402
+from common.nets.backbones import family  # noqa: E402
+from common.nets.models import build_backbone, feature_dim, has_batchnorm  # noqa: E402
 from common.train.data import PretrainData  # noqa: E402
 from common.train.precision import Precision  # noqa: E402
 from common.train.step import train_one_epoch  # noqa: E402
@@ -58,6 +64,9 @@ from simclr.augment import simclr_augmentation  # noqa: E402
 from simclr.builder import SimCLR  # noqa: E402
 from simclr.optim import LARS, split_decay_groups  # noqa: E402
 
+# --families: each family's smallest member (ConvNeXt: the narrow convnext_micro), the first one the baseline
+FAMILY_ARCHS = ["resnet18", "regnet_y_400mf", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
+                "convnext_micro", "convnext_tiny", "swin_t", "vit_tiny"]
 # name -> what differs from our default path. "baseline" is the reference-style loop.
 CONFIGS: Dict[str, Dict] = {
     "baseline": dict(loop="reference", optim_impl="loop"),
@@ -107,6 +116,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--jpeg-size", default=[500, 375], type=int, nargs=2, metavar=("W", "H"),
                    help="size of the JPEGs the *gpu_decode configurations decode")
+    p.add_argument("--families", nargs="*", default=None, metavar="ARCH",
+                   help="one row per backbone family (our default step, parameters, ratio against the first) "
+                        f"instead of the configurations; the bare flag: {' '.join(FAMILY_ARCHS)}")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--json", default="runs/bench/throughput.json")
     return p
@@ -116,9 +128,11 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
     args.device = resolve_device(args.device)
     if args.small_images is None:
         args.small_images = args.crop_size <= 64
+    if args.families == []:
+        args.families = FAMILY_ARCHS
     if args.configs is None:
-        args.configs = DEFAULT_CONFIGS[args.device]
-    if "baseline" not in args.configs:
+        args.configs = ["default"] if args.families else DEFAULT_CONFIGS[args.device]
+    if "baseline" not in args.configs and not args.families:
         args.configs = ["baseline"] + args.configs  # every ratio is against it
     if min(args.steps, args.repeats) < 1 or args.warmup < 0:
         raise UserError("--steps and --repeats must be at least 1 and --warmup at least 0")
@@ -156,11 +170,13 @@ def build_optimizer(method: str, model: nn.Module, impl: str, device: torch.devi
 class Runner:
     """A model, optimizer and step function for one (method, configuration)."""
 
-    def __init__(self, method: str, name: str, args: argparse.Namespace, device: torch.device):
+    def __init__(self, method: str, name: str, args: argparse.Namespace, device: torch.device, label: str = ""):
+        """name: the configuration; label: what the results call it (default: name)."""
         cfg = {"loop": "engine", "amp": False, "channels_last": False, "compile": False, "optim_impl": "default",
                "gpu_augment": False, "gpu_decode": False, **CONFIGS[name]}
-        self.name, self.cfg, self.device = name, cfg, device
+        self.name, self.cfg, self.device = label or name, cfg, device
         self.model = build_model(method, args).to(device)
+        self.params = sum(p.numel() for n, p in self.model.networks()[0].named_parameters() if not n.startswith("fc."))
         if cfg["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
         if cfg["compile"]:
@@ -249,15 +265,19 @@ def make_batches(args: argparse.Namespace, device: torch.device, n: int, method:
 
 
 def bench_method(method: str, args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
+    """{configuration: figures}; with --families, {arch: figures} of the one configuration."""
     runners = {}
     warm_batches = make_batches(args, device, max(args.warmup, 1), method)
     batches = make_batches(args, device, args.steps, method)
-    for name in args.configs:
-        if method == "simclr" and args.simclr_optimizer == "lars" and CONFIGS[name].get("optim_impl") in ("foreach", "fused"):
+    # --families: one runner per arch, all with the one configuration, keyed by the arch
+    jobs = [(a, args.configs[0], argparse.Namespace(**{**vars(args), "arch": a})) for a in args.families] \
+        if args.families else [(name, name, args) for name in args.configs]
+    for name, config, run_args in jobs:
+        if method == "simclr" and args.simclr_optimizer == "lars" and CONFIGS[config].get("optim_impl") in ("foreach", "fused"):
             print(f"   {method}/{name}: skipped (LARS has one implementation; --simclr-optimizer sgd compares them)")
             runners[name] = None
             continue
-        r = Runner(method, name, args, device)
+        r = Runner(method, config, run_args, device, label=name)
         t0 = time.perf_counter()
         try:
             r.run(warm_batches)  # cudnn autotuning, torch.compile, optimizer state, allocator warm-up
@@ -292,14 +312,36 @@ def bench_method(method: str, args: argparse.Namespace, device: torch.device) ->
             continue
         step_s = median(r.times) / args.steps
         out[name] = {"config": r.cfg, "images_per_s": args.batch_size / step_s, "step_ms": 1000 * step_s,
+                     "backbone_parameters": r.params,
                      "step_ms_all_repeats": [1000 * t / args.steps for t in r.times],
                      "peak_memory_mb": r.peak / 2 ** 20, "warmup_s": r.warmup_s}
-    base = out["baseline"]
+    base = out[args.families[0] if args.families else "baseline"]
     for rec in out.values():
         if not rec.get("skipped") and not base.get("skipped"):
             rec["speedup_vs_baseline"] = rec["images_per_s"] / base["images_per_s"]
             rec["memory_vs_baseline"] = rec["peak_memory_mb"] / base["peak_memory_mb"] if base["peak_memory_mb"] else None
     return out
+
+
+def families_table(results: Dict[str, Dict], args: argparse.Namespace) -> str:
+    """One row per family: its member, width, BatchNorm or not, backbone parameters, and each
+    method's images/s with the ratio against the first family."""
+    rows = []
+    for arch in args.families:
+        net = build_backbone(arch, small_images=args.small_images)
+        row = [family(net), arch, str(feature_dim(net)), "yes" if has_batchnorm(net) else "no"]
+        first = next(r for r in (results[m][arch] for m in args.methods) if not r.get("skipped"))
+        row.append(f"{first['backbone_parameters'] / 1e6:.2f}M")
+        for m in args.methods:
+            r = results[m][arch]
+            row += ["skipped", ""] if r.get("skipped") else [f"{r['images_per_s']:.1f}",
+                                                             f"{r['speedup_vs_baseline']:.2f}x"]
+        rows.append(row)
+    header = ["family", "arch", "width", "BatchNorm", "parameters"]
+    for m in args.methods:
+        header += [f"{m} images/s", f"vs {args.families[0]}"]
+    return (f"backbone families ({args.crop_size} px, small images {'on' if args.small_images else 'off'}, batch "
+            f"{args.batch_size}, our default step, {args.device}):\n" + format_table(header, rows))
 
 
 @report_user_errors
@@ -310,17 +352,20 @@ def main(argv=None) -> Dict:
         torch.backends.cudnn.benchmark = True  # as the scripts set it (common/pretrain.start_worker)
     results, tables = {}, []
     for method in args.methods:
-        print(f"=> {method}: {args.arch}, {args.crop_size} px, batch {args.batch_size}, {len(args.configs)} "
-              f"configurations x {args.repeats} repeats x {args.steps} steps on {device}", flush=True)
+        what = f"{len(args.families)} families" if args.families else f"{args.arch}, {len(args.configs)} configurations"
+        print(f"=> {method}: {what}, {args.crop_size} px, batch {args.batch_size}, {args.repeats} repeats x "
+              f"{args.steps} steps on {device}", flush=True)
         results[method] = bench_method(method, args, device)
+        if args.families:
+            continue
         rows = [[name, "skipped", "", "", "", ""] if r.get("skipped") else
                 [name, f"{r['images_per_s']:.1f}", f"{r['step_ms']:.1f}", f"{r['peak_memory_mb']:.0f}",
                  f"{r['speedup_vs_baseline']:.2f}x", f"{r['warmup_s']:.1f}"] for name, r in results[method].items()]
         mem = "peak allocated MiB" if device.type == "cuda" else "peak RSS MiB*"
         tables.append(f"{method} ({args.arch}, {args.crop_size} px, batch {args.batch_size}, {device}):\n"
                       + format_table(["config", "images/s", "step ms", mem, "vs baseline", "warm-up s"], rows))
-    text = "\n\n".join(tables)
-    if device.type == "cpu":
+    text = families_table(results, args) if args.families else "\n\n".join(tables)
+    if device.type == "cpu" and not args.families:
         text += ("\n* CPU memory: sampled peak RSS growth during the timed steps plus the weights, buffers "
                  "and optimizer state; not comparable with GPU figures")
     print("\n" + text, flush=True)

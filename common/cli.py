@@ -70,7 +70,7 @@ def add_input_args(parser: argparse.ArgumentParser, helps: Helps = NO_HELPS) -> 
     parser.add_argument("-a", "--arch", metavar="ARCH", default="resnet50",
                         help=helps.get("arch", "torchvision classification model of any family: resnet50, "
                                                "convnext_tiny, efficientnet_b0, mobilenet_v3_small, swin_t, vit_b_16, "
-                                               "... or vit_tiny (a small ViT for CPUs) (default: resnet50)"))
+                                               "... or vit_tiny, convnext_micro (a small ViT, ConvNeXt for CPUs) (default: resnet50)"))
     parser.add_argument("-j", "--workers", default=8, type=int, metavar="N",
                         help="data loading workers in total over this node's processes (default: 8)")
 

@@ -1,9 +1,11 @@
-"""Context encoder (Pathak et al., 2016) on a torchvision ResNet: the encoder (conv1 ..
-layer4, no pooling, no fc) maps the masked image to a feature map, a decoder of 2x
+"""Context encoder (Pathak et al., 2016) on a torchvision backbone of any family with a
+spatial feature map: the encoder (the backbone up to its last feature map, no pooling, no
+fc: common/nets/feature_maps.py) maps the masked image to a feature map, a decoder of 2x
 transposed convolutions paints the whole image back, and the loss compares it with the
 original, weighting the blanked-out patches by `masked_weight`.
 
-The encoder keeps torchvision's layer names and sits under `encoder.`, so a checkpoint's
+The encoder is the backbone as common.nets.models.build_backbone makes it (torchvision's
+layer names; `body.*` for a wrapped family) under `encoder.`, so a checkpoint's
 `module.encoder.*` loads into main_lincls.py / main_knn.py with no conversion."""
 import math
 from typing import Callable, Dict, Tuple
@@ -13,8 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.augment.transforms import IMAGENET_MEAN, IMAGENET_STD
-from common.errors import UserError
-from common.nets.backbones import family
+from common.nets.feature_maps import check_has_feature_map, feature_map, map_shape
 
 LOSSES = ("bce", "mse", "l1")
 
@@ -35,31 +36,20 @@ def decoder(in_channels: int, num_layers: int) -> nn.Sequential:
 
 class ContextEncoder(nn.Module):
     def __init__(self, base_encoder: Callable[[], nn.Module], loss: str = "bce", masked_weight: float = 1.0):
-        """base_encoder() builds a torchvision ResNet (its fc is dropped); the decoder has as
-        many 2x layers as the encoder halves the side (5 with the ImageNet stem, 3 with the
-        CIFAR stem)."""
+        """base_encoder() builds a backbone (common.nets.models.build_backbone; its fc is
+        dropped); the decoder reads its last feature map, whatever its width, and has as
+        many 2x layers as the encoder halves the side (log2 of the stride: 5 for a ResNet
+        with the ImageNet stem, 3 with the CIFAR stem, 2 for a ViT with 4 px patches)."""
         super().__init__()
         self.encoder = base_encoder()
-        if not all(hasattr(self.encoder, n) for n in ("conv1", "maxpool", "layer2", "layer3", "layer4")):
-            raise UserError(f"main_inpaint.py decodes a ResNet's layer4 feature map, which the "
-                            f"{family(self.encoder)} family has no match for here; pick a ResNet-family "
-                            f"-a (resnet18/50, resnext, wide_resnet)")
-        width = self.encoder.fc.in_features
+        check_has_feature_map(self.encoder, "main_inpaint.py")
         self.encoder.fc = nn.Identity()
-        self.stride = self._stride()
-        self.decoder = decoder(width, int(math.log2(self.stride)))
+        width, self.stride = map_shape(self.encoder)
+        self.decoder = decoder(width, max(1, round(math.log2(self.stride))))
         self.loss, self.masked_weight = loss, masked_weight
         # the encoder sees ImageNet-normalised images, as main_lincls.py / main_knn.py feed it
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def _stride(self) -> int:
-        enc = self.encoder
-        s = enc.conv1.stride[0] * (1 if isinstance(enc.maxpool, nn.Identity) else 2)
-        for layer in (enc.layer2, enc.layer3, enc.layer4):
-            block = layer[0]
-            s *= (block.conv2 if hasattr(block, "conv3") else block.conv1).stride[0]
-        return s
 
     def networks(self) -> Tuple[nn.Module]:
         """What --compile compiles: the whole model, since `features` calls the encoder's
@@ -68,9 +58,7 @@ class ContextEncoder(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's feature map, N x C x H/stride x W/stride."""
-        e = self.encoder
-        x = e.maxpool(e.relu(e.bn1(e.conv1(x))))
-        return e.layer4(e.layer3(e.layer2(e.layer1(x))))
+        return feature_map(self.encoder, x)
 
     def reconstruct(self, masked: torch.Tensor) -> torch.Tensor:
         """Logits of the painted-back image, the input's size (an input side that is not a

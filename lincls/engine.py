@@ -14,6 +14,7 @@ from common.eval.features import extract_features
 from common.eval.label_tree import LabelTree
 from common.eval.metrics import classification_report
 from common.log.progress import MeterBank, MetricsLog, Progress, log
+from common.nets.backbones import block_modules
 from common.train.precision import Precision
 from common.train.schedule import set_lr
 from common.watch.loss_guard import LossGuard
@@ -35,8 +36,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         # frozen: BN statistics must not move (eval mode); the head (and --trainable-layers) train
         model.eval()
         net.fc.train()
-        for name in args.trainable_layers:
-            getattr(net, name).train()
+        for block in block_modules(net, args.trainable_layers):  # `body.features.7` for a wrapped family
+            block.train()
     meters = MeterBank(env.device)
     progress = Progress(epoch, args.epochs, iters_per_epoch)
     images_seen = 0

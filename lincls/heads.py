@@ -17,8 +17,6 @@ from common.nets.backbones import block_names
 from common.nets.models import feature_dim
 from lincls.hierarchy import LevelHeads
 
-BLOCKS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")  # ResNet's; other families: block_names
-
 
 def build_head(in_dim: int, num_classes: Union[int, Sequence[int]], kind: str, hidden_dim: int = 0,
                dropout: float = 0.5, bn: bool = False) -> nn.Module:
@@ -56,7 +54,7 @@ def build_classifier(args: argparse.Namespace, num_classes: Union[int, Sequence[
     outputs = num_classes if isinstance(num_classes, int) else sum(num_classes)
     # --evaluate loads the whole classifier from --resume afterwards
     model, source, reference = pretrained_backbone(args, outputs, load=not args.evaluate, keep_reference=True)
-    check_trainable_layers(model, args.arch, getattr(args, "trainable_layers", None) or [])
+    check_trainable_layers(model, args.arch, args.trainable_layers)
     model.fc = build_head(feature_dim(model), num_classes, args.head, args.mlp_hidden_dim, args.dropout,
                           args.head_bn)
     return model, reference, source

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from common.log.progress import log
-from lincls.heads import BLOCKS, backbone_state, is_trainable
+from common.nets.backbones import block_names
+from lincls.heads import backbone_state, is_trainable
 
 
 def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -31,5 +32,6 @@ def sanity_check(model: nn.Module, reference: Dict[str, torch.Tensor], trainable
         raise RuntimeError(f"sanity check failed: the frozen backbone changed during training "
                            f"({len(changed)} tensors differ, e.g. {changed[:5]}; "
                            f"keys only in the model: {sorted(set(current) - set(reference))[:5]})")
-    which = f"frozen ({', '.join(b for b in BLOCKS if b not in trainable_layers)})" if trainable_layers else "backbone"
+    frozen = [b for b in block_names(model) if b not in trainable_layers]  # this family's blocks
+    which = f"frozen ({', '.join(frozen)})" if trainable_layers else "backbone"
     log(f"=> sanity check passed: all {len(reference)} {which} tensors equal the loaded ones")

@@ -199,6 +199,32 @@ def test_one_head_per_level_and_one_backbone_pass(tree_data, tmp_path):
         torch.testing.assert_close(model(torch.ones(1, 3, 16, 16))[:, 2:], level2)
 
 
+@pytest.mark.parametrize("arch,width", [("vit_tiny", 64), ("mobilenet_v3_small", 1024)])
+def test_heads_per_level_on_another_family_read_its_width(tree_data, tmp_path, arch, width):
+    """A wrapped family (`body` + `fc`): one head per level on its own feature width, each
+    level's logits that head on the body's pooled features."""
+    args = lincls_args(tree_data, tmp_path)
+    args.arch = arch
+    model, _, _ = build_classifier(args, [2, 4])
+    assert [(h.in_features, h.out_features) for h in model.fc.heads] == [(width, 2), (width, 4)]
+    model.eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        feats = model.body(x)
+        torch.testing.assert_close(model(x), torch.cat([model.fc.heads[0](feats), model.fc.heads[1](feats)], 1))
+
+
+@pytest.mark.slow
+def test_a_vit_trains_heads_per_level(tree_data, tmp_path):
+    out = tmp_path / "run"
+    stdout = lincls([tree_data, "--hierarchy-depth", "2", "--pretrained", "none", "--epochs", "1",
+                     "--output-dir", str(out)] + TINY[:1] + ["vit_tiny"] + TINY[2:])
+    assert "vit_tiny from" in stdout and "one linear head per level, 2 level1 classes, 4 level2 classes" in stdout
+    assert "sanity check passed" in stdout and "=> epoch 0 val level 2 (level2): acc1" in stdout
+    sd = load(out / "checkpoint_last.pth.tar")["state_dict"]
+    assert sd["module.fc.heads.0.weight"].shape == (2, 64) and sd["module.fc.heads.1.weight"].shape == (4, 64)
+
+
 # ---------------------------------------------------------------- end to end
 
 def simclr_checkpoint(path) -> dict:

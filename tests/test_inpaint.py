@@ -69,6 +69,35 @@ def test_decoder_paints_back_an_image_of_the_input_size(small):
     assert loss.ndim == 0 and stats["masked_mse"] > 0
 
 
+# each family's smallest member with its small-image stem: (channels of the last feature map, stride)
+FAMILY_MAPS = {"resnet18": (512, 8), "regnet_y_400mf": (440, 16), "mobilenet_v3_small": (576, 16),
+               "efficientnet_b0": (1280, 16), "vit_tiny": (64, 4), "convnext_micro": (256, 16), "swin_t": (768, 16),
+               "densenet121": (1024, 8)}
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in ("swin_t", "densenet121") else a
+                                  for a in FAMILY_MAPS])
+def test_every_family_with_a_feature_map_paints_back_and_learns_through_its_stem(arch):
+    """The decoder reads each family's last feature map (Swin's NHWC permuted, ViT's patch
+    tokens on their grid) whatever its width and stride, paints back the input's size, and
+    the loss reaches the encoder's first tensor."""
+    torch.manual_seed(0)
+    model = ContextEncoder(functools.partial(build_backbone, arch, small_images=True))
+    width, stride = FAMILY_MAPS[arch]
+    assert (model.decoder[0].in_channels, model.stride) == (width, stride)
+    assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in model.decoder) == stride.bit_length() - 1
+    image = torch.rand(2, 3, 32, 32)
+    fmap = model.features(image)
+    assert fmap.shape == (2, width, 32 // stride, 32 // stride)
+    mask = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    mask[..., 8:16, 8:16] = True
+    loss, stats = model(image.masked_fill(mask, 0.0), image, mask)
+    loss.backward()
+    first = next(p for p in model.encoder.parameters())
+    assert torch.isfinite(loss) and stats["masked_mse"] > 0 and first.grad.abs().sum() > 0
+    assert model.reconstruct(torch.rand(1, 3, 40, 40)).shape == (1, 3, 40, 40)  # a side the stride does not divide
+
+
 def test_masked_weight_weighs_the_hole():
     torch.manual_seed(0)
     model = ContextEncoder(functools.partial(build_backbone, "resnet18", small_images=True), loss="l1", masked_weight=3.0)
@@ -105,6 +134,7 @@ def test_run_writes_checkpoints_metrics_and_reconstruction_grids(two_epochs):
     assert grid.size == (8 * 34 + 2, 3 * 34 + 2)  # 8 images x (original, masked, reconstruction)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_pretraining_beats_the_untrained_network_under_the_same_knn(tmp_path):
     """6 epochs on 512 generated 16 px images (resized to the 32 px crop, ImageNet stem), on the
@@ -169,6 +199,29 @@ def test_encoder_loads_in_knn_and_partial_fine_tuning_changes_only_the_trainable
     tuned = {k[len("module."):]: v for k, v in load(tmp_path / "probe" / "checkpoint_last.pth.tar")["state_dict"].items()}
     changed = {k.split(".")[0] for k, v in pre.items() if not torch.equal(v, tuned[k])}
     assert changed == {"layer4"}  # the frozen blocks (weights and BN statistics) are exactly as pretrained
+
+
+@pytest.mark.slow
+def test_a_mobilenet_encoder_pretrains_loads_in_knn_and_fine_tunes_one_block(tmp_path, capsys):
+    """A wrapped family end to end: its `module.encoder.body.*` loads in main_knn.py and
+    main_lincls.py, and --trainable-layers with one of its block names trains that block
+    alone (the frozen BatchNorm statistics stay as pretrained: the blocks' own train mode)."""
+    argv = ["--dataset", "synthetic", "-a", "mobilenet_v3_small", "--small-images", "--crop-size", "32", "-j", "0",
+            "--synthetic-size", "32", "-b", "8", "--seed", "3", "-p", "2", "--epochs", "1"]
+    main_inpaint.main(argv + ["--patches", "2", "--patch-size", "8", "--output-dir", str(tmp_path / "inpaint")])
+    ckpt = str(tmp_path / "inpaint" / "checkpoint_last.pth.tar")
+    assert any(k.startswith("module.encoder.body.features.12.") for k in load(ckpt)["state_dict"])
+    main_knn.main(argv[:-2] + ["--pretrained", ckpt, "--output-dir", str(tmp_path / "knn")])
+    assert "top-1" in capsys.readouterr().out
+    main_lincls.main(argv + ["--pretrained", ckpt, "--trainable-layers", "features.12",
+                             "--output-dir", str(tmp_path / "probe")])
+    probe = capsys.readouterr().out
+    assert "fine-tuning features.12, the rest frozen" in probe
+    assert "sanity check passed" in probe and "frozen (features.0, features.1," in probe
+    pre = {k[len("module.encoder."):]: v for k, v in load(ckpt)["state_dict"].items() if k.startswith("module.encoder.")}
+    tuned = {k[len("module."):]: v for k, v in load(tmp_path / "probe" / "checkpoint_last.pth.tar")["state_dict"].items()}
+    changed = {".".join(k.split(".")[:3]) for k, v in pre.items() if not torch.equal(v, tuned[k])}
+    assert changed == {"body.features.12"}
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -6,18 +6,21 @@ facebookresearch/moco checkpoints. Every other family (ConvNeXt, EfficientNet, M
 MNASNet, DenseNet, Swin, ViT, MaxViT, VGG, AlexNet) is wrapped in `Backbone`: `body` is
 the torchvision model with its last Linear (and the Dropout in front of it) removed, so it
 returns the pooled feature vector, and `fc` is a fresh Linear on it."""
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tvm
+from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.vision_transformer import VisionTransformer
 
 from common.errors import UserError
 
 # a ViT small enough for CPU tests: patch 4 (32 px -> 8x8 tokens), 2 layers, 2 heads, width 64
 TINY_VIT = {"vit_tiny": dict(patch_size=4, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128)}
+# a ConvNeXt as narrow: stages of width 32 .. 256 with 1, 1, 2, 1 blocks (torchvision's smallest is 28M parameters)
+TINY_CONVNEXT = {"convnext_micro": [(32, 64, 1), (64, 128, 1), (128, 256, 2), (256, None, 1)]}
 HEAD_ATTRS = ("classifier", "head", "heads")
 
 
@@ -39,7 +42,9 @@ class AnySizeViT(VisionTransformer):
     embedding is interpolated (bicubic, as DINO/timm do) when the side differs from the
     one it was built for."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output, N x (1 + h/p * w/p) x width: the class token, then the patch
+        tokens row by row (main_inpaint.py decodes those as a feature map)."""
         n, _, h, w = x.shape
         p = self.patch_size
         x = self.conv_proj(x)
@@ -53,15 +58,27 @@ class AnySizeViT(VisionTransformer):
             grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
             pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
         enc = self.encoder
-        x = enc.ln(enc.layers(enc.dropout(x + pos)))
-        return self.heads(x[:, 0])
+        return enc.ln(enc.layers(enc.dropout(x + pos)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.tokens(x)[:, 0])
+
+
+class MNASNet(tvm.MNASNet):
+    """torchvision's MNASNet, which refuses a state_dict without the layout version that only
+    state_dict() itself records (a checkpoint's extracted backbone is a plain dict): such a
+    dict is read as the current layout, the one every build here saves."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
+        local_metadata = {**local_metadata, "version": local_metadata.get("version", 2)}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
 
 def arch_names() -> list:
     return sorted([n for n, f in vars(tvm).items()
                    if n.islower() and not n.startswith("_") and callable(f)
                    and n not in ("get_model", "get_weight", "list_models", "get_model_weights", "get_model_builder")]
-                  + list(TINY_VIT))
+                  + list(TINY_VIT) + list(TINY_CONVNEXT))
 
 
 def family(model: nn.Module) -> str:
@@ -146,6 +163,8 @@ def build_any(arch: str, num_classes: int, small_images: bool,
               norm_layer: Optional[Callable[[int], nn.Module]], crop_size: Optional[int]) -> nn.Module:
     if arch in TINY_VIT or arch.startswith("vit_"):
         model = _build_vit(arch, num_classes, small_images, crop_size)
+    elif arch in TINY_CONVNEXT:
+        model = tvm.ConvNeXt([CNBlockConfig(*stage) for stage in TINY_CONVNEXT[arch]], num_classes=num_classes)
     else:
         kwargs = {"num_classes": num_classes}
         resnet_style = norm_layer is not None and "norm_layer" in _init_params(arch)
@@ -156,6 +175,8 @@ def build_any(arch: str, num_classes: int, small_images: bool,
         except TypeError as e:
             raise UserError(f"architecture {arch!r} cannot be built with these options ({e}); "
                             f"pick a torchvision classification model such as resnet50 or convnext_tiny")
+        if isinstance(model, tvm.MNASNet):
+            model.__class__ = MNASNet  # the same network, loading plain dicts
         if norm_layer is not None and not resnet_style:
             replace_batchnorm(model, norm_layer)
     if small_images:
@@ -197,3 +218,10 @@ def block_names(model: nn.Module) -> List[str]:
 
     walk(net, "")
     return out
+
+
+def block_modules(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
+    """The modules of these block_names (a parameter block such as ViT's class_token has none)."""
+    net = model.body if isinstance(model, Backbone) else model
+    modules = dict(net.named_modules())
+    return [modules[n] for n in names if n in modules]

@@ -5,7 +5,7 @@ from typing import Callable, Iterator, Optional
 import torch.nn as nn
 
 from common.errors import UserError
-from common.nets.backbones import TINY_VIT, arch_names, build_any, has_batchnorm  # noqa: F401 (re-exported)
+from common.nets.backbones import TINY_CONVNEXT, TINY_VIT, arch_names, build_any, has_batchnorm  # noqa: F401 (re-exported)
 
 
 def build_backbone(arch: str, num_classes: int = 1000, small_images: bool = False,
@@ -16,7 +16,8 @@ def build_backbone(arch: str, num_classes: int = 1000, small_images: bool = Fals
     Models with an `fc` Linear (ResNet, ResNeXt, Wide ResNet, RegNet, ...) come as torchvision
     builds them; other families (ConvNeXt, EfficientNet, MobileNet, DenseNet, Swin, ViT,
     MaxViT, VGG) as common.nets.backbones.Backbone: `body` (the model without its last
-    Linear) + `fc`. `vit_tiny` is a 2-layer, width-64 ViT with 4 px patches for tests.
+    Linear) + `fc`. For tests and CPUs: `vit_tiny` is a 2-layer, width-64 ViT with 4 px
+    patches, `convnext_micro` a ConvNeXt of widths 32 .. 256.
 
     small_images swaps the ImageNet stem for one that keeps a 32 px image's resolution
     (ResNet: 3x3 conv, stride 1, no max-pool; others: common.nets.backbones._small_stem).
@@ -27,7 +28,7 @@ def build_backbone(arch: str, num_classes: int = 1000, small_images: bool = Fals
     if arch not in arch_names():
         raise UserError(f"unknown architecture {arch!r}; pick a torchvision model such as "
                         f"resnet18, resnet50, resnext50_32x4d, convnext_tiny, efficientnet_b0, vit_b_16 "
-                        f"(or {', '.join(TINY_VIT)}, a tiny ViT for tests)")
+                        f"(or {', '.join(list(TINY_VIT) + list(TINY_CONVNEXT))}, a tiny ViT and ConvNeXt for tests)")
     return build_any(arch, num_classes, small_images, norm_layer, crop_size)
 
 
