@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Context-encoder (inpainting) pretraining (Pathak et al., 2016): random patches are blanked
-out of each image and a ResNet encoder + transposed-convolution decoder paints them back.
+out of each image and an encoder (a backbone of any family with a spatial feature map: ResNet,
+ConvNeXt, EfficientNet, MobileNet, DenseNet, RegNet, Swin, ViT's patch grid, ...) + a
+transposed-convolution decoder paints them back.
 The encoder then initialises a classifier (main_lincls.py --pretrained) or a kNN
 (main_knn.py), with no conversion.
 
@@ -17,6 +19,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from common.augment.gpu import ViewsToDevice
+from common.ckpt.init import init_backbone
 from common.cli import ArgumentParser, add_training_args
 from common.dist.collectives import is_main_process
 from common.dist.launch import script_main, start_worker
@@ -89,9 +92,11 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     data = pretrain_data(args, env, pair, batch_size, workers, args.crop_size,
                          ViewsToDevice(env.device, args.channels_last))
 
-    # ---- model: ResNet encoder (conv1 .. layer4) + decoder of 2x transposed convolutions
+    # ---- model: encoder up to its last feature map (common/nets/feature_maps.py) + decoder of
+    # 2x transposed convolutions
     model = ContextEncoder(functools.partial(build_backbone, args.arch, small_images=args.small_images),
                            args.loss, args.masked_weight)
+    init_backbone(args, model.encoder)  # --init: continued pretraining from weights you have
     model = place_model(model, env, args, networks=model.networks())
     inpaint = model.module if env.distributed else model
 

@@ -10,6 +10,7 @@ from typing import Dict
 
 import torch
 
+from common.ckpt.init import init_backbone
 from common.cli import ArgumentParser, add_training_args
 from common.dist.launch import script_main, start_worker
 from common.dist.placement import place_model
@@ -122,6 +123,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         norm_layer = functools.partial(SplitBatchNorm, num_splits=args.bn_splits)
     model = MoCo(functools.partial(build_backbone, args.arch, small_images=args.small_images, norm_layer=norm_layer),
                  args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.symmetric)
+    init_backbone(args, model.encoder_q, model.encoder_k)  # --init: both encoders start from it
     model = place_model(model, env, args, networks=model.networks())
     moco = model.module if env.distributed else model
 

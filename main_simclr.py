@@ -14,6 +14,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
+from common.ckpt.init import init_backbone
 from common.cli import ArgumentParser, add_training_args
 from common.dist.launch import script_main, start_worker
 from common.dist.placement import place_model
@@ -122,6 +123,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     # ---- model
     model = SimCLR(functools.partial(build_backbone, args.arch, small_images=args.small_images),
                    args.proj_dim, args.proj_hidden_dim, args.proj_layers, args.proj_bn, args.temperature)
+    init_backbone(args, model.encoder)  # --init: continued pretraining from weights you have
     if env.distributed and env.device.type == "cuda" and args.sync_bn is not False:
         # positives of one image sit on one GPU: per-GPU BN statistics would let the
         # network find them through the batch statistics instead of the image content

@@ -12,6 +12,8 @@ the product's own script, called through its main(argv).
     # (MoCo 200k, SimCLR 100k images seen), 3 seeds; --reuse goes on after a stop
     python bench/quality.py ../shared/data/fashion-mnist --quick --pools 2000 10000 --seeds 0 1 2 \
         --pretrain-budget recipe --reuse
+    # from scratch vs --init (continued pretraining from a checkpoint of other data), equal budget
+    # (docs/moco-v3.md: the commands); MoCo v3 with a ResNet-18 or a tiny ViT: --methods moco_v3 -a vit_tiny
 
 The linear probe is multinomial logistic regression (L-BFGS, fixed L2; lincls/logreg.py,
 main_lincls.py --probe logreg) on the frozen backbone's standardised features of the
@@ -95,7 +97,9 @@ def pretrain_epochs(args: argparse.Namespace, method: str, pool: int) -> int:
     """Epochs of `method` on a pool of `pool` images under --pretrain-budget."""
     if not args.pretrain_budget:
         return args.pretrain_epochs
-    budget = SMALL_DATA_BUDGET[method] if args.pretrain_budget == "recipe" else args.pretrain_budget
+    # MoCo v3 has no --recipe small yet: MoCo's budget
+    recipe_budget = SMALL_DATA_BUDGET.get(method, SMALL_DATA_BUDGET["moco"])
+    budget = recipe_budget if args.pretrain_budget == "recipe" else args.pretrain_budget
     return epochs_for_budget(pool, budget)
 
 
@@ -113,7 +117,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--supervised", default=True, action=argparse.BooleanOptionalAction,
                    help="also train the network from scratch on the labels (the supervised row)")
     p.add_argument("--quick", action="store_true", help="small budget for 2 CPU cores (see PRESETS)")
-    p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=("moco", "simclr", "inpaint"))
+    p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=("moco", "moco_v3", "simclr", "inpaint"))
+    p.add_argument("--init", default=None, metavar="imagenet|PATH",
+                   help="every pretraining run starts from these weights (the scripts' --init): continued "
+                        "pretraining, to compare with the same budget from scratch (without it)")
     p.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.1, 0.01],
                    help="label fractions for the probes and the supervised baseline")
     p.add_argument("-a", "--arch", default="resnet18")
@@ -235,16 +242,21 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str, ep
     # --save-freq past the end: only the last epoch's file (one per epoch fills a disk on long runs)
     argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(epochs),
                                        "--output-dir", out, "-p", "20", "--save-freq", "1000000"]
+    argv += ["--init", args.init] if args.init else []
     # (evaluate() sets args.moco_k per pool on a copy of args)
     if args.dataset == "inspection":  # the README's command: the recipe chooses, nothing else given
-        if method == "inpaint":
-            raise UserError("--dataset inspection benchmarks the contrastive recipes; drop inpaint from --methods")
+        if method in ("inpaint", "moco_v3"):
+            raise UserError(f"--dataset inspection benchmarks the --recipe small runs, which {method} has not; "
+                            f"drop {method} from --methods")
         argv = common_flags(args, root) + ["--epochs", str(epochs), "--output-dir", out, "-p", "20",
                                            "--save-freq", "1000000", "--recipe", "small"]
         return argv + args.pretrain_flags.split()
     if method == "inpaint":  # the tutorial's Adam lr 1e-3 and BCE; 4 patches of 8 px on 32 px images (a quarter)
         return argv + ["--lr", "1e-3", "--patches", "4", "--patch-size", "8"]
     argv += ["--crop-min", str(args.crop_min)]
+    if method == "moco_v3":  # AdamW for both families at small batches (LARS needs a far larger lr there); untuned
+        return argv + ["--optimizer", "adamw", "--lr", "0.02", "--wd", "0.01", "--moco-t", "0.2",
+                       "--warmup-epochs", str(min(10.0, epochs / 10)), "--moco-mlp-dim", "1024"]
     if method == "moco":
         return argv + ["--recipe", "small", "--moco-t", str(args.moco_t), "--moco-k", str(args.moco_k),
                        "--bn-splits", "8" if args.batch_size >= 256 else "2"]
@@ -326,6 +338,7 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     import main_inpaint
     import main_lincls
     import main_moco
+    import main_moco_v3
     import main_simclr
 
     args = argparse.Namespace(**vars(args))
@@ -358,7 +371,7 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     runs: Dict[str, Dict] = {}
     seconds: Dict[str, float] = {}
     backbones = {}
-    scripts = {"moco": main_moco, "simclr": main_simclr, "inpaint": main_inpaint}
+    scripts = {"moco": main_moco, "moco_v3": main_moco_v3, "simclr": main_simclr, "inpaint": main_inpaint}
     for method in args.methods:
         out = os.path.join(args.output_dir, method)
         backbones[method] = os.path.join(out, "checkpoint_last.pth.tar")
@@ -471,7 +484,8 @@ def main(argv=None) -> Dict:
         title = (f"{args.dataset} test top-1 (%), pretrained on {pool} images ("
                  + ", ".join(f"{m} {e} epochs" for m, e in rec["epochs"].items()) + ", MoCo K "
                  f"{rec['moco_k']}; {minutes} min per run), probed on {rec['train']} train / {rec['test']} test "
-                 f"images, {args.arch}, {'quick' if args.quick else 'full'} budget, {len(args.seeds)} seed(s)")
+                 f"images, {args.arch}, {'quick' if args.quick else 'full'} budget, {len(args.seeds)} seed(s)"
+                 + (f", --init {args.init}" if args.init else ", from scratch"))
         tables.append(f"{title}\n{table}")
         suffix = "" if len(by_pool) == 1 else f"_pool{pool}"
         for f in fr:

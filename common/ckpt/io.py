@@ -16,8 +16,8 @@ import torch.nn as nn
 from common.ckpt.atomic import atomic_path
 from common.errors import UserError
 
-METHODS = ("moco", "simclr", "inpaint", "lincls")
-SCRIPTS = {"moco": "main_moco.py", "simclr": "main_simclr.py", "inpaint": "main_inpaint.py",
+METHODS = ("moco", "moco_v3", "simclr", "inpaint", "lincls")
+SCRIPTS = {"moco": "main_moco.py", "moco_v3": "main_moco_v3.py", "simclr": "main_simclr.py", "inpaint": "main_inpaint.py",
            "lincls": "main_lincls.py"}
 
 

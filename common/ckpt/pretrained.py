@@ -1,6 +1,6 @@
-"""Weights for evaluation: the one place that knows which keys hold the backbone in every
-supported checkpoint layout (ours, facebookresearch/moco, classifiers, torchvision), and
-`--pretrained PATH|imagenet|none`."""
+"""Weights for evaluation and --init: the one place that knows which keys hold the backbone
+in every supported checkpoint layout (ours, facebookresearch/moco and moco-v3, classifiers,
+torchvision), and `--pretrained PATH|imagenet|none`."""
 import argparse
 import os
 from typing import Any, Dict, Optional, Tuple
@@ -13,17 +13,30 @@ from common.ckpt.io import METHODS, load_checkpoint
 from common.ckpt.resume import check_arch
 from common.data.datasets import default_crop_size
 from common.errors import UserError
+from common.ckpt.vit_keys import is_timm_vit, timm_to_torchvision
 from common.nets.backbones import HEAD_ATTRS
 
 # prefixes under which pretraining checkpoints keep the backbone, most specific first
-BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "encoder.")
+# (MoCo v3, ours and facebookresearch/moco-v3: `base_encoder`; MoCo v1/v2: `encoder_q`)
+BACKBONE_PREFIXES = ("module.base_encoder.", "base_encoder.", "module.encoder_q.", "encoder_q.", "module.encoder.",
+                     "encoder.")
+# moco-v3's own names of the architectures torchvision also builds
+REFERENCE_ARCHS = {"vit_base": "vit_b_16", "vit_large": "vit_l_16", "vit_huge": "vit_h_14"}
+
+
+def checkpoint_arch(ckpt: Dict[str, Any]) -> Optional[str]:
+    """The checkpoint's architecture under our name (moco-v3's `vit_base` is vit_b_16)."""
+    arch = ckpt.get("arch")
+    return REFERENCE_ARCHS.get(arch, arch)
 
 
 def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
     """Backbone weights (head `fc.*` dropped, prefix stripped) from any supported layout:
-    MoCo (ours and facebookresearch/moco: `module.encoder_q.*`), SimCLR (`module.encoder.*`),
-    a classifier from main_lincls.py or torchvision (`module.*` or bare keys).
-    Returns (weights, layout name)."""
+    MoCo (ours and facebookresearch/moco: `module.encoder_q.*`), MoCo v3 (ours and
+    facebookresearch/moco-v3: `module.base_encoder.*`, the projector under `fc` for a ResNet
+    and for our ViTs, under `head` for theirs, whose timm keys are renamed to torchvision's),
+    SimCLR (`module.encoder.*`), a classifier from main_lincls.py or torchvision (`module.*`
+    or bare keys). Returns (weights, layout name)."""
     # torchvision's own ViT: its `encoder.*` is not SimCLR's
     for prefix in (BACKBONE_PREFIXES if "class_token" not in state_dict else ()):
         if any(k.startswith(prefix) for k in state_dict):
@@ -41,8 +54,11 @@ def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, tor
         else:
             raise UserError(f"unknown checkpoint layout (first keys: {keys[:4]}); expected keys starting with "
                             f"{', '.join(BACKBONE_PREFIXES)} or a plain ResNet (or `body.*`) state_dict")
+    heads = ("fc.", "head.") if "base_encoder" in prefix else ("fc.",)
     out = {k[len(prefix):]: v for k, v in state_dict.items()
-           if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")}
+           if k.startswith(prefix) and not k[len(prefix):].startswith(heads)}
+    if is_timm_vit(out):  # moco-v3's ViT: under our wrapped ViT's names (common.nets.backbones.Backbone)
+        out, layout = {"body." + k: v for k, v in timm_to_torchvision(out).items()}, layout + " (timm ViT)"
     return out, layout
 
 
@@ -88,7 +104,7 @@ def torchvision_weights_path(arch: str) -> str:
     try:
         weights = tvm.get_model_weights(arch).DEFAULT
     except (ValueError, KeyError, AttributeError):
-        raise UserError(f"torchvision has no ImageNet weights for {arch!r}; pass a checkpoint to --pretrained")
+        raise UserError(f"torchvision has no ImageNet weights for {arch!r}; pass a checkpoint file instead")
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
 
 
@@ -102,7 +118,8 @@ def follow_checkpoint(args: argparse.Namespace, default_arch: str = "resnet50") 
     saved_arch, saved_args = None, {}
     if args.pretrained not in (None, "none", "imagenet"):
         ckpt = load_checkpoint(args.pretrained)
-        saved_arch, saved_args = ckpt.get("arch"), ckpt.get("args") or {}
+        ckpt["arch"] = saved_arch = checkpoint_arch(ckpt)
+        saved_args = ckpt.get("args") or {}
         if args.arch:
             check_arch(ckpt, args.arch, args.pretrained)
         del ckpt
@@ -134,14 +151,21 @@ def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:
                             f"delete the file and fetch it again")
         check_finite(extract_backbone(state_dict)[0], path)
         return {"state_dict": state_dict, "arch": arch, "method": "torchvision"}
-    ckpt = load_checkpoint(pretrained)
+    return checked_checkpoint(load_checkpoint(pretrained), arch, pretrained)
+
+
+def checked_checkpoint(ckpt: Dict[str, Any], arch: str, path: str) -> Dict[str, Any]:
+    """A loaded checkpoint, refused in one sentence unless a pretraining run (ours, or a
+    reference one, which says no method) or main_lincls.py wrote it, it holds weights of
+    `arch` in a layout extract_backbone knows, and they are finite."""
     method = ckpt.get("method")
     if method is not None and method not in METHODS:
-        raise UserError(f"{pretrained!r} was written by an unknown method {method!r}, not by a pretraining run; "
+        raise UserError(f"{path!r} was written by an unknown method {method!r}, not by a pretraining run; "
                         f"pass a checkpoint from main_moco.py or main_simclr.py")
     if not isinstance(ckpt["state_dict"], dict) or not ckpt["state_dict"]:
-        raise UserError(f"{pretrained!r} holds no model weights; pass a checkpoint from main_moco.py or main_simclr.py")
-    check_arch(ckpt, arch, pretrained)
+        raise UserError(f"{path!r} holds no model weights; pass a checkpoint from main_moco.py or main_simclr.py")
+    ckpt["arch"] = checkpoint_arch(ckpt)
+    check_arch(ckpt, arch, path)
     # unknown layout or non-finite weights -> plain error now, before any data is read
-    check_finite(extract_backbone(ckpt["state_dict"])[0], pretrained)
+    check_finite(extract_backbone(ckpt["state_dict"])[0], path)
     return ckpt

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""MoCo v3 pretraining (Chen, Xie and He, 2021), for ViTs and ResNets.
+
+    python main_moco_v3.py --dataset synthetic -a resnet18 --epochs 5 -b 64 --lr 0.3
+    python main_moco_v3.py /data/imagenet -a resnet50 -b 4096 --epochs 100 --multiprocessing-distributed
+    python main_moco_v3.py /data/imagenet -a vit_b_16 -b 4096 --lr 1.5e-4 --wd 0.1 --epochs 300 --warmup-epochs 40 \\
+        --moco-t 0.2 --stop-grad-conv1 --multiprocessing-distributed
+
+Defaults are moco-v3's ResNet-50 recipe: LARS, lr 0.6 x batch/256, weight decay 1e-6,
+10 warmup epochs then cosine, T 1.0, momentum 0.99 rising to 1 by a cosine; ViTs get
+AdamW (pass moco-v3's ViT values as above). Checkpoints use moco-v3's keys
+(`module.base_encoder.*`, `module.momentum_encoder.*`, `module.predictor.*`).
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+
+from common.ckpt.init import init_backbone
+from common.cli import ArgumentParser, add_training_args
+from common.dist.launch import script_main, start_worker
+from common.dist.placement import place_model
+from common.errors import UserError
+from common.log.progress import log
+from common.nets.models import build_backbone
+from common.train.data import two_view_data
+from common.train.precision import Precision
+from common.train.run import PretrainRun, lr_schedule
+from common.train.setup import (add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
+                                learning_watch)
+from common.train.step import train_one_epoch
+from moco.augment import moco_v2
+from moco.guards import cosine_momentum, momentum_warning
+from mocov3.builder import MoCoV3
+from simclr.optim import LARS, scaled_lr, split_decay_groups
+
+OPTIMIZERS = ("lars", "adamw")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="MoCo v3 pretraining")
+    add_training_args(parser, lr=0.6, epochs=100, batch_size=4096, schedule=(), weight_decay=1e-6, name="moco_v3",
+                      helps={"lr": "base learning rate: the lr used is this x batch/256 (moco-v3: 0.6 for "
+                                   "ResNet-50 with LARS, 1.5e-4 for ViTs with AdamW)"})
+    parser.set_defaults(cos=True, warmup_epochs=10.0)  # moco-v3: linear warmup, then cosine
+    g = parser.add_argument_group("moco v3")
+    g.add_argument("--moco-dim", default=256, type=int, help="output width of projector and predictor")
+    g.add_argument("--moco-mlp-dim", default=4096, type=int, help="hidden width of projector and predictor")
+    g.add_argument("--moco-m", default=0.99, type=float, help="momentum of the momentum encoder (at the start "
+                                                               "with --moco-m-cos)")
+    g.add_argument("--moco-m-cos", default=True, action=argparse.BooleanOptionalAction,
+                   help="raise the momentum from --moco-m to 1 by a half cosine over the run, every step")
+    g.add_argument("--moco-t", default=1.0, type=float, help="softmax temperature (moco-v3: 1.0 ResNet, 0.2 ViT)")
+    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                   help="default: adamw for ViTs, lars for other families (BN and biases excluded from weight "
+                        "decay and trust ratio)")
+    g.add_argument("--stop-grad-conv1", action="store_true",
+                   help="ViT: keep the patch projection at its random init (moco-v3's fix for training instability)")
+    add_view_args(parser)
+    add_pretrain_args(parser)
+    return parser
+
+
+def is_vit(arch: str) -> bool:
+    return arch.startswith("vit_")
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill derived defaults and reject impossible combinations before any worker starts."""
+    args.optimizer = args.optimizer or ("adamw" if is_vit(args.arch) else "lars")
+    finalize_pretrain_args(args, "moco_v3", model_flags=("--moco-dim", "--moco-mlp-dim", "--optimizer",
+                                                          "--stop-grad-conv1"))
+    finalize_view_args(args)
+    if args.crop_min is None:
+        args.crop_min = 0.08  # moco-v3's (BYOL's) crop scale
+    if args.batch_size < 2:
+        raise UserError(f"--batch-size {args.batch_size} leaves MoCo v3 no negatives (they are the other keys of "
+                        f"the batch); use --batch-size 2 or more (moco-v3 uses 4096)")
+    if args.moco_t <= 0:
+        raise UserError(f"--moco-t {args.moco_t} must be positive; moco-v3 uses 1.0 for ResNets, 0.2 for ViTs")
+    if args.stop_grad_conv1 and not is_vit(args.arch):
+        raise UserError(f"--stop-grad-conv1 freezes a ViT's patch projection, which -a {args.arch} has not; drop it")
+    return args
+
+
+def main_worker(local_rank, args: argparse.Namespace) -> None:
+    env, batch_size, workers = start_worker(local_rank, args, preemptible=True)
+
+    # ---- data: two views of every image, labels unused. MoCo v2's aug-plus for both views
+    # (moco-v3 uses BYOL's asymmetric pair: blur 1.0 / 0.1 and solarize on the second)
+    aug = moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength, crop_min=args.crop_min,
+                  gray_images=args.gray_images, crop_max=args.crop_max)
+    data = two_view_data(args, env, aug, batch_size, workers)
+    warning = momentum_warning(args.moco_m, args.epochs * data.iters_per_epoch, args.moco_m_cos)
+    if warning:
+        log(f"warning: {warning}")
+
+    # ---- model: base encoder + projector + predictor, momentum encoder + projector
+    model = MoCoV3(lambda: build_backbone(args.arch, small_images=args.small_images, crop_size=args.crop_size),
+                   args.moco_dim, args.moco_mlp_dim, args.moco_t, args.moco_m, args.stop_grad_conv1)
+    init_backbone(args, model.base_encoder, model.momentum_encoder)  # --init: both encoders start from it
+    if env.distributed and env.device.type == "cuda":
+        # as moco-v3: BN statistics over the global batch, so they cannot tell a positive pair apart
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = place_model(model, env, args, networks=model.networks())
+    moco = model.module if env.distributed else model
+
+    lr = scaled_lr(args.lr, args.batch_size, "linear")
+    if args.optimizer == "lars":
+        optimizer = LARS(split_decay_groups(model), lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr,
+                                      weight_decay=args.weight_decay)
+    scaler = Precision.from_args(args).scaler(env.device)
+    log(f"=> {args.optimizer} lr {lr:.4g} (--lr {args.lr} x batch {args.batch_size}/256), T {args.moco_t}")
+
+    # ---- resume (--resume PATH|auto), then the run's metrics log, kNN monitor and checkpoints
+    # the positive among the global batch's keys
+    run = PretrainRun(model, optimizer, scaler, args, env, "moco_v3", data, lr_schedule(args, lr),
+                      learning=learning_watch(args, args.batch_size, 0.08, "--moco-t", args.moco_t))
+
+    def momentum(progress: float) -> None:  # per step, as moco-v3
+        moco.m = cosine_momentum(args.moco_m, progress, args.epochs) if args.moco_m_cos else args.moco_m
+
+    run.check_views(aug)  # do two views of an image still look alike? (a few seconds)
+    run.knn_before_training(moco.base_encoder)  # --knn-every: the untrained network's kNN, to compare with
+
+    # ---- epochs: train (the step loop: common/train/step.py), then kNN monitor, metrics line, checkpoint
+    for epoch in range(run.start_epoch, args.epochs):
+        result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run, per_step=momentum)
+        if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
+            raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
+        run.end_epoch(epoch, result, backbone=moco.base_encoder)
+
+
+main = script_main(get_args_parser, finalize_args, main_worker)
+
+
+if __name__ == "__main__":
+    main()
