@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.hub import HASH_REGEX
 
 from common.augment.transforms import IMAGENET_MEAN, IMAGENET_STD
+from common.ckpt.pretrained import checkpoint_arch
 from common.errors import UserError
 
 
@@ -16,7 +17,7 @@ def describe(ckpt: Dict, path: str, arch: Optional[str] = None, small_images: Op
              crop_size: Optional[int] = None) -> Dict:
     """Architecture, stem and input size: from the arguments, else the checkpoint's own args."""
     saved = ckpt.get("args", {}) if isinstance(ckpt.get("args"), dict) else {}
-    arch = arch or ckpt.get("arch")
+    arch = arch or checkpoint_arch(ckpt)  # moco-v3 writes vit_base for torchvision's vit_b_16
     if arch is None:
         raise UserError(f"{path!r} does not say its architecture; pass -a/--arch (e.g. -a resnet50)")
     crop = crop_size or saved.get("crop_size") or 224

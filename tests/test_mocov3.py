@@ -247,6 +247,7 @@ LEARN = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "--epochs", "2", "--
 KNN_IMAGES = 1024
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_moco_v3_beats_the_untrained_network_under_the_same_knn(tmp_path):
     """16 steps of MoCo v3 (ResNet-18, ImageNet stem, 32 px synthetic images, LARS lr 40 x 64/256:
