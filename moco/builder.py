@@ -13,6 +13,17 @@ import torch.nn.functional as F
 from common.dist.collectives import concat_all_gather, get_world_size
 
 
+@torch.no_grad()
+def momentum_update(target: nn.Module, source: nn.Module, m: float) -> None:
+    """theta_target <- m * theta_target + (1 - m) * theta_source, parameters only (each encoder
+    keeps its own BatchNorm statistics, as in the reference); MoCo v3 uses it too."""
+    params_s = [p.data for p in source.parameters()]
+    params_t = [p.data for p in target.parameters()]
+    # multi-tensor kernels: a few launches instead of two per parameter, same arithmetic
+    torch._foreach_mul_(params_t, m)
+    torch._foreach_add_(params_t, params_s, alpha=1.0 - m)
+
+
 class MoCo(nn.Module):
     def __init__(self, base_encoder: Callable[..., nn.Module], dim: int = 128, K: int = 65536,
                  m: float = 0.999, T: float = 0.07, mlp: bool = False, symmetric: bool = False):
@@ -42,11 +53,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def momentum_update_key_encoder(self) -> None:
         """theta_k <- m * theta_k + (1 - m) * theta_q"""
-        params_q = [p.data for p in self.encoder_q.parameters()]
-        params_k = [p.data for p in self.encoder_k.parameters()]
-        # multi-tensor kernels: a few launches instead of two per parameter, same arithmetic
-        torch._foreach_mul_(params_k, self.m)
-        torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
+        momentum_update(self.encoder_k, self.encoder_q, self.m)
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:

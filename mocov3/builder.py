@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from common.dist.collectives import concat_all_gather, get_rank
 from common.nets.backbones import family
 from common.nets.models import feature_dim
+from moco.builder import momentum_update
 
 
 def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
@@ -87,10 +88,7 @@ class MoCoV3(nn.Module):
     @torch.no_grad()
     def update_momentum_encoder(self) -> None:
         """theta_m <- m * theta_m + (1 - m) * theta_b (buffers are each encoder's own)"""
-        params_b = [p.data for p in self.base_encoder.parameters()]
-        params_m = [p.data for p in self.momentum_encoder.parameters()]
-        torch._foreach_mul_(params_m, self.m)
-        torch._foreach_add_(params_m, params_b, alpha=1.0 - self.m)
+        momentum_update(self.momentum_encoder, self.base_encoder, self.m)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Returns ctr(q1, k2) + ctr(q2, k1) and {"acc1": mean of both directions' accuracy}."""
