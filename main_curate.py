@@ -32,11 +32,11 @@ from common.eval.setup import ARCH_HELP, add_pretrained_arg, pretrained_backbone
 from common.extras import require
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
-from curate.duplicates import file_hash, find_duplicates, redundant_rows
+from curate.duplicates import RULES, file_hash, find_duplicates, redundant_rows
 from curate.embed import embed_split
 from curate.items import join_splits
-from curate.labels import METHODS, knn_probs, label_issues, probe_probs
-from curate.outliers import outlier_scores
+from curate.labels import METHODS, RULES as LABEL_RULES, knn_probs, label_issues, probe_probs
+from curate.outliers import SCORES, outlier_scores
 from curate.report import write_csv, write_html
 from curate.search import INDEXES, self_neighbours
 from curate.sections import (duplicates_section, label_errors_section, outliers_section, selection_section,
@@ -44,7 +44,9 @@ from curate.sections import (duplicates_section, label_errors_section, outliers_
 from curate.select import k_center_greedy, typical_candidates
 
 FINDINGS = ("duplicates", "outliers", "labels")
-# cosine of centred features above which two images are near-duplicates (docs/curate.md: bench/curate.py)
+# near-duplicates (docs/curate.md: bench/curate.py): cosine distance at most DUP_RATIO x the two images'
+# smaller distance to their --dup-k-th neighbour; DUP_THRESHOLD: the absolute cosine of --dup-rule cosine
+DUP_RATIO = 0.25
 DUP_THRESHOLD = 0.95
 
 
@@ -72,14 +74,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--select-typical", default=0.5, type=float, metavar="FRACTION",
                    help="--select picks among this fraction of the pool nearest to their --outlier-k-th neighbour "
                         "(1: the whole pool, plain k-center greedy)")
+    g.add_argument("--dup-rule", default="relative", choices=RULES,
+                   help="near-duplicates: relative (cosine distance at most --dup-ratio x the smaller of the two "
+                        "images' distances to their --dup-k-th neighbour) or cosine (at least --dup-threshold)")
+    g.add_argument("--dup-ratio", default=DUP_RATIO, type=float,
+                   help="--dup-rule relative: a pair's distance over its images' --dup-k-th-neighbour distance")
     g.add_argument("--dup-threshold", default=DUP_THRESHOLD, type=float,
-                   help="cosine (centred features) at or above which two images are near-duplicates")
-    g.add_argument("--dup-k", default=10, type=int, help="neighbours searched per image for near-duplicates")
-    g.add_argument("--outlier-k", default=10, type=int, help="outlier score: 1 - cosine to the k-th neighbour")
+                   help="--dup-rule cosine: cosine (centred features) at or above which two images are near-duplicates")
+    g.add_argument("--dup-k", default=10, type=int,
+                   help="neighbours searched per image for near-duplicates (and --dup-rule relative's scale)")
+    g.add_argument("--outlier-score", default="relative", choices=SCORES,
+                   help="relative: the distance to the --outlier-k-th neighbour over its --outlier-k neighbours' "
+                        "median of it (LOF-style: against the local density); kth: the distance itself")
+    g.add_argument("--outlier-k", default=20, type=int,
+                   help="outlier neighbourhood: 1 - cosine to the k-th neighbour (relative: k over twice the size "
+                        "of a group of look-alike outliers still finds them)")
     g.add_argument("--outlier-per-class", action="store_true", help="neighbours of the same class only")
-    g.add_argument("--label-method", default="probe", choices=METHODS,
+    g.add_argument("--label-method", default="both", choices=METHODS,
                    help="out-of-fold probabilities for label errors: a linear probe over --probe-folds folds, or "
-                        "a leave-one-out kNN vote")
+                        "a leave-one-out kNN vote (--label-k), or the mean of both")
+    g.add_argument("--label-rule", default="prune", choices=LABEL_RULES,
+                   help="Confident Learning's rule: prune (by noise rate: per class pair the number the confident "
+                        "joint estimates, largest margin first; cleanlab's default) or confident (every image "
+                        "confidently of another class)")
     g.add_argument("--label-k", default=20, type=int,
                    help="neighbours that vote for label suggestions (and --label-method knn)")
     g.add_argument("--probe-folds", default=5, type=int, help="folds of the out-of-fold probe")
@@ -112,6 +129,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                                ("--chunk-size", args.chunk_size, 1), ("--shard-size", args.shard_size, 1)):
         if value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
+    if not 0.0 < args.dup_ratio < 1.0:
+        raise UserError(f"--dup-ratio is a distance ratio in (0, 1), got {args.dup_ratio}; e.g. {DUP_RATIO}")
     if not -1.0 <= args.dup_threshold <= 1.0:
         raise UserError(f"--dup-threshold is a cosine in [-1, 1], got {args.dup_threshold}; e.g. {DUP_THRESHOLD}")
     if not 0.0 < args.select_typical <= 1.0:
@@ -171,18 +190,22 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     # ---- 1. duplicates: same bytes, or cosine >= --dup-threshold among the --dup-k nearest
     if "duplicates" in args.findings:
         sim, idx = neighbours[0][:, :args.dup_k + 1], neighbours[1][:, :args.dup_k + 1]
-        pairs = find_duplicates(sim, idx, [file_hash(p) for p in items.paths], items.splits, args.dup_threshold)
-        sections.append(duplicates_section(items, pairs, args.dup_threshold, out))
-        settings["near-duplicate threshold (cosine)"] = args.dup_threshold
+        pairs = find_duplicates(sim, idx, [file_hash(p) for p in items.paths], items.splits, args.dup_threshold,
+                                args.dup_rule, args.dup_ratio, args.dup_k)
+        rule = (f"distance <= {args.dup_ratio} x the {args.dup_k}-th neighbour's" if args.dup_rule == "relative"
+                else f"cosine >= {args.dup_threshold}")
+        sections.append(duplicates_section(items, pairs, rule, out))
+        settings["near-duplicates"] = rule
         if "duplicates" in args.clean_drop:
             drop.update(redundant_rows(pairs, items.splits))
 
     # ---- 2. outliers: far from their k-th neighbour
     if "outliers" in args.findings:
         scores = outlier_scores(items.feats, args.outlier_k, items.labels if args.outlier_per_class else None,
-                                args.index, args.chunk_size, neighbours[0])
-        sections.append(outliers_section(items, scores, args.outlier_k, args.outlier_per_class, out))
-        settings["outlier k"] = args.outlier_k
+                                args.index, args.chunk_size, neighbours, args.outlier_score)
+        sections.append(outliers_section(items, scores, args.outlier_k, args.outlier_per_class, args.outlier_score,
+                                         out))
+        settings["outliers"] = f"{args.outlier_score} score, k = {args.outlier_k}"
         if "outliers" in args.clean_drop:
             drop.update(torch.argsort(scores, descending=True)[:int(args.clean_outliers * len(items))].tolist())
 
@@ -191,12 +214,14 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     unl_rows = (items.labels < 0).nonzero().squeeze(1)
     if "labels" in args.findings and len(classes) > 1 and len(lab_rows) > 1:
         lab_f, lab_l = items.feats[lab_rows.to(items.feats.device)], items.labels[lab_rows]
-        probs = (probe_probs(lab_f, lab_l, len(classes), args.probe_folds, args.seed, args.probe_steps)
-                 if args.label_method == "probe" else
-                 knn_probs(lab_f, lab_l, lab_f, len(classes), args.label_k, leave_out_self=True))
-        suspected, suggested, self_conf = label_issues(probs, lab_l)
+        probs = [probe_probs(lab_f, lab_l, len(classes), args.probe_folds, args.seed, args.probe_steps)
+                 for _ in range(args.label_method != "knn")]
+        probs += [knn_probs(lab_f, lab_l, lab_f, len(classes), args.label_k, leave_out_self=True)
+                  for _ in range(args.label_method != "probe")]
+        suspected, suggested, self_conf = label_issues(sum(probs) / len(probs), lab_l, args.label_rule)
         sections.append(label_errors_section(items, lab_rows, suspected, suggested, self_conf, args.label_method, out))
-        settings["label errors"] = f"{args.label_method} out-of-fold probabilities, confident-learning thresholds"
+        settings["label errors"] = (f"{args.label_method} out-of-fold probabilities, confident learning "
+                                    f"({args.label_rule})")
         if "labels" in args.clean_drop:
             drop.update(lab_rows[suspected].tolist())
         if len(unl_rows):

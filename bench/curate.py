@@ -27,8 +27,11 @@ import main_curate  # noqa: E402
 from bench.util import format_table, save_record  # noqa: E402
 from common.data.images import image_folder  # noqa: E402
 from common.extras import available  # noqa: E402
+from curate.duplicates import file_hash, find_duplicates  # noqa: E402
 from curate.items import centre  # noqa: E402
-from curate.labels import probe_probs  # noqa: E402
+from curate.labels import knn_probs, label_issues, probe_probs  # noqa: E402
+from curate.outliers import outlier_scores  # noqa: E402
+from curate.search import self_neighbours  # noqa: E402
 from curate.select import k_center_greedy, typical_candidates  # noqa: E402
 
 Truth = Dict[str, Set]
@@ -131,8 +134,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-n", default=[20, 100, 500], type=int, nargs="+")
     p.add_argument("--select-seeds", default=3, type=int)
     p.add_argument("--probe-steps", default=2000, type=int)
-    p.add_argument("--thresholds", default=[0.8, 0.85, 0.9, 0.95, 0.98], type=float, nargs="+",
-                   help="near-duplicate cosines scored (the run lists pairs from the lowest)")
+    p.add_argument("--ratios", default=[0.15, 0.2, 0.25, 0.3, 0.4], type=float, nargs="+",
+                   help="--dup-ratio values scored (the run lists pairs up to the largest)")
+    p.add_argument("--thresholds", default=[0.9, 0.95, 0.98], type=float, nargs="+",
+                   help="near-duplicate cosines of --dup-rule cosine scored on the same features (the former rule)")
     p.add_argument("--write-only", action="store_true", help="write the planted folder and stop")
     p.add_argument("--json", default="bench/results/curate.json")
     return p
@@ -158,7 +163,7 @@ def features(out: str) -> Tuple[torch.Tensor, List[str]]:
     return centre(torch.cat(feats)), paths
 
 
-def score_ours(out: str, truth: Truth, thresholds: List[float], train_paths: Set[str]) -> Dict[str, Tuple]:
+def score_ours(out: str, truth: Truth, ratios: List[float], train_paths: Set[str]) -> Dict[str, Tuple]:
     pairs = read_rows(os.path.join(out, "duplicates.csv"))
     res = {}
     res["exact"] = pr({frozenset((r["path_a"], r["path_b"])) for r in pairs if r["kind"] == "exact"
@@ -166,13 +171,30 @@ def score_ours(out: str, truth: Truth, thresholds: List[float], train_paths: Set
     # the planted leaks are byte copies: scored, like the peers', on the exact cross-split pairs
     res["leak"] = pr({frozenset((r["path_a"], r["path_b"])) for r in pairs if r["cross_split"] == "1"
                       and r["kind"] == "exact"}, truth["leak"])
-    for t in thresholds:
+    for t in ratios:
         res[f"near@{t}"] = pr({frozenset((r["path_a"], r["path_b"])) for r in pairs if r["kind"] == "near"
-                               and r["cross_split"] == "0" and float(r["similarity"]) >= t}, truth["near"])
+                               and r["cross_split"] == "0" and float(r["relative"]) <= t}, truth["near"])
     ranked = [r["path"] for r in read_rows(os.path.join(out, "outliers.csv"))]
     res["foreign"] = pr(set(ranked[:len(truth["foreign"])]), truth["foreign"])
     res["flipped"] = pr({r["path"] for r in read_rows(os.path.join(out, "label_errors.csv"))} & train_paths,
                         truth["flipped"])
+    return res
+
+
+def score_former_rules(feats: torch.Tensor, paths: List[str], truth: Truth, thresholds: List[float]
+                       ) -> Dict[str, Tuple]:
+    """The rules main_curate.py had before, on the same features: near-duplicates at an
+    absolute cosine and outliers by the plain 10th-neighbour distance (the former label
+    rule, "confident" on the probe's probabilities, is scored in main with the others)."""
+    splits = ["val" if "/val/" in p else "train" for p in paths]
+    hashes = [file_hash(p) for p in paths]
+    sim, idx = self_neighbours(feats, 10)
+    res = {}
+    for t in thresholds:
+        res[f"near cosine@{t}"] = pr({frozenset((paths[p.a], paths[p.b])) for p in find_duplicates(
+            sim, idx, hashes, splits, t) if not p.exact and not p.cross_split}, truth["near"])
+    ranked = torch.argsort(outlier_scores(feats, 10, neighbours=(sim, idx), score="kth"), descending=True)
+    res["foreign kth@10"] = pr({paths[i] for i in ranked[:len(truth["foreign"])].tolist()}, truth["foreign"])
     return res
 
 
@@ -235,6 +257,7 @@ def selection(feats: torch.Tensor, paths: List[str], true_label: Dict[str, str],
     val = torch.tensor([i for i, p in enumerate(paths) if "/val/" in p])
     yval = torch.tensor([classes.index(os.path.basename(os.path.dirname(paths[i]))) for i in val.tolist()])
     x = feats.float()
+    outlier_k = main_curate.get_args_parser().get_default("outlier_k")  # the neighbourhood --select-typical uses
     out = {}
     for n in args.select_n:
         for seed in range(args.select_seeds):
@@ -242,7 +265,7 @@ def selection(feats: torch.Tensor, paths: List[str], true_label: Dict[str, str],
             chosen = {}
             for name, fraction in (("k-center", 1.0), ("k-center typical", main_curate.get_args_parser()
                                                        .get_default("select_typical"))):
-                picks, _ = k_center_greedy(feats, typical_candidates(feats, pool, fraction, n, 10), torch.zeros(
+                picks, _ = k_center_greedy(feats, typical_candidates(feats, pool, fraction, n, outlier_k), torch.zeros(
                     0, dtype=torch.long), n, seed)
                 chosen[name] = torch.tensor([pos[r] for r in picks])
             chosen["random"] = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
@@ -271,7 +294,7 @@ def main(argv=None) -> None:
     for name in args.pretrained:
         out = os.path.join(args.root, "run_" + (os.path.basename(os.path.dirname(name)) or name))
         argv = [root, "--pretrained", name, "--crop-size", "32", "-j", "0", "--output-dir", out, "-p", "1000",
-                "--dup-threshold", str(min(args.thresholds)), "--probe-steps", str(args.probe_steps)]
+                "--dup-ratio", str(max(args.ratios)), "--probe-steps", str(args.probe_steps)]
         if name in ("none", "imagenet"):
             argv += ["-a", "resnet18", "--no-small-images"]  # the network of the checkpoints compared
         t = time.time()
@@ -282,36 +305,52 @@ def main(argv=None) -> None:
             continue
         label = {"none": "ours, random init", "imagenet": "ours, ImageNet resnet18"}.get(
             name, f"ours, checkpoint {os.path.basename(os.path.dirname(os.path.abspath(name)))}")
-        results[label] = score_ours(out, truth, args.thresholds, train_paths)
+        results[label] = score_ours(out, truth, args.ratios, train_paths)
         results[label]["seconds"] = time.time() - t
         feats, paths = features(out)
+        results[label].update(score_former_rules(feats, paths, truth, args.thresholds))
         results[label]["select"] = selection(feats, paths, true_label, args)
+        # the probabilities main_curate.py's defaults used (same seed, same rows: train then val)
+        classes = sorted(os.listdir(os.path.join(root, "val")))
+        y = torch.tensor([classes.index(os.path.basename(os.path.dirname(p))) for p in paths])
+        probe = probe_probs(feats, y, 10, 5, 0, args.probe_steps)
+        knn = knn_probs(feats, y, feats, 10, main_curate.get_args_parser().get_default("label_k"), leave_out_self=True)
+        probs = {"probe": probe, "knn": knn, "both": (probe + knn) / 2}
+        flagged = lambda mask: pr({p for p, m in zip(paths, mask.tolist()) if m and p in train_paths},  # noqa: E731
+                                  truth["flipped"])
+        for how, pp in probs.items():
+            for rule in ("prune", "confident"):
+                results[label][f"flipped {how} {rule}"] = flagged(label_issues(pp, y, rule)[0])
         if name not in ("none", "imagenet") or probs_for_cleanlab is None:
-            classes = sorted(os.listdir(os.path.join(root, "val")))
-            y = torch.tensor([classes.index(os.path.basename(os.path.dirname(p))) for p in paths])
-            probs_for_cleanlab = (label, paths, y, probe_probs(feats, y, 10, 5, 0, args.probe_steps))
+            probs_for_cleanlab = (label, paths, y, probs)
     peers = score_peers(root, truth, files)
     if available("cleanlab") and probs_for_cleanlab is not None:
         from cleanlab.filter import find_label_issues
         label, paths, y, probs = probs_for_cleanlab
-        mask = find_label_issues(y.numpy(), probs.numpy())
-        peers[f"cleanlab find_label_issues ({label} probs)"] = {
-            "flipped": pr({p for p, m in zip(paths, mask) if m and p in train_paths}, truth["flipped"])}
+        for how in ("probe", main_curate.get_args_parser().get_default("label_method")):
+            mask = find_label_issues(y.numpy(), probs[how].numpy())
+            peers[f"cleanlab find_label_issues ({label}, {how} probs)"] = {
+                "flipped": pr({p for p, m in zip(paths, mask) if m and p in train_paths}, truth["flipped"])}
     rows = []
-    t_default = main_curate.DUP_THRESHOLD
+    t_default = main_curate.DUP_RATIO
     for name, r in {**results, **peers}.items():
         near = r.get(f"near@{t_default}", r.get("near"))
         rows.append([name, fmt(r.get("exact")), fmt(near), fmt(r.get("leak")), fmt(r.get("foreign")),
                      fmt(r.get("flipped"))])
     table = format_table(["method", "exact dup P/R", "near dup P/R", "train/val leak P/R", "foreign (top-K) P/R",
                           "flipped labels P/R"], rows)
-    sweep = format_table(["embedding"] + [f"near P/R @ cos {t}" for t in args.thresholds],
-                         [[n] + [fmt(r[f"near@{t}"]) for t in args.thresholds] for n, r in results.items()])
+    sweep = format_table(["embedding"] + [f"near P/R @ ratio {t}" for t in args.ratios]
+                         + [f"@ cos {t}" for t in args.thresholds],
+                         [[n] + [fmt(r[f"near@{t}"]) for t in args.ratios]
+                          + [fmt(r[f"near cosine@{t}"]) for t in args.thresholds] for n, r in results.items()])
+    rules = [f"flipped {how} {rule}" for how in ("probe", "knn", "both") for rule in ("prune", "confident")]
+    former = format_table(["embedding", "foreign kth@10 (former)"] + rules,
+                          [[n, fmt(r["foreign kth@10"])] + [fmt(r[k]) for k in rules] for n, r in results.items()])
     ways = ("k-center typical", "k-center", "random")
     sel = format_table(["embedding"] + [f"{m} N={n}" for n in args.select_n for m in ways],
                        [[n] + [f"{np.mean(r['select'][f'{m}@{k}']):.1f} ± {np.std(r['select'][f'{m}@{k}']):.1f}"
                                for k in args.select_n for m in ways] for n, r in results.items()])
-    text = "\n\n".join([table, sweep, sel, f"total {time.time() - t0:.0f} s"])
+    text = "\n\n".join([table, sweep, former, sel, f"total {time.time() - t0:.0f} s"])
     print(text)
     save_record(args, "curate", torch.device("cpu"), {"ours": results, "peers": peers}, text,
                 truth={k: len(v) for k, v in truth.items()})

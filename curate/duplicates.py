@@ -1,10 +1,16 @@
-"""Duplicates: exact copies by a hash of the file's bytes, near-duplicates as pairs of
-images whose cosine similarity is above a threshold (from the nearest-neighbour search,
-so never an N x N matrix), joined into groups; pairs across splits (train/val leakage)
-first."""
+"""Duplicates: exact copies by a hash of the file's bytes, near-duplicates from the
+nearest-neighbour search (never an N x N matrix), joined into groups; pairs across splits
+(train/val leakage) first.
+
+A near-duplicate is judged against the two images' neighbourhoods (rule "relative"): the
+pair's cosine distance divided by the smaller of the two images' distances to their k-th
+neighbour must be at most a ratio. One absolute cosine cannot serve a whole embedding:
+where images are dense (plain T-shirts) different images are closer than a re-encoded copy
+is where they are sparse (patterned bags), while a copy is much nearer than its image's
+ordinary neighbours in both. Rule "cosine" keeps the absolute threshold."""
 import hashlib
 import os
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -13,6 +19,7 @@ class Pair(NamedTuple):
     a: int
     b: int
     similarity: float
+    relative: float  # cosine distance over the smaller k-th-neighbour distance of a and b
     exact: bool
     cross_split: bool
     group: int
@@ -55,24 +62,50 @@ def _components(n: int, edges: Sequence[tuple]) -> List[int]:
     return [root(i) for i in range(n)]
 
 
+RULES = ("relative", "cosine")
+
+
+def kth_distance(sim: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """1 - cosine to each row's k-th nearest other row (`sim`/`idx` from self_neighbours,
+    at least k + 1 columns): the scale of the row's neighbourhood."""
+    others = sim.float().masked_fill(idx == torch.arange(len(idx)).unsqueeze(1), float("-inf"))
+    kth = others.topk(min(k, others.shape[1] - 1), dim=1).values[:, -1]
+    return (1.0 - kth).clamp_min(0.0)
+
+
+def relative_distance(sim: torch.Tensor, idx: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cosine distance of every neighbour pair in `sim`/`idx`, that distance over the
+    smaller k-th-neighbour distance of its two rows); both like `sim`. A pair must be close
+    against both rows' neighbourhoods, so an image of a sparse region is not paired with
+    a dense region's image merely because its own neighbours are all far."""
+    dist = (1.0 - sim.float()).clamp_min(0.0)
+    scale = kth_distance(sim, idx, k)
+    return dist, dist / torch.minimum(scale.unsqueeze(1), scale[idx]).clamp_min(1e-6)
+
+
 def find_duplicates(sim: torch.Tensor, idx: torch.Tensor, hashes: Sequence[Optional[str]], splits: Sequence[str],
-                    threshold: float) -> List[Pair]:
-    """Pairs (a < b) of exact copies (same hash) or near-duplicates (cosine >= threshold
-    among each row's neighbours, `sim`/`idx` from self_neighbours), with the group
-    (connected component) they belong to. An exact group of m copies gives m - 1 pairs
-    (its first row with each other), not m^2. Order: cross-split pairs first, then
-    exact, then by similarity."""
+                    threshold: float, rule: str = "cosine", ratio: float = 0.0, k: int = 10) -> List[Pair]:
+    """Pairs (a < b) of exact copies (same hash) or near-duplicates among each row's
+    neighbours (`sim`/`idx` from self_neighbours, at least k + 1 columns), with the group
+    (connected component) they belong to: rule "cosine", cosine >= threshold; rule
+    "relative", cosine distance <= ratio x the smaller k-th-neighbour distance of the two
+    rows (see the module). An exact group of m copies gives m - 1 pairs (its first row with
+    each other), not m^2. Order: cross-split pairs first, then exact, then nearest."""
+    if rule not in RULES:
+        raise ValueError(f"rule {rule!r} is not one of {RULES}")
     n = len(hashes)
+    _, rel = relative_distance(sim, idx, k)
     exact = exact_groups(hashes)
     same = {}
     for rows in exact:
         for r in rows:
             same[r] = rows[0]
-    edges: Dict[tuple, float] = {}
+    edges: Dict[tuple, Tuple[float, float]] = {}
     for rows in exact:
         for r in rows[1:]:
-            edges[(rows[0], r)] = 1.0
-    rows_, cols = (sim >= threshold).nonzero(as_tuple=True)
+            edges[(rows[0], r)] = (1.0, 0.0)
+    near = sim >= threshold if rule == "cosine" else rel <= ratio
+    rows_, cols = near.nonzero(as_tuple=True)
     for r, c in zip(rows_.tolist(), cols.tolist()):
         j = int(idx[r, c])
         if j == r:
@@ -80,12 +113,14 @@ def find_duplicates(sim: torch.Tensor, idx: torch.Tensor, hashes: Sequence[Optio
         a, b = min(r, j), max(r, j)
         if a in same and same.get(b) == same[a]:
             continue  # already listed against the group's first copy
-        edges[(a, b)] = max(edges.get((a, b), -2.0), float(sim[r, c]))
+        old = edges.get((a, b), (-2.0, float("inf")))
+        edges[(a, b)] = (max(old[0], float(sim[r, c])), min(old[1], float(rel[r, c])))
     group_of = _components(n, list(edges))
     names = {g: k for k, g in enumerate(sorted({group_of[a] for a, _ in edges}))}
-    pairs = [Pair(a, b, s, same.get(a) is not None and same.get(a) == same.get(b), splits[a] != splits[b],
-                  names[group_of[a]]) for (a, b), s in edges.items()]
-    pairs.sort(key=lambda p: (not p.cross_split, not p.exact, -p.similarity, p.a, p.b))
+    pairs = [Pair(a, b, s, r, same.get(a) is not None and same.get(a) == same.get(b), splits[a] != splits[b],
+                  names[group_of[a]]) for (a, b), (s, r) in edges.items()]
+    pairs.sort(key=lambda p: (not p.cross_split, not p.exact, p.relative if rule == "relative" else -p.similarity,
+                              p.a, p.b))
     return pairs
 
 

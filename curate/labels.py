@@ -1,9 +1,14 @@
 """Labels from the embeddings: suggestions for unlabelled images (a kNN vote of the
 labelled ones, with its confidence) and suspected label errors among the labelled ones,
-found Confident-Learning style (Northcutt et al., 2021) from out-of-fold probabilities:
-an image is suspect when another class is confidently predicted for it, that is its
-probability is above that class's threshold (the mean probability the class gets from
-its own images) and above every other such class's."""
+found by Confident Learning (Northcutt et al., 2021) from out-of-fold probabilities. Each
+class c has a threshold, the mean probability of c over the images labelled c (its
+average self-confidence); an image is confidently of class j when p_j reaches j's
+threshold (the largest such j when several do). These counts form the confident joint
+C[given, confident class], scaled so each row sums to the class's size. Rule "prune"
+(prune by noise rate, cleanlab's default) then flags, for every given class i and other
+class j, the round(C[i, j]) images labelled i with the largest margin p_j - p_i, none whose
+most probable class is its given one; rule "confident" flags every image confidently of a
+class other than its given one (the joint's off-diagonal itself)."""
 from typing import Tuple
 
 import torch
@@ -11,7 +16,8 @@ import torch.nn.functional as F
 
 from common.eval.knn import knn_search, knn_vote
 
-METHODS = ("probe", "knn")
+METHODS = ("probe", "knn", "both")
+RULES = ("prune", "confident")
 
 
 def knn_probs(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, num_classes: int, k: int,
@@ -59,17 +65,34 @@ def probe_probs(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, fol
     return out
 
 
-def label_issues(probs: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def label_issues(probs: torch.Tensor, labels: torch.Tensor, rule: str = "prune"
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(suspected mask, suggested class, self-confidence p[given]) of labelled rows from
-    their out-of-fold `probs`: the confident joint's off-diagonal (see the module)."""
+    their out-of-fold `probs`, by Confident Learning's `rule` (see the module)."""
+    if rule not in RULES:
+        raise ValueError(f"rule {rule!r} is not one of {RULES}")
     num_classes = probs.shape[1]
     labels = labels.long()
     self_conf = probs.gather(1, labels.unsqueeze(1)).squeeze(1)
     thresholds = torch.stack([probs[labels == c, c].mean() if bool((labels == c).any()) else torch.tensor(1.0)
                               for c in range(num_classes)])
     confident = probs >= thresholds.unsqueeze(0)
-    masked = probs.masked_fill(~confident, -1.0)
-    best = masked.argmax(1)
-    suspected = confident.any(1) & (best != labels)
-    suggested = torch.where(confident.any(1), best, probs.argmax(1))
-    return suspected, suggested, self_conf
+    best = probs.masked_fill(~confident, -1.0).argmax(1)
+    has = confident.any(1)
+    suggested = torch.where(has, best, probs.argmax(1))
+    if rule == "confident":
+        return has & (best != labels), suggested, self_conf
+    joint = torch.zeros(num_classes, num_classes)
+    joint.index_put_((labels[has], best[has]), torch.ones(int(has.sum())), accumulate=True)
+    sizes = torch.bincount(labels, minlength=num_classes).float()
+    joint = joint / joint.sum(1, keepdim=True).clamp_min(1.0) * sizes.unsqueeze(1)  # rows sum to the class sizes
+    suspected = torch.zeros(len(labels), dtype=torch.bool)
+    for i in range(num_classes):
+        rows = (labels == i).nonzero().squeeze(1)
+        for j in range(num_classes):
+            n = int(round(float(joint[i, j])))
+            if j != i and n > 0:
+                margin = probs[rows, j] - probs[rows, i]
+                suspected[rows[torch.argsort(margin, descending=True, stable=True)[:n]]] = True
+    top = probs.argmax(1)
+    return suspected & (top != labels), torch.where(suspected, top, suggested), self_conf

@@ -17,13 +17,15 @@ def _thumb(items: Items, out: str, row: int) -> str:
     return thumbnail(items.image(row), os.path.join(out, "thumbnails"), row)
 
 
-def duplicates_section(items: Items, pairs: Sequence[Pair], threshold: float, out: str) -> Section:
-    rows = [[p.group, "exact" if p.exact else "near", int(p.cross_split), f"{p.similarity:.4f}", items.paths[p.a],
+def duplicates_section(items: Items, pairs: Sequence[Pair], rule: str, out: str) -> Section:
+    """`rule`: the near-duplicate rule in words."""
+    rows = [[p.group, "exact" if p.exact else "near", int(p.cross_split), f"{p.similarity:.4f}",
+             f"{p.relative:.4f}", items.paths[p.a],
              items.splits[p.a], items.class_of(items.labels[p.a]), items.paths[p.b], items.splits[p.b],
              items.class_of(items.labels[p.b])] for p in pairs]
     csv_path = write_csv(os.path.join(out, "duplicates.csv"),
-                         ["group", "kind", "cross_split", "similarity", "path_a", "split_a", "class_a", "path_b",
-                          "split_b", "class_b"], rows)
+                         ["group", "kind", "cross_split", "similarity", "relative", "path_a", "split_a", "class_a",
+                          "path_b", "split_b", "class_b"], rows)
     groups = groups_of(pairs)
     cross = sum(p.cross_split for p in pairs)
     exact = sum(p.exact for p in pairs)
@@ -31,7 +33,7 @@ def duplicates_section(items: Items, pairs: Sequence[Pair], threshold: float, ou
     grid_rows = [[(items.image(r), f"{items.splits[r]} {items.class_of(items.labels[r])}\n"
                                    f"{os.path.basename(items.paths[r])}") for r in groups[g][:8]] for g in shown]
     s = Section("Duplicates", f"{len(pairs)} pairs in {len(groups)} groups: {exact} exact (same bytes), "
-                f"{len(pairs) - exact} near (cosine >= {threshold}); {cross} pairs cross splits (leakage), listed "
+                f"{len(pairs) - exact} near ({rule}); {cross} pairs cross splits (leakage), listed "
                 f"first", [csv_path], header=["kind", "similarity", "image a", "image b"])
     s.grids = write_grids(grid_rows, os.path.join(out, "grids"), "duplicates") if grid_rows else []
     s.files += s.grids
@@ -41,7 +43,7 @@ def duplicates_section(items: Items, pairs: Sequence[Pair], threshold: float, ou
     return s
 
 
-def outliers_section(items: Items, scores: torch.Tensor, k: int, per_class: bool, out: str) -> Section:
+def outliers_section(items: Items, scores: torch.Tensor, k: int, per_class: bool, score: str, out: str) -> Section:
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     csv_path = write_csv(os.path.join(out, "outliers.csv"), ["rank", "score", "path", "split", "class"],
                          [[n, f"{float(scores[r]):.4f}", items.paths[r], items.splits[r],
@@ -50,7 +52,9 @@ def outliers_section(items: Items, scores: torch.Tensor, k: int, per_class: bool
              for n, r in enumerate(order[:SHOWN])]
     grid = captioned_grid([cells[s:s + 8] for s in range(0, len(cells), 8)], os.path.join(out, "grids", "outliers.png"))
     where = "of its class" if per_class else "image"
-    return Section("Outliers", f"every image ranked by 1 - cosine to its {k}-th nearest {where}; the first "
+    how = (f"1 - cosine to its {k}-th nearest {where}" if score == "kth" else
+           f"its distance to its {k}-th nearest {where} over that of its {k} nearest (LOF-style)")
+    return Section("Outliers", f"every image ranked by {how}; the first "
                    f"{len(cells)} shown", [csv_path, grid], [grid], ["rank", "score", "image"],
                    [[("", str(n)), ("", f"{float(scores[r]):.3f}"), (_thumb(items, out, r), items.paths[r])]
                     for n, r in enumerate(order[:SHOWN])])

@@ -93,10 +93,10 @@ def curated(tmp_path_factory):
     truth = write_planted(data)
     before = {d: tree_hashes(str(base / d)) for d in ("data", "pool")}
     out = str(base / "out")
-    # the default, given: the clean-csv checks depend on it (a random init puts different images of
-    # one colour at cosine 0.9 here)
+    # the default rule and ratio, given: the clean-csv checks depend on them (a random init puts
+    # different images of one colour at cosine 0.9 here, which an absolute threshold would pair)
     assert run_main(main_curate.main, [data, *NET, "--unlabelled", str(base / "pool"), "--select", "6",
-                                       "--dup-threshold", "0.95",
+                                       "--dup-rule", "relative", "--dup-ratio", "0.25",
                                        "--write-clean-csv", "--output-dir", out]) == 0
     return {"data": data, "base": str(base), "out": out, "truth": truth, "before": before}
 
@@ -262,6 +262,59 @@ def test_outliers_and_label_issues():
     assert int(self_conf.argmin()) == 0
 
 
+def test_relative_near_duplicates_where_no_cosine_separates():
+    """A dense cluster whose ordinary neighbours are closer (cosine ~0.97-0.99) than three
+    re-encoded-like copies in a sparse cluster (cosine 0.93-0.95): no absolute cosine finds
+    the copies without pairing dense images, the relative rule finds exactly them."""
+    g = torch.Generator().manual_seed(0)
+    c = F.normalize(torch.randn(2, 16, generator=g), dim=1)
+    dense = F.normalize(c[0] + 0.05 * torch.randn(30, 16, generator=g), dim=1)
+    sparse = F.normalize(c[1] + 0.5 * torch.randn(30, 16, generator=g), dim=1)
+    copies = F.normalize(sparse[:3] + 0.12 * torch.randn(3, 16, generator=g), dim=1)
+    x = torch.cat([dense, sparse, copies]).half()
+    n, truth = len(x), {(30 + i, 60 + i) for i in range(3)}
+    cos = F.normalize(x.float(), dim=1) @ F.normalize(x.float(), dim=1).T
+    weakest_copy = min(float(cos[a, b]) for a, b in truth)
+    assert int((cos[:30, :30] >= weakest_copy).sum()) > 30 + 2 * 10  # dense pairs above the copies
+    sim, idx = self_neighbours(x, 10)
+    pairs = find_duplicates(sim, idx, [None] * n, ["train"] * n, 0.0, "relative", 0.25, 10)
+    assert {(p.a, p.b) for p in pairs} == truth
+    assert all(p.relative <= 0.25 and not p.exact for p in pairs)
+
+
+def test_a_small_cluster_of_foreign_images_ranks_first():
+    """Four look-alike foreign images beside a dense cluster, and a sparse but ordinary
+    cluster: the plain k-th-neighbour distance ranks sparse images first; the relative
+    (LOF-style) score, with k above the group's size, ranks the four foreign ones first."""
+    g = torch.Generator().manual_seed(1)
+    c = F.normalize(torch.randn(2, 16, generator=g), dim=1)
+    dense = F.normalize(c[0] + 0.05 * torch.randn(40, 16, generator=g), dim=1)
+    sparse = F.normalize(c[1] + 0.3 * torch.randn(40, 16, generator=g), dim=1)
+    centre = F.normalize(c[0] + 0.8 * F.normalize(torch.randn(1, 16, generator=g), dim=1), dim=1)
+    x = torch.cat([dense, sparse, F.normalize(centre + 0.03 * torch.randn(4, 16, generator=g), dim=1)]).half()
+    foreign = {80, 81, 82, 83}
+    relative = outlier_scores(x, 10, score="relative")
+    assert set(torch.argsort(relative, descending=True)[:4].tolist()) == foreign
+    kth = outlier_scores(x, 10, score="kth")
+    assert not set(torch.argsort(kth, descending=True)[:4].tolist()) & foreign
+    # the same scores from a shared neighbour search (main_curate.py reuses the duplicates' one)
+    assert torch.equal(outlier_scores(x, 10, neighbours=self_neighbours(x, 12), score="relative"), relative)
+
+
+def test_prune_by_noise_rate_counts_from_the_confident_joint():
+    """Class 0 has 3 images confidently of class 0, 2 confidently of class 1 (p1 at class 1's
+    mean self-confidence 0.95) and 5 confident of neither: calibrated to the class's 10
+    images the joint estimates 4 errors, so prune flags the 4 largest margins p1 - p0 (the
+    two uncertain 0.55 and 0.6 among them), where the off-diagonal rule flags only the 2."""
+    p = torch.tensor([[0.99, 0.01]] * 3 + [[0.5, 0.5]] * 3 + [[0.45, 0.55], [0.4, 0.6]] + [[0.03, 0.97]] * 2
+                     + [[0.05, 0.95]] * 10)
+    y = torch.tensor([0] * 10 + [1] * 10)
+    suspected, suggested, self_conf = label_issues(p, y, "prune")
+    assert suspected.nonzero().squeeze(1).tolist() == [6, 7, 8, 9] and suggested[suspected].tolist() == [1] * 4
+    assert torch.equal(self_conf, p[torch.arange(20), y])
+    assert label_issues(p, y, "confident")[0].nonzero().squeeze(1).tolist() == [8, 9]
+
+
 def test_embedding_resumes_from_its_shards(tmp_path, capsys):
     from conftest import write_image_folder
     data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=10, size=32, split_dirs=("",))
@@ -307,6 +360,8 @@ def test_bad_input_is_one_sentence(tmp_path, capsys, read_only_dir):
     assert "unknown method" in one_sentence(run(data, "--pretrained", str(wrong), *out))
     assert "cannot write to --output-dir" in one_sentence(
         run(data, "--pretrained", "none", "--output-dir", str(read_only_dir / "out")))
+    assert "--dup-ratio is a distance ratio in (0, 1)" in one_sentence(
+        run(data, "--pretrained", "none", "--dup-ratio", "1.5", *out))
     if not available_faiss():
         assert "faiss-cpu" in one_sentence(run(data, "--pretrained", "none", "--index", "faiss", *out))
 
