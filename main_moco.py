@@ -10,6 +10,7 @@ from typing import Dict
 
 import torch
 
+from common.augment import transforms as augment
 from common.ckpt.init import init_backbone
 from common.cli import ArgumentParser, add_training_args
 from common.dist.launch import script_main, start_worker
@@ -99,14 +100,21 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def view_recipe(args: argparse.Namespace) -> augment.Recipe:
+    """The two views' augmentation (MoCo v2 with --aug-plus, else v1); bench/view_check.py
+    checks the same recipe without training."""
+    if args.aug_plus:
+        return moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength, crop_min=args.crop_min,
+                       gray_images=args.gray_images, crop_max=args.crop_max)
+    return moco_v1(args.crop_size, args.crop_min, args.gray_images, args.crop_max)
+
+
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args, preemptible=True)
 
     # ---- data: two augmented views of every image, labels unused (--gpu-augment: the colour
     # and blur half of the recipe runs batched on the device)
-    aug = moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength, crop_min=args.crop_min,
-                  gray_images=args.gray_images, crop_max=args.crop_max) if args.aug_plus else \
-        moco_v1(args.crop_size, args.crop_min, args.gray_images, args.crop_max)
+    aug = view_recipe(args)
     data = two_view_data(args, env, aug, batch_size, workers)
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     for warning in (queue_warning(args.moco_k, len(data.dataset), keys_per_step),

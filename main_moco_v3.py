@@ -16,6 +16,7 @@ import argparse
 import torch
 import torch.nn as nn
 
+from common.augment import transforms as augment
 from common.ckpt.init import init_backbone
 from common.cli import ArgumentParser, add_training_args
 from common.dist.launch import script_main, start_worker
@@ -83,13 +84,18 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def view_recipe(args: argparse.Namespace) -> augment.Recipe:
+    """The two views' augmentation; bench/view_check.py checks the same recipe without training."""
+    return moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength, crop_min=args.crop_min,
+                   gray_images=args.gray_images, crop_max=args.crop_max)
+
+
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args, preemptible=True)
 
     # ---- data: two views of every image, labels unused. MoCo v2's aug-plus for both views
     # (moco-v3 uses BYOL's asymmetric pair: blur 1.0 / 0.1 and solarize on the second)
-    aug = moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength, crop_min=args.crop_min,
-                  gray_images=args.gray_images, crop_max=args.crop_max)
+    aug = view_recipe(args)
     data = two_view_data(args, env, aug, batch_size, workers)
     warning = momentum_warning(args.moco_m, args.epochs * data.iters_per_epoch, args.moco_m_cos)
     if warning:

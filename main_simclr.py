@@ -14,6 +14,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
+from common.augment import transforms as augment
 from common.ckpt.init import init_backbone
 from common.cli import ArgumentParser, add_training_args
 from common.dist.launch import script_main, start_worker
@@ -111,13 +112,18 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def view_recipe(args: argparse.Namespace) -> augment.Recipe:
+    """The two views' augmentation; bench/view_check.py checks the same recipe without training."""
+    return simclr_augmentation(args.crop_size, strength=args.color_strength, blur=args.blur, crop_min=args.crop_min,
+                               gray_images=args.gray_images, crop_max=args.crop_max)
+
+
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args, preemptible=True)
 
     # ---- data: two augmented views of every image, labels unused (--gpu-augment: the colour
     # and blur half of the recipe runs batched on the device)
-    aug = simclr_augmentation(args.crop_size, strength=args.color_strength, blur=args.blur, crop_min=args.crop_min,
-                              gray_images=args.gray_images, crop_max=args.crop_max)
+    aug = view_recipe(args)
     data = two_view_data(args, env, aug, batch_size, workers)
 
     # ---- model
