@@ -9,7 +9,7 @@
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh --small   # the same script on a CPU, tiny sizes
 #
 # Parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode
-#        recipes small_data
+#        recipes small_data families
 #   ops              tests/test_gpu_augment.py on the GPU (each batched op vs torchvision, within 1/255) and
 #                    tests/test_gpu_decode.py (nvJPEG decode + crops vs the PIL worker path)
 #   splitbn          one BN layer: SplitBatchNorm NCHW / NHWC reshape (reference) / NHWC grouped (ours) / plain BN
@@ -27,6 +27,8 @@
 #   small_data       bench/quality.py at 25 and 100 epochs on a 2,000-image Fashion-MNIST pool, 2 seeds (issue 17's
 #                    GPU target). Needs FMNIST=<folder with FashionMNIST/raw/> (../shared does not travel: copy
 #                    e.g. bench.util.mnist_subset's 2k/2k + pool subsets into an ignored folder and carry it)
+#   families         bench/throughput.py --families: MoCo v2 and SimCLR step rate and parameters per backbone
+#                    family (ResNet, RegNet, MobileNet, EfficientNet, DenseNet, ConvNeXt, Swin, ViT) at 224 px
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -51,11 +53,13 @@ if [ "$SMALL" = 1 ]; then  # CPU dry run: every part, tiny sizes
   SHAPE="16 32 16 16"; T=4; CIFAR_B=16
   RECIPE_SIZE=(--crop-sizes 32 --measure-images 64 --measure-epochs 1); QUALITY_SIZE=(--pretrain-images 200
     --train-images 200 --test-images 100 --sup-epochs 1 --seeds 0 --fractions 1 0.1); EPOCHS_GRID=(1 2)
+  FAMILIES=(--crop-size 32 -b 8 --families resnet18 mobilenet_v3_small vit_tiny)
 else
   DEV=cuda; ARCH=resnet50; CROP=224; B=256; K=65536; SPLITS=8; J=15; N=4096; IMG="500 375"; STEPS=6; REP=2; WARM=2
   SHAPE="256 256 56 56"; T=1; CIFAR_B=512
   RECIPE_SIZE=(--measure-images 4096); QUALITY_SIZE=(--pretrain-images 2000 --seeds 0 1 --workers 8)
   EPOCHS_GRID=(25 100)
+  FAMILIES=(--crop-size 224 -b 64 --configs amp+channels_last --families)
 fi
 COMMON=(-a "$ARCH" --crop-size "$CROP" -b "$B" --moco-k "$K" --bn-splits "$SPLITS" --device "$DEV")
 
@@ -132,7 +136,10 @@ for p in "${PARTS[@]}"; do
           --device "$DEV" "${QUALITY_SIZE[@]}" --pretrain-epochs "$e" --output-dir "$WORK/small_data_$e" \
           --json "$WORK/small_data_${e}ep.json"
       done ;;
-    *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode recipes small_data)" \
+    families)
+      part families 300 $PY bench/throughput.py --device "$DEV" "${FAMILIES[@]}" --steps "$STEPS" --warmup "$WARM" \
+        --repeats "$REP" --json "$WORK/families.json" ;;
+    *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode recipes small_data families)" \
          | tee -a "$LOG"; exit 2 ;;
   esac
 done

@@ -341,7 +341,7 @@ def families_table(results: Dict[str, Dict], args: argparse.Namespace) -> str:
     for m in args.methods:
         header += [f"{m} images/s", f"vs {args.families[0]}"]
     return (f"backbone families ({args.crop_size} px, small images {'on' if args.small_images else 'off'}, batch "
-            f"{args.batch_size}, our default step, {args.device}):\n" + format_table(header, rows))
+            f"{args.batch_size}, {args.configs[0]} step, {args.device}):\n" + format_table(header, rows))
 
 
 @report_user_errors
