@@ -9,7 +9,7 @@
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh --small   # the same script on a CPU, tiny sizes
 #
 # Parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode
-#        recipes small_data families
+#        recipes small_data families moco_v3
 #   ops              tests/test_gpu_augment.py on the GPU (each batched op vs torchvision, within 1/255) and
 #                    tests/test_gpu_decode.py (nvJPEG decode + crops vs the PIL worker path)
 #   splitbn          one BN layer: SplitBatchNorm NCHW / NHWC reshape (reference) / NHWC grouped (ours) / plain BN
@@ -29,6 +29,8 @@
 #                    e.g. bench.util.mnist_subset's 2k/2k + pool subsets into an ignored folder and carry it)
 #   families         bench/throughput.py --families: MoCo v2 and SimCLR step rate and parameters per backbone
 #                    family (ResNet, RegNet, MobileNet, EfficientNet, DenseNet, ConvNeXt, Swin, ViT) at 224 px
+#   moco_v3          main_moco_v3.py end to end on generated images, ResNet-50 (LARS) and ViT-B/16 (AdamW,
+#                    --stop-grad-conv1), --amp --channels-last --gpu-augment: the second epoch's images/s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -54,12 +56,15 @@ if [ "$SMALL" = 1 ]; then  # CPU dry run: every part, tiny sizes
   RECIPE_SIZE=(--crop-sizes 32 --measure-images 64 --measure-epochs 1); QUALITY_SIZE=(--pretrain-images 200
     --train-images 200 --test-images 100 --sup-epochs 1 --seeds 0 --fractions 1 0.1); EPOCHS_GRID=(1 2)
   FAMILIES=(--crop-size 32 -b 8 --families resnet18 mobilenet_v3_small vit_tiny)
+  V3_ARCHS=(resnet18 vit_tiny); V3_SIZE=(--crop-size 32 -b 16 --synthetic-size 64 --no-small-images)
 else
   DEV=cuda; ARCH=resnet50; CROP=224; B=256; K=65536; SPLITS=8; J=15; N=4096; IMG="500 375"; STEPS=6; REP=2; WARM=2
   SHAPE="256 256 56 56"; T=1; CIFAR_B=512
   RECIPE_SIZE=(--measure-images 4096); QUALITY_SIZE=(--pretrain-images 2000 --seeds 0 1 --workers 8)
   EPOCHS_GRID=(25 100)
   FAMILIES=(--crop-size 224 -b 64 --configs amp+channels_last --families)
+  V3_ARCHS=(resnet50 vit_b_16); V3_SIZE=(--crop-size 224 -b 256 --synthetic-size 8192 --synthetic-image-size 256
+    --amp --channels-last --gpu-augment)
 fi
 COMMON=(-a "$ARCH" --crop-size "$CROP" -b "$B" --moco-k "$K" --bn-splits "$SPLITS" --device "$DEV")
 
@@ -139,7 +144,30 @@ for p in "${PARTS[@]}"; do
     families)
       part families 300 $PY bench/throughput.py --device "$DEV" "${FAMILIES[@]}" --steps "$STEPS" --warmup "$WARM" \
         --repeats "$REP" --json "$WORK/families.json" ;;
-    *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode recipes small_data families)" \
+    moco_v3)
+      for a in "${V3_ARCHS[@]}"; do
+        extra=(); [[ $a == vit* ]] && extra=(--optimizer adamw --lr 1.5e-4 --wd 0.1 --stop-grad-conv1)
+        part "moco_v3_$a" 240 $PY main_moco_v3.py --dataset synthetic -a "$a" "${V3_SIZE[@]}" "${extra[@]}" -j "$J" \
+          --epochs 2 --warmup-epochs 0 -p 10 --output-dir "$WORK/moco_v3_$a"
+      done
+      $PY - "$WORK" "${V3_ARCHS[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, os, sys
+import torch
+from bench.util import format_table
+work, archs = sys.argv[1], sys.argv[2:]
+rows = []
+for a in archs:
+    path = os.path.join(work, f"moco_v3_{a}", "metrics.jsonl")
+    lines = [json.loads(x) for x in open(path)] if os.path.isfile(path) else []
+    rows.append([a, f"{lines[-1]['images_per_sec']:.0f}" if lines else "failed"])
+device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+table = format_table(["arch", "images/s (2nd epoch, end to end)"], rows)
+print(table)
+json.dump({"title": "MoCo v3 end to end", "machine": {"gpu" if torch.cuda.is_available() else "cpu": device,
+           "torch": torch.__version__}, "table": table}, open(os.path.join(work, "moco_v3.json"), "w"))
+EOF
+      ;;
+    *) echo "unknown part $p (parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode recipes small_data families moco_v3)" \
          | tee -a "$LOG"; exit 2 ;;
   esac
 done
