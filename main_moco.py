@@ -75,7 +75,7 @@ def small_data_recipe(data: DataProfile, crop_size: int, args: argparse.Namespac
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     finalize_pretrain_args(args, "moco", model_flags=("--moco-dim", "--moco-k", "--mlp", "--symmetric"),
-                           recipe=small_data_recipe)
+                           recipe=small_data_recipe, views=view_recipe)
     finalize_view_args(args)
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     if args.moco_k % keys_per_step != 0:

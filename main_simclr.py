@@ -88,15 +88,15 @@ def small_data_recipe(data: DataProfile, crop_size: int, args: argparse.Namespac
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     finalize_pretrain_args(args, "simclr", model_flags=("--proj-dim", "--proj-hidden-dim", "--proj-layers",
-                                                         "--proj-bn", "--optimizer"), recipe=small_data_recipe)
+                                                         "--proj-bn", "--optimizer"), recipe=small_data_recipe,
+                           views=view_recipe)
     finalize_view_args(args)
     if args.batch_size < 2:
         raise UserError(f"--batch-size {args.batch_size} leaves NT-Xent no negatives (each image's only other "
                         f"embedding is its positive); use --batch-size 2 or more (SimCLR uses 256 to 4096)")
     if args.temperature <= 0:
         raise UserError(f"--temperature {args.temperature} must be positive; SimCLR uses 0.1 to 0.5")
-    if args.blur is None:
-        args.blur = args.crop_size > 64
+    args.blur = blur_on(args)
     if args.sync_bn and expected_world_size(args) > 1 and (args.cpu or not torch.cuda.is_available()):
         raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run between CPU processes; "
                         "drop --sync-bn")
@@ -112,9 +112,14 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def blur_on(args: argparse.Namespace) -> bool:
+    """--blur, by default on for crops above 64 px (SimCLR leaves it out for CIFAR-sized images)."""
+    return args.crop_size > 64 if args.blur is None else args.blur
+
+
 def view_recipe(args: argparse.Namespace) -> augment.Recipe:
     """The two views' augmentation; bench/view_check.py checks the same recipe without training."""
-    return simclr_augmentation(args.crop_size, strength=args.color_strength, blur=args.blur, crop_min=args.crop_min,
+    return simclr_augmentation(args.crop_size, strength=args.color_strength, blur=blur_on(args), crop_min=args.crop_min,
                                gray_images=args.gray_images, crop_max=args.crop_max)
 
 

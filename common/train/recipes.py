@@ -3,7 +3,7 @@ left those flags at their defaults. Every value set is printed, and the checkpoi
 record them like any flag, so a run says exactly what it ran."""
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -27,7 +27,9 @@ def epochs_for_budget(num_images: int, budget: int) -> int:
 
 def add_recipe_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--recipe", default="default", choices=RECIPES,
-                        help=f"small: {what}; flags you pass yourself are kept; every value it sets is printed "
+                        help=f"small: {what}; on sources 3x the crop or larger it picks the views (crop scale, "
+                             f"colour strength) by the view check (docs/small-data.md); flags you pass yourself "
+                             f"are kept; every value it sets is printed "
                              f"and stored in the checkpoint; a resumed run keeps the values it started with")
 
 
@@ -91,16 +93,18 @@ RecipeValues = Callable[[DataProfile, int, argparse.Namespace], Dict[str, object
 
 
 def apply_recipe(args: argparse.Namespace, values: RecipeValues,
-                 saved: Dict[str, object]) -> List[str]:
+                 saved: Dict[str, object]) -> Optional[Tuple[DataProfile, Dataset]]:
     """`--recipe small`: the crop size for the data's source size and the grayscale views for
     grayscale data (both shared by every method), then values(profile, crop_size, args), for
     the flags the command line did not give (args.given_flags); a resumed run (`saved`: its
     checkpoint's args) keeps the values it started with, since the dataset may have grown and
-    a new --epochs would bend its lr schedule mid-run. Returns what was set, as "--flag
-    value" strings (also printed)."""
+    a new --epochs would bend its lr schedule mid-run. Every value set is printed. Returns the
+    data's profile and the pretraining dataset (None for `--recipe default`), for the views'
+    choice (common/train/source_views.py)."""
     if args.recipe == "default":
-        return []
-    data = profile_data(build_dataset(args, "pretrain"))
+        return None
+    dataset = build_dataset(args, "pretrain")
+    data = profile_data(dataset)
     shared: Dict[str, object] = {"crop_size": crop_for_source(data.short_side, default_crop_size(args))}
     if data.grayscale:
         shared["gray_images"] = True
@@ -128,4 +132,4 @@ def apply_recipe(args: argparse.Namespace, values: RecipeValues,
         log(f"=> --recipe {args.recipe} for {num_images} images at {crop} px sets: {' '.join(set_) or 'nothing'}")
     if kept:
         log(f"=> --recipe {args.recipe}: kept from the command line: {', '.join(kept)}")
-    return set_ + restored
+    return data, dataset

@@ -3,8 +3,9 @@ main_simclr.py, main_inpaint.py): views, the kNN monitor, --save-every-iters, th
 not-learning stop; checked before any worker starts."""
 import argparse
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+from common.augment.transforms import Recipe
 from common.ckpt.io import (
     prepare_output_dir,
 )
@@ -14,6 +15,7 @@ from common.data.datasets import default_crop_size
 from common.dist.world import expected_world_size, per_worker, uses_cuda
 from common.errors import UserError
 from common.train.recipes import RecipeValues, apply_recipe
+from common.train.source_views import choose_views
 from common.watch.collapse import LearningWatch
 
 
@@ -89,20 +91,25 @@ def finalize_view_args(args: argparse.Namespace) -> None:
 
 
 def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Sequence[str] = (),
-                           recipe: Optional[RecipeValues] = None) -> argparse.Namespace:
+                           recipe: Optional[RecipeValues] = None,
+                           views: Optional[Callable[[argparse.Namespace], Recipe]] = None) -> argparse.Namespace:
     """Derived defaults every pretraining script shares; checked before any worker starts.
     `model_flags`: the script's flags that shape the model; resuming with another value of
-    one of them is refused with its name. `recipe`: the script's `--recipe small` values."""
+    one of them is refused with its name. `recipe`: the script's `--recipe small` values;
+    `views`: the script's view recipe, for `--recipe small`'s choice of views on sources much
+    larger than the crop (common/train/source_views.py)."""
     check_training_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", name)
     prepare_output_dir(args.output_dir, new_run=not args.resume, overwrite=args.overwrite)
     resume_path, saved = resumed_args(args.resume, args.output_dir, name)
-    if recipe is not None:
-        apply_recipe(args, recipe, saved)
+    profiled = apply_recipe(args, recipe, saved) if recipe is not None else None
     args.seed = run_seed(args.seed, saved)  # stored in the checkpoint: resume replays it
     args.crop_size = args.crop_size or default_crop_size(args)
     if args.small_images is None:
         args.small_images = args.crop_size <= 64
+    if profiled is not None and views is not None:
+        data, dataset = profiled
+        choose_views(args, dataset, data.short_side, views, saved)
     if args.save_every_iters < 0:
         raise UserError(f"--save-every-iters {args.save_every_iters} is negative; pass N > 0, or 0 to save only at "
                         f"epoch ends")

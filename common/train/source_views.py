@@ -1,0 +1,88 @@
+"""`--recipe small` on sources much larger than the crop: which views keep an instance signal.
+
+A 64 px view of a whole 256 px inspection image resizes its fine texture away, and when every
+image shares one global structure (a grid, a weave, a wafer) nothing else tells two images
+apart once the colour jitter has moved their brightness: the contrastive task stays at chance
+and the backbone ends below its random initialisation (docs/small-data.md). Views cut at the
+source's own scale (a crop of the crop's size in source pixels, no resizing) keep that texture;
+weaker jitter keeps what the texture alone cannot carry. Which of these a dataset needs is
+measured, not guessed: the view check (common/watch/view_check.py) of each candidate in turn,
+from the method's own views (kept whenever they leave enough signal, as on photographs of
+objects) to source-scale views with weaker and weaker jitter; the first that reaches
+LEARNABLE_PIXELS is used (none: the one that keeps the most). Every figure and the choice are printed, and the values are stored
+in the checkpoint's args like any flag."""
+import argparse
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from common.augment.transforms import Recipe
+from common.cli import given
+from common.log.progress import log
+from common.watch.view_check import view_check
+
+# a source at least this many crops wide gets the candidates (a 256 px source and a 64 px crop:
+# 4); below it a whole-image view keeps most of the source's pixels anyway
+SOURCE_SCALE_RATIO = 3
+# the view check's pixel separation from which the contrastive task was learned in
+# docs/small-data.md (the views that stayed at chance there reached at most 0.60-0.63, the
+# ones that learned 0.66-0.74, Fashion-MNIST's recipe included)
+LEARNABLE_PIXELS = 0.65
+STRENGTHS = (1.0, 0.5, 0.25, 0.1)  # the source-scale candidates' --color-strength, strongest first
+FLAGS = ("crop_min", "crop_max", "color_strength")
+
+
+def source_scale_area(crop_size: int, short_side: int) -> float:
+    """The area fraction of a square crop_size crop of a source whose shortest side is
+    short_side: RandomResizedCrop at exactly this scale cuts views of the source's own pixels."""
+    return min(1.0, (crop_size / short_side) ** 2)
+
+
+def candidates(args: argparse.Namespace, short_side: int) -> List[Dict[str, object]]:
+    """The views to try, in order: the method's own, then source-scale crops, strongest jitter first."""
+    area = round(source_scale_area(args.crop_size, short_side), 6)
+    return [{}] + [{"crop_min": area, "crop_max": area, "color_strength": s} for s in STRENGTHS]
+
+
+def describe(candidate: Dict[str, object]) -> str:
+    if not candidate:
+        return "the method's views"
+    return (f"source-scale views (--crop-min {candidate['crop_min']:g} --crop-max {candidate['crop_max']:g}) "
+            f"at --color-strength {candidate['color_strength']:g}")
+
+
+def choose_views(args: argparse.Namespace, dataset: Dataset, short_side: int,
+                 views: Callable[[argparse.Namespace], Recipe], saved: Dict[str, object]) -> Optional[Dict]:
+    """Set args' crop scale and colour strength for sources of `short_side` px (see the module
+    docstring); `views(args)` builds the script's recipe. A flag given on the command line is
+    kept and nothing is measured; a resumed run (`saved`: its checkpoint's args) keeps the
+    values it started with. Returns the chosen candidate (None when nothing was measured)."""
+    if short_side < SOURCE_SCALE_RATIO * args.crop_size or len(dataset) < 2:
+        return None
+    if any(given(args, f) for f in FLAGS):
+        return None
+    if saved:
+        for f in FLAGS:
+            if f in saved:
+                setattr(args, f, saved[f])
+        return None
+    measured, figures = [], []
+    for cand in candidates(args, short_side):
+        trial = argparse.Namespace(**{**vars(args), **cand})
+        # seed 0 for every candidate: the same images and draws, so the figures compare the views alone
+        result = view_check(dataset, views(trial), args.arch, args.small_images, torch.device("cpu"))
+        figures.append(f"{describe(cand)}: {100 * result['pixels']:.0f}% by pixels, "
+                       f"{100 * result['features']:.0f}% by features")
+        measured.append((result["pixels"], cand))
+        if result["pixels"] >= LEARNABLE_PIXELS:
+            break
+    # none reached the level: the one that keeps the most (the run's own view check then warns)
+    chosen = measured[-1][1] if measured[-1][0] >= LEARNABLE_PIXELS else max(measured, key=lambda m: m[0])[1]
+    for f, value in chosen.items():
+        setattr(args, f, value)
+    log(f"=> --recipe {args.recipe}: {short_side} px sources, {args.crop_size} px crops; the view check of each "
+        f"candidate (two views of an image more alike than views of two images, 50% by chance; "
+        f"{100 * LEARNABLE_PIXELS:.0f}% by pixels wanted):\n   " + "\n   ".join(figures)
+        + f"\n=> --recipe {args.recipe} uses {describe(chosen)}")
+    return chosen

@@ -1,0 +1,82 @@
+"""--recipe small on sources much larger than the crop (common/train/source_views.py): the
+view check of each candidate decides the views; flags given and resumed runs are kept."""
+import argparse
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main_moco
+import main_simclr
+from common.train import source_views
+
+
+def finalize(module, argv, out):
+    return module.finalize_args(module.get_args_parser().parse_args(argv + ["--output-dir", str(out)]))
+
+
+@pytest.fixture(scope="module")
+def inspection(tmp_path_factory):
+    """48 images of bench/inspection_data.py at 128 px: one shared grid, the instance in a fine weave."""
+    from bench.inspection_data import write_inspection_set
+    root = tmp_path_factory.mktemp("inspection")
+    write_inspection_set(str(root), 48, 128, 0, val_fraction=0.0)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory):
+    """48 colour images, each a smooth field of its own colours: a whole-image view tells it apart."""
+    root = tmp_path_factory.mktemp("objects")
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        d = root / "train" / "ab"[i % 2]
+        os.makedirs(d, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((128, 128), Image.BICUBIC) \
+            .save(d / f"{i}.png")
+    return str(root)
+
+
+def figures(out: str):
+    """{candidate description: pixel separation %} from the printed lines."""
+    rows = [line.strip() for line in out.splitlines() if "% by pixels, " in line]
+    return {r.split(": ")[0]: int(r.split(": ")[1].split("%")[0]) for r in rows}
+
+
+@pytest.mark.long
+def test_source_scale_views_where_whole_image_views_keep_no_instance(inspection, tmp_path, capsys):
+    args = finalize(main_simclr, [inspection, "--recipe", "small", "--crop-size", "32", "-a", "resnet18"], tmp_path)
+    out = capsys.readouterr().out
+    measured = figures(out)
+    # the method's own views of the grid leave no instance signal; a source-scale one does
+    assert measured["the method's views"] < 100 * source_views.LEARNABLE_PIXELS, out
+    area = source_views.source_scale_area(32, 128)
+    assert args.crop_min == args.crop_max == area == 0.0625
+    chosen = source_views.describe({"crop_min": area, "crop_max": area, "color_strength": args.color_strength})
+    assert measured[chosen] >= 100 * source_views.LEARNABLE_PIXELS and args.color_strength < 1
+    assert list(measured)[-1] == chosen  # the first candidate to reach the level is used; later ones untried
+    assert f"=> --recipe small uses {chosen}" in out
+
+
+def test_the_method_views_stay_where_they_keep_the_instance(objects, tmp_path, capsys):
+    args = finalize(main_moco, [objects, "--recipe", "small", "--crop-size", "32", "-a", "resnet18"], tmp_path)
+    out = capsys.readouterr().out
+    assert list(figures(out)) == ["the method's views"] and "uses the method's views" in out
+    assert (args.crop_min, args.crop_max, args.color_strength) == (0.3, 1.0, 1.0)
+
+
+def test_given_flags_small_sources_and_resumed_runs_measure_nothing(inspection, tmp_path, capsys):
+    kept = finalize(main_simclr, [inspection, "--recipe", "small", "--crop-size", "32", "--color-strength", "0.5"],
+                    tmp_path / "given")
+    assert (kept.crop_min, kept.color_strength) == (0.3, 0.5) and "candidate" not in capsys.readouterr().out
+    small = finalize(main_simclr, ["--dataset", "synthetic", "--recipe", "small"], tmp_path / "small")
+    assert small.crop_min == 0.3 and "candidate" not in capsys.readouterr().out  # 32 px sources, 32 px crops
+
+    def no_views(_):
+        raise AssertionError("a resumed run must not measure again")
+    args = argparse.Namespace(crop_size=32, crop_min=0.3, crop_max=1.0, color_strength=1.0, given_flags=set(),
+                              recipe="small", arch="resnet18", small_images=True)
+    saved = {"crop_min": 0.0625, "crop_max": 0.0625, "color_strength": 0.1}
+    assert source_views.choose_views(args, [0, 1], 256, no_views, saved) is None
+    assert (args.crop_min, args.crop_max, args.color_strength) == (0.0625, 0.0625, 0.1)
