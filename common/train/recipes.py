@@ -3,7 +3,7 @@ left those flags at their defaults. Every value set is printed, and the checkpoi
 record them like any flag, so a run says exactly what it ran."""
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
