@@ -33,14 +33,14 @@ def objects(tmp_path_factory):
     for i in range(48):
         d = root / "train" / "ab"[i % 2]
         os.makedirs(d, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((128, 128), Image.BICUBIC) \
+        Image.fromarray(rng.integers(0, 255, (3, 3, 3), dtype=np.uint8)).resize((128, 128), Image.BICUBIC) \
             .save(d / f"{i}.png")
     return str(root)
 
 
 def figures(out: str):
     """{candidate description: pixel separation %} from the printed lines."""
-    rows = [line.strip() for line in out.splitlines() if "% by pixels, " in line]
+    rows = [line.strip() for line in out.splitlines() if line.startswith("   ") and "% by pixels, " in line]
     return {r.split(": ")[0]: int(r.split(": ")[1].split("%")[0]) for r in rows}
 
 
@@ -50,7 +50,7 @@ def test_source_scale_views_where_whole_image_views_keep_no_instance(inspection,
     out = capsys.readouterr().out
     measured = figures(out)
     # the method's own views of the grid leave no instance signal; a source-scale one does
-    assert measured["the method's views"] < 100 * source_views.LEARNABLE_PIXELS, out
+    assert measured["the method's views"] < 100 * source_views.METHOD_PIXELS, out
     area = source_views.source_scale_area(32, 128)
     assert args.crop_min == args.crop_max == area == 0.0625
     chosen = source_views.describe({"crop_min": area, "crop_max": area, "color_strength": args.color_strength})
@@ -59,10 +59,13 @@ def test_source_scale_views_where_whole_image_views_keep_no_instance(inspection,
     assert f"=> --recipe small uses {chosen}" in out
 
 
-def test_the_method_views_stay_where_they_keep_the_instance(objects, tmp_path, capsys):
-    args = finalize(main_moco, [objects, "--recipe", "small", "--crop-size", "32", "-a", "resnet18"], tmp_path)
+@pytest.mark.parametrize("script", [main_moco, main_simclr], ids=["moco", "simclr"])
+def test_the_method_views_stay_where_they_keep_the_instance(script, objects, tmp_path, capsys):
+    args = finalize(script, [objects, "--recipe", "small", "--crop-size", "32", "-a", "resnet18"], tmp_path)
     out = capsys.readouterr().out
-    assert list(figures(out)) == ["the method's views"] and "uses the method's views" in out
+    measured = figures(out)
+    assert list(measured) == ["the method's views"] and "uses the method's views" in out  # nothing else tried
+    assert measured["the method's views"] >= 100 * source_views.METHOD_PIXELS
     assert (args.crop_min, args.crop_max, args.color_strength) == (0.3, 1.0, 1.0)
 
 
@@ -80,3 +83,16 @@ def test_given_flags_small_sources_and_resumed_runs_measure_nothing(inspection, 
     saved = {"crop_min": 0.0625, "crop_max": 0.0625, "color_strength": 0.1}
     assert source_views.choose_views(args, [0, 1], 256, no_views, saved) is None
     assert (args.crop_min, args.crop_max, args.color_strength) == (0.0625, 0.0625, 0.1)
+
+
+def test_the_not_learning_hint_keeps_source_scale_views():
+    """A run on source-scale views is told to grow the crop at the same scale, not to take
+    --crop-min 0.3, which would resize the source's detail away again."""
+    from common.train.setup import learning_watch
+    base = dict(crop_size=64, color_strength=0.1, epochs=10)
+    scaled = learning_watch(argparse.Namespace(crop_min=0.0625, crop_max=0.0625, **base), 127, 0.08, "--temperature",
+                            0.2).hint
+    assert "--crop-size 128 --crop-min 0.25 --crop-max 0.25" in scaled and "--crop-min 0.3" not in scaled
+    whole = learning_watch(argparse.Namespace(crop_min=None, crop_max=1.0, **base), 127, 0.08, "--temperature",
+                           0.2).hint
+    assert "larger crops (--crop-min 0.3, now 0.08)" in whole

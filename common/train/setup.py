@@ -71,10 +71,15 @@ def learning_watch(args: argparse.Namespace, candidates: int, method_crop_min: f
     """The not-learning check of a two-view run whose contrastive accuracy picks the positive
     among `candidates`, with what to try named for this run's own values."""
     crop_min = args.crop_min or method_crop_min
+    if args.crop_max < 1:  # views cut from part of the source (source-scale views): a larger crop, same scale
+        crops = (f"larger crops at the same scale (--crop-size {2 * args.crop_size} --crop-min "
+                 f"{min(1.0, 4 * crop_min):g} --crop-max {min(1.0, 4 * args.crop_max):g}, now {crop_min:g} and "
+                 f"{args.crop_max:g})")
+    else:
+        crops = f"larger crops (--crop-min {min(1.0, max(0.3, 2 * crop_min)):g}, now {crop_min:g})"
     hint = (f"weaker colour jitter (--color-strength {args.color_strength / 2:g}, now {args.color_strength:g}), "
-            f"larger crops (--crop-min {min(1.0, max(0.3, 2 * crop_min)):g}, now {crop_min:g}), a lower "
-            f"{temperature_flag} (now {temperature:g}), or a larger --crop-size if the images are much larger than "
-            f"{args.crop_size} px")
+            f"{crops}, a lower {temperature_flag} (now {temperature:g}), or a larger --crop-size if the images are "
+            f"much larger than {args.crop_size} px")
     return LearningWatch(100.0 / candidates, args.epochs, hint)
 
 

@@ -6,11 +6,13 @@ apart once the colour jitter has moved their brightness: the contrastive task st
 and the backbone ends below its random initialisation (docs/small-data.md). Views cut at the
 source's own scale (a crop of the crop's size in source pixels, no resizing) keep that texture;
 weaker jitter keeps what the texture alone cannot carry. Which of these a dataset needs is
-measured, not guessed: the view check (common/watch/view_check.py) of each candidate in turn,
-from the method's own views (kept whenever they leave enough signal, as on photographs of
-objects) to source-scale views with weaker and weaker jitter; the first that reaches
-LEARNABLE_PIXELS is used (none: the one that keeps the most). Every figure and the choice are printed, and the values are stored
-in the checkpoint's args like any flag."""
+measured, not guessed: the view check (common/watch/view_check.py) of each candidate in turn.
+The method's own views come first and are kept whenever they leave some instance signal
+(METHOD_PIXELS, the view check's no-signal level: photographs of objects, or a weave the crop
+still resolves), since the source-scale views are measured on inspection-like data only; when
+they leave none, source-scale views with weaker and weaker jitter follow, and the first that
+reaches LEARNABLE_PIXELS is used (none does: the candidate that keeps the most). Every figure
+and the choice are printed, and the values are stored in the checkpoint's args like any flag."""
 import argparse
 from typing import Callable, Dict, List, Optional
 
@@ -20,15 +22,17 @@ from torch.utils.data import Dataset
 from common.augment.transforms import Recipe
 from common.cli import given
 from common.log.progress import log
-from common.watch.view_check import view_check
+from common.watch.view_check import NO_SIGNAL_PIXELS, view_check
 
 # a source at least this many crops wide gets the candidates (a 256 px source and a 64 px crop:
 # 4); below it a whole-image view keeps most of the source's pixels anyway
 SOURCE_SCALE_RATIO = 3
 # the view check's pixel separation from which the contrastive task was learned in
-# docs/small-data.md (the views that stayed at chance there reached at most 0.60-0.63, the
-# ones that learned 0.66-0.74, Fashion-MNIST's recipe included)
-LEARNABLE_PIXELS = 0.65
+# docs/small-data.md (views that stayed at chance there reached up to 0.66, MoCo's; the ones
+# that learned 0.68 and above, Fashion-MNIST's recipes included)
+LEARNABLE_PIXELS = 0.7
+# the method's views are kept from here on (the view check's own warning level)
+METHOD_PIXELS = NO_SIGNAL_PIXELS
 STRENGTHS = (1.0, 0.5, 0.25, 0.1)  # the source-scale candidates' --color-strength, strongest first
 FLAGS = ("crop_min", "crop_max", "color_strength")
 
@@ -75,14 +79,15 @@ def choose_views(args: argparse.Namespace, dataset: Dataset, short_side: int,
         figures.append(f"{describe(cand)}: {100 * result['pixels']:.0f}% by pixels, "
                        f"{100 * result['features']:.0f}% by features")
         measured.append((result["pixels"], cand))
-        if result["pixels"] >= LEARNABLE_PIXELS:
+        if result["pixels"] >= (METHOD_PIXELS if not cand else LEARNABLE_PIXELS):
             break
-    # none reached the level: the one that keeps the most (the run's own view check then warns)
-    chosen = measured[-1][1] if measured[-1][0] >= LEARNABLE_PIXELS else max(measured, key=lambda m: m[0])[1]
+    else:  # none reached its level: the one that keeps the most (the run's own view check then warns)
+        measured.append(max(measured, key=lambda m: m[0]))
+    chosen = measured[-1][1]
     for f, value in chosen.items():
         setattr(args, f, value)
     log(f"=> --recipe {args.recipe}: {short_side} px sources, {args.crop_size} px crops; the view check of each "
-        f"candidate (two views of an image more alike than views of two images, 50% by chance; "
-        f"{100 * LEARNABLE_PIXELS:.0f}% by pixels wanted):\n   " + "\n   ".join(figures)
+        f"candidate (two views of an image more alike than views of two images, 50% by chance; the method's "
+        f"views are kept from {100 * METHOD_PIXELS:.0f}% by pixels, others need {100 * LEARNABLE_PIXELS:.0f}%):\n   " + "\n   ".join(figures)
         + f"\n=> --recipe {args.recipe} uses {describe(chosen)}")
     return chosen
