@@ -39,7 +39,8 @@ FLAGS = ("crop_min", "crop_max", "color_strength")
 
 def source_scale_area(crop_size: int, short_side: int) -> float:
     """The area fraction of a square crop_size crop of a source whose shortest side is
-    short_side: RandomResizedCrop at exactly this scale cuts views of the source's own pixels."""
+    short_side: RandomResizedCrop at exactly this scale cuts views of the source's own pixels
+    (exactly on a square source; on a 4:3 one a view covers about 1.15x the crop's side)."""
     return min(1.0, (crop_size / short_side) ** 2)
 
 
