@@ -57,6 +57,12 @@ def test_source_scale_views_where_whole_image_views_keep_no_instance(inspection,
     assert measured[chosen] >= 100 * source_views.LEARNABLE_PIXELS and args.color_strength < 1
     assert list(measured)[-1] == chosen  # the first candidate to reach the level is used; later ones untried
     assert f"=> --recipe small uses {chosen}" in out
+    # and its shorter budget: 20,000 images seen on 48 images, the recipe's warmup scaled with it
+    assert args.epochs == 417 and args.warmup_epochs == round(10 * 417 / 2083, 2)
+    assert "for 20,000 images seen: --epochs 417 --warmup-epochs 2" in out
+    given = finalize(main_simclr, [inspection, "--recipe", "small", "--crop-size", "32", "--epochs", "3"],
+                     tmp_path / "e")
+    assert given.epochs == 3 and given.crop_max == 0.0625  # the views still chosen, the epochs kept
 
 
 @pytest.mark.parametrize("script", [main_moco, main_simclr], ids=["moco", "simclr"])

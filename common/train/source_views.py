@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from common.augment.transforms import Recipe
 from common.cli import given
 from common.log.progress import log
+from common.train.recipes import epochs_for_budget
 from common.watch.view_check import NO_SIGNAL_PIXELS, view_check
 
 # a source at least this many crops wide gets the candidates (a 256 px source and a 64 px crop:
@@ -34,6 +35,10 @@ LEARNABLE_PIXELS = 0.7
 # the method's views are kept from here on (the view check's own warning level)
 METHOD_PIXELS = NO_SIGNAL_PIXELS
 STRENGTHS = (1.0, 0.5, 0.25, 0.1)  # the source-scale candidates' --color-strength, strongest first
+# images seen with source-scale views: they make the instance task easy (contrastive accuracy
+# near 80 % of 127), and past this budget the backbone trades the class's local detail for the
+# instance's texture (docs/small-data.md: the budget with source-scale views)
+SOURCE_SCALE_BUDGET = 20000
 FLAGS = ("crop_min", "crop_max", "color_strength")
 
 
@@ -87,8 +92,25 @@ def choose_views(args: argparse.Namespace, dataset: Dataset, short_side: int,
     chosen = measured[-1][1]
     for f, value in chosen.items():
         setattr(args, f, value)
+    budget = shorter_budget(args, len(dataset)) if chosen else ""
     log(f"=> --recipe {args.recipe}: {short_side} px sources, {args.crop_size} px crops; the view check of each "
         f"candidate (two views of an image more alike than views of two images, 50% by chance; the method's "
         f"views are kept from {100 * METHOD_PIXELS:.0f}% by pixels, others need {100 * LEARNABLE_PIXELS:.0f}%):\n   " + "\n   ".join(figures)
-        + f"\n=> --recipe {args.recipe} uses {describe(chosen)}")
+        + f"\n=> --recipe {args.recipe} uses {describe(chosen)}{budget}")
     return chosen
+
+
+def shorter_budget(args: argparse.Namespace, images: int) -> str:
+    """Source-scale views' budget (SOURCE_SCALE_BUDGET images seen) in place of the recipe's,
+    unless --epochs was given; a warmup the recipe set shrinks with it. Returns what changed,
+    for the log line."""
+    if given(args, "epochs"):
+        return ""
+    epochs = epochs_for_budget(images, SOURCE_SCALE_BUDGET)
+    if epochs >= args.epochs:
+        return ""
+    if not given(args, "warmup_epochs"):
+        args.warmup_epochs = round(args.warmup_epochs * epochs / args.epochs, 2)
+    args.epochs = epochs
+    return (f", for {SOURCE_SCALE_BUDGET:,} images seen: --epochs {epochs}"
+            + (f" --warmup-epochs {args.warmup_epochs:g}" if args.warmup_epochs else ""))
