@@ -86,17 +86,18 @@ def choose_views(args: argparse.Namespace, dataset: Dataset, short_side: int,
                        f"{100 * result['features']:.0f}% by features")
         measured.append((result["pixels"], cand))
         if result["pixels"] >= (METHOD_PIXELS if not cand else LEARNABLE_PIXELS):
+            chosen = cand
             break
     else:  # none reached its level: the one that keeps the most (the run's own view check then warns)
-        measured.append(max(measured, key=lambda m: m[0]))
-    chosen = measured[-1][1]
+        chosen = max(measured, key=lambda m: m[0])[1]
     for f, value in chosen.items():
         setattr(args, f, value)
     budget = shorter_budget(args, len(dataset)) if chosen else ""
+    levels = (f"the method's views are kept from {100 * METHOD_PIXELS:.0f}% by pixels, others need "
+              f"{100 * LEARNABLE_PIXELS:.0f}%")
     log(f"=> --recipe {args.recipe}: {short_side} px sources, {args.crop_size} px crops; the view check of each "
-        f"candidate (two views of an image more alike than views of two images, 50% by chance; the method's "
-        f"views are kept from {100 * METHOD_PIXELS:.0f}% by pixels, others need {100 * LEARNABLE_PIXELS:.0f}%):\n   " + "\n   ".join(figures)
-        + f"\n=> --recipe {args.recipe} uses {describe(chosen)}{budget}")
+        f"candidate (two views of an image more alike than views of two images, 50% by chance; {levels}):\n   "
+        + "\n   ".join(figures) + f"\n=> --recipe {args.recipe} uses {describe(chosen)}{budget}")
     return chosen
 
 
