@@ -29,6 +29,7 @@ from common.dist.collectives import barrier, is_main_process
 from common.dist.launch import script_main, start_worker
 from common.dist.world import add_dist_args, expected_world_size, per_worker
 from common.errors import UserError
+from common.eval.knn import fit_whitening, whiten
 from common.eval.label_tree import add_hierarchy_args, check_hierarchy_depth
 from common.eval.setup import ARCH_HELP, add_pretrained_arg, eval_splits, pretrained_backbone
 from common.extras import require
@@ -64,6 +65,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--knn-k", default=[20, 200], type=int, nargs="+", metavar="K",
                    help="numbers of neighbours that vote (one search with the largest serves all)")
     g.add_argument("--temperature", default=0.07, type=float, help="vote weight exp(cos / T)")
+    g.add_argument("--whiten", default=0, type=int, metavar="D",
+                   help="vote in the train features' first D principal axes, each scaled to unit variance (PCA "
+                        "whitening fitted on the train images, labels unused; 0: off): for images that differ "
+                        "mostly by a nuisance such as brightness while the class is small, e.g. a defect (64 "
+                        "on the inspection benchmark, docs/small-data.md). Exports and retrieval keep the raw "
+                        "features")
     g.add_argument("--skip-knn", action="store_true",
                    help="no kNN evaluation (unlabelled data): only --export-embeddings / --retrieval / --query")
     g.add_argument("--chunk-size", default=1024, type=int, help="queries per similarity chunk")
@@ -115,6 +122,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     args.output_dir = args.output_dir or os.path.join("runs", "knn")
     prepare_output_dir(args.output_dir)
     follow_checkpoint(args)  # -a, the crop and the stem of the pretraining run unless given
+    if args.whiten < 0:
+        raise UserError(f"--whiten must be a number of principal axes (64 is a start) or 0 for off, got "
+                        f"{args.whiten}")
     if any(k < 1 for k in args.knn_k):
         raise UserError(f"--knn-k must be positive numbers of neighbours, got {args.knn_k}; e.g. --knn-k 20 200")
     if args.temperature <= 0:
@@ -189,8 +199,15 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                     "num_train": len(train_index), "num_val": len(val_index) if val_index is not None else 0,
                     "unreadable_train": len(train_base) - len(train_index),
                     "unreadable_val": len(val_base) - len(val_index) if val_index is not None else 0,
-                    "num_classes": len(classes), "feature_dim": int(train_f.shape[1])}
-            report_knn(knn_evaluate(train_f, train_l, val_f, val_l, classes, args, tree), classes, info, args, tree,
+                    "num_classes": len(classes), "feature_dim": int(train_f.shape[1]), "whiten": args.whiten}
+            bank, queries = train_f, val_f
+            if args.whiten:
+                mean, projection = fit_whitening(train_f, args.whiten)
+                bank, queries = whiten(train_f, mean, projection), whiten(val_f, mean, projection)
+                info["whiten"] = int(projection.shape[1])
+                log(f"=> kNN on PCA-whitened features: the first {projection.shape[1]} principal axes of the "
+                    f"{len(train_index)} train features, each at unit variance")
+            report_knn(knn_evaluate(bank, train_l, queries, val_l, classes, args, tree), classes, info, args, tree,
                        tensorboard)
         if args.export_embeddings:
             folder = os.path.join(args.output_dir, "embeddings")

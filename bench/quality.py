@@ -60,7 +60,7 @@ from common.data.subsets import stratified_subset  # noqa: E402
 from common.data.transformed import TransformedDataset  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 from common.eval.features import extract_features  # noqa: E402
-from common.eval.knn import knn_accuracy  # noqa: E402
+from common.eval.knn import fit_whitening, knn_accuracy, whiten  # noqa: E402
 from common.nets.models import build_backbone, without_head  # noqa: E402
 from common.train.recipes import SMALL_DATA_BUDGET, epochs_for_budget  # noqa: E402
 from lincls.logreg import PROBE_WD, logistic_regression_accuracy  # noqa: E402
@@ -73,6 +73,11 @@ from moco.guards import fitted_queue  # noqa: E402
 # away; moco_k 4096 needs a pool several times larger, or the queue holds stale keys of the
 # query's own image as negatives; MoCo T 0.5 at the quick budget, where 0.2 (the long-schedule
 # value) left its probes below random init's (docs/small-data.md: why these values)
+
+# main_knn.py --whiten: the principal axes the whitened kNN column keeps (docs/small-data.md, "kNN and
+# the nuisance")
+KNN_WHITEN = 64
+
 PRESETS = {
     "quick": dict(pretrain_images=10000, train_images=2000, test_images=2000, pretrain_epochs=8, batch_size=64,
                   probe_epochs=5, sup_epochs=5, small_images=False, workers=0, moco_k=0, probe_lr=2.0,
@@ -302,17 +307,22 @@ def embed(args: argparse.Namespace, data_args: argparse.Namespace, ckpt_path: st
 
 def probe_at_fractions(args: argparse.Namespace, features, train_targets, num_classes: int,
                        fractions: List[float]) -> Dict[str, Dict[str, float]]:
-    """Linear probe and kNN top-1 (k=20, T=0.07, on L2-normalised features) on the test set,
-    with the stratified label subsets main_lincls.py draws (same seed, so the same images)."""
+    """Linear probe and kNN top-1 (k=20, T=0.07, on L2-normalised features, raw and PCA-whitened
+    as main_knn.py --whiten KNN_WHITEN) on the test set, with the stratified label subsets
+    main_lincls.py draws (same seed, so the same images). The whitening is fitted on every
+    train image's features, labels unused: the unlabelled pool a user has."""
     (tr_f, tr_l), (te_f, te_l) = features
-    out: Dict[str, Dict[str, float]] = {"linear": {}, "knn": {}}
+    mean, projection = fit_whitening(tr_f, KNN_WHITEN)
+    white_tr, white_te = whiten(tr_f, mean, projection), whiten(te_f, mean, projection)
+    out: Dict[str, Dict[str, float]] = {"linear": {}, "knn": {}, "knn_white": {}}
     for f in fractions:
         idx = torch.arange(len(tr_l)) if f >= 1.0 else torch.tensor(stratified_subset(train_targets, f, 0))
         idx = idx.to(tr_f.device)
         out["linear"][str(f)] = logistic_regression_accuracy(tr_f[idx], tr_l[idx], te_f, te_l, num_classes)
-        acc = knn_accuracy(F.normalize(tr_f[idx].float(), dim=1), tr_l[idx], F.normalize(te_f.float(), dim=1), te_l,
-                           num_classes, k=20, temperature=0.07)
-        out["knn"][str(f)] = acc["knn_top1"]
+        for kind, (a, b) in (("knn", (tr_f, te_f)), ("knn_white", (white_tr, white_te))):
+            acc = knn_accuracy(F.normalize(a[idx].float(), dim=1), tr_l[idx], F.normalize(b.float(), dim=1), te_l,
+                               num_classes, k=20, temperature=0.07)
+            out[kind][str(f)] = acc["knn_top1"]
     return out
 
 
@@ -407,7 +417,7 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     t0 = time.time()
     if args.supervised:
         print("=> supervised from scratch on the same labels ...", flush=True)
-        runs["supervised"] = {"linear": {}, "knn": {}}
+        runs["supervised"] = {"linear": {}, "knn": {}, "knn_white": {}}
     for f in args.fractions if args.supervised else ():
         out = os.path.join(args.output_dir, f"supervised_{f:g}")
         if not (args.reuse and os.path.isfile(os.path.join(out, "results.json"))):
@@ -419,6 +429,7 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
         sup = probe_at_fractions(args, embed(args, data_args, os.path.join(out, "checkpoint_last.pth.tar"), device,
                                              crops["random_init"]), train.targets, n_classes, [f])
         runs["supervised"]["knn"].update(sup["knn"])
+        runs["supervised"]["knn_white"].update(sup["knn_white"])
     if args.lincls_probe and args.supervised:
         runs["supervised"]["lincls"] = dict(runs["supervised"]["linear"])
     seconds["supervised"] = time.time() - t0
@@ -463,10 +474,12 @@ def main(argv=None) -> Dict:
                                        "recipes": first["recipes"]}
     seconds_total = time.time() - t_start
     fr = [str(f) for f in args.fractions]
-    kinds = ["linear", "knn"] + (["lincls"] if args.lincls_probe else [])
-    label = {"linear": "linear", "knn": "kNN", "lincls": "lincls"}
+    kinds = ["linear", "knn", "knn_white"] + (["lincls"] if args.lincls_probe else [])
+    label = {"linear": "linear", "knn": "kNN", "knn_white": "kNN whitened", "lincls": "lincls"}
     notes = ("linear: logistic regression on the frozen, standardised features (L-BFGS, L2 "
-             f"{PROBE_WD:g}); kNN: k=20, T=0.07 on L2-normalised features; lincls: main_lincls.py's SGD probe; "
+             f"{PROBE_WD:g}); kNN: k=20, T=0.07 on L2-normalised features; kNN whitened: the same on their first "
+             f"{KNN_WHITEN} principal axes at unit variance (fitted on all train images, labels unused: "
+             f"main_knn.py --whiten {KNN_WHITEN}); lincls: main_lincls.py's SGD probe; "
              "supervised: the network trained from scratch on those labels; its 'linear' column is its own "
              "classifier's top-1, its kNN uses its features" + (
                  f"; mean +- sample standard deviation over seeds {args.seeds}" if len(args.seeds) > 1 else ""))

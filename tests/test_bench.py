@@ -144,7 +144,7 @@ def test_quality_smoke(tmp_path):
     assert saved["labelled_images"] == {"1.0": 60, "0.5": 30}
     assert set(saved["results"]) == {"moco", "simclr", "random_init", "supervised"}
     for row in saved["results"].values():
-        for kind in ("linear", "knn", "lincls"):
+        for kind in ("linear", "knn", "knn_white", "lincls"):
             assert set(row[kind]) == {"1.0", "0.5"} and all(0 <= v <= 100 for v in row[kind].values())
     checks = saved["targets_met"]
     assert checks["moco_knn_beats_random_0.5"] == (saved["results"]["moco"]["knn"]["0.5"]
@@ -161,7 +161,7 @@ def test_quality_smoke(tmp_path):
                                 "--json", str(tmp_path / "again.json")])
     assert all(os.path.getmtime(p) == t for p, t in logs.items())
     for name, row in again["results"].items():
-        assert row["linear"] == rec["results"][name]["linear"] and row["knn"] == rec["results"][name]["knn"], name
+        assert all(row[k] == rec["results"][name][k] for k in ("linear", "knn", "knn_white")), name
 
 
 def test_quality_budget_gives_each_method_its_epochs(capsys):
