@@ -69,8 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="vote in the train features' first D principal axes, each scaled to unit variance (PCA "
                         "whitening fitted on the train images, labels unused; 0: off): for images that differ "
                         "mostly by a nuisance such as brightness while the class is small, e.g. a defect (64 "
-                        "on the inspection benchmark, docs/small-data.md). Exports and retrieval keep the raw "
-                        "features")
+                        "on the inspection benchmark; on Fashion-MNIST plain kNN is better: docs/knn.md). Exports "
+                        "and retrieval keep the raw features")
     g.add_argument("--skip-knn", action="store_true",
                    help="no kNN evaluation (unlabelled data): only --export-embeddings / --retrieval / --query")
     g.add_argument("--chunk-size", default=1024, type=int, help="queries per similarity chunk")
