@@ -194,19 +194,19 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     if is_main_process():
         tensorboard = TensorBoardLog(args.output_dir, args.tensorboard)
         if not args.skip_knn:
+            bank, queries, axes = train_f, val_f, 0
+            if args.whiten:
+                mean, projection = fit_whitening(train_f, args.whiten)
+                bank, queries, axes = whiten(train_f, mean, projection), whiten(val_f, mean, projection), \
+                    projection.shape[1]
+                log(f"=> kNN on PCA-whitened features: the first {axes} principal axes of the {len(train_index)} "
+                    f"train features, each at unit variance")
             info = {"pretrained": args.pretrained, "arch": args.arch, "crop_size": args.crop_size,
                     "small_images": args.small_images, "temperature": args.temperature,
                     "num_train": len(train_index), "num_val": len(val_index) if val_index is not None else 0,
                     "unreadable_train": len(train_base) - len(train_index),
                     "unreadable_val": len(val_base) - len(val_index) if val_index is not None else 0,
-                    "num_classes": len(classes), "feature_dim": int(train_f.shape[1]), "whiten": args.whiten}
-            bank, queries = train_f, val_f
-            if args.whiten:
-                mean, projection = fit_whitening(train_f, args.whiten)
-                bank, queries = whiten(train_f, mean, projection), whiten(val_f, mean, projection)
-                info["whiten"] = int(projection.shape[1])
-                log(f"=> kNN on PCA-whitened features: the first {projection.shape[1]} principal axes of the "
-                    f"{len(train_index)} train features, each at unit variance")
+                    "num_classes": len(classes), "feature_dim": int(train_f.shape[1]), "whiten": axes}
             report_knn(knn_evaluate(bank, train_l, queries, val_l, classes, args, tree), classes, info, args, tree,
                        tensorboard)
         if args.export_embeddings:

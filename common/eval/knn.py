@@ -101,7 +101,7 @@ def fit_whitening(features: torch.Tensor, dims: int) -> Tuple[torch.Tensor, torc
     x = features.float()
     mean = x.mean(dim=0, keepdim=True)  # 1xD
     d = max(1, min(dims, x.shape[0] - 1, x.shape[1]))
-    # V: dxD principal axes, S: d singular values of the centred features
+    # s: min(N, D) singular values, v: min(N, D) x D principal axes of the centred features
     _, s, v = torch.linalg.svd(x - mean, full_matrices=False)
     std = (s[:d] / max(1, x.shape[0] - 1) ** 0.5).clamp_min(1e-6)
     return mean, v[:d].T / std  # projection: Dxd
