@@ -17,12 +17,12 @@ def report_knn(results: Dict, classes: List[str], info: Dict, args: argparse.Nam
     """knn_evaluate's results to the log, TensorBoard and OUTPUT_DIR's files; `info` (the
     run's setup) heads knn_results.json."""
     if tree is None:
-        log_knn(results, classes, args.temperature)
+        log_knn(results, classes, args.temperature, whitened=bool(args.whiten))
         for k, r in results.items():
             tensorboard.scalars({"top1": r["top1"], f"top{min(5, r['k_used'])}": r["top5"]}, 0, f"knn_k{k}")
     else:
         for level, (name, r) in enumerate(zip(tree.level_names, results["levels"])):
-            log_knn(r, tree.classes[level], args.temperature, f" level {level + 1} ({name})")
+            log_knn(r, tree.classes[level], args.temperature, f" level {level + 1} ({name})", bool(args.whiten))
             for k, rk in r.items():
                 tensorboard.scalars({"top1": rk["top1"], f"top{min(5, rk['k_used'])}": rk["top5"]}, 0,
                                     f"knn_level{level + 1}_k{k}")
@@ -33,12 +33,23 @@ def report_knn(results: Dict, classes: List[str], info: Dict, args: argparse.Nam
     log(f"=> kNN results in {os.path.join(args.output_dir, 'knn_results.json')} and knn_per_class.csv")
 
 
-def log_knn(results: Dict, classes: List[str], temperature: float, title: str = "") -> None:
-    """Top-1/top-5 per k, then per-class recall (the 5 worst and 5 best of many classes)."""
+def log_knn(results: Dict, classes: List[str], temperature: float, title: str = "", whitened: bool = False) -> None:
+    """Top-1/top-5 per k, then per-class recall (the 5 worst and 5 best of many classes), and
+    a warning where kNN says little of the features (knn/evaluate.py majority_vote)."""
     for k, r in results.items():
         clipped = f" (only {r['k_used']} training images)" if r["k_used"] < k else ""
         log(f"=> kNN{title} k={k}{clipped} T={temperature}: top-1 {r['top1']:.2f}  top-{r['top5_k']} {r['top5']:.2f}  "
             f"mean per-class recall {r['macro_recall']:.2f}")
+    flagged = {k: r["majority_vote"] for k, r in results.items() if r["majority_vote"]}
+    if flagged:
+        k, v = next(iter(flagged.items()))
+        fix = ("more labelled images, or main_lincls.py --probe logreg, which weighs the directions by the labels"
+               if whitened else "--whiten 64 (docs/knn.md, \"Whitened kNN\"), or main_lincls.py --probe logreg")
+        log(f"WARNING: kNN{title} at k={', '.join(map(str, flagged))} says little of the features: at k={k} top-1 "
+            f"{100 * v['top1']:.1f} against {100 * v['majority_share']:.1f} for always answering "
+            f"'{v['majority_class']}', and '{v['class']}' gets {100 * v['predicted_share']:.0f}% of the votes for "
+            f"{100 * v['val_share']:.0f}% of the labels. The neighbours follow what the images differ by most "
+            f"(brightness, a background), not the classes; try {fix}")
     ks = list(results)
     rows = list(range(len(classes)))
     if len(classes) > 20:  # a 1000-class table helps nobody in a terminal: the extremes, all in the CSV
