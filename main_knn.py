@@ -31,7 +31,8 @@ from common.dist.world import add_dist_args, expected_world_size, per_worker
 from common.errors import UserError
 from common.eval.knn import fit_whitening, whiten
 from common.eval.label_tree import add_hierarchy_args, check_hierarchy_depth
-from common.eval.setup import ARCH_HELP, add_pretrained_arg, eval_splits, pretrained_backbone
+from common.eval.setup import (ARCH_HELP, add_label_subset_args, add_pretrained_arg, check_label_subset_args, eval_splits,
+                               label_subset, pretrained_backbone)
 from common.extras import require
 from common.log.plots import embedding_methods, plot_embeddings
 from common.log.progress import log
@@ -67,10 +68,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", default=0.07, type=float, help="vote weight exp(cos / T)")
     g.add_argument("--whiten", default=0, type=int, metavar="D",
                    help="vote in the train features' first D principal axes, each scaled to unit variance (PCA "
-                        "whitening fitted on the train images, labels unused; 0: off): for images that differ "
+                        "whitening fitted on every train image, labels unused; 0: off): for images that differ "
                         "mostly by a nuisance such as brightness while the class is small, e.g. a defect (64 "
                         "on the inspection benchmark; on Fashion-MNIST plain kNN is better: docs/knn.md). Exports "
                         "and retrieval keep the raw features")
+    add_label_subset_args(g, "kNN votes")
     g.add_argument("--skip-knn", action="store_true",
                    help="no kNN evaluation (unlabelled data): only --export-embeddings / --retrieval / --query")
     g.add_argument("--chunk-size", default=1024, type=int, help="queries per similarity chunk")
@@ -125,6 +127,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.whiten < 0:
         raise UserError(f"--whiten must be a number of principal axes (64 is a start) or 0 for off, got "
                         f"{args.whiten}")
+    check_label_subset_args(args)
+    if args.skip_knn and (args.label_fraction != 1.0 or args.label_subset):
+        raise UserError("--label-fraction and --label-subset choose the images kNN votes with; drop them with "
+                        "--skip-knn")
     if any(k < 1 for k in args.knn_k):
         raise UserError(f"--knn-k must be positive numbers of neighbours, got {args.knn_k}; e.g. --knn-k 20 200")
     if args.temperature <= 0:
@@ -163,6 +169,9 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         raise UserError("--retrieval-split val needs a val split (DATA/val or val.csv); use --retrieval-split train")
     need_val = val_base is not None and (not args.skip_knn or args.export_embeddings
                                          or (args.retrieval and query_split == "val"))
+    # the labelled images that vote (all by default); every train image is still embedded: exports,
+    # retrieval and the whitening use them all, as unlabelled images would be in practice
+    voters, subset_path = label_subset(train_base, args) if not args.skip_knn else (None, None)
 
     # ---- model: backbone of the checkpoint, head removed. Same seed on every rank: with
     # --pretrained none all ranks must embed with the same random init
@@ -194,20 +203,29 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     if is_main_process():
         tensorboard = TensorBoardLog(args.output_dir, args.tensorboard)
         if not args.skip_knn:
-            bank, queries, axes = train_f, val_f, 0
+            bank, bank_l, queries, axes = train_f, train_l, val_f, 0
             if args.whiten:
                 mean, projection = fit_whitening(train_f, args.whiten)
                 bank, queries, axes = whiten(train_f, mean, projection), whiten(val_f, mean, projection), \
                     projection.shape[1]
                 log(f"=> kNN on PCA-whitened features: the first {axes} principal axes of the {len(train_index)} "
                     f"train features, each at unit variance")
+            if voters is not None:
+                # rows of the readable images in the subset (an unreadable one has no row)
+                rows = torch.isin(train_index.cpu(), torch.tensor(voters)).nonzero().squeeze(1).to(bank.device)
+                bank, bank_l = bank[rows], bank_l[rows]
+                log(f"=> kNN votes with {len(rows)} of the {len(train_index)} train images (label "
+                    f"{'subset ' + args.label_subset if args.label_subset else f'fraction {args.label_fraction}'}, "
+                    f"saved to {subset_path})")
             info = {"pretrained": args.pretrained, "arch": args.arch, "crop_size": args.crop_size,
                     "small_images": args.small_images, "temperature": args.temperature,
                     "num_train": len(train_index), "num_val": len(val_index) if val_index is not None else 0,
                     "unreadable_train": len(train_base) - len(train_index),
                     "unreadable_val": len(val_base) - len(val_index) if val_index is not None else 0,
-                    "num_classes": len(classes), "feature_dim": int(train_f.shape[1]), "whiten": axes}
-            report_knn(knn_evaluate(bank, train_l, queries, val_l, classes, args, tree), classes, info, args, tree,
+                    "num_classes": len(classes), "feature_dim": int(train_f.shape[1]), "whiten": axes,
+                    "label_fraction": args.label_fraction if not args.label_subset else -1.0,
+                    "num_voters": len(bank_l)}
+            report_knn(knn_evaluate(bank, bank_l, queries, val_l, classes, args, tree), classes, info, args, tree,
                        tensorboard)
         if args.export_embeddings:
             folder = os.path.join(args.output_dir, "embeddings")

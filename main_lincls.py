@@ -40,7 +40,8 @@ from common.dist.launch import script_main, start_worker
 from common.dist.world import expected_world_size, per_worker
 from common.errors import UserError
 from common.eval.label_tree import LabelTree, add_hierarchy_args
-from common.eval.setup import ARCH_HELP, add_pretrained_arg, eval_splits, eval_view
+from common.eval.setup import (ARCH_HELP, add_label_subset_args, add_pretrained_arg, check_label_subset_args, eval_splits,
+                               eval_view)
 from common.log.progress import MetricsLog, log
 from common.train.precision import Precision
 from common.train.schedule import lr_at
@@ -95,13 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "network's) plus the head; the rest stays frozen and in eval mode")
     g.add_argument("--backbone-lr-scale", default=0.1, type=float,
                    help="with --finetune or --trainable-layers: the backbone's lr is --lr times this")
-    g.add_argument("--label-fraction", default=1.0, type=float,
-                   help="train on a class-stratified fraction of the labels (e.g. 0.01, 0.1); the subset is "
-                        "saved to OUTPUT_DIR/label_subset.json")
-    g.add_argument("--subset-seed", default=0, type=int,
-                   help="seed of the --label-fraction draw (fixed by default, so every run gets the same subset)")
-    g.add_argument("--label-subset", default=None, type=str, metavar="JSON",
-                   help="reuse a label_subset.json from an earlier run instead of drawing one")
+    add_label_subset_args(g, "the probe trains")
     g.add_argument("--balanced-sampling", action="store_true",
                    help="oversample small classes (WeightedRandomSampler, weight 1/class size)")
     g.add_argument("--class-weights", action="store_true",
@@ -138,10 +133,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     lr, wd = FINETUNE_DEFAULTS if tuned else MLP_PROBE_DEFAULTS if args.head == "mlp" else LINEAR_PROBE_DEFAULTS
     args.lr = lr if args.lr is None else args.lr
     args.weight_decay = wd if args.weight_decay is None else args.weight_decay
-    if not 0.0 < args.label_fraction <= 1.0:
-        raise UserError(f"--label-fraction must be in (0, 1], got {args.label_fraction}; e.g. 0.01 for 1% of the labels")
-    if args.label_subset and args.label_fraction != 1.0:
-        raise UserError("--label-subset and --label-fraction both choose the training images; pass only one")
+    check_label_subset_args(args)
     if not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     check_hierarchy_flags(args)

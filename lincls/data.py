@@ -2,18 +2,17 @@
 the class-stratified label subset (--label-fraction / --label-subset), the same one every
 time; augmented, and optionally class-balanced."""
 import argparse
-import os
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 from torch.utils.data import DataLoader, Dataset
 
 from common.augment import transforms as augment
 from common.data.loader import ResumableSampler, make_loader
-from common.data.subsets import SubsetDataset, class_counts, load_subset, save_subset, stratified_subset
+from common.data.subsets import SubsetDataset, class_counts
 from common.data.transformed import TransformedDataset
-from common.dist.collectives import DistEnv, is_main_process
-from common.errors import UserError
+from common.dist.collectives import DistEnv
 from common.eval.label_tree import LabelTree
+from common.eval.setup import label_subset
 from common.log.progress import log
 from lincls.balance import BalancedSampler
 
@@ -21,20 +20,8 @@ from lincls.balance import BalancedSampler
 def training_subset(train: Dataset, args: argparse.Namespace) -> Tuple[Dataset, Optional[str]]:
     """--label-subset / --label-fraction: the same images every time, saved next to the run.
     Returns (the training images, the subset file written, None when all are used)."""
-    if args.label_subset:
-        indices = load_subset(args.label_subset, train)
-    elif args.label_fraction < 1.0:
-        indices = stratified_subset(train.targets, args.label_fraction, args.subset_seed, train.classes)
-    else:
-        return train, None
-    subset = SubsetDataset(train, indices)
-    missing = [train.classes[c] for c, n in enumerate(class_counts(subset.targets, len(train.classes))) if n == 0]
-    if missing:
-        raise UserError(f"the label subset has no image of class(es) {missing[:5]}; draw another with --label-fraction")
-    path = os.path.join(args.output_dir, "label_subset.json")
-    if is_main_process():
-        save_subset(path, indices, train, args.label_fraction if not args.label_subset else -1.0, args.subset_seed)
-    return subset, path
+    indices, path = label_subset(train, args)
+    return (train, None) if indices is None else (SubsetDataset(train, indices), path)
 
 
 class TrainingData(NamedTuple):

@@ -12,6 +12,8 @@ from conftest import LEARNING_KNN_IMAGES, SYNTHETIC, run_script, write_image_fol
 from PIL import Image
 
 import main_knn
+from common.data.datasets import build_dataset
+from common.data.subsets import stratified_subset
 from common.eval.knn import fit_whitening, knn_accuracy, knn_predict, knn_search, knn_vote, whiten
 from common.extras import available
 from knn.evaluate import knn_reports, majority_vote
@@ -160,6 +162,31 @@ def test_whiten_flag_votes_in_the_whitened_space_and_says_so(tmp_path, capsys):
     assert "PCA-whitened features: the first 16 principal axes of the 128 train features" in capsys.readouterr().out
     info = results(out)
     assert info["whiten"] == 16 and 0 <= info["knn"]["5"]["top1"] <= 100
+    assert info["num_voters"] == info["num_train"] == 128 and info["label_fraction"] == 1.0
+
+
+@pytest.mark.slow
+def test_label_fraction_votes_with_main_lincls_subset_and_whitens_on_every_train_image(tmp_path, capsys):
+    """A quarter of the labels vote (the images main_lincls.py --label-fraction 0.25 draws);
+    the whitening is fitted on all 128 train images: 64 axes, where the 32 voters alone
+    could give at most 31."""
+    out = tmp_path / "quarter"
+    argv = DATA + ["--pretrained", "none", "--synthetic-size", "128", "--knn-k", "5", "--label-fraction", "0.25"]
+    main_knn.main(argv + ["--whiten", "64", "--output-dir", str(out)])
+    log = capsys.readouterr().out
+    assert "kNN votes with 32 of the 128 train images (label fraction 0.25" in log
+    info = results(out)
+    assert (info["num_voters"], info["num_train"], info["whiten"], info["label_fraction"]) == (32, 128, 64, 0.25)
+    args = main_knn.finalize_args(main_knn.get_args_parser().parse_args(argv + ["--output-dir", str(tmp_path / "x")]))
+    train = build_dataset(args, "train")
+    with open(out / "label_subset.json") as f:
+        assert json.load(f)["indices"] == stratified_subset(train.targets, 0.25, seed=0)
+    # the saved subset is reused as it is, and gives the same vote
+    again = tmp_path / "again"
+    main_knn.main(DATA + ["--pretrained", "none", "--synthetic-size", "128", "--knn-k", "5", "--whiten", "64",
+                          "--label-subset", str(out / "label_subset.json"), "--output-dir", str(again)])
+    assert results(again)["knn"]["5"]["top1"] == info["knn"]["5"]["top1"]
+    assert results(again)["num_voters"] == 32
 
 
 def results(folder):
@@ -292,6 +319,11 @@ def test_clear_errors(capsys, tmp_path):
     assert "nothing to do" in user_error(capsys, small + ["--pretrained", "none", "--skip-knn"])
     assert "--knn-k" in user_error(capsys, small + ["--pretrained", "none", "--knn-k", "0"])
     assert "--whiten must be" in user_error(capsys, small + ["--pretrained", "none", "--whiten", "-1"])
+    assert "--label-fraction must be in (0, 1]" in user_error(capsys, small + ["--pretrained", "none",
+                                                                                "--label-fraction", "0"])
+    assert "drop them with --skip-knn" in user_error(capsys, small + ["--pretrained", "none", "--skip-knn",
+                                                                      "--export-embeddings", "--label-fraction",
+                                                                      "0.5"])
     assert "--batch-size 7 is not divisible" in user_error(
         capsys, small + ["--pretrained", "none", "-b", "7", "--cpu", "--multiprocessing-distributed",
                          "--nproc-per-node", "2"])

@@ -1,7 +1,9 @@
 """What main_lincls.py and main_knn.py both set up before they evaluate anything: the
 --pretrained flag and the backbone it names, the labelled train/val splits (flat or
-hierarchical) with their checks, and the un-augmented view the network sees of them."""
+hierarchical) with their checks, the label subset (--label-fraction / --label-subset) and
+the un-augmented view the network sees of them."""
 import argparse
+import os
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -12,7 +14,9 @@ from common.augment.transforms import eval_decode_side, eval_transform
 from common.ckpt.pretrained import extract_backbone, load_backbone, load_pretrained
 from common.cli import ArgumentAdder
 from common.data.datasets import build_dataset
+from common.data.subsets import class_counts, load_subset, save_subset, stratified_subset
 from common.data.transformed import TransformedDataset
+from common.dist.collectives import is_main_process
 from common.errors import UserError
 from common.eval.hierarchical_data import hierarchical_dataset
 from common.eval.label_tree import LabelTree
@@ -45,6 +49,45 @@ def pretrained_backbone(args: argparse.Namespace, num_classes: int = 1000, load:
     source = f"{where} ({ckpt.get('method') or 'reference'} checkpoint, layout {layout})"
     reference = {k: v.clone() for k, v in extract_backbone(ckpt["state_dict"])[0].items()} if keep_reference else {}
     return model, source, reference
+
+
+def add_label_subset_args(parser: ArgumentAdder, who: str) -> None:
+    """--label-fraction, --subset-seed and --label-subset; `who` says what the labels train
+    ("the probe trains", "kNN votes"), for the help."""
+    parser.add_argument("--label-fraction", default=1.0, type=float,
+                        help=f"{who} on a class-stratified fraction of the train labels (e.g. 0.01, 0.1); the "
+                             f"subset is saved to OUTPUT_DIR/label_subset.json, and the same seed draws the same "
+                             f"images in main_lincls.py and main_knn.py")
+    parser.add_argument("--subset-seed", default=0, type=int,
+                        help="seed of the --label-fraction draw (fixed by default, so every run gets the same subset)")
+    parser.add_argument("--label-subset", default=None, type=str, metavar="JSON",
+                        help="reuse a label_subset.json from an earlier run instead of drawing one")
+
+
+def check_label_subset_args(args: argparse.Namespace) -> None:
+    if not 0.0 < args.label_fraction <= 1.0:
+        raise UserError(f"--label-fraction must be in (0, 1], got {args.label_fraction}; e.g. 0.01 for 1% of the labels")
+    if args.label_subset and args.label_fraction != 1.0:
+        raise UserError("--label-subset and --label-fraction both choose the training images; pass only one")
+
+
+def label_subset(train: Dataset, args: argparse.Namespace) -> Tuple[Optional[List[int]], Optional[str]]:
+    """The train indices --label-subset / --label-fraction name, the same ones every time, and
+    the label_subset.json written beside the run; (None, None) when every label is used."""
+    if args.label_subset:
+        indices = load_subset(args.label_subset, train)
+    elif args.label_fraction < 1.0:
+        indices = stratified_subset(train.targets, args.label_fraction, args.subset_seed, train.classes)
+    else:
+        return None, None
+    targets = [train.targets[i] for i in indices]
+    missing = [train.classes[c] for c, n in enumerate(class_counts(targets, len(train.classes))) if n == 0]
+    if missing:
+        raise UserError(f"the label subset has no image of class(es) {missing[:5]}; draw another with --label-fraction")
+    path = os.path.join(args.output_dir, "label_subset.json")
+    if is_main_process():
+        save_subset(path, indices, train, args.label_fraction if not args.label_subset else -1.0, args.subset_seed)
+    return indices, path
 
 
 class Splits(NamedTuple):
