@@ -32,14 +32,14 @@ from common.errors import UserError
 from common.eval.knn import fit_whitening, whiten
 from common.eval.label_tree import add_hierarchy_args, check_hierarchy_depth
 from common.eval.setup import (ARCH_HELP, add_label_subset_args, add_pretrained_arg, check_label_subset_args, eval_splits,
-                               label_subset, pretrained_backbone)
+                               pretrained_backbone)
 from common.extras import require
 from common.log.plots import embedding_methods, plot_embeddings
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
 from common.nets.models import without_head
 from knn.embeddings import EXPORT_FORMATS, embed, export_embeddings
-from knn.evaluate import knn_evaluate
+from knn.evaluate import knn_evaluate, knn_voters
 from knn.reports import report_knn
 from knn.retrieval import retrieval
 
@@ -163,15 +163,16 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- data: train is the memory bank; val is evaluated (and queried) when there is one.
     # With --hierarchy-depth the classes are the deepest level's paths and the tree maps them up
-    train_base, val_base, tree, classes = eval_splits(args, None if args.skip_knn else "kNN evaluation", SKIP_KNN)
+    train_base, val_base, tree, classes = eval_splits(args, None if args.skip_knn else "kNN evaluation", SKIP_KNN,
+                                                      partly_labelled_train=True)
     query_split = args.retrieval_split if args.retrieval_split != "auto" else ("val" if val_base is not None else "train")
     if query_split == "val" and args.retrieval and val_base is None:
         raise UserError("--retrieval-split val needs a val split (DATA/val or val.csv); use --retrieval-split train")
     need_val = val_base is not None and (not args.skip_knn or args.export_embeddings
                                          or (args.retrieval and query_split == "val"))
-    # the labelled images that vote (all by default); every train image is still embedded: exports,
-    # retrieval and the whitening use them all, as unlabelled images would be in practice
-    voters, subset_path = label_subset(train_base, args) if not args.skip_knn else (None, None)
+    # who votes: every labelled train image, or the --label-fraction draw. Every train image is
+    # still embedded: exports, retrieval and --whiten use them all, as they would an unlabelled pool
+    voters, chosen = knn_voters(train_base, args) if not args.skip_knn else (None, "")
 
     # ---- model: backbone of the checkpoint, head removed. Same seed on every rank: with
     # --pretrained none all ranks must embed with the same random init
@@ -214,9 +215,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                 # rows of the readable images in the subset (an unreadable one has no row)
                 rows = torch.isin(train_index.cpu(), torch.tensor(voters)).nonzero().squeeze(1).to(bank.device)
                 bank, bank_l = bank[rows], bank_l[rows]
-                log(f"=> kNN votes with {len(rows)} of the {len(train_index)} train images (label "
-                    f"{'subset ' + args.label_subset if args.label_subset else f'fraction {args.label_fraction}'}, "
-                    f"saved to {subset_path})")
+                log(f"=> kNN votes with {len(rows)} of the {len(train_index)} train images ({chosen})")
             info = {"pretrained": args.pretrained, "arch": args.arch, "crop_size": args.crop_size,
                     "small_images": args.small_images, "temperature": args.temperature,
                     "num_train": len(train_index), "num_val": len(val_index) if val_index is not None else 0,

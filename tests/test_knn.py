@@ -364,6 +364,28 @@ def test_unlabelled_images_export_and_retrieve_with_skip_knn(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_partly_labelled_csv_votes_with_its_labelled_rows_and_whitens_on_all(tmp_path, capsys):
+    """A csv with empty labels (the unlabelled pool beside a few labels): the labelled rows
+    vote, every row is embedded, exported and in the whitening (5 axes from 8 images, where
+    the 4 labelled ones could give at most 3)."""
+    root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=4, size=20, split_dirs=("train", "val"))
+    with open(os.path.join(root, "train.csv"), "w") as f:
+        f.write("path,label\n" + "".join(f"train/{c}/{i}.png,{c if i < 2 else ''}\n" for c in "ab" for i in range(4)))
+    with open(os.path.join(root, "val.csv"), "w") as f:
+        f.write("".join(f"val/{c}/{i}.png,{c}\n" for c in "ab" for i in range(4)))
+    out = tmp_path / "out"
+    base = [root, "--dataset", "csv", "-a", "resnet18", "-j", "0", "-b", "4", "--crop-size", "32", "--pretrained",
+            "none", "--knn-k", "3"]
+    main_knn.main(base + ["--whiten", "5", "--export-embeddings", "--output-dir", str(out)])
+    assert "kNN votes with 4 of the 8 train images (the labelled ones; 4 have no label)" in capsys.readouterr().out
+    info = results(out)
+    assert (info["num_voters"], info["num_train"], info["whiten"]) == (4, 8, 5)
+    assert np.load(out / "embeddings" / "train_labels.npy").tolist() == [0, 0, -1, -1, 1, 1, -1, -1]
+    err = user_error(capsys, base + ["--label-fraction", "0.5", "--output-dir", str(tmp_path / "x")])
+    assert "4 train images have no label" in err and "drop the flag" in err
+
+
+@pytest.mark.slow
 def test_embedding_tables_have_one_row_per_image_in_file_order_with_unreadable_ones_skipped(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=3, size=20, split_dirs=("train",))
     broken = [os.path.join(root, "train", "a", "1.png"), os.path.join(root, "train", "b", "0.png")]

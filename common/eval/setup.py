@@ -97,24 +97,32 @@ class Splits(NamedTuple):
     classes: List[str]  # the training split's ([] when unlabelled)
 
 
-def labelled(dataset: Optional[Dataset], split: str, needs: str, way_out: str = "") -> Dataset:
-    """`dataset`, refused when it is absent or has an image without a label. `needs` names
-    who needs the labels and `way_out` how to do without, for the message."""
+def labelled(dataset: Optional[Dataset], split: str, needs: str, way_out: str = "", partly: bool = False) -> Dataset:
+    """`dataset`, refused when it is absent or has an image without a label (with `partly`:
+    when none has one). `needs` names who needs the labels and `way_out` how to do without,
+    for the message."""
     if dataset is None:
         raise UserError(f"{needs} needs a labelled {split} split; give DATA/train and DATA/val class folders "
                         f"(or train.csv and val.csv with --dataset csv){way_out}")
     unlabelled = sum(1 for t in dataset.targets if t < 0)
+    if partly and getattr(dataset, "classes", None) and unlabelled < len(dataset):
+        return dataset
     if not getattr(dataset, "classes", None) or unlabelled:
         raise UserError(f"{unlabelled or len(dataset)} {split} images have no label; {needs} needs every image in "
                         f"a class folder (or a label in the csv){way_out}")
     return dataset
 
 
-def eval_splits(args: argparse.Namespace, needs: Optional[str], way_out: str = "") -> Splits:
+def eval_splits(args: argparse.Namespace, needs: Optional[str], way_out: str = "",
+                partly_labelled_train: bool = False) -> Splits:
     """The train and val splits of DATA. With `needs` (see labelled) both must be labelled
-    with the same classes; without, either may be unlabelled and val absent. With
-    --hierarchy-depth the tree is read from train, and val must use its classes."""
-    check = (lambda ds, split: labelled(ds, split, needs, way_out)) if needs else (lambda ds, split: ds)
+    with the same classes (train only partly with `partly_labelled_train`: a csv's rows with
+    an empty label); without, either may be unlabelled and val absent. With --hierarchy-depth
+    the tree is read from train, and val must use its classes."""
+    def check(ds: Optional[Dataset], split: str) -> Optional[Dataset]:
+        partly = partly_labelled_train and split == "train" and not args.hierarchy_depth
+        return labelled(ds, split, needs, way_out, partly) if needs else ds
+
     # train is checked before val is read, so its problem is the one reported
     if args.hierarchy_depth:
         train = check(hierarchical_dataset(args, "train"), "train")
