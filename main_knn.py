@@ -32,14 +32,14 @@ from common.errors import UserError
 from common.eval.knn import fit_whitening, whiten
 from common.eval.label_tree import add_hierarchy_args, check_hierarchy_depth
 from common.eval.setup import (ARCH_HELP, add_label_subset_args, add_pretrained_arg, check_label_subset_args, eval_splits,
-                               pretrained_backbone)
+                               pretrained_backbone, training_labels)
 from common.extras import require
 from common.log.plots import embedding_methods, plot_embeddings
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
 from common.nets.models import without_head
 from knn.embeddings import EXPORT_FORMATS, embed, export_embeddings
-from knn.evaluate import knn_evaluate, knn_voters
+from knn.evaluate import knn_evaluate
 from knn.reports import report_knn
 from knn.retrieval import retrieval
 
@@ -172,7 +172,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                                          or (args.retrieval and query_split == "val"))
     # who votes: every labelled train image, or the --label-fraction draw. Every train image is
     # still embedded: exports, retrieval and --whiten use them all, as they would an unlabelled pool
-    voters, chosen = knn_voters(train_base, args) if not args.skip_knn else (None, "")
+    voters, chosen = training_labels(train_base, args) if not args.skip_knn else (None, "")
 
     # ---- model: backbone of the checkpoint, head removed. Same seed on every rank: with
     # --pretrained none all ranks must embed with the same random init

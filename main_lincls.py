@@ -156,7 +156,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- data: labelled train and val, same classes. With --hierarchy-depth the classes
     # are the deepest level's paths and the tree maps them up
-    splits = eval_splits(args, needs="main_lincls.py")
+    splits = eval_splits(args, needs="main_lincls.py", partly_labelled_train=True)
     classes, tree = splits.classes, splits.tree
     if len(classes) < 2:  # one class: every prediction is right, 100 % top-1 and F1 that mean nothing
         raise UserError(f"the dataset has only one class ({classes[0]!r}); a classifier needs at least two classes: "

@@ -4,31 +4,10 @@ import argparse
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import Dataset
 
-from common.errors import UserError
 from common.eval.knn import knn_search, knn_vote, top_n, vote_accuracy
 from common.eval.label_tree import LabelTree, consistency_rate, path_accuracy
 from common.eval.metrics import classification_report
-from common.eval.setup import label_subset
-
-
-def knn_voters(train: Dataset, args: argparse.Namespace) -> Tuple[Optional[List[int]], str]:
-    """The train indices whose labels vote (None: all of them) and how they were chosen, for
-    the log: the labelled images of a partly labelled train split (a csv with empty labels),
-    or the --label-fraction / --label-subset draw of a labelled one."""
-    unlabelled = sum(1 for t in train.targets if t < 0)
-    if unlabelled:
-        if args.label_fraction != 1.0 or args.label_subset:
-            raise UserError(f"{unlabelled} train images have no label, and --label-fraction / --label-subset draw "
-                            f"from a labelled train split; drop the flag (the labelled images vote) or label every "
-                            f"train image")
-        return [i for i, t in enumerate(train.targets) if t >= 0], f"the labelled ones; {unlabelled} have no label"
-    indices, path = label_subset(train, args)
-    if indices is None:
-        return None, ""
-    drawn = f"label subset {args.label_subset}" if args.label_subset else f"label fraction {args.label_fraction}"
-    return indices, f"{drawn}, saved to {path}"
 
 
 def knn_evaluate(train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tensor, val_l: torch.Tensor,

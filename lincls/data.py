@@ -12,16 +12,17 @@ from common.data.subsets import SubsetDataset, class_counts
 from common.data.transformed import TransformedDataset
 from common.dist.collectives import DistEnv
 from common.eval.label_tree import LabelTree
-from common.eval.setup import label_subset
+from common.eval.setup import training_labels
 from common.log.progress import log
 from lincls.balance import BalancedSampler
 
 
-def training_subset(train: Dataset, args: argparse.Namespace) -> Tuple[Dataset, Optional[str]]:
-    """--label-subset / --label-fraction: the same images every time, saved next to the run.
-    Returns (the training images, the subset file written, None when all are used)."""
-    indices, path = label_subset(train, args)
-    return (train, None) if indices is None else (SubsetDataset(train, indices), path)
+def training_subset(train: Dataset, args: argparse.Namespace) -> Tuple[Dataset, str]:
+    """The labelled training images: all of train, its labelled rows (a partly labelled csv),
+    or the --label-fraction / --label-subset draw, the same every time and saved next to the
+    run. Returns (the images, how they were chosen: "" when all are used)."""
+    indices, chosen = training_labels(train, args)
+    return (train, "") if indices is None else (SubsetDataset(train, indices), chosen)
 
 
 class TrainingData(NamedTuple):
@@ -29,7 +30,7 @@ class TrainingData(NamedTuple):
     dataset: TransformedDataset  # the same, augmented
     loader: DataLoader
     sampler: ResumableSampler
-    subset_path: Optional[str]  # where the label subset was saved
+    chosen: str  # how the images were chosen from train ("": all of them), for the log
     # the labels --balanced-sampling and --class-weights balance: the --balance-level classes
     balance_targets: Sequence[int]
     balance_classes: int
@@ -39,7 +40,7 @@ def training_data(train: Dataset, args: argparse.Namespace, env: DistEnv, batch_
                   tree: Optional[LabelTree] = None) -> TrainingData:
     """The augmented training images (a label subset with --label-fraction / --label-subset)
     and their loader; with --balanced-sampling, small classes of --balance-level oversampled."""
-    images, subset_path = training_subset(train, args)
+    images, chosen = training_subset(train, args)
     dataset = TransformedDataset(images, augment.train_classifier(args.crop_size), args.strict_data,
                                  decode_side=augment.train_classifier_decode_side(args.crop_size))
     balance_targets, balance_classes = images.targets, len(train.classes)
@@ -50,15 +51,14 @@ def training_data(train: Dataset, args: argparse.Namespace, env: DistEnv, batch_
     if args.balanced_sampling:
         sampler = BalancedSampler(balance_targets, balance_classes, env.world_size, env.rank, seed=env.seed)
     loader, sampler = make_loader(dataset, batch_size, env, workers, env.seed, drop_last=False, sampler=sampler)
-    return TrainingData(images, dataset, loader, sampler, subset_path, balance_targets, balance_classes)
+    return TrainingData(images, dataset, loader, sampler, chosen, balance_targets, balance_classes)
 
 
 def log_training_data(data: TrainingData, num_val: int, batch_size: int, args: argparse.Namespace,
                       tree: Optional[LabelTree] = None) -> None:
     """How many images, iterations and images per class (per level of a hierarchy) a run has."""
     counts = class_counts(data.images.targets, len(data.images.classes))
-    log(f"=> {len(data.dataset)} training images" + (f" (label fraction {args.label_fraction}, subset saved to "
-                                                      f"{data.subset_path})" if data.subset_path else "")
+    log(f"=> {len(data.dataset)} training images" + (f" ({data.chosen})" if data.chosen else "")
         + f", {num_val} val images, {len(data.loader)} iterations/epoch, batch {batch_size}/process; "
         f"images per class {min(counts)}..{max(counts)}")
     if tree is not None:

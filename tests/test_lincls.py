@@ -110,13 +110,38 @@ def test_label_fraction_subset_is_stratified_seeded_and_reproducible(tmp_path):
         SYNTHETIC + ["--synthetic-size", "80", "--pretrained", "none", "--label-fraction", "0.2",
                      "--output-dir", str(tmp_path / "a")]))
     train = build_dataset(args, "train")
-    subset, path = training_subset(train, args)
-    assert path == str(tmp_path / "a" / "label_subset.json")
+    subset, chosen = training_subset(train, args)
+    path = str(tmp_path / "a" / "label_subset.json")
+    assert chosen == f"label fraction 0.2, saved to {path}" and os.path.isfile(path)
     assert subset.indices == stratified_subset(train.targets, 0.2, seed=0)
     assert Counter(subset.targets) == {c: 2 for c in range(8)}  # 10 per class -> 2 each
     args.label_fraction, args.label_subset = 1.0, path
     again, _ = training_subset(train, args)
     assert again.indices == subset.indices
+
+
+@pytest.mark.slow
+def test_a_partly_labelled_csv_trains_the_probe_on_its_labelled_rows(tmp_path, capsys):
+    """A csv whose unlabelled rows have an empty label (the pool pretraining used): the probe
+    fits the labelled rows; --label-fraction on it is one sentence."""
+    root = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=4, size=20, split_dirs=("train", "val"))
+    with open(os.path.join(root, "train.csv"), "w") as f:
+        f.write("path,label\n" + "".join(f"train/{c}/{i}.png,{c if i < 2 else ''}\n" for c in "ab" for i in range(4)))
+    with open(os.path.join(root, "val.csv"), "w") as f:
+        f.write("".join(f"val/{c}/{i}.png,{c}\n" for c in "ab" for i in range(4)))
+    base = [root, "--dataset", "csv", "-a", "resnet18", "-j", "0", "-b", "4", "--crop-size", "32", "--pretrained",
+            "none", "--probe", "logreg"]
+    args = main_lincls.finalize_args(main_lincls.get_args_parser().parse_args(base + ["--output-dir",
+                                                                                      str(tmp_path / "u")]))
+    subset, chosen = training_subset(build_dataset(args, "train"), args)
+    assert subset.indices == [0, 1, 4, 5] and subset.targets == [0, 0, 1, 1]
+    assert chosen == "the labelled ones; 4 have no label"
+    stdout = lincls(base + ["--output-dir", str(tmp_path / "run")])
+    assert "=> 4 training images (the labelled ones; 4 have no label)" in stdout
+    assert json.load(open(tmp_path / "run" / "results.json"))["num_train_images"] == 4
+    code = run_main(main_lincls.main, base + ["--label-fraction", "0.5", "--output-dir", str(tmp_path / "f")])
+    err = capsys.readouterr().err
+    assert code == 2 and "4 train images have no label" in err and "Traceback" not in err
 
 
 def test_balanced_sampling_really_balances():

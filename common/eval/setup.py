@@ -90,6 +90,24 @@ def label_subset(train: Dataset, args: argparse.Namespace) -> Tuple[Optional[Lis
     return indices, path
 
 
+def training_labels(train: Dataset, args: argparse.Namespace) -> Tuple[Optional[List[int]], str]:
+    """The train indices whose labels are used (None: all of them) and how they were chosen,
+    for the log: the labelled images of a partly labelled train split (a csv with empty
+    labels: the unlabelled pool), or the --label-fraction / --label-subset draw."""
+    unlabelled = sum(1 for t in train.targets if t < 0)
+    if unlabelled:
+        if args.label_fraction != 1.0 or args.label_subset:
+            raise UserError(f"{unlabelled} train images have no label, and --label-fraction / --label-subset draw "
+                            f"from a labelled train split; drop the flag (the labelled images are used) or label "
+                            f"every train image")
+        return [i for i, t in enumerate(train.targets) if t >= 0], f"the labelled ones; {unlabelled} have no label"
+    indices, path = label_subset(train, args)
+    if indices is None:
+        return None, ""
+    drawn = f"label subset {args.label_subset}" if args.label_subset else f"label fraction {args.label_fraction}"
+    return indices, f"{drawn}, saved to {path}"
+
+
 class Splits(NamedTuple):
     train: Dataset
     val: Optional[Dataset]  # None: the data has no val split
