@@ -48,7 +48,8 @@ def _find(path: str) -> Tuple[str, Dict]:
 def backbone(path: str) -> nn.Module:
     """The exported backbone at `path` (see the module's docstring), its features as output."""
     file, info = _find(path)
-    net = network(info)
-    net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True), strict=True)
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    net = network(info, state)
+    net.load_state_dict(state, strict=True)
     net.meta = info
     return net.eval()

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 from common.extras import available, require
+from common.nets.backbones import adopt_position_embedding
 from common.nets.models import build_backbone
 from export import detectron2
 
@@ -70,10 +71,12 @@ def plain_torchvision(info: Dict) -> nn.Module:
     return net
 
 
-def network(info: Dict) -> nn.Module:
-    """The network an export's state_dict loads into strictly: build_backbone with the JSON's
-    arch and stem, `fc` an Identity (a lincls export keeps its linear head)."""
+def network(info: Dict, state: Dict[str, torch.Tensor]) -> nn.Module:
+    """The network the export's `state` loads into strictly: build_backbone with the JSON's
+    arch and stem, a ViT's position embedding on the grid `state` has, `fc` an Identity (a
+    lincls export keeps its linear head)."""
     net = build_backbone(info["arch"], num_classes=info.get("num_classes", 1000), small_images=info["small_images"])
+    adopt_position_embedding(net, state)
     if "num_classes" not in info:
         net.fc = nn.Identity()
     return net
@@ -87,7 +90,7 @@ def exported_forward(fmt: str, file: str, info: Dict) -> Optional[Callable[[torc
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
         # a ResNet in plain torchvision; other families in our `body.*` layout (or their stem)
-        net = plain_torchvision(info) if info["family"] == "ResNet" else network(info)
+        net = plain_torchvision(info) if info["family"] == "ResNet" else network(info, state)
         net.load_state_dict(state, strict=True)
         return net.eval()
     if fmt == "torchscript":

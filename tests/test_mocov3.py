@@ -133,6 +133,45 @@ def test_our_checkpoint_loads_in_theirs(tmp_path, capsys, monkeypatch):
             assert torch.equal(v, ckpt["state_dict"]["module.base_encoder." + k]), k
 
 
+@pytest.mark.slow
+def test_a_vit_trained_at_its_own_crop_probes_exports_and_loads_from_the_hub(tmp_path, capsys, monkeypatch):
+    """main_moco_v3.py builds its ViT for --crop-size (48 here, vit_tiny's default is 32): kNN,
+    the logreg probe, export, torch.hub and --init rebuild it and take the checkpoint's 12 x 12
+    grid of position embeddings as trained, instead of refusing its shape."""
+    import hubconf
+    from common.ckpt.io import load_checkpoint
+    from common.ckpt.pretrained import load_backbone
+    from common.train.run import PretrainRun
+    monkeypatch.setattr(PretrainRun, "check_views", lambda self, recipe: None)
+    run = tmp_path / "run"
+    run_inline(capsys, main_moco_v3.main, TINY + ["-a", "vit_tiny", "--crop-size", "48", "--output-dir", str(run)])
+    ckpt_path = str(run / "checkpoint_last.pth.tar")
+    assert load(ckpt_path)["state_dict"]["module.base_encoder.body.encoder.pos_embedding"].shape == (1, 145, 64)
+    data = SYNTHETIC + ["-a", "vit_tiny", "--synthetic-size", "32", "-b", "16", "-p", "100", "--pretrained", ckpt_path]
+    run_inline(capsys, main_knn.main, data + ["--knn-k", "5", "--output-dir", str(tmp_path / "knn")])
+    assert json.load(open(tmp_path / "knn" / "knn_results.json"))["crop_size"] == 48
+    run_inline(capsys, main_lincls.main, data + ["--probe", "logreg", "--output-dir", str(tmp_path / "lincls")])
+    out = tmp_path / "export"
+    out.mkdir()
+    with contextlib.redirect_stdout(io.StringIO()):
+        export_backbone.main([ckpt_path, "-o", str(out / "vit.pth")])
+    ours = build_backbone("vit_tiny")  # built for 32 px: it adopts the 48 px grid on load
+    load_backbone(ours, load_checkpoint(ckpt_path))
+    ours.fc = nn.Identity()
+    hub = hubconf.backbone(str(out))
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(hub(x), ours.eval()(x), atol=1e-5)
+    assert hub.meta["crop_size"] == 48
+    # continued pretraining at another crop: both encoders take the checkpoint's grid
+    again = tmp_path / "again"
+    run_inline(capsys, main_moco_v3.main, TINY + ["-a", "vit_tiny", "--crop-size", "64", "--init", ckpt_path,
+                                                  "--output-dir", str(again)])
+    sd = load(again / "checkpoint_last.pth.tar")["state_dict"]
+    for encoder in ("base_encoder", "momentum_encoder"):
+        assert sd[f"module.{encoder}.body.encoder.pos_embedding"].shape == (1, 145, 64)
+
+
 def official_resnet_checkpoint(path):
     """A checkpoint as facebookresearch/moco-v3 writes it for a ResNet (r-50-1000ep.pth.tar):
     `module.base_encoder.*` with the projector as `fc`, `module.momentum_encoder.*`,

@@ -15,6 +15,7 @@ from common.ckpt.pretrained import check_finite, checked_checkpoint, extract_bac
 from common.ckpt.resume import check_arch, resolve_resume
 from common.errors import UserError
 from common.log.progress import log
+from common.nets.backbones import adopt_position_embedding
 
 
 def read_init(spec: str, arch: str) -> Dict[str, Any]:
@@ -57,6 +58,7 @@ def init_backbone(args: argparse.Namespace, backbone: nn.Module, *copies: nn.Mod
     where = "torchvision's ImageNet weights" if args.init == "imagenet" else args.init
     layout = load_backbone(backbone, ckpt, where)
     for copy in copies:
+        adopt_position_embedding(copy, backbone.state_dict())  # a ViT's grid, as the backbone took it
         copy.load_state_dict(backbone.state_dict())
     log(f"=> --init: the backbone starts from {where} (layout {layout})"
         + (f", copied into the {len(copies)} momentum encoder(s)" if copies else ""))

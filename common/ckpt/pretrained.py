@@ -14,7 +14,7 @@ from common.ckpt.resume import check_arch
 from common.data.datasets import default_crop_size
 from common.errors import UserError
 from common.ckpt.vit_keys import is_timm_vit, timm_to_torchvision
-from common.nets.backbones import HEAD_ATTRS
+from common.nets.backbones import HEAD_ATTRS, adopt_position_embedding
 
 # prefixes under which pretraining checkpoints keep the backbone, most specific first
 # (MoCo v3, ours and facebookresearch/moco-v3: `base_encoder`; MoCo v1/v2: `encoder_q`)
@@ -73,6 +73,8 @@ def load_backbone(model: nn.Module, ckpt: Dict[str, Any], path: str = "checkpoin
         # torchvision's layout of a wrapped family (e.g. --pretrained imagenet): ours is under `body.`,
         # without the classifier's last Linear
         weights = {"body." + k: v for k, v in weights.items() if "body." + k in own or not k.startswith(HEAD_ATTRS)}
+    adopt_position_embedding(model, weights)  # a ViT trained at another crop than it was built for
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)

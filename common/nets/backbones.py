@@ -6,7 +6,7 @@ facebookresearch/moco checkpoints. Every other family (ConvNeXt, EfficientNet, M
 MNASNet, DenseNet, Swin, ViT, MaxViT, VGG, AlexNet) is wrapped in `Backbone`: `body` is
 the torchvision model with its last Linear (and the Dropout in front of it) removed, so it
 returns the pooled feature vector, and `fc` is a fresh Linear on it."""
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -62,6 +62,26 @@ class AnySizeViT(VisionTransformer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.heads(self.tokens(x)[:, 0])
+
+
+def adopt_position_embedding(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Before `model` loads `state`: each AnySizeViT in it whose saved position embedding is
+    for another grid than it was built for takes the saved grid (its image_size follows), so
+    the weights load exactly as trained; forward still interpolates for other inputs. Why:
+    main_moco_v3.py builds its ViT for --crop-size, and a probe or export rebuilding it
+    without that crop found a 224 px embedding where the checkpoint had, say, a 64 px one."""
+    for name, module in model.named_modules():
+        if not isinstance(module, AnySizeViT):
+            continue
+        saved = state.get((name + "." if name else "") + "encoder.pos_embedding")
+        own = module.encoder.pos_embedding
+        if saved is None or saved.shape == own.shape or saved.ndim != 3 or saved.shape[2] != own.shape[2]:
+            continue  # nothing to adopt, or a shape load_state_dict will name
+        grid = int(round((saved.shape[1] - 1) ** 0.5))  # class token + grid x grid patches
+        if grid * grid + 1 != saved.shape[1]:
+            continue
+        module.encoder.pos_embedding = nn.Parameter(torch.zeros_like(saved, device=own.device, dtype=own.dtype))
+        module.image_size, module.seq_length = grid * module.patch_size, saved.shape[1]
 
 
 class MNASNet(tvm.MNASNet):
