@@ -66,6 +66,10 @@ from common.train.recipes import SMALL_DATA_BUDGET, epochs_for_budget  # noqa: E
 from lincls.logreg import PROBE_WD, logistic_regression_accuracy  # noqa: E402
 from moco.guards import fitted_queue  # noqa: E402
 
+# main_knn.py --whiten: the principal axes the whitened kNN column keeps (docs/small-data.md, "kNN and
+# the nuisance")
+KNN_WHITEN = 64
+
 # moco_k 0: fit the pool, the largest multiple of the batch up to a tenth of it (at most 4096;
 # main_moco.py warns above a tenth: each image would meet its own older keys as negatives).
 # budgets: --quick fits 2 CPU cores with the ImageNet stem at 32 px; full is the CIFAR-demo-sized
@@ -73,11 +77,6 @@ from moco.guards import fitted_queue  # noqa: E402
 # away; moco_k 4096 needs a pool several times larger, or the queue holds stale keys of the
 # query's own image as negatives; MoCo T 0.5 at the quick budget, where 0.2 (the long-schedule
 # value) left its probes below random init's (docs/small-data.md: why these values)
-
-# main_knn.py --whiten: the principal axes the whitened kNN column keeps (docs/small-data.md, "kNN and
-# the nuisance")
-KNN_WHITEN = 64
-
 PRESETS = {
     "quick": dict(pretrain_images=10000, train_images=2000, test_images=2000, pretrain_epochs=8, batch_size=64,
                   probe_epochs=5, sup_epochs=5, small_images=False, workers=0, moco_k=0, probe_lr=2.0,

@@ -67,12 +67,12 @@ def majority_vote(pred: torch.Tensor, val_l: torch.Tensor, classes: List[str]) -
     if len(pred) == 0 or len(classes) < 2:
         return None
     pred, val_l = pred.long().cpu(), val_l.long().cpu()
-    predicted = torch.bincount(pred, minlength=len(classes)).float() / len(pred)
-    labelled = torch.bincount(val_l, minlength=len(classes)).float() / len(val_l)
-    c, m = int(predicted.argmax()), int(labelled.argmax())
+    predicted = (torch.bincount(pred, minlength=len(classes)).float() / len(pred)).tolist()
+    labelled = (torch.bincount(val_l, minlength=len(classes)).float() / len(val_l)).tolist()
+    c, m = max(range(len(classes)), key=predicted.__getitem__), max(range(len(classes)), key=labelled.__getitem__)
     top1 = (pred == val_l).float().mean().item()
     one_sided = predicted[c] >= ONE_CLASS_SHARE and labelled[c] <= predicted[c] - ONE_CLASS_GAP
     if not one_sided and top1 > labelled[m] + MAJORITY_MARGIN:
         return None
-    return {"class": classes[c], "predicted_share": predicted[c].item(), "val_share": labelled[c].item(),
-            "top1": top1, "majority_class": classes[m], "majority_share": labelled[m].item()}
+    return {"class": classes[c], "predicted_share": predicted[c], "val_share": labelled[c],
+            "top1": top1, "majority_class": classes[m], "majority_share": labelled[m]}
