@@ -101,6 +101,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
         N, C, H, W = input.shape
         if not ((self.training or not self.track_running_stats) and self.num_splits > 1):
             return super().forward(input)
+        if N % self.num_splits:
+            return self._uneven_groups(input)
         if torch.compiler.is_compiling() and self.affine and self.track_running_stats:
             return _group_batch_norm_ops(input, self.weight, self.bias, self.running_mean, self.running_var,
                                          self.num_splits, self.momentum, self.eps)
@@ -116,3 +118,34 @@ class SplitBatchNorm(nn.BatchNorm2d):
         self.running_mean.data.copy_(running_mean_split.view(self.num_splits, C).mean(dim=0))
         self.running_var.data.copy_(running_var_split.view(self.num_splits, C).mean(dim=0))
         return outcome
+
+    def _uneven_groups(self, input: torch.Tensor) -> torch.Tensor:
+        """A batch that does not divide by num_splits (the last batch of a kNN pass or of the
+        BatchNorm recalibration on an odd image count): sample i stays in group i mod S, the
+        first N mod S groups holding one sample more. Kept over the alternatives because it is
+        the even case's own rule: every sample is normalised by the group it would be in with
+        one more sample per group, so the remainder never sees another group's statistics
+        (that would hint at which samples sit together, what shuffle-BN hides) and the batch
+        is never one group (the positive's statistics shared with its key). The running
+        statistics move by the groups' statistics weighted by their sizes, which for equal
+        groups is the even path's plain average. S small batch-norm calls: this batch is rare."""
+        N = input.shape[0]
+        out = torch.empty_like(input)
+        track = self.track_running_stats and self.running_mean is not None
+        new_mean = torch.zeros_like(self.running_mean) if track else None
+        new_var = torch.zeros_like(self.running_var) if track else None
+        for s in range(min(self.num_splits, N)):  # N < S: the empty groups are no groups
+            rows = input[s::self.num_splits]
+            rm = self.running_mean.clone() if track else None
+            rv = self.running_var.clone() if track else None
+            out[s::self.num_splits] = F.batch_norm(rows, rm, rv, self.weight, self.bias, True, self.momentum,
+                                                   self.eps)
+            if track:
+                share = rows.shape[0] / N
+                new_mean.add_(rm, alpha=share)
+                new_var.add_(rv, alpha=share)
+        if track:
+            with torch.no_grad():
+                self.running_mean.copy_(new_mean)
+                self.running_var.copy_(new_var)
+        return out

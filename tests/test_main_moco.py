@@ -186,3 +186,16 @@ def test_knn_monitor_reports_the_untrained_network_first(tmp_path, capsys):
                                               "--resume", "auto"])
     assert "kNN before training" not in proc.stdout
     assert "knn_top1_untrained" not in json.loads(open(tmp_path / "metrics.jsonl").read().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_recipe_small_knn_monitor_on_an_odd_image_count(tmp_path, capsys):
+    """README's small-data row with --knn-every on 101 images: the untrained network's kNN pass
+    (BatchNorm recalibrated on one batch of 101 in --recipe small's 2 BN groups) and the
+    epoch's kNN run instead of failing in SplitBatchNorm's reshape."""
+    proc = run_inline(capsys, main_moco.main, SYNTHETIC + [
+        "--synthetic-size", "101", "--recipe", "small", "--knn-every", "1", "-b", "16", "--epochs", "1",
+        "--output-dir", str(tmp_path)])
+    assert "--bn-splits 2" in proc.stdout and "=> kNN before training: top-1" in proc.stdout
+    rec = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert "knn_top1" in rec[0] and "knn_top1_untrained" in rec[0]

@@ -2,6 +2,7 @@
 import functools
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -103,3 +104,35 @@ def test_split_batchnorm_normalises_each_group_separately():
     plain.load_state_dict(bn.state_dict())
     bn.eval(), plain.eval()
     torch.testing.assert_close(bn(x), plain(x))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_batchnorm_batch_that_does_not_divide_by_the_splits(channels_last):
+    """A batch of 9 in 2 groups (the last batch of a kNN pass on an odd image count): sample i
+    stays in group i mod 2 (5 and 4 samples), each group normalised by its own statistics as a
+    BatchNorm2d would, gradients flow, and the running statistics move by the size-weighted
+    groups' statistics."""
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(3, num_splits=2)
+    bn.weight.data.uniform_(0.5, 2.0)
+    bn.bias.data.normal_()
+    x = torch.randn(9, 3, 4, 4)
+    x[0::2] += 10.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = bn(x)
+    refs = [nn.BatchNorm2d(3) for _ in range(2)]
+    for g, ref in enumerate(refs):
+        ref.load_state_dict({k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"}, strict=False)
+        ref.running_mean.zero_(), ref.running_var.fill_(1.0)
+        torch.testing.assert_close(y[g::2], ref(x[g::2].detach()))
+    expected_mean = (5 * refs[0].running_mean + 4 * refs[1].running_mean) / 9
+    expected_var = (5 * refs[0].running_var + 4 * refs[1].running_var) / 9
+    torch.testing.assert_close(bn.running_mean, expected_mean)
+    torch.testing.assert_close(bn.running_var, expected_var)
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and bn.weight.grad is not None
+    # fewer samples than groups: the one sample is its own group
+    one = bn(torch.randn(1, 3, 4, 4))
+    torch.testing.assert_close(one.mean(dim=(0, 2, 3)), bn.bias.detach(), atol=1e-5, rtol=0)
