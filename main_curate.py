@@ -26,7 +26,7 @@ from common.data.datasets import add_data_args, build_dataset
 from common.data.images import FileListDataset, image_folder
 from common.dist.collectives import barrier, is_main_process
 from common.dist.launch import script_main, start_worker
-from common.dist.world import add_dist_args, expected_world_size, per_worker
+from common.dist.world import add_dist_args, expected_world_size, is_first_process, per_worker
 from common.errors import UserError
 from common.eval.setup import ARCH_HELP, add_pretrained_arg, pretrained_backbone
 from common.extras import require
@@ -121,7 +121,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Derived defaults and impossible values, before any worker starts."""
     check_common_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", "curate")
-    prepare_output_dir(args.output_dir)
+    prepare_output_dir(args.output_dir, lock=is_first_process(args))
     follow_checkpoint(args)
     for flag, value, least in (("--select", args.select, 0), ("--dup-k", args.dup_k, 1),
                                ("--outlier-k", args.outlier_k, 1), ("--label-k", args.label_k, 1),

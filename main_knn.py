@@ -27,7 +27,7 @@ from common.data.datasets import add_data_args
 from common.data.images import is_image_file, pil_loader
 from common.dist.collectives import barrier, is_main_process
 from common.dist.launch import script_main, start_worker
-from common.dist.world import add_dist_args, expected_world_size, per_worker
+from common.dist.world import add_dist_args, expected_world_size, is_first_process, per_worker
 from common.errors import UserError
 from common.eval.knn import fit_whitening, whiten
 from common.eval.label_tree import add_hierarchy_args, check_hierarchy_depth
@@ -122,7 +122,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.export_format == "parquet":  # found out before the extraction, not after it
         require("pyarrow.parquet", "pyarrow")
     args.output_dir = args.output_dir or os.path.join("runs", "knn")
-    prepare_output_dir(args.output_dir)
+    prepare_output_dir(args.output_dir, lock=is_first_process(args))
     follow_checkpoint(args)  # -a, the crop and the stem of the pretraining run unless given
     if args.whiten < 0:
         raise UserError(f"--whiten must be a number of principal axes (64 is a start) or 0 for off, got "

@@ -37,7 +37,7 @@ from common.ckpt.resume import resolve_resume, resumed_args, run_seed
 from common.cli import ArgumentParser, add_training_args, check_training_flags
 from common.dist.collectives import DistEnv, is_main_process
 from common.dist.launch import script_main, start_worker
-from common.dist.world import expected_world_size, per_worker
+from common.dist.world import expected_world_size, is_first_process, per_worker
 from common.errors import UserError
 from common.eval.label_tree import LabelTree, add_hierarchy_args
 from common.eval.setup import (ARCH_HELP, add_label_subset_args, add_pretrained_arg, check_label_subset_args, eval_splits,
@@ -111,7 +111,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     check_training_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", "lincls")
-    prepare_output_dir(args.output_dir, new_run=not (args.resume or args.evaluate), overwrite=args.overwrite)
+    prepare_output_dir(args.output_dir, new_run=not (args.resume or args.evaluate), overwrite=args.overwrite,
+                       lock=is_first_process(args))
     if args.evaluate:
         path = resolve_resume(args.resume or "auto", args.output_dir)
         if not path:

@@ -63,6 +63,16 @@ def untrained_knn(knn, seed: int = 0) -> float:
     return knn.evaluate(recalibrate_batchnorm(build_backbone("resnet18", small_images=False), knn.train))["knn_top1"]
 
 
+@pytest.fixture(autouse=True)
+def release_run_locks():
+    """A test that calls a script's finalize_args in this process takes its output folder's
+    lock (common/ckpt/lock.py) for the life of the pytest process: give it back after the
+    test, as the script's main() does when it ends."""
+    yield
+    from common.ckpt import lock
+    lock.release()
+
+
 def run_script(script: str, args: List[str], check: bool = True, env_extra=None, timeout: int = 600):
     """Run `python <script> args` from the repo root as a user would; returns CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}

@@ -7,12 +7,13 @@ import random
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Pattern, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from common.ckpt import lock as run_lock
 from common.ckpt.atomic import atomic_path
 from common.errors import UserError
 
@@ -52,26 +53,25 @@ def save_atomic(state: Dict[str, Any], path: str) -> None:
 RUN_FILE = re.compile(r"^(checkpoint_last|checkpoint_\d+|model_best)\.pth\.tar$|^metrics\.jsonl$|^results\.json$")
 
 
-def previous_run_files(output_dir: str) -> List[str]:
-    """The files of an earlier run in `output_dir` (checkpoints, metrics log, results)."""
+def previous_run_files(output_dir: str, run_files: Pattern = RUN_FILE) -> List[str]:
+    """The files of an earlier run in `output_dir` (by default a training run's checkpoints,
+    metrics log and results; evaluation scripts pass the names they write)."""
     if not os.path.isdir(output_dir):
         return []
-    return sorted(n for n in os.listdir(output_dir) if RUN_FILE.match(n)
+    return sorted(n for n in os.listdir(output_dir) if run_files.match(n)
                   and not (n == "metrics.jsonl" and os.path.getsize(os.path.join(output_dir, n)) == 0))
 
 
-def prepare_output_dir(output_dir: str, new_run: bool = False, overwrite: bool = False) -> None:
-    """Before any work: the folder exists (or can be made) and can be written, and the temp
-    files of checkpoint writes a kill interrupted (`.tmp_*.pth.tar`) are removed. For a
-    `new_run` (training without --resume) a folder that holds an earlier run is refused
-    unless `overwrite` says to replace it: a forgotten --resume must not wipe a finished run."""
+def prepare_output_dir(output_dir: str, new_run: bool = False, overwrite: bool = False, lock: bool = True,
+                       run_files: Pattern = RUN_FILE, resume_hint: str = "--resume auto to continue it") -> None:
+    """Before any work: the folder exists (or can be made) and can be written, this run holds
+    its lock (common/ckpt/lock.py: `lock` is true in the run's first process only), and the
+    temp files of checkpoint writes a kill interrupted (`.tmp_*.pth.tar`) are removed. For a
+    `new_run` a folder that holds an earlier run's `run_files` is refused unless `overwrite`
+    says to replace them: a forgotten --resume must not wipe a finished run, and a rerun must
+    not leave the earlier run's outputs beside its own."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output-dir {output_dir!r} is a file, not a folder; pass a folder path")
-    earlier = previous_run_files(output_dir) if new_run else []
-    if earlier and new_run and not overwrite:
-        raise UserError(f"--output-dir {output_dir!r} already holds a run ({', '.join(earlier[:3])}"
-                        f"{', ...' if len(earlier) > 3 else ''}); pass --resume auto to continue it, another "
-                        f"--output-dir for a new run, or --overwrite to replace it")
     try:
         os.makedirs(output_dir, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=output_dir)
@@ -79,10 +79,18 @@ def prepare_output_dir(output_dir: str, new_run: bool = False, overwrite: bool =
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to --output-dir {output_dir!r} ({e.strerror}); pass a folder you can write to")
-    if earlier and new_run and overwrite:
+    if lock:  # before anything is removed: a second run must not delete the first one's files
+        run_lock.acquire(output_dir)
+    earlier = previous_run_files(output_dir, run_files) if new_run else []
+    if earlier and not overwrite:
+        raise UserError(f"--output-dir {output_dir!r} already holds a run ({', '.join(earlier[:3])}"
+                        f"{', ...' if len(earlier) > 3 else ''}); pass {resume_hint}, another "
+                        f"--output-dir for a new run, or --overwrite to replace it")
+    if earlier:
         for name in earlier:  # the old checkpoint_NNNN files would otherwise sit among the new run's
+            path = os.path.join(output_dir, name)
             try:
-                os.remove(os.path.join(output_dir, name))
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             except FileNotFoundError:  # another process of the same run (torchrun, srun) removed it first
                 pass
         print(f"=> --overwrite: removed the earlier run's {', '.join(earlier)} from {output_dir}", flush=True)

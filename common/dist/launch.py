@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from common.ckpt import lock as run_lock
 from common.dist.collectives import DistEnv, agree_seed, cleanup
 from common.dist.rendezvous import rendezvous_timeout, setup_distributed
 from common.dist.signals import forward_preemption_signals, hold_preemption_signals
@@ -165,6 +166,9 @@ def script_main(get_args_parser: Callable[[], argparse.ArgumentParser],
     prints `script: error: <sentence>` and exits 2."""
     @report_user_errors
     def main(argv=None) -> None:
-        launch(main_worker, finalize_args(get_args_parser().parse_args(argv)))
+        try:
+            launch(main_worker, finalize_args(get_args_parser().parse_args(argv)))
+        finally:  # finalize_args took the output folder's lock (common/ckpt/lock.py)
+            run_lock.release()
 
     return main

@@ -21,6 +21,17 @@ def detect_launcher() -> Optional[str]:
     return None
 
 
+def is_first_process(args: argparse.Namespace) -> bool:
+    """Whether this process is (or, for --multiprocessing-distributed, spawns) global rank 0:
+    the one that holds the output folder's lock, known before any worker starts."""
+    launcher = detect_launcher()
+    if launcher == "torchrun":
+        return os.environ["RANK"] == "0"
+    if launcher == "slurm":
+        return os.environ["SLURM_PROCID"] == "0"
+    return args.rank == 0
+
+
 def add_dist_args(parser: argparse.ArgumentParser) -> None:
     """facebookresearch/moco's distributed flags, plus --nproc-per-node for CPU runs."""
     g = parser.add_argument_group("distributed")

@@ -12,7 +12,7 @@ from common.ckpt.io import (
 from common.ckpt.resume import check_same_flags, resumed_args, run_seed
 from common.cli import check_training_flags
 from common.data.datasets import default_crop_size
-from common.dist.world import expected_world_size, per_worker, uses_cuda
+from common.dist.world import expected_world_size, is_first_process, per_worker, uses_cuda
 from common.errors import UserError
 from common.train.recipes import RecipeValues, apply_recipe
 from common.train.source_views import choose_views
@@ -105,7 +105,8 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Seq
     larger than the crop (common/train/source_views.py)."""
     check_training_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", name)
-    prepare_output_dir(args.output_dir, new_run=not args.resume, overwrite=args.overwrite)
+    prepare_output_dir(args.output_dir, new_run=not args.resume, overwrite=args.overwrite,
+                       lock=is_first_process(args))
     resume_path, saved = resumed_args(args.resume, args.output_dir, name)
     profiled = apply_recipe(args, recipe, saved) if recipe is not None else None
     args.seed = run_seed(args.seed, saved)  # stored in the checkpoint: resume replays it
