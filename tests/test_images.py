@@ -2,6 +2,7 @@
 import codecs
 
 import pytest
+from PIL import Image
 from conftest import write_image_folder
 
 from common.data.images import csv_manifest
@@ -41,3 +42,29 @@ def test_csv_that_is_not_utf8_is_one_sentence_naming_where(images):
     path.write_bytes("path,label\ncat/0.png,cat\n".encode("utf-16"))
     with pytest.raises(UserError, match="is UTF-16 text; save it as UTF-8"):
         csv_manifest(str(path))
+
+
+def test_loose_images_beside_class_folders_are_read_as_unlabelled_and_said(tmp_path, capsys):
+    from common.data.images import image_folder
+    write_image_folder(tmp_path, classes=("sub",), per_class=2, split_dirs=("",))
+    for i in range(8):  # the pool's loose images, beside its one subfolder
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"loose_{i}.png")
+    ds = image_folder(str(tmp_path))
+    assert len(ds) == 10 and ds.classes == ["sub"]
+    assert sorted(ds.targets) == [-1] * 8 + [0] * 2
+    assert ("the 8 images directly in it are read as unlabelled, beside the 2 images in its 1 class folder(s)"
+            in capsys.readouterr().out)
+
+
+def test_a_link_from_one_class_into_another_reads_its_images_once_under_their_own_class(tmp_path, capsys):
+    import os
+
+    from common.data.images import image_folder
+    write_image_folder(tmp_path, classes=("a", "b"), per_class=3, split_dirs=("",))
+    os.symlink(tmp_path / "b", tmp_path / "a" / "more")  # a folder link into another class
+    os.symlink(tmp_path / "b" / "0.png", tmp_path / "a" / "also.png")  # a file link into another class
+    os.symlink(tmp_path, tmp_path / "b" / "up")  # a loop back to DATA
+    ds = image_folder(str(tmp_path))
+    assert len(ds) == 6 and ds.targets == [0, 0, 0, 1, 1, 1]
+    assert all("more" not in p and "up" not in p.split(os.sep) for p, _ in ds.samples)
+    assert "1 image link(s)" in capsys.readouterr().err

@@ -58,11 +58,11 @@ class FileListDataset(Dataset):
         return self.samples[index][0]
 
 
-def walk_once(top: str):
+def walk_once(top: str, skip: Tuple[str, ...] = ()):
     """os.walk following links (class folders are often links to other disks), but never
-    into a folder already walked: a link back up the tree would repeat its images ~40
-    levels deep, each copy under a longer path."""
-    seen = set()
+    into a folder already walked, nor into the real folders `skip`: a link back up the tree
+    would repeat its images ~40 levels deep, each copy under a longer path."""
+    seen = {os.path.realpath(p) for p in skip}
     for dirpath, dirnames, names in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
@@ -73,29 +73,54 @@ def walk_once(top: str):
         yield dirpath, dirnames, names
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def image_folder(root: str) -> FileListDataset:
-    """A folder of class folders (ImageFolder), or a flat folder of unlabelled images."""
+    """A folder of class folders (ImageFolder), or a flat folder of unlabelled images. Images
+    directly in `root` beside class folders are read as unlabelled (label -1) and said: never
+    dropped without a word. A link from one class folder into another (or up to `root`) is not
+    followed: those images are read once, under their own class."""
     if not os.path.isdir(root):
         raise UserError(f"data folder {root!r} does not exist; pass the folder that holds "
                         f"train/ and val/ (or class folders), or use --dataset synthetic to try the code")
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    loose = [e.path for e in entries if e.is_file() and is_image_file(e.name)]
     if not class_dirs:
-        files = [e.path for e in entries if e.is_file() and is_image_file(e.name)]
-        if not files:
+        if not loose:
             raise UserError(f"data folder {root!r} holds no images and no class folders; "
                             f"put images in {root}/<class>/ (or directly in {root} for unlabelled data)")
-        return FileListDataset([(p, -1) for p in files], classes=[])
-    samples, classes = [], []
+        return FileListDataset([(p, -1) for p in loose], classes=[])
+    real = {d.path: os.path.realpath(d.path) for d in class_dirs}
+    samples, classes, elsewhere = [], [], []
     for idx, d in enumerate(class_dirs):
+        others = tuple(r for p, r in real.items() if p != d.path and not _inside(real[d.path], r))
         files = []
-        for dirpath, _, names in sorted(walk_once(d.path)):
-            files += [os.path.join(dirpath, n) for n in sorted(names) if is_image_file(n)]
+        for dirpath, _, names in sorted(walk_once(d.path, skip=(root,) + others)):
+            for n in sorted(names):
+                path = os.path.join(dirpath, n)
+                if not is_image_file(n):
+                    continue
+                if any(_inside(os.path.realpath(path), r) for r in others):  # a file link into another class
+                    elsewhere.append(path)
+                    continue
+                files.append(path)
         if not files:
             raise UserError(f"class folder {d.path!r} holds no images ({', '.join(IMG_EXTENSIONS)}); "
                             f"add images to it or remove the folder")
         classes.append(d.name)
         samples += [(p, idx) for p in files]
+    if elsewhere:
+        print(f"warning: {len(elsewhere)} image link(s) in {root!r} lead into another class folder (e.g. "
+              f"{elsewhere[0]!r}); those images are read once, under the class folder that holds them",
+              file=sys.stderr, flush=True)
+    if loose:
+        print(f"=> {root}: the {len(loose)} images directly in it are read as unlabelled, beside the "
+              f"{len(samples)} images in its {len(classes)} class folder(s); move them into a class folder to "
+              f"label them", flush=True)
+        samples += [(p, -1) for p in loose]
     return FileListDataset(samples, classes)
 
 
