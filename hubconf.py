@@ -19,13 +19,16 @@ from typing import Dict, Tuple  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from common.errors import UserError  # noqa: E402
+from common.errors import UserError, reason  # noqa: E402
 from export.backbone import sidecar  # noqa: E402
 from export.formats import network  # noqa: E402
 
 
 def _find(path: str) -> Tuple[str, Dict]:
     """The export file `path` names (a file, a folder of exports, a run folder) and its JSON."""
+    if not os.path.exists(path):  # a mistyped path, not an export whose JSON went missing
+        raise UserError(f"{path} does not exist; pass an export_backbone.py .pth (its .pth.json beside it), a folder "
+                        f"of such exports or a run's output folder (its exported/)")
     if os.path.isdir(os.path.join(path, "exported")):
         path = os.path.join(path, "exported")
     if os.path.isdir(path):
@@ -37,8 +40,15 @@ def _find(path: str) -> Tuple[str, Dict]:
     if not os.path.isfile(sidecar(path)):
         raise UserError(f"{path} has no {os.path.basename(sidecar(path))} beside it, which says its architecture "
                         f"and stem; export it again with export_backbone.py")
-    with open(sidecar(path)) as f:
-        info = json.load(f)
+    try:
+        with open(sidecar(path)) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"cannot read {sidecar(path)} ({reason(e)}), the JSON that says {os.path.basename(path)}'s "
+                        f"architecture and stem; export it again with export_backbone.py")
+    if not isinstance(info, dict) or not {"arch", "small_images"} <= info.keys():
+        raise UserError(f"{sidecar(path)} is not the JSON export_backbone.py writes (it lacks 'arch' or "
+                        f"'small_images'); export {os.path.basename(path)} again with export_backbone.py")
     if info.get("format", "torchvision") != "torchvision":
         raise UserError(f"{path} is a {info['format']} export; torch.hub loads the torchvision format "
                         f"(export_backbone.py --format torchvision)")
@@ -48,8 +58,24 @@ def _find(path: str) -> Tuple[str, Dict]:
 def backbone(path: str) -> nn.Module:
     """The exported backbone at `path` (see the module's docstring), its features as output."""
     file, info = _find(path)
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except PermissionError as e:
+        raise UserError(f"cannot read {file} ({reason(e)}); check its permissions")
+    except Exception as e:  # random bytes, a cut-off copy, a pickle of objects: torch's text is no help
+        raise UserError(f"cannot read {file}: it is damaged or not a backbone export (truncated? {reason(e)}); "
+                        f"export it again with export_backbone.py")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{file} is not a backbone export (not a state_dict of tensors); export it again with "
+                        f"export_backbone.py")
     net = network(info, state)
+    expected = net.state_dict()
+    wrong = sorted((expected.keys() ^ state.keys())
+                   | {k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape})
+    if wrong:  # the weights of another network than the JSON describes (load_state_dict's text is many lines)
+        raise UserError(f"{file} does not hold the {info['arch']} its JSON describes ({len(wrong)} tensors missing, "
+                        f"unexpected or of another shape, such as {wrong[0]!r}); export it again with "
+                        f"export_backbone.py")
     net.load_state_dict(state, strict=True)
     net.meta = info
     return net.eval()

@@ -118,7 +118,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     data = two_view_data(args, env, aug, batch_size, workers)
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     for warning in (queue_warning(args.moco_k, len(data.dataset), keys_per_step),
-                    momentum_warning(args.moco_m, args.epochs * data.iters_per_epoch, args.moco_m_cos)):
+                    momentum_warning(args.moco_m, args.epochs * data.iters_per_epoch, args.moco_m_cos,
+                                     from_init=bool(args.init))):
         if warning:
             log(f"warning: {warning}")
 

@@ -97,7 +97,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     # (moco-v3 uses BYOL's asymmetric pair: blur 1.0 / 0.1 and solarize on the second)
     aug = view_recipe(args)
     data = two_view_data(args, env, aug, batch_size, workers)
-    warning = momentum_warning(args.moco_m, args.epochs * data.iters_per_epoch, args.moco_m_cos)
+    warning = momentum_warning(args.moco_m, args.epochs * data.iters_per_epoch, args.moco_m_cos,
+                               from_init=bool(args.init))
     if warning:
         log(f"warning: {warning}")
 

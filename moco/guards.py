@@ -23,8 +23,8 @@ def cosine_momentum(base_m: float, progress: float, epochs: int) -> float:
 
 
 def init_share_at_end(m: float, steps: int, cosine: bool = False) -> float:
-    """How much of its random initialisation the key encoder still holds after `steps`
-    momentum updates (the product of the momenta); with `cosine`, under cosine_momentum."""
+    """How much of its initial weights (a random draw, or --init's) the key encoder still
+    holds after `steps` momentum updates (the product of the momenta); with `cosine`, under cosine_momentum."""
     if not cosine:
         return m ** steps
     t = np.arange(steps) / steps  # cosine_momentum at every step, vectorised (runs have millions of steps)
@@ -54,15 +54,18 @@ def queue_warning(K: int, num_images: int, keys_per_step: int) -> Optional[str]:
                    f"{keys_per_step})")
 
 
-def momentum_warning(m: float, steps: int, cosine: bool = False) -> Optional[str]:
-    """A sentence when the key encoder would keep more than INIT_SHARE of its random
-    initialisation after the run's `steps` updates, with a momentum that would not."""
+def momentum_warning(m: float, steps: int, cosine: bool = False, from_init: bool = False) -> Optional[str]:
+    """A sentence when the key encoder would keep more than INIT_SHARE of its initial weights
+    after the run's `steps` updates, with a momentum that would not. `from_init`: the run
+    has --init, so those weights are the --init file's (both encoders start from it), not
+    a random draw."""
     share = init_share_at_end(m, steps, cosine)
     if share <= INIT_SHARE:
         return None
     # the largest of 0.9999, 0.9998, 0.9995, 0.999, ..., 0.9 that leaves at most a tenth of the init
     candidates = [round(1 - f * 10.0 ** -k, 6) for k in (4, 3, 2, 1) for f in (1, 2, 5)]
     suggest = next((c for c in candidates if init_share_at_end(c, steps, cosine) <= 0.1), 0.5)
+    start = "its initial (--init) weights" if from_init else "its random initialisation"
     return (f"with --moco-m {m}{' and --moco-m-cos' if cosine else ''} the key encoder still holds "
-            f"{100 * share:.0f}% of its random initialisation after the run's {steps} steps, so its keys barely "
+            f"{100 * share:.0f}% of {start} after the run's {steps} steps, so its keys barely "
             f"improve; use --moco-m {suggest} or lower, or train longer")

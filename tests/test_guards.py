@@ -54,6 +54,12 @@ def test_momentum_warning_for_a_short_run_suggests_a_faster_momentum():
     assert "--moco-m-cos" in momentum_warning(0.996, 216, cosine=True)
 
 
+def test_momentum_warning_under_init_names_the_init_weights_not_a_random_draw():
+    assert "81% of its random initialisation after" in momentum_warning(0.999, 216)
+    message = momentum_warning(0.999, 216, from_init=True)  # --init: both encoders start from the file
+    assert "81% of its initial (--init) weights after" in message and "random" not in message
+
+
 def test_collapse_watch_speaks_once_the_accuracy_fell_after_rising():
     watch = CollapseWatch("lower --moco-k")
     assert watch.update(0, 30.0) is None and watch.update(1, 94.0) is None

@@ -76,3 +76,51 @@ def test_hub_without_an_export_is_one_sentence(tmp_path):
     torch.save({}, tmp_path / "lonely.pth")
     with pytest.raises(UserError, match="has no lonely.pth.json beside it"):
         hub(str(tmp_path / "lonely.pth"))
+
+
+def small_export(folder, name="b.pth"):
+    """A torchvision-format export as export_backbone.py writes it (weights, JSON beside),
+    without a checkpoint to export from; its path."""
+    net = build_backbone("resnet18", small_images=True)
+    net.fc = nn.Identity()
+    torch.save(net.state_dict(), folder / name)
+    with open(folder / (name + ".json"), "w") as f:
+        json.dump({"arch": "resnet18", "small_images": True, "format": "torchvision"}, f)
+    return folder / name
+
+
+def one_sentence(path, *fragments):
+    """hubconf.backbone(path) raises a one-line UserError naming the file and each fragment."""
+    import hubconf
+    with pytest.raises(UserError) as e:
+        hubconf.backbone(str(path))
+    message = str(e.value)
+    assert "\n" not in message and os.path.basename(str(path)) in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_hub_refuses_a_missing_path_a_damaged_export_and_an_unreadable_json(tmp_path):
+    import hubconf
+    good = small_export(tmp_path)
+    assert isinstance(hubconf.backbone(str(good)).fc, nn.Identity)  # the fixture is a real export
+
+    one_sentence(tmp_path / "b.ptth", "does not exist", "a folder of such exports")  # a typo, not a lost JSON
+
+    (tmp_path / "noise.pth").write_bytes(os.urandom(4096))  # random bytes
+    (tmp_path / "noise.pth.json").write_bytes((tmp_path / "b.pth.json").read_bytes())
+    one_sentence(tmp_path / "noise.pth", "cannot read", "damaged or not a backbone export", "export_backbone.py")
+
+    data = good.read_bytes()
+    for cut in (100, len(data) // 2, len(data) - 1):  # zip header only, half the tensors, the last byte lost
+        (tmp_path / "cut.pth").write_bytes(data[:cut])
+        (tmp_path / "cut.pth.json").write_bytes((tmp_path / "b.pth.json").read_bytes())
+        one_sentence(tmp_path / "cut.pth", "cannot read", "damaged or not a backbone export (truncated?")
+
+    (tmp_path / "b.pth.json").write_text('{"arch": "resnet18", ')  # the JSON cut off
+    one_sentence(good, "cannot read", "b.pth.json", "export it again")
+    (tmp_path / "b.pth.json").write_text('["resnet18"]')  # JSON, not ours
+    one_sentence(good, "b.pth.json", "is not the JSON export_backbone.py writes")
+
+    (tmp_path / "b.pth.json").write_text('{"arch": "resnet34", "small_images": true}')  # another network's JSON
+    one_sentence(good, "does not hold the resnet34 its JSON describes")

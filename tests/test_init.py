@@ -132,3 +132,33 @@ def test_mismatch_is_one_sentence(how, tmp_path):
     with pytest.raises(UserError) as e:
         init_backbone(init_args(tmp_path, str(init)), build_backbone("resnet18"))
     assert message in str(e.value) and "\n" not in str(e.value) and str(e.value).count(". ") == 0
+
+
+def test_a_folder_names_the_file_it_likely_meant(tmp_path):
+    run = tmp_path / "run"
+    (run / "exported").mkdir(parents=True)
+
+    def refusal(folder):
+        with pytest.raises(UserError) as e:
+            init_backbone(init_args(tmp_path, str(folder)), build_backbone("resnet18"))
+        message = str(e.value)
+        assert "is a folder" in message and "does not exist" not in message and "\n" not in message, message
+        return message
+
+    assert "a checkpoint, exported backbone" in refusal(run)  # nothing in it to suggest
+    (run / "exported" / "b.pth").touch()
+    (run / "exported" / "b.pth.json").touch()
+    assert repr(str(run / "exported" / "b.pth")) in refusal(run)
+    assert repr(str(run / "exported" / "b.pth")) in refusal(run / "exported")
+    (run / "checkpoint_last.pth.tar").touch()  # the run's own checkpoint comes first
+    assert repr(str(run / "checkpoint_last.pth.tar")) in refusal(run)
+
+
+def test_an_unreadable_file_says_why(tmp_path):
+    init = tmp_path / "init.pth"
+    init.write_bytes(b"PK\x03\x04" + bytes(60))  # a zip header, then nothing: a cut-off download
+    with pytest.raises(UserError) as e:
+        init_backbone(init_args(tmp_path, str(init)), build_backbone("resnet18"))
+    message = str(e.value)
+    assert "RuntimeError: PytorchStreamReader failed reading zip archive" in message, message
+    assert "damaged" in message and "\n" not in message and "This is an internal miniz error" not in message

@@ -4,16 +4,17 @@ state_dict, an export_backbone.py export (its JSON sidecar names the architectur
 checkpoint main_lincls.py's --pretrained accepts (ours, facebookresearch/moco, moco-v3).
 Only the backbone is loaded: heads, queue and predictor start fresh."""
 import argparse
+import glob
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from common.ckpt.pretrained import check_finite, checked_checkpoint, extract_backbone, load_backbone, load_pretrained
 from common.ckpt.resume import check_arch, resolve_resume
-from common.errors import UserError
+from common.errors import UserError, reason
 from common.log.progress import log
 from common.nets.backbones import adopt_position_embedding
 
@@ -23,13 +24,19 @@ def read_init(spec: str, arch: str) -> Dict[str, Any]:
     every problem is one sentence."""
     if spec == "imagenet":  # torchvision's cache only; the sentence names the missing file
         return load_pretrained("imagenet", arch)
+    if os.path.isdir(spec):
+        likely = _file_in_run(spec)
+        raise UserError(f"--init {spec!r} is a folder; pass a file in it, "
+                        + (f"probably {likely!r}" if likely else "a checkpoint, exported backbone or torchvision "
+                                                                 "state_dict (or 'imagenet')"))
     if not os.path.isfile(spec):
         raise UserError(f"--init {spec!r} does not exist; pass 'imagenet' or a checkpoint, exported backbone or "
                         f"torchvision state_dict file")
     try:
         loaded = torch.load(spec, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read --init {spec!r} ({type(e).__name__}); pass a .pth/.pth.tar written by torch.save")
+        raise UserError(f"cannot read --init {spec!r} ({reason(e)}); it is damaged or was not written by torch.save: "
+                        f"pass a checkpoint, an export_backbone.py .pth or a torchvision state_dict")
     if isinstance(loaded, dict) and "state_dict" in loaded:
         return checked_checkpoint(loaded, arch, spec)
     if not isinstance(loaded, dict) or not loaded or not all(torch.is_tensor(v) for v in loaded.values()):
@@ -43,6 +50,17 @@ def read_init(spec: str, arch: str) -> Dict[str, Any]:
     check_arch(ckpt, arch, spec)
     check_finite(extract_backbone(loaded)[0], spec)
     return ckpt
+
+
+def _file_in_run(folder: str) -> Optional[str]:
+    """The file a user who passed a run's output folder (or its exported/) as --init most
+    likely meant: the run's last checkpoint, else its newest exported backbone."""
+    last = os.path.join(folder, "checkpoint_last.pth.tar")
+    if os.path.isfile(last):
+        return last
+    exports = [f for d in (folder, os.path.join(folder, "exported")) for f in glob.glob(os.path.join(d, "*.pth"))
+               if os.path.isfile(f + ".json")]
+    return max(exports, key=os.path.getmtime) if exports else None
 
 
 def init_backbone(args: argparse.Namespace, backbone: nn.Module, *copies: nn.Module) -> None:

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from common.ckpt import lock as run_lock
 from common.ckpt.atomic import atomic_path
-from common.errors import UserError
+from common.errors import UserError, reason
 
 METHODS = ("moco", "moco_v3", "simclr", "inpaint", "lincls")
 SCRIPTS = {"moco": "main_moco.py", "moco_v3": "main_moco_v3.py", "simclr": "main_simclr.py", "inpaint": "main_inpaint.py",
@@ -199,7 +199,7 @@ def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool
                             f"loading those could run arbitrary code, so it was refused (weights_only); this repository "
                             f"writes only tensors and plain values: if you trust the file, load it yourself and "
                             f"save its state_dict again")
-        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        raise UserError(f"cannot read checkpoint {path!r} ({reason(e)}); "
                         f"it is damaged or not a checkpoint of this repository")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{path!r} is not a training checkpoint (no 'state_dict'); "

@@ -12,7 +12,7 @@ import torchvision.models as tvm
 from common.ckpt.io import METHODS, load_checkpoint
 from common.ckpt.resume import check_arch
 from common.data.datasets import default_crop_size
-from common.errors import UserError
+from common.errors import UserError, reason
 from common.ckpt.vit_keys import is_timm_vit, timm_to_torchvision
 from common.nets.backbones import HEAD_ATTRS, adopt_position_embedding
 
@@ -149,7 +149,7 @@ def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UserError(f"cannot read the cached torchvision weights {path!r} ({type(e).__name__}); "
+            raise UserError(f"cannot read the cached torchvision weights {path!r} ({reason(e)}); "
                             f"delete the file and fetch it again")
         check_finite(extract_backbone(state_dict)[0], path)
         return {"state_dict": state_dict, "arch": arch, "method": "torchvision"}

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from common.errors import UserError
+from common.errors import UserError, reason
 
 
 class SubsetDataset(Dataset):
@@ -80,7 +80,7 @@ def load_subset(path: str, dataset: Dataset) -> List[int]:
             record = json.load(f)
         indices = [int(i) for i in record["indices"]]
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path!r} is not a label subset file ({type(e).__name__}); "
+        raise UserError(f"{path!r} is not a label subset file ({reason(e)}); "
                         f"pass a label_subset.json written by main_lincls.py")
     if record.get("dataset_size") != len(dataset) or (indices and max(indices) >= len(dataset)):
         raise UserError(f"label subset {path!r} was drawn from {record.get('dataset_size')} images but the training "
