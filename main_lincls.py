@@ -34,6 +34,7 @@ from common.ckpt.io import (
 )
 from common.ckpt.pretrained import follow_checkpoint
 from common.ckpt.resume import resolve_resume, resumed_args, run_seed
+from common.ckpt.retention import checkpoint_disk_plan, epoch_file_due, prune_epoch_checkpoints
 from common.cli import ArgumentParser, add_training_args, check_training_flags
 from common.dist.collectives import DistEnv, is_main_process
 from common.dist.launch import script_main, start_worker
@@ -195,7 +196,9 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         del ckpt
 
     if is_main_process():
-        check_free_space(args.output_dir, 2 * checkpoint_bytes(model, optimizer))  # last + model_best
+        size = checkpoint_bytes(model, optimizer)
+        check_free_space(args.output_dir, 2 * size)  # last + model_best
+        log(checkpoint_disk_plan(args, size, start_epoch, other_files=("model_best",)))
     metrics = MetricsLog(args.output_dir, tensorboard=args.tensorboard)
     metrics.drop_epochs_from(start_epoch)  # lines a kill left after the last checkpoint
     lr_fn = functools.partial(lr_at, base_lr=args.lr, epochs=args.epochs, schedule=args.schedule,
@@ -206,7 +209,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     for epoch in range(start_epoch, args.epochs):
         train.sampler.set_epoch(epoch)
         stats = train_one_epoch(model, train.loader, criterion, optimizer, scaler, epoch, len(train.loader), lr_fn,
-                                args, env, metrics, tree)
+                                args, env, metrics, tree, first_epoch=epoch == start_epoch)
         report = evaluate(model, val_dataset, classes, args, env, workers, tree)
         is_best = report["acc1"] > best_acc1 or best_epoch < 0
         if is_best:
@@ -227,11 +230,11 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
             write_report_files(report, args.output_dir)
             if is_best:
                 write_report_files(report, args.output_dir, "_best")
-            keep = args.save_freq > 0 and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)
             save_checkpoint(training_state(model, optimizer, scaler, args, method="lincls", epoch=epoch + 1,
                                            metrics=record, best_acc1=best_acc1, best_epoch=best_epoch,
                                            classes=classes),
-                            args.output_dir, epoch_file=keep, is_best=is_best)
+                            args.output_dir, epoch_file=epoch_file_due(args, epoch + 1), is_best=is_best)
+            prune_epoch_checkpoints(args.output_dir, args.keep_checkpoints, args.keep_epochs)
 
     if not args.finetune:
         sanity_check(net, reference, args.trainable_layers)

@@ -7,6 +7,7 @@ import sys
 from types import MappingProxyType
 from typing import Any, List, Mapping, Optional, Protocol, Sequence, Tuple
 
+from common.ckpt.retention import add_retention_args, check_retention_flags
 from common.data.datasets import add_data_args
 from common.dist.world import add_dist_args
 from common.errors import UserError
@@ -142,8 +143,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int
                         help="torch.compile backend for --compile (e.g. aot_eager to debug without a compiler)")
     add_tensorboard_arg(parser)
     parser.add_argument("--save-freq", default=1, type=int,
-                        help=helps.get("save_freq", "keep checkpoint_NNNN.pth.tar every N epochs (checkpoint_last is "
-                                                    "always written)"))
+                        help=helps.get("save_freq", "write checkpoint_NNNN.pth.tar every N epochs and at the end (0: "
+                                                    "never; checkpoint_last is always written)"))
+    add_retention_args(parser)
     add_data_args(parser)
     add_dist_args(parser)
 
@@ -195,3 +197,6 @@ def check_training_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--warmup-epochs {args.warmup_epochs} must be 0 or more")
     if args.print_freq < 1:
         raise UserError(f"-p/--print-freq {args.print_freq} must be at least 1")
+    if args.save_freq < 0:
+        raise UserError(f"--save-freq {args.save_freq} is negative; pass N >= 1, or 0 for checkpoint_last only")
+    check_retention_flags(args)

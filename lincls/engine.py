@@ -26,9 +26,10 @@ from lincls.hierarchy import HierarchicalLoss, hierarchical_report
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, epoch: int, iters_per_epoch: int, lr_fn,
                     args: argparse.Namespace, env: DistEnv, metrics: MetricsLog,
-                    tree: Optional[LabelTree] = None) -> Dict[str, float]:
+                    tree: Optional[LabelTree] = None, first_epoch: bool = False) -> Dict[str, float]:
     """One epoch of SGD on the head (and --trainable-layers, or everything with --finetune);
-    returns the epoch's mean train loss and top-1 and the share of time spent waiting for data."""
+    returns the epoch's mean train loss and top-1 and the share of time spent waiting for data.
+    `first_epoch`: the first this process trains, which prints the run's ETA early."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if args.finetune:
         model.train()
@@ -61,6 +62,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         meters.update(n, loss=loss, acc1=acc1)
         guard.update(loss, it)
         images_seen += n * env.world_size
+        if first_epoch and (eta := progress.run_eta(it)):
+            log(eta)
         if (it + 1) % args.print_freq == 0 or it + 1 == iters_per_epoch:
             guard.check()
             log(progress.line(it, images_seen, meters.latest(), meters.averages(across_ranks=False), lr))

@@ -4,7 +4,7 @@ import datetime
 import json
 import os
 import time
-from typing import Dict, Iterable, Iterator
+from typing import Dict, Iterable, Iterator, Optional
 
 import torch
 
@@ -12,6 +12,11 @@ from common.ckpt.atomic import atomic_path
 from common.dist.collectives import all_reduce_sum, is_main_process
 from common.log.plots import record_problem
 from common.log.tensorboard import TensorBoardLog
+
+
+# the run's ETA is printed once this many steps after the first (whose start-up, worker
+# launch and allocator or cuDNN warm-up, is not the rate of the rest)
+ETA_AFTER_STEPS = 5
 
 
 def log(msg: str) -> None:
@@ -66,21 +71,43 @@ class Progress:
         self.prefix = prefix
         self.t0 = time.time()
         self.data_wait = 0.0
+        self.t_first_done: Optional[float] = None  # when the epoch's first step ended
 
     def timed(self, loader: Iterable) -> Iterator:
         """Yields the loader's batches, adding the time spent waiting for each to data_wait."""
         batches = iter(loader)
+        yielded = 0
         while True:
             t = time.perf_counter()
+            if yielded == 1:  # the next batch is asked for when the first step is done
+                self.t_first_done = time.time()
             try:
                 batch = next(batches)
             except StopIteration:
                 return
             self.data_wait += time.perf_counter() - t
+            yielded += 1
             yield batch
 
     def data_wait_share(self) -> float:
         return self.data_wait / max(time.time() - self.t0, 1e-9)
+
+    def run_eta(self, it: int) -> Optional[str]:
+        """After step `it` of this epoch: once ETA_AFTER_STEPS steps past the first (or at the
+        epoch's end if it is shorter), a line with the run's ETA at the rate of the steps after
+        the first; else None. Call it only in the first epoch a process trains."""
+        since_first = it - self.start_iter
+        if not (since_first == ETA_AFTER_STEPS or (it + 1 == self.iters and since_first < ETA_AFTER_STEPS)):
+            return None
+        if torch.cuda.is_initialized():  # the steps so far were only queued, not necessarily run
+            torch.cuda.synchronize()
+        if since_first > 0 and self.t_first_done is not None:
+            sec_per_iter, measured = (time.time() - self.t_first_done) / since_first, f"steps 2-{since_first + 1}"
+        else:
+            sec_per_iter, measured = time.time() - self.t0, "its one step, start-up included"
+        remaining = (self.iters - it - 1) + self.iters * (self.epochs - self.epoch - 1)
+        return (f"=> ETA: about {format_seconds(sec_per_iter * remaining)} for the run's remaining {remaining} steps "
+                f"at {sec_per_iter:.3g} s/step (measured on {measured}; evaluation and checkpoints come on top)")
 
     def line(self, it: int, images_seen: int, latest: Dict[str, float], avg: Dict[str, float], lr: float) -> str:
         elapsed = time.time() - self.t0

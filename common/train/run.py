@@ -20,6 +20,7 @@ from common.ckpt.io import (
     training_state,
 )
 from common.ckpt.resume import check_arch, resolve_resume
+from common.ckpt.retention import checkpoint_disk_plan, epoch_file_due, prune_epoch_checkpoints
 from common.dist.collectives import DistEnv, is_main_process
 from common.eval.monitor import KnnMonitor
 from common.log.progress import MetricsLog, log
@@ -77,7 +78,9 @@ class PretrainRun:
         # start_epoch are already done (a mid-epoch checkpoint)
         self.start_epoch, self.start_iter = resume_training(args, model, optimizer, scaler, method)
         if is_main_process():
-            check_free_space(args.output_dir, checkpoint_bytes(model, optimizer))
+            size = checkpoint_bytes(model, optimizer)
+            check_free_space(args.output_dir, size)
+            log(checkpoint_disk_plan(args, size, self.start_epoch))
         self.metrics = MetricsLog(args.output_dir, tensorboard=args.tensorboard)
         # a kill between an epoch's metrics line and its checkpoint would repeat that line
         self.metrics.drop_epochs_from(self.start_epoch)
@@ -153,8 +156,8 @@ class PretrainRun:
         if is_main_process():
             state = training_state(self.model, self.optimizer, self.scaler, a, method=self.method, epoch=epoch + 1,
                                    metrics=record)
-            path = save_checkpoint(state, a.output_dir,
-                                   epoch_file=(epoch + 1) % a.save_freq == 0 or epoch + 1 == a.epochs)
+            path = save_checkpoint(state, a.output_dir, epoch_file=epoch_file_due(a, epoch + 1))
+            prune_epoch_checkpoints(a.output_dir, a.keep_checkpoints, a.keep_epochs)
             if a.export_at_end and epoch + 1 == a.epochs:  # after the checkpoint: a failed export loses no training
                 export_at_end(state, path, a.output_dir)
         if stuck and a.stop_if_not_learning and self.learning.stuck_epochs >= STUCK_EPOCHS_TO_STOP:

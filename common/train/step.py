@@ -21,6 +21,7 @@ class RunHooks(Protocol):
     """What the step loop asks of the run (common/train/run.py `PretrainRun`): where a
     mid-epoch resume starts, the metrics log, the stop request, and mid-epoch checkpoints.
     A protocol, so the run state can import this module and not the other way round."""
+    start_epoch: int
     start_iter: int
     metrics: object  # common.log.progress.MetricsLog: .step(iteration, values)
     stop: object  # common.train.preempt.StopRequest: .agreed()
@@ -79,6 +80,8 @@ def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, sc
         meters.update(n, loss=loss, **stats)
         guard.update(loss, it)
         images_seen += n * env.world_size
+        if run is not None and epoch == run.start_epoch and (eta := progress.run_eta(it)):
+            log(eta)
         if (it + 1) % args.print_freq == 0 or it + 1 == data.iters_per_epoch:
             # the only host sync of the loop: reading the meters for the line
             guard.check()
