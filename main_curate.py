@@ -13,13 +13,16 @@ clean_<split>.csv. Features are centred and L2-normalised; every search is chunk
 (common/eval/knn.py), so no N x N matrix is built (memory: docs/curate.md).
 """
 import argparse
+import fnmatch
 import os
+import re
+import shutil
 
 import numpy as np
 import torch
 from PIL import Image
 
-from common.ckpt.io import prepare_output_dir
+from common.ckpt.io import prepare_output_dir, previous_run_files
 from common.ckpt.pretrained import follow_checkpoint
 from common.cli import HelpFormatter, add_eval_args, check_common_flags
 from common.data.datasets import add_data_args, build_dataset
@@ -33,7 +36,7 @@ from common.extras import require
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
 from curate.duplicates import RULES, file_hash, find_duplicates, redundant_rows
-from curate.embed import embed_split
+from curate.embed import EMBEDDINGS, embed_split, keep_splits
 from curate.items import join_splits
 from curate.labels import METHODS, RULES as LABEL_RULES, knn_probs, label_issues, probe_probs
 from curate.outliers import SCORES, outlier_scores
@@ -48,6 +51,17 @@ FINDINGS = ("duplicates", "outliers", "labels")
 # smaller distance to their --dup-k-th neighbour; DUP_THRESHOLD: the absolute cosine of --dup-rule cosine
 DUP_RATIO = 0.25
 DUP_THRESHOLD = 0.95
+
+# Every name main_curate.py writes in --output-dir, here and nowhere else: curate/sections.py's csvs,
+# grids/ and thumbnails/, curate/report.py's report.html, curate/embed.py's shards, and this script's
+# clean csvs and TensorBoard events. A new run refuses a folder holding any of them, --overwrite
+# removes them all and --resume all but the embeddings: a finding of an earlier run (a clean csv
+# that no longer matches duplicates.csv, a select.csv this run did not ask for) never sits beside
+# this run's.
+OUTPUTS = ("report.html", "duplicates.csv", "outliers.csv", "label_errors.csv", "label_suggestions.csv",
+           "select.csv", "clean_*.csv", "grids", "thumbnails", "tensorboard", EMBEDDINGS)
+RUN_FILES = re.compile("|".join(fnmatch.translate(name) for name in OUTPUTS))
+FINDING_FILES = re.compile("|".join(fnmatch.translate(name) for name in OUTPUTS if name != EMBEDDINGS))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -106,6 +120,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", default=1024, type=int, help="queries per similarity chunk")
     g.add_argument("--shard-size", default=50000, type=int,
                    help="images per embedding shard in OUTPUT_DIR/embeddings/ (an interrupted run resumes there)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue in an --output-dir that holds an earlier curation: its embedding shards are "
+                        "reused where the model and files are the same, every other output is written anew")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output-dir that holds an earlier curation, deleting its outputs and "
+                        "embeddings (without it, or --resume, such a folder is refused)")
     g.add_argument("--write-clean-csv", action="store_true",
                    help="clean_<split>.csv: the images kept, as --dataset csv manifests (DATA is never changed)")
     g.add_argument("--clean-drop", default=["duplicates"], nargs="+", choices=("duplicates", "outliers", "labels"),
@@ -121,7 +141,14 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Derived defaults and impossible values, before any worker starts."""
     check_common_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", "curate")
-    prepare_output_dir(args.output_dir, lock=is_first_process(args))
+    if args.resume and args.overwrite:
+        raise UserError("--resume reuses the earlier embeddings and --overwrite deletes them; pass one of the two")
+    check_outside_data(args)
+    prepare_output_dir(args.output_dir, new_run=not args.resume, overwrite=args.overwrite,
+                       lock=is_first_process(args), run_files=RUN_FILES,
+                       resume_hint="--resume to continue it (its embeddings are reused)")
+    if args.resume and is_first_process(args):
+        forget_findings(args.output_dir)
     follow_checkpoint(args)
     for flag, value, least in (("--select", args.select, 0), ("--dup-k", args.dup_k, 1),
                                ("--outlier-k", args.outlier_k, 1), ("--label-k", args.label_k, 1),
@@ -143,6 +170,33 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--unlabelled {args.unlabelled!r} is not a folder; pass the folder of unlabelled images")
     per_worker(args.batch_size, expected_world_size(args))
     return args
+
+
+def check_outside_data(args: argparse.Namespace) -> None:
+    """An --output-dir inside an image folder that is read (DATA, the --unlabelled pool) is
+    refused rather than skipped when reading: the next run would take its grids and thumbnails
+    for images (a class folder of them), and a folder of images is never written to. A csv's
+    folder is not scanned, so outputs beside the csv are harmless."""
+    out = os.path.realpath(args.output_dir)
+    scanned = [("DATA", args.data)] if args.dataset == "imagefolder" else []
+    for flag, folder in scanned + [("--unlabelled", args.unlabelled)]:
+        if folder and os.path.isdir(folder):
+            root = os.path.realpath(folder)
+            if out == root or out.startswith(root + os.sep):
+                raise UserError(f"--output-dir {args.output_dir!r} is inside {flag} {folder!r}, where the next run "
+                                f"would read its grids and thumbnails as images; pass an --output-dir outside it")
+
+
+def forget_findings(output_dir: str) -> None:
+    """--resume: every output of the earlier run but its embedding shards is removed before
+    anything is computed, so none this run does not write again is left beside its own."""
+    earlier = previous_run_files(output_dir, FINDING_FILES)
+    for name in earlier:
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if earlier:
+        print(f"=> --resume: removed the earlier run's {', '.join(earlier)} from {output_dir}; its embeddings "
+              f"are reused where the model and files are the same", flush=True)
 
 
 def main_worker(local_rank, args: argparse.Namespace) -> None:
@@ -174,6 +228,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         f"{args.crop_size} px, {env.world_size} process(es) on {env.device}")
 
     # ---- embed every image once (resumable shards in OUTPUT_DIR/embeddings/)
+    if is_main_process():
+        keep_splits(args.output_dir, [name for name, _ in parts])
     items = join_splits([(name, ds, *embed_split(model, ds, name, args, env, batch_size, workers))
                          for name, ds in parts], classes)
     if not is_main_process():  # the findings are cheap next to extraction: rank 0 does them

@@ -294,7 +294,8 @@ def main(argv=None) -> None:
     for name in args.pretrained:
         out = os.path.join(args.root, "run_" + (os.path.basename(os.path.dirname(name)) or name))
         argv = [root, "--pretrained", name, "--crop-size", "32", "-j", "0", "--output-dir", out, "-p", "1000",
-                "--dup-ratio", str(max(args.ratios)), "--probe-steps", str(args.probe_steps)]
+                "--dup-ratio", str(max(args.ratios)), "--probe-steps", str(args.probe_steps),
+                "--resume"]  # a rerun reuses the embeddings, rewriting the findings
         if name in ("none", "imagenet"):
             argv += ["-a", "resnet18", "--no-small-images"]  # the network of the checkpoints compared
         t = time.time()

@@ -6,7 +6,8 @@ import argparse
 import hashlib
 import json
 import os
-from typing import List, Tuple
+import re
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,9 @@ from common.ckpt.atomic import atomic_path
 from common.dist.collectives import DistEnv, barrier, is_main_process
 from common.log.progress import log
 from knn.embeddings import embed, path_of
+
+EMBEDDINGS = "embeddings"  # the folder in OUTPUT_DIR: <split>_manifest.json and <split>_NNNNN.pt
+SHARD = re.compile(r"^(.+)_(manifest\.json|\d{5}\.pt)$")
 
 
 class Slice(Dataset):
@@ -54,7 +58,7 @@ def embed_split(model: nn.Module, dataset: Dataset, split: str, args: argparse.N
     """(features fp16 on the device, labels, dataset index of each row) of `dataset`, shard
     by shard; shards already in OUTPUT_DIR/embeddings/ under the same fingerprint are read
     back instead of embedded again."""
-    folder = os.path.join(args.output_dir, "embeddings")
+    folder = os.path.join(args.output_dir, EMBEDDINGS)
     manifest = os.path.join(folder, f"{split}_manifest.json")
     want = fingerprint(dataset, args)
     try:
@@ -65,6 +69,7 @@ def embed_split(model: nn.Module, dataset: Dataset, split: str, args: argparse.N
     barrier()  # every rank has read the old manifest before rank 0 replaces it
     if not fresh and is_main_process():
         os.makedirs(folder, exist_ok=True)
+        forget_shards(folder, lambda s: s == split)  # another model's shards past this run's last one
         with atomic_path(manifest) as tmp, open(tmp, "w") as f:
             json.dump(want, f, indent=1)
     barrier()
@@ -93,3 +98,21 @@ def embed_split(model: nn.Module, dataset: Dataset, split: str, args: argparse.N
     if reused:
         log(f"=> {split}: {reused} of {len(starts)} embedding shard(s) reused from {folder}/")
     return torch.cat(feats), torch.cat(labels), torch.cat(index)
+
+
+def forget_shards(folder: str, which: Callable[[str], bool]) -> List[str]:
+    """Remove the manifest and shards of the splits `which` names from `folder`; the names removed."""
+    if not os.path.isdir(folder):
+        return []
+    names = sorted(n for n in os.listdir(folder) if (m := SHARD.match(n)) and which(m.group(1)))
+    for name in names:
+        os.remove(os.path.join(folder, name))
+    return names
+
+
+def keep_splits(output_dir: str, splits: Sequence[str]) -> None:
+    """--resume: the shards of a split this run does not have (an earlier --unlabelled pool)
+    go, so OUTPUT_DIR/embeddings/ holds this run's splits only."""
+    gone = forget_shards(os.path.join(output_dir, EMBEDDINGS), lambda s: s not in splits)
+    if gone:
+        log(f"=> removed the embeddings of split(s) this run does not have: {', '.join(gone)}")

