@@ -14,13 +14,15 @@ for their class with weight exp(cos / T), T = 0.07, k = 20 and 200. Similarities
 computed in chunks (common/eval/knn.py), so no N x N matrix is ever built.
 """
 import argparse
+import fnmatch
 import os
+import re
 
 import numpy as np
 import torch
 from PIL import Image
 
-from common.ckpt.io import check_free_space, prepare_output_dir
+from common.ckpt.io import check_free_space, prepare_output_dir, previous_run_files
 from common.ckpt.pretrained import follow_checkpoint
 from common.cli import HelpFormatter, add_eval_args, check_common_flags
 from common.data.datasets import add_data_args
@@ -42,6 +44,15 @@ from knn.embeddings import EXPORT_FORMATS, embed, export_embeddings
 from knn.evaluate import knn_evaluate
 from knn.reports import report_knn
 from knn.retrieval import retrieval
+
+# Every name main_knn.py writes in --output-dir, here and nowhere else: knn/reports.py's results and
+# per-class csvs, the --label-fraction draw (common/eval/setup.py), knn/embeddings.py's exports,
+# knn/retrieval.py's grids, the --plot-embeddings maps and TensorBoard's events. A folder holding
+# any of them is refused and --overwrite removes them all: an earlier run's exports or grids must
+# not sit beside this run's results as if they were its own.
+OUTPUTS = ("knn_results.json", "knn_per_class*.csv", "label_subset.json", "embeddings", "retrieval",
+           "embeddings_*.png", "tensorboard")
+RUN_FILES = re.compile("|".join(fnmatch.translate(name) for name in OUTPUTS))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -73,6 +84,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "on the inspection benchmark; on Fashion-MNIST plain kNN is better: docs/knn.md). Exports "
                         "and retrieval keep the raw features")
     add_label_subset_args(g, "kNN votes")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the evaluation an --output-dir already holds, deleting its results, exports and "
+                        "grids (without it such a folder is refused; an evaluation cannot be resumed)")
     g.add_argument("--skip-knn", action="store_true",
                    help="no kNN evaluation (unlabelled data): only --export-embeddings / --retrieval / --query")
     g.add_argument("--chunk-size", default=1024, type=int, help="queries per similarity chunk")
@@ -122,7 +136,19 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.export_format == "parquet":  # found out before the extraction, not after it
         require("pyarrow.parquet", "pyarrow")
     args.output_dir = args.output_dir or os.path.join("runs", "knn")
-    prepare_output_dir(args.output_dir, lock=is_first_process(args))
+    # said here rather than by prepare_output_dir, whose sentence offers a --resume this script lacks
+    # (prepare_output_dir still refuses, under the lock, a run that wrote in between)
+    earlier = previous_run_files(args.output_dir, RUN_FILES)
+    if earlier and not args.overwrite:
+        raise UserError(f"--output-dir {args.output_dir!r} already holds an evaluation ({', '.join(earlier[:3])}"
+                        f"{', ...' if len(earlier) > 3 else ''}); pass another --output-dir, or --overwrite to "
+                        f"replace it (an evaluation starts over: there is nothing to resume)")
+    if args.label_subset and os.path.realpath(args.label_subset) == os.path.realpath(
+            os.path.join(args.output_dir, "label_subset.json")) and earlier:
+        raise UserError(f"--label-subset {args.label_subset!r} is a file --overwrite deletes from --output-dir; "
+                        f"copy it out of {args.output_dir!r} first")
+    prepare_output_dir(args.output_dir, new_run=True, overwrite=args.overwrite, lock=is_first_process(args),
+                       run_files=RUN_FILES)
     follow_checkpoint(args)  # -a, the crop and the stem of the pretraining run unless given
     if args.whiten < 0:
         raise UserError(f"--whiten must be a number of principal axes (64 is a start) or 0 for off, got "

@@ -80,3 +80,31 @@ def test_curation_rerun_leaves_no_finding_of_the_earlier_run(labelled_and_pool, 
     assert set(tree(out)) == set(before)
     assert "pass one of the two" in one_sentence(
         run_inline(capsys, main_curate.main, first + ["--resume", "--overwrite"], check=False))
+
+
+@pytest.mark.slow
+def test_knn_into_an_occupied_folder_is_refused_and_overwrite_leaves_only_the_new_run(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=4, size=32, split_dirs=("train", "val"))
+    out = str(tmp_path / "out")
+    base = [data, *NET, "-b", "4", "--knn-k", "3"]
+    first = base + ["--export-embeddings", "--retrieval", "2", "--label-fraction", "0.5", "--output-dir", out]
+    run_inline(capsys, main_knn.main, first)
+    names = set(os.listdir(out))
+    assert {"knn_results.json", "embeddings", "retrieval", "label_subset.json"} <= names
+    assert all(main_knn.RUN_FILES.match(n) for n in names), names  # main_knn.OUTPUTS lists them all
+    before = tree(out)
+
+    second = base + ["--knn-k", "5", "--output-dir", out]
+    msg = one_sentence(run_inline(capsys, main_knn.main, second, check=False))
+    assert "already holds an evaluation (embeddings, knn_per_class.csv, knn_per_class_k3.csv, ...)" in msg
+    assert "pass another --output-dir, or --overwrite to replace it" in msg and "--resume" not in msg
+    assert tree(out) == before
+    # the earlier draw as this run's --label-subset would be deleted by --overwrite before it is read
+    assert "copy it out of" in one_sentence(run_inline(capsys, main_knn.main, second + [
+        "--overwrite", "--label-subset", os.path.join(out, "label_subset.json")], check=False))
+
+    ran = run_inline(capsys, main_knn.main, second + ["--overwrite"])
+    assert "=> --overwrite: removed the earlier run's embeddings, knn_per_class.csv" in ran.stdout
+    fresh = str(tmp_path / "fresh")
+    run_inline(capsys, main_knn.main, second[:-1] + [fresh])
+    assert set(tree(out)) == set(tree(fresh)) == {"knn_results.json", "knn_per_class.csv", "knn_per_class_k5.csv"}
