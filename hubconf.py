@@ -7,11 +7,14 @@ beside it, a folder of them (the newest is taken), or a run's output folder (its
 The network is the torchvision model the JSON names, with its stem (`small_images`) and, for
 families other than ResNet, our `body.*` wrapper (common.nets.models.build_backbone); `fc`,
 the head, is nn.Identity(), so `net(images)` gives the features (a lincls export keeps its
-linear head). Returned in eval mode, on the CPU; `net.meta` is the JSON.
+linear head). Returned in eval mode, on the CPU; `net.meta` is the JSON. A file whose sha256
+is not the one its JSON records (a damaged copy, an interrupted export) is refused.
 """
 dependencies = ["torch", "torchvision"]
 
 import glob  # noqa: E402 (torch.hub reads `dependencies` first)
+import hashlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 from typing import Dict, Tuple  # noqa: E402
@@ -59,12 +62,21 @@ def backbone(path: str) -> nn.Module:
     """The exported backbone at `path` (see the module's docstring), its features as output."""
     file, info = _find(path)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except PermissionError as e:
+        with open(file, "rb") as f:
+            data = f.read()
+    except OSError as e:
         raise UserError(f"cannot read {file} ({reason(e)}); check its permissions")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # random bytes, a cut-off copy, a pickle of objects: torch's text is no help
         raise UserError(f"cannot read {file}: it is damaged or not a backbone export (truncated? {reason(e)}); "
                         f"export it again with export_backbone.py")
+    # export_backbone.py renames the weights into place before their JSON: a kill between the
+    # two leaves new weights beside the JSON (arch, metrics, recipe) of the earlier export
+    if "sha256" in info and hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise UserError(f"{file} is not the file its JSON {os.path.basename(sidecar(file))} describes (another "
+                        f"sha256: an export to this name was interrupted, or one of the two was replaced); export "
+                        f"it again with export_backbone.py")
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{file} is not a backbone export (not a state_dict of tensors); export it again with "
                         f"export_backbone.py")

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Callable, List, NamedTuple
 
 import numpy as np
@@ -96,6 +97,47 @@ def run_main(main: Callable[[List[str]], object], argv: List[str]) -> int:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+# A child's line is awaited as long as the child runs: on a busy 2-core machine its first step
+# once came after 120 s (a test must not fail only because the machine is slow); the ceiling
+# only stops a hung child from holding CI.
+CHILD_WAIT_S = 900
+
+
+def clean_env(**extra) -> dict:
+    """The test's environment without any SLURM_*/torchrun variables of the machine running it;
+    one thread (bit-reproducible runs), unbuffered output (lines arrive as they are printed)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                       "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = CHILD_WAIT_S) -> str:
+    """Read the child's stdout until a line contains `needle`; returns everything read."""
+    seen, t0 = [], time.time()
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+        assert time.time() - t0 < timeout, "".join(seen)
+    raise AssertionError(f"process ended before printing {needle!r}:\n" + "".join(seen))
+
+
+def assert_same_weights(a_path, b_path) -> None:
+    """Two checkpoints at the same epoch end hold bitwise the same weights, buffers and
+    optimizer momentum (the interrupted run reproduced the uninterrupted one)."""
+    import torch
+    a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in (a_path, b_path))
+    assert a["epoch"] == b["epoch"] and a.get("iteration", 0) == b.get("iteration", 0) == 0
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
 class Ran(NamedTuple):

@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
 import sys
 
 import numpy as np
@@ -14,9 +16,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision.models as tvm
+from conftest import ROOT, clean_env
 
 import export_backbone
+import hubconf
 from common.ckpt.pretrained import load_backbone
+from common.errors import UserError
 from common.extras import available
 from common.nets.models import build_backbone
 from export import formats
@@ -410,3 +415,47 @@ def test_a_dash_in_the_checkpoint_name_does_not_hide_the_hash():
     for name in ["run-a1.b/checkpoint_last_backbone.pth", "x/moco-ab.c_backbone.pth", "x/backbone.pth"]:
         out = hashed_name(name, sha)
         assert HASH_REGEX.search(os.path.basename(out)).group(1) == sha[:8] and out.endswith("-0123abcd.pth"), out
+
+
+# a process killed (SIGKILL: no handler, no cleanup) at one point of export_backbone.py
+KILLED_EXPORT = """
+import os, signal, sys
+import export_backbone
+from export import formats
+where, checkpoint, out = sys.argv[1:]
+if where == "mid-write":  # half the file on disk
+    def write(fmt, model, data, example, tmp):
+        open(tmp, "wb").write(data[:len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    formats.write = write
+else:  # the export renamed into place, its JSON not yet
+    replace = os.replace
+    def replace_then_die(src, dst):
+        if dst.endswith(".json"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        replace(src, dst)
+    os.replace = replace_then_die
+export_backbone.main([checkpoint, "-o", out])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["mid-write", "between-the-two-renames"])
+def test_a_killed_export_leaves_the_earlier_one_or_a_refusal_never_a_wrong_backbone(checkpoints, where, tmp_path):
+    out = tmp_path / "b.pth"
+    assert export([checkpoints["moco"], "-o", str(out)])[0] == 0
+    before = {p.name: digest(p) for p in tmp_path.iterdir()}
+    killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT, where, checkpoints["simclr"], str(out)], cwd=ROOT,
+                            env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = {p.name: digest(p) for p in tmp_path.iterdir()}
+    # what a kill leaves behind are dot-files: no loader's *.pth pattern takes them for an export
+    assert all(name.startswith(".") for name in left.keys() - before.keys()), left
+    if where == "mid-write":
+        assert {name: left[name] for name in before} == before
+        assert hubconf.backbone(str(tmp_path)).meta["sha256"] == before["b.pth"]  # the earlier export
+    else:  # the new weights beside the earlier JSON: refused, not loaded with another export's description
+        assert left["b.pth"] != before["b.pth"] and left["b.pth.json"] == before["b.pth.json"]
+        with pytest.raises(UserError, match="is not the file its JSON b.pth.json describes") as e:
+            hubconf.backbone(str(out))
+        assert "\n" not in str(e.value)

@@ -7,9 +7,12 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT
+from conftest import ROOT, run_inline
 
 import export_backbone
+import hubconf
+import main_lincls
+import main_simclr
 from common.ckpt.pretrained import load_backbone
 from common.errors import UserError
 from common.nets.models import build_backbone
@@ -85,13 +88,13 @@ def small_export(folder, name="b.pth"):
     net.fc = nn.Identity()
     torch.save(net.state_dict(), folder / name)
     with open(folder / (name + ".json"), "w") as f:
-        json.dump({"arch": "resnet18", "small_images": True, "format": "torchvision"}, f)
+        json.dump({"arch": "resnet18", "small_images": True, "format": "torchvision",
+                   "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}, f)
     return folder / name
 
 
 def one_sentence(path, *fragments):
     """hubconf.backbone(path) raises a one-line UserError naming the file and each fragment."""
-    import hubconf
     with pytest.raises(UserError) as e:
         hubconf.backbone(str(path))
     message = str(e.value)
@@ -101,7 +104,6 @@ def one_sentence(path, *fragments):
 
 
 def test_hub_refuses_a_missing_path_a_damaged_export_and_an_unreadable_json(tmp_path):
-    import hubconf
     good = small_export(tmp_path)
     assert isinstance(hubconf.backbone(str(good)).fc, nn.Identity)  # the fixture is a real export
 
@@ -117,6 +119,10 @@ def test_hub_refuses_a_missing_path_a_damaged_export_and_an_unreadable_json(tmp_
         (tmp_path / "cut.pth.json").write_bytes((tmp_path / "b.pth.json").read_bytes())
         one_sentence(tmp_path / "cut.pth", "cannot read", "damaged or not a backbone export (truncated?")
 
+    torch.save({k: v + 1 for k, v in torch.load(good, weights_only=True).items()}, tmp_path / "other.pth")
+    (tmp_path / "other.pth.json").write_bytes((tmp_path / "b.pth.json").read_bytes())  # another export's JSON
+    one_sentence(tmp_path / "other.pth", "is not the file its JSON other.pth.json describes", "another sha256")
+
     (tmp_path / "b.pth.json").write_text('{"arch": "resnet18", ')  # the JSON cut off
     one_sentence(good, "cannot read", "b.pth.json", "export it again")
     (tmp_path / "b.pth.json").write_text('["resnet18"]')  # JSON, not ours
@@ -124,3 +130,22 @@ def test_hub_refuses_a_missing_path_a_damaged_export_and_an_unreadable_json(tmp_
 
     (tmp_path / "b.pth.json").write_text('{"arch": "resnet34", "small_images": true}')  # another network's JSON
     one_sentence(good, "does not hold the resnet34 its JSON describes")
+
+
+@pytest.mark.slow
+def test_a_simclr_mobilenet_probes_exports_and_loads_through_torch_hub(tmp_path, capsys):
+    """A wrapped family (`body.*`) pretrained by another method than the run conftest shares:
+    SimCLR -> logreg probe -> export_backbone.py -> torch.hub, the same features throughout."""
+    flags = ["--dataset", "synthetic", "--synthetic-size", "16", "-j", "0", "--seed", "3", "-a", "mobilenet_v3_small",
+             "--small-images", "--crop-size", "32", "-b", "8"]
+    run_inline(capsys, main_simclr.main, flags + ["--epochs", "1", "--proj-dim", "16", "--output-dir",
+                                                  str(tmp_path / "run")])
+    ckpt = str(tmp_path / "run" / "checkpoint_last.pth.tar")
+    assert "logistic-regression probe" in run_inline(capsys, main_lincls.main, flags + [
+        "--probe", "logreg", "--pretrained", ckpt, "--output-dir", str(tmp_path / "probe")]).stdout
+    run_inline(capsys, export_backbone.main, [ckpt, "-o", str(tmp_path / "exported" / "backbone.pth")])
+    net = hub(str(tmp_path))  # a folder holding exported/, as --export-at-end's run folder does
+    assert net.meta["arch"] == "mobilenet_v3_small" and not net.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ours(ckpt, "mobilenet_v3_small", small=True)(x), atol=1e-6, rtol=0)

@@ -4,12 +4,15 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import SYNTHETIC, run_inline, run_main
+from conftest import (CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, run_inline, run_main,
+                      wait_for_line)
 
 import export_backbone
 import main_knn
@@ -100,6 +103,37 @@ def test_bad_flags_are_one_sentence(capsys):
                            (["-b", "1"], "leaves MoCo v3 no negatives")):
         proc = run_inline(capsys, main_moco_v3.main, TINY + extra, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_mid_epoch_checkpoint_exactly(tmp_path):
+    """SIGKILL (no handler runs) after a --save-every-iters checkpoint: --resume auto
+    reproduces the uninterrupted run bitwise (LARS momentum, the momentum encoder, its
+    cosine momentum and the lr schedule picked up mid-epoch)."""
+    script = os.path.join(ROOT, "main_moco_v3.py")
+    argv = SYNTHETIC + ["--synthetic-size", "32", "-b", "8", "--moco-dim", "16", "--moco-mlp-dim", "32",
+                        "--seed", "3", "-p", "1", "--epochs", "2", "--moco-m-cos"]  # 4 iterations an epoch
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, script] + argv + ["--output-dir", str(straight)], cwd=ROOT, env=clean_env(),
+                   check=True, capture_output=True, timeout=CHILD_WAIT_S)
+    out = tmp_path / "killed"
+    argv += ["--output-dir", str(out), "--resume", "auto", "--save-every-iters", "3"]
+    proc = subprocess.Popen([sys.executable, script] + argv, cwd=ROOT, env=clean_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_line(proc, "(epoch 1, iteration 3)")
+        proc.kill()
+        proc.wait(timeout=CHILD_WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    mid = load(out / "checkpoint_last.pth.tar")
+    assert (mid["epoch"], mid["iteration"], mid["method"]) == (1, 3, "moco_v3")
+    resumed = subprocess.run([sys.executable, script] + argv, cwd=ROOT, env=clean_env(), capture_output=True,
+                             text=True, timeout=CHILD_WAIT_S)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "iteration 3" in resumed.stdout and "Epoch [1/2][4/4]" in resumed.stdout
+    assert_same_weights(straight / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
 
 
 # ---------------------------------------------------------------- checkpoints in moco-v3's layout

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC
+from conftest import ROOT, SYNTHETIC, assert_same_weights, clean_env, wait_for_line
 
 from common.dist import collectives as cdist
 from common.dist import slurm, world
@@ -27,30 +27,9 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def clean_env(**extra) -> dict:
-    """The test's environment without any SLURM_*/torchrun variables of the machine running it."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                       "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
 def start(args, env, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "main_moco.py")] + args, cwd=ROOT, env=env,
                             text=True, **kw)
-
-
-def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> str:
-    """Read the child's stdout until a line contains `needle`; returns everything read."""
-    seen, t0 = [], time.time()
-    for line in proc.stdout:
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-        assert time.time() - t0 < timeout, "".join(seen)
-    raise AssertionError(f"process ended before printing {needle!r}:\n" + "".join(seen))
 
 
 def signal_after_line(proc, line: str, sig):
@@ -63,16 +42,6 @@ def signal_after_line(proc, line: str, sig):
     finally:
         if proc.poll() is None:
             proc.kill()
-
-
-def assert_same_weights(a_path, b_path):
-    a, b = load(a_path), load(b_path)
-    assert a["epoch"] == b["epoch"] and a.get("iteration", 0) == b.get("iteration", 0) == 0
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
 # ---------------------------------------------------------------- env parsing
