@@ -7,7 +7,8 @@ import subprocess
 import time
 
 import pytest
-from test_slurm import TINY, _free_slurm_job_id, clean_env, start, wait_for_line
+from conftest import CHILD_WAIT_S, clean_env, wait_for_line
+from test_slurm import TINY, _free_slurm_job_id, start
 
 
 def spawned_workers(parent: int) -> list:
@@ -40,7 +41,7 @@ def test_a_worker_killed_by_sigkill_names_its_rank_and_how_to_continue(tmp_path)
         t0 = time.time()
         os.kill(workers[1], signal.SIGKILL)
         proc.stdout.read()
-        code, err = proc.wait(timeout=60), proc.stderr.read()
+        code, err = proc.wait(timeout=CHILD_WAIT_S), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

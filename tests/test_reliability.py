@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC, run_inline, run_script
+from conftest import CHILD_WAIT_S, ROOT, SYNTHETIC, run_inline, run_script
 from PIL import Image
 
 import main_knn
@@ -62,7 +62,7 @@ def test_torchrun_processes_without_seed_agree_on_one_and_see_every_index_once(t
                                       ["--cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=CHILD_WAIT_S)
         assert p.returncode == 0, out + err
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["drawn"] != r1["drawn"]  # each process drew its own seed...

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC, assert_same_weights, clean_env, wait_for_line
+from conftest import CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, wait_for_line
 
 from common.dist import collectives as cdist
 from common.dist import slurm, world
@@ -38,7 +38,7 @@ def signal_after_line(proc, line: str, sig):
         seen = wait_for_line(proc, line)
         proc.send_signal(sig)
         seen += proc.stdout.read()
-        return seen, proc.wait(timeout=120), proc.stderr.read()
+        return seen, proc.wait(timeout=CHILD_WAIT_S), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -124,7 +124,7 @@ def test_missing_or_bad_slurm_variables_name_the_problem(monkeypatch, values, mi
 def test_missing_variable_is_one_sentence_from_the_script(tmp_path):
     env = clean_env(SLURM_PROCID=0, SLURM_NTASKS=2, SLURM_LOCALID=0, SLURM_JOB_NODELIST="localhost", PATH="/nonexistent")
     proc = subprocess.run([sys.executable, "main_moco.py"] + TINY + ["--epochs", "1", "--output-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=CHILD_WAIT_S)
     assert proc.returncode == 2, proc.stderr
     assert "error: SLURM launch is missing SLURM_JOB_ID" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -154,11 +154,11 @@ def test_unresolvable_master_host_is_one_sentence_before_any_rendezvous(monkeypa
                     SLURM_STEP_NODELIST="nosuchhost-xyz.invalid", SLURM_JOB_NODELIST="nosuchhost-xyz.invalid")
     t0 = time.time()
     proc = subprocess.run([sys.executable, "main_moco.py"] + TINY + ["--epochs", "1", "--output-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=CHILD_WAIT_S)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "main_moco.py: error: the master host 'nosuchhost-xyz.invalid', the first host of SLURM_STEP_NODELIST="), proc.stderr
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 300  # against torch's 30 minutes of retries; a busy machine starts slowly
 
 
 def listening(port: int) -> bool:
@@ -189,8 +189,8 @@ def test_rendezvous_that_never_completes_gives_up_with_a_sentence(tmp_path):
     ends after DIST_RENDEZVOUS_TIMEOUT with the address and the ranks, not after 30 minutes."""
     (client, port1), (master, port0) = (one_of_two_srun_tasks(r, tmp_path, DIST_RENDEZVOUS_TIMEOUT=2) for r in (1, 0))
     try:
-        out1, err1 = client.communicate(timeout=120)
-        out0, err0 = master.communicate(timeout=120)
+        out1, err1 = client.communicate(timeout=CHILD_WAIT_S)
+        out0, err0 = master.communicate(timeout=CHILD_WAIT_S)
     finally:
         for p in (client, master):
             if p.poll() is None:
@@ -217,7 +217,7 @@ def test_sigterm_during_the_rendezvous_ends_the_process_at_once(tmp_path):
     try:
         t0 = time.time()
         while not listening(port):
-            assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
+            assert proc.poll() is None and time.time() - t0 < CHILD_WAIT_S, proc.communicate()
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         t1 = time.time()
@@ -306,7 +306,7 @@ def test_two_srun_tasks_train_and_agree_to_stop_on_one_ranks_signal(tmp_path):
         seen = wait_for_line(procs[0], "epoch 0 done")
         procs[1].send_signal(signal.SIGUSR1)
         seen += procs[0].stdout.read()
-        codes = [p.wait(timeout=120) for p in procs]
+        codes = [p.wait(timeout=CHILD_WAIT_S) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -346,7 +346,7 @@ def straight(tmp_path_factory):
     """An uninterrupted 2-epoch run: the reference the interrupted runs must reproduce."""
     out = tmp_path_factory.mktemp("straight")
     subprocess.run([sys.executable, "main_moco.py"] + TINY + ["--epochs", "2", "--output-dir", str(out)],
-                   cwd=ROOT, env=clean_env(), check=True, capture_output=True, timeout=300)
+                   cwd=ROOT, env=clean_env(), check=True, capture_output=True, timeout=CHILD_WAIT_S)
     return out / "checkpoint_last.pth.tar"
 
 
@@ -368,7 +368,7 @@ def test_sigusr1_checkpoints_mid_epoch_exits_for_requeue_and_resumes_exactly(tmp
 
     # the requeued job runs the very same command
     resumed = subprocess.run([sys.executable, "main_moco.py"] + args, cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=CHILD_WAIT_S)
     assert resumed.returncode == 0, resumed.stderr
     assert f"iteration {mid['iteration']}" in resumed.stdout
     # training continues at the next iteration: nothing repeated, nothing skipped
@@ -389,7 +389,7 @@ def test_sigusr1_and_resume_without_seed_keep_the_runs_own_seed(tmp_path):
     assert code == REQUEUE_EXIT_CODE, seen + err
     seed = load(out / "checkpoint_last.pth.tar")["args"]["seed"]
     resumed = subprocess.run([sys.executable, "main_moco.py"] + args, cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=CHILD_WAIT_S)
     assert resumed.returncode == 0, resumed.stderr
     assert load(out / "checkpoint_last.pth.tar")["args"]["seed"] == seed
     first = json.loads(open(out / "metrics.jsonl").readline())
@@ -397,7 +397,7 @@ def test_sigusr1_and_resume_without_seed_keep_the_runs_own_seed(tmp_path):
     # bitwise the uninterrupted run of that seed
     ref = tmp_path / "ref"
     subprocess.run([sys.executable, "main_moco.py"] + no_seed + ["--seed", str(seed), "--epochs", "2", "--output-dir",
-                   str(ref)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+                   str(ref)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=CHILD_WAIT_S)
     assert_same_weights(ref / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
 
 
@@ -423,7 +423,7 @@ def test_killed_job_resumes_from_save_every_iters_checkpoint(tmp_path, straight)
     try:
         wait_for_line(proc, "(epoch 1, iteration 3)")
         proc.kill()
-        proc.wait(timeout=60)
+        proc.wait(timeout=CHILD_WAIT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -431,7 +431,7 @@ def test_killed_job_resumes_from_save_every_iters_checkpoint(tmp_path, straight)
     assert (mid["epoch"], mid["iteration"]) == (1, 3)
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
     resumed = subprocess.run([sys.executable, "main_moco.py"] + args, cwd=ROOT, env=clean_env(),
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=CHILD_WAIT_S)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "Epoch [1/2][4/4]" in resumed.stdout
     assert_same_weights(straight, out / "checkpoint_last.pth.tar")
