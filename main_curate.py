@@ -199,6 +199,36 @@ def forget_findings(output_dir: str) -> None:
               f"are reused where the model and files are the same", flush=True)
 
 
+def check_neighbourhoods(args: argparse.Namespace, labels: torch.Tensor, classes: int) -> None:
+    """--dup-k, --outlier-k and --label-k against the images that can be neighbours, once the
+    data is read (-1: unlabelled). The search keeps what there is, so a k at or past the last
+    neighbour makes the farthest image the k-th: 100000 on 78 images would scale every
+    neighbourhood by the whole set. --select-typical's use of --outlier-k within a small pool
+    is left to clamp to the pool: the defaults must still pick from a dozen images."""
+    n, lab = len(labels), int((labels >= 0).sum())
+    checks = []
+    if "duplicates" in args.findings:
+        checks.append(("--dup-k", args.dup_k, n - 1, "each image", "leave duplicates out of --findings"))
+    if "outliers" in args.findings and args.outlier_per_class:
+        largest = int(torch.bincount(labels + 1).max())
+        checks.append(("--outlier-k", args.outlier_k, largest - 1, "an image of the largest class "
+                       "(--outlier-per-class)", "drop --outlier-per-class"))
+    elif "outliers" in args.findings:
+        checks.append(("--outlier-k", args.outlier_k, n - 1, "each image", "leave outliers out of --findings"))
+    if "labels" in args.findings and classes > 1 and lab > 1:
+        # the leave-one-out vote has the other labelled images; the suggestions all of them
+        others = lab if args.label_method == "probe" else lab - 1
+        checks.append(("--label-k", args.label_k, others, "each labelled image", "leave labels out of --findings"))
+    for flag, k, others, who, way_out in checks:
+        if k >= others >= 2:
+            raise UserError(f"{flag} {k} must be less than the {others} images {who} can have as neighbours (at "
+                            f"{others} or more the neighbourhood is every image, its scale the farthest one); pass "
+                            f"{flag} {others - 1} or less")
+        if k >= others:
+            raise UserError(f"{flag} {k}: {who} has {others} possible neighbour(s), too few for a neighbourhood "
+                            f"that leaves an image out; add images, or {way_out}")
+
+
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
 
@@ -218,6 +248,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         raise UserError(f"--select {args.select} asks for more images than the {unlabelled} unlabelled ones; pass "
                         f"--select {unlabelled} or less (or more unlabelled images with --unlabelled DIR)")
 
+    check_neighbourhoods(args, torch.tensor([t for _, ds in parts for t in ds.targets]), len(classes))
+
     # ---- model: the checkpoint's backbone, head removed (same seed on every rank for --pretrained none)
     torch.manual_seed(args.seed)
     model, source, _ = pretrained_backbone(args)
@@ -232,6 +264,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         keep_splits(args.output_dir, [name for name, _ in parts])
     items = join_splits([(name, ds, *embed_split(model, ds, name, args, env, batch_size, workers))
                          for name, ds in parts], classes)
+    check_neighbourhoods(args, items.labels, len(classes))  # again without the unreadable images
     if not is_main_process():  # the findings are cheap next to extraction: rank 0 does them
         barrier()
         return

@@ -359,7 +359,8 @@ def test_bad_input_is_one_sentence(tmp_path, capsys, read_only_dir):
     assert "--select 3" in msg and "2 unlabelled" in msg
     wrong = tmp_path / "wrong.pth.tar"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "method": "export"}, wrong)
-    assert "unknown method" in one_sentence(run(data, "--pretrained", str(wrong), *out))
+    assert "unknown method" in one_sentence(run(data, "--pretrained", str(wrong), "--dup-k", "2", "--outlier-k", "2",
+                                                "--label-k", "2", *out))
     assert "cannot write to --output-dir" in one_sentence(
         run(data, "--pretrained", "none", "--output-dir", str(read_only_dir / "out")))
     assert "--dup-ratio is a distance ratio in (0, 1)" in one_sentence(

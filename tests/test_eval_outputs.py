@@ -108,3 +108,28 @@ def test_knn_into_an_occupied_folder_is_refused_and_overwrite_leaves_only_the_ne
     fresh = str(tmp_path / "fresh")
     run_inline(capsys, main_knn.main, second[:-1] + [fresh])
     assert set(tree(out)) == set(tree(fresh)) == {"knn_results.json", "knn_per_class.csv", "knn_per_class_k5.csv"}
+
+
+@pytest.mark.slow
+def test_neighbour_counts_beyond_the_data_are_one_sentence(labelled_and_pool, tmp_path, capsys):
+    """12 images, 6 a class: each has 11 others, so k must stay below 11 (at 11 the k-th is the
+    farthest image, as it would be at 100000); checked before anything is embedded."""
+    data, _ = labelled_and_pool
+    out = tmp_path / "out"
+    run = lambda *flags: run_inline(capsys, main_curate.main, [data, *CURATE, *flags, "--output-dir", str(out)],  # noqa: E731
+                                    check=False)
+    msg = one_sentence(run("--dup-k", "100000"))
+    assert msg.endswith("--dup-k 100000 must be less than the 11 images each image can have as neighbours (at 11 or "
+                        "more the neighbourhood is every image, its scale the farthest one); pass --dup-k 10 or less")
+    assert "pass --outlier-k 10 or less" in one_sentence(run("--outlier-k", "11"))
+    assert "pass --label-k 10 or less" in one_sentence(run("--label-k", "11"))
+    assert "the largest class (--outlier-per-class)" in one_sentence(run("--outlier-per-class", "--outlier-k", "5"))
+    assert not os.path.exists(out / "embeddings")
+    # a finding left out is not checked, and the largest valid k runs
+    ran = run_inline(capsys, main_curate.main, [data, *CURATE, "--findings", "duplicates", "--dup-k", "10",
+                                                "--label-k", "100", "--output-dir", str(out)])
+    assert "the 10-th neighbour" in ran.stdout
+    two = tmp_path / "two"
+    write_image_folder(two, classes=("",), per_class=2, size=32, split_dirs=("",))
+    assert "each image has 1 possible neighbour(s), too few" in one_sentence(run_inline(
+        capsys, main_curate.main, [str(two), *NET, "--output-dir", str(tmp_path / "out2")], check=False))
