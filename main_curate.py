@@ -27,7 +27,7 @@ from common.ckpt.pretrained import follow_checkpoint
 from common.cli import HelpFormatter, add_eval_args, check_common_flags
 from common.data.datasets import add_data_args, build_dataset
 from common.data.images import FileListDataset, image_folder
-from common.dist.collectives import barrier, is_main_process
+from common.dist.collectives import DistEnv, barrier, is_main_process
 from common.dist.launch import script_main, start_worker
 from common.dist.world import add_dist_args, expected_world_size, is_first_process, per_worker
 from common.errors import UserError
@@ -36,7 +36,7 @@ from common.extras import require
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
 from curate.duplicates import RULES, file_hash, find_duplicates, redundant_rows
-from curate.embed import EMBEDDINGS, embed_split, keep_splits
+from curate.embed import EMBEDDINGS, embed_split, keep_splits, stop_with_a_sentence
 from curate.items import join_splits
 from curate.labels import METHODS, RULES as LABEL_RULES, knn_probs, label_issues, probe_probs
 from curate.outliers import SCORES, outlier_scores
@@ -231,7 +231,12 @@ def check_neighbourhoods(args: argparse.Namespace, labels: torch.Tensor, classes
 
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
+    with stop_with_a_sentence(args.output_dir):
+        curate(args, env, batch_size, workers)
 
+
+def curate(args: argparse.Namespace, env: DistEnv, batch_size: int, workers: int) -> None:
+    """Read the data, embed it (resumably) and write the findings; rank 0 does all but the embedding."""
     # ---- data: train, val when there is one, and the --unlabelled pool (labels -1)
     train, val = build_dataset(args, "train"), build_dataset(args, "val")
     classes = list(getattr(train, "classes", None) or [])

@@ -3,11 +3,14 @@ images whose features are written to OUTPUT_DIR/embeddings/ beside a manifest na
 model and the files, so a rerun after an interruption embeds only the shards not yet
 written (a changed model or file list starts over)."""
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import re
-from typing import Callable, List, Sequence, Tuple
+import signal
+import sys
+from typing import Callable, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -116,3 +119,48 @@ def keep_splits(output_dir: str, splits: Sequence[str]) -> None:
     gone = forget_shards(os.path.join(output_dir, EMBEDDINGS), lambda s: s not in splits)
     if gone:
         log(f"=> removed the embeddings of split(s) this run does not have: {', '.join(gone)}")
+
+
+class Stopped(BaseException):
+    """A stop signal, raised where the worker is (a BaseException: no `except Exception` on the
+    way takes it for an error of its own)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_with_a_sentence(output_dir: str) -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`), SIGUSR1 (SLURM's warning, and what --multiprocessing-distributed
+    passes a `kill` on to its workers as) or Ctrl-C inside the block: rank 0 says which shards are
+    kept and that the same command with --resume continues from them, and the process exits
+    128 + the signal's number (143 for SIGTERM), the status a shell gives a killed command. The
+    default action would end it as silently as a crash."""
+    owner = os.getpid()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def stop(signum, frame):
+        if os.getpid() != owner:  # a data-loading worker forked meanwhile: the main process decides
+            return
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # SLURM signals every process and spawn forwards too
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second kill ends it at once
+        raise Stopped(signum)
+
+    for s in previous:
+        signal.signal(s, stop)
+    try:
+        yield
+    except (Stopped, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        if is_main_process():
+            folder = os.path.join(output_dir, EMBEDDINGS)
+            shards = len([n for n in os.listdir(folder) if n.endswith(".pt")]) if os.path.isdir(folder) else 0
+            prog = os.path.basename(sys.argv[0]) or "python"
+            print(f"{prog}: stopped by {signal.Signals(signum).name}; the {shards} embedding shard(s) written so far "
+                  f"are kept in {folder}/: run the same command with --resume to continue from them",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -7,9 +7,12 @@ an empty folder, a csv manifest) work or are refused in one sentence."""
 import builtins
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
-from conftest import run_inline, write_image_folder
+from conftest import CHILD_WAIT_S, ROOT, clean_env, run_inline, wait_for_line, write_image_folder
 
 import main_curate
 import main_knn
@@ -133,3 +136,32 @@ def test_neighbour_counts_beyond_the_data_are_one_sentence(labelled_and_pool, tm
     write_image_folder(two, classes=("",), per_class=2, size=32, split_dirs=("",))
     assert "each image has 1 possible neighbour(s), too few" in one_sentence(run_inline(
         capsys, main_curate.main, [str(two), *NET, "--output-dir", str(tmp_path / "out2")], check=False))
+
+
+@pytest.mark.slow
+def test_sigterm_while_embedding_says_how_to_continue_and_resume_completes(tmp_path):
+    """SIGTERM once the third shard's progress line is printed (two shards are on disk): one
+    sentence naming the shards kept and --resume, exit 143 (128 + SIGTERM, as a shell reports a
+    kill), no traceback; the same command with --resume reuses them and finishes."""
+    data = write_image_folder(tmp_path / "data", classes=("",), per_class=240, size=32, split_dirs=("",))
+    out = tmp_path / "out"
+    argv = [sys.executable, os.path.join(ROOT, "main_curate.py"), data, *NET, "-b", "8", "-p", "1",
+            "--shard-size", "16", "--findings", "duplicates", "--output-dir", str(out)]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=clean_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_line(proc, "features train shard 3/15")
+        proc.send_signal(signal.SIGTERM)
+        code, err = proc.wait(timeout=CHILD_WAIT_S), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    shards = len([n for n in os.listdir(out / "embeddings") if n.endswith(".pt")])
+    assert code == 128 + signal.SIGTERM and 2 <= shards < 15, (code, err)
+    assert err.strip() == (f"main_curate.py: stopped by SIGTERM; the {shards} embedding shard(s) written so far are kept "
+                           f"in {out / 'embeddings'}/: run the same command with --resume to continue from them")
+    assert not os.path.exists(out / "run.lock")  # the lock went with the run
+
+    done = subprocess.run(argv + ["--resume"], cwd=ROOT, env=clean_env(), text=True, capture_output=True,
+                          timeout=CHILD_WAIT_S)
+    assert done.returncode == 0, done.stderr
+    assert f"{shards} of 15 embedding shard(s) reused" in done.stdout and os.path.isfile(out / "report.html")
