@@ -110,7 +110,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     if is_main_process():
         os.makedirs(grids, exist_ok=True)
 
-    run.knn_before_training(inpaint.encoder)  # --knn-every: the untrained network's kNN, to compare with
+    run.before_training(inpaint.encoder)  # the untrained network's kNN and payoff probe, to compare with
 
     # ---- epochs: train (the step loop: common/train/step.py), reconstruction grid, then kNN
     # monitor, metrics line, checkpoint

@@ -151,7 +151,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         moco.m = cosine_momentum(args.moco_m, progress, args.epochs)
 
     run.check_views(aug)  # do two views of an image still look alike? (a few seconds)
-    run.knn_before_training(moco.encoder_q)  # --knn-every: the untrained network's kNN, to compare with
+    run.before_training(moco.encoder_q)  # the untrained network's kNN and payoff probe, to compare with
 
     # ---- epochs: train (the step loop: common/train/step.py), then kNN monitor, metrics line, checkpoint
     for epoch in range(run.start_epoch, args.epochs):

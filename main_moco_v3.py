@@ -130,7 +130,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         moco.m = cosine_momentum(args.moco_m, progress, args.epochs) if args.moco_m_cos else args.moco_m
 
     run.check_views(aug)  # do two views of an image still look alike? (a few seconds)
-    run.knn_before_training(moco.base_encoder)  # --knn-every: the untrained network's kNN, to compare with
+    run.before_training(moco.base_encoder)  # the untrained network's kNN and payoff probe, to compare with
 
     # ---- epochs: train (the step loop: common/train/step.py), then kNN monitor, metrics line, checkpoint
     for epoch in range(run.start_epoch, args.epochs):

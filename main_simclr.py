@@ -156,7 +156,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                       learning=learning_watch(args, 2 * args.batch_size - 1, 0.08, "--temperature", args.temperature))
 
     run.check_views(aug)  # do two views of an image still look alike? (a few seconds)
-    run.knn_before_training(simclr.encoder)  # --knn-every: the untrained network's kNN, to compare with
+    run.before_training(simclr.encoder)  # the untrained network's kNN and payoff probe, to compare with
 
     # ---- epochs: train (the step loop: common/train/step.py), then kNN monitor, metrics line, checkpoint
     for epoch in range(run.start_epoch, args.epochs):

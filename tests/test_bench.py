@@ -18,7 +18,7 @@ from common.augment import transforms as augment
 from common.data.datasets import build_dataset
 from common.data.transformed import TransformedDataset
 from common.errors import UserError
-from lincls.logreg import logistic_regression_accuracy
+from common.eval.logreg import logistic_regression_accuracy
 from moco.augment import moco_v2
 
 

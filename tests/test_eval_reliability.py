@@ -24,7 +24,7 @@ from common.nets.models import build_backbone, without_head
 from knn.evaluate import knn_reports
 from knn.reports import log_knn
 from lincls.heads import backbone_state
-from lincls.logreg import fit_logistic_regression
+from common.eval.logreg import fit_logistic_regression
 from lincls.sanity import same_tensor, sanity_check
 
 # resnet18 with the ImageNet stem at 32 px: a forward pass of a few images takes milliseconds

@@ -415,7 +415,7 @@ def test_logreg_probe_fits_the_head_in_one_go_and_beats_the_untrained_network(mo
     from common.data.transformed import TransformedDataset
     from common.eval.features import extract_features
     from common.nets.models import without_head
-    from lincls.logreg import fit_logistic_regression
+    from common.eval.logreg import fit_logistic_regression
 
     acc = {}
     data = SYNTHETIC + ["--synthetic-size", str(LEARNING_KNN_IMAGES), "-b", "256"]

@@ -23,6 +23,7 @@ from common.ckpt.resume import check_arch, resolve_resume
 from common.ckpt.retention import checkpoint_disk_plan, epoch_file_due, prune_epoch_checkpoints
 from common.dist.collectives import DistEnv, is_main_process
 from common.eval.monitor import KnnMonitor
+from common.eval.payoff import Payoff
 from common.log.progress import MetricsLog, log
 from common.train.data import PretrainData
 from common.train.preempt import StopRequest
@@ -85,18 +86,22 @@ class PretrainRun:
         # a kill between an epoch's metrics line and its checkpoint would repeat that line
         self.metrics.drop_epochs_from(self.start_epoch)
         self.knn = KnnMonitor(args, env) if args.knn_every else None
-        self.untrained: Dict[str, float] = {}  # knn_before_training's, for the first metrics line
+        self.payoff = Payoff(args, env) if args.payoff else None
+        self.untrained: Dict[str, float] = {}  # before_training's, for the first metrics line
         self.stop = StopRequest(env)
         # (a resumed run starts watching afresh: a collapse across the resume point goes unnoticed)
         self.collapse = CollapseWatch(collapse_hint)
         self.learning = learning  # contrastive methods: is the accuracy leaving chance?
 
-    def knn_before_training(self, backbone: nn.Module) -> None:
-        """--knn-every on a fresh run: the kNN of the untrained `backbone` (BatchNorm
-        statistics from the train images, as the trained network's will be), printed and
-        kept in the first epoch's metrics as knn_top1_untrained, so the run shows what
-        training bought."""
-        if self.knn is None or self.start_epoch or self.start_iter:
+    def before_training(self, backbone: nn.Module) -> None:
+        """What the run starts from, to compare the trained network with: --knn-every's kNN
+        of the untrained `backbone` on a fresh run (BatchNorm statistics from the train
+        images, as the trained network's will be), printed and kept in the first epoch's
+        metrics as knn_top1_untrained; and the payoff probe's baselines (common/eval/payoff.py)."""
+        fresh = not (self.start_epoch or self.start_iter)
+        if self.payoff is not None:
+            self.payoff.start(backbone, resumed=not fresh)
+        if self.knn is None or not fresh:
             return
         before = self.knn.evaluate_untrained(backbone)
         if before:
@@ -142,6 +147,8 @@ class PretrainRun:
         a = self.args
         if self.knn is not None and ((epoch + 1) % a.knn_every == 0 or epoch + 1 == a.epochs):
             stats.update(self.knn.evaluate(backbone))
+        if self.payoff is not None and (epoch + 1 == a.epochs or (a.knn_every and (epoch + 1) % a.knn_every == 0)):
+            stats.update(self.payoff.measure(backbone, epoch))
         record = {"epoch": epoch, "lr": self.lr_fn(epoch + 1 - 1e-9), **stats, **self.untrained}
         self.untrained = {}
         collapsed = self.collapse.update(epoch, stats["acc1"]) if "acc1" in stats else None

@@ -52,6 +52,10 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
     """Flags every pretraining script takes: the kNN monitor, --save-every-iters and --init."""
     parser.add_argument("--knn-every", default=0, type=int,
                         help="kNN accuracy of the backbone on the labelled train/val split every N epochs (0: off)")
+    parser.add_argument("--payoff", default=True, action=argparse.BooleanOptionalAction,
+                        help="when the train split has labels: a 5-fold logreg probe on them (never val) before "
+                             "training and at the end (and every --knn-every epochs) says whether pretraining "
+                             "beat the network it started from (OUTPUT_DIR/payoff.json)")
     parser.add_argument("--save-every-iters", default=0, type=int, metavar="N",
                         help="also write checkpoint_last.pth.tar every N iterations inside an epoch (0: only at "
                              "epoch ends); a killed job then loses at most N iterations")
