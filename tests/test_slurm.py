@@ -244,7 +244,8 @@ def test_sigterm_sets_flag_then_the_run_checkpoints_and_exits_for_requeue(tmp_pa
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     args = argparse.Namespace(arch="resnet18", output_dir=str(tmp_path), save_every_iters=4, knn_every=0,
-                              resume=None, tensorboard=False, epochs=4, save_freq=1, keep_checkpoints=5, keep_epochs=[])
+                              resume=None, tensorboard=False, epochs=4, save_freq=1, keep_checkpoints=5, keep_epochs=[],
+                              payoff=False)
     env = cdist.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
     data = PretrainData(None, None, None, batch_size=2, iters_per_epoch=8, to_device=None)
     saved = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
