@@ -17,6 +17,7 @@ import fnmatch
 import os
 import re
 import shutil
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -144,11 +145,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.resume and args.overwrite:
         raise UserError("--resume reuses the earlier embeddings and --overwrite deletes them; pass one of the two")
     check_outside_data(args)
-    prepare_output_dir(args.output_dir, new_run=not args.resume, overwrite=args.overwrite,
-                       lock=is_first_process(args), run_files=RUN_FILES,
-                       resume_hint="--resume to continue it (its embeddings are reused)")
-    if args.resume and is_first_process(args):
-        forget_findings(args.output_dir)
+    # refused here, before any work; what --resume or --overwrite replace is deleted only once every
+    # check that can still refuse the run (the flags against the data, the checkpoint) has passed
+    prepare_output_dir(args.output_dir, new_run=not (args.resume or args.overwrite), lock=is_first_process(args),
+                       run_files=RUN_FILES, resume_hint="--resume to continue it (its embeddings are reused)")
     follow_checkpoint(args)
     for flag, value, least in (("--select", args.select, 0), ("--dup-k", args.dup_k, 1),
                                ("--outlier-k", args.outlier_k, 1), ("--label-k", args.label_k, 1),
@@ -187,16 +187,22 @@ def check_outside_data(args: argparse.Namespace) -> None:
                                 f"would read its grids and thumbnails as images; pass an --output-dir outside it")
 
 
-def forget_findings(output_dir: str) -> None:
-    """--resume: every output of the earlier run but its embedding shards is removed before
-    anything is computed, so none this run does not write again is left beside its own."""
-    earlier = previous_run_files(output_dir, FINDING_FILES)
+def clear_earlier_run(args: argparse.Namespace, splits: Sequence[str]) -> None:
+    """Rank 0, before the embedding: --overwrite removes every output of an earlier run, --resume
+    all but the embedding shards of this run's splits, so no file this run does not write again
+    is left beside its own."""
+    if args.overwrite:
+        prepare_output_dir(args.output_dir, new_run=True, overwrite=True, lock=False, run_files=RUN_FILES)
+    if not args.resume:
+        return
+    earlier = previous_run_files(args.output_dir, FINDING_FILES)
     for name in earlier:
-        path = os.path.join(output_dir, name)
+        path = os.path.join(args.output_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     if earlier:
-        print(f"=> --resume: removed the earlier run's {', '.join(earlier)} from {output_dir}; its embeddings "
-              f"are reused where the model and files are the same", flush=True)
+        log(f"=> --resume: removed the earlier run's {', '.join(earlier)} from {args.output_dir}; its embeddings "
+            f"are reused where the model and files are the same")
+    keep_splits(args.output_dir, splits)
 
 
 def check_neighbourhoods(args: argparse.Namespace, labels: torch.Tensor, classes: int) -> None:
@@ -266,7 +272,8 @@ def curate(args: argparse.Namespace, env: DistEnv, batch_size: int, workers: int
 
     # ---- embed every image once (resumable shards in OUTPUT_DIR/embeddings/)
     if is_main_process():
-        keep_splits(args.output_dir, [name for name, _ in parts])
+        clear_earlier_run(args, [name for name, _ in parts])
+    barrier()  # the other ranks read the shards' manifests only once rank 0 has cleared them
     items = join_splits([(name, ds, *embed_split(model, ds, name, args, env, batch_size, workers))
                          for name, ds in parts], classes)
     check_neighbourhoods(args, items.labels, len(classes))  # again without the unreadable images

@@ -258,7 +258,9 @@ def test_a_convnext_pretrains_probes_knns_and_exports_in_every_format_with_its_f
     knn_argv = CONVNEXT + ["--pretrained", ckpt, "--export-embeddings", "--knn-k", "5",
                            "--output-dir", str(tmp_path / "knn")]
     assert "top-1" in run_inline(capsys, main_knn.main, knn_argv).stdout
-    knn_args = main_knn.finalize_args(main_knn.get_args_parser().parse_args(knn_argv))
+    # the same flags into another folder: main_knn.py refuses the one that now holds the evaluation
+    knn_args = main_knn.finalize_args(main_knn.get_args_parser().parse_args(knn_argv + ["--output-dir",
+                                                                                     str(tmp_path / "knn_args")]))
     val = eval_view(eval_splits(knn_args, None).val, knn_args)
     images = torch.stack([val[i][0] for i in range(len(val))])
     ours = our_backbone(ckpt)

@@ -67,6 +67,10 @@ def test_curation_rerun_leaves_no_finding_of_the_earlier_run(labelled_and_pool, 
     msg = one_sentence(run_inline(capsys, main_curate.main, second, check=False))
     assert "already holds a run" in msg and "--resume to continue it (its embeddings are reused)" in msg
     assert tree(out) == before
+    # a run that is refused later (a flag against the data, a bad flag) deletes nothing either
+    for flags in (["--overwrite", "--dup-k", "100000"], ["--resume", "--dup-ratio", "1.5"]):
+        one_sentence(run_inline(capsys, main_curate.main, second + flags, check=False))
+        assert tree(out) == before
 
     # --resume: the train shards are reused, every other output is this run's; the folder is
     # exactly what a fresh run with these flags writes
@@ -119,8 +123,10 @@ def test_neighbour_counts_beyond_the_data_are_one_sentence(labelled_and_pool, tm
     farthest image, as it would be at 100000); checked before anything is embedded."""
     data, _ = labelled_and_pool
     out = tmp_path / "out"
-    run = lambda *flags: run_inline(capsys, main_curate.main, [data, *CURATE, *flags, "--output-dir", str(out)],  # noqa: E731
-                                    check=False)
+
+    def run(*flags):
+        return run_inline(capsys, main_curate.main, [data, *CURATE, *flags, "--output-dir", str(out)], check=False)
+
     msg = one_sentence(run("--dup-k", "100000"))
     assert msg.endswith("--dup-k 100000 must be less than the 11 images each image can have as neighbours (at 11 or "
                         "more the neighbourhood is every image, its scale the farthest one); pass --dup-k 10 or less")
@@ -157,11 +163,135 @@ def test_sigterm_while_embedding_says_how_to_continue_and_resume_completes(tmp_p
             proc.kill()
     shards = len([n for n in os.listdir(out / "embeddings") if n.endswith(".pt")])
     assert code == 128 + signal.SIGTERM and 2 <= shards < 15, (code, err)
-    assert err.strip() == (f"main_curate.py: stopped by SIGTERM; the {shards} embedding shard(s) written so far are kept "
-                           f"in {out / 'embeddings'}/: run the same command with --resume to continue from them")
+    assert err.strip() == (f"main_curate.py: stopped by SIGTERM; the {shards} embedding shard(s) written so far are "
+                           f"kept in {out / 'embeddings'}/: run the same command with --resume to continue from them")
     assert not os.path.exists(out / "run.lock")  # the lock went with the run
 
     done = subprocess.run(argv + ["--resume"], cwd=ROOT, env=clean_env(), text=True, capture_output=True,
                           timeout=CHILD_WAIT_S)
     assert done.returncode == 0, done.stderr
     assert f"{shards} of 15 embedding shard(s) reused" in done.stdout and os.path.isfile(out / "report.html")
+
+
+# ---------------------------------------------------------------- hostile inputs
+
+@pytest.fixture
+def write_guard(monkeypatch):
+    """guard(folder): from then on any attempt to create, write, rename or delete under `folder`
+    raises PermissionError (as a read-only mount would, also for root, who ignores mode bits)
+    and is recorded in the list returned."""
+    attempts = []
+
+    def guard(folder):
+        root = os.path.realpath(folder) + os.sep
+        for dp, dirs, files in list(os.walk(folder))[::-1]:  # the mode bits too, for whoever is not root
+            for f in files:
+                os.chmod(os.path.join(dp, f), 0o444)
+            os.chmod(dp, 0o555)
+
+        def inside(path) -> bool:
+            return isinstance(path, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(path)).startswith(root)
+
+        def refuse(name, path):
+            attempts.append((name, str(path)))
+            raise PermissionError(13, "Read-only file system", str(path))
+
+        real_open, real_os_open = builtins.open, os.open
+
+        def guarded_open(file, mode="r", *args, **kwargs):
+            if inside(file) and any(c in mode for c in "wax+"):
+                refuse("open", file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def guarded_os_open(path, flags, *args, **kwargs):
+            if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
+                refuse("os.open", path)
+            return real_os_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", guarded_open)
+        monkeypatch.setattr(os, "open", guarded_os_open)
+        for name in ("mkdir", "remove", "unlink", "rmdir", "rename", "replace", "utime"):
+            real = getattr(os, name)
+
+            def guarded(path, *args, _real=real, _name=name, **kwargs):
+                if inside(path) or (args and inside(args[0])):
+                    refuse(_name, path)
+                return _real(path, *args, **kwargs)
+            monkeypatch.setattr(os, name, guarded)
+        return attempts
+    yield guard
+
+
+def stat_tree(folder) -> dict:
+    return {os.path.relpath(os.path.join(dp, n), folder): os.stat(os.path.join(dp, n)).st_mtime_ns
+            for dp, dirs, files in os.walk(folder) for n in dirs + files}
+
+
+@pytest.mark.slow
+def test_read_only_data_is_curated_and_left_untouched(labelled_and_pool, tmp_path, capsys, write_guard):
+    data, pool = labelled_and_pool
+    before = {d: (tree(d), stat_tree(d)) for d in (data, pool)}
+    attempts = write_guard(data)
+    pool_attempts = write_guard(pool)
+    with pytest.raises(PermissionError):  # the guard works
+        open(os.path.join(data, "a", "new.png"), "wb")
+    assert attempts == [("open", os.path.join(data, "a", "new.png"))]
+    attempts.clear()
+    try:
+        run_inline(capsys, main_curate.main, [data, *CURATE, "--unlabelled", pool, "--select", "2", "--write-clean-csv",
+                                              "--clean-drop", "duplicates", "outliers", "labels",
+                                              "--output-dir", str(tmp_path / "out")])
+    finally:
+        for d in (data, pool):
+            for dp, _, _ in os.walk(d):
+                os.chmod(dp, 0o755)
+    assert attempts == pool_attempts == [] and {d: (tree(d), stat_tree(d)) for d in (data, pool)} == before
+    assert os.path.isfile(tmp_path / "out" / "report.html")
+
+
+@pytest.mark.slow
+def test_an_output_folder_inside_data_is_refused_before_anything_is_written(labelled_and_pool, tmp_path, capsys):
+    """Refused rather than skipped when reading: its thumbnails/ and grids/ would be a class
+    folder of PNGs to the next run (and to main_knn.py or a training script given the same DATA),
+    and a folder of images is never written to."""
+    data, pool = labelled_and_pool
+    before = stat_tree(tmp_path)
+    for flags, where in (([os.path.join(data, "curate")], "inside DATA"),
+                         ([data], "inside DATA"),
+                         ([os.path.join(pool, "sub", "out"), "--unlabelled", pool], "inside --unlabelled")):
+        msg = one_sentence(run_inline(capsys, main_curate.main, [data, *CURATE, "--output-dir", *flags], check=False))
+        assert where in msg and "would read its grids and thumbnails as images" in msg
+    assert stat_tree(tmp_path) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("images, error", [(0, "holds no images and no class folders"),
+                                           (1, "found 1 image; curating needs at least 2")])
+def test_an_empty_folder_and_one_image_are_one_sentence(tmp_path, capsys, images, error):
+    data = tmp_path / "data"
+    data.mkdir()
+    if images:
+        write_image_folder(data, classes=("",), per_class=images, size=32, split_dirs=("",))
+    assert error in one_sentence(run_inline(capsys, main_curate.main, [str(data), *CURATE, "--output-dir",
+                                                                       str(tmp_path / "out")], check=False))
+    assert os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.slow
+def test_a_csv_manifest_with_unlabelled_rows_is_curated_into_manifests(labelled_and_pool, tmp_path, capsys):
+    """--dataset csv: labelled rows are checked, the empty-label rows get suggestions and are
+    what --select picks from; select.csv and the clean csv read back as manifests; the csv's
+    folder may hold the output folder (it is not scanned)."""
+    from common.data.images import csv_manifest
+    data, _ = labelled_and_pool
+    with open(os.path.join(data, "train.csv"), "w") as f:
+        f.write("path,label\n" + "".join(f"{c}/{i}.png,{c if i < 4 else ''}\n" for c in "ab" for i in range(6)))
+    out = os.path.join(data, "curated")
+    ran = run_inline(capsys, main_curate.main, [data, "--dataset", "csv", *CURATE, "--select", "2",
+                                                "--write-clean-csv", "--output-dir", out])
+    assert "12 images (12 train)" in ran.stdout
+    assert len(csv_manifest(os.path.join(out, "label_suggestions.csv"))) == 4
+    picked = csv_manifest(os.path.join(out, "select.csv"))
+    assert len(picked) == 2 and set(picked.targets) == {-1}
+    clean = csv_manifest(os.path.join(out, "clean_train.csv"))
+    assert sorted(clean.classes) == ["a", "b"] and sum(t < 0 for t in clean.targets) <= 4
