@@ -136,19 +136,6 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.export_format == "parquet":  # found out before the extraction, not after it
         require("pyarrow.parquet", "pyarrow")
     args.output_dir = args.output_dir or os.path.join("runs", "knn")
-    # said here rather than by prepare_output_dir, whose sentence offers a --resume this script lacks
-    # (prepare_output_dir still refuses, under the lock, a run that wrote in between)
-    earlier = previous_run_files(args.output_dir, RUN_FILES)
-    if earlier and not args.overwrite:
-        raise UserError(f"--output-dir {args.output_dir!r} already holds an evaluation ({', '.join(earlier[:3])}"
-                        f"{', ...' if len(earlier) > 3 else ''}); pass another --output-dir, or --overwrite to "
-                        f"replace it (an evaluation starts over: there is nothing to resume)")
-    if args.label_subset and os.path.realpath(args.label_subset) == os.path.realpath(
-            os.path.join(args.output_dir, "label_subset.json")) and earlier:
-        raise UserError(f"--label-subset {args.label_subset!r} is a file --overwrite deletes from --output-dir; "
-                        f"copy it out of {args.output_dir!r} first")
-    prepare_output_dir(args.output_dir, new_run=True, overwrite=args.overwrite, lock=is_first_process(args),
-                       run_files=RUN_FILES)
     follow_checkpoint(args)  # -a, the crop and the stem of the pretraining run unless given
     if args.whiten < 0:
         raise UserError(f"--whiten must be a number of principal axes (64 is a start) or 0 for off, got "
@@ -176,7 +163,21 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--query {path!r} cannot be read as an image ({e}){hint}; pass an image file")
     if args.skip_knn and not (args.export_embeddings or args.retrieval or args.query):
         raise UserError("--skip-knn leaves nothing to do; add --export-embeddings, --retrieval N or --query PATH")
+    # last, so that a run the checks above refuse deletes nothing with --overwrite; the sentence is
+    # said here rather than by prepare_output_dir, whose own offers a --resume this script lacks
+    # (prepare_output_dir still refuses, under the lock, a run that wrote in between)
+    earlier = previous_run_files(args.output_dir, RUN_FILES)
+    if earlier and not args.overwrite:
+        raise UserError(f"--output-dir {args.output_dir!r} already holds an evaluation ({', '.join(earlier[:3])}"
+                        f"{', ...' if len(earlier) > 3 else ''}); pass another --output-dir, or --overwrite to "
+                        f"replace it (an evaluation starts over: there is nothing to resume)")
+    if args.label_subset and os.path.realpath(args.label_subset) == os.path.realpath(
+            os.path.join(args.output_dir, "label_subset.json")) and earlier:
+        raise UserError(f"--label-subset {args.label_subset!r} is a file --overwrite deletes from --output-dir; "
+                        f"copy it out of {args.output_dir!r} first")
     per_worker(args.batch_size, expected_world_size(args))
+    prepare_output_dir(args.output_dir, new_run=True, overwrite=args.overwrite, lock=is_first_process(args),
+                       run_files=RUN_FILES)
     return args
 
 

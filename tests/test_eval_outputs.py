@@ -109,6 +109,10 @@ def test_knn_into_an_occupied_folder_is_refused_and_overwrite_leaves_only_the_ne
     # the earlier draw as this run's --label-subset would be deleted by --overwrite before it is read
     assert "copy it out of" in one_sentence(run_inline(capsys, main_knn.main, second + [
         "--overwrite", "--label-subset", os.path.join(out, "label_subset.json")], check=False))
+    # a run refused by a later check deletes nothing with --overwrite
+    assert "--whiten must be" in one_sentence(run_inline(capsys, main_knn.main, second + ["--overwrite", "--whiten",
+                                                                                         "-1"], check=False))
+    assert tree(out) == before
 
     ran = run_inline(capsys, main_knn.main, second + ["--overwrite"])
     assert "=> --overwrite: removed the earlier run's embeddings, knn_per_class.csv" in ran.stdout
