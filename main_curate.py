@@ -238,10 +238,10 @@ def check_neighbourhoods(args: argparse.Namespace, labels: torch.Tensor, classes
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args)
     with stop_with_a_sentence(args.output_dir):
-        curate(args, env, batch_size, workers)
+        run_curation(args, env, batch_size, workers)
 
 
-def curate(args: argparse.Namespace, env: DistEnv, batch_size: int, workers: int) -> None:
+def run_curation(args: argparse.Namespace, env: DistEnv, batch_size: int, workers: int) -> None:
     """Read the data, embed it (resumably) and write the findings; rank 0 does all but the embedding."""
     # ---- data: train, val when there is one, and the --unlabelled pool (labels -1)
     train, val = build_dataset(args, "train"), build_dataset(args, "val")
