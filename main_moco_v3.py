@@ -6,9 +6,9 @@
     python main_moco_v3.py /data/imagenet -a vit_b_16 -b 4096 --lr 1.5e-4 --wd 0.1 --epochs 300 --warmup-epochs 40 \\
         --moco-t 0.2 --stop-grad-conv1 --multiprocessing-distributed
 
-Defaults are moco-v3's ResNet-50 recipe: LARS, lr 0.6 x batch/256, weight decay 1e-6,
-10 warmup epochs then cosine, T 1.0, momentum 0.99 rising to 1 by a cosine; ViTs get
-AdamW (pass moco-v3's ViT values as above). Checkpoints use moco-v3's keys
+Defaults are moco-v3's recipes: for ResNets (LARS) lr 0.6 x batch/256, weight decay 1e-6, T 1.0;
+for ViTs (AdamW) lr 1.5e-4 x batch/256, weight decay 0.1, T 0.2 (RECIPES); both 10 warmup epochs
+then cosine, momentum 0.99 rising to 1 by a cosine. Checkpoints use moco-v3's keys
 (`module.base_encoder.*`, `module.momentum_encoder.*`, `module.predictor.*`).
 """
 import argparse
@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from common.augment import transforms as augment
 from common.ckpt.init import init_backbone
-from common.cli import ArgumentParser, add_training_args
+from common.cli import ArgumentParser, add_training_args, given
 from common.dist.launch import script_main, start_worker
 from common.dist.placement import place_model
 from common.errors import UserError
@@ -36,14 +36,21 @@ from mocov3.builder import MoCoV3
 from simclr.optim import LARS, scaled_lr, split_decay_groups
 
 OPTIMIZERS = ("lars", "adamw")
+# moco-v3's values per optimizer (its README: ResNet-50 with LARS, ViTs with AdamW), and the
+# temperature per family: AdamW's base rate is 4,000x below LARS's, so one default for both
+# trains a ViT 4,000x too fast (or a ResNet with AdamW far too slowly)
+RECIPES = {"lars": {"lr": 0.6, "weight_decay": 1e-6}, "adamw": {"lr": 1.5e-4, "weight_decay": 0.1}}
+TEMPERATURE = {"vit": 0.2, "other": 1.0}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="MoCo v3 pretraining")
     add_training_args(parser, lr=0.6, epochs=100, batch_size=4096, schedule=(), weight_decay=1e-6, name="moco_v3",
-                      helps={"lr": "base learning rate: the lr used is this x batch/256 (moco-v3: 0.6 for "
-                                   "ResNet-50 with LARS, 1.5e-4 for ViTs with AdamW)"})
-    parser.set_defaults(cos=True, warmup_epochs=10.0)  # moco-v3: linear warmup, then cosine
+                      helps={"lr": "base learning rate: the lr used is this x batch/256 (default: moco-v3's, 0.6 "
+                                   "with LARS, 1.5e-4 with AdamW)",
+                             "weight_decay": "weight decay (default: moco-v3's, 1e-6 with LARS, 0.1 with AdamW)"})
+    # None: moco-v3's value for the optimizer (finalize_args); moco-v3: linear warmup, then cosine
+    parser.set_defaults(cos=True, warmup_epochs=10.0, lr=None, weight_decay=None)
     g = parser.add_argument_group("moco v3")
     g.add_argument("--moco-dim", default=256, type=int, help="output width of projector and predictor")
     g.add_argument("--moco-mlp-dim", default=4096, type=int, help="hidden width of projector and predictor")
@@ -51,7 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                                "with --moco-m-cos)")
     g.add_argument("--moco-m-cos", default=True, action=argparse.BooleanOptionalAction,
                    help="raise the momentum from --moco-m to 1 by a half cosine over the run, every step")
-    g.add_argument("--moco-t", default=1.0, type=float, help="softmax temperature (moco-v3: 1.0 ResNet, 0.2 ViT)")
+    g.add_argument("--moco-t", default=None, type=float,
+                   help="softmax temperature (default: moco-v3's, 0.2 for ViTs, 1.0 for other families)")
     g.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                    help="default: adamw for ViTs, lars for other families (BN and biases excluded from weight "
                         "decay and trust ratio)")
@@ -69,6 +77,7 @@ def is_vit(arch: str) -> bool:
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     args.optimizer = args.optimizer or ("adamw" if is_vit(args.arch) else "lars")
+    fill_recipe_defaults(args)
     finalize_pretrain_args(args, "moco_v3", model_flags=("--moco-dim", "--moco-mlp-dim", "--optimizer",
                                                           "--stop-grad-conv1"))
     finalize_view_args(args)
@@ -82,6 +91,23 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.stop_grad_conv1 and not is_vit(args.arch):
         raise UserError(f"--stop-grad-conv1 freezes a ViT's patch projection, which -a {args.arch} has not; drop it")
     return args
+
+
+def fill_recipe_defaults(args: argparse.Namespace) -> None:
+    """--lr and --wd from moco-v3's recipe for the optimizer, --moco-t for the family, where
+    the command line left them out (a flag given always wins); what was chosen is printed."""
+    flags = (("lr", "--lr", RECIPES[args.optimizer]["lr"]),
+             ("weight_decay", "--wd", RECIPES[args.optimizer]["weight_decay"]),
+             ("moco_t", "--moco-t", TEMPERATURE["vit" if is_vit(args.arch) else "other"]))
+    chosen = []
+    for dest, flag, value in flags:
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+            chosen.append(f"{flag} {value:g}")
+    if chosen:
+        kept = [flag for dest, flag, _ in flags if given(args, dest)]
+        log(f"=> moco-v3's defaults for {args.optimizer} and -a {args.arch} set: {' '.join(chosen)}"
+            + (f" (kept from the command line: {', '.join(kept)})" if kept else ""))
 
 
 def view_recipe(args: argparse.Namespace) -> augment.Recipe:

@@ -2,6 +2,7 @@
 seeded per sample, in a resumable order (`PretrainData`); the two-view loader with the
 --gpu-augment and --gpu-decode paths."""
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 from common.augment import transforms as augment
 from common.augment.gpu import ViewsToDevice
 from common.augment.gpu_decode import DecodeToDevice, EncodedViews, check_device_decoding, collate_encoded, read_sample
+from common.cli import given
 from common.data.datasets import build_dataset
 from common.data.loader import ResumableSampler, make_loader
 from common.data.transformed import TransformedDataset, load_sample
@@ -31,6 +33,20 @@ class PretrainData:
         """This epoch's order; a mid-epoch resume skips the `start_iter` batches done."""
         if self.sampler is not None:  # benchmarks hand a list of batches
             self.sampler.set_epoch(epoch, start_iter * self.batch_size)
+
+
+def fit_default_batch(args: argparse.Namespace, images: int, world: int) -> None:
+    """A default -b larger than the dataset (MoCo v3's 4096, or 256, on a folder of a few
+    hundred images) would leave no full batch, so no step: it becomes the largest power of two
+    the images fill (a multiple of the `world` processes), said in the log. A -b the command
+    line gave is kept; the loader then says in one sentence that it is larger than the data."""
+    if given(args, "batch_size") or args.batch_size <= images or images < world:
+        return
+    fitted = 2 ** int(math.log2(images))
+    fitted = max(fitted - fitted % world, world)
+    log(f"=> -b {args.batch_size} (not given) is more than the {images} images: -b {fitted} instead, so that every "
+        f"epoch has a full batch (pass -b to choose)")
+    args.batch_size = fitted
 
 
 def pretrain_data(args: argparse.Namespace, env: DistEnv, transform, batch_size: int, workers: int,

@@ -10,10 +10,11 @@ from common.ckpt.io import (
     prepare_output_dir,
 )
 from common.ckpt.resume import check_same_flags, resumed_args, run_seed
-from common.cli import check_training_flags
-from common.data.datasets import default_crop_size
+from common.cli import check_training_flags, given
+from common.data.datasets import build_dataset, default_crop_size
 from common.dist.world import expected_world_size, is_first_process, per_worker, uses_cuda
 from common.errors import UserError
+from common.train.data import fit_default_batch
 from common.train.recipes import RecipeValues, apply_recipe
 from common.train.source_views import choose_views
 from common.watch.collapse import LearningWatch
@@ -40,7 +41,7 @@ def add_view_args(parser: argparse.ArgumentParser) -> None:
                              "normalisation run batched on the training device (default: on with a GPU)")
     parser.add_argument("--stop-if-not-learning", action="store_true",
                         help="stop (exit status 3, checkpoint kept) when the contrastive accuracy stayed near "
-                             "chance for two epochs in a row (from the second epoch on); without it the epoch line "
+                             "chance for two epochs in a row (from the second epoch on, past the lr warmup); without it the epoch line "
                              "warns and metrics.jsonl says not_learning")
     parser.add_argument("--gpu-decode", action="store_true",
                         help="loader workers only read the files; JPEG decoding (nvJPEG), crop and flip run on the "
@@ -84,7 +85,7 @@ def learning_watch(args: argparse.Namespace, candidates: int, method_crop_min: f
     hint = (f"weaker colour jitter (--color-strength {args.color_strength / 2:g}, now {args.color_strength:g}), "
             f"{crops}, a lower {temperature_flag} (now {temperature:g}), or a larger --crop-size if the images are "
             f"much larger than {args.crop_size} px")
-    return LearningWatch(100.0 / candidates, args.epochs, hint)
+    return LearningWatch(100.0 / candidates, args.epochs, hint, args.warmup_epochs)
 
 
 def finalize_view_args(args: argparse.Namespace) -> None:
@@ -123,6 +124,9 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Seq
     if args.save_every_iters < 0:
         raise UserError(f"--save-every-iters {args.save_every_iters} is negative; pass N > 0, or 0 to save only at "
                         f"epoch ends")
+    if not given(args, "batch_size"):  # (a given -b is kept: too large, the loader says so)
+        fit_default_batch(args, profiled[0].images if profiled else len(build_dataset(args, "pretrain")),
+                          expected_world_size(args))
     per_worker(args.batch_size, expected_world_size(args))
     if resume_path:
         # (-a/--arch is checked with the checkpoint's own arch field when it is loaded)
