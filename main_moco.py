@@ -23,7 +23,7 @@ from common.nets.models import build_backbone
 from common.train.data import two_view_data
 from common.train.precision import Precision
 from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen,
-                                  epochs_for_budget)
+                                  epochs_for_budget, set_by_recipe)
 from common.train.run import PretrainRun, lr_schedule
 from common.train.setup import (add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                                 learning_watch)
@@ -117,7 +117,13 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     aug = view_recipe(args)
     data = two_view_data(args, env, aug, batch_size, workers)
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
-    for warning in (queue_warning(args.moco_k, len(data.dataset), keys_per_step),
+    queue = queue_warning(args.moco_k, len(data.dataset), keys_per_step)
+    if queue and set_by_recipe(args, "moco_k"):  # the recipe's own choice, the smallest it can make: information
+        log(f"=> --recipe {args.recipe} set --moco-k {args.moco_k}, one step's {keys_per_step} keys, the smallest "
+            f"queue there is: {100 * args.moco_k / len(data.dataset):.0f}% of the {len(data.dataset)} images, above "
+            f"the tenth it aims at (a smaller -b lowers it)")
+        queue = None
+    for warning in (queue,
                     momentum_warning(args.moco_m, args.epochs * data.iters_per_epoch, args.moco_m_cos,
                                      from_init=bool(args.init))):
         if warning:

@@ -3,6 +3,7 @@ every flag of a training script, the subset of them a script that trains nothing
 the checks that turn an impossible value into one sentence before any work starts."""
 import argparse
 import math
+import os
 import sys
 from types import MappingProxyType
 from typing import Any, List, Mapping, Optional, Protocol, Sequence, Tuple
@@ -64,6 +65,15 @@ Helps = Mapping[str, str]
 NO_HELPS: Helps = MappingProxyType({})
 
 
+DEFAULT_WORKERS = 8  # facebookresearch/moco's -j, where the machine has the cores for it
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a SLURM or container cpuset, not the
+    machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def add_input_args(parser: argparse.ArgumentParser, helps: Helps = NO_HELPS) -> None:
     """DIR, -a and -j."""
     parser.add_argument("data", metavar="DIR", nargs="?", default="",
@@ -72,8 +82,9 @@ def add_input_args(parser: argparse.ArgumentParser, helps: Helps = NO_HELPS) -> 
                         help=helps.get("arch", "torchvision classification model of any family: resnet50, "
                                                "convnext_tiny, efficientnet_b0, mobilenet_v3_small, swin_t, vit_b_16, "
                                                "... or vit_tiny, convnext_micro (a small ViT, ConvNeXt for CPUs) (default: resnet50)"))
-    parser.add_argument("-j", "--workers", default=8, type=int, metavar="N",
-                        help="data loading workers in total over this node's processes (default: 8)")
+    parser.add_argument("-j", "--workers", default=None, type=int, metavar="N",
+                        help=f"data loading workers in total over this node's processes (default: the CPU cores this "
+                             f"process may use, at most {DEFAULT_WORKERS})")
 
 
 def add_batch_size_arg(parser: argparse.ArgumentParser, batch_size: int, helps: Helps = NO_HELPS) -> None:
@@ -177,8 +188,14 @@ def check_common_flags(args: argparse.Namespace) -> None:
     if args.crop_size is not None and args.crop_size < 1:
         raise UserError(f"--crop-size {args.crop_size} must be a positive number of pixels, e.g. 224 (32 for "
                         f"CIFAR-sized images)")
-    if args.workers < 0:
+    cores = available_cores()
+    if args.workers is None:  # more workers than cores only take turns (and torch warns once per loader)
+        args.workers = min(DEFAULT_WORKERS, cores)
+    elif args.workers < 0:
         raise UserError(f"-j/--workers {args.workers} must be 0 (load in the main process) or more")
+    elif args.workers > cores:
+        print(f"=> -j {args.workers} is more than the {cores} CPU cores this process may use: the loader workers "
+              f"will take turns on them (torch's DataLoader warns the same)", flush=True)
     check_tensorboard_flag(args.tensorboard)
 
 

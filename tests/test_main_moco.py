@@ -197,5 +197,8 @@ def test_recipe_small_knn_monitor_on_an_odd_image_count(tmp_path, capsys):
         "--synthetic-size", "101", "--recipe", "small", "--knn-every", "1", "-b", "16", "--epochs", "1",
         "--output-dir", str(tmp_path)])
     assert "--bn-splits 2" in proc.stdout and "=> kNN before training: top-1" in proc.stdout
+    # the recipe's queue (one step's 16 keys, 16 % of 101 images) is its own choice: information, not a warning
+    assert "=> --recipe small set --moco-k 16, one step's 16 keys" in proc.stdout
+    assert "warning: the queue" not in proc.stdout
     rec = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert "knn_top1" in rec[0] and "knn_top1_untrained" in rec[0]

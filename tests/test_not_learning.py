@@ -25,6 +25,16 @@ def test_the_watch_judges_from_the_second_epoch_against_chance():
     assert LearningWatch(chance=1.0, epochs=1, hint="x").update(0, 1.0)  # a one-epoch run: its only epoch
 
 
+def test_the_watch_leaves_the_warmup_epochs_alone():
+    """A run whose lr is still rising is not judged (the warning used to fire in SimCLR's
+    warmup and be gone an epoch later); the first epoch wholly past the warmup is, and the
+    run's last epoch always is."""
+    watch = LearningWatch(chance=1.0, epochs=20, hint="x", warmup_epochs=2.5)
+    assert [watch.update(e, 1.0) is None for e in range(3)] == [True, True, True] and watch.stuck_epochs == 0
+    assert watch.update(3, 1.0) and watch.stuck_epochs == 1
+    assert LearningWatch(chance=1.0, epochs=2, hint="x", warmup_epochs=10).update(1, 1.0)  # the last epoch
+
+
 @pytest.fixture(scope="module")
 def flat_gray(tmp_path_factory) -> str:
     """128 images of one flat grey (a little pixel noise): after a crop of 1 % and full jitter
@@ -39,7 +49,7 @@ def flat_gray(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("script, extra", [
-    (main_simclr, []),
+    (main_simclr, ["--warmup-epochs", "1"]),  # (SimCLR's 10 warmup epochs would not be judged)
     (main_moco, ["--moco-k", "64", "--mlp", "--aug-plus", "--bn-splits", "2"]),
 ], ids=["simclr", "moco"])
 @pytest.mark.slow

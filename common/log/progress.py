@@ -97,7 +97,9 @@ class Progress:
         epoch's end if it is shorter), a line with the run's ETA at the rate of the steps after
         the first; else None. Call it only in the first epoch a process trains."""
         since_first = it - self.start_iter
-        if not (since_first == ETA_AFTER_STEPS or (it + 1 == self.iters and since_first < ETA_AFTER_STEPS)):
+        remaining = (self.iters - it - 1) + self.iters * (self.epochs - self.epoch - 1)
+        if remaining == 0 or not (since_first == ETA_AFTER_STEPS
+                                  or (it + 1 == self.iters and since_first < ETA_AFTER_STEPS)):
             return None
         if torch.cuda.is_initialized():  # the steps so far were only queued, not necessarily run
             torch.cuda.synchronize()
@@ -105,7 +107,6 @@ class Progress:
             sec_per_iter, measured = (time.time() - self.t_first_done) / since_first, f"steps 2-{since_first + 1}"
         else:
             sec_per_iter, measured = time.time() - self.t0, "its one step, start-up included"
-        remaining = (self.iters - it - 1) + self.iters * (self.epochs - self.epoch - 1)
         return (f"=> ETA: about {format_seconds(sec_per_iter * remaining)} for the run's remaining {remaining} steps "
                 f"at {sec_per_iter:.3g} s/step (measured on {measured}; evaluation and checkpoints come on top)")
 

@@ -47,6 +47,12 @@ def chosen(args: argparse.Namespace, dest: str, recipe_value: object) -> object:
     return getattr(args, dest) if given(args, dest) else recipe_value
 
 
+def set_by_recipe(args: argparse.Namespace, dest: str) -> bool:
+    """Whether `dest` holds the recipe's value (a --recipe other than default, the flag not
+    typed): a warning about such a value would criticise the recipe's own choice."""
+    return args.recipe != "default" and not given(args, dest)
+
+
 PROFILE_SAMPLE = 32  # images read to profile the data: a second or two
 
 

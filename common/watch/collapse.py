@@ -2,6 +2,7 @@
 positive rose, then fell back: MoCo with a queue that holds much of a small dataset, or too
 high an lr), and one that never leaves chance (augmentations that leave two views of an
 image no more alike than views of different images)."""
+import math
 from typing import Optional
 
 FALL = 0.5  # a fall below this share of the best epoch's accuracy is called a collapse
@@ -37,14 +38,19 @@ class LearningWatch:
     from the second epoch on (the first in a one-epoch run): long before a tenth of a
     small-data budget. NEAR_CHANCE sits between a run that never learned (1.2-3.9 % of 127
     candidates, 1.5-4.9x chance, on an inspection set) and a slow one that did (MoCo from 6 %
-    of 129, 7.7x). `stuck_epochs` counts the epochs in a row it has spoken."""
+    of 129, 7.7x). Nor are the epochs of the lr warmup (`warmup_epochs`, e.g. the tenth of
+    the run SimCLR's --recipe small sets): the lr is still rising there, so a slow start is the
+    schedule, not the views (the warning used to fire in warmup and be gone an epoch after).
+    The run's last epoch is always judged. `stuck_epochs` counts the epochs in a row it has
+    spoken."""
 
-    def __init__(self, chance: float, epochs: int, hint: str):
+    def __init__(self, chance: float, epochs: int, hint: str, warmup_epochs: float = 0.0):
         self.chance, self.epochs, self.hint = chance, epochs, hint
+        self.first_judged = max(1, math.ceil(warmup_epochs))  # the first epoch wholly past the warmup
         self.stuck_epochs = 0
 
     def update(self, epoch: int, acc1: float) -> Optional[str]:
-        if (epoch == 0 and self.epochs > 1) or acc1 >= NEAR_CHANCE * self.chance:
+        if (epoch < self.first_judged and epoch + 1 < self.epochs) or acc1 >= NEAR_CHANCE * self.chance:
             self.stuck_epochs = 0
             return None
         self.stuck_epochs += 1
