@@ -25,9 +25,10 @@ from common.train.precision import Precision
 from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen,
                                   epochs_for_budget, set_by_recipe)
 from common.train.run import PretrainRun, lr_schedule
-from common.train.setup import (add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
-                                learning_watch)
+from common.train.setup import (add_pretrain_args, add_trial_args, add_view_args, finalize_pretrain_args,
+                                finalize_view_args, learning_watch)
 from common.train.step import train_one_epoch
+from common.train.trial import recipe_trial
 from moco.augment import moco_v1, moco_v2
 from moco.builder import MoCo
 from moco.guards import cosine_momentum, fitted_queue, momentum_warning, queue_warning
@@ -52,6 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="BN groups that simulate multi-GPU shuffle-BN in a single-process run")
     add_view_args(parser)
     add_pretrain_args(parser)
+    add_trial_args(parser)
     add_recipe_arg(parser, "MoCo v2 for 1k-20k images (epochs for 200,000 images seen, queue a tenth of the "
                            "dataset, momentum 0.99, T 0.5, batch 64, lr 0.06 cosine; crop-min 0.3 at <= 64 px): "
                            "bench/quality.py's measured recipe")
@@ -75,7 +77,7 @@ def small_data_recipe(data: DataProfile, crop_size: int, args: argparse.Namespac
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     finalize_pretrain_args(args, "moco", model_flags=("--moco-dim", "--moco-k", "--mlp", "--symmetric"),
-                           recipe=small_data_recipe, views=view_recipe)
+                           recipe=small_data_recipe, views=view_recipe, trial=True)
     finalize_view_args(args)
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     if args.moco_k % keys_per_step != 0:
@@ -168,7 +170,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         run.end_epoch(epoch, result, backbone=moco.encoder_q)
 
 
-main = script_main(get_args_parser, finalize_args, main_worker)
+# --recipe small with train labels: the trial of candidate recipes runs first (common/train/trial.py)
+main = script_main(get_args_parser, finalize_args, main_worker, before_launch=recipe_trial)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ from common.train.precision import Precision
 from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen,
                                   epochs_for_budget)
 from common.train.run import PretrainRun, lr_schedule
-from common.train.setup import (add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
-                                learning_watch)
+from common.train.setup import (add_pretrain_args, add_trial_args, add_view_args, finalize_pretrain_args,
+                                finalize_view_args, learning_watch)
 from common.train.step import train_one_epoch
+from common.train.trial import recipe_trial
 from simclr.augment import simclr_augmentation
 from simclr.builder import SimCLR
 from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
@@ -66,6 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "several GPUs; PyTorch cannot sync BN between CPU processes)")
     add_view_args(parser)
     add_pretrain_args(parser)
+    add_trial_args(parser)
     add_recipe_arg(parser, "SimCLR for 1k-20k images (epochs for 100,000 images seen, SGD lr 0.1 unscaled, wd "
                            "1e-4, T 0.2, batch 64, warmup a tenth of the epochs; crop-min 0.3 at <= 64 px): "
                            "bench/quality.py's measured recipe")
@@ -89,7 +91,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     finalize_pretrain_args(args, "simclr", model_flags=("--proj-dim", "--proj-hidden-dim", "--proj-layers",
                                                          "--proj-bn", "--optimizer"), recipe=small_data_recipe,
-                           views=view_recipe)
+                           views=view_recipe, trial=True)
     finalize_view_args(args)
     if args.batch_size < 2:
         raise UserError(f"--batch-size {args.batch_size} leaves NT-Xent no negatives (each image's only other "
@@ -166,7 +168,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         run.end_epoch(epoch, result, backbone=simclr.encoder)
 
 
-main = script_main(get_args_parser, finalize_args, main_worker)
+# --recipe small with train labels: the trial of candidate recipes runs first (common/train/trial.py)
+main = script_main(get_args_parser, finalize_args, main_worker, before_launch=recipe_trial)
 
 
 if __name__ == "__main__":

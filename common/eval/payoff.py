@@ -56,6 +56,21 @@ def verdict(final: List[float], baseline: List[float]) -> Dict[str, float]:
     return {"gain": gain, "spread": spread, "paid_off": gain > spread}
 
 
+def labels_to_measure(train) -> str:
+    """'' when `train` (a dataset) has labels enough for the probe, else why not."""
+    classes = list(getattr(train, "classes", None) or [])
+    counts = [0] * len(classes)
+    for t in train.targets:
+        if t >= 0:
+            counts[t] += 1
+    present = [n for n in counts if n]
+    if not present:
+        return "the train split has no labels"
+    if len(present) < 2 or min(present) < MIN_PER_CLASS:
+        return f"the train labels need two classes with at least {MIN_PER_CLASS} images each"
+    return ""
+
+
 class PayoffProbe:
     """The cross-validated logreg probe on (up to PAYOFF_IMAGES of) a run's labelled train
     images at the run's crop. `data` is None when there are too few labels to measure."""
@@ -63,15 +78,12 @@ class PayoffProbe:
     def __init__(self, args: argparse.Namespace, env: DistEnv):
         self.args, self.env = args, env
         self.data: Optional[TransformedDataset] = None
-        self.why_not = ""
         train = build_dataset(args, "train")
-        classes = list(getattr(train, "classes", None) or [])
-        labelled = [i for i, t in enumerate(train.targets) if t >= 0] if classes else []
-        counts = [sum(1 for i in labelled if train.targets[i] == c) for c in range(len(classes))]
-        if len([n for n in counts if n]) < 2 or min(n for n in counts if n) < MIN_PER_CLASS:
-            self.why_not = ("the train split has no labels" if not labelled else
-                            f"the train labels need two classes with at least {MIN_PER_CLASS} images each")
+        self.why_not = labels_to_measure(train)
+        if self.why_not:
             return
+        classes = list(train.classes)
+        labelled = [i for i, t in enumerate(train.targets) if t >= 0]
         if len(labelled) > PAYOFF_IMAGES:
             drawn = stratified_subset([train.targets[i] for i in labelled], PAYOFF_IMAGES / len(labelled), args.seed)
             labelled = [labelled[i] for i in drawn]

@@ -147,7 +147,9 @@ class PretrainRun:
         a = self.args
         if self.knn is not None and ((epoch + 1) % a.knn_every == 0 or epoch + 1 == a.epochs):
             stats.update(self.knn.evaluate(backbone))
-        if self.payoff is not None and (epoch + 1 == a.epochs or (a.knn_every and (epoch + 1) % a.knn_every == 0)):
+        stopping = epoch + 1 == a.stop_at_epoch < a.epochs
+        if self.payoff is not None and (epoch + 1 == a.epochs or stopping
+                                        or (a.knn_every and (epoch + 1) % a.knn_every == 0)):
             stats.update(self.payoff.measure(backbone, epoch))
         record = {"epoch": epoch, "lr": self.lr_fn(epoch + 1 - 1e-9), **stats, **self.untrained}
         self.untrained = {}
@@ -167,6 +169,10 @@ class PretrainRun:
             prune_epoch_checkpoints(a.output_dir, a.keep_checkpoints, a.keep_epochs)
             if a.export_at_end and epoch + 1 == a.epochs:  # after the checkpoint: a failed export loses no training
                 export_at_end(state, path, a.output_dir)
+        if stopping:
+            log(f"=> --stop-at-epoch {a.stop_at_epoch}: stopping after epoch {epoch} of {a.epochs}; --resume auto "
+                f"continues the same schedule")
+            raise SystemExit(0)
         if stuck and a.stop_if_not_learning and self.learning.stuck_epochs >= STUCK_EPOCHS_TO_STOP:
             log(f"=> --stop-if-not-learning: stopping after epoch {epoch}; the checkpoint is kept (--resume auto "
                 f"continues it, e.g. with --epochs of a new recipe)")

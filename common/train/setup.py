@@ -17,6 +17,7 @@ from common.errors import UserError
 from common.train.data import fit_default_batch
 from common.train.recipes import RecipeValues, apply_recipe
 from common.train.source_views import choose_views
+from common.train.trial import trial_planned
 from common.watch.collapse import LearningWatch
 
 
@@ -53,6 +54,9 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
     """Flags every pretraining script takes: the kNN monitor, --save-every-iters and --init."""
     parser.add_argument("--knn-every", default=0, type=int,
                         help="kNN accuracy of the backbone on the labelled train/val split every N epochs (0: off)")
+    parser.add_argument("--stop-at-epoch", default=0, type=int, metavar="N",
+                        help="stop after N epochs of the --epochs schedule, checkpoint kept (--resume auto continues "
+                             "the same schedule exactly; the recipe trial runs its candidates this way); 0: off")
     parser.add_argument("--payoff", default=True, action=argparse.BooleanOptionalAction,
                         help="when the train split has labels: a 5-fold logreg probe on them (never val) before "
                              "training and at the end (and every --knn-every epochs) says whether pretraining "
@@ -69,6 +73,17 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
                              "'imagenet' (torchvision's weights for -a, from the local torch hub cache only), a "
                              "torchvision state_dict, an export_backbone.py export, or any checkpoint main_lincls.py "
                              "takes; stored in the checkpoint, ignored by --resume")
+
+
+def add_trial_args(parser: argparse.ArgumentParser) -> None:
+    """The recipe trial's flags (common/train/trial.py), for the scripts that run it."""
+    parser.add_argument("--trial", default=True, action=argparse.BooleanOptionalAction,
+                        help="--recipe small with train labels: train each candidate recipe briefly, score it with a "
+                             "cross-validated logreg probe on the train labels (never val), continue the best "
+                             "(OUTPUT_DIR/trial.json); --no-trial: the view check alone picks the views")
+    parser.add_argument("--stop-if-no-gain", action="store_true",
+                        help="stop after the trial (exit status 4, the trial runs kept) when even the best candidate "
+                             "does not beat the untrained network by more than the fold spread")
 
 
 def learning_watch(args: argparse.Namespace, candidates: int, method_crop_min: float, temperature_flag: str,
@@ -102,12 +117,14 @@ def finalize_view_args(args: argparse.Namespace) -> None:
 
 def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Sequence[str] = (),
                            recipe: Optional[RecipeValues] = None,
-                           views: Optional[Callable[[argparse.Namespace], Recipe]] = None) -> argparse.Namespace:
+                           views: Optional[Callable[[argparse.Namespace], Recipe]] = None,
+                           trial: bool = False) -> argparse.Namespace:
     """Derived defaults every pretraining script shares; checked before any worker starts.
     `model_flags`: the script's flags that shape the model; resuming with another value of
     one of them is refused with its name. `recipe`: the script's `--recipe small` values;
     `views`: the script's view recipe, for `--recipe small`'s choice of views on sources much
-    larger than the crop (common/train/source_views.py)."""
+    larger than the crop (common/train/source_views.py); `trial`: the script runs the recipe
+    trial on train labels (common/train/trial.py), which then chooses the views instead."""
     check_training_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", name)
     prepare_output_dir(args.output_dir, new_run=not args.resume, overwrite=args.overwrite,
@@ -120,7 +137,11 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Seq
         args.small_images = args.crop_size <= 64
     if profiled is not None and views is not None:
         data, dataset = profiled
-        choose_views(args, dataset, data.short_side, views, saved)
+        if not trial or saved or trial_planned(args):  # else the trial measures the views on the labels
+            choose_views(args, dataset, data.short_side, views, saved)
+    if args.stop_at_epoch < 0:
+        raise UserError(f"--stop-at-epoch {args.stop_at_epoch} is negative; pass the number of epochs to stop "
+                        f"after, or 0 for off")
     if args.save_every_iters < 0:
         raise UserError(f"--save-every-iters {args.save_every_iters} is negative; pass N > 0, or 0 to save only at "
                         f"epoch ends")
