@@ -145,7 +145,7 @@ def test_pretraining_beats_the_untrained_network_under_the_same_knn(moco_pretrai
     ckpt = moco_pretrained
     if augment_on == "device":
         learn = MOCO_LEARN[:MOCO_LEARN.index("--seed") + 1] + ["4"] + MOCO_LEARN[MOCO_LEARN.index("--seed") + 2:]
-        run_script("main_moco.py", learn + ["--gpu-augment", "--output-dir", str(tmp_path / "run")],
+        run_script("main_moco.py", learn + ["--gpu-augment", "--no-payoff", "--output-dir", str(tmp_path / "run")],
                    env_extra={"OMP_NUM_THREADS": "1"})
         ckpt = str(tmp_path / "run" / "checkpoint_last.pth.tar")
     backbone = build_backbone("resnet18", small_images=False)

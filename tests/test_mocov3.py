@@ -316,7 +316,7 @@ def test_official_vit_checkpoint_loads_with_timm_keys_and_gives_their_features(t
 
 LEARN = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "--epochs", "4", "--lr", "40", "--warmup-epochs", "0.2",
                      "--moco-t", "0.2", "--moco-m", "0.9", "--moco-dim", "64", "--moco-mlp-dim", "256",
-                     "--color-strength", "0.25", "-p", "1000"]
+                     "--color-strength", "0.25", "-p", "1000", "--no-payoff"]  # (the payoff: test_payoff.py)
 KNN_IMAGES = 1024
 
 

@@ -320,7 +320,7 @@ def test_bad_input_gives_one_sentence(args, message, tmp_path, capsys):
 LEARN = SYNTHETIC + ["--synthetic-size", "1024", "-b", "32", "--epochs", "4", "--seed", "1", "-p", "1000",
                      "--optimizer", "sgd", "--lr", "0.03", "--lr-scaling", "none", "--wd", "5e-4",
                      "--warmup-epochs", "0.5", "--temperature", "0.2", "--color-strength", "0.25", "--crop-min", "0.3",
-                     "--knn-every", "4"]
+                     "--knn-every", "4", "--no-payoff"]  # (its own kNN comparison; the payoff: test_payoff.py)
 
 
 @pytest.mark.long
