@@ -198,6 +198,9 @@ def _write_jpeg(job) -> None:
         f.write(texture_jpeg(width, height, seed))
 
 
+PARALLEL_JPEGS = 256  # fewer files are written in this process: a pool's start-up costs more
+
+
 def write_jpegs(folder: str, n: int, width: int, height: int, classes: int = 1, seed: int = 0) -> str:
     """n texture_jpeg files of width x height in `classes` class folders (an ImageFolder),
     written by every core. Returns folder."""
@@ -207,6 +210,10 @@ def write_jpegs(folder: str, n: int, width: int, height: int, classes: int = 1, 
         d = os.path.join(folder, f"c{i % classes}")
         os.makedirs(d, exist_ok=True)
         jobs.append((os.path.join(d, f"{i:06d}.jpg"), width, height, seed * 1_000_003 + i))
+    if n <= PARALLEL_JPEGS:  # a forked pool inside a test process once hung on a worker that died
+        for job in jobs:
+            _write_jpeg(job)
+        return folder
     with multiprocessing.Pool(min(os.cpu_count() or 1, 16)) as pool:
         pool.map(_write_jpeg, jobs, chunksize=16)
     return folder
