@@ -28,6 +28,17 @@ as IDX files in torchvision's layout under OUTPUT/data*, so the scripts read the
 real set), with small budgets; the full mode uses all 60k/10k images. Prints a table and
 writes OUTPUT/quality.json.
 
+--dataset folder reads a real labelled ImageFolder as it is (DATA/train, DATA/val): the
+benchmarks ../shared/data/cahn-hilliard and ../shared/data/ising (64 px grayscale textures) are
+run this way, with the README's command, as for the inspection set:
+
+    python bench/quality.py ../shared/data/cahn-hilliard --dataset folder --quick --seeds 0 1 2 \
+        --pretrain-budget recipe --methods simclr --no-supervised
+
+Every table also has the hand-made baseline of ../shared/data/README.md: logistic regression on
+four statistics of each image (grayscale mean, std, mean absolute gradient in x and y), which a
+pretrained backbone has to beat to be worth its cost ("statistics" row).
+
 --dataset inspection is the second benchmark, unlike Fashion-MNIST (bench/inspection_data.py:
 grayscale 256 px PNGs sharing one grid structure, the class a small local defect, 2:1): DATA is
 the folder the set is written to (once, seeded by --data-seed) and read from as an ImageFolder,
@@ -48,6 +59,7 @@ from typing import Dict, List, Tuple, Union
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -110,7 +122,10 @@ def pretrain_epochs(args: argparse.Namespace, method: str, pool: int) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fashion-MNIST quality benchmark: SSL probes vs random init and supervised")
     p.add_argument("data", metavar="DIR", help="folder holding FashionMNIST/raw/ (e.g. ../shared/data/fashion-mnist)")
-    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "inspection"))
+    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "inspection", "folder"),
+                   help="folder: DATA is a labelled ImageFolder (train/, val/), read as it is")
+    p.add_argument("--statistics", default=True, action=argparse.BooleanOptionalAction,
+                   help="the hand-made baseline row: the probes on four statistics of each image")
     p.add_argument("--data-seed", default=0, type=int,
                    help="--dataset inspection: the generated set's seed (a new seed, new images)")
     p.add_argument("--inspection-images", default=1700, type=int, help="--dataset inspection: images in all")
@@ -176,9 +191,25 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+FOLDERS = ("inspection", "folder")  # read as ImageFolders, pretrained with the README's command
+
+
 def script_dataset(args: argparse.Namespace) -> str:
-    """The scripts' --dataset: the generated inspection set is read as an ImageFolder."""
-    return "imagefolder" if args.dataset == "inspection" else args.dataset
+    """The scripts' --dataset: the generated inspection set and real folders are ImageFolders."""
+    return "imagefolder" if args.dataset in FOLDERS else args.dataset
+
+
+def image_statistics(dataset) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The hand-made baseline (../shared/data/README.md): per image, at its own resolution in
+    grayscale 0-1, the mean, the std and the mean absolute gradient in x and in y (N x 4), and
+    the labels (N,)."""
+    rows, labels = [], []
+    for i in range(len(dataset)):
+        img, label = dataset[i]
+        g = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32) / 255.0)
+        rows.append([g.mean(), g.std(), (g[:, 1:] - g[:, :-1]).abs().mean(), (g[1:] - g[:-1]).abs().mean()])
+        labels.append(label)
+    return torch.tensor(rows, dtype=torch.float32), torch.tensor(labels)
 
 
 def inspection_root(args: argparse.Namespace) -> str:
@@ -248,9 +279,9 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str, ep
                                        "--output-dir", out, "-p", "20", "--save-freq", "1000000"]
     argv += ["--init", args.init] if args.init else []
     # (evaluate() sets args.moco_k per pool on a copy of args)
-    if args.dataset == "inspection":  # the README's command: the recipe chooses, nothing else given
+    if args.dataset in FOLDERS:  # the README's command: the recipe chooses, nothing else given
         if method in ("inpaint", "moco_v3"):
-            raise UserError(f"--dataset inspection benchmarks the --recipe small runs, which {method} has not; "
+            raise UserError(f"--dataset {args.dataset} benchmarks the --recipe small runs, which {method} has not; "
                             f"drop {method} from --methods")
         argv = common_flags(args, root) + ["--epochs", str(epochs), "--output-dir", out, "-p", "20",
                                            "--save-freq", "1000000", "--recipe", "small"]
@@ -356,13 +387,13 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     os.makedirs(args.output_dir, exist_ok=True)
     t_start = time.time()
     root = pool_root = inspection_root(args) if args.dataset == "inspection" else args.data
-    if args.dataset == "inspection":
+    if args.dataset in FOLDERS:
         pass  # every train image is the pool and the labelled set; val/ is the test set
     elif args.train_images or args.test_images:
         # class-balanced subsets as IDX files: the product scripts read them like the real set
         root = mnist_subset(args.data, os.path.join(args.output_dir, "data"), args.train_images, args.test_images,
                             args.dataset, seed=args.seed)
-    if args.pretrain_images and args.dataset != "inspection":  # the unlabelled pool (its test split is unused)
+    if args.pretrain_images and args.dataset not in FOLDERS:  # the unlabelled pool (its test split is unused)
         pool_root = mnist_subset(args.data, os.path.join(args.output_dir, "data_pool"), args.pretrain_images, 10,
                                  args.dataset, seed=args.seed + 1)
     data_args = argparse.Namespace(dataset=script_dataset(args), data=root, download=False)
@@ -412,6 +443,13 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
                            os.path.join(out, "log.txt"))
                 runs[name]["lincls"][str(f)] = read_acc(out)
         seconds[f"probe_{name}"] = time.time() - t0
+    if args.statistics:
+        t0 = time.time()
+        print("=> statistics: the probes on four statistics of each image ...", flush=True)
+        runs["statistics"] = probe_at_fractions(args, [image_statistics(build_dataset(data_args, split))
+                                                       for split in ("train", "val")], train.targets, n_classes,
+                                                args.fractions)
+        seconds["probe_statistics"] = time.time() - t0
 
     t0 = time.time()
     if args.supervised:
@@ -480,13 +518,16 @@ def main(argv=None) -> Dict:
              f"{KNN_WHITEN} principal axes at unit variance (fitted on all train images, labels unused: "
              f"main_knn.py --whiten {KNN_WHITEN}); lincls: main_lincls.py's SGD probe; "
              "supervised: the network trained from scratch on those labels; its 'linear' column is its own "
-             "classifier's top-1, its kNN uses its features" + (
+             "classifier's top-1, its kNN uses its features; statistics: the same probes on four statistics of "
+             "each image (grayscale mean, std, mean absolute gradient in x and y)" + (
                  f"; mean +- sample standard deviation over seeds {args.seeds}" if len(args.seeds) > 1 else ""))
     tables, checks = [], {}
     for pool, rec in by_pool.items():
         means, spread = rec["results"], rec["spread"]
 
         def cell(name: str, k: str, f: str) -> str:
+            if k not in means[name]:  # (the statistics have no SGD probe)
+                return "-"
             return f"{means[name][k][f]:.1f}" + (f" +- {spread[name][k][f]:.1f}" if len(args.seeds) > 1 else "")
 
         header = ["backbone"] + [f"{label[k]} {float(f) * 100:g}%" for k in kinds for f in fr]
@@ -506,6 +547,10 @@ def main(argv=None) -> Dict:
                     # beating random init by more than the seed spread of either (with one seed: at all)
                     margin = max(spread[m][k][f], spread["random_init"][k][f])
                     checks[f"{m}_{k}_beats_random_{f}{suffix}"] = means[m][k][f] - means["random_init"][k][f] > margin
+                    if args.statistics and k in means["statistics"]:
+                        margin = max(spread[m][k][f], spread["statistics"][k][f])
+                        checks[f"{m}_{k}_beats_statistics_{f}{suffix}"] = \
+                            means[m][k][f] - means["statistics"][k][f] > margin
                 if args.supervised:
                     checks[f"{m}_linear_beats_supervised_{f}{suffix}"] = \
                         means[m]["linear"][f] > means["supervised"]["linear"][f]

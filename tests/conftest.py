@@ -127,6 +127,17 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = CHILD_WA
     raise AssertionError(f"process ended before printing {needle!r}:\n" + "".join(seen))
 
 
+def kill_after_line(proc: subprocess.Popen, needle: str) -> None:
+    """SIGKILL the child once it printed `needle` (no handler of its own runs: a hard kill)."""
+    try:
+        wait_for_line(proc, needle)
+        proc.kill()
+        proc.wait(timeout=CHILD_WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def assert_same_weights(a_path, b_path) -> None:
     """Two checkpoints at the same epoch end hold bitwise the same weights, buffers and
     optimizer momentum (the interrupted run reproduced the uninterrupted one)."""

@@ -142,10 +142,11 @@ def test_quality_smoke(tmp_path):
     assert saved["results"] == rec["results"]
     assert (saved["pretrain_images"], saved["train_images"], saved["test_images"]) == (40, 60, 30)
     assert saved["labelled_images"] == {"1.0": 60, "0.5": 30}
-    assert set(saved["results"]) == {"moco", "simclr", "random_init", "supervised"}
-    for row in saved["results"].values():
-        for kind in ("linear", "knn", "knn_white", "lincls"):
+    assert set(saved["results"]) == {"moco", "simclr", "random_init", "supervised", "statistics"}
+    for name, row in saved["results"].items():
+        for kind in ("linear", "knn", "knn_white") + (("lincls",) if name != "statistics" else ()):
             assert set(row[kind]) == {"1.0", "0.5"} and all(0 <= v <= 100 for v in row[kind].values())
+    assert "moco_linear_beats_statistics_0.5" in saved["targets_met"]
     checks = saved["targets_met"]
     assert checks["moco_knn_beats_random_0.5"] == (saved["results"]["moco"]["knn"]["0.5"]
                                                    > saved["results"]["random_init"]["knn"]["0.5"])
@@ -162,6 +163,19 @@ def test_quality_smoke(tmp_path):
     assert all(os.path.getmtime(p) == t for p, t in logs.items())
     for name, row in again["results"].items():
         assert all(row[k] == rec["results"][name][k] for k in ("linear", "knn", "knn_white")), name
+
+
+def test_the_statistics_baseline_is_four_numbers_per_image_at_its_own_size(tmp_path):
+    """bench/quality.py's hand-made baseline: grayscale mean, std, mean |d/dx|, mean |d/dy|."""
+    from PIL import Image
+
+    from common.data.images import image_folder
+    os.makedirs(tmp_path / "a")
+    Image.fromarray(np.array([[0, 255, 0], [0, 255, 0]], dtype=np.uint8)).save(tmp_path / "a" / "stripes.png")
+    x, y = bench_quality.image_statistics(image_folder(str(tmp_path)))
+    expected = [1 / 3, float(torch.tensor([0.0, 1, 0, 0, 1, 0]).std()), 1.0, 0.0]
+    assert y.tolist() == [0] and torch.allclose(x, torch.tensor([expected]))
+    assert bench_quality.script_dataset(argparse.Namespace(dataset="folder")) == "imagefolder"
 
 
 def test_quality_budget_gives_each_method_its_epochs(capsys):

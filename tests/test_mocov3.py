@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import (CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, run_inline, run_main,
-                      wait_for_line)
+from conftest import (CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, kill_after_line, run_inline,
+                      run_main)
 
 import export_backbone
 import main_knn
@@ -120,13 +120,7 @@ def test_a_killed_run_resumes_from_its_mid_epoch_checkpoint_exactly(tmp_path):
     argv += ["--output-dir", str(out), "--resume", "auto", "--save-every-iters", "3"]
     proc = subprocess.Popen([sys.executable, script] + argv, cwd=ROOT, env=clean_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_line(proc, "(epoch 1, iteration 3)")
-        proc.kill()
-        proc.wait(timeout=CHILD_WAIT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_line(proc, "(epoch 1, iteration 3)")
     mid = load(out / "checkpoint_last.pth.tar")
     assert (mid["epoch"], mid["iteration"], mid["method"]) == (1, 3, "moco_v3")
     resumed = subprocess.run([sys.executable, script] + argv, cwd=ROOT, env=clean_env(), capture_output=True,

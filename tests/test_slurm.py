@@ -11,7 +11,8 @@ import time
 
 import pytest
 import torch
-from conftest import CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, wait_for_line
+from conftest import (CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, kill_after_line,
+                      wait_for_line)
 
 from common.dist import collectives as cdist
 from common.dist import slurm, world
@@ -421,13 +422,7 @@ def test_killed_job_resumes_from_save_every_iters_checkpoint(tmp_path, straight)
     out = tmp_path / "out"
     args = TINY + ["--epochs", "2", "--output-dir", str(out), "--resume", "auto", "--save-every-iters", "3"]
     proc = start(args, clean_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_line(proc, "(epoch 1, iteration 3)")
-        proc.kill()
-        proc.wait(timeout=CHILD_WAIT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_line(proc, "(epoch 1, iteration 3)")
     mid = load(out / "checkpoint_last.pth.tar")
     assert (mid["epoch"], mid["iteration"]) == (1, 3)
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
