@@ -307,7 +307,7 @@ def test_quality_on_the_inspection_set_runs_the_readme_recipe(tmp_path):
     run = rec["by_pool"]["30"]
     assert run["recipes"]["simclr"][-3:] == ["small", "-b", "8"] and "--crop-min" not in run["recipes"]["simclr"]
     assert run["per_seed"]["0"]["crops"] == {"simclr": 64, "random_init": 64}  # a 56 px source: 64 px crops
-    assert set(rec["results"]) == {"simclr", "random_init"}
+    assert set(rec["results"]) == {"simclr", "random_init", "statistics"}
     log = (out / "simclr" / "log.txt").read_text()
     assert "grayscale, median shortest side 56 px" in log and "--gray-images" in log
     written = sorted(p.name for p in (tmp_path / "data").iterdir())
