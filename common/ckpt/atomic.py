@@ -72,3 +72,11 @@ def _fsync_folder(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_json_atomic(path: str, doc: object) -> None:
+    """`doc` as indented JSON at `path`, through atomic_path: a reader sees the old file or the new one."""
+    import json
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from common.augment.transforms import eval_decode_side, eval_transform
-from common.ckpt.atomic import atomic_path
+from common.ckpt.atomic import write_json_atomic
 from common.data.datasets import build_dataset
 from common.data.subsets import stratified_subset
 from common.data.transformed import TransformedDataset
@@ -123,8 +123,11 @@ class Payoff:
     def start(self, backbone: nn.Module, resumed: bool) -> None:
         # the probe's loaders draw seeds from torch's generator: forked, so training draws the
         # same numbers with or without --payoff
-        with torch.random.fork_rng(devices=[self.env.device] if self.env.device.type == "cuda" else []):
+        with self._forked_rng():
             self._start(backbone, resumed)
+
+    def _forked_rng(self):
+        return torch.random.fork_rng(devices=[self.env.device] if self.env.device.type == "cuda" else [])
 
     def _start(self, backbone: nn.Module, resumed: bool) -> None:
         if self.probe.data is None:
@@ -159,7 +162,7 @@ class Payoff:
         a log line, payoff.json, and a WARNING when pretraining did not pay off."""
         if not self.baselines:
             return {}
-        with torch.random.fork_rng(devices=[self.env.device] if self.env.device.type == "cuda" else []):
+        with self._forked_rng():
             final = summary(self.probe.score(backbone))
         against = "init" if "init" in self.baselines else "untrained"
         verdicts = {name: verdict(final["fold_top1"], b["fold_top1"]) for name, b in self.baselines.items()}
@@ -184,6 +187,4 @@ class Payoff:
             return
         doc = {"probe": f"{PAYOFF_FOLDS}-fold stratified logistic regression on the train labels (never val)",
                "images": len(self.probe.data), "crop_size": self.args.crop_size, "baselines": self.baselines, **result}
-        with atomic_path(self.path) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(doc, f, indent=1)
+        write_json_atomic(self.path, doc)

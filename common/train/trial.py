@@ -12,9 +12,9 @@ import json
 import os
 import shutil
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
-from common.ckpt.atomic import atomic_path
+from common.ckpt.atomic import write_json_atomic
 from common.ckpt.io import prepare_output_dir
 from common.ckpt.resume import resolve_resume
 from common.cli import given
@@ -24,6 +24,7 @@ from common.dist.world import detect_launcher
 from common.errors import UserError
 from common.eval.payoff import PAYOFF_FILE, WHAT_TO_TRY, labels_to_measure
 from common.log.progress import log
+from common.train.recipes import profile_data
 from common.train.source_views import FLAGS, SOURCE_SCALE_RATIO, shorter_budget, source_scale_area
 
 TRIAL_FILE = "trial.json"
@@ -86,7 +87,6 @@ def recipe_trial(worker: Callable, args: argparse.Namespace) -> argparse.Namespa
         if why_not != "off":
             log(f"=> --recipe {args.recipe}: no trial ({why_not}); the views were not measured on labels")
         return args
-    from common.train.recipes import profile_data  # noqa: the profile is read only when a trial runs
     dataset = build_dataset(args, "pretrain")
     images, short_side = len(dataset), profile_data(dataset).short_side
     cands = candidates(args, short_side)
@@ -157,15 +157,5 @@ def _continue(args: argparse.Namespace, best: Dict, images: int) -> argparse.Nam
 
 
 def _write(output_dir: str, doc: Dict) -> None:
-    path = os.path.join(output_dir, TRIAL_FILE)
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
+    write_json_atomic(os.path.join(output_dir, TRIAL_FILE), doc)
 
-
-def trial_result(output_dir: str) -> Optional[Dict]:
-    path = os.path.join(output_dir, TRIAL_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
