@@ -35,10 +35,10 @@ Weights.meta fields (num_params, min_size, mean/std, the recipe and the run's me
 import argparse
 import os
 
-from common.ckpt.atomic import create_temp
 from common.ckpt.io import load_checkpoint
 from common.cli import HelpFormatter
 from common.errors import UserError, report_user_errors
+from common.files.atomic import create_temp
 from common.nets.models import arch_names
 from export.backbone import backbone_and_head, export_model, os_reason, sidecar
 from export.formats import FORMATS

@@ -26,8 +26,8 @@ from common.dist.launch import script_main, start_worker
 from common.dist.placement import place_model
 from common.errors import UserError
 from common.nets.models import build_backbone
+from common.nets.precision import Precision
 from common.train.data import pretrain_data
-from common.train.precision import Precision
 from common.train.run import PretrainRun, lr_schedule
 from common.train.setup import add_pretrain_args, finalize_pretrain_args
 from common.train.step import train_one_epoch

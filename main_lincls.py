@@ -44,7 +44,7 @@ from common.eval.label_tree import LabelTree, add_hierarchy_args
 from common.eval.setup import (ARCH_HELP, add_label_subset_args, add_pretrained_arg, check_label_subset_args, eval_splits,
                                eval_view)
 from common.log.progress import MetricsLog, log
-from common.train.precision import Precision
+from common.nets.precision import Precision
 from common.train.schedule import lr_at
 from lincls.data import TrainingData, log_training_data, training_data
 from lincls.engine import build_criterion, build_optimizer, diverging, evaluate, train_one_epoch

@@ -24,8 +24,8 @@ from common.dist.placement import place_model
 from common.errors import UserError
 from common.log.progress import log
 from common.nets.models import build_backbone
+from common.nets.precision import Precision
 from common.train.data import two_view_data
-from common.train.precision import Precision
 from common.train.run import PretrainRun, lr_schedule
 from common.train.setup import (add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                                 learning_watch)

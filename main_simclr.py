@@ -24,8 +24,8 @@ from common.errors import UserError
 from common.log.progress import log
 from common.nets.batchnorm import bn_group_warning, fewest_positions
 from common.nets.models import build_backbone
+from common.nets.precision import Precision
 from common.train.data import two_view_data
-from common.train.precision import Precision
 from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen,
                                   epochs_for_budget)
 from common.train.run import PretrainRun, lr_schedule

@@ -54,8 +54,8 @@ from common.dist.collectives import DistEnv  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 from common.nets.backbones import family  # noqa: E402
 from common.nets.models import build_backbone, feature_dim, has_batchnorm  # noqa: E402
+from common.nets.precision import Precision  # noqa: E402
 from common.train.data import PretrainData  # noqa: E402
-from common.train.precision import Precision  # noqa: E402
 from common.train.step import train_one_epoch  # noqa: E402
 from moco.augment import moco_v2  # noqa: E402
 from moco.builder import MoCo  # noqa: E402

@@ -23,9 +23,9 @@ import torch
 if __package__ in (None, ""):  # run as a file: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.ckpt.atomic import atomic_path  # noqa: E402
 from common.data.datasets import build_dataset  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
+from common.files.atomic import atomic_path  # noqa: E402
 from common.watch.view_check import view_check, view_check_message  # noqa: E402
 
 SCRIPTS = ("main_moco.py", "main_simclr.py", "main_moco_v3.py")

@@ -117,7 +117,7 @@ def add_image_args(parser: argparse.ArgumentParser, helps: Helps = NO_HELPS) -> 
 
 
 def add_precision_args(parser: argparse.ArgumentParser, helps: Helps = NO_HELPS) -> None:
-    """--amp, --amp-dtype and --channels-last (common/train/precision.py reads them)."""
+    """--amp, --amp-dtype and --channels-last (common/nets/precision.py reads them)."""
     parser.add_argument("--amp", action="store_true",
                         help=helps.get("amp", "mixed precision (bf16 autocast; fp16 + GradScaler with --amp-dtype fp16)"))
     parser.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"), help="autocast dtype for --amp")

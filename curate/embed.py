@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common.ckpt.atomic import atomic_path
 from common.dist.collectives import DistEnv, barrier, is_main_process
+from common.files.atomic import atomic_path
 from common.log.progress import log
 from knn.embeddings import embed, path_of
 

@@ -6,7 +6,7 @@ from typing import List, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from common.ckpt.atomic import atomic_path
+from common.files.atomic import atomic_path
 
 CELL = 96  # px per image in a grid
 THUMB = 48  # px per thumbnail in the report's tables

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
-from common.ckpt.atomic import atomic_path
+from common.files.atomic import atomic_path
 
 
 def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -8,9 +8,9 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from common.ckpt.atomic import atomic_path
 from common.ckpt.pretrained import extract_backbone, load_backbone
 from common.errors import UserError
+from common.files.atomic import atomic_path
 from common.log.progress import log
 from common.nets.backbones import family
 from common.nets.models import build_backbone

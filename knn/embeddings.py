@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common.ckpt.atomic import atomic_path
 from common.dist.collectives import DistEnv
 from common.eval.features import extract_indexed_features
 from common.eval.setup import eval_view
+from common.files.atomic import atomic_path
 from common.nets.models import without_head
-from common.train.precision import Precision
+from common.nets.precision import Precision
 from knn.tables import SLICE, dataset_labels, write_csv, write_parquet
 
 

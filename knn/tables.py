@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.ckpt.atomic import atomic_path
 from common.extras import require
+from common.files.atomic import atomic_path
 
 SLICE = 65536  # rows per slice: no second full copy of the features in RAM
 # significant digits that read back to the same float16 / float32

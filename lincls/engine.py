@@ -15,7 +15,7 @@ from common.eval.label_tree import LabelTree
 from common.eval.metrics import classification_report
 from common.log.progress import MeterBank, MetricsLog, Progress, log
 from common.nets.backbones import block_modules
-from common.train.precision import Precision
+from common.nets.precision import Precision
 from common.train.schedule import set_lr
 from common.watch.loss_guard import LossGuard
 from lincls.balance import class_weights

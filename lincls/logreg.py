@@ -14,7 +14,7 @@ from common.eval.features import extract_features
 from common.eval.logreg import fit_logistic_regression
 from common.eval.setup import eval_view
 from common.nets.models import without_head
-from common.train.precision import Precision
+from common.nets.precision import Precision
 from lincls.balance import class_weights
 
 

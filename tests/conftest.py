@@ -67,10 +67,10 @@ def untrained_knn(knn, seed: int = 0) -> float:
 @pytest.fixture(autouse=True)
 def release_run_locks():
     """A test that calls a script's finalize_args in this process takes its output folder's
-    lock (common/ckpt/lock.py) for the life of the pytest process: give it back after the
+    lock (common/files/lock.py) for the life of the pytest process: give it back after the
     test, as the script's main() does when it ends."""
     yield
-    from common.ckpt import lock
+    from common.files import lock
     lock.release()
 
 

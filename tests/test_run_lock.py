@@ -1,4 +1,4 @@
-"""One run per --output-dir (common/ckpt/lock.py): a second run into a folder a live run
+"""One run per --output-dir (common/files/lock.py): a second run into a folder a live run
 holds is refused and changes nothing; a lock left by a dead run is taken over with a
 message; a requeued SLURM job takes over its own."""
 import json
@@ -11,8 +11,8 @@ import time
 import pytest
 from conftest import ROOT, SYNTHETIC, run_script
 
-from common.ckpt import lock
 from common.errors import UserError
+from common.files import lock
 
 
 def write_lock(folder, **info) -> str:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.ckpt import lock as run_lock
-from common.ckpt.atomic import atomic_path
 from common.errors import UserError, reason
+from common.files import lock as run_lock
+from common.files.atomic import atomic_path
 
 METHODS = ("moco", "moco_v3", "simclr", "inpaint", "lincls")
 SCRIPTS = {"moco": "main_moco.py", "moco_v3": "main_moco_v3.py", "simclr": "main_simclr.py", "inpaint": "main_inpaint.py",
@@ -65,7 +65,7 @@ def previous_run_files(output_dir: str, run_files: Pattern = RUN_FILE) -> List[s
 def prepare_output_dir(output_dir: str, new_run: bool = False, overwrite: bool = False, lock: bool = True,
                        run_files: Pattern = RUN_FILE, resume_hint: str = "--resume auto to continue it") -> None:
     """Before any work: the folder exists (or can be made) and can be written, this run holds
-    its lock (common/ckpt/lock.py: `lock` is true in the run's first process only), and the
+    its lock (common/files/lock.py: `lock` is true in the run's first process only), and the
     temp files of checkpoint writes a kill interrupted (`.tmp_*.pth.tar`) are removed. For a
     `new_run` a folder that holds an earlier run's `run_files` is refused unless `overwrite`
     says to replace them: a forgotten --resume must not wipe a finished run, and a rerun must

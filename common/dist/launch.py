@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from common.ckpt import lock as run_lock
 from common.dist.collectives import DistEnv, agree_seed, cleanup
 from common.dist.rendezvous import rendezvous_timeout, setup_distributed
 from common.dist.signals import forward_preemption_signals, hold_preemption_signals
 from common.dist.slurm import host_resolves
 from common.dist.world import detect_launcher, expected_world_size, nproc_per_node, per_worker
 from common.errors import UserError, report_user_errors
+from common.files import lock as run_lock
 
 
 def launch(worker: Callable[[Optional[int], argparse.Namespace], None], args: argparse.Namespace) -> None:
@@ -174,7 +174,7 @@ def script_main(get_args_parser: Callable[[], argparse.ArgumentParser],
             if before_launch is not None:
                 args = before_launch(main_worker, args)
             launch(main_worker, args)
-        finally:  # finalize_args took the output folder's lock (common/ckpt/lock.py)
+        finally:  # finalize_args took the output folder's lock (common/files/lock.py)
             run_lock.release()
 
     return main

@@ -14,7 +14,7 @@ from common.data.transformed import TransformedDataset, drop_unreadable_collate
 from common.dist.collectives import concat_all_gather, get_rank, get_world_size
 from common.errors import UserError
 from common.log.progress import format_seconds, log
-from common.train.precision import Precision
+from common.nets.precision import Precision
 
 
 class _Indexed(Dataset):

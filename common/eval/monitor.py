@@ -14,7 +14,7 @@ from common.eval.knn import knn_accuracy
 from common.log.progress import log
 from common.nets.batchnorm import recalibrate_batchnorm
 from common.nets.models import without_head
-from common.train.precision import Precision
+from common.nets.precision import Precision
 
 RECALIBRATION_IMAGES = 2048  # enough for BatchNorm's means and variances, a bounded cost on large sets
 

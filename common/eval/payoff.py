@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from common.augment.transforms import eval_decode_side, eval_transform
-from common.ckpt.atomic import write_json_atomic
+from common.files.atomic import write_json_atomic
 from common.data.datasets import build_dataset
 from common.data.subsets import stratified_subset
 from common.data.transformed import TransformedDataset
@@ -28,7 +28,7 @@ from common.eval.logreg import cross_validated_accuracy
 from common.log.progress import log
 from common.nets.batchnorm import recalibrate_batchnorm
 from common.nets.models import build_backbone, without_head
-from common.train.precision import Precision
+from common.nets.precision import Precision
 
 PAYOFF_FOLDS = 5
 # labelled train images the probe uses at most (class-stratified, seeded): its cost stays a

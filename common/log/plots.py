@@ -8,9 +8,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from common.ckpt.atomic import atomic_path
 from common.errors import UserError
 from common.extras import available, require
+from common.files.atomic import atomic_path
 
 # one panel each: (title, [(metrics key, legend), ...]); pretraining and lincls runs fill different keys
 PANELS = [

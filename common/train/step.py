@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from common.dist.collectives import DistEnv
 from common.log.progress import MeterBank, Progress, log
-from common.train.precision import Precision
+from common.nets.precision import Precision
 from common.train.schedule import set_lr
 from common.watch.loss_guard import LossGuard
 

@@ -14,7 +14,7 @@ import shutil
 import time
 from typing import Callable, Dict, List
 
-from common.ckpt.atomic import write_json_atomic
+from common.files.atomic import write_json_atomic
 from common.ckpt.io import prepare_output_dir
 from common.ckpt.resume import resolve_resume
 from common.cli import given

@@ -1,5 +1,6 @@
 """`--amp`, `--amp-dtype`, `--channels-last`: how every script computes, in one place, so
-training and evaluation (probe validation, kNN features) always use the same autocast."""
+training and evaluation (probe validation, kNN features) always use the same autocast. It sits
+in common/nets/, below both common/train/ and common/eval/, so that neither imports the other for it."""
 import argparse
 import contextlib
 from dataclasses import dataclass
