@@ -25,13 +25,14 @@ from common.train.data import two_view_data
 from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen,
                                   epochs_for_budget, set_by_recipe)
 from common.train.run import PretrainRun, lr_schedule
+from common.train.schedule import cosine_momentum
 from common.train.setup import (add_pretrain_args, add_trial_args, add_view_args, finalize_pretrain_args,
                                 finalize_view_args, learning_watch)
 from common.train.step import train_one_epoch
 from common.train.trial import recipe_trial
 from moco.augment import moco_v1, moco_v2
 from moco.builder import MoCo
-from moco.guards import cosine_momentum, fitted_queue, momentum_warning, queue_warning
+from moco.guards import fitted_queue, momentum_warning, queue_warning
 from moco.split_bn import SplitBatchNorm
 
 

@@ -26,14 +26,15 @@ from common.log.progress import log
 from common.nets.models import build_backbone
 from common.nets.precision import Precision
 from common.train.data import two_view_data
+from common.train.optim import LARS, scaled_lr, split_decay_groups
 from common.train.run import PretrainRun, lr_schedule
+from common.train.schedule import cosine_momentum
 from common.train.setup import (add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                                 learning_watch)
 from common.train.step import train_one_epoch
 from moco.augment import moco_v2
-from moco.guards import cosine_momentum, momentum_warning
+from moco.guards import momentum_warning
 from mocov3.builder import MoCoV3
-from simclr.optim import LARS, scaled_lr, split_decay_groups
 
 OPTIMIZERS = ("lars", "adamw")
 # moco-v3's values per optimizer (its README: ResNet-50 with LARS, ViTs with AdamW), and the

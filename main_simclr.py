@@ -26,6 +26,7 @@ from common.nets.batchnorm import bn_group_warning, fewest_positions
 from common.nets.models import build_backbone
 from common.nets.precision import Precision
 from common.train.data import two_view_data
+from common.train.optim import OPTIMIZERS, build_optimizer, scaled_lr
 from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen,
                                   epochs_for_budget)
 from common.train.run import PretrainRun, lr_schedule
@@ -35,7 +36,6 @@ from common.train.step import train_one_epoch
 from common.train.trial import recipe_trial
 from simclr.augment import simclr_augmentation
 from simclr.builder import SimCLR
-from simclr.optim import OPTIMIZERS, build_optimizer, scaled_lr
 
 
 def get_args_parser() -> argparse.ArgumentParser:

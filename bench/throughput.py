@@ -56,13 +56,13 @@ from common.nets.backbones import family  # noqa: E402
 from common.nets.models import build_backbone, feature_dim, has_batchnorm  # noqa: E402
 from common.nets.precision import Precision  # noqa: E402
 from common.train.data import PretrainData  # noqa: E402
+from common.train.optim import LARS, split_decay_groups  # noqa: E402
 from common.train.step import train_one_epoch  # noqa: E402
 from moco.augment import moco_v2  # noqa: E402
 from moco.builder import MoCo  # noqa: E402
 from moco.split_bn import SplitBatchNorm  # noqa: E402
 from simclr.augment import simclr_augmentation  # noqa: E402
 from simclr.builder import SimCLR  # noqa: E402
-from simclr.optim import LARS, split_decay_groups  # noqa: E402
 
 # --families: each family's smallest member (ConvNeXt: the narrow convnext_micro), the first one the baseline
 FAMILY_ARCHS = ["resnet18", "regnet_y_400mf", "mobilenet_v3_small", "efficientnet_b0", "densenet121",

@@ -11,17 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.dist.collectives import concat_all_gather, get_world_size
-
-
-@torch.no_grad()
-def momentum_update(target: nn.Module, source: nn.Module, m: float) -> None:
-    """theta_target <- m * theta_target + (1 - m) * theta_source, parameters only (each encoder
-    keeps its own BatchNorm statistics, as in the reference); MoCo v3 uses it too."""
-    params_s = [p.data for p in source.parameters()]
-    params_t = [p.data for p in target.parameters()]
-    # multi-tensor kernels: a few launches instead of two per parameter, same arithmetic
-    torch._foreach_mul_(params_t, m)
-    torch._foreach_add_(params_t, params_s, alpha=1.0 - m)
+from common.nets.ema import momentum_update
 
 
 class MoCo(nn.Module):

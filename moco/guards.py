@@ -1,4 +1,4 @@
-"""Guard rails for MoCo on small datasets, and the cosine key-encoder momentum.
+"""Guard rails for MoCo on small datasets.
 
 Two settings that are right for ImageNet stop MoCo from learning on a few thousand
 images: a queue that holds a large share of the dataset (each image then meets its own
@@ -6,7 +6,6 @@ older keys as negatives, so the contrastive task turns against itself), and a ke
 momentum so slow that the key encoder is still mostly its random initialisation when the
 run ends. The warnings say so before training, with the value that fits.
 """
-import math
 from typing import Optional
 
 import numpy as np
@@ -15,16 +14,10 @@ QUEUE_SHARE = 0.1  # the queue should hold at most this share of the dataset
 INIT_SHARE = 0.5  # the key encoder should keep at most this share of its initialisation
 
 
-def cosine_momentum(base_m: float, progress: float, epochs: int) -> float:
-    """Key-encoder momentum at a fractional epoch, rising from base_m to 1 by a half cosine
-    (BYOL, MoCo v3): m = 1 - (1 - base_m) * (cos(pi * progress / epochs) + 1) / 2."""
-    t = min(max(progress / max(epochs, 1e-8), 0.0), 1.0)
-    return 1.0 - (1.0 - base_m) * (math.cos(math.pi * t) + 1.0) / 2.0
-
-
 def init_share_at_end(m: float, steps: int, cosine: bool = False) -> float:
     """How much of its initial weights (a random draw, or --init's) the key encoder still
-    holds after `steps` momentum updates (the product of the momenta); with `cosine`, under cosine_momentum."""
+    holds after `steps` momentum updates (the product of the momenta); with `cosine`, under
+    common/train/schedule.py's cosine_momentum."""
     if not cosine:
         return m ** steps
     t = np.arange(steps) / steps  # cosine_momentum at every step, vectorised (runs have millions of steps)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from common.dist.collectives import concat_all_gather, get_rank
 from common.nets.backbones import family
+from common.nets.ema import momentum_update
 from common.nets.models import feature_dim
-from moco.builder import momentum_update
 
 
 def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:

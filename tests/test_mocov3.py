@@ -21,7 +21,7 @@ import main_moco_v3
 from common.ckpt.pretrained import checkpoint_arch, extract_backbone
 from common.ckpt.vit_keys import torchvision_to_timm
 from common.nets.models import build_backbone
-from moco.guards import cosine_momentum
+from common.train.schedule import cosine_momentum
 from mocov3.builder import MoCoV3, build_mlp, contrastive_loss
 
 TINY = SYNTHETIC + ["--synthetic-size", "32", "-b", "16", "--epochs", "1", "--moco-dim", "16", "--moco-mlp-dim", "32",

@@ -21,9 +21,9 @@ from common.ckpt.pretrained import load_backbone
 from common.dist.collectives import DistEnv, all_gather_with_grad
 from common.eval.monitor import KnnMonitor
 from common.nets.models import build_backbone
+from common.train.optim import LARS, build_optimizer, scaled_lr, split_decay_groups
 from simclr.builder import SimCLR, projection_head
 from simclr.loss import nt_xent
-from simclr.optim import LARS, build_optimizer, scaled_lr, split_decay_groups
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--proj-dim", "16", "--proj-hidden-dim", "32",
                     "--seed", "3", "-p", "2",

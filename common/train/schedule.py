@@ -1,4 +1,5 @@
-"""Learning-rate schedules: step (`--schedule`), cosine (`--cos`), linear warmup."""
+"""Schedules over a run: the learning rate (step `--schedule`, cosine `--cos`, linear warmup) and
+the momentum (EMA) encoder's cosine momentum (`--moco-m-cos`; BYOL and DINO's teachers use the same)."""
 import math
 from typing import Sequence
 
@@ -20,3 +21,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr; a group may carry `lr_scale` (e.g. a slower backbone when fine-tuning)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def cosine_momentum(base_m: float, progress: float, epochs: int) -> float:
+    """Momentum (EMA) encoder momentum at a fractional epoch, rising from base_m to 1 by a half cosine
+    (BYOL, MoCo v3): m = 1 - (1 - base_m) * (cos(pi * progress / epochs) + 1) / 2."""
+    t = min(max(progress / max(epochs, 1e-8), 0.0), 1.0)
+    return 1.0 - (1.0 - base_m) * (math.cos(math.pi * t) + 1.0) / 2.0
