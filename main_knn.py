@@ -31,6 +31,7 @@ from common.dist.collectives import barrier, is_main_process
 from common.dist.launch import script_main, start_worker
 from common.dist.world import add_dist_args, expected_world_size, is_first_process, per_worker
 from common.errors import UserError
+from common.eval.embeddings import embed
 from common.eval.knn import fit_whitening, whiten
 from common.eval.label_tree import add_hierarchy_args, check_hierarchy_depth
 from common.eval.setup import (ARCH_HELP, add_label_subset_args, add_pretrained_arg, check_label_subset_args, eval_splits,
@@ -40,7 +41,7 @@ from common.log.plots import embedding_methods, plot_embeddings
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
 from common.nets.models import without_head
-from knn.embeddings import EXPORT_FORMATS, embed, export_embeddings
+from knn.embeddings import EXPORT_FORMATS, export_embeddings
 from knn.evaluate import knn_evaluate
 from knn.reports import report_knn
 from knn.retrieval import retrieval

@@ -17,9 +17,9 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from common.dist.collectives import DistEnv, barrier, is_main_process
+from common.eval.embeddings import embed, path_of
 from common.files.atomic import atomic_path
 from common.log.progress import log
-from knn.embeddings import embed, path_of
 
 EMBEDDINGS = "embeddings"  # the folder in OUTPUT_DIR: <split>_manifest.json and <split>_NNNNN.pt
 SHARD = re.compile(r"^(.+)_(manifest\.json|\d{5}\.pt)$")

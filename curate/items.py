@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from knn.embeddings import class_name, path_of
+from common.eval.embeddings import class_name, path_of
 
 
 @dataclass

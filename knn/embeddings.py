@@ -1,44 +1,16 @@
-"""The embeddings of a split: the backbone's L2-normalised features of its readable images,
-and their export (--export-format npy: .npy + .csv files that name each row's image; csv /
-parquet: one table, knn/tables.py)."""
-import argparse
+"""The export of a split's embeddings (common/eval/embeddings.py computes them): --export-format
+npy: .npy + .csv files that name each row's image; csv / parquet: one table, knn/tables.py."""
 import csv
 import os
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common.dist.collectives import DistEnv
-from common.eval.features import extract_indexed_features
-from common.eval.setup import eval_view
+from common.eval.embeddings import class_name, path_of
 from common.files.atomic import atomic_path
-from common.nets.models import without_head
-from common.nets.precision import Precision
 from knn.tables import SLICE, dataset_labels, write_csv, write_parquet
-
-
-def embed(model: nn.Module, dataset: Dataset, split: str, args: argparse.Namespace, env: DistEnv, batch_size: int,
-          workers: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(features, labels, index) of `dataset`: each rank embeds its share, every rank gets all
-    of them (fp16, on the device). An unreadable image gets no row (see eval_view): `index`
-    maps rows to dataset indices."""
-    with without_head(model):
-        return extract_indexed_features(model, eval_view(dataset, args), batch_size, env.device, workers=workers,
-                                        precision=Precision.from_args(args), print_freq=args.print_freq,
-                                        desc=f"features {split}")
-
-
-def path_of(dataset: Dataset, index: int) -> str:
-    """The image file behind `index` (its index where the dataset has no files, e.g. CIFAR)."""
-    return dataset.path(index) if hasattr(dataset, "path") else str(index)
-
-
-def class_name(classes: Sequence[str], label: int) -> str:
-    """The class of `label`; "" for an unlabelled image (-1)."""
-    return classes[label] if 0 <= label < len(classes) else ""
 
 
 EXPORT_FORMATS = ("npy", "csv", "parquet")

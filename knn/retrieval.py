@@ -13,8 +13,8 @@ from torchvision.utils import save_image
 from common.augment.transforms import eval_transform
 from common.data.images import pil_loader
 from common.data.transformed import TransformedDataset
+from common.eval.embeddings import class_name, path_of
 from common.eval.knn import knn_search
-from knn.embeddings import class_name, path_of
 
 
 def display_transform(crop_size: int) -> transforms.Compose:
