@@ -31,6 +31,7 @@ from common.train.data import pretrain_data
 from common.train.run import PretrainRun, lr_schedule
 from common.train.setup import add_pretrain_args, finalize_pretrain_args
 from common.train.step import train_one_epoch
+from export.backbone import export_at_end
 from inpaint.masking import InpaintingPair
 from inpaint.model import LOSSES, ContextEncoder
 
@@ -122,6 +123,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
             grid = reconstruction_grid(inpaint, data.dataset, env.device, os.path.join(grids, f"epoch_{epoch:04d}.png"))
             run.metrics.tensorboard.image("reconstructions", grid, epoch)
         run.end_epoch(epoch, result, backbone=inpaint.encoder)
+    if args.export_at_end and run.final_checkpoint:  # main process, once the last epoch's checkpoint is written
+        export_at_end(*run.final_checkpoint, args.output_dir)  # its backbone, as export_backbone.py writes it
 
 
 main = script_main(get_args_parser, finalize_args, main_worker)

@@ -32,6 +32,7 @@ from common.train.schedule import cosine_momentum
 from common.train.setup import (add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
                                 learning_watch)
 from common.train.step import train_one_epoch
+from export.backbone import export_at_end
 from moco.augment import moco_v2
 from moco.guards import momentum_warning
 from mocov3.builder import MoCoV3
@@ -165,6 +166,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
             raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
         run.end_epoch(epoch, result, backbone=moco.base_encoder)
+    if args.export_at_end and run.final_checkpoint:  # main process, once the last epoch's checkpoint is written
+        export_at_end(*run.final_checkpoint, args.output_dir)  # its backbone, as export_backbone.py writes it
 
 
 main = script_main(get_args_parser, finalize_args, main_worker)

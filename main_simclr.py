@@ -34,6 +34,7 @@ from common.train.setup import (add_pretrain_args, add_trial_args, add_view_args
                                 finalize_view_args, learning_watch)
 from common.train.step import train_one_epoch
 from common.train.trial import recipe_trial
+from export.backbone import export_at_end
 from simclr.augment import simclr_augmentation
 from simclr.builder import SimCLR
 
@@ -166,6 +167,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
             raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
         run.end_epoch(epoch, result, backbone=simclr.encoder)
+    if args.export_at_end and run.final_checkpoint:  # main process, once the last epoch's checkpoint is written
+        export_at_end(*run.final_checkpoint, args.output_dir)  # its backbone, as export_backbone.py writes it
 
 
 # --recipe small with train labels: the trial of candidate recipes runs first (common/train/trial.py)

@@ -1,8 +1,9 @@
 """The run state around the pretraining scripts' epoch loop: resume, the lr schedule, and
 `PretrainRun`, which keeps a run's metrics log, kNN monitor, learning and collapse watches,
-stop request and checkpoints (and --export-at-end's export). The recipe itself (augmentation,
-model, optimizer, the epoch loop) is in the scripts; the step loop is common/train/step.py,
-which this module calls into only through the scripts."""
+stop request and checkpoints. The recipe itself (augmentation, model, optimizer, the epoch
+loop, and --export-at-end's export after it: export/ is a job folder, above common/) is in the
+scripts; the step loop is common/train/step.py, which this module calls into only through the
+scripts."""
 import argparse
 import functools
 from typing import Callable, Dict, Optional, Tuple
@@ -31,7 +32,6 @@ from common.train.schedule import lr_at
 from common.train.step import EpochResult
 from common.watch.collapse import CollapseWatch, LearningWatch
 from common.watch.view_check import view_check, view_check_message
-from export.backbone import export_at_end
 
 # exit status of a run stopped by --stop-if-not-learning (2 is a usage error, 75 a requeue)
 NOT_LEARNING_EXIT = 3
@@ -92,6 +92,9 @@ class PretrainRun:
         # (a resumed run starts watching afresh: a collapse across the resume point goes unnoticed)
         self.collapse = CollapseWatch(collapse_hint)
         self.learning = learning  # contrastive methods: is the accuracy leaving chance?
+        # (state, path) of the checkpoint of the run's last epoch, on the main process once it
+        # is written: what the scripts' --export-at-end exports after the epoch loop
+        self.final_checkpoint: Optional[Tuple[Dict, str]] = None
 
     def before_training(self, backbone: nn.Module) -> None:
         """What the run starts from, to compare the trained network with: --knn-every's kNN
@@ -167,8 +170,8 @@ class PretrainRun:
                                    metrics=record)
             path = save_checkpoint(state, a.output_dir, epoch_file=epoch_file_due(a, epoch + 1))
             prune_epoch_checkpoints(a.output_dir, a.keep_checkpoints, a.keep_epochs)
-            if a.export_at_end and epoch + 1 == a.epochs:  # after the checkpoint: a failed export loses no training
-                export_at_end(state, path, a.output_dir)
+            if epoch + 1 == a.epochs:  # exported after the loop, so a failed export loses no training
+                self.final_checkpoint = (state, path)
         if stopping:
             log(f"=> --stop-at-epoch {a.stop_at_epoch}: stopping after epoch {epoch} of {a.epochs}; --resume auto "
                 f"continues the same schedule")
