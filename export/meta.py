@@ -20,7 +20,7 @@ def describe(ckpt: Dict, path: str, arch: Optional[str] = None, small_images: Op
     arch = arch or checkpoint_arch(ckpt)  # moco-v3 writes vit_base for torchvision's vit_b_16
     if arch is None:
         raise UserError(f"{path!r} does not say its architecture; pass -a/--arch (e.g. -a resnet50)")
-    crop = crop_size or saved.get("crop_size") or 224
+    crop = crop_size or ckpt.get("eval_size") or saved.get("crop_size") or 224  # payoff.py: the learned scale
     small = small_images if small_images is not None else saved.get("small_images", False)
     return {"arch": arch, "small_images": bool(small), "crop_size": int(crop), "method": ckpt.get("method"),
             "checkpoint": os.path.abspath(path)}

@@ -91,3 +91,53 @@ def test_without_train_labels_the_log_says_the_payoff_was_not_measured(tmp_path,
                                               "--output-dir", str(tmp_path / "run")])
     assert "=> payoff: not measured, the train split has no labels" in ran.stdout
     assert not (tmp_path / "run" / "payoff.json").exists()
+
+
+def test_the_learned_size_is_the_whole_image_size_at_the_views_scale():
+    import argparse
+    assert payoff.learned_size(argparse.Namespace(crop_size=64, crop_max=(64 / 300) ** 2)) == 300
+    assert payoff.learned_size(argparse.Namespace(crop_size=64, crop_max=1.0)) is None
+
+
+def _stripes(root, per_class: int = 20, size: int = 64) -> str:
+    """Two classes of 1 px stripes, horizontal and vertical, random phase and noise: resized
+    into a 16 px crop both become one flat grey, at their own 64 px they differ."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, axis in (("h", 0), ("v", 1)):
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(per_class):
+                line = ((np.arange(size) + rng.integers(2)) % 2) * 200.0 + 28
+                img = np.repeat(line[:, None] if axis == 0 else line[None, :], size, axis=1 - axis)
+                img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img, "L").convert("RGB").save(os.path.join(root, split, c, f"{i}.png"))
+    return str(root)
+
+
+@pytest.mark.slow
+def test_source_scale_views_are_scored_at_both_sizes_and_the_probes_follow_the_choice(tmp_path, capsys):
+    import main_knn
+    from common.ckpt.io import load_checkpoint
+    data, out = _stripes(tmp_path / "data"), tmp_path / "run"
+    area = str((16 / 64) ** 2)  # source-scale views: a 16 px crop of a 64 px source, not resized
+    ran = run_inline(capsys, main_moco.main, [
+        data, "-a", "resnet18", "-j", "0", "--crop-size", "16", "--crop-min", area, "--crop-max", area, "-b", "8",
+        "--moco-k", "16", "--moco-dim", "16", "--bn-splits", "2", "--epochs", "1", "--seed", "0", "-p", "100",
+        "--output-dir", str(out)])
+    doc = json.load(open(out / "payoff.json"))
+    assert doc["sizes"] == [16, 64] and set(doc["by_size"]) == {"16", "64"}
+    at = {int(s): d["final"]["top1"] for s, d in doc["by_size"].items()}
+    assert at[64] >= 95 and at[64] > at[16], at  # resized to 16 px the stripes fade (87.5 with seed 0)
+    assert doc["eval_size"] == 64 and doc["final"] == doc["by_size"]["64"]["final"]
+    assert "main_lincls.py and main_knn.py evaluate this checkpoint at 64 px by default" in ran.stdout
+    ckpt = load_checkpoint(str(out / "checkpoint_last.pth.tar"))
+    assert ckpt["eval_size"] == 64 and ckpt["args"]["crop_size"] == 16
+    knn = ["--pretrained", str(out / "checkpoint_last.pth.tar"), "-j", "0", "--knn-k", "5"]
+    ran = run_inline(capsys, main_knn.main, [data] + knn + ["--output-dir", str(tmp_path / "knn")])
+    assert "=> evaluating at 64 px, not the run's 16 px crop" in ran.stdout
+    assert json.load(open(tmp_path / "knn" / "knn_results.json"))["crop_size"] == 64
+    ran = run_inline(capsys, main_knn.main, [data] + knn + ["--crop-size", "16", "--output-dir", str(tmp_path / "k16")])
+    assert "evaluating at 64 px" not in ran.stdout
+    assert json.load(open(tmp_path / "k16" / "knn_results.json"))["crop_size"] == 16

@@ -13,6 +13,7 @@ from common.ckpt.io import METHODS, load_checkpoint
 from common.ckpt.resume import check_arch
 from common.data.datasets import default_crop_size
 from common.errors import UserError, reason
+from common.log.progress import log
 from common.ckpt.vit_keys import is_timm_vit, timm_to_torchvision
 from common.nets.backbones import HEAD_ATTRS, adopt_position_embedding
 
@@ -117,16 +118,20 @@ def follow_checkpoint(args: argparse.Namespace, default_arch: str = "resnet50") 
     chosen it); a given -a must match the checkpoint's. 'none'/'imagenet' (and checkpoints
     without args) fall back to `default_arch`, the dataset's default crop and the CIFAR stem
     for crops <= 64 px."""
-    saved_arch, saved_args = None, {}
+    saved_arch, saved_args, eval_size = None, {}, None
     if args.pretrained not in (None, "none", "imagenet"):
         ckpt = load_checkpoint(args.pretrained)
         ckpt["arch"] = saved_arch = checkpoint_arch(ckpt)
-        saved_args = ckpt.get("args") or {}
+        saved_args, eval_size = ckpt.get("args") or {}, ckpt.get("eval_size")
         if args.arch:
             check_arch(ckpt, args.arch, args.pretrained)
         del ckpt
     args.arch = args.arch or saved_arch or default_arch
-    args.crop_size = args.crop_size or saved_args.get("crop_size") or default_crop_size(args)
+    if not args.crop_size and eval_size and eval_size != saved_args.get("crop_size"):
+        log(f"=> evaluating at {eval_size} px, not the run's {saved_args.get('crop_size')} px crop: its views were cut "
+            f"at the source's own scale and its payoff probe scored whole images best at this size (--crop-size "
+            f"{saved_args.get('crop_size')} evaluates at the crop)")
+    args.crop_size = args.crop_size or eval_size or saved_args.get("crop_size") or default_crop_size(args)
     if args.small_images is None:
         saved = saved_args.get("small_images")
         args.small_images = bool(saved) if saved is not None else args.crop_size <= 64

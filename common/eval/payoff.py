@@ -5,10 +5,17 @@ compares it, fold by fold, with the network it started from: the untrained netwo
 BatchNorm statistics from the same images, as the trained one's are), or the --init weights
 and a fresh random network when --init is given. The verdict, with the fold spread, goes to
 the log, metrics.jsonl and OUTPUT_DIR/payoff.json; a gain inside the spread is a WARNING
-naming what to try."""
+naming what to try.
+
+A run whose views were cut at the source's own scale (source-scale views, --crop-max < 1) saw
+its images at that scale, not resized into the crop: the probe then scores the backbone at
+both sizes, the crop and the size at which a whole image keeps the views' scale, and the better
+one becomes the checkpoint's `eval_size`, the size main_lincls.py and main_knn.py evaluate at
+by default."""
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 from typing import Dict, List, Optional
@@ -42,6 +49,16 @@ WHAT_TO_TRY = ("--init imagenet (weights you already have), a larger --crop-size
                "images")
 
 
+def learned_size(args: argparse.Namespace) -> Optional[int]:
+    """The whole-image size (px) at which an image shows the scale the run's views saw: a
+    crop_size view of crop_max of the source's area shows it at crop_size / sqrt(crop_max)
+    px. None when the views could cover the whole source (--crop-max 1): the crop is that size."""
+    if args.crop_max >= 1:
+        return None
+    size = int(round(args.crop_size / math.sqrt(args.crop_max)))
+    return size if size > args.crop_size else None
+
+
 def summary(folds: List[float]) -> Dict[str, object]:
     return {"top1": statistics.fmean(folds), "fold_top1": folds,
             "fold_std": statistics.stdev(folds) if len(folds) > 1 else 0.0}
@@ -73,7 +90,8 @@ def labels_to_measure(train) -> str:
 
 class PayoffProbe:
     """The cross-validated logreg probe on (up to PAYOFF_IMAGES of) a run's labelled train
-    images at the run's crop. `data` is None when there are too few labels to measure."""
+    images, at the run's crop and at its learned_size when it has one (`sizes`). `data` (the
+    images at the crop) is None when there are too few labels to measure."""
 
     def __init__(self, args: argparse.Namespace, env: DistEnv):
         self.args, self.env = args, env
@@ -88,37 +106,55 @@ class PayoffProbe:
             drawn = stratified_subset([train.targets[i] for i in labelled], PAYOFF_IMAGES / len(labelled), args.seed)
             labelled = [labelled[i] for i in drawn]
         self.num_classes = len(classes)
+        self.sizes = [args.crop_size] + [s for s in [learned_size(args)] if s]
         # an unreadable image gets no row rather than a stand-in under its label
-        self.data = TransformedDataset(Subset(train, labelled), eval_transform(args.crop_size),
-                                       decode_side=eval_decode_side(args.crop_size), skip_unreadable=True)
+        self.at_size = {size: TransformedDataset(Subset(train, labelled), eval_transform(size),
+                                                 decode_side=eval_decode_side(size), skip_unreadable=True)
+                        for size in self.sizes}
+        self.data = self.at_size[args.crop_size]
 
-    def score(self, encoder: nn.Module) -> List[float]:
-        """Per-fold top-1 (%) of the probe on `encoder`'s features (its head removed)."""
+    def score(self, encoder: nn.Module) -> Dict[int, List[float]]:
+        """Per-fold top-1 (%) of the probe on `encoder`'s features (its head removed), per size."""
+        return {size: self._score_at(encoder, size) for size in self.sizes}
+
+    def score_as_initialised(self, encoder: nn.Module) -> Dict[int, List[float]]:
+        """score() of copies of `encoder` whose BatchNorm statistics are estimated on the probe's
+        images at each size, as a trained network's are (a fresh network's identity statistics
+        are another model: common/nets/batchnorm.py)."""
+        scores = {}
+        for size in self.sizes:
+            untrained = copy.deepcopy(encoder)
+            with without_head(untrained):
+                recalibrate_batchnorm(untrained, self.at_size[size], batch_size=self._batch(size, 256),
+                                      device=self.env.device)
+            scores[size] = self._score_at(untrained, size)
+        return scores
+
+    def _batch(self, size: int, at_crop: int = 0) -> int:
+        # the learned size holds (size / crop)^2 times the crop's pixels: a batch of the same memory
+        at_crop = at_crop or max(self.args.batch_size // self.env.world_size, 64)
+        return max(8, at_crop * self.args.crop_size ** 2 // size ** 2)
+
+    def _score_at(self, encoder: nn.Module, size: int) -> List[float]:
         with without_head(encoder):
-            x, y = extract_features(encoder, self.data, max(self.args.batch_size // self.env.world_size, 64),
-                                    self.env.device, precision=Precision.from_args(self.args), normalize=False)
+            x, y = extract_features(encoder, self.at_size[size], self._batch(size), self.env.device,
+                                    precision=Precision.from_args(self.args), normalize=False)
         return cross_validated_accuracy(x.float(), y, self.num_classes, PAYOFF_FOLDS, seed=self.args.seed)
-
-    def score_as_initialised(self, encoder: nn.Module) -> List[float]:
-        """score() of a copy of `encoder` whose BatchNorm statistics are estimated on the probe's
-        images, as a trained network's are (a fresh network's identity statistics are another
-        model: common/nets/batchnorm.py)."""
-        untrained = copy.deepcopy(encoder)
-        with without_head(untrained):
-            recalibrate_batchnorm(untrained, self.data, batch_size=256, device=self.env.device)
-        return self.score(untrained)
 
 
 class Payoff:
     """A pretraining run's payoff: `start` scores what the run starts from (or reads it back
     from payoff.json when the run resumes), `measure` scores the backbone now and says the
-    verdict. Everything is off when the train split has too few labels, and the log says so."""
+    verdict. Everything is off when the train split has too few labels, and the log says so.
+    `eval_size` is the size the last measure chose (None before, or with one size only)."""
 
     def __init__(self, args: argparse.Namespace, env: DistEnv):
         self.args, self.env = args, env
         self.probe = PayoffProbe(args, env)
         self.path = os.path.join(args.output_dir, PAYOFF_FILE)
-        self.baselines: Dict[str, Dict[str, object]] = {}
+        # size -> baseline name -> summary
+        self.baselines: Dict[int, Dict[str, Dict[str, object]]] = {}
+        self.eval_size: Optional[int] = None
 
     def start(self, backbone: nn.Module, resumed: bool) -> None:
         # the probe's loaders draw seeds from torch's generator: forked, so training draws the
@@ -136,16 +172,25 @@ class Payoff:
             return
         if resumed and os.path.isfile(self.path):
             with open(self.path) as f:
-                self.baselines = json.load(f)["baselines"]
+                doc = json.load(f)
+            by_size = doc.get("by_size") or {str(self.args.crop_size): {"baselines": doc["baselines"]}}
+            self.baselines = {int(size): d["baselines"] for size, d in by_size.items()}
+            # a size the run started without has no baseline to compare with
+            self.probe.sizes = [size for size in self.probe.sizes if size in self.baselines]
             return
+        named: Dict[str, Dict[int, List[float]]] = {}
         if resumed:  # a run that began before payoff.json existed: its initial weights are gone
-            self.baselines["untrained"] = summary(self.probe.score_as_initialised(self._fresh()))
+            named["untrained"] = self.probe.score_as_initialised(self._fresh())
         elif self.args.init:
-            self.baselines["init"] = summary(self.probe.score_as_initialised(backbone))
-            self.baselines["untrained"] = summary(self.probe.score_as_initialised(self._fresh()))
+            named["init"] = self.probe.score_as_initialised(backbone)
+            named["untrained"] = self.probe.score_as_initialised(self._fresh())
         else:
-            self.baselines["untrained"] = summary(self.probe.score_as_initialised(backbone))
-        said = ", ".join(f"{name} {b['top1']:.1f} +- {b['fold_std']:.1f}" for name, b in self.baselines.items())
+            named["untrained"] = self.probe.score_as_initialised(backbone)
+        self.baselines = {size: {name: summary(scores[size]) for name, scores in named.items()}
+                          for size in self.probe.sizes}
+        said = "; ".join(f"at {size} px " * (len(self.baselines) > 1)
+                         + ", ".join(f"{name} {b['top1']:.1f} +- {b['fold_std']:.1f}" for name, b in named_b.items())
+                         for size, named_b in self.baselines.items())
         log(f"=> payoff: {PAYOFF_FOLDS}-fold logreg probe on {len(self.probe.data)} labelled train images before "
             f"training: {said}")
         self._write({})
@@ -158,33 +203,48 @@ class Payoff:
         return net.to(self.env.device)
 
     def measure(self, backbone: nn.Module, epoch: int) -> Dict[str, object]:
-        """The probe on `backbone` against each baseline: the metrics record's payoff fields,
-        a log line, payoff.json, and a WARNING when pretraining did not pay off."""
+        """The probe on `backbone` against each baseline, at each size (the best size is chosen:
+        eval_size): the metrics record's payoff fields, a log line, payoff.json, and a WARNING
+        when pretraining did not pay off."""
         if not self.baselines:
             return {}
         with self._forked_rng():
-            final = summary(self.probe.score(backbone))
-        against = "init" if "init" in self.baselines else "untrained"
-        verdicts = {name: verdict(final["fold_top1"], b["fold_top1"]) for name, b in self.baselines.items()}
+            finals = {size: summary(folds) for size, folds in self.probe.score(backbone).items()}
+        by_size = {size: {"baselines": self.baselines[size], "final": final,
+                          "verdicts": {name: verdict(final["fold_top1"], b["fold_top1"])
+                                       for name, b in self.baselines[size].items()}}
+                   for size, final in finals.items()}
+        size = max(finals, key=lambda s: finals[s]["top1"])
+        baselines, final, verdicts = by_size[size]["baselines"], finals[size], by_size[size]["verdicts"]
+        against = "init" if "init" in baselines else "untrained"
         main = verdicts[against]
-        record = {"payoff_top1": final["top1"], "payoff_baseline_top1": self.baselines[against]["top1"],
+        record = {"payoff_top1": final["top1"], "payoff_baseline_top1": baselines[against]["top1"],
                   "payoff_gain": main["gain"], "payoff_spread": main["spread"], "paid_off": main["paid_off"]}
         line = (f"=> payoff after epoch {epoch}: the {PAYOFF_FOLDS}-fold logreg probe on {len(self.probe.data)} "
-                f"labelled train images scores {final['top1']:.1f} against {self.baselines[against]['top1']:.1f} for "
+                f"labelled train images scores {final['top1']:.1f} against {baselines[against]['top1']:.1f} for "
                 f"the {'--init weights' if against == 'init' else 'untrained network'} (gain {main['gain']:+.1f}, "
                 f"fold spread {main['spread']:.1f})")
         if "init" in verdicts:
             line += f"; {verdicts['untrained']['gain']:+.1f} over an untrained network"
+        if len(finals) > 1:
+            self.eval_size = size
+            record["payoff_eval_size"] = size
+            line += ("\n=> payoff: the views were cut at the source's own scale; the probe scores "
+                     + ", ".join(f"{f['top1']:.1f} at {s} px" for s, f in finals.items())
+                     + f": main_lincls.py and main_knn.py evaluate this checkpoint at {size} px by default")
         if not main["paid_off"]:
             line += (f"\n=> WARNING: pretraining did not pay off on these images: the gain is inside the fold spread; "
                      f"try {WHAT_TO_TRY}")
         log(line)
-        self._write({"epoch": epoch, "final": final, "verdicts": verdicts, "against": against})
+        self._write({"epoch": epoch, "final": final, "verdicts": verdicts, "against": against, "eval_size": size,
+                     "baselines": baselines, "by_size": {str(s): d for s, d in by_size.items()}})
         return record
 
     def _write(self, result: Dict[str, object]) -> None:
         if not is_main_process():
             return
         doc = {"probe": f"{PAYOFF_FOLDS}-fold stratified logistic regression on the train labels (never val)",
-               "images": len(self.probe.data), "crop_size": self.args.crop_size, "baselines": self.baselines, **result}
+               "images": len(self.probe.data), "crop_size": self.args.crop_size, "sizes": self.probe.sizes,
+               "baselines": self.baselines[self.args.crop_size] if self.args.crop_size in self.baselines else {},
+               "by_size": {str(s): {"baselines": b} for s, b in self.baselines.items()}, **result}
         write_json_atomic(self.path, doc)

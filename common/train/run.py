@@ -166,8 +166,10 @@ class PretrainRun:
             + "".join(f"  WARNING: {w}" for w in (collapsed, stuck) if w))
         self.metrics.write(record)
         if is_main_process():
+            # the size the payoff probe chose for source-scale views: the probes' default (follow_checkpoint)
+            chosen = {"eval_size": self.payoff.eval_size} if self.payoff is not None and self.payoff.eval_size else {}
             state = training_state(self.model, self.optimizer, self.scaler, a, method=self.method, epoch=epoch + 1,
-                                   metrics=record)
+                                   metrics=record, **chosen)
             path = save_checkpoint(state, a.output_dir, epoch_file=epoch_file_due(a, epoch + 1))
             prune_epoch_checkpoints(a.output_dir, a.keep_checkpoints, a.keep_epochs)
             if epoch + 1 == a.epochs:  # exported after the loop, so a failed export loses no training
