@@ -46,7 +46,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     # SimCLR's schedule: linear warmup, then cosine (--no-cos: the step --schedule instead)
     parser.set_defaults(cos=True, warmup_epochs=10.0)
     g = parser.add_argument_group("simclr")
-    g.add_argument("--no-cos", dest="cos", action="store_false", help="step schedule (--schedule) instead of cosine")
     g.add_argument("--temperature", default=0.1, type=float,
                    help="NT-Xent temperature (0.1 for large batches; 0.5 works better for small ones)")
     g.add_argument("--proj-dim", default=128, type=int, help="output width of the projection head")

@@ -134,7 +134,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int
                         help=helps.get("lr", f"initial learning rate (default: {lr})"))
     parser.add_argument("--schedule", default=list(schedule), nargs="*", type=int,
                         help="epochs at which lr drops by 10x (ignored with --cos)")
-    parser.add_argument("--cos", action="store_true", help="use a cosine lr schedule")
+    # one on/off flag for every script: SimCLR and MoCo v3 default it on (set_defaults), and
+    # --no-cos is then how their step --schedule applies
+    parser.add_argument("--cos", default=False, action=argparse.BooleanOptionalAction,
+                        help="cosine lr schedule; --no-cos: the step --schedule")
     parser.add_argument("--warmup-epochs", default=0.0, type=float, help="linear lr warmup epochs (default: 0)")
     parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="SGD momentum")
     parser.add_argument("--wd", "--weight-decay", default=weight_decay, type=float, metavar="W",

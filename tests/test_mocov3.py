@@ -106,6 +106,24 @@ def test_bad_flags_are_one_sentence(capsys):
 
 
 @pytest.mark.slow
+def test_no_cos_gives_the_step_schedule(tmp_path, capsys, monkeypatch):
+    """--cos is on by default (moco-v3's recipe) and --no-cos turns it off, so --schedule
+    applies: the lr drops 10x at epoch 1, in the metrics and in the optimizer's last step
+    (--cos used to be store_true turned on by set_defaults, with no way off)."""
+    parser = main_moco_v3.get_args_parser()
+    assert parser.parse_args(TINY).cos and not parser.parse_args(TINY + ["--no-cos"]).cos
+    from common.train.run import PretrainRun
+    monkeypatch.setattr(PretrainRun, "check_views", lambda self, recipe: None)  # seconds, unrelated to the lr
+    run_inline(capsys, main_moco_v3.main, TINY + ["--epochs", "2", "--no-cos", "--schedule", "1", "--warmup-epochs",
+                                                  "0", "--output-dir", str(tmp_path)])
+    base = 0.6 * 16 / 256  # LARS's base lr x B/256
+    assert [json.loads(line)["lr"] for line in open(tmp_path / "metrics.jsonl")] == pytest.approx([base, base / 10])
+    ckpt = load(tmp_path / "checkpoint_last.pth.tar")
+    assert ckpt["args"]["cos"] is False and ckpt["args"]["schedule"] == [1]
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == pytest.approx([base / 10] * 2)
+
+
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_mid_epoch_checkpoint_exactly(tmp_path):
     """SIGKILL (no handler runs) after a --save-every-iters checkpoint: --resume auto
     reproduces the uninterrupted run bitwise (LARS momentum, the momentum encoder, its
