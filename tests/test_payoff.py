@@ -141,3 +141,42 @@ def test_source_scale_views_are_scored_at_both_sizes_and_the_probes_follow_the_c
     ran = run_inline(capsys, main_knn.main, [data] + knn + ["--crop-size", "16", "--output-dir", str(tmp_path / "k16")])
     assert "evaluating at 64 px" not in ran.stdout
     assert json.load(open(tmp_path / "k16" / "knn_results.json"))["crop_size"] == 16
+
+
+def test_group_folds_keep_each_group_in_one_fold_and_near_copies_stop_scoring():
+    from common.eval.logreg import group_folds
+    groups = [f"s{i % 10}" for i in range(100)] + ["big"] * 30
+    fold = group_folds(groups, 5, seed=0)
+    for g in set(groups):
+        assert len({int(fold[i]) for i, h in enumerate(groups) if h == g}) == 1, g
+    assert sorted(torch.bincount(fold, minlength=5).tolist()) == [20, 20, 30, 30, 30]  # largest first, fewest-filled
+    assert not torch.equal(fold, group_folds(groups, 5, seed=1))
+    # 20 groups of near-copies, a label per group that nothing else predicts: shuffled folds
+    # find each held-out image's copies in the fit, grouped folds are at chance
+    g = torch.Generator().manual_seed(0)
+    centre, label = torch.randn(20, 32, generator=g), torch.arange(20) % 2
+    member = torch.arange(200) % 20
+    x, y = centre[member] + 0.05 * torch.randn(200, 32, generator=g), label[member]
+    names = [f"g{int(m)}" for m in member]
+    assert min(cross_validated_accuracy(x, y, 2)) == 100.0
+    assert sum(cross_validated_accuracy(x, y, 2, groups=names)) / 5 < 75.0
+
+
+def test_payoff_groups_come_from_file_names_and_a_bad_pattern_is_one_sentence(tmp_path):
+    from common.dist.collectives import DistEnv
+    from common.errors import UserError
+    data = write_image_folder(tmp_path / "data", per_class=6, split_dirs=("train",))
+    for c in ("a", "b"):  # 0.png .. 5.png -> s0_0.png: six groups
+        for i in range(6):
+            os.rename(os.path.join(data, "train", c, f"{i}.png"), os.path.join(data, "train", c, f"s{i}_{c}.png"))
+    parse = main_moco.get_args_parser().parse_args
+    env = DistEnv(0, 1, 0, torch.device("cpu"), False)
+    args = main_moco.finalize_args(parse([data, "--payoff-groups", r"^(s\d+)_", "--output-dir", str(tmp_path / "r")]))
+    probe = payoff.PayoffProbe(args, env)
+    assert sorted(set(probe.groups)) == [f"s{i}" for i in range(6)] and len(probe.groups) == 12
+    for pattern, said in ((r"^(t\d+)_", "matches no group in 12 of the 12 labelled file names, e.g."),
+                          (r"_(a|b)\.", "finds 2 group(s) in the labelled file names; the 5-fold probe needs at least 5"),
+                          ("(", "is not a regular expression")):
+        args.payoff_groups = pattern
+        with pytest.raises(UserError, match=said.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+            payoff.PayoffProbe(args, env)

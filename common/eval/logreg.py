@@ -2,7 +2,7 @@
 L-BFGS with a fixed L2 penalty on standardised features: nothing to tune (no lr, no epochs),
 blind to the scale of the features. The logreg probe (lincls/logreg.py), the payoff of a
 pretraining run (common/eval/payoff.py) and bench/quality.py all fit it."""
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -63,16 +63,36 @@ def stratified_folds(y: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
     return fold
 
 
+def group_folds(groups: Sequence[str], folds: int, seed: int) -> torch.Tensor:
+    """The fold (0 .. folds-1) of every sample when the samples of one group (a simulation, a
+    part, a wafer) must stay in one fold: near-copies split across folds would let the probe
+    score itself on images it has all but seen. Groups in a seeded order, largest first, each
+    to the fold holding the fewest samples so far."""
+    names = sorted(set(groups))
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    size = {name: 0 for name in names}
+    for g in groups:
+        size[g] += 1
+    shuffled = sorted((names[i] for i in order), key=lambda n: -size[n])  # stable: ties keep the seeded order
+    filled, of_group = [0] * folds, {}
+    for name in shuffled:
+        f = min(range(folds), key=lambda i: filled[i])
+        of_group[name], filled[f] = f, filled[f] + size[name]
+    return torch.tensor([of_group[g] for g in groups], dtype=torch.long)
+
+
 # L-BFGS iterations of each fold's fit: a quarter of the cost of 500, the folds' scores as good
 # (docs/payoff.md, "what it costs")
 CV_MAX_ITER = 100
 
 
 def cross_validated_accuracy(x: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int = 5,
-                             seed: int = 0) -> List[float]:
+                             seed: int = 0, groups: Optional[Sequence[str]] = None) -> List[float]:
     """Top-1 (%) of each held-out fold of a `folds`-fold stratified cross-validation of
     fit_logistic_regression on (x, y): the probe is scored only on images it was not fitted
-    to, and the spread over folds says how much one split of the same labels moves it."""
-    fold = stratified_folds(y.cpu(), folds, seed).to(y.device)
+    to, and the spread over folds says how much one split of the same labels moves it.
+    With `groups` (one name per sample) the folds keep each group together (group_folds)."""
+    fold = (group_folds(groups, folds, seed) if groups is not None else stratified_folds(y.cpu(), folds, seed))
+    fold = fold.to(y.device)
     return [logistic_regression_accuracy(x[fold != f], y[fold != f], x[fold == f], y[fold == f], num_classes,
                                          max_iter=CV_MAX_ITER) for f in range(folds)]

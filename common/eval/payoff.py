@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import re
 import statistics
 from typing import Dict, List, Optional
 
@@ -27,10 +28,12 @@ from torch.utils.data import Subset
 from common.augment.transforms import eval_decode_side, eval_transform
 from common.files.atomic import write_json_atomic
 from common.data.datasets import build_dataset
+from common.data.images import FileListDataset
 from common.data.subsets import stratified_subset
 from common.data.transformed import TransformedDataset
 from common.dist.collectives import DistEnv, is_main_process
-from common.eval.features import extract_features
+from common.errors import UserError
+from common.eval.features import extract_indexed_features
 from common.eval.logreg import cross_validated_accuracy
 from common.log.progress import log
 from common.nets.batchnorm import recalibrate_batchnorm
@@ -57,6 +60,31 @@ def learned_size(args: argparse.Namespace) -> Optional[int]:
         return None
     size = int(round(args.crop_size / math.sqrt(args.crop_max)))
     return size if size > args.crop_size else None
+
+
+def file_groups(pattern: str, paths: List[str]) -> List[str]:
+    """Each file's group under --payoff-groups (the regex's first group, else its whole match,
+    in the file name). Refused in one sentence when a name does not match or there are fewer
+    groups than folds."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"--payoff-groups {pattern!r} is not a regular expression ({e}); e.g. '^(s[0-9]+)_'")
+    groups, missed = [], []
+    for path in paths:
+        m = regex.search(os.path.basename(path))
+        if m is None:
+            missed.append(os.path.basename(path))
+        else:
+            groups.append(m.group(1) if regex.groups else m.group(0))
+    if missed:
+        raise UserError(f"--payoff-groups {pattern!r} matches no group in {len(missed)} of the {len(paths)} labelled "
+                        f"file names, e.g. {missed[0]!r}; give a regex that every file name matches, its first "
+                        f"group naming the image's group")
+    if len(set(groups)) < PAYOFF_FOLDS:
+        raise UserError(f"--payoff-groups {pattern!r} finds {len(set(groups))} group(s) in the labelled file names; "
+                        f"the {PAYOFF_FOLDS}-fold probe needs at least {PAYOFF_FOLDS}")
+    return groups
 
 
 def summary(folds: List[float]) -> Dict[str, object]:
@@ -106,6 +134,11 @@ class PayoffProbe:
             drawn = stratified_subset([train.targets[i] for i in labelled], PAYOFF_IMAGES / len(labelled), args.seed)
             labelled = [labelled[i] for i in drawn]
         self.num_classes = len(classes)
+        if args.payoff_groups is not None and not isinstance(train, FileListDataset):
+            raise UserError("--payoff-groups reads the images' file names: give DATA as a folder (or csv) of image "
+                            "files, or leave the flag out")
+        self.groups = file_groups(args.payoff_groups, [train.samples[i][0] for i in labelled]) \
+            if args.payoff_groups is not None else None
         self.sizes = [args.crop_size] + [s for s in [learned_size(args)] if s]
         # an unreadable image gets no row rather than a stand-in under its label
         self.at_size = {size: TransformedDataset(Subset(train, labelled), eval_transform(size),
@@ -137,9 +170,11 @@ class PayoffProbe:
 
     def _score_at(self, encoder: nn.Module, size: int) -> List[float]:
         with without_head(encoder):
-            x, y = extract_features(encoder, self.at_size[size], self._batch(size), self.env.device,
-                                    precision=Precision.from_args(self.args), normalize=False)
-        return cross_validated_accuracy(x.float(), y, self.num_classes, PAYOFF_FOLDS, seed=self.args.seed)
+            x, y, kept = extract_indexed_features(encoder, self.at_size[size], self._batch(size), self.env.device,
+                                                  precision=Precision.from_args(self.args), normalize=False)
+        groups = [self.groups[i] for i in kept.tolist()] if self.groups is not None else None
+        return cross_validated_accuracy(x.float(), y, self.num_classes, PAYOFF_FOLDS, seed=self.args.seed,
+                                        groups=groups)
 
 
 class Payoff:
@@ -191,8 +226,10 @@ class Payoff:
         said = "; ".join(f"at {size} px " * (len(self.baselines) > 1)
                          + ", ".join(f"{name} {b['top1']:.1f} +- {b['fold_std']:.1f}" for name, b in named_b.items())
                          for size, named_b in self.baselines.items())
-        log(f"=> payoff: {PAYOFF_FOLDS}-fold logreg probe on {len(self.probe.data)} labelled train images before "
-            f"training: {said}")
+        grouped = (f", each of {len(set(self.probe.groups))} --payoff-groups groups in one fold"
+                   if self.probe.groups is not None else "")
+        log(f"=> payoff: {PAYOFF_FOLDS}-fold logreg probe on {len(self.probe.data)} labelled train images{grouped} "
+            f"before training: {said}")
         self._write({})
 
     def _fresh(self) -> nn.Module:
@@ -243,7 +280,10 @@ class Payoff:
     def _write(self, result: Dict[str, object]) -> None:
         if not is_main_process():
             return
-        doc = {"probe": f"{PAYOFF_FOLDS}-fold stratified logistic regression on the train labels (never val)",
+        folds = (f"{PAYOFF_FOLDS} folds keeping each --payoff-groups {self.args.payoff_groups!r} group together "
+                 f"({len(set(self.probe.groups))} groups)" if self.probe.groups is not None
+                 else f"{PAYOFF_FOLDS}-fold stratified")
+        doc = {"probe": f"{folds} logistic regression on the train labels (never val)",
                "images": len(self.probe.data), "crop_size": self.args.crop_size, "sizes": self.probe.sizes,
                "baselines": self.baselines[self.args.crop_size] if self.args.crop_size in self.baselines else {},
                "by_size": {str(s): {"baselines": b} for s, b in self.baselines.items()}, **result}

@@ -61,6 +61,11 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
                         help="when the train split has labels: a 5-fold logreg probe on them (never val) before "
                              "training and at the end (and every --knn-every epochs) says whether pretraining "
                              "beat the network it started from (OUTPUT_DIR/payoff.json)")
+    parser.add_argument("--payoff-groups", default=None, metavar="REGEX",
+                        help="keep images of one group (a simulation, a part, a wafer) in one fold of the payoff "
+                             "probe and the recipe trial: the regex's first group (else its match) in each file name "
+                             "names the image's group, e.g. '^(s[0-9]+)_'; near-copies split across folds score the "
+                             "probe on images it has all but seen")
     parser.add_argument("--save-every-iters", default=0, type=int, metavar="N",
                         help="also write checkpoint_last.pth.tar every N iterations inside an epoch (0: only at "
                              "epoch ends); a killed job then loses at most N iterations")
