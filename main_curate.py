@@ -26,7 +26,7 @@ from PIL import Image
 from common.ckpt.io import prepare_output_dir, previous_run_files
 from common.ckpt.pretrained import follow_checkpoint
 from common.cli import HelpFormatter, add_eval_args, check_common_flags
-from common.data.datasets import add_data_args, build_dataset
+from common.data.datasets import SMALL_CROP_MAX, add_data_args, build_dataset
 from common.data.images import FileListDataset, image_folder
 from common.dist.collectives import DistEnv, barrier, is_main_process
 from common.dist.launch import script_main, start_worker
@@ -75,7 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "seed": "seed of the --pretrained none init, the probe folds and the first --select pick",
         "output_dir": "folder for the report, csvs, grids and embedding shards (default: ./runs/curate)",
         "crop_size": "eval crop size (default: the --pretrained run's crop, else 224; 32 for CIFAR/MNIST/synthetic)",
-        "small_images": "CIFAR stem (default: as the checkpoint was pretrained, else on for crops <= 64 px)",
+        "small_images": f"CIFAR stem (default: as the checkpoint was pretrained, else on for crops <= {SMALL_CROP_MAX} px)",
         "amp": "mixed precision feature extraction"})
     parser.set_defaults(arch=None, seed=0)
     g = parser.add_argument_group("curate")

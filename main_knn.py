@@ -25,7 +25,7 @@ from PIL import Image
 from common.ckpt.io import check_free_space, prepare_output_dir, previous_run_files
 from common.ckpt.pretrained import follow_checkpoint
 from common.cli import HelpFormatter, add_eval_args, check_common_flags
-from common.data.datasets import add_data_args
+from common.data.datasets import SMALL_CROP_MAX, add_data_args
 from common.data.images import is_image_file, pil_loader
 from common.dist.collectives import barrier, is_main_process
 from common.dist.launch import script_main, start_worker
@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "crop_size": "eval crop size (default: the --pretrained run's crop, else 224; 32 for CIFAR/MNIST/synthetic, "
                      "96 for STL-10)",
         "small_images": "CIFAR stem (3x3 conv1, no max-pool) (default: as the checkpoint was pretrained, else on "
-                        "for crops <= 64 px)",
+                        f"for crops <= {SMALL_CROP_MAX} px)",
         "amp": "mixed precision feature extraction"})
     # the checkpoint decides -a (follow_checkpoint); a fixed seed, so a rerun draws the same queries
     parser.set_defaults(arch=None, seed=0)

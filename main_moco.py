@@ -13,6 +13,7 @@ import torch
 from common.augment import transforms as augment
 from common.ckpt.init import init_backbone
 from common.cli import ArgumentParser, add_training_args
+from common.data.datasets import SMALL_CROP_MAX
 from common.dist.launch import script_main, start_worker
 from common.dist.placement import place_model
 from common.dist.world import expected_world_size
@@ -57,7 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_pretrain_args(parser)
     add_trial_args(parser)
     add_recipe_arg(parser, "MoCo v2 for 1k-20k images (epochs for 200,000 images seen, queue a tenth of the "
-                           "dataset, momentum 0.99, T 0.5, batch 64, lr 0.06 cosine; crop-min 0.3 at <= 64 px): "
+                           f"dataset, momentum 0.99, T 0.5, batch 64, lr 0.06 cosine; crop-min 0.3 at <= "
+                           f"{SMALL_CROP_MAX} px): "
                            "bench/quality.py's measured recipe")
     return parser
 
@@ -71,7 +73,7 @@ def small_data_recipe(data: DataProfile, crop_size: int, args: argparse.Namespac
                                      batch_size=SMALL_DATA_BATCH, lr=0.06, cos=True, mlp=True, aug_plus=True,
                                      moco_t=0.5, moco_m=0.99, bn_splits=2,
                                      moco_k=fitted_queue(data.images, batch * (2 if args.symmetric else 1)))
-    if crop_size <= 64:
+    if crop_size <= SMALL_CROP_MAX:
         values["crop_min"] = 0.3  # 0.2 cuts most of a 28-32 px object away
     return values
 
@@ -108,8 +110,8 @@ def view_recipe(args: argparse.Namespace) -> augment.Recipe:
     """The two views' augmentation (MoCo v2 with --aug-plus, else v1); bench/view_check.py
     checks the same recipe without training."""
     if args.aug_plus:
-        return moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength, crop_min=args.crop_min,
-                       gray_images=args.gray_images, crop_max=args.crop_max)
+        return moco_v2(args.crop_size, blur=args.crop_size > SMALL_CROP_MAX, strength=args.color_strength,
+                       crop_min=args.crop_min, gray_images=args.gray_images, crop_max=args.crop_max)
     return moco_v1(args.crop_size, args.crop_min, args.gray_images, args.crop_max)
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 from common.augment import transforms as augment
 from common.ckpt.init import init_backbone
 from common.cli import ArgumentParser, add_training_args, given
+from common.data.datasets import SMALL_CROP_MAX
 from common.dist.launch import script_main, start_worker
 from common.dist.placement import place_model
 from common.errors import UserError
@@ -114,8 +115,8 @@ def fill_recipe_defaults(args: argparse.Namespace) -> None:
 
 def view_recipe(args: argparse.Namespace) -> augment.Recipe:
     """The two views' augmentation; bench/view_check.py checks the same recipe without training."""
-    return moco_v2(args.crop_size, blur=args.crop_size > 64, strength=args.color_strength, crop_min=args.crop_min,
-                   gray_images=args.gray_images, crop_max=args.crop_max)
+    return moco_v2(args.crop_size, blur=args.crop_size > SMALL_CROP_MAX, strength=args.color_strength,
+                   crop_min=args.crop_min, gray_images=args.gray_images, crop_max=args.crop_max)
 
 
 def main_worker(local_rank, args: argparse.Namespace) -> None:

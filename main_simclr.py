@@ -17,6 +17,7 @@ import torch.nn as nn
 from common.augment import transforms as augment
 from common.ckpt.init import init_backbone
 from common.cli import ArgumentParser, add_training_args
+from common.data.datasets import SMALL_CROP_MAX
 from common.dist.launch import script_main, start_worker
 from common.dist.placement import place_model
 from common.dist.world import expected_world_size, uses_cuda
@@ -61,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-scaling", default="linear", choices=("linear", "sqrt", "none"),
                    help="lr used = --lr x batch/256 (linear), --lr x sqrt(batch/256) (sqrt), or --lr (none)")
     g.add_argument("--blur", default=None, action=argparse.BooleanOptionalAction,
-                   help="Gaussian blur augmentation (default: on for crops > 64 px, off for CIFAR-sized images)")
+                   help=f"Gaussian blur augmentation (default: on for crops > {SMALL_CROP_MAX} px, off for CIFAR-sized images)")
     g.add_argument("--sync-bn", default=None, action=argparse.BooleanOptionalAction,
                    help="BatchNorm statistics over the global batch (SimCLR's global BN; default: on with "
                         "several GPUs; PyTorch cannot sync BN between CPU processes)")
@@ -69,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_pretrain_args(parser)
     add_trial_args(parser)
     add_recipe_arg(parser, "SimCLR for 1k-20k images (epochs for 100,000 images seen, SGD lr 0.1 unscaled, wd "
-                           "1e-4, T 0.2, batch 64, warmup a tenth of the epochs; crop-min 0.3 at <= 64 px): "
+                           f"1e-4, T 0.2, batch 64, warmup a tenth of the epochs; crop-min 0.3 at <= {SMALL_CROP_MAX} px): "
                            "bench/quality.py's measured recipe")
     return parser
 
@@ -82,7 +83,7 @@ def small_data_recipe(data: DataProfile, crop_size: int, args: argparse.Namespac
     values: Dict[str, object] = dict(epochs=epochs, warmup_epochs=min(10.0, epochs / 10),
                                      batch_size=SMALL_DATA_BATCH, optimizer="sgd", lr=0.1, lr_scaling="none",
                                      weight_decay=1e-4, temperature=0.2)
-    if crop_size <= 64:
+    if crop_size <= SMALL_CROP_MAX:
         values["crop_min"] = 0.3
     return values
 
@@ -115,8 +116,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def blur_on(args: argparse.Namespace) -> bool:
-    """--blur, by default on for crops above 64 px (SimCLR leaves it out for CIFAR-sized images)."""
-    return args.crop_size > 64 if args.blur is None else args.blur
+    """--blur, by default on for crops above SMALL_CROP_MAX px (SimCLR leaves it out for CIFAR-sized images)."""
+    return args.crop_size > SMALL_CROP_MAX if args.blur is None else args.blur
 
 
 def view_recipe(args: argparse.Namespace) -> augment.Recipe:

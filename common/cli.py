@@ -9,7 +9,7 @@ from types import MappingProxyType
 from typing import Any, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from common.ckpt.retention import add_retention_args, check_retention_flags
-from common.data.datasets import add_data_args
+from common.data.datasets import SMALL_CROP_MAX, add_data_args
 from common.dist.world import add_dist_args
 from common.errors import UserError
 from common.log.tensorboard import check_tensorboard_flag
@@ -113,7 +113,7 @@ def add_image_args(parser: argparse.ArgumentParser, helps: Helps = NO_HELPS) -> 
                                                     "96 for STL-10)"))
     parser.add_argument("--small-images", default=None, action=argparse.BooleanOptionalAction,
                         help=helps.get("small_images",
-                                       "CIFAR stem (3x3 conv1, no max-pool); on by default for crops <= 64 px"))
+                                       f"CIFAR stem (3x3 conv1, no max-pool); on by default for crops <= {SMALL_CROP_MAX} px"))
 
 
 def add_precision_args(parser: argparse.ArgumentParser, helps: Helps = NO_HELPS) -> None:

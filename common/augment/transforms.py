@@ -15,6 +15,7 @@ from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 
 from common.augment.gpu import PhotometricSpec, draw_params
+from common.data.datasets import SMALL_CROP_MAX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -150,7 +151,7 @@ class GeometricPart:
 
 def train_classifier(crop_size: int = 224) -> transforms.Compose:
     """Supervised training augmentation for the linear probe (as in facebookresearch/moco)."""
-    ops = [transforms.RandomResizedCrop(crop_size)] if crop_size > 64 else \
+    ops = [transforms.RandomResizedCrop(crop_size)] if crop_size > SMALL_CROP_MAX else \
         [transforms.Resize(crop_size), transforms.RandomCrop(crop_size, padding=crop_size // 8)]
     return transforms.Compose(ops + [transforms.RandomHorizontalFlip(), transforms.ToTensor(), _normalize()])
 
@@ -158,16 +159,16 @@ def train_classifier(crop_size: int = 224) -> transforms.Compose:
 def train_classifier_decode_side(crop_size: int = 224) -> int:
     """Shortest side train_classifier needs of a decoded image (JPEG draft): its smallest
     RandomResizedCrop takes 8 % of the image; small crops are a plain resize."""
-    return int(math.ceil(crop_size / math.sqrt(0.08))) if crop_size > 64 else crop_size
+    return int(math.ceil(crop_size / math.sqrt(0.08))) if crop_size > SMALL_CROP_MAX else crop_size
 
 
 def eval_decode_side(crop_size: int = 224) -> int:
     """Shortest side eval_transform needs of a decoded image: its Resize target."""
-    return int(round(crop_size / 0.875)) if crop_size > 64 else crop_size
+    return int(round(crop_size / 0.875)) if crop_size > SMALL_CROP_MAX else crop_size
 
 
 def eval_transform(crop_size: int = 224) -> transforms.Compose:
     """Resize to crop/0.875 then centre crop (256 -> 224 for ImageNet); small images just resize."""
-    resize = int(round(crop_size / 0.875)) if crop_size > 64 else crop_size
+    resize = int(round(crop_size / 0.875)) if crop_size > SMALL_CROP_MAX else crop_size
     return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop_size),
                                transforms.ToTensor(), _normalize()])

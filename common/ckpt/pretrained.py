@@ -11,7 +11,7 @@ import torchvision.models as tvm
 
 from common.ckpt.io import METHODS, load_checkpoint
 from common.ckpt.resume import check_arch
-from common.data.datasets import default_crop_size
+from common.data.datasets import SMALL_CROP_MAX, default_crop_size
 from common.errors import UserError, reason
 from common.log.progress import log
 from common.ckpt.vit_keys import is_timm_vit, timm_to_torchvision
@@ -117,7 +117,7 @@ def follow_checkpoint(args: argparse.Namespace, default_arch: str = "resnet50") 
     the run trained and shows it images at the size it learned on (--recipe small may have
     chosen it); a given -a must match the checkpoint's. 'none'/'imagenet' (and checkpoints
     without args) fall back to `default_arch`, the dataset's default crop and the CIFAR stem
-    for crops <= 64 px."""
+    for crops <= SMALL_CROP_MAX px."""
     saved_arch, saved_args, eval_size = None, {}, None
     if args.pretrained not in (None, "none", "imagenet"):
         ckpt = load_checkpoint(args.pretrained)
@@ -134,7 +134,7 @@ def follow_checkpoint(args: argparse.Namespace, default_arch: str = "resnet50") 
     args.crop_size = args.crop_size or eval_size or saved_args.get("crop_size") or default_crop_size(args)
     if args.small_images is None:
         saved = saved_args.get("small_images")
-        args.small_images = bool(saved) if saved is not None else args.crop_size <= 64
+        args.small_images = bool(saved) if saved is not None else args.crop_size <= SMALL_CROP_MAX
 
 
 def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:

@@ -17,6 +17,10 @@ from common.errors import UserError
 DATASETS = ("imagefolder", "csv", "cifar10", "cifar100", "stl10", "mnist", "fashion-mnist", "synthetic")
 # images of these datasets are small: default crop 32 px (96 for STL-10)
 SMALL_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "mnist": 32, "fashion-mnist": 32, "stl10": 96, "synthetic": 32}
+# px: a crop this size or smaller is a small image (CIFAR-sized), a larger one an ImageNet-sized
+# one. Small: the CIFAR stem by default (--small-images), no blur in the views, and the probes'
+# train/eval transforms resize instead of RandomResizedCrop / resize to crop/0.875
+SMALL_CROP_MAX = 64
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

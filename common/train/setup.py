@@ -11,7 +11,7 @@ from common.ckpt.io import (
 )
 from common.ckpt.resume import check_same_flags, resumed_args, run_seed
 from common.cli import check_training_flags, given
-from common.data.datasets import build_dataset, default_crop_size
+from common.data.datasets import SMALL_CROP_MAX, build_dataset, default_crop_size
 from common.dist.world import expected_world_size, is_first_process, per_worker, uses_cuda
 from common.errors import UserError
 from common.train.data import fit_default_batch
@@ -139,7 +139,7 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Seq
     args.seed = run_seed(args.seed, saved)  # stored in the checkpoint: resume replays it
     args.crop_size = args.crop_size or default_crop_size(args)
     if args.small_images is None:
-        args.small_images = args.crop_size <= 64
+        args.small_images = args.crop_size <= SMALL_CROP_MAX
     if profiled is not None and views is not None:
         data, dataset = profiled
         if not trial or saved or trial_planned(args):  # else the trial measures the views on the labels
