@@ -36,7 +36,7 @@ import argparse
 import os
 
 from common.ckpt.io import load_checkpoint
-from common.cli import HelpFormatter
+from common.cli import ArgumentParser, switch
 from common.errors import UserError, report_user_errors
 from common.files.atomic import create_temp
 from common.nets.models import arch_names
@@ -46,8 +46,8 @@ from export.meta import describe
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a checkpoint's backbone (torchvision state_dict, TorchScript, "
-                                            "torch.export, ONNX, detectron2)", formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Export a checkpoint's backbone (torchvision state_dict, TorchScript, "
+                                   "torch.export, ONNX, detectron2)")
     p.add_argument("checkpoint", help="a .pth.tar from main_moco.py, main_simclr.py, main_lincls.py or "
                                       "facebookresearch/moco")
     p.add_argument("--format", default="torchvision", choices=list(FORMATS))
@@ -56,11 +56,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                       "<name>_backbone.pt / .pt2 / .onnx / .pkl)")
     p.add_argument("-a", "--arch", default=None, choices=arch_names(), metavar="ARCH",
                    help="architecture, when the checkpoint does not say (ours always do)")
-    p.add_argument("--small-images", default=None, action=argparse.BooleanOptionalAction,
-                   help="CIFAR stem, when the checkpoint does not say (default: as trained)")
+    switch(p, "--small-images", default=None, help="CIFAR stem, when the checkpoint does not say (default: as trained)")
     p.add_argument("--crop-size", default=None, type=int,
                    help="input side of the check batch and of the ONNX graph (default: as trained, else 224)")
-    p.add_argument("--no-head", action="store_true", help="leave out a lincls checkpoint's linear head")
+    # not --head: main_lincls.py's --head is the kind of classifier; --no-head, the name before, still works
+    switch(p, "--lincls-head", default=True, help="keep a lincls checkpoint's linear head (--no-lincls-head: leave it "
+                                                  "out)")
+    p.add_argument("--no-head", dest="lincls_head", action="store_false", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     return p
 
 
@@ -103,7 +106,7 @@ def main(argv=None) -> None:
         raise UserError(f"{args.checkpoint!r} holds no model weights; pass a checkpoint from main_moco.py, "
                         f"main_simclr.py, main_lincls.py or facebookresearch/moco")
     info = describe(ckpt, args.checkpoint, args.arch, args.small_images, args.crop_size)
-    model, weights = backbone_and_head(ckpt, info, args.checkpoint, with_head=not args.no_head)
+    model, weights = backbone_and_head(ckpt, info, args.checkpoint, with_head=args.lincls_head)
     # the default name of a state_dict carries its hash (torch.hub's check_hash); -o is kept as given
     out = export_model(args.format, model, weights, info, ckpt, args.checkpoint, out,
                        hash_in_name=not args.output)

@@ -25,14 +25,14 @@ from PIL import Image
 
 from common.ckpt.io import prepare_output_dir, previous_run_files
 from common.ckpt.pretrained import follow_checkpoint
-from common.cli import HelpFormatter, add_eval_args, check_common_flags
-from common.data.datasets import SMALL_CROP_MAX, add_data_args, build_dataset
+from common.cli import ArgumentParser, add_eval_args, check_common_flags, switch
+from common.data.datasets import build_dataset
 from common.data.images import FileListDataset, image_folder
 from common.dist.collectives import DistEnv, barrier, is_main_process
 from common.dist.launch import script_main, start_worker
-from common.dist.world import add_dist_args, expected_world_size, is_first_process, per_worker
+from common.dist.world import expected_world_size, is_first_process, per_worker
 from common.errors import UserError
-from common.eval.setup import ARCH_HELP, add_pretrained_arg, pretrained_backbone
+from common.eval.setup import pretrained_backbone
 from common.extras import require
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
@@ -66,18 +66,16 @@ FINDING_FILES = re.compile("|".join(fnmatch.translate(name) for name in OUTPUTS 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="find duplicates, leakage, outliers, label errors and what to "
-                                                 "label next with a pretrained backbone", formatter_class=HelpFormatter)
-    add_pretrained_arg(parser, required=True)
+    parser = ArgumentParser(description="find duplicates, leakage, outliers, label errors and what to label next "
+                                        "with a pretrained backbone")
     add_eval_args(parser, batch_size=256, name="curate", helps={
-        "arch": ARCH_HELP, "batch_size": "global batch size of feature extraction over all processes",
+        "batch_size": "global batch size of feature extraction over all processes",
         "print_freq": "progress line every N batches of feature extraction",
         "seed": "seed of the --pretrained none init, the probe folds and the first --select pick",
         "output_dir": "folder for the report, csvs, grids and embedding shards (default: ./runs/curate)",
         "crop_size": "eval crop size (default: the --pretrained run's crop, else 224; 32 for CIFAR/MNIST/synthetic)",
-        "small_images": f"CIFAR stem (default: as the checkpoint was pretrained, else on for crops <= {SMALL_CROP_MAX} px)",
         "amp": "mixed precision feature extraction"})
-    parser.set_defaults(arch=None, seed=0)
+    parser.set_defaults(seed=0)
     g = parser.add_argument_group("curate")
     g.add_argument("--findings", default=list(FINDINGS), nargs="+", choices=FINDINGS,
                    help="what to look for (labels: suspected label errors and suggestions for unlabelled images)")
@@ -89,6 +87,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--select-typical", default=0.5, type=float, metavar="FRACTION",
                    help="--select picks among this fraction of the pool nearest to their --outlier-k-th neighbour "
                         "(1: the whole pool, plain k-center greedy)")
+    g.add_argument("--index", default="torch", choices=INDEXES,
+                   help="neighbour search: exact chunked torch (GPU when present) or faiss (pip install faiss-cpu)")
+    g.add_argument("--chunk-size", default=1024, type=int, help="queries per similarity chunk")
+    g.add_argument("--shard-size", default=50000, type=int,
+                   help="images per embedding shard in OUTPUT_DIR/embeddings/ (an interrupted run resumes there)")
+    switch(g, "--resume",
+           help="continue in an --output-dir that holds an earlier curation: its embedding shards are reused where "
+                "the model and files are the same, every other output is written anew")
+    switch(g, "--overwrite",
+           help="start over in an --output-dir that holds an earlier curation, deleting its outputs and embeddings "
+                "(without it, or --resume, such a folder is refused)")
+    g = parser.add_argument_group("duplicates and outliers")
     g.add_argument("--dup-rule", default="relative", choices=RULES,
                    help="near-duplicates: relative (cosine distance at most --dup-ratio x the smaller of the two "
                         "images' distances to their --dup-k-th neighbour) or cosine (at least --dup-threshold)")
@@ -104,7 +114,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--outlier-k", default=20, type=int,
                    help="outlier neighbourhood: 1 - cosine to the k-th neighbour (relative: k over twice the size "
                         "of a group of look-alike outliers still finds them)")
-    g.add_argument("--outlier-per-class", action="store_true", help="neighbours of the same class only")
+    switch(g, "--outlier-per-class", help="neighbours of the same class only")
+    g = parser.add_argument_group("label errors")
     g.add_argument("--label-method", default="both", choices=METHODS,
                    help="out-of-fold probabilities for label errors: a linear probe over --probe-folds folds, or "
                         "a leave-one-out kNN vote (--label-k), or the mean of both")
@@ -116,25 +127,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="neighbours that vote for label suggestions (and --label-method knn)")
     g.add_argument("--probe-folds", default=5, type=int, help="folds of the out-of-fold probe")
     g.add_argument("--probe-steps", default=2000, type=int, help="minibatches of 512 each fold's probe trains for")
-    g.add_argument("--index", default="torch", choices=INDEXES,
-                   help="neighbour search: exact chunked torch (GPU when present) or faiss (pip install faiss-cpu)")
-    g.add_argument("--chunk-size", default=1024, type=int, help="queries per similarity chunk")
-    g.add_argument("--shard-size", default=50000, type=int,
-                   help="images per embedding shard in OUTPUT_DIR/embeddings/ (an interrupted run resumes there)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue in an --output-dir that holds an earlier curation: its embedding shards are "
-                        "reused where the model and files are the same, every other output is written anew")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start over in an --output-dir that holds an earlier curation, deleting its outputs and "
-                        "embeddings (without it, or --resume, such a folder is refused)")
-    g.add_argument("--write-clean-csv", action="store_true",
-                   help="clean_<split>.csv: the images kept, as --dataset csv manifests (DATA is never changed)")
+    g = parser.add_argument_group("clean csv")
+    switch(g, "--write-clean-csv",
+           help="clean_<split>.csv: the images kept, as --dataset csv manifests (DATA is never changed)")
     g.add_argument("--clean-drop", default=["duplicates"], nargs="+", choices=("duplicates", "outliers", "labels"),
                    help="what the clean csv leaves out: all copies of a duplicate group but one (a val copy over "
                         "train ones), the top --clean-outliers outliers, the suspected label errors")
     g.add_argument("--clean-outliers", default=0.005, type=float, help="fraction of images --clean-drop outliers drops")
-    add_data_args(parser)
-    add_dist_args(parser)
     return parser
 
 

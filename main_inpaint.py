@@ -20,7 +20,7 @@ from torchvision.utils import make_grid, save_image
 
 from common.augment.gpu import ViewsToDevice
 from common.ckpt.init import init_backbone
-from common.cli import ArgumentParser, add_training_args
+from common.cli import ArgumentParser, add_pretrain_args, add_training_args, switch
 from common.dist.collectives import is_main_process
 from common.dist.launch import script_main, start_worker
 from common.dist.placement import place_model
@@ -29,7 +29,7 @@ from common.nets.models import build_backbone
 from common.nets.precision import Precision
 from common.train.data import pretrain_data
 from common.train.run import PretrainRun, lr_schedule
-from common.train.setup import add_pretrain_args, finalize_pretrain_args
+from common.train.setup import finalize_pretrain_args
 from common.train.step import train_one_epoch
 from export.backbone import export_at_end
 from inpaint.masking import InpaintingPair
@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--masked-weight", default=1.0, type=float, metavar="W",
                    help="weight of the blanked-out pixels in the loss, the others weigh 1 (Pathak et al. "
                         "weight the hole more; 1: uniform, as the tutorial)")
-    g.add_argument("--no-flip", action="store_true", help="no random horizontal flip of the images")
+    switch(g, "--flip", default=True, help="random horizontal flip of the images (--no-flip: none)")
     add_pretrain_args(parser)
     return parser
 
@@ -89,7 +89,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- data: each image resized to crop x crop; the input has --patches squares blanked out
     # (drawn from the per-sample seed: new every epoch, the same after a resume)
-    pair = InpaintingPair(args.crop_size, args.patches, args.patch_size, flip=not args.no_flip)
+    pair = InpaintingPair(args.crop_size, args.patches, args.patch_size, flip=args.flip)
     data = pretrain_data(args, env, pair, batch_size, workers, args.crop_size,
                          ViewsToDevice(env.device, args.channels_last))
 

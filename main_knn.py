@@ -24,18 +24,17 @@ from PIL import Image
 
 from common.ckpt.io import check_free_space, prepare_output_dir, previous_run_files
 from common.ckpt.pretrained import follow_checkpoint
-from common.cli import HelpFormatter, add_eval_args, check_common_flags
-from common.data.datasets import SMALL_CROP_MAX, add_data_args
+from common.cli import (ArgumentParser, add_eval_args, add_hierarchy_args, add_label_subset_args, check_common_flags,
+                        switch)
 from common.data.images import is_image_file, pil_loader
 from common.dist.collectives import barrier, is_main_process
 from common.dist.launch import script_main, start_worker
-from common.dist.world import add_dist_args, expected_world_size, is_first_process, per_worker
+from common.dist.world import expected_world_size, is_first_process, per_worker
 from common.errors import UserError
 from common.eval.embeddings import embed
 from common.eval.knn import fit_whitening, whiten
-from common.eval.label_tree import add_hierarchy_args, check_hierarchy_depth
-from common.eval.setup import (ARCH_HELP, add_label_subset_args, add_pretrained_arg, check_label_subset_args, eval_splits,
-                               pretrained_backbone, training_labels)
+from common.eval.label_tree import check_hierarchy_depth
+from common.eval.setup import check_label_subset_args, eval_splits, pretrained_backbone, training_labels
 from common.extras import require
 from common.log.plots import embedding_methods, plot_embeddings
 from common.log.progress import log
@@ -57,47 +56,44 @@ RUN_FILES = re.compile("|".join(fnmatch.translate(name) for name in OUTPUTS))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="kNN evaluation, embedding export and nearest-neighbour retrieval",
-                                     formatter_class=HelpFormatter)
-    add_pretrained_arg(parser, required=True)
+    parser = ArgumentParser(description="kNN evaluation, embedding export and nearest-neighbour retrieval")
     add_eval_args(parser, batch_size=256, name="knn", helps={
-        "arch": ARCH_HELP,
         "batch_size": "global batch size of feature extraction over all processes",
         "print_freq": "progress line every N batches of feature extraction",
         "seed": "seed of the --retrieval query draw and of the --pretrained none init",
         "output_dir": "folder for results, embeddings and grids (default: ./runs/knn)",
         "crop_size": "eval crop size (default: the --pretrained run's crop, else 224; 32 for CIFAR/MNIST/synthetic, "
                      "96 for STL-10)",
-        "small_images": "CIFAR stem (3x3 conv1, no max-pool) (default: as the checkpoint was pretrained, else on "
-                        f"for crops <= {SMALL_CROP_MAX} px)",
         "amp": "mixed precision feature extraction"})
-    # the checkpoint decides -a (follow_checkpoint); a fixed seed, so a rerun draws the same queries
-    parser.set_defaults(arch=None, seed=0)
+    # a fixed seed, so a rerun draws the same queries (the checkpoint decides -a: follow_checkpoint)
+    parser.set_defaults(seed=0)
 
     g = parser.add_argument_group("knn")
     g.add_argument("--knn-k", default=[20, 200], type=int, nargs="+", metavar="K",
                    help="numbers of neighbours that vote (one search with the largest serves all)")
-    g.add_argument("--temperature", default=0.07, type=float, help="vote weight exp(cos / T)")
+    # --knn-t, as --knn-k (--temperature is the contrastive loss's in the pretraining scripts)
+    g.add_argument("--knn-t", default=0.07, type=float, metavar="T", help="vote weight exp(cos / T)")
+    g.add_argument("--temperature", dest="knn_t", type=float, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the name before --knn-t, still taken
     g.add_argument("--whiten", default=0, type=int, metavar="D",
                    help="vote in the train features' first D principal axes, each scaled to unit variance (PCA "
                         "whitening fitted on every train image, labels unused; 0: off): for images that differ "
                         "mostly by a nuisance such as brightness while the class is small, e.g. a defect (64 "
                         "on the inspection benchmark; on Fashion-MNIST plain kNN is better: docs/knn.md). Exports "
                         "and retrieval keep the raw features")
-    add_label_subset_args(g, "kNN votes")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace the evaluation an --output-dir already holds, deleting its results, exports and "
+    switch(g, "--overwrite",
+           help="replace the evaluation an --output-dir already holds, deleting its results, exports and "
                         "grids (without it such a folder is refused; an evaluation cannot be resumed)")
-    g.add_argument("--skip-knn", action="store_true",
-                   help="no kNN evaluation (unlabelled data): only --export-embeddings / --retrieval / --query")
+    switch(g, "--skip-knn",
+           help="no kNN evaluation (unlabelled data): only --export-embeddings / --retrieval / --query")
     g.add_argument("--chunk-size", default=1024, type=int, help="queries per similarity chunk")
     g.add_argument("--train-chunk-size", default=65536, type=int,
                    help="training features per similarity chunk (memory: chunk x train-chunk fp32)")
+    add_label_subset_args(parser, "kNN votes")
 
     g = parser.add_argument_group("export and retrieval")
-    g.add_argument("--export-embeddings", action="store_true",
-                   help="save the features, labels and file paths of every split to OUTPUT_DIR/embeddings/, "
-                        "in --export-format")
+    switch(g, "--export-embeddings", help="save the features, labels and file paths of every split to "
+                                          "OUTPUT_DIR/embeddings/, in --export-format")
     g.add_argument("--export-format", default="npy", choices=EXPORT_FORMATS,
                    help="npy: <split>_features.npy + <split>_labels.npy + <split>.csv naming each row's image; "
                         "csv / parquet (needs pyarrow): one table <split>_embeddings.csv|.parquet, one row per "
@@ -115,13 +111,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--query", default=[], action="append", metavar="PATH",
                    help="an image of your own to find neighbours for (repeat the flag for several)")
     g.add_argument("--grid-rows", default=8, type=int, metavar="N", help="queries (rows) per PNG grid")
-    g.add_argument("--plot-embeddings", action="store_true",
-                   help="2-D maps of the val features (train without a val split) coloured by class: "
-                        "OUTPUT_DIR/embeddings_pca.png, plus _tsne / _umap when scikit-learn / umap-learn are "
-                        "installed (needs matplotlib)")
-    add_data_args(parser)
+    switch(g, "--plot-embeddings",
+           help="2-D maps of the val features (train without a val split) coloured by class: "
+                "OUTPUT_DIR/embeddings_pca.png, plus _tsne / _umap when scikit-learn / umap-learn are installed "
+                "(needs matplotlib)")
     add_hierarchy_args(parser)
-    add_dist_args(parser)
     return parser
 
 
@@ -147,8 +141,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                         "--skip-knn")
     if any(k < 1 for k in args.knn_k):
         raise UserError(f"--knn-k must be positive numbers of neighbours, got {args.knn_k}; e.g. --knn-k 20 200")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {args.temperature}; the usual value is 0.07")
+    if args.knn_t <= 0:
+        raise UserError(f"--knn-t must be positive, got {args.knn_t}; the usual value is 0.07")
     for flag, value, least in (("--retrieval", args.retrieval, 0), ("--retrieval-k", args.retrieval_k, 1),
                                ("--grid-rows", args.grid_rows, 1), ("--chunk-size", args.chunk_size, 1),
                                ("--train-chunk-size", args.train_chunk_size, 1)):
@@ -245,7 +239,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                 bank, bank_l = bank[rows], bank_l[rows]
                 log(f"=> kNN votes with {len(rows)} of the {len(train_index)} train images ({chosen})")
             info = {"pretrained": args.pretrained, "arch": args.arch, "crop_size": args.crop_size,
-                    "small_images": args.small_images, "temperature": args.temperature,
+                    "small_images": args.small_images, "temperature": args.knn_t,
                     "num_train": len(train_index), "num_val": len(val_index) if val_index is not None else 0,
                     "unreadable_train": len(train_base) - len(train_index),
                     "unreadable_val": len(val_base) - len(val_index) if val_index is not None else 0,

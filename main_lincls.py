@@ -35,14 +35,14 @@ from common.ckpt.io import (
 from common.ckpt.pretrained import follow_checkpoint
 from common.ckpt.resume import resolve_resume, resumed_args, run_seed
 from common.ckpt.retention import checkpoint_disk_plan, epoch_file_due, prune_epoch_checkpoints
-from common.cli import ArgumentParser, add_training_args, check_training_flags
+from common.cli import (ArgumentParser, add_hierarchy_args, add_label_subset_args, add_training_args,
+                        check_training_flags, switch)
 from common.dist.collectives import DistEnv, is_main_process
 from common.dist.launch import script_main, start_worker
 from common.dist.world import expected_world_size, is_first_process, per_worker
 from common.errors import UserError
-from common.eval.label_tree import LabelTree, add_hierarchy_args
-from common.eval.setup import (ARCH_HELP, add_label_subset_args, add_pretrained_arg, check_label_subset_args, eval_splits,
-                               eval_view)
+from common.eval.label_tree import LabelTree
+from common.eval.setup import check_label_subset_args, eval_splits, eval_view
 from common.log.progress import MetricsLog, log
 from common.nets.precision import Precision
 from common.train.schedule import lr_at
@@ -66,17 +66,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Linear probe / fine-tuning of a pretrained backbone")
     add_training_args(parser, lr=LINEAR_PROBE_DEFAULTS[0], epochs=100, batch_size=256, schedule=(60, 80),
                       weight_decay=LINEAR_PROBE_DEFAULTS[1], name="lincls", helps={
-                          "arch": ARCH_HELP,
                           "crop_size": "crop size (default: the --pretrained run's crop, else 224; 32 for "
                                        "CIFAR/MNIST/synthetic, 96 for STL-10)",
-                          "lr": "initial learning rate (default: 30 linear probe, 0.1 --head mlp, 0.1 --finetune)",
+                          "lr": "initial learning rate, absolute: used as given whatever -b (default: 30 linear "
+                                "probe, 0.1 --head mlp, 0.1 --finetune)",
                           "weight_decay": "weight decay (default: 0 probe, 1e-4 --finetune)",
                           "save_freq": "also keep checkpoint_NNNN.pth.tar every N epochs (default 0: only "
-                                       "checkpoint_last.pth.tar and model_best.pth.tar)"})
+                                       "checkpoint_last.pth.tar and model_best.pth.tar)"},
+                      pretrained=False)  # --pretrained: required unless --evaluate (finalize_args)
     # None = "not given": the default depends on --head and --finetune (finalize_args)
-    parser.set_defaults(lr=None, weight_decay=None, save_freq=0, arch=None)
-    g = parser.add_argument_group("lincls")
-    add_pretrained_arg(g, required=False)  # required unless --evaluate: finalize_args
+    parser.set_defaults(lr=None, weight_decay=None, save_freq=0)
+    g = parser.add_argument_group("classifier")
     g.add_argument("--head", default="linear", choices=("linear", "mlp"),
                    help="classifier on the features: linear, or mlp = Linear-ReLU-Dropout-Linear")
     g.add_argument("--probe", default="sgd", choices=("sgd", "logreg"),
@@ -84,26 +84,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "--lr/--epochs), or logreg (logistic regression on the features of the un-augmented "
                         "images, L-BFGS to convergence with a fixed L2: nothing to tune, the recommended probe "
                         "for small label sets, where lr 30 diverges)")
-    g.add_argument("--head-bn", action="store_true",
-                   help="BatchNorm without affine parameters before the head (as MAE's linear probe): the "
-                        "features are standardised, so one lr suits backbones whose feature scales differ")
+    switch(g, "--head-bn",
+           help="BatchNorm without affine parameters before the head (as MAE's linear probe): the features are "
+                "standardised, so one lr suits backbones whose feature scales differ")
     g.add_argument("--mlp-hidden-dim", default=0, type=int, help="hidden width of --head mlp (default: feature width)")
     g.add_argument("--dropout", default=0.5, type=float, help="dropout of --head mlp")
-    g.add_argument("--finetune", action="store_true",
-                   help="train the whole network end to end instead of a frozen backbone")
+    switch(g, "--finetune", help="train the whole network end to end instead of a frozen backbone")
     g.add_argument("--trainable-layers", default="", metavar="NAMES",
                    help="fine-tune only these backbone blocks (comma-separated; ResNet: conv1,bn1,layer1..layer4, e.g. "
                         "layer3,layer4; other families: docs/backbones.md, and a wrong name lists the "
                         "network's) plus the head; the rest stays frozen and in eval mode")
     g.add_argument("--backbone-lr-scale", default=0.1, type=float,
                    help="with --finetune or --trainable-layers: the backbone's lr is --lr times this")
-    add_label_subset_args(g, "the probe trains")
-    g.add_argument("--balanced-sampling", action="store_true",
-                   help="oversample small classes (WeightedRandomSampler, weight 1/class size)")
-    g.add_argument("--class-weights", action="store_true",
-                   help="weight the loss by N / (C * class size) for imbalanced data")
-    g.add_argument("-e", "--evaluate", action="store_true",
-                   help="only evaluate the classifier given by --resume (e.g. model_best.pth.tar) on the val split")
+    switch(g, "-e", "--evaluate",
+           help="only evaluate the classifier given by --resume (e.g. model_best.pth.tar) on the val split")
+    g = add_label_subset_args(parser, "the probe trains")
+    switch(g, "--balanced-sampling", help="oversample small classes (WeightedRandomSampler, weight 1/class size)")
+    switch(g, "--class-weights", help="weight the loss by N / (C * class size) for imbalanced data")
     add_hierarchy_args(parser, CLASSIFIER_FLAGS)
     return parser
 

@@ -12,7 +12,8 @@ import torch
 
 from common.augment import transforms as augment
 from common.ckpt.init import init_backbone
-from common.cli import ArgumentParser, add_training_args
+from common.cli import (ArgumentParser, add_pretrain_args, add_recipe_args, add_training_args, add_view_args,
+                        switch)
 from common.data.datasets import SMALL_CROP_MAX
 from common.dist.launch import script_main, start_worker
 from common.dist.placement import place_model
@@ -23,12 +24,11 @@ from common.nets.batchnorm import bn_group_warning, fewest_positions
 from common.nets.models import build_backbone
 from common.nets.precision import Precision
 from common.train.data import two_view_data
-from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen,
-                                  epochs_for_budget, set_by_recipe)
+from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, chosen, epochs_for_budget,
+                                  set_by_recipe)
 from common.train.run import PretrainRun, lr_schedule
 from common.train.schedule import cosine_momentum
-from common.train.setup import (add_pretrain_args, add_trial_args, add_view_args, finalize_pretrain_args,
-                                finalize_view_args, learning_watch)
+from common.train.setup import finalize_pretrain_args, finalize_view_args, learning_watch
 from common.train.step import train_one_epoch
 from common.train.trial import recipe_trial
 from export.backbone import export_at_end
@@ -41,26 +41,26 @@ from moco.split_bn import SplitBatchNorm
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="MoCo pretraining")
     add_training_args(parser, lr=0.03, epochs=200, batch_size=256, schedule=(120, 160), weight_decay=1e-4, name="moco")
+    # facebookresearch/moco's names; --proj-dim and --temperature: the same ideas' names in main_simclr.py
     g = parser.add_argument_group("moco")
-    g.add_argument("--moco-dim", default=128, type=int, help="feature dimension")
+    g.add_argument("--moco-dim", "--proj-dim", default=128, type=int, dest="moco_dim",
+                   help="feature dimension: output width of the encoder's fc or MLP head")
     g.add_argument("--moco-k", default=65536, type=int, help="queue size; number of negative keys")
     g.add_argument("--moco-m", default=0.999, type=float, help="momentum of the key encoder")
-    g.add_argument("--moco-m-cos", action="store_true",
-                   help="raise the key-encoder momentum from --moco-m to 1 by a half cosine over the run (BYOL, "
-                        "MoCo v3): a fast-moving key encoder early, a stable queue late; for short runs")
-    g.add_argument("--moco-t", default=0.07, type=float, help="softmax temperature")
-    g.add_argument("--mlp", action="store_true", help="MLP projection head (MoCo v2)")
-    g.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (colour jitter 0.8, blur)")
-    g.add_argument("--symmetric", action="store_true", help="symmetric loss: both views as query and key")
+    switch(g, "--moco-m-cos",
+           help="raise the key-encoder momentum from --moco-m to 1 by a half cosine over the run (BYOL, MoCo v3): a "
+                "fast-moving key encoder early, a stable queue late; for short runs")
+    g.add_argument("--moco-t", "--temperature", default=0.07, type=float, dest="moco_t", help="softmax temperature")
+    switch(g, "--mlp", help="MLP projection head (MoCo v2)")
+    switch(g, "--aug-plus", help="MoCo v2 augmentation (colour jitter 0.8, blur)")
+    switch(g, "--symmetric", help="symmetric loss: both views as query and key")
     g.add_argument("--bn-splits", default=8, type=int,
                    help="BN groups that simulate multi-GPU shuffle-BN in a single-process run")
     add_view_args(parser)
     add_pretrain_args(parser)
-    add_trial_args(parser)
-    add_recipe_arg(parser, "MoCo v2 for 1k-20k images (epochs for 200,000 images seen, queue a tenth of the "
-                           f"dataset, momentum 0.99, T 0.5, batch 64, lr 0.06 cosine; crop-min 0.3 at <= "
-                           f"{SMALL_CROP_MAX} px): "
-                           "bench/quality.py's measured recipe")
+    add_recipe_args(parser, "MoCo v2 for 1k-20k images (epochs for 200,000 images seen, queue a tenth of the "
+                            f"dataset, momentum 0.99, T 0.5, batch 64, lr 0.06 cosine; crop-min 0.3 at <= "
+                            f"{SMALL_CROP_MAX} px): bench/quality.py's measured recipe")
     return parser
 
 

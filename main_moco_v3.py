@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from common.augment import transforms as augment
 from common.ckpt.init import init_backbone
-from common.cli import ArgumentParser, add_training_args, given
+from common.cli import ArgumentParser, add_pretrain_args, add_training_args, add_view_args, given, switch
 from common.data.datasets import SMALL_CROP_MAX
 from common.dist.launch import script_main, start_worker
 from common.dist.placement import place_model
@@ -30,8 +30,7 @@ from common.train.data import two_view_data
 from common.train.optim import LARS, scaled_lr, split_decay_groups
 from common.train.run import PretrainRun, lr_schedule
 from common.train.schedule import cosine_momentum
-from common.train.setup import (add_pretrain_args, add_view_args, finalize_pretrain_args, finalize_view_args,
-                                learning_watch)
+from common.train.setup import finalize_pretrain_args, finalize_view_args, learning_watch
 from common.train.step import train_one_epoch
 from export.backbone import export_at_end
 from moco.augment import moco_v2
@@ -55,19 +54,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     # None: moco-v3's value for the optimizer (finalize_args); moco-v3: linear warmup, then cosine
     parser.set_defaults(cos=True, warmup_epochs=10.0, lr=None, weight_decay=None)
     g = parser.add_argument_group("moco v3")
-    g.add_argument("--moco-dim", default=256, type=int, help="output width of projector and predictor")
-    g.add_argument("--moco-mlp-dim", default=4096, type=int, help="hidden width of projector and predictor")
+    # moco-v3's names; --proj-dim, --proj-hidden-dim and --temperature: the same ideas' names in main_simclr.py
+    g.add_argument("--moco-dim", "--proj-dim", default=256, type=int, dest="moco_dim",
+                   help="output width of projector and predictor")
+    g.add_argument("--moco-mlp-dim", "--proj-hidden-dim", default=4096, type=int, dest="moco_mlp_dim",
+                   help="hidden width of projector and predictor")
     g.add_argument("--moco-m", default=0.99, type=float, help="momentum of the momentum encoder (at the start "
                                                                "with --moco-m-cos)")
-    g.add_argument("--moco-m-cos", default=True, action=argparse.BooleanOptionalAction,
-                   help="raise the momentum from --moco-m to 1 by a half cosine over the run, every step")
-    g.add_argument("--moco-t", default=None, type=float,
+    switch(g, "--moco-m-cos", default=True,
+           help="raise the momentum from --moco-m to 1 by a half cosine over the run, every step")
+    g.add_argument("--moco-t", "--temperature", default=None, type=float, dest="moco_t",
                    help="softmax temperature (default: moco-v3's, 0.2 for ViTs, 1.0 for other families)")
     g.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                    help="default: adamw for ViTs, lars for other families (BN and biases excluded from weight "
                         "decay and trust ratio)")
-    g.add_argument("--stop-grad-conv1", action="store_true",
-                   help="ViT: keep the patch projection at its random init (moco-v3's fix for training instability)")
+    switch(g, "--stop-grad-conv1",
+           help="ViT: keep the patch projection at its random init (moco-v3's fix for training instability)")
     add_view_args(parser)
     add_pretrain_args(parser)
     return parser

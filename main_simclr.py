@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from common.augment import transforms as augment
 from common.ckpt.init import init_backbone
-from common.cli import ArgumentParser, add_training_args
+from common.cli import (ArgumentParser, add_pretrain_args, add_recipe_args, add_training_args, add_view_args,
+                        switch)
 from common.data.datasets import SMALL_CROP_MAX
 from common.dist.launch import script_main, start_worker
 from common.dist.placement import place_model
@@ -28,11 +29,9 @@ from common.nets.models import build_backbone
 from common.nets.precision import Precision
 from common.train.data import two_view_data
 from common.train.optim import OPTIMIZERS, build_optimizer, scaled_lr
-from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, add_recipe_arg, chosen,
-                                  epochs_for_budget)
+from common.train.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, chosen, epochs_for_budget
 from common.train.run import PretrainRun, lr_schedule
-from common.train.setup import (add_pretrain_args, add_trial_args, add_view_args, finalize_pretrain_args,
-                                finalize_view_args, learning_watch)
+from common.train.setup import finalize_pretrain_args, finalize_view_args, learning_watch
 from common.train.step import train_one_epoch
 from common.train.trial import recipe_trial
 from export.backbone import export_at_end
@@ -43,10 +42,13 @@ from simclr.builder import SimCLR
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="SimCLR pretraining")
     add_training_args(parser, lr=0.3, epochs=100, batch_size=256, schedule=(), weight_decay=1e-6, name="simclr",
-                      helps={"lr": "base learning rate: the lr used is this x batch/256 (see --lr-scaling)"})
+                      helps={"lr": "base learning rate: the lr used is this x batch/256 (--lr-scaling linear; sqrt: x "
+                                   "sqrt(batch/256), none: absolute)"})
     # SimCLR's schedule: linear warmup, then cosine (--no-cos: the step --schedule instead)
     parser.set_defaults(cos=True, warmup_epochs=10.0)
     g = parser.add_argument_group("simclr")
+    # --temperature, --proj-dim, --proj-hidden-dim: main_moco.py and main_moco_v3.py take them too, beside
+    # the reference names --moco-t, --moco-dim, --moco-mlp-dim
     g.add_argument("--temperature", default=0.1, type=float,
                    help="NT-Xent temperature (0.1 for large batches; 0.5 works better for small ones)")
     g.add_argument("--proj-dim", default=128, type=int, help="output width of the projection head")
@@ -54,24 +56,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="hidden width of the projection head (default: the backbone's feature width)")
     g.add_argument("--proj-layers", default=2, type=int, choices=(2, 3),
                    help="linear layers in the projection head (2: SimCLR v1, 3: SimCLR v2)")
-    g.add_argument("--proj-bn", default=True, action=argparse.BooleanOptionalAction,
-                   help="BatchNorm after every linear layer of the projection head (as in the SimCLR code)")
+    switch(g, "--proj-bn", default=True,
+           help="BatchNorm after every linear layer of the projection head (as in the SimCLR code)")
     g.add_argument("--optimizer", default="lars", choices=OPTIMIZERS,
                    help="LARS excludes BN and biases from weight decay and trust-ratio adaptation")
     g.add_argument("--lars-eta", default=0.001, type=float, help="LARS trust coefficient")
     g.add_argument("--lr-scaling", default="linear", choices=("linear", "sqrt", "none"),
                    help="lr used = --lr x batch/256 (linear), --lr x sqrt(batch/256) (sqrt), or --lr (none)")
-    g.add_argument("--blur", default=None, action=argparse.BooleanOptionalAction,
-                   help=f"Gaussian blur augmentation (default: on for crops > {SMALL_CROP_MAX} px, off for CIFAR-sized images)")
-    g.add_argument("--sync-bn", default=None, action=argparse.BooleanOptionalAction,
-                   help="BatchNorm statistics over the global batch (SimCLR's global BN; default: on with "
-                        "several GPUs; PyTorch cannot sync BN between CPU processes)")
+    switch(g, "--blur", default=None,
+           help=f"Gaussian blur augmentation (default: on for crops > {SMALL_CROP_MAX} px, off for CIFAR-sized "
+                f"images)")
+    switch(g, "--sync-bn", default=None,
+           help="BatchNorm statistics over the global batch (SimCLR's global BN; default: on with several GPUs; "
+                "PyTorch cannot sync BN between CPU processes)")
     add_view_args(parser)
     add_pretrain_args(parser)
-    add_trial_args(parser)
-    add_recipe_arg(parser, "SimCLR for 1k-20k images (epochs for 100,000 images seen, SGD lr 0.1 unscaled, wd "
-                           f"1e-4, T 0.2, batch 64, warmup a tenth of the epochs; crop-min 0.3 at <= {SMALL_CROP_MAX} px): "
-                           "bench/quality.py's measured recipe")
+    add_recipe_args(parser, "SimCLR for 1k-20k images (epochs for 100,000 images seen, SGD lr 0.1 unscaled, wd "
+                            f"1e-4, T 0.2, batch 64, warmup a tenth of the epochs; crop-min 0.3 at <= "
+                            f"{SMALL_CROP_MAX} px): bench/quality.py's measured recipe")
     return parser
 
 

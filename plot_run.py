@@ -9,13 +9,13 @@ Needs matplotlib (pip install matplotlib, or -r requirements-extra.txt).
 import argparse
 import os
 
-from common.cli import HelpFormatter
+from common.cli import ArgumentParser
 from common.errors import report_user_errors
 from common.log.plots import plot_curves, read_metrics
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Plot a run's metrics.jsonl", formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Plot a run's metrics.jsonl")
     p.add_argument("run_dir", help="the --output-dir of a main_moco.py, main_simclr.py or main_lincls.py run")
     p.add_argument("-o", "--output", default="", help="PNG to write (default: RUN_DIR/curves.png)")
     return p

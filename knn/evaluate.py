@@ -19,11 +19,11 @@ def knn_evaluate(train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tens
     ks = sorted(set(args.knn_k))
     top_sim, top_idx = knn_search(train_f, val_f, max(ks), args.chunk_size, args.train_chunk_size)
     if tree is None:
-        return knn_reports(top_sim, top_idx, train_l, val_l, classes, ks, args.temperature)[0]
+        return knn_reports(top_sim, top_idx, train_l, val_l, classes, ks, args.knn_t)[0]
     levels, preds = [], []
     for level, names in enumerate(tree.classes):
         results, scores = knn_reports(top_sim, top_idx, tree.level_targets(train_l, level),
-                                      tree.level_targets(val_l, level), names, ks, args.temperature)
+                                      tree.level_targets(val_l, level), names, ks, args.knn_t)
         levels.append(results)
         preds.append({k: s.argmax(dim=1) for k, s in scores.items()})
     targets = [tree.level_targets(val_l, level) for level in range(tree.depth)]

@@ -17,12 +17,12 @@ def report_knn(results: Dict, classes: List[str], info: Dict, args: argparse.Nam
     """knn_evaluate's results to the log, TensorBoard and OUTPUT_DIR's files; `info` (the
     run's setup) heads knn_results.json."""
     if tree is None:
-        log_knn(results, classes, args.temperature, whitened=bool(args.whiten))
+        log_knn(results, classes, args.knn_t, whitened=bool(args.whiten))
         for k, r in results.items():
             tensorboard.scalars({"top1": r["top1"], f"top{min(5, r['k_used'])}": r["top5"]}, 0, f"knn_k{k}")
     else:
         for level, (name, r) in enumerate(zip(tree.level_names, results["levels"])):
-            log_knn(r, tree.classes[level], args.temperature, f" level {level + 1} ({name})", bool(args.whiten))
+            log_knn(r, tree.classes[level], args.knn_t, f" level {level + 1} ({name})", bool(args.whiten))
             for k, rk in r.items():
                 tensorboard.scalars({"top1": rk["top1"], f"top{min(5, rk['k_used'])}": rk["top5"]}, 0,
                                     f"knn_level{level + 1}_k{k}")

@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import UserError
-from common.eval.label_tree import FlagSpec, LabelTree, check_hierarchy_depth, consistency_rate, path_accuracy
+from common.cli import FlagSpec
+from common.eval.label_tree import LabelTree, check_hierarchy_depth, consistency_rate, path_accuracy
 from common.eval.metrics import classification_report
 
 DECODINGS = ("independent", "top-down", "path")

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 import main_moco
-from common import cli
+from common.cli import groups as cli
 from common.errors import UserError
 
 

@@ -186,6 +186,22 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- reading
 
+# flags whose dest was renamed since checkpoints stored it: old dest -> (new dest, whether the
+# new flag is the old one's negation). A checkpoint's stored args read as today's names, so a
+# resumed run, follow_checkpoint and export see one name (issue 41: --no-flip -> --flip/--no-flip)
+RENAMED_ARGS = {"no_flip": ("flip", True)}
+
+
+def current_args(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's stored args with the RENAMED_ARGS under their new dests."""
+    args = dict(saved)
+    for old, (new, negated) in RENAMED_ARGS.items():
+        if old in args:
+            value = args.pop(old)
+            args.setdefault(new, (not value) if negated and isinstance(value, bool) else value)
+    return args
+
+
 def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool = False) -> Dict[str, Any]:
     """Load safely (weights_only) and check that the right script wrote it. `mmap`: map the
     tensors instead of reading them (cheap when only the metadata is needed)."""
@@ -204,6 +220,8 @@ def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{path!r} is not a training checkpoint (no 'state_dict'); "
                         f"pass a .pth.tar written by main_moco.py, main_simclr.py or main_lincls.py")
+    if isinstance(ckpt.get("args"), dict):
+        ckpt["args"] = current_args(ckpt["args"])
     method = ckpt.get("method")
     if expected_method is not None and method != expected_method:
         wrote = SCRIPTS.get(method, "another program")

@@ -17,16 +17,6 @@ from common.errors import UserError
 EPOCH_FILE = re.compile(r"^checkpoint_(\d{4,})\.pth\.tar$")
 
 
-def add_retention_args(parser: argparse.ArgumentParser, keep: int = 5) -> None:
-    """--keep-checkpoints and --keep-epochs, beside --save-freq."""
-    parser.add_argument("--keep-checkpoints", default=keep, type=int, metavar="N",
-                        help="keep the N most recent checkpoint_NNNN.pth.tar (older ones are deleted as new ones "
-                             "are written; checkpoint_last and --keep-epochs are always kept; 0 keeps every one)")
-    parser.add_argument("--keep-epochs", default=[], nargs="*", type=int, metavar="E",
-                        help="also write and always keep checkpoint_E.pth.tar for these epochs (E epochs done, "
-                             "e.g. --keep-epochs 100 200)")
-
-
 def epoch_file_due(args: argparse.Namespace, epochs_done: int) -> bool:
     """Whether the checkpoint after `epochs_done` epochs is also written as checkpoint_NNNN:
     every --save-freq epochs and the run's last (--save-freq 0: neither), and --keep-epochs."""

@@ -1,4 +1,4 @@
-"""`--dataset`: the data flags and the factory that turns them into a dataset of
+"""`--dataset` (the flags: common/cli/groups.py): the factory that turns them into a dataset of
 `(PIL image, label)`: imagefolder (default), csv manifest, cifar10, cifar100, stl10, mnist,
 fashion-mnist (torchvision, `--download` only when asked) and synthetic (generated,
 learnable, for tests and demos). Image files are read in common/data/images.py; the
@@ -21,23 +21,6 @@ SMALL_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "mnist": 32, "fashion-mnist":
 # one. Small: the CIFAR stem by default (--small-images), no blur in the views, and the probes'
 # train/eval transforms resize instead of RandomResizedCrop / resize to crop/0.875
 SMALL_CROP_MAX = 64
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="imagefolder", choices=DATASETS,
-                   help="where images come from (default: imagefolder, DATA/train + DATA/val "
-                        "or a folder of class folders)")
-    g.add_argument("--download", action="store_true",
-                   help="let torchvision download cifar10/cifar100/stl10/mnist/fashion-mnist into DATA")
-    g.add_argument("--strict-data", action="store_true",
-                   help="stop on an unreadable image instead of skipping it with a warning")
-    g.add_argument("--synthetic-size", default=2000, type=int,
-                   help="number of generated training images for --dataset synthetic (val: a quarter)")
-    g.add_argument("--synthetic-classes", default=8, type=int,
-                   help="number of classes (foreground hues) for --dataset synthetic (2 to 12)")
-    g.add_argument("--synthetic-image-size", default=32, type=int,
-                   help="side of generated images for --dataset synthetic")
 
 
 # ---------------------------------------------------------------- torchvision sources

@@ -1,6 +1,6 @@
 """The shape of a run before any process starts: which launcher started this process
-(torchrun, srun, or none), how many processes the flags ask for, the per-process batch, and
-the distributed flags themselves."""
+(torchrun, srun, or none), how many processes the flags ask for and the per-process batch (the distributed
+flags themselves: common/cli/groups.py)."""
 import argparse
 import os
 from typing import Optional
@@ -30,25 +30,6 @@ def is_first_process(args: argparse.Namespace) -> bool:
     if launcher == "slurm":
         return os.environ["SLURM_PROCID"] == "0"
     return args.rank == 0
-
-
-def add_dist_args(parser: argparse.ArgumentParser) -> None:
-    """facebookresearch/moco's distributed flags, plus --nproc-per-node for CPU runs."""
-    g = parser.add_argument_group("distributed")
-    g.add_argument("--world-size", default=1, type=int,
-                   help="number of nodes (with --multiprocessing-distributed) or processes")
-    g.add_argument("--rank", default=0, type=int, help="node rank for distributed training")
-    g.add_argument("--dist-url", default="tcp://127.0.0.1:23456", type=str,
-                   help="url used to set up distributed training")
-    g.add_argument("--dist-backend", default=None, type=str,
-                   help="distributed backend (default: nccl on GPU, gloo on CPU)")
-    g.add_argument("--multiprocessing-distributed", action="store_true",
-                   help="spawn one worker per GPU (or --nproc-per-node CPU workers) on this node")
-    g.add_argument("--nproc-per-node", default=None, type=int,
-                   help="workers per node for --multiprocessing-distributed "
-                        "(default: number of GPUs, or 1 without GPUs)")
-    g.add_argument("--gpu", default=None, type=int, help="GPU id to use for a single-process run")
-    g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
 
 
 def uses_cuda(args: argparse.Namespace) -> bool:

@@ -10,28 +10,13 @@ one integer target, and `LabelTree.level_targets` maps it up. That is why label
 subsets, samplers, loaders and the DDP logits gather work on hierarchical data unchanged.
 """
 import argparse
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
 from common.errors import UserError
 
 SEP = "/"
-
-# (option strings, add_argument keywords) of flags a script adds to the group
-FlagSpec = Tuple[Tuple[str, ...], Dict[str, Any]]
-
-
-def add_hierarchy_args(parser: argparse.ArgumentParser, extra: Sequence[FlagSpec] = ()) -> None:
-    """The "hierarchical labels" group: --hierarchy-depth, then `extra` (a classifier's
-    own flags, e.g. lincls/hierarchy.py's), so that --help shows them together."""
-    g = parser.add_argument_group("hierarchical labels")
-    g.add_argument("--hierarchy-depth", default=0, type=int, metavar="N",
-                   help="labels with N levels: DATA/train/<level1>/.../<levelN>/image (imagefolder) or csv rows "
-                        "`path,level1,...,levelN`; 0 = flat labels")
-    for names, kwargs in extra:
-        g.add_argument(*names, **kwargs)
-
 
 def check_hierarchy_depth(args: argparse.Namespace) -> None:
     """Refuse a negative --hierarchy-depth (0 = flat labels)."""

@@ -1,5 +1,5 @@
 """What main_lincls.py and main_knn.py both set up before they evaluate anything: the
---pretrained flag and the backbone it names, the labelled train/val splits (flat or
+backbone --pretrained names, the labelled train/val splits (flat or
 hierarchical) with their checks, the label subset (--label-fraction / --label-subset) and
 the un-augmented view the network sees of them."""
 import argparse
@@ -12,7 +12,6 @@ from torch.utils.data import Dataset
 
 from common.augment.transforms import eval_decode_side, eval_transform
 from common.ckpt.pretrained import extract_backbone, load_backbone, load_pretrained
-from common.cli import ArgumentAdder
 from common.data.datasets import build_dataset
 from common.data.subsets import class_counts, load_subset, save_subset, stratified_subset
 from common.data.transformed import TransformedDataset
@@ -21,16 +20,6 @@ from common.errors import UserError
 from common.eval.hierarchical_data import hierarchical_dataset
 from common.eval.label_tree import LabelTree
 from common.nets.models import build_backbone
-
-# -a of a script that loads a backbone: follow_checkpoint fills it from --pretrained
-ARCH_HELP = "torchvision architecture (default: the --pretrained checkpoint's, else resnet50)"
-
-
-def add_pretrained_arg(parser: ArgumentAdder, required: bool) -> None:
-    parser.add_argument("--pretrained", required=required, default=None, type=str, metavar="PATH|none|imagenet",
-                        help="pretraining checkpoint (ours: MoCo, SimCLR, lincls; or facebookresearch/moco's), "
-                             "'none' for a random-init backbone, 'imagenet' for torchvision's cached weights")
-
 
 def pretrained_backbone(args: argparse.Namespace, num_classes: int = 1000, load: bool = True,
                         keep_reference: bool = False) -> Tuple[nn.Module, str, Dict[str, torch.Tensor]]:
@@ -49,19 +38,6 @@ def pretrained_backbone(args: argparse.Namespace, num_classes: int = 1000, load:
     source = f"{where} ({ckpt.get('method') or 'reference'} checkpoint, layout {layout})"
     reference = {k: v.clone() for k, v in extract_backbone(ckpt["state_dict"])[0].items()} if keep_reference else {}
     return model, source, reference
-
-
-def add_label_subset_args(parser: ArgumentAdder, who: str) -> None:
-    """--label-fraction, --subset-seed and --label-subset; `who` says what the labels train
-    ("the probe trains", "kNN votes"), for the help."""
-    parser.add_argument("--label-fraction", default=1.0, type=float,
-                        help=f"{who} on a class-stratified fraction of the train labels (e.g. 0.01, 0.1); the "
-                             f"subset is saved to OUTPUT_DIR/label_subset.json, and the same seed draws the same "
-                             f"images in main_lincls.py and main_knn.py")
-    parser.add_argument("--subset-seed", default=0, type=int,
-                        help="seed of the --label-fraction draw (fixed by default, so every run gets the same subset)")
-    parser.add_argument("--label-subset", default=None, type=str, metavar="JSON",
-                        help="reuse a label_subset.json from an earlier run instead of drawing one")
 
 
 def check_label_subset_args(args: argparse.Namespace) -> None:

@@ -12,7 +12,6 @@ from common.cli import given
 from common.data.datasets import build_dataset, default_crop_size
 from common.log.progress import log
 
-RECIPES = ("default", "small")
 # images seen in pretraining (`--recipe small` sets --epochs = budget / images): the budgets that
 # beat random init in bench/quality.py's small-data table; MoCo learns more slowly per image than
 # SimCLR there (docs/small-data.md: why these values)
@@ -23,14 +22,6 @@ SMALL_DATA_BATCH = 64  # both contrastive recipes' batch
 def epochs_for_budget(num_images: int, budget: int) -> int:
     """Epochs that show the model `budget` images, at least one."""
     return max(1, round(budget / num_images))
-
-
-def add_recipe_arg(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--recipe", default="default", choices=RECIPES,
-                        help=f"small: {what}; on sources 3x the crop or larger it picks the views (crop scale, "
-                             f"colour strength) by the view check (docs/small-data.md); flags you pass yourself "
-                             f"are kept; every value it sets is printed "
-                             f"and stored in the checkpoint; a resumed run keeps the values it started with")
 
 
 def flag(dest: str) -> str:
