@@ -180,3 +180,9 @@ def test_payoff_groups_come_from_file_names_and_a_bad_pattern_is_one_sentence(tm
         args.payoff_groups = pattern
         with pytest.raises(UserError, match=said.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
             payoff.PayoffProbe(args, env)
+
+
+def test_inpainting_has_no_views_and_no_learned_size():
+    import main_inpaint
+    args = main_inpaint.get_args_parser().parse_args(["--dataset", "synthetic"])
+    assert payoff.learned_size(args) is None

@@ -55,8 +55,9 @@ WHAT_TO_TRY = ("--init imagenet (weights you already have), a larger --crop-size
 def learned_size(args: argparse.Namespace) -> Optional[int]:
     """The whole-image size (px) at which an image shows the scale the run's views saw: a
     crop_size view of crop_max of the source's area shows it at crop_size / sqrt(crop_max)
-    px. None when the views could cover the whole source (--crop-max 1): the crop is that size."""
-    if args.crop_max >= 1:
+    px. None when the views could cover the whole source (--crop-max 1): the crop is that size;
+    and for main_inpaint.py, which cuts no views (it has no --crop-max) and sees whole images."""
+    if "crop_max" not in vars(args) or args.crop_max >= 1:
         return None
     size = int(round(args.crop_size / math.sqrt(args.crop_max)))
     return size if size > args.crop_size else None
