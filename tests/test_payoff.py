@@ -123,8 +123,8 @@ def test_source_scale_views_are_scored_at_both_sizes_and_the_probes_follow_the_c
     data, out = _stripes(tmp_path / "data"), tmp_path / "run"
     area = str((16 / 64) ** 2)  # source-scale views: a 16 px crop of a 64 px source, not resized
     ran = run_inline(capsys, main_moco.main, [
-        data, "-a", "resnet18", "-j", "0", "--crop-size", "16", "--crop-min", area, "--crop-max", area, "-b", "8",
-        "--moco-k", "16", "--moco-dim", "16", "--bn-splits", "2", "--epochs", "1", "--seed", "0", "-p", "100",
+        data, "-a", "resnet18", "--no-small-images", "-j", "0", "--crop-size", "16", "--crop-min", area, "--crop-max",
+        area, "-b", "8", "--moco-k", "16", "--moco-dim", "16", "--bn-splits", "2", "--epochs", "1", "--seed", "0", "-p", "100",
         "--output-dir", str(out)])
     doc = json.load(open(out / "payoff.json"))
     assert doc["sizes"] == [16, 64] and set(doc["by_size"]) == {"16", "64"}
