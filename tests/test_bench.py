@@ -338,3 +338,25 @@ def test_view_check_bench_tells_a_recipe_that_destroys_the_instance_from_one_tha
     assert "no instance signal" not in capsys.readouterr().out
     assert kept["results"][0] == kept["results"][1] and kept["results"][0]["features"] > 0.55
     assert json.load(open(out))["results"] == kept["results"] and json.load(open(out))["script"] == "main_moco.py"
+
+
+def test_payoff_folds_scores_a_checkpoint_with_shuffled_and_grouped_folds(tmp_path, capsys):
+    from PIL import Image
+
+    from bench import payoff_folds
+    from common.nets.models import build_backbone
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):  # six groups of two images per class
+        os.makedirs(tmp_path / "data" / "train" / c)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / "train" / c / f"s{i // 2}_{c}{i}.png")
+    net = build_backbone("resnet18", small_images=True, crop_size=16)
+    torch.save({"arch": "resnet18", "method": "simclr", "args": {"small_images": True, "crop_size": 16},
+                "state_dict": {f"module.encoder.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "c.pth.tar")
+    payoff_folds.main([str(tmp_path / "data"), "--groups", r"^(s\d+)_", "--checkpoint", str(tmp_path / "c.pth.tar"),
+                       "--output", str(tmp_path / "out.json")])
+    said = capsys.readouterr().out
+    assert "shuffled folds: untrained" in said and "grouped folds: untrained" in said
+    doc = json.load(open(tmp_path / "out.json"))[str(tmp_path / "c.pth.tar")]
+    assert set(doc) == {"shuffled", "grouped"} and len(doc["grouped"]["checkpoint"]) == 5
