@@ -19,6 +19,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from common.augment.gpu import ViewsToDevice
+from common.ckpt.checkpoints import Checkpoints
 from common.ckpt.init import init_backbone
 from common.cli import ArgumentParser, add_pretrain_args, add_training_args, switch
 from common.dist.collectives import is_main_process
@@ -105,8 +106,13 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     optimizer = torch.optim.Adam(model.parameters(), args.lr, weight_decay=args.weight_decay)
     scaler = Precision.from_args(args).scaler(env.device)
 
-    # ---- resume (--resume PATH|auto), then the run's metrics log, kNN monitor and checkpoints
-    run = PretrainRun(model, optimizer, scaler, args, env, "inpaint", data, lr_schedule(args, args.lr))
+    # ---- resume (--resume PATH|auto): model, optimizer, scaler and RNG from the checkpoint; a mid-epoch
+    # checkpoint continues its epoch at start_iter
+    checkpoints = Checkpoints(model, optimizer, scaler, args, "inpaint")
+    start_epoch, start_iter = checkpoints.resume()
+
+    # ---- the run's monitors: metrics log, kNN monitor, payoff probe, collapse and learning watches, stop
+    run = PretrainRun(args, env, data, lr_schedule(args, args.lr), (start_epoch, start_iter), checkpoints)
     grids = os.path.join(args.output_dir, "reconstructions")
     if is_main_process():
         os.makedirs(grids, exist_ok=True)
@@ -115,16 +121,20 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- epochs: train (the step loop: common/train/step.py), reconstruction grid, then kNN
     # monitor, metrics line, checkpoint
-    for epoch in range(run.start_epoch, args.epochs):
+    last = None  # (state, path) of the last epoch's checkpoint, on the main process
+    for epoch in range(start_epoch, args.epochs):
         result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run)
         if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
-            raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
+            checkpoints.save_mid_epoch(epoch, result.iterations)
+            raise SystemExit(run.stop.requeue())  # scontrol requeue, exit 75
         if is_main_process():
             grid = reconstruction_grid(inpaint, data.dataset, env.device, os.path.join(grids, f"epoch_{epoch:04d}.png"))
             run.metrics.tensorboard.image("reconstructions", grid, epoch)
-        run.end_epoch(epoch, result, backbone=inpaint.encoder)
-    if args.export_at_end and run.final_checkpoint:  # main process, once the last epoch's checkpoint is written
-        export_at_end(*run.final_checkpoint, args.output_dir)  # its backbone, as export_backbone.py writes it
+        record = run.end_epoch(epoch, result, backbone=inpaint.encoder)  # kNN, payoff, watches, metrics line
+        last = checkpoints.save_epoch(epoch, record, **run.checkpoint_keys())  # + retention
+        run.stop_if_asked(epoch)  # --stop-at-epoch, --stop-if-not-learning
+    if args.export_at_end and last:  # main process, once the last epoch's checkpoint is written
+        export_at_end(*last, args.output_dir)  # its backbone, as export_backbone.py writes it
 
 
 main = script_main(get_args_parser, finalize_args, main_worker)

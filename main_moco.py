@@ -11,6 +11,7 @@ from typing import Dict
 import torch
 
 from common.augment import transforms as augment
+from common.ckpt.checkpoints import Checkpoints
 from common.ckpt.init import init_backbone
 from common.cli import (ArgumentParser, add_pretrain_args, add_recipe_args, add_training_args, add_view_args,
                         switch)
@@ -154,8 +155,13 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
                                 foreach=env.device.type == "cuda")
     scaler = Precision.from_args(args).scaler(env.device)
 
-    # ---- resume (--resume PATH|auto), then the run's metrics log, kNN monitor and checkpoints
-    run = PretrainRun(model, optimizer, scaler, args, env, "moco", data, lr_schedule(args, args.lr),
+    # ---- resume (--resume PATH|auto): model, optimizer, scaler and RNG from the checkpoint; a mid-epoch
+    # checkpoint continues its epoch at start_iter
+    checkpoints = Checkpoints(model, optimizer, scaler, args, "moco")
+    start_epoch, start_iter = checkpoints.resume()
+
+    # ---- the run's monitors: metrics log, kNN monitor, payoff probe, collapse and learning watches, stop
+    run = PretrainRun(args, env, data, lr_schedule(args, args.lr), (start_epoch, start_iter), checkpoints,
                       collapse_hint="on a small dataset lower --moco-k (see the queue warning), else lower --lr",
                       learning=learning_watch(args, 1 + args.moco_k, 0.2, "--moco-t", args.moco_t))  # 1 positive + K
 
@@ -165,15 +171,19 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     run.check_views(aug)  # do two views of an image still look alike? (a few seconds)
     run.before_training(moco.encoder_q)  # the untrained network's kNN and payoff probe, to compare with
 
-    # ---- epochs: train (the step loop: common/train/step.py), then kNN monitor, metrics line, checkpoint
-    for epoch in range(run.start_epoch, args.epochs):
+    # ---- epochs: train (the step loop: common/train/step.py), then kNN monitor, metrics line, checkpoint, stop
+    last = None  # (state, path) of the last epoch's checkpoint, on the main process
+    for epoch in range(start_epoch, args.epochs):
         result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run,
                                  per_step=key_momentum if args.moco_m_cos else None)
         if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
-            raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
-        run.end_epoch(epoch, result, backbone=moco.encoder_q)
-    if args.export_at_end and run.final_checkpoint:  # main process, once the last epoch's checkpoint is written
-        export_at_end(*run.final_checkpoint, args.output_dir)  # its backbone, as export_backbone.py writes it
+            checkpoints.save_mid_epoch(epoch, result.iterations)
+            raise SystemExit(run.stop.requeue())  # scontrol requeue, exit 75
+        record = run.end_epoch(epoch, result, backbone=moco.encoder_q)  # kNN, payoff, watches, metrics line
+        last = checkpoints.save_epoch(epoch, record, **run.checkpoint_keys())  # + retention
+        run.stop_if_asked(epoch)  # --stop-at-epoch, --stop-if-not-learning
+    if args.export_at_end and last:  # main process, once the last epoch's checkpoint is written
+        export_at_end(*last, args.output_dir)  # its backbone, as export_backbone.py writes it
 
 
 # --recipe small with train labels: the trial of candidate recipes runs first (common/train/trial.py)

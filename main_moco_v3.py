@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from common.augment import transforms as augment
+from common.ckpt.checkpoints import Checkpoints
 from common.ckpt.init import init_backbone
 from common.cli import ArgumentParser, add_pretrain_args, add_training_args, add_view_args, given, switch
 from common.data.datasets import SMALL_CROP_MAX
@@ -152,9 +153,14 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     scaler = Precision.from_args(args).scaler(env.device)
     log(f"=> {args.optimizer} lr {lr:.4g} (--lr {args.lr} x batch {args.batch_size}/256), T {args.moco_t}")
 
-    # ---- resume (--resume PATH|auto), then the run's metrics log, kNN monitor and checkpoints
+    # ---- resume (--resume PATH|auto): model, optimizer, scaler and RNG from the checkpoint; a mid-epoch
+    # checkpoint continues its epoch at start_iter
+    checkpoints = Checkpoints(model, optimizer, scaler, args, "moco_v3")
+    start_epoch, start_iter = checkpoints.resume()
+
+    # ---- the run's monitors: metrics log, kNN monitor, payoff probe, collapse and learning watches, stop
     # the positive among the global batch's keys
-    run = PretrainRun(model, optimizer, scaler, args, env, "moco_v3", data, lr_schedule(args, lr),
+    run = PretrainRun(args, env, data, lr_schedule(args, lr), (start_epoch, start_iter), checkpoints,
                       learning=learning_watch(args, args.batch_size, 0.08, "--moco-t", args.moco_t))
 
     def momentum(progress: float) -> None:  # per step, as moco-v3
@@ -163,14 +169,18 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     run.check_views(aug)  # do two views of an image still look alike? (a few seconds)
     run.before_training(moco.base_encoder)  # the untrained network's kNN and payoff probe, to compare with
 
-    # ---- epochs: train (the step loop: common/train/step.py), then kNN monitor, metrics line, checkpoint
-    for epoch in range(run.start_epoch, args.epochs):
+    # ---- epochs: train (the step loop: common/train/step.py), then kNN monitor, metrics line, checkpoint, stop
+    last = None  # (state, path) of the last epoch's checkpoint, on the main process
+    for epoch in range(start_epoch, args.epochs):
         result = train_one_epoch(model, data, optimizer, scaler, run.lr_fn, epoch, args, env, run, per_step=momentum)
         if result.stopped:  # SIGUSR1/SIGTERM (SLURM preemption): every rank stopped after this iteration
-            raise SystemExit(run.save_and_requeue(epoch, result.iterations))  # checkpoint, requeue, exit 75
-        run.end_epoch(epoch, result, backbone=moco.base_encoder)
-    if args.export_at_end and run.final_checkpoint:  # main process, once the last epoch's checkpoint is written
-        export_at_end(*run.final_checkpoint, args.output_dir)  # its backbone, as export_backbone.py writes it
+            checkpoints.save_mid_epoch(epoch, result.iterations)
+            raise SystemExit(run.stop.requeue())  # scontrol requeue, exit 75
+        record = run.end_epoch(epoch, result, backbone=moco.base_encoder)  # kNN, payoff, watches, metrics line
+        last = checkpoints.save_epoch(epoch, record, **run.checkpoint_keys())  # + retention
+        run.stop_if_asked(epoch)  # --stop-at-epoch, --stop-if-not-learning
+    if args.export_at_end and last:  # main process, once the last epoch's checkpoint is written
+        export_at_end(*last, args.output_dir)  # its backbone, as export_backbone.py writes it
 
 
 main = script_main(get_args_parser, finalize_args, main_worker)

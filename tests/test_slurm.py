@@ -232,11 +232,12 @@ def test_sigterm_during_the_rendezvous_ends_the_process_at_once(tmp_path):
 # ---------------------------------------------------------------- the handler itself, in-process
 
 def test_sigterm_sets_flag_then_the_run_checkpoints_and_exits_for_requeue(tmp_path, monkeypatch):
-    """What the epoch loop does with a PretrainRun: --save-every-iters checkpoints when due,
-    a signal only sets the stop flag, and the preemption path saves (epoch, iteration) and
-    returns the requeue exit code."""
+    """What the epoch loop does with a PretrainRun and its Checkpoints: --save-every-iters
+    checkpoints when due, a signal only sets the stop flag, and the preemption path saves
+    (epoch, iteration) and returns the requeue exit code."""
     import argparse
 
+    from common.ckpt.checkpoints import Checkpoints
     from common.dist.signals import PREEMPT_SIGNALS
     from common.train.data import PretrainData
     from common.train.run import PretrainRun
@@ -251,7 +252,8 @@ def test_sigterm_sets_flag_then_the_run_checkpoints_and_exits_for_requeue(tmp_pa
     data = PretrainData(None, None, None, batch_size=2, iters_per_epoch=8, to_device=None)
     saved = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
     try:
-        run = PretrainRun(model, opt, None, args, env, "moco", data, lambda e: 0.1)
+        checkpoints = Checkpoints(model, opt, None, args, "moco")
+        run = PretrainRun(args, env, data, lambda e: 0.1, checkpoints.resume(), checkpoints)
         assert not run.save_due(1) and not run.stop.agreed()
         assert not os.path.exists(tmp_path / "checkpoint_last.pth.tar")
         assert run.save_due(4) and not run.save_due(8)  # --save-every-iters 4; 8 ends the epoch
@@ -259,7 +261,8 @@ def test_sigterm_sets_flag_then_the_run_checkpoints_and_exits_for_requeue(tmp_pa
         assert (load(tmp_path / "checkpoint_last.pth.tar")["iteration"]) == 4
         os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag
         assert run.stop.requested == "SIGTERM" and run.stop.agreed()
-        assert run.save_and_requeue(3, 5) == REQUEUE_EXIT_CODE
+        checkpoints.save_mid_epoch(3, 5)  # the scripts' preemption path
+        assert run.stop.requeue() == REQUEUE_EXIT_CODE
         ckpt = load(tmp_path / "checkpoint_last.pth.tar")
         assert (ckpt["epoch"], ckpt["iteration"], ckpt["method"]) == (3, 5, "moco")
         torch.testing.assert_close(ckpt["state_dict"]["module.weight"], model.weight)

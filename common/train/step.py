@@ -47,7 +47,8 @@ def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, sc
     views into device tensors and runs --gpu-augment's photometric ops).
 
     `run` (common.train.run.PretrainRun; None in benchmarks) gives the first iteration,
-    writes the --save-every-iters checkpoints, and carries the stop request: once every rank
+    writes the --save-every-iters checkpoints (through the script's common/ckpt/checkpoints.py
+    `Checkpoints`), and carries the stop request: once every rank
     agrees on one, the loop returns with `stopped` and the script checkpoints and requeues.
     A NaN/inf loss stops the run with a UserError (LossGuard) before anything is saved.
     `per_step(fractional epoch)` runs before each step, beside the lr: a schedule of the
