@@ -186,3 +186,16 @@ def test_inpainting_has_no_views_and_no_learned_size():
     import main_inpaint
     args = main_inpaint.get_args_parser().parse_args(["--dataset", "synthetic"])
     assert payoff.learned_size(args) is None
+
+
+def test_with_two_sizes_the_probe_scores_a_smaller_sample_at_both(tmp_path, monkeypatch):
+    from common.dist.collectives import DistEnv
+    data = write_image_folder(tmp_path / "data", per_class=12, size=32, split_dirs=("train",))
+    monkeypatch.setattr(payoff, "TWO_SIZES_IMAGES", 10)
+    parse = main_moco.get_args_parser().parse_args
+    env = DistEnv(0, 1, 0, torch.device("cpu"), False)
+    one = payoff.PayoffProbe(main_moco.finalize_args(parse([data, "--crop-size", "16", "--output-dir", "r"])), env)
+    assert one.sizes == [16] and len(one.data) == 24
+    two = payoff.PayoffProbe(main_moco.finalize_args(parse([data, "--crop-size", "16", "--crop-min", "0.25",
+                                                            "--crop-max", "0.25", "--output-dir", "r"])), env)
+    assert two.sizes == [16, 32] and len(two.at_size[16]) == len(two.at_size[32]) == 10

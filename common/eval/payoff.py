@@ -44,6 +44,10 @@ PAYOFF_FOLDS = 5
 # labelled train images the probe uses at most (class-stratified, seeded): its cost stays a
 # small part of a run on a large labelled set
 PAYOFF_IMAGES = 5000
+# ... and when it also scores the learned size (source-scale views), whose pass costs (size /
+# crop)^2 times the crop's per image (22x for 300 px sources and a 64 px crop): both sizes on
+# the same, smaller sample, so the payoff stays a small part of the run
+TWO_SIZES_IMAGES = 1000
 PAYOFF_FILE = "payoff.json"
 # the fewest labelled images of a class for every fold to hold one
 MIN_PER_CLASS = PAYOFF_FOLDS
@@ -119,7 +123,8 @@ def labels_to_measure(train) -> str:
 
 class PayoffProbe:
     """The cross-validated logreg probe on (up to PAYOFF_IMAGES of) a run's labelled train
-    images, at the run's crop and at its learned_size when it has one (`sizes`). `data` (the
+    images, at the run's crop and at its learned_size when it has one (`sizes`; then on up to
+    TWO_SIZES_IMAGES). `data` (the
     images at the crop) is None when there are too few labels to measure."""
 
     def __init__(self, args: argparse.Namespace, env: DistEnv):
@@ -130,9 +135,11 @@ class PayoffProbe:
         if self.why_not:
             return
         classes = list(train.classes)
+        self.sizes = [args.crop_size] + [s for s in [learned_size(args)] if s]
+        most = PAYOFF_IMAGES if len(self.sizes) == 1 else TWO_SIZES_IMAGES
         labelled = [i for i, t in enumerate(train.targets) if t >= 0]
-        if len(labelled) > PAYOFF_IMAGES:
-            drawn = stratified_subset([train.targets[i] for i in labelled], PAYOFF_IMAGES / len(labelled), args.seed)
+        if len(labelled) > most:
+            drawn = stratified_subset([train.targets[i] for i in labelled], most / len(labelled), args.seed)
             labelled = [labelled[i] for i in drawn]
         self.num_classes = len(classes)
         if args.payoff_groups is not None and not isinstance(train, FileListDataset):
@@ -140,7 +147,6 @@ class PayoffProbe:
                             "files, or leave the flag out")
         self.groups = file_groups(args.payoff_groups, [train.samples[i][0] for i in labelled]) \
             if args.payoff_groups is not None else None
-        self.sizes = [args.crop_size] + [s for s in [learned_size(args)] if s]
         # an unreadable image gets no row rather than a stand-in under its label
         self.at_size = {size: TransformedDataset(Subset(train, labelled), eval_transform(size),
                                                  decode_side=eval_decode_side(size), skip_unreadable=True)
