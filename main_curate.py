@@ -19,15 +19,11 @@ import re
 import shutil
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from common.ckpt.io import prepare_output_dir, previous_run_files
 from common.ckpt.pretrained import follow_checkpoint
 from common.cli import ArgumentParser, add_eval_args, check_common_flags, switch
-from common.data.datasets import build_dataset
-from common.data.images import FileListDataset, image_folder
 from common.dist.collectives import DistEnv, barrier, is_main_process
 from common.dist.launch import script_main, start_worker
 from common.dist.world import expected_world_size, is_first_process, per_worker
@@ -35,17 +31,14 @@ from common.errors import UserError
 from common.eval.setup import pretrained_backbone
 from common.extras import require
 from common.log.progress import log
-from common.log.tensorboard import TensorBoardLog
-from curate.duplicates import RULES, file_hash, find_duplicates, redundant_rows
+from curate.duplicates import RULES
 from curate.embed import EMBEDDINGS, embed_split, keep_splits, stop_with_a_sentence
-from curate.items import join_splits
-from curate.labels import METHODS, RULES as LABEL_RULES, knn_probs, label_issues, probe_probs
-from curate.outliers import SCORES, outlier_scores
-from curate.report import write_csv, write_html
-from curate.search import INDEXES, self_neighbours
-from curate.sections import (duplicates_section, label_errors_section, outliers_section, selection_section,
-                             suggestions_section)
-from curate.select import k_center_greedy, typical_candidates
+from curate.findings import (Findings, duplicates, label_findings, outliers, selection, shared_neighbours,
+                             write_outputs)
+from curate.items import join_splits, read_splits
+from curate.labels import METHODS, RULES as LABEL_RULES
+from curate.outliers import SCORES
+from curate.search import INDEXES
 
 FINDINGS = ("duplicates", "outliers", "labels")
 # near-duplicates (docs/curate.md: bench/curate.py): cosine distance at most DUP_RATIO x the two images'
@@ -243,21 +236,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 def run_curation(args: argparse.Namespace, env: DistEnv, batch_size: int, workers: int) -> None:
     """Read the data, embed it (resumably) and write the findings; rank 0 does all but the embedding."""
     # ---- data: train, val when there is one, and the --unlabelled pool (labels -1)
-    train, val = build_dataset(args, "train"), build_dataset(args, "val")
-    classes = list(getattr(train, "classes", None) or [])
-    parts = [("train", train)] + ([("val", val)] if val is not None else [])
-    if args.unlabelled:
-        pool = image_folder(args.unlabelled)
-        parts.append(("unlabelled", FileListDataset([(p, -1) for p, _ in pool.samples], [])))
+    parts, classes = read_splits(args)
     total = sum(len(ds) for _, ds in parts)
-    if total < 2:
-        raise UserError(f"found {total} image; curating needs at least 2 (duplicates and outliers compare images "
-                        f"with each other): add images to the data folder")
-    unlabelled = sum(sum(1 for t in ds.targets if t < 0) for _, ds in parts)
-    if args.select > unlabelled:
-        raise UserError(f"--select {args.select} asks for more images than the {unlabelled} unlabelled ones; pass "
-                        f"--select {unlabelled} or less (or more unlabelled images with --unlabelled DIR)")
-
     check_neighbourhoods(args, torch.tensor([t for _, ds in parts for t in ds.targets]), len(classes))
 
     # ---- model: the checkpoint's backbone, head removed (same seed on every rank for --pretrained none)
@@ -279,84 +259,22 @@ def run_curation(args: argparse.Namespace, env: DistEnv, batch_size: int, worker
     if not is_main_process():  # the findings are cheap next to extraction: rank 0 does them
         barrier()
         return
-    out = args.output_dir
-    settings = {"pretrained": f"{args.pretrained} ({source})", "arch": args.arch, "crop size": args.crop_size,
-                "images": len(items), "classes": len(classes), "neighbour search": args.index}
-    sections, drop = [], set()
-    # one neighbour search serves the duplicates and the (all-class) outliers
-    neighbours = (self_neighbours(items.feats, max(args.dup_k, args.outlier_k), args.index, args.chunk_size)
-                  if "duplicates" in args.findings or "outliers" in args.findings else None)
+    found = Findings({"pretrained": f"{args.pretrained} ({source})", "arch": args.arch, "crop size": args.crop_size,
+                      "images": len(items), "classes": len(classes), "neighbour search": args.index})
+    neighbours = shared_neighbours(items, args)  # one search for the duplicates and the outliers
 
-    # ---- 1. duplicates: same bytes, or cosine >= --dup-threshold among the --dup-k nearest
-    if "duplicates" in args.findings:
-        sim, idx = neighbours[0][:, :args.dup_k + 1], neighbours[1][:, :args.dup_k + 1]
-        pairs = find_duplicates(sim, idx, [file_hash(p) for p in items.paths], items.splits, args.dup_threshold,
-                                args.dup_rule, args.dup_ratio, args.dup_k)
-        rule = (f"distance <= {args.dup_ratio} x the {args.dup_k}-th neighbour's" if args.dup_rule == "relative"
-                else f"cosine >= {args.dup_threshold}")
-        sections.append(duplicates_section(items, pairs, rule, out))
-        settings["near-duplicates"] = rule
-        if "duplicates" in args.clean_drop:
-            drop.update(redundant_rows(pairs, items.splits))
-
-    # ---- 2. outliers: far from their k-th neighbour
-    if "outliers" in args.findings:
-        scores = outlier_scores(items.feats, args.outlier_k, items.labels if args.outlier_per_class else None,
-                                args.index, args.chunk_size, neighbours, args.outlier_score)
-        sections.append(outliers_section(items, scores, args.outlier_k, args.outlier_per_class, args.outlier_score,
-                                         out))
-        settings["outliers"] = f"{args.outlier_score} score, k = {args.outlier_k}"
-        if "outliers" in args.clean_drop:
-            drop.update(torch.argsort(scores, descending=True)[:int(args.clean_outliers * len(items))].tolist())
-
-    # ---- 3. labels: suspected errors from out-of-fold probabilities, suggestions by kNN vote
-    lab_rows = (items.labels >= 0).nonzero().squeeze(1)
-    unl_rows = (items.labels < 0).nonzero().squeeze(1)
-    if "labels" in args.findings and len(classes) > 1 and len(lab_rows) > 1:
-        lab_f, lab_l = items.feats[lab_rows.to(items.feats.device)], items.labels[lab_rows]
-        probs = [probe_probs(lab_f, lab_l, len(classes), args.probe_folds, args.seed, args.probe_steps)
-                 for _ in range(args.label_method != "knn")]
-        probs += [knn_probs(lab_f, lab_l, lab_f, len(classes), args.label_k, leave_out_self=True)
-                  for _ in range(args.label_method != "probe")]
-        suspected, suggested, self_conf = label_issues(sum(probs) / len(probs), lab_l, args.label_rule)
-        sections.append(label_errors_section(items, lab_rows, suspected, suggested, self_conf, args.label_method, out))
-        settings["label errors"] = (f"{args.label_method} out-of-fold probabilities, confident learning "
-                                    f"({args.label_rule})")
-        if "labels" in args.clean_drop:
-            drop.update(lab_rows[suspected].tolist())
-        if len(unl_rows):
-            sections.append(suggestions_section(items, unl_rows, knn_probs(
-                lab_f, lab_l, items.feats[unl_rows.to(items.feats.device)], len(classes), args.label_k), out))
-    elif "labels" in args.findings:
-        log("=> labels: skipped, the data has fewer than two labelled classes")
-
-    # ---- 4. what to label next: k-center greedy from the labelled images
-    if args.select:
-        if args.select > len(unl_rows):
-            raise UserError(f"--select {args.select} asks for more images than the {len(unl_rows)} readable "
-                            f"unlabelled ones; pass --select {len(unl_rows)} or less")
-        candidates = typical_candidates(items.feats, unl_rows, args.select_typical, args.select, args.outlier_k,
-                                        args.chunk_size)
-        picks, gaps = k_center_greedy(items.feats, candidates, lab_rows, args.select, args.seed, args.chunk_size)
-        sections.append(selection_section(items, picks, gaps, len(unl_rows), args.select_typical, out))
+    # ---- the findings (curate/findings.py), each adding its report section
+    if "duplicates" in args.findings:  # 1. same bytes, or cosine >= --dup-threshold among the --dup-k nearest
+        duplicates(items, neighbours, args, found)
+    if "outliers" in args.findings:  # 2. far from their k-th neighbour
+        outliers(items, neighbours, args, found)
+    if "labels" in args.findings:  # 3. suspected errors from out-of-fold probabilities, suggestions by kNN vote
+        label_findings(items, len(classes), args, found)
+    if args.select:  # 4. what to label next: k-center greedy from the labelled images
+        selection(items, args, found)
 
     # ---- outputs: the clean csv, report.html, TensorBoard
-    if args.write_clean_csv:
-        for split in dict.fromkeys(items.splits):
-            path = write_csv(os.path.join(out, f"clean_{split}.csv"), ["path", "label"],
-                             [[items.paths[r], items.class_of(items.labels[r])] for r in range(len(items))
-                              if items.splits[r] == split and r not in drop])
-            log(f"=> {path}: {sum(s == split for s in items.splits) - sum(items.splits[r] == split for r in drop)} "
-                f"kept of the {split} images")
-    report = write_html(out, "Data curation report", settings, sections)
-    for s in sections:
-        log(f"=> {s.title.lower()}: {s.summary}")
-    log(f"=> report: {report}")
-    tensorboard = TensorBoardLog(out, args.tensorboard)
-    for s in sections:
-        for g in s.grids:
-            tensorboard.image(f"curate/{os.path.basename(g)[:-4]}", np.asarray(Image.open(g).convert("RGB")))
-    tensorboard.close()
+    write_outputs(items, found, args)
     barrier()
 
 

@@ -18,11 +18,9 @@ import fnmatch
 import os
 import re
 
-import numpy as np
 import torch
-from PIL import Image
 
-from common.ckpt.io import check_free_space, prepare_output_dir, previous_run_files
+from common.ckpt.io import prepare_output_dir, previous_run_files
 from common.ckpt.pretrained import follow_checkpoint
 from common.cli import (ArgumentParser, add_eval_args, add_hierarchy_args, add_label_subset_args, check_common_flags,
                         switch)
@@ -32,18 +30,13 @@ from common.dist.launch import script_main, start_worker
 from common.dist.world import expected_world_size, is_first_process, per_worker
 from common.errors import UserError
 from common.eval.embeddings import embed
-from common.eval.knn import fit_whitening, whiten
 from common.eval.label_tree import check_hierarchy_depth
 from common.eval.setup import check_label_subset_args, eval_splits, pretrained_backbone, training_labels
 from common.extras import require
-from common.log.plots import embedding_methods, plot_embeddings
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
-from common.nets.models import without_head
-from knn.embeddings import EXPORT_FORMATS, export_embeddings
-from knn.evaluate import knn_evaluate
-from knn.reports import report_knn
-from knn.retrieval import retrieval
+from knn.embeddings import EXPORT_FORMATS
+from knn.outputs import Split, check_export_space, embedding_maps, export_splits, knn_report, retrieval_grids
 
 # Every name main_knn.py writes in --output-dir, here and nowhere else: knn/reports.py's results and
 # per-class csvs, the --label-fraction draw (common/eval/setup.py), knn/embeddings.py's exports,
@@ -207,75 +200,26 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         + f" images at {args.crop_size} px, {env.world_size} process(es), batch {batch_size}/process on {env.device}")
 
     if args.export_embeddings and is_main_process():  # found out before the extraction, not after it
-        rows = len(train_base) + (len(val_base) if need_val else 0)
-        dim = model.fc.in_features
-        # csv: up to 12 / 16 characters a value (5 / 9 significant digits, sign, exponent, comma)
-        per_value = {"float16": 2, "float32": 4}[args.export_dtype] * (6 if args.export_format == "csv" else 1)
-        check_free_space(args.output_dir, rows * dim * per_value + 2 ** 20,
-                         what=f"exporting {rows} embeddings of width {dim}")
+        check_export_space(args, len(train_base) + (len(val_base) if need_val else 0), model.fc.in_features)
 
     # ---- features of every split needed
-    train_f, train_l, train_index = embed(model, train_base, "train", args, env, batch_size, workers)
-    val_f = val_l = val_index = None
-    if need_val:
-        val_f, val_l, val_index = embed(model, val_base, "val", args, env, batch_size, workers)
-    log(f"=> features: {tuple(train_f.shape)} train" + (f", {tuple(val_f.shape)} val" if val_f is not None else "")
-        + f", {train_f.dtype} on {train_f.device}")
+    train = Split("train", train_base, *embed(model, train_base, "train", args, env, batch_size, workers))
+    val = Split("val", val_base, *embed(model, val_base, "val", args, env, batch_size, workers)) if need_val else None
+    log(f"=> features: {tuple(train.feats.shape)} train" + (f", {tuple(val.feats.shape)} val" if val is not None else "")
+        + f", {train.feats.dtype} on {train.feats.device}")
 
-    # the rest is cheap next to extraction: rank 0 does it, the others wait
+    # ---- the reports (knn/outputs.py), cheap next to extraction: rank 0 makes them, the others wait
     if is_main_process():
         tensorboard = TensorBoardLog(args.output_dir, args.tensorboard)
         if not args.skip_knn:
-            bank, bank_l, queries, axes = train_f, train_l, val_f, 0
-            if args.whiten:
-                mean, projection = fit_whitening(train_f, args.whiten)
-                bank, queries, axes = whiten(train_f, mean, projection), whiten(val_f, mean, projection), \
-                    projection.shape[1]
-                log(f"=> kNN on PCA-whitened features: the first {axes} principal axes of the {len(train_index)} "
-                    f"train features, each at unit variance")
-            if voters is not None:
-                # rows of the readable images in the subset (an unreadable one has no row)
-                rows = torch.isin(train_index.cpu(), torch.tensor(voters)).nonzero().squeeze(1).to(bank.device)
-                bank, bank_l = bank[rows], bank_l[rows]
-                log(f"=> kNN votes with {len(rows)} of the {len(train_index)} train images ({chosen})")
-            info = {"pretrained": args.pretrained, "arch": args.arch, "crop_size": args.crop_size,
-                    "small_images": args.small_images, "temperature": args.knn_t,
-                    "num_train": len(train_index), "num_val": len(val_index) if val_index is not None else 0,
-                    "unreadable_train": len(train_base) - len(train_index),
-                    "unreadable_val": len(val_base) - len(val_index) if val_index is not None else 0,
-                    "num_classes": len(classes), "feature_dim": int(train_f.shape[1]), "whiten": axes,
-                    "label_fraction": args.label_fraction if not args.label_subset else -1.0,
-                    "num_voters": len(bank_l)}
-            report_knn(knn_evaluate(bank, bank_l, queries, val_l, classes, args, tree), classes, info, args, tree,
-                       tensorboard)
+            knn_report(train, val, voters, chosen, classes, args, tree, tensorboard)
         if args.export_embeddings:
-            folder = os.path.join(args.output_dir, "embeddings")
-            export_embeddings(folder, "train", train_f, train_l, train_base, train_index, classes, args.export_dtype,
-                              args.export_format)
-            if val_f is not None:
-                export_embeddings(folder, "val", val_f, val_l, val_base, val_index, classes, args.export_dtype,
-                                  args.export_format)
-            files = ("<split>_features.npy, <split>_labels.npy, <split>.csv" if args.export_format == "npy"
-                     else f"<split>_embeddings.{args.export_format}: one row per image")
-            log(f"=> embeddings in {folder}/ ({files}"
-                + (", <split>_unreadable.csv: the images without features)" if len(train_index) < len(train_base)
-                   or (val_index is not None and len(val_index) < len(val_base)) else ")"))
+            export_splits([train] + ([val] if val is not None else []), classes, args)
         if args.retrieval or args.query:
-            qbase, qf, qindex = (val_base, val_f, val_index) if query_split == "val" else (train_base, train_f,
-                                                                                            train_index)
-            with without_head(model):
-                grids = retrieval(model, train_base, train_f, train_index, qbase, qf, qindex, query_split, classes,
-                                  args, env.device)
-            log(f"=> {len(grids)} retrieval grid(s) in {os.path.dirname(grids[0])}/ (captions.csv names every cell)")
-            for path in grids:
-                tensorboard.image("retrieval/" + os.path.basename(path)[:-4], np.asarray(Image.open(path).convert("RGB")))
+            retrieval_grids(model, train, val if query_split == "val" else train, classes, args, env.device,
+                            tensorboard)
         if args.plot_embeddings:
-            feats, labels = (val_f, val_l) if val_f is not None else (train_f, train_l)
-            names = classes or ["unlabelled"]
-            maps = [plot_embeddings(feats.float().cpu().numpy(), labels.cpu().numpy(), names,
-                                    os.path.join(args.output_dir, f"embeddings_{method}.png"), method, seed=args.seed)
-                    for method in embedding_methods()]
-            log(f"=> embedding map(s): {', '.join(maps)}")
+            embedding_maps(val if val is not None else train, classes, args)
         tensorboard.close()
     barrier()
 

@@ -14,7 +14,6 @@ optimizer; after training every backbone tensor is checked against the checkpoin
 import argparse
 import functools
 import json
-import math
 import os
 from typing import Dict, List, Optional
 
@@ -22,19 +21,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common.ckpt.io import (
-    check_free_space,
-    checkpoint_bytes,
-    load_checkpoint,
-    load_model_state,
-    prepare_output_dir,
-    restore_training_state,
-    save_checkpoint,
-    training_state,
-)
+from common.ckpt.io import load_checkpoint, load_model_state, prepare_output_dir, save_checkpoint, training_state
 from common.ckpt.pretrained import follow_checkpoint
 from common.ckpt.resume import resolve_resume, resumed_args, run_seed
-from common.ckpt.retention import checkpoint_disk_plan, epoch_file_due, prune_epoch_checkpoints
+from common.ckpt.retention import epoch_file_due, prune_epoch_checkpoints
 from common.cli import (ArgumentParser, add_hierarchy_args, add_label_subset_args, add_training_args,
                         check_training_flags, switch)
 from common.dist.collectives import DistEnv, is_main_process
@@ -43,11 +33,12 @@ from common.dist.world import expected_world_size, is_first_process, per_worker
 from common.errors import UserError
 from common.eval.label_tree import LabelTree
 from common.eval.setup import check_label_subset_args, eval_splits, eval_view
-from common.log.progress import MetricsLog, log
+from common.log.progress import log
 from common.nets.precision import Precision
 from common.train.schedule import lr_at
 from lincls.data import TrainingData, log_training_data, training_data
-from lincls.engine import build_criterion, build_optimizer, diverging, evaluate, train_one_epoch
+from lincls.engine import build_criterion, build_optimizer, evaluate, train_one_epoch
+from lincls.epochs import ProbeEpochs, resume_probe
 from lincls.heads import backbone_state, parse_trainable_layers, place_classifier
 from lincls.hierarchy import CLASSIFIER_FLAGS, check_hierarchy_flags
 from lincls.logreg import fit_logreg_head
@@ -182,53 +173,29 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     scaler = Precision.from_args(args).scaler(env.device)
     criterion, chance_classes = build_criterion(args, len(classes), tree, train, env.device)
 
-    # ---- resume
+    # ---- resume: model, optimizer, scaler, RNG and the best val top-1 so far
     start_epoch, best_acc1, best_epoch = 0, 0.0, -1
     if ckpt is not None:
-        start_epoch, _ = restore_training_state(ckpt, model, optimizer, scaler)
-        best_acc1, best_epoch = float(ckpt.get("best_acc1", 0.0)), int(ckpt.get("best_epoch", -1))
-        log(f"=> resumed from {resume_path} at epoch {start_epoch} (best acc1 so far {best_acc1:.2f})")
+        start_epoch, best_acc1, best_epoch = resume_probe(ckpt, resume_path, model, optimizer, scaler)
         if args.pretrained == "none":
             reference = backbone_state(net)  # the random init lives in the checkpoint
         del ckpt
-
-    if is_main_process():
-        size = checkpoint_bytes(model, optimizer)
-        check_free_space(args.output_dir, 2 * size)  # last + model_best
-        log(checkpoint_disk_plan(args, size, start_epoch, other_files=("model_best",)))
-    metrics = MetricsLog(args.output_dir, tensorboard=args.tensorboard)
-    metrics.drop_epochs_from(start_epoch)  # lines a kill left after the last checkpoint
     lr_fn = functools.partial(lr_at, base_lr=args.lr, epochs=args.epochs, schedule=args.schedule,
                               cos=args.cos, warmup_epochs=args.warmup_epochs)
+    # the disk plan, the metrics log, the best so far and the divergence warning (lincls/epochs.py)
+    run = ProbeEpochs(args, model, optimizer, start_epoch, best_acc1, best_epoch, lr_fn, chance_classes)
 
     # ---- epochs: train, evaluate, checkpoint (best by val top-1)
-    report, lowest_val_loss, warned = None, float("inf"), False
+    report = None
     for epoch in range(start_epoch, args.epochs):
         train.sampler.set_epoch(epoch)
         stats = train_one_epoch(model, train.loader, criterion, optimizer, scaler, epoch, len(train.loader), lr_fn,
-                                args, env, metrics, tree, first_epoch=epoch == start_epoch)
+                                args, env, run.metrics, tree, first_epoch=epoch == start_epoch)
         report = evaluate(model, val_dataset, classes, args, env, workers, tree)
-        is_best = report["acc1"] > best_acc1 or best_epoch < 0
-        if is_best:
-            best_acc1, best_epoch = report["acc1"], epoch
-        record = {"epoch": epoch, "lr": lr_fn(epoch + 1 - 1e-9), **stats, **summary_record(report),
-                  "best_acc1": best_acc1}
-        for line in level_lines(report):
-            log(f"=> epoch {epoch} val {line}")
-        log(f"=> epoch {epoch} val: {summary_line(report)}  (best acc1 {best_acc1:.2f} at epoch {best_epoch})")
-        if not warned and diverging(report["val_loss"], lowest_val_loss, report["acc1"], best_acc1, chance_classes):
-            warned = True
-            log(f"=> warning: the probe is diverging (val_loss {report['val_loss']:.4g}; guessing gives "
-                f"{math.log(chance_classes):.2f}; top-1 {report['acc1']:.1f}, best {best_acc1:.1f}): --lr {args.lr} is too "
-                f"high for these features; add --head-bn (features standardised, e.g. --head-bn --lr 0.1) or lower --lr")
-        lowest_val_loss = min(lowest_val_loss, report["val_loss"])
-        metrics.write(record)
+        record, is_best = run.end_epoch(epoch, stats, report)  # val lines, metrics line, report CSVs
         if is_main_process():
-            write_report_files(report, args.output_dir)
-            if is_best:
-                write_report_files(report, args.output_dir, "_best")
             save_checkpoint(training_state(model, optimizer, scaler, args, method="lincls", epoch=epoch + 1,
-                                           metrics=record, best_acc1=best_acc1, best_epoch=best_epoch,
+                                           metrics=record, best_acc1=run.best_acc1, best_epoch=run.best_epoch,
                                            classes=classes),
                             args.output_dir, epoch_file=epoch_file_due(args, epoch + 1), is_best=is_best)
             prune_epoch_checkpoints(args.output_dir, args.keep_checkpoints, args.keep_epochs)
@@ -237,11 +204,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         sanity_check(net, reference, args.trainable_layers)
     if report is None:  # resumed a finished run: report its final state
         report = evaluate(model, val_dataset, classes, args, env, workers, tree)
-    for line in level_lines(report):
-        log(f"=> final {line}")
-    log(f"=> final ({args.epochs} epochs, {len(train.dataset)} training images): {summary_line(report)}  "
-        f"best acc1 {best_acc1:.2f} (epoch {best_epoch})")
-    write_results(args, len(train.dataset), len(classes), best_acc1, best_epoch, report, tree)
+    run.finish(report, len(train.dataset), len(classes), tree)  # final lines, results.json
 
 
 def evaluate_checkpoint(model: nn.Module, ckpt: Dict, resume_path: str, val_dataset: Dataset, classes: List[str],

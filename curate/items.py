@@ -1,5 +1,6 @@
 """The images a run looks at, from every split, as one table: row i has a feature, a
-label (-1: unlabelled), a split name and the image behind it."""
+label (-1: unlabelled), a split name and the image behind it; and the splits it reads."""
+import argparse
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
@@ -8,6 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.data.datasets import build_dataset
+from common.data.images import FileListDataset, image_folder
+from common.errors import UserError
 from common.eval.embeddings import class_name, path_of
 
 
@@ -57,3 +61,24 @@ def join_splits(parts: Sequence[Tuple[str, Dataset, torch.Tensor, torch.Tensor, 
             paths.append(path_of(base, i))
             sources.append((base, i))
     return Items(centre(torch.cat(feats)), torch.cat(labels), splits, paths, list(classes), sources)
+
+
+def read_splits(args: argparse.Namespace) -> Tuple[List[Tuple[str, Dataset]], List[str]]:
+    """The (name, dataset) parts a curation run embeds: train, val when there is one, and the
+    --unlabelled pool (labels -1); and the class names. Refuses fewer than 2 images, and a
+    --select larger than the unlabelled images."""
+    train, val = build_dataset(args, "train"), build_dataset(args, "val")
+    classes = list(getattr(train, "classes", None) or [])
+    parts = [("train", train)] + ([("val", val)] if val is not None else [])
+    if args.unlabelled:
+        pool = image_folder(args.unlabelled)
+        parts.append(("unlabelled", FileListDataset([(p, -1) for p, _ in pool.samples], [])))
+    total = sum(len(ds) for _, ds in parts)
+    if total < 2:
+        raise UserError(f"found {total} image; curating needs at least 2 (duplicates and outliers compare images "
+                        f"with each other): add images to the data folder")
+    unlabelled = sum(sum(1 for t in ds.targets if t < 0) for _, ds in parts)
+    if args.select > unlabelled:
+        raise UserError(f"--select {args.select} asks for more images than the {unlabelled} unlabelled ones; pass "
+                        f"--select {unlabelled} or less (or more unlabelled images with --unlabelled DIR)")
+    return parts, classes

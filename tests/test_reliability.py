@@ -112,7 +112,7 @@ def test_nan_loss_stops_before_overwriting_the_last_good_checkpoint(one_epoch, t
 
 
 def test_probe_divergence_is_recognised():
-    from main_lincls import diverging
+    from lincls.engine import diverging
     assert diverging(1514.0, 1.2, 57.6, 71.4, 2)  # the small-dataset lr 30 run of the issue
     assert diverging(float("nan"), 1.2, 10.0, 71.4, 10)
     assert diverging(4608.0, 9000.0, 34.4, 30.0, 8)  # huge from the start, even while top-1 rises
