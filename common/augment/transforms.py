@@ -58,9 +58,9 @@ def blur_kernel_size(crop_size: int) -> int:
 
 class PILGaussianBlur:
     """Gaussian blur with sigma ~ U(sigma_min, sigma_max) through PIL's filter, as the MoCo
-    authors' loader does (moco/loader.py): about 1 ms on a 224 px image, where
-    torchvision's GaussianBlur, a float convolution on a PIL image, takes about 50 ms.
-    sigma is drawn from torch's RNG so the per-sample seed fixes it."""
+    authors' loader does (moco/loader.py): far cheaper than torchvision's GaussianBlur, a float
+    convolution on a PIL image (measured: docs/performance.md, the blur per image). sigma is
+    drawn from torch's RNG so the per-sample seed fixes it."""
 
     def __init__(self, sigma: Tuple[float, float] = (0.1, 2.0)):
         self.sigma = sigma

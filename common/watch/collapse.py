@@ -36,13 +36,12 @@ class LearningWatch:
     NEAR_CHANCE times chance. The first epoch is not judged: MoCo's queue starts as random
     vectors, which make its first accuracy look far better than it is. So the check speaks
     from the second epoch on (the first in a one-epoch run): long before a tenth of a
-    small-data budget. NEAR_CHANCE sits between a run that never learned (1.2-3.9 % of 127
-    candidates, 1.5-4.9x chance, on an inspection set) and a slow one that did (MoCo from 6 %
-    of 129, 7.7x). Nor are the epochs of the lr warmup (`warmup_epochs`, e.g. the tenth of
-    the run SimCLR's --recipe small sets): the lr is still rising there, so a slow start is the
-    schedule, not the views (the warning used to fire in warmup and be gone an epoch after).
-    The run's last epoch is always judged. `stuck_epochs` counts the epochs in a row it has
-    spoken."""
+    small-data budget. NEAR_CHANCE sits between a run that never learned and a slow one that
+    did (measured: docs/small-data.md, Why these values: the not-learning level). Nor are the
+    epochs of the lr warmup (`warmup_epochs`, e.g. the tenth of the run SimCLR's --recipe small
+    sets): the lr is still rising there, so a slow start is the schedule, not the views (the
+    warning used to fire in warmup and be gone an epoch after). The run's last epoch is always
+    judged. `stuck_epochs` counts the epochs in a row it has spoken."""
 
     def __init__(self, chance: float, epochs: int, hint: str, warmup_epochs: float = 0.0):
         self.chance, self.epochs, self.hint = chance, epochs, hint
