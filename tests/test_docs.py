@@ -8,19 +8,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _make_flags():
-    spec = importlib.util.spec_from_file_location("make_flags", os.path.join(ROOT, "docs", "make_flags.py"))
+    spec = importlib.util.spec_from_file_location("make_flags", os.path.join(ROOT, "tools", "make_flags.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_flag_reference_matches_the_parsers():
-    """docs/flags.md is docs/make_flags.py's rendering of every script's get_args_parser()."""
+    """docs/flags.md is tools/make_flags.py's rendering of every script's get_args_parser()."""
     expected = _make_flags().render()
     with open(os.path.join(ROOT, "docs", "flags.md"), encoding="utf-8") as f:
         written = f.read()
     if written != expected:
-        pytest.fail("docs/flags.md is out of date; run python docs/make_flags.py", pytrace=False)
+        pytest.fail("docs/flags.md is out of date; run python tools/make_flags.py", pytrace=False)
 
 
 def test_docs_link_to_sections_that_exist():

@@ -14,7 +14,7 @@ from conftest import SYNTHETIC, run_main
 from common.ckpt.io import load_checkpoint
 from common.cli import ArgumentParser, switch
 
-# every script with a command line (docs/make_flags.py's list)
+# every script with a command line (tools/make_flags.py's list)
 SCRIPTS = ("main_moco", "main_moco_v3", "main_simclr", "main_inpaint", "main_lincls", "main_knn", "main_curate",
            "export_backbone", "plot_run")
 MAX_GROUP = 12  # flags in one --help section

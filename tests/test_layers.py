@@ -33,7 +33,7 @@ COMMON_ORDER = [
 METHOD_AND_JOB_FOLDERS = ["moco", "mocov3", "simclr", "inpaint", "lincls", "knn", "curate", "export"]
 # above them the scripts: every .py file at the repository's top (main_*.py, hubconf.py,
 # export_backbone.py, plot_run.py); none imports another. On top the tools, which may import anything.
-TOOLS = ["bench", "docs", "tests"]
+TOOLS = ["bench", "tools", "tests"]
 SKIP = {".venv", ".git", "runs", "__pycache__"}  # not the repository's code
 
 # (importer, imported) -> why it is allowed. Keep this short: every entry is a place where

@@ -2,8 +2,8 @@
 parsers (`get_args_parser()`), so that `--help` stays the one source: one section per
 script, one table (flag | default | help) per argument group.
 
-    python docs/make_flags.py           # rewrite docs/flags.md
-    python docs/make_flags.py --check   # exit 1 if docs/flags.md is out of date
+    python tools/make_flags.py           # rewrite docs/flags.md
+    python tools/make_flags.py --check   # exit 1 if docs/flags.md is out of date
 
 tests/test_docs.py runs render() and fails when the file differs. The output depends only
 on the parsers: programme names are fixed here, %(default)s-style expansions are done here,
@@ -26,7 +26,7 @@ MAX_CHOICES = 12  # longer choice lists are shortened to their first names and "
 
 HEADER = """# Command-line flags
 
-Generated from the scripts' argparse parsers by `python docs/make_flags.py`; do not edit by
+Generated from the scripts' argparse parsers by `python tools/make_flags.py`; do not edit by
 hand (tests/test_docs.py fails when this file and the parsers disagree). `python SCRIPT --help`
 prints the same flags. A blank default means none, or a value computed at run time (the help
 says how); on/off is a switch's default state; "required" a flag the script cannot run without.
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     if args.check:
         with open(FLAGS_MD, encoding="utf-8") as f:
             if f.read() != text:
-                print("docs/flags.md is out of date; run python docs/make_flags.py", file=sys.stderr)
+                print("docs/flags.md is out of date; run python tools/make_flags.py", file=sys.stderr)
                 return 1
         return 0
     with open(FLAGS_MD, "w", encoding="utf-8") as f:
