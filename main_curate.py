@@ -24,11 +24,11 @@ import torch
 from common.ckpt.io import prepare_output_dir, previous_run_files
 from common.ckpt.pretrained import follow_checkpoint
 from common.cli import ArgumentParser, add_eval_args, check_common_flags, switch
-from common.dist.collectives import DistEnv, barrier, is_main_process
-from common.dist.launch import script_main, start_worker
-from common.dist.world import expected_world_size, is_first_process, per_worker
+from common.distributed.collectives import DistEnv, barrier, is_main_process
+from common.distributed.launch import script_main, start_worker
+from common.distributed.world import expected_world_size, is_first_process, per_worker
 from common.errors import UserError
-from common.eval.setup import pretrained_backbone
+from common.eval.inputs import pretrained_backbone
 from common.extras import require
 from common.log.progress import log
 from curate.duplicates import RULES

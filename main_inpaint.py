@@ -20,17 +20,17 @@ from torchvision.utils import make_grid, save_image
 
 from common.augment.gpu import ViewsToDevice
 from common.ckpt.checkpoints import Checkpoints
-from common.ckpt.init import init_backbone
+from common.ckpt.init_weights import init_backbone
 from common.cli import ArgumentParser, add_pretrain_args, add_training_args, switch
-from common.dist.collectives import is_main_process
-from common.dist.launch import script_main, start_worker
-from common.dist.placement import place_model
+from common.distributed.collectives import is_main_process
+from common.distributed.launch import script_main, start_worker
+from common.distributed.placement import place_model
 from common.errors import UserError
 from common.nets.models import build_backbone
 from common.nets.precision import Precision
 from common.train.data import pretrain_data
 from common.train.run import PretrainRun, lr_schedule
-from common.train.setup import finalize_pretrain_args
+from common.train.pretrain_args import finalize_pretrain_args
 from common.train.step import train_one_epoch
 from export.backbone import export_at_end
 from inpaint.masking import InpaintingPair

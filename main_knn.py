@@ -25,13 +25,13 @@ from common.ckpt.pretrained import follow_checkpoint
 from common.cli import (ArgumentParser, add_eval_args, add_hierarchy_args, add_label_subset_args, check_common_flags,
                         switch)
 from common.data.images import is_image_file, pil_loader
-from common.dist.collectives import barrier, is_main_process
-from common.dist.launch import script_main, start_worker
-from common.dist.world import expected_world_size, is_first_process, per_worker
+from common.distributed.collectives import barrier, is_main_process
+from common.distributed.launch import script_main, start_worker
+from common.distributed.world import expected_world_size, is_first_process, per_worker
 from common.errors import UserError
 from common.eval.embeddings import embed
 from common.eval.label_tree import check_hierarchy_depth
-from common.eval.setup import check_label_subset_args, eval_splits, pretrained_backbone, training_labels
+from common.eval.inputs import check_label_subset_args, eval_splits, pretrained_backbone, training_labels
 from common.extras import require
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
@@ -39,7 +39,7 @@ from knn.embeddings import EXPORT_FORMATS
 from knn.outputs import Split, check_export_space, embedding_maps, export_splits, knn_report, retrieval_grids
 
 # Every name main_knn.py writes in --output-dir, here and nowhere else: knn/reports.py's results and
-# per-class csvs, the --label-fraction draw (common/eval/setup.py), knn/embeddings.py's exports,
+# per-class csvs, the --label-fraction draw (common/eval/inputs.py), knn/embeddings.py's exports,
 # knn/retrieval.py's grids, the --plot-embeddings maps and TensorBoard's events. A folder holding
 # any of them is refused and --overwrite removes them all: an earlier run's exports or grids must
 # not sit beside this run's results as if they were its own.

@@ -27,17 +27,17 @@ from common.ckpt.resume import resolve_resume, resumed_args, run_seed
 from common.ckpt.retention import epoch_file_due, prune_epoch_checkpoints
 from common.cli import (ArgumentParser, add_hierarchy_args, add_label_subset_args, add_training_args,
                         check_training_flags, switch)
-from common.dist.collectives import DistEnv, is_main_process
-from common.dist.launch import script_main, start_worker
-from common.dist.world import expected_world_size, is_first_process, per_worker
+from common.distributed.collectives import DistEnv, is_main_process
+from common.distributed.launch import script_main, start_worker
+from common.distributed.world import expected_world_size, is_first_process, per_worker
 from common.errors import UserError
 from common.eval.label_tree import LabelTree
-from common.eval.setup import check_label_subset_args, eval_splits, eval_view
+from common.eval.inputs import check_label_subset_args, eval_splits, eval_view
 from common.log.progress import log
 from common.nets.precision import Precision
 from common.train.schedule import lr_at
 from lincls.data import TrainingData, log_training_data, training_data
-from lincls.engine import build_criterion, build_optimizer, evaluate, train_one_epoch
+from lincls.train_eval import build_criterion, build_optimizer, evaluate, train_one_epoch
 from lincls.epochs import ProbeEpochs, resume_probe
 from lincls.heads import backbone_state, parse_trainable_layers, place_classifier
 from lincls.hierarchy import CLASSIFIER_FLAGS, check_hierarchy_flags

@@ -12,13 +12,13 @@ import torch
 
 from common.augment import transforms as augment
 from common.ckpt.checkpoints import Checkpoints
-from common.ckpt.init import init_backbone
+from common.ckpt.init_weights import init_backbone
 from common.cli import (ArgumentParser, add_pretrain_args, add_recipe_args, add_training_args, add_view_args,
                         switch)
 from common.data.datasets import SMALL_CROP_MAX
-from common.dist.launch import script_main, start_worker
-from common.dist.placement import place_model
-from common.dist.world import expected_world_size
+from common.distributed.launch import script_main, start_worker
+from common.distributed.placement import place_model
+from common.distributed.world import expected_world_size
 from common.errors import UserError
 from common.log.progress import log
 from common.nets.batchnorm import bn_group_warning, fewest_positions
@@ -29,13 +29,13 @@ from common.train.recipes import (SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfi
                                   set_by_recipe)
 from common.train.run import PretrainRun, lr_schedule
 from common.train.schedule import cosine_momentum
-from common.train.setup import finalize_pretrain_args, finalize_view_args, learning_watch
+from common.train.pretrain_args import finalize_pretrain_args, finalize_view_args, learning_watch
 from common.train.step import train_one_epoch
 from common.train.trial import recipe_trial
 from export.backbone import export_at_end
 from moco.augment import moco_v1, moco_v2
 from moco.builder import MoCo
-from moco.guards import fitted_queue, momentum_warning, queue_warning
+from moco.small_data import fitted_queue, momentum_warning, queue_warning
 from moco.split_bn import SplitBatchNorm
 
 

@@ -18,11 +18,11 @@ import torch.nn as nn
 
 from common.augment import transforms as augment
 from common.ckpt.checkpoints import Checkpoints
-from common.ckpt.init import init_backbone
+from common.ckpt.init_weights import init_backbone
 from common.cli import ArgumentParser, add_pretrain_args, add_training_args, add_view_args, given, switch
 from common.data.datasets import SMALL_CROP_MAX
-from common.dist.launch import script_main, start_worker
-from common.dist.placement import place_model
+from common.distributed.launch import script_main, start_worker
+from common.distributed.placement import place_model
 from common.errors import UserError
 from common.log.progress import log
 from common.nets.models import build_backbone
@@ -31,11 +31,11 @@ from common.train.data import two_view_data
 from common.train.optim import LARS, scaled_lr, split_decay_groups
 from common.train.run import PretrainRun, lr_schedule
 from common.train.schedule import cosine_momentum
-from common.train.setup import finalize_pretrain_args, finalize_view_args, learning_watch
+from common.train.pretrain_args import finalize_pretrain_args, finalize_view_args, learning_watch
 from common.train.step import train_one_epoch
 from export.backbone import export_at_end
 from moco.augment import moco_v2
-from moco.guards import momentum_warning
+from moco.small_data import momentum_warning
 from mocov3.builder import MoCoV3
 
 OPTIMIZERS = ("lars", "adamw")

@@ -16,13 +16,13 @@ import torch.nn as nn
 
 from common.augment import transforms as augment
 from common.ckpt.checkpoints import Checkpoints
-from common.ckpt.init import init_backbone
+from common.ckpt.init_weights import init_backbone
 from common.cli import (ArgumentParser, add_pretrain_args, add_recipe_args, add_training_args, add_view_args,
                         switch)
 from common.data.datasets import SMALL_CROP_MAX
-from common.dist.launch import script_main, start_worker
-from common.dist.placement import place_model
-from common.dist.world import expected_world_size, uses_cuda
+from common.distributed.launch import script_main, start_worker
+from common.distributed.placement import place_model
+from common.distributed.world import expected_world_size, uses_cuda
 from common.errors import UserError
 from common.log.progress import log
 from common.nets.batchnorm import bn_group_warning, fewest_positions
@@ -32,7 +32,7 @@ from common.train.data import two_view_data
 from common.train.optim import OPTIMIZERS, build_optimizer, scaled_lr
 from common.train.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, chosen, epochs_for_budget
 from common.train.run import PretrainRun, lr_schedule
-from common.train.setup import finalize_pretrain_args, finalize_view_args, learning_watch
+from common.train.pretrain_args import finalize_pretrain_args, finalize_view_args, learning_watch
 from common.train.step import train_one_epoch
 from common.train.trial import recipe_trial
 from export.backbone import export_at_end

@@ -34,7 +34,7 @@ from common.data.images import image_folder  # noqa: E402
 from common.data.loader import make_loader  # noqa: E402
 from common.data.synthetic import SyntheticPatterns  # noqa: E402
 from common.data.transformed import TransformedDataset, load_sample  # noqa: E402
-from common.dist.collectives import DistEnv  # noqa: E402
+from common.distributed.collectives import DistEnv  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 from moco.augment import moco_v2  # noqa: E402
 from simclr.augment import simclr_augmentation  # noqa: E402

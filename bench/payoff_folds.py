@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file: the repository root on the path
 import main_simclr  # noqa: E402
 from common.ckpt.io import load_checkpoint  # noqa: E402
 from common.ckpt.pretrained import load_backbone  # noqa: E402
-from common.dist.collectives import DistEnv  # noqa: E402
+from common.distributed.collectives import DistEnv  # noqa: E402
 from common.errors import report_user_errors  # noqa: E402
 from common.eval import payoff  # noqa: E402
 from common.files.atomic import write_json_atomic  # noqa: E402

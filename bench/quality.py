@@ -76,7 +76,7 @@ from common.eval.knn import fit_whitening, knn_accuracy, whiten  # noqa: E402
 from common.nets.models import build_backbone, without_head  # noqa: E402
 from common.train.recipes import SMALL_DATA_BUDGET, epochs_for_budget  # noqa: E402
 from common.eval.logreg import PROBE_WD, logistic_regression_accuracy  # noqa: E402
-from moco.guards import fitted_queue  # noqa: E402
+from moco.small_data import fitted_queue  # noqa: E402
 
 # main_knn.py --whiten: the principal axes the whitened kNN column keeps (docs/small-data.md, "kNN and
 # the nuisance")

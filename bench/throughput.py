@@ -50,7 +50,7 @@ from bench.util import (  # noqa: E402
 from common.augment import transforms as augment  # noqa: E402
 from common.augment.gpu import ViewsToDevice, draw_params  # noqa: E402
 from common.augment.gpu_decode import DecodeToDevice, EncodedImage, EncodedViews, collate_encoded  # noqa: E402
-from common.dist.collectives import DistEnv  # noqa: E402
+from common.distributed.collectives import DistEnv  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
 from common.nets.backbones import family  # noqa: E402
 from common.nets.models import build_backbone, feature_dim, has_batchnorm  # noqa: E402
@@ -180,7 +180,7 @@ class Runner:
         if cfg["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
         if cfg["compile"]:
-            # as the scripts do (common.dist.placement.place_model): the networks, in place, glue eager
+            # as the scripts do (common.distributed.placement.place_model): the networks, in place, glue eager
             for net in self.model.networks():
                 net.compile()
         self.optimizer = build_optimizer(method, self.model, cfg["optim_impl"], device, args)

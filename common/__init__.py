@@ -4,5 +4,5 @@ pieces (its model, loss, augmentation recipe) live next to it: moco/, simclr/; w
 method needs too (an optimizer, the EMA update, a schedule) comes down here.
 
 Imports only go down (tests/test_layers.py keeps it so): scripts -> method and job folders
-(none importing another) -> common/'s folders, lowest first errors, extras, files, dist,
-data, augment, nets, log, ckpt, cli, watch, eval, train."""
+(none importing another) -> common/'s folders, lowest first errors, extras, files,
+distributed, data, augment, nets, log, ckpt, cli, watch, eval, train."""

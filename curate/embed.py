@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common.dist.collectives import DistEnv, barrier, is_main_process
+from common.distributed.collectives import DistEnv, barrier, is_main_process
 from common.eval.embeddings import embed, path_of
 from common.files.atomic import atomic_path
 from common.log.progress import log

@@ -11,10 +11,10 @@ import torch.nn as nn
 
 from common.ckpt.io import check_free_space, checkpoint_bytes, restore_training_state
 from common.ckpt.retention import checkpoint_disk_plan
-from common.dist.collectives import is_main_process
+from common.distributed.collectives import is_main_process
 from common.eval.label_tree import LabelTree
 from common.log.progress import MetricsLog, log
-from lincls.engine import diverging
+from lincls.train_eval import diverging
 from lincls.reports import level_lines, summary_line, summary_record, write_report_files, write_results
 
 

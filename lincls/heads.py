@@ -7,11 +7,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from common.dist.collectives import DistEnv
-from common.dist.placement import place_model
+from common.distributed.collectives import DistEnv
+from common.distributed.placement import place_model
 from common.errors import UserError
 from common.eval.label_tree import LabelTree
-from common.eval.setup import pretrained_backbone
+from common.eval.inputs import pretrained_backbone
 from common.log.progress import log
 from common.nets.backbones import block_names
 from common.nets.models import feature_dim
@@ -48,7 +48,7 @@ def backbone_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def build_classifier(args: argparse.Namespace, num_classes: Union[int, Sequence[int]]
                      ) -> Tuple[nn.Module, Dict[str, torch.Tensor], str]:
-    """The --pretrained backbone (common/eval/setup.py) with a new head (one per level for a
+    """The --pretrained backbone (common/eval/inputs.py) with a new head (one per level for a
     list of class counts). Returns (model, the checkpoint's backbone tensors for the sanity
     check (empty for random init), description of where the weights came from)."""
     outputs = num_classes if isinstance(num_classes, int) else sum(num_classes)

@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common.dist.collectives import DistEnv
-from common.dist.world import per_worker
+from common.distributed.collectives import DistEnv
+from common.distributed.world import per_worker
 from common.eval.features import extract_features
 from common.eval.logreg import fit_logistic_regression
-from common.eval.setup import eval_view
+from common.eval.inputs import eval_view
 from common.nets.models import without_head
 from common.nets.precision import Precision
 from lincls.balance import class_weights

@@ -1,11 +1,11 @@
-"""What a probe reports of an evaluation (lincls/engine.py's): the per-class and confusion
+"""What a probe reports of an evaluation (lincls/train_eval.py's): the per-class and confusion
 CSVs, its log lines, its metrics.jsonl record and results.json."""
 import argparse
 import json
 import os
 from typing import Dict, List, Optional
 
-from common.dist.collectives import is_main_process
+from common.distributed.collectives import is_main_process
 from common.eval.label_tree import LabelTree
 from common.eval.metrics import save_confusion_csv, save_per_class_csv
 from common.log.progress import log

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.dist.collectives import concat_all_gather, get_world_size
+from common.distributed.collectives import concat_all_gather, get_world_size
 from common.nets.ema import momentum_update
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.dist.collectives import concat_all_gather, get_rank
+from common.distributed.collectives import concat_all_gather, get_rank
 from common.nets.backbones import family
 from common.nets.ema import momentum_update
 from common.nets.models import feature_dim

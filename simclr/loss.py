@@ -7,7 +7,7 @@ are its negatives:
     loss = mean over the 2N anchors i of  -log( exp(s(i, pos(i)) / T) / sum_{j != i} exp(s(i, j) / T) )
 
 with s the cosine similarity. Under DDP, N is the global batch: every rank gathers
-the embeddings of all ranks (common.dist.collectives.all_gather_with_grad, whose backward returns
+the embeddings of all ranks (common.distributed.collectives.all_gather_with_grad, whose backward returns
 to each rank the gradient of its own embeddings from every rank's loss), scores its own
 2n anchors against all 2N embeddings, and averages over its anchors. The mean of the
 rank losses is then the single-process loss of the whole batch, and DDP's gradient
@@ -18,7 +18,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from common.dist.collectives import all_gather_with_grad, get_rank, get_world_size
+from common.distributed.collectives import all_gather_with_grad, get_rank, get_world_size
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,7 @@ def learning_knn(output_dir, image_size: int = 32):
     import torch
 
     import main_moco
-    from common.dist.collectives import DistEnv
+    from common.distributed.collectives import DistEnv
     from common.eval.monitor import KnnMonitor
     argv = SYNTHETIC + ["--synthetic-size", str(LEARNING_KNN_IMAGES), "--synthetic-image-size", str(image_size),
                         "--crop-size", "32", "-b", "64", "--moco-k", "64", "--output-dir", str(output_dir)]

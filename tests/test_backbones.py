@@ -240,7 +240,7 @@ def test_a_convnext_pretrains_probes_knns_and_exports_in_every_format_with_its_f
     import onnxruntime
 
     import main_knn
-    from common.eval.setup import eval_splits, eval_view
+    from common.eval.inputs import eval_splits, eval_view
     ckpt = convnext_checkpoint
     probe = run_inline(capsys, main_lincls.main, CONVNEXT + ["--probe", "logreg", "--pretrained", ckpt,
                                                              "--output-dir", str(tmp_path / "probe")]).stdout

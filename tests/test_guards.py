@@ -11,12 +11,12 @@ from conftest import SYNTHETIC, run_inline
 from test_moco_builder import tiny_moco
 
 from common.augment.gpu import ViewsToDevice
-from common.dist.collectives import DistEnv
+from common.distributed.collectives import DistEnv
 from common.train.data import PretrainData
 from common.train.schedule import cosine_momentum
 from common.train.step import train_one_epoch
 from common.watch.collapse import CollapseWatch
-from moco.guards import init_share_at_end, momentum_warning, queue_warning
+from moco.small_data import init_share_at_end, momentum_warning, queue_warning
 
 
 def test_cosine_momentum_rises_from_the_base_to_one():

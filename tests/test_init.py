@@ -11,7 +11,7 @@ import main_inpaint
 import main_moco
 import main_moco_v3
 import main_simclr
-from common.ckpt.init import init_backbone
+from common.ckpt.init_weights import init_backbone
 from common.ckpt.pretrained import torchvision_weights_path
 from common.errors import UserError
 from common.nets.models import build_backbone

@@ -1,4 +1,4 @@
-"""How the processes start and end (common/dist/launch.py): a `--multiprocessing-distributed`
+"""How the processes start and end (common/distributed/launch.py): a `--multiprocessing-distributed`
 worker killed from outside (the out-of-memory killer's SIGKILL) ends the run with one
 sentence naming the rank, the signal and how to continue."""
 import os

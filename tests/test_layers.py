@@ -17,8 +17,8 @@ COMMON_ORDER = [
     "common",  # the package's __init__ (a docstring)
     "common.errors",  # UserError: the one-sentence error every layer raises
     "common.extras",  # optional packages
-    "common.files",  # atomic writes, the output folder's run lock: under ckpt, log and dist
-    "common.dist",  # processes, collectives, the launcher
+    "common.files",  # atomic writes, the output folder's run lock: under ckpt, log and distributed
+    "common.distributed",  # processes, collectives, the launcher
     "common.data",  # datasets, images, loaders
     "common.augment",  # view recipes, eval transforms, --gpu-augment
     "common.nets",  # backbones, BatchNorm, precision, the EMA update

@@ -348,7 +348,7 @@ def test_moco_v3_beats_the_untrained_network_under_the_same_knn(tmp_path):
 
     from common.ckpt.io import load_checkpoint
     from common.ckpt.pretrained import load_backbone
-    from common.dist.collectives import DistEnv
+    from common.distributed.collectives import DistEnv
     from common.eval.monitor import KnnMonitor
     import main_moco
     with contextlib.redirect_stdout(io.StringIO()):

@@ -40,7 +40,7 @@ def test_the_verdict_is_the_mean_paired_gain_against_its_spread_over_folds():
 
 def test_the_probe_reads_the_train_split_only(tmp_path, monkeypatch):
     import main_moco
-    from common.dist.collectives import DistEnv
+    from common.distributed.collectives import DistEnv
     data = write_image_folder(tmp_path / "data", per_class=6, split_dirs=("train", "val"))
     read = []
     real = payoff.build_dataset
@@ -163,7 +163,7 @@ def test_group_folds_keep_each_group_in_one_fold_and_near_copies_stop_scoring():
 
 
 def test_payoff_groups_come_from_file_names_and_a_bad_pattern_is_one_sentence(tmp_path):
-    from common.dist.collectives import DistEnv
+    from common.distributed.collectives import DistEnv
     from common.errors import UserError
     data = write_image_folder(tmp_path / "data", per_class=6, split_dirs=("train",))
     for c in ("a", "b"):  # 0.png .. 5.png -> s0_0.png: six groups
@@ -189,7 +189,7 @@ def test_inpainting_has_no_views_and_no_learned_size():
 
 
 def test_with_two_sizes_the_probe_scores_a_smaller_sample_at_both(tmp_path, monkeypatch):
-    from common.dist.collectives import DistEnv
+    from common.distributed.collectives import DistEnv
     data = write_image_folder(tmp_path / "data", per_class=12, size=32, split_dirs=("train",))
     monkeypatch.setattr(payoff, "TWO_SIZES_IMAGES", 10)
     parse = main_moco.get_args_parser().parse_args

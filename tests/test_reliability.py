@@ -32,8 +32,8 @@ WORKER = r"""
 import json, sys
 import main_moco
 from common.data.loader import ResumableSampler
-from common.dist.collectives import cleanup
-from common.dist.launch import start_worker
+from common.distributed.collectives import cleanup
+from common.distributed.launch import start_worker
 args = main_moco.finalize_args(main_moco.get_args_parser().parse_args(sys.argv[2:]))
 drawn = args.seed
 env, batch, _ = start_worker(None, args)
@@ -112,7 +112,7 @@ def test_nan_loss_stops_before_overwriting_the_last_good_checkpoint(one_epoch, t
 
 
 def test_probe_divergence_is_recognised():
-    from lincls.engine import diverging
+    from lincls.train_eval import diverging
     assert diverging(1514.0, 1.2, 57.6, 71.4, 2)  # the small-dataset lr 30 run of the issue
     assert diverging(float("nan"), 1.2, 10.0, 71.4, 10)
     assert diverging(4608.0, 9000.0, 34.4, 30.0, 8)  # huge from the start, even while top-1 rises

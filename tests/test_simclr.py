@@ -18,7 +18,7 @@ from conftest import SYNTHETIC, run_main, run_script
 import main_simclr
 from common.ckpt.io import load_checkpoint
 from common.ckpt.pretrained import load_backbone
-from common.dist.collectives import DistEnv, all_gather_with_grad
+from common.distributed.collectives import DistEnv, all_gather_with_grad
 from common.eval.monitor import KnnMonitor
 from common.nets.models import build_backbone
 from common.train.optim import LARS, build_optimizer, scaled_lr, split_decay_groups

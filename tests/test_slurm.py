@@ -14,8 +14,8 @@ import torch
 from conftest import (CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, kill_after_line,
                       wait_for_line)
 
-from common.dist import collectives as cdist
-from common.dist import slurm, world
+from common.distributed import collectives as cdist
+from common.distributed import slurm, world
 from common.errors import UserError
 from common.train.preempt import REQUEUE_EXIT_CODE
 
@@ -238,7 +238,7 @@ def test_sigterm_sets_flag_then_the_run_checkpoints_and_exits_for_requeue(tmp_pa
     import argparse
 
     from common.ckpt.checkpoints import Checkpoints
-    from common.dist.signals import PREEMPT_SIGNALS
+    from common.distributed.signals import PREEMPT_SIGNALS
     from common.train.data import PretrainData
     from common.train.run import PretrainRun
     monkeypatch.setenv("PATH", "/nonexistent")

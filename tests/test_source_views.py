@@ -96,7 +96,7 @@ def test_given_flags_small_sources_and_resumed_runs_measure_nothing(inspection, 
 def test_the_not_learning_hint_keeps_source_scale_views():
     """A run on source-scale views is told to grow the crop at the same scale, not to take
     --crop-min 0.3, which would resize the source's detail away again."""
-    from common.train.setup import learning_watch
+    from common.train.pretrain_args import learning_watch
     base = dict(crop_size=64, color_strength=0.1, epochs=10, warmup_epochs=0)
     scaled = learning_watch(argparse.Namespace(crop_min=0.0625, crop_max=0.0625, **base), 127, 0.08, "--temperature",
                             0.2).hint

@@ -20,7 +20,7 @@ from common.ckpt.io import (
 )
 from common.ckpt.resume import check_arch, resolve_resume
 from common.ckpt.retention import checkpoint_disk_plan, epoch_file_due, prune_epoch_checkpoints
-from common.dist.collectives import is_main_process
+from common.distributed.collectives import is_main_process
 from common.log.progress import log
 
 

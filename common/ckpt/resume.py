@@ -34,7 +34,7 @@ def resumed_args(resume: Optional[str], output_dir: str, method: str) -> Tuple[O
 def run_seed(given: Optional[int], saved: Dict[str, Any]) -> int:
     """The run's one seed: the resumed checkpoint's (so the data order and augmentations
     continue as they were, whatever --seed says), else --seed, else a fresh draw. The
-    ranks then agree on it (common.dist.launch.start_worker), so the launcher cannot split it."""
+    ranks then agree on it (common.distributed.launch.start_worker), so the launcher cannot split it."""
     stored = saved.get("seed")
     if stored is not None:
         if given is not None and given != stored:

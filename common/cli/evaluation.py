@@ -1,5 +1,5 @@
 """The evaluation scripts' shared flag groups (main_lincls.py, main_knn.py): the label subset
-and hierarchical labels. Their checks: common/eval/setup.py, common/eval/label_tree.py."""
+and hierarchical labels. Their checks: common/eval/inputs.py, common/eval/label_tree.py."""
 import argparse
 from typing import Sequence
 

@@ -1,6 +1,6 @@
 """The pretraining scripts' shared flag groups (main_moco.py, main_moco_v3.py, main_simclr.py,
 main_inpaint.py): the two-view methods' views, the pretraining run's monitors and stops,
-and `--recipe` with its trial. Their derived defaults and checks: common/train/setup.py."""
+and `--recipe` with its trial. Their derived defaults and checks: common/train/pretrain_args.py."""
 import argparse
 
 from common.cli.parser import switch

@@ -6,8 +6,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from common.dist.collectives import DistEnv
-from common.dist.signals import ignore_preemption_signals
+from common.distributed.collectives import DistEnv
+from common.distributed.signals import ignore_preemption_signals
 
 
 class ResumableSampler(Sampler):

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common.dist.collectives import DistEnv
+from common.distributed.collectives import DistEnv
 from common.eval.features import extract_indexed_features
-from common.eval.setup import eval_view
+from common.eval.inputs import eval_view
 from common.nets.models import without_head
 from common.nets.precision import Precision
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.data.loader import ResumableSampler
 from common.data.transformed import TransformedDataset, drop_unreadable_collate
-from common.dist.collectives import concat_all_gather, get_rank, get_world_size
+from common.distributed.collectives import concat_all_gather, get_rank, get_world_size
 from common.errors import UserError
 from common.log.progress import format_seconds, log
 from common.nets.precision import Precision

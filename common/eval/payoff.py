@@ -31,7 +31,7 @@ from common.data.datasets import build_dataset
 from common.data.images import FileListDataset
 from common.data.subsets import stratified_subset
 from common.data.transformed import TransformedDataset
-from common.dist.collectives import DistEnv, is_main_process
+from common.distributed.collectives import DistEnv, is_main_process
 from common.errors import UserError
 from common.eval.features import extract_indexed_features
 from common.eval.logreg import cross_validated_accuracy

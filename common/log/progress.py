@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Iterator, Optional
 
 import torch
 
-from common.dist.collectives import all_reduce_sum, is_main_process
+from common.distributed.collectives import all_reduce_sum, is_main_process
 from common.files.atomic import atomic_path
 from common.log.plots import record_problem
 from common.log.tensorboard import TensorBoardLog

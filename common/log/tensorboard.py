@@ -6,7 +6,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from common.dist.collectives import is_main_process
+from common.distributed.collectives import is_main_process
 from common.extras import require
 
 

@@ -15,7 +15,7 @@ from common.cli import given
 from common.data.datasets import build_dataset
 from common.data.loader import ResumableSampler, make_loader
 from common.data.transformed import TransformedDataset, load_sample
-from common.dist.collectives import DistEnv
+from common.distributed.collectives import DistEnv
 from common.errors import UserError
 from common.log.progress import log
 

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from common.dist.collectives import DistEnv, cleanup, is_main_process
-from common.dist.signals import PREEMPT_SIGNALS, early_preemption_signal
+from common.distributed.collectives import DistEnv, cleanup, is_main_process
+from common.distributed.signals import PREEMPT_SIGNALS, early_preemption_signal
 from common.log.progress import log
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".

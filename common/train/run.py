@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from common.augment import transforms as augment
 from common.ckpt.checkpoints import Checkpoints
-from common.dist.collectives import DistEnv, is_main_process
+from common.distributed.collectives import DistEnv, is_main_process
 from common.eval.monitor import KnnMonitor
 from common.eval.payoff import Payoff
 from common.log.progress import MetricsLog, log

@@ -10,7 +10,7 @@ from typing import Callable, Dict, Optional, Protocol
 import torch
 import torch.nn as nn
 
-from common.dist.collectives import DistEnv
+from common.distributed.collectives import DistEnv
 from common.log.progress import MeterBank, Progress, log
 from common.nets.precision import Precision
 from common.train.schedule import set_lr

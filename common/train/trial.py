@@ -19,8 +19,8 @@ from common.ckpt.io import prepare_output_dir
 from common.ckpt.resume import resolve_resume
 from common.cli import given
 from common.data.datasets import build_dataset
-from common.dist.launch import launch
-from common.dist.world import detect_launcher
+from common.distributed.launch import launch
+from common.distributed.world import detect_launcher
 from common.errors import UserError
 from common.eval.payoff import PAYOFF_FILE, WHAT_TO_TRY, labels_to_measure
 from common.log.progress import log

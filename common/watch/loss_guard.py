@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from common.dist.collectives import all_reduce_max
+from common.distributed.collectives import all_reduce_max
 from common.errors import UserError
 
 

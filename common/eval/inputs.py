@@ -15,7 +15,7 @@ from common.ckpt.pretrained import extract_backbone, load_backbone, load_pretrai
 from common.data.datasets import build_dataset
 from common.data.subsets import class_counts, load_subset, save_subset, stratified_subset
 from common.data.transformed import TransformedDataset
-from common.dist.collectives import is_main_process
+from common.distributed.collectives import is_main_process
 from common.errors import UserError
 from common.eval.hierarchical_data import hierarchical_dataset
 from common.eval.label_tree import LabelTree

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.dist.collectives import DistEnv
-from common.dist.world import per_worker
+from common.distributed.collectives import DistEnv
+from common.distributed.world import per_worker
 from common.eval.features import extract_features
 from common.eval.label_tree import LabelTree
 from common.eval.metrics import classification_report

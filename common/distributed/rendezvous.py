@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
-from common.dist.collectives import DistEnv
-from common.dist.slurm import check_master_resolves, slurm_env, slurm_tasks_on_this_node
-from common.dist.world import detect_launcher, expected_world_size, nproc_per_node, uses_cuda
+from common.distributed.collectives import DistEnv
+from common.distributed.slurm import check_master_resolves, slurm_env, slurm_tasks_on_this_node
+from common.distributed.world import detect_launcher, expected_world_size, nproc_per_node, uses_cuda
 from common.errors import UserError
 
 # How long the processes wait for each other to join the process group (seconds;

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from common.dist.collectives import DistEnv
+from common.distributed.collectives import DistEnv
 
 
 def place_model(model: nn.Module, env: DistEnv, args: argparse.Namespace,

@@ -1,6 +1,6 @@
 """What SLURM's environment says about a job step: the nodelist ('node[01-03]'), the
 master address and port every task derives the same way (and whether that address
-resolves), this task's rank, and how many tasks share its node. `common/dist/launch.py` uses
+resolves), this task's rank, and how many tasks share its node. `common/distributed/launch.py` uses
 it when srun started the processes."""
 import os
 import re

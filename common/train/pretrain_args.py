@@ -13,7 +13,7 @@ from common.ckpt.io import (
 from common.ckpt.resume import check_same_flags, resumed_args, run_seed
 from common.cli import check_training_flags, given
 from common.data.datasets import SMALL_CROP_MAX, build_dataset, default_crop_size
-from common.dist.world import expected_world_size, is_first_process, per_worker, uses_cuda
+from common.distributed.world import expected_world_size, is_first_process, per_worker, uses_cuda
 from common.errors import UserError
 from common.train.data import fit_default_batch
 from common.train.recipes import RecipeValues, apply_recipe

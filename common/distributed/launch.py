@@ -6,7 +6,7 @@ worker calls `start_worker`, which joins the process group (`setup_distributed`)
 the seed and returns a `DistEnv`. SLURM's environment (nodelist, tasks per node), a
 rendezvous that cannot complete, a spawned worker that dies, and the preemption signals
 that arrive before a training loop takes over are handled here too.
-Only global rank 0 prints and writes files (`common.dist.collectives.is_main_process()`).
+Only global rank 0 prints and writes files (`common.distributed.collectives.is_main_process()`).
 """
 import argparse
 import multiprocessing.connection
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from common.dist.collectives import DistEnv, agree_seed, cleanup
-from common.dist.rendezvous import rendezvous_timeout, setup_distributed
-from common.dist.signals import forward_preemption_signals, hold_preemption_signals
-from common.dist.slurm import host_resolves
-from common.dist.world import detect_launcher, expected_world_size, nproc_per_node, per_worker
+from common.distributed.collectives import DistEnv, agree_seed, cleanup
+from common.distributed.rendezvous import rendezvous_timeout, setup_distributed
+from common.distributed.signals import forward_preemption_signals, hold_preemption_signals
+from common.distributed.slurm import host_resolves
+from common.distributed.world import detect_launcher, expected_world_size, nproc_per_node, per_worker
 from common.errors import UserError, report_user_errors
 from common.files import lock as run_lock
 

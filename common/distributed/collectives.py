@@ -1,6 +1,6 @@
 """The process group once it exists: this worker's `DistEnv`, rank helpers and the
 collectives the methods use (gathers with and without gradient, reductions). How the
-processes are started and joined is common/dist/launch.py."""
+processes are started and joined is common/distributed/launch.py."""
 from dataclasses import dataclass
 
 import torch
