@@ -128,7 +128,7 @@ def test_block_names_per_family():
 
 
 SYN = ["--dataset", "synthetic", "--synthetic-size", "64", "-j", "0", "--seed", "3", "-p", "2", "--epochs", "1",
-       "--small-images", "--crop-size", "32"]
+       "--small-images", "--crop-size", "32", "--no-payoff"]
 
 
 @pytest.mark.parametrize("arch", [pytest.param("mobilenet_v3_small", marks=pytest.mark.slow), "vit_tiny"])

@@ -16,7 +16,7 @@ from common.extras import available
 from common.log.plots import CURVES_SIZE
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",
-                    "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "3", "-p", "2"]
+                    "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "3", "-p", "2", "--no-payoff"]
 needs_tensorboard = pytest.mark.skipif(not available("tensorboard"), reason="tensorboard is an optional extra")
 needs_matplotlib = pytest.mark.skipif(not available("matplotlib"), reason="matplotlib is an optional extra")
 

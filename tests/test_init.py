@@ -17,7 +17,7 @@ from common.errors import UserError
 from common.nets.models import build_backbone
 from common.train.run import PretrainRun
 
-TINY = SYNTHETIC + ["--synthetic-size", "32", "-b", "16", "--epochs", "1", "--seed", "3", "-p", "100"]
+TINY = SYNTHETIC + ["--synthetic-size", "32", "-b", "16", "--epochs", "1", "--seed", "3", "-p", "100", "--no-payoff"]
 SCRIPTS = {  # script, its tiny flags, the backbones --init must reach (attribute names on the model)
     "moco": (main_moco, ["--moco-k", "32", "--moco-dim", "16", "--mlp", "--bn-splits", "2"],
              ("encoder_q", "encoder_k")),

@@ -18,7 +18,7 @@ from inpaint.masking import InpaintingPair, random_patches
 from inpaint.model import ContextEncoder
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--patches", "3", "--patch-size", "8", "--seed", "3",
-                    "-p", "2"]
+                    "-p", "2", "--no-payoff"]
 
 
 def load(path):

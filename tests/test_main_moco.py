@@ -9,7 +9,7 @@ from conftest import SYNTHETIC, run_inline, run_script, write_image_folder
 import main_moco
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",
-                    "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "3", "-p", "2"]
+                    "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "3", "-p", "2", "--no-payoff"]
 
 
 def load(path):

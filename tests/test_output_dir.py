@@ -10,7 +10,7 @@ import main_lincls
 import main_moco
 
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16", "--bn-splits", "2",
-                    "--seed", "3", "-p", "100"]
+                    "--seed", "3", "-p", "100", "--no-payoff"]
 
 
 def digest(folder) -> dict:

@@ -28,7 +28,7 @@ from simclr.loss import nt_xent
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--proj-dim", "16", "--proj-hidden-dim", "32",
                     "--seed", "3", "-p", "2",
                     # step lr (plus a warmup): the lr of epoch 0 does not depend on --epochs
-                    "--no-cos", "--schedule", "1", "--warmup-epochs", "0.5"]
+                    "--no-cos", "--schedule", "1", "--warmup-epochs", "0.5", "--no-payoff"]
 
 
 def load(path):
