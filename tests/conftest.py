@@ -28,6 +28,9 @@ SYNTHETIC = ["--dataset", "synthetic", "-a", "resnet18", "--no-small-images", "-
 MOCO_LEARN = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "--moco-k", "64", "--moco-t", "0.2",
                           "--moco-m", "0.9", "--lr", "0.1", "--mlp", "--aug-plus", "--bn-splits", "2",
                           "--color-strength", "0.25", "--epochs", "2", "--seed", "1", "-p", "1000"]
+# The tiny MoCo run of the seed, resume-flag, loss-guard and checkpoint tests: 4 steps per epoch
+MOCO_TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",
+                         "--mlp", "--aug-plus", "--bn-splits", "2", "-p", "2"]
 # the learning tests' kNN: the pretraining images plus 1,536 more in the bank, 512 val
 # images (the 128 of a 512-image run's monitor leave a 4-point sampling spread alone)
 LEARNING_KNN_IMAGES = 2048
@@ -177,6 +180,15 @@ def moco_pretrained(tmp_path_factory) -> str:
     run_script("main_moco.py", MOCO_LEARN + ["--output-dir", str(out), "--export-at-end"],
                env_extra={"OMP_NUM_THREADS": "1"})
     return str(out / "checkpoint_last.pth.tar")
+
+
+@pytest.fixture(scope="session")
+def one_epoch(tmp_path_factory):
+    """One epoch of MOCO_TINY (seed 1): the run that test_resume_flags.py and test_loss_guard.py
+    resume (the NaN test copies it first)."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    run_script("main_moco.py", MOCO_TINY + ["--seed", "1", "--epochs", "1", "--output-dir", str(out)])
+    return out
 
 
 @pytest.fixture

@@ -1,6 +1,9 @@
-"""Image files on disk (common/data/images.py): csv manifests as spreadsheets write them."""
+"""Image files on disk (common/data/images.py): csv manifests as spreadsheets write them (a BOM,
+not UTF-8, stray spaces, labels differing in case), 16-bit PNGs, EXIF rotation, symlink loops."""
 import codecs
+import os
 
+import numpy as np
 import pytest
 from PIL import Image
 from conftest import write_image_folder
@@ -68,3 +71,31 @@ def test_a_link_from_one_class_into_another_reads_its_images_once_under_their_ow
     assert len(ds) == 6 and ds.targets == [0, 0, 0, 1, 1, 1]
     assert all("more" not in p and "up" not in p.split(os.sep) for p, _ in ds.samples)
     assert "1 image link(s)" in capsys.readouterr().err
+
+
+def test_16_bit_png_exif_rotation_and_symlink_loops(tmp_path):
+    from common.data.images import image_folder, pil_loader
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    x = np.asarray(pil_loader(str(tmp_path / "g16.png")))
+    assert x.shape == (64, 64, 3) and x.max() == 255 and x.min() == 0 and 120 < x.mean() < 135  # not all white
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert pil_loader(str(tmp_path / "rot.jpg")).size == (20, 40)
+    os.makedirs(tmp_path / "ds" / "c" / "sub")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ds" / "c" / "0.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ds" / "c" / "sub" / "1.png")
+    os.symlink(tmp_path / "ds" / "c", tmp_path / "ds" / "c" / "sub" / "loop")
+    assert len(image_folder(str(tmp_path / "ds")).samples) == 2
+
+
+def test_csv_labels_are_stripped_and_case_clashes_warned(tmp_path, capsys):
+    from common.data.images import csv_manifest
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "train.csv").write_text("path,label\na.png,Cat \nb.png, Cat\nc.png,cat\n")
+    ds = csv_manifest(str(tmp_path / "train.csv"))
+    assert ds.classes == ["Cat", "cat"] and ds.targets == [0, 0, 1]
+    assert "differ only in case" in capsys.readouterr().err
