@@ -6,11 +6,14 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable, List, NamedTuple
+from typing import TYPE_CHECKING, Callable, List, NamedTuple
 
 import numpy as np
 import pytest
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -241,3 +244,49 @@ def write_image_folder(root, classes=("a", "b"), per_class=4, size=16, seed=0, s
                 arr = (rng.uniform(0, 255, size=(size, size, 3))).astype(np.uint8)
                 Image.fromarray(arr).save(os.path.join(d, f"{i}.png"))
     return str(root)
+
+
+def _randomise_bn(model: "nn.Module") -> "nn.Module":
+    """Non-trivial BN statistics, so a stem or buffer left out of the export shows."""
+    import torch
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _save(path, model: "nn.Module", method, small_images=True, with_args=True, arch="resnet18"):
+    import torch
+    ckpt = {"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "arch": arch,
+            "method": method}
+    if with_args:
+        ckpt["args"] = {"small_images": small_images, "crop_size": 32}
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Random-init MoCo, SimCLR, lincls and facebookresearch/moco (resnet50) checkpoints with
+    non-trivial BN statistics: what test_export.py and test_export_writes.py export."""
+    import functools
+
+    import torch
+
+    from common.nets.models import build_backbone
+    from moco.builder import MoCo
+    from simclr.builder import SimCLR
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    moco = _randomise_bn(MoCo(functools.partial(build_backbone, "resnet18", small_images=True), 16, 32, mlp=True))
+    simclr = _randomise_bn(SimCLR(lambda: build_backbone("resnet18", small_images=True), proj_dim=16))
+    lincls = _randomise_bn(build_backbone("resnet18", num_classes=3, small_images=True))
+    reference = _randomise_bn(MoCo(functools.partial(build_backbone, "resnet50"), 128, 64, mlp=True))
+    return {"moco": _save(root / "moco.pth.tar", moco, "moco"),
+            "simclr": _save(root / "simclr.pth.tar", simclr, "simclr"),
+            "lincls": _save(root / "lincls.pth.tar", lincls, "lincls"),
+            # facebookresearch/moco: ImageNet stem, no args, no method
+            "reference": _save(root / "reference.pth.tar", reference, None, small_images=False, with_args=False,
+                                 arch="resnet50")}
