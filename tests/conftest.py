@@ -33,7 +33,7 @@ MOCO_LEARN = SYNTHETIC + ["--synthetic-size", "512", "-b", "64", "--moco-k", "64
                           "--color-strength", "0.25", "--epochs", "2", "--seed", "1", "-p", "1000"]
 # The tiny MoCo run of the seed, resume-flag, loss-guard and checkpoint tests: 4 steps per epoch
 MOCO_TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",
-                         "--mlp", "--aug-plus", "--bn-splits", "2", "-p", "2"]
+                         "--mlp", "--aug-plus", "--bn-splits", "2", "-p", "2", "--no-payoff"]
 # the learning tests' kNN: the pretraining images plus 1,536 more in the bank, 512 val
 # images (the 128 of a 512-image run's monitor leave a 4-point sampling spread alone)
 LEARNING_KNN_IMAGES = 2048
