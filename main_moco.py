@@ -32,6 +32,7 @@ from common.train.schedule import cosine_momentum
 from common.train.pretrain_args import finalize_pretrain_args, finalize_view_args, learning_watch
 from common.train.step import train_one_epoch
 from common.train.trial import recipe_trial
+from common.watch.view_check import view_check_only
 from export.backbone import export_at_end
 from moco.augment import moco_v1, moco_v2
 from moco.builder import MoCo
@@ -108,7 +109,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def view_recipe(args: argparse.Namespace) -> augment.Recipe:
-    """The two views' augmentation (MoCo v2 with --aug-plus, else v1); bench/view_check.py
+    """The two views' augmentation (MoCo v2 with --aug-plus, else v1); --view-check-only
     checks the same recipe without training."""
     if args.aug_plus:
         return moco_v2(args.crop_size, blur=args.crop_size > SMALL_CROP_MAX, strength=args.color_strength,
@@ -186,8 +187,10 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         export_at_end(*last, args.output_dir)  # its backbone, as export_backbone.py writes it
 
 
+# --view-check-only: the view check of view_recipe alone, then exit (common/watch/view_check.py);
 # --recipe small with train labels: the trial of candidate recipes runs first (common/train/trial.py)
-main = script_main(get_args_parser, finalize_args, main_worker, before_launch=recipe_trial)
+main = script_main(get_args_parser, finalize_args, main_worker, before_launch=recipe_trial,
+                   instead=functools.partial(view_check_only, view_recipe))
 
 
 if __name__ == "__main__":

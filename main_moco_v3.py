@@ -12,6 +12,7 @@ then cosine, momentum 0.99 rising to 1 by a cosine. Checkpoints use moco-v3's ke
 (`module.base_encoder.*`, `module.momentum_encoder.*`, `module.predictor.*`).
 """
 import argparse
+import functools
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,7 @@ from common.train.run import PretrainRun, lr_schedule
 from common.train.schedule import cosine_momentum
 from common.train.pretrain_args import finalize_pretrain_args, finalize_view_args, learning_watch
 from common.train.step import train_one_epoch
+from common.watch.view_check import view_check_only
 from export.backbone import export_at_end
 from moco.augment import moco_v2
 from moco.small_data import momentum_warning
@@ -117,7 +119,7 @@ def fill_recipe_defaults(args: argparse.Namespace) -> None:
 
 
 def view_recipe(args: argparse.Namespace) -> augment.Recipe:
-    """The two views' augmentation; bench/view_check.py checks the same recipe without training."""
+    """The two views' augmentation; --view-check-only checks the same recipe without training."""
     return moco_v2(args.crop_size, blur=args.crop_size > SMALL_CROP_MAX, strength=args.color_strength,
                    crop_min=args.crop_min, gray_images=args.gray_images, crop_max=args.crop_max)
 
@@ -183,7 +185,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         export_at_end(*last, args.output_dir)  # its backbone, as export_backbone.py writes it
 
 
-main = script_main(get_args_parser, finalize_args, main_worker)
+# --view-check-only: the view check of view_recipe alone, then exit (common/watch/view_check.py)
+main = script_main(get_args_parser, finalize_args, main_worker, instead=functools.partial(view_check_only, view_recipe))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from common.train.run import PretrainRun, lr_schedule
 from common.train.pretrain_args import finalize_pretrain_args, finalize_view_args, learning_watch
 from common.train.step import train_one_epoch
 from common.train.trial import recipe_trial
+from common.watch.view_check import view_check_only
 from export.backbone import export_at_end
 from simclr.augment import simclr_augmentation
 from simclr.builder import SimCLR
@@ -124,7 +125,7 @@ def blur_on(args: argparse.Namespace) -> bool:
 
 
 def view_recipe(args: argparse.Namespace) -> augment.Recipe:
-    """The two views' augmentation; bench/view_check.py checks the same recipe without training."""
+    """The two views' augmentation; --view-check-only checks the same recipe without training."""
     return simclr_augmentation(args.crop_size, strength=args.color_strength, blur=blur_on(args), crop_min=args.crop_min,
                                gray_images=args.gray_images, crop_max=args.crop_max)
 
@@ -183,8 +184,10 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         export_at_end(*last, args.output_dir)  # its backbone, as export_backbone.py writes it
 
 
+# --view-check-only: the view check of view_recipe alone, then exit (common/watch/view_check.py);
 # --recipe small with train labels: the trial of candidate recipes runs first (common/train/trial.py)
-main = script_main(get_args_parser, finalize_args, main_worker, before_launch=recipe_trial)
+main = script_main(get_args_parser, finalize_args, main_worker, before_launch=recipe_trial,
+                   instead=functools.partial(view_check_only, view_recipe))
 
 
 if __name__ == "__main__":

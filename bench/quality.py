@@ -39,7 +39,7 @@ Every table also has the hand-made baseline of ../shared/data/README.md: logisti
 four statistics of each image (grayscale mean, std, mean absolute gradient in x and y), which a
 pretrained backbone has to beat to be worth its cost ("statistics" row).
 
---dataset inspection is the second benchmark, unlike Fashion-MNIST (bench/inspection_data.py:
+--dataset inspection is the second benchmark, unlike Fashion-MNIST (tools/inspection_data.py:
 grayscale 256 px PNGs sharing one grid structure, the class a small local defect, 2:1): DATA is
 the folder the set is written to (once, seeded by --data-seed) and read from as an ImageFolder,
 and every pretraining run is the README's command, `--recipe small` with nothing else chosen
@@ -63,7 +63,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.inspection_data import write_inspection_set  # noqa: E402
+from tools.inspection_data import write_inspection_set  # noqa: E402
 from bench.util import format_table, machine_info, mnist_subset, resolve_device, write_json  # noqa: E402
 from common.augment import transforms as augment  # noqa: E402
 from common.ckpt.pretrained import load_backbone, load_pretrained  # noqa: E402

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.inspection_data import write_inspection_set  # noqa: E402
+from tools.inspection_data import write_inspection_set  # noqa: E402
 from bench.quality import run_script  # noqa: E402
 from bench.util import format_table, resolve_device, save_record, write_jpegs  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="time on source files of this size instead of 8/7 x the crop (e.g. 500x375, the size "
                         "of a typical photo; the scripts decode and resize each one)")
     p.add_argument("--source-format", default="jpeg", choices=("jpeg", "png"),
-                   help="png: bench/inspection_data.py's grayscale PNGs (square, --source-size's width)")
+                   help="png: tools/inspection_data.py's grayscale PNGs (square, --source-size's width)")
     p.add_argument("--output-dir", default="runs/bench_recipes")
     p.add_argument("--json", default=None, help="result file (default: OUTPUT_DIR/recipes.json)")
     return p

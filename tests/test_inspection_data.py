@@ -1,11 +1,11 @@
-"""bench/inspection_data.py: the generated inspection-like set is seeded, 2:1, grayscale PNG
+"""tools/inspection_data.py: the generated inspection-like set is seeded, 2:1, grayscale PNG
 in an ImageFolder the scripts read, and its defects are small and local."""
 import os
 
 import numpy as np
 from PIL import Image
 
-from bench.inspection_data import inspection_image, surface, write_inspection_set
+from tools.inspection_data import inspection_image, surface, write_inspection_set
 from common.data.images import image_folder
 
 

@@ -108,3 +108,33 @@ def test_the_view_check_leaves_the_random_state_as_it_was():
     torch.manual_seed(7)
     view_check(ds, simclr_augmentation(32, blur=False), "resnet18", False, torch.device("cpu"))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_view_check_only_tells_views_that_destroy_the_instance_from_views_that_keep_it(tmp_path, capsys):
+    """--view-check-only: the start-of-run view check of the script's own recipe, then exit 0
+    with nothing trained or written (no output folder, no lock). Flat grey images under a 1 %
+    crop and full jitter leave no instance signal (the warning); the synthetic set's views
+    under MoCo v2's recipe keep it; a seed gives the same figures twice."""
+    import main_moco_v3
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        os.makedirs(tmp_path / "gray" / "train" / "ab"[i % 2], exist_ok=True)
+        arr = np.clip(128 + rng.normal(0, 3, (32, 32, 1)), 0, 255).astype(np.uint8).repeat(3, 2)
+        Image.fromarray(arr).save(tmp_path / "gray" / "train" / "ab"[i % 2] / f"{i}.png")
+    common = ["-a", "resnet18", "--no-small-images", "-j", "0", "--crop-size", "32", "--view-check-only"]
+    out = tmp_path / "run"
+    flat = run_inline(capsys, main_simclr.main, [str(tmp_path / "gray"), "--crop-min", "0.01", "--color-strength", "1",
+                                                 "--output-dir", str(out)] + common)
+    assert "seed 0: view check on 64 images" in flat.stdout
+    assert "warning: the augmentations leave almost no instance signal" in flat.stdout
+    assert not out.exists()
+    kept = run_inline(capsys, main_moco.main, ["--dataset", "synthetic", "--synthetic-size", "64", "--aug-plus",
+                                               "--color-strength", "0.25", "--view-check-seeds", "3", "3",
+                                               "--output-dir", str(out)] + common)
+    lines = [line.split(": ", 1)[1] for line in kept.stdout.splitlines() if line.startswith("seed 3: ")]
+    assert len(lines) == 2 and lines[0] == lines[1] and "no instance signal" not in kept.stdout
+    assert int(lines[0].split("% by the untrained")[0].rsplit(" ", 1)[1]) > 55
+    assert not out.exists()
+    v3 = run_inline(capsys, main_moco_v3.main, ["--dataset", "synthetic", "--synthetic-size", "64",
+                                                "--output-dir", str(out)] + common)
+    assert "seed 0: view check on 64 images" in v3.stdout and not out.exists()

@@ -23,7 +23,7 @@ from common.train.data import fit_default_batch
 #   lacks: the SimCLR row's checkpoint stands in (the row names both);
 # - ckpt.pth.tar is the SimCLR row's checkpoint_last, runs/demo its output folder;
 # - evaluation rows write into the test's folder (--output-dir, export_backbone's -o);
-# - sbatch (SLURM) and bench/gpu_check.sh (a GPU) are not run; bench/inspection_data.py writes a
+# - sbatch (SLURM) and bench/gpu_check.sh (a GPU) are not run; tools/inspection_data.py writes a
 #   small set (--images 120 --size 48).
 ARCH_FOR_CPU = {"vit_b_16": ["vit_tiny", "--crop-size", "32"], "convnext_tiny": ["convnext_micro", "--crop-size", "32"]}
 PRETRAINING = ("main_simclr.py", "main_moco.py", "main_moco_v3.py", "main_inpaint.py")
@@ -60,7 +60,7 @@ def runnable(command: str, data: str, out: str, ckpt: str, run_dir: str):
         argv += ["-o", os.path.join(out, "exported.pth")]
     elif script == "plot_run.py":
         argv += ["-o", os.path.join(out, "run.png")]
-    elif script == "bench/inspection_data.py":
+    elif script == "tools/inspection_data.py":
         argv += ["--images", "120", "--size", "48"]
     return script, argv
 
@@ -100,7 +100,7 @@ def test_every_readme_row_runs_on_a_small_folder(tmp_path, capsys):
             assert "-b 4096 (not given) is more than the 240 images: -b 128" in proc.stdout
             assert "set: --lr 0.00015 --wd 0.1 --moco-t 0.2" in proc.stdout
     assert {"main_simclr.py", "main_moco.py", "main_moco_v3.py", "main_inpaint.py", "main_lincls.py", "main_knn.py",
-            "main_curate.py", "export_backbone.py", "plot_run.py", "bench/inspection_data.py"} <= set(ran)
+            "main_curate.py", "export_backbone.py", "plot_run.py", "tools/inspection_data.py"} <= set(ran)
 
 
 def _v3_args(argv):

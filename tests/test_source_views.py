@@ -20,8 +20,8 @@ def finalize(module, argv, out):
 
 @pytest.fixture(scope="module")
 def inspection(tmp_path_factory):
-    """48 images of bench/inspection_data.py at 128 px: one shared grid, the instance in a fine weave."""
-    from bench.inspection_data import write_inspection_set
+    """48 images of tools/inspection_data.py at 128 px: one shared grid, the instance in a fine weave."""
+    from tools.inspection_data import write_inspection_set
     root = tmp_path_factory.mktemp("inspection")
     write_inspection_set(str(root), 48, 128, 0, val_fraction=0.0)
     return str(root)

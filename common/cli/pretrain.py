@@ -10,7 +10,8 @@ RECIPES = ("default", "small")
 
 def add_view_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The "views" group of the two-view methods (MoCo, SimCLR): augmentation strength, crops,
-    --gpu-augment, and what to do when the contrastive task stays at chance."""
+    --gpu-augment, what to do when the contrastive task stays at chance, and --view-check-only
+    (common/watch/view_check.py's view_check_only, the script's `script_main(instead=...)`)."""
     g = parser.add_argument_group("views")
     g.add_argument("--color-strength", default=1.0, type=float,
                    help="colour distortion strength s: SimCLR jitter 0.8s/0.8s/0.8s/0.2s, MoCo v2 "
@@ -36,6 +37,14 @@ def add_view_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
            help="stop (exit status 3, checkpoint kept) when the contrastive accuracy stayed near chance for two "
                 "epochs in a row (from the second epoch on, past the lr warmup); without it the epoch line warns "
                 "and metrics.jsonl says not_learning")
+    switch(g, "--view-check-only",
+           help="only the view check a run prints before its first step (do an image's two views still look more "
+                "alike than views of two images?), for the views this command would train with (--recipe small's "
+                "choices included), then exit 0: nothing is trained or written (no output folder, no lock); for "
+                "trying view settings in seconds")
+    g.add_argument("--view-check-seeds", default=[0], type=int, nargs="+", metavar="S",
+                   help="--view-check-only: one check per seed (another sample of images and views); several show "
+                        "how much the figures move from one sample to the next")
     return g
 
 

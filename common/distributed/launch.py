@@ -162,15 +162,19 @@ def start_worker(local_rank: Optional[int], args: argparse.Namespace,
 def script_main(get_args_parser: Callable[[], argparse.ArgumentParser],
                 finalize_args: Callable[[argparse.Namespace], argparse.Namespace],
                 main_worker: Callable[[Optional[int], argparse.Namespace], None],
-                before_launch: Optional[Callable[[Callable, argparse.Namespace], argparse.Namespace]] = None
-                ) -> Callable[..., None]:
-    """A script's `main(argv=None)`: parse, finalize, (`before_launch(main_worker, args)`, which
-    may run the worker itself and returns the args to launch with), start the workers; a
-    UserError anywhere prints `script: error: <sentence>` and exits 2."""
+                before_launch: Optional[Callable[[Callable, argparse.Namespace], argparse.Namespace]] = None,
+                instead: Optional[Callable[[argparse.Namespace], bool]] = None) -> Callable[..., None]:
+    """A script's `main(argv=None)`: parse, finalize, (`instead(args)`: a mode that does the
+    command's whole work before any worker, e.g. --view-check-only; True ends main there),
+    (`before_launch(main_worker, args)`, which may run the worker itself and returns the args to
+    launch with), start the workers; a UserError anywhere prints `script: error: <sentence>`
+    and exits 2."""
     @report_user_errors
     def main(argv=None) -> None:
         try:
             args = finalize_args(get_args_parser().parse_args(argv))
+            if instead is not None and instead(args):
+                return
             if before_launch is not None:
                 args = before_launch(main_worker, args)
             launch(main_worker, args)

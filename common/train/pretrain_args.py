@@ -63,8 +63,9 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Seq
     trial on train labels (common/train/trial.py), which then chooses the views instead."""
     check_training_flags(args)
     args.output_dir = args.output_dir or os.path.join("runs", name)
-    prepare_output_dir(args.output_dir, new_run=not args.resume, overwrite=args.overwrite,
-                       lock=is_first_process(args))
+    if not vars(args).get("view_check_only"):  # (--view-check-only writes nothing: no folder, no lock)
+        prepare_output_dir(args.output_dir, new_run=not args.resume, overwrite=args.overwrite,
+                           lock=is_first_process(args))
     resume_path, saved = resumed_args(args.resume, args.output_dir, name)
     profiled = apply_recipe(args, recipe, saved) if recipe is not None else None
     args.seed = run_seed(args.seed, saved)  # stored in the checkpoint: resume replays it

@@ -4,16 +4,22 @@ matched against every second view, in pixel statistics (a 4x4 thumbnail per chan
 mean and spread) and in the untrained backbone's features; the share of images whose own
 views are more alike than views of different images is compared with chance (0.5). A recipe that leaves no
 instance signal (a 1 % crop and full jitter on flat images, say) is told here, in seconds,
-not after the epochs the not-learning check needs (common/watch/collapse.py)."""
-from typing import Dict
+not after the epochs the not-learning check needs (common/watch/collapse.py).
+`--view-check-only` (view_check_only) runs the same check without a run, for trying view
+settings in seconds."""
+import argparse
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from common.augment import transforms as augment
+from common.data.datasets import build_dataset
 from common.data.transformed import TransformedDataset
+from common.distributed.world import is_first_process, uses_cuda
 from common.errors import UserError
+from common.log.progress import log
 from common.nets.models import build_backbone, without_head
 
 SAMPLE = 64  # images; a few seconds even at 224 px
@@ -21,6 +27,8 @@ SAMPLE = 64  # images; a few seconds even at 224 px
 # instance (a 1 % crop and full jitter on flat grey images) and the recipes that learn on the
 # synthetic set (docs/small-data.md: the view check's levels)
 NO_SIGNAL_FEATURES, NO_SIGNAL_PIXELS = 0.55, 0.6
+# what --view-check-only suggests below both levels (a run names its own values: its learning watch's hint)
+HINT = "larger crops (--crop-min), weaker colour jitter (--color-strength), or a larger --crop-size"
 
 
 def _separation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -81,3 +89,27 @@ def view_check_message(result: Dict[str, float], hint: str) -> str:
         line += (f"\nwarning: the augmentations leave almost no instance signal, so the contrastive task cannot "
                  f"be learned; try {hint}")
     return line
+
+
+def view_check_only(views: Callable[[argparse.Namespace], augment.Recipe], args: argparse.Namespace) -> bool:
+    """--view-check-only (a two-view script's `script_main(..., instead=...)`): the view check of
+    the recipe the script would train with (`views(args)`, on the finalized flags, --recipe
+    small's choices included) on the pretraining split, one line per --view-check-seeds seed;
+    True when it ran, and the command is then done: no worker, no training, nothing written."""
+    if not args.view_check_only:
+        return False
+    if not is_first_process(args):  # under torchrun/srun one process reports
+        return True
+    dataset = build_dataset(args, "pretrain")
+    if dataset is None or len(dataset) < 2:
+        raise UserError("the view check needs at least two images in the pretraining split; point DATA at them")
+    device = torch.device("cuda" if uses_cuda(args) else "cpu")
+    crop_min = "the method's" if args.crop_min is None else f"{args.crop_min:g}"
+    log(f"=> --view-check-only: the views of crop {args.crop_size} px, --crop-min {crop_min}, --crop-max "
+        f"{args.crop_max:g}, --color-strength {args.color_strength:g}"
+        f"{', --gray-images' if args.gray_images else ''}; nothing is trained or written")
+    recipe = views(args)
+    for seed in args.view_check_seeds:
+        line = view_check_message(view_check(dataset, recipe, args.arch, args.small_images, device, seed=seed), HINT)
+        log(f"seed {seed}: {line.lstrip('=> ')}")
+    return True

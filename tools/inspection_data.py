@@ -6,7 +6,7 @@ local defect: a thin dark crack or a dark patch, on a third of the images (2:1).
 PNG files in an ImageFolder (train/ and val/, classes `defect` and `ok`), so benchmarks go
 through the scripts' real file-reading path. Seeded: the same command writes the same files.
 
-    python bench/inspection_data.py runs/inspection --images 1700 --size 256 --seed 0
+    python tools/inspection_data.py runs/inspection --images 1700 --size 256 --seed 0
     python main_simclr.py runs/inspection -a resnet18 --recipe small --crop-size 64 ...
 """
 import argparse
