@@ -51,6 +51,7 @@ run used (random init at the first run's).
 """
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -372,20 +373,26 @@ def training_seconds(out: str, images_per_epoch: int) -> float:
         return sum(images_per_epoch / json.loads(line)["images_per_sec"] for line in f if line.strip())
 
 
-def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: str) -> Dict:
-    """The whole protocol once: subsets drawn with `seed`, the methods pretrained on a pool
-    of `pool_images` unlabelled images (0: all), probes, random init, supervised."""
-    import main_inpaint
-    import main_lincls
-    import main_moco
-    import main_moco_v3
-    import main_simclr
+@dataclasses.dataclass
+class Data:
+    """One seed's data (prepare_data): where the labelled set and the unlabelled pool are, as
+    the scripts read them, and their sizes."""
+    root: str  # the labelled set (train: probes and supervised; val: the test set)
+    pool_root: str  # the unlabelled pool the methods pretrain on (its train split)
+    data_args: argparse.Namespace  # build_dataset's view of `root`
+    train: object  # the labelled train split
+    n_pool: int
+    n_test: int
+    labelled: Dict[float, int]  # images per label fraction
 
-    args = argparse.Namespace(**vars(args))
-    args.seed, args.output_dir, args.pretrain_images = seed, output_dir, pool_images
-    device = torch.device(args.device)
-    os.makedirs(args.output_dir, exist_ok=True)
-    t_start = time.time()
+    @property
+    def n_classes(self) -> int:
+        return len(self.train.classes)
+
+
+def prepare_data(args: argparse.Namespace) -> Data:
+    """The data step: the inspection set written on first use; for Fashion-MNIST/MNIST the
+    class-balanced subsets and the pool drawn with args.seed (IDX files under OUTPUT)."""
     root = pool_root = inspection_root(args) if args.dataset == "inspection" else args.data
     if args.dataset in FOLDERS:
         pass  # every train image is the pool and the labelled set; val/ is the test set
@@ -400,79 +407,128 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
     train = build_dataset(data_args, "train")
     n_pool = len(build_dataset(argparse.Namespace(dataset=script_dataset(args), data=pool_root, download=False),
                                "train"))
-    epochs = {m: pretrain_epochs(args, m, n_pool) for m in args.methods}
-    args.moco_k = args.moco_k or fitted_queue(n_pool, args.batch_size)
-    n_train, n_test, n_classes = len(train), len(build_dataset(data_args, "val")), len(train.classes)
     labelled = {f: (len(train) if f >= 1 else len(stratified_subset(train.targets, f, 0))) for f in args.fractions}
-    print(f"=> {args.dataset}, seed {seed}: pretraining on {n_pool} train images without labels "
-          f"({', '.join(f'{m} {e} epochs' for m, e in epochs.items())}); probes on {n_train} train / "
-          f"{n_test} test images, label fractions " + ", ".join(f"{f:g} ({n} images)" for f, n in labelled.items()),
-          flush=True)
-    runs: Dict[str, Dict] = {}
-    seconds: Dict[str, float] = {}
-    backbones = {}
+    return Data(root, pool_root, data_args, train, n_pool, len(build_dataset(data_args, "val")), labelled)
+
+
+def pretrain_methods(args: argparse.Namespace, data: Data, epochs: Dict[str, int]
+                     ) -> Tuple[Dict[str, str], Dict[str, float]]:
+    """Each method's pretraining, its script's main(argv) on the pool (--reuse: a finished run
+    is kept): ({method: its last checkpoint}, {"pretrain_<method>": seconds})."""
+    import main_inpaint
+    import main_moco
+    import main_moco_v3
+    import main_simclr
+
     scripts = {"moco": main_moco, "moco_v3": main_moco_v3, "simclr": main_simclr, "inpaint": main_inpaint}
+    backbones: Dict[str, str] = {}
+    seconds: Dict[str, float] = {}
     for method in args.methods:
         out = os.path.join(args.output_dir, method)
         backbones[method] = os.path.join(out, "checkpoint_last.pth.tar")
         if args.reuse and os.path.isfile(os.path.join(out, f"checkpoint_{epochs[method]:04d}.pth.tar")):
             print(f"=> {method}: reusing the finished run in {out}", flush=True)
-            seconds[f"pretrain_{method}"] = training_seconds(out, n_pool)
+            seconds[f"pretrain_{method}"] = training_seconds(out, data.n_pool)
             continue
         print(f"=> pretraining {method} ({epochs[method]} epochs, batch {args.batch_size}) ...", flush=True)
         # --overwrite: an unfinished earlier run in `out` is replaced, not resumed
-        seconds[f"pretrain_{method}"] = run_script(scripts[method], pretrain_argv(method, args, pool_root, out,
+        seconds[f"pretrain_{method}"] = run_script(scripts[method], pretrain_argv(method, args, data.pool_root, out,
                                                                                   epochs[method]) + ["--overwrite"],
                                                    os.path.join(out, "log.txt"))
-    backbones["random_init"] = "none"
-    # each run probed at its own crop (the recipe may choose it); random init at the first run's
-    crops = {name: run_crop(ckpt, 32) for name, ckpt in backbones.items()}
-    crops["random_init"] = next(iter(crops.values()))
+    return backbones, seconds
 
+
+def probe_backbones(args: argparse.Namespace, data: Data, backbones: Dict[str, str], crops: Dict[str, int],
+                    device: torch.device) -> Tuple[Dict[str, Dict], Dict[str, float]]:
+    """The probes of every backbone at its crop: linear and kNN at each label fraction, and
+    (--lincls-probe) main_lincls.py's SGD probe: ({name: row}, {"probe_<name>": seconds})."""
+    import main_lincls
+
+    runs: Dict[str, Dict] = {}
+    seconds: Dict[str, float] = {}
     for name, ckpt in backbones.items():
         print(f"=> {name}: linear probe and kNN at {crops[name]} px ...", flush=True)
         t0 = time.time()
-        runs[name] = probe_at_fractions(args, embed(args, data_args, ckpt, device, crops[name]), train.targets,
-                                        n_classes, args.fractions)
+        runs[name] = probe_at_fractions(args, embed(args, data.data_args, ckpt, device, crops[name]),
+                                        data.train.targets, data.n_classes, args.fractions)
         if args.lincls_probe:
             runs[name]["lincls"] = {}
             for f in args.fractions:
                 out = os.path.join(args.output_dir, f"probe_{name}_{f:g}")
-                run_script(main_lincls, lincls_argv(args, root, out, ckpt, f, labelled[f], False, crops[name])
-                           + ["--overwrite"],
+                run_script(main_lincls, lincls_argv(args, data.root, out, ckpt, f, data.labelled[f], False,
+                                                    crops[name]) + ["--overwrite"],
                            os.path.join(out, "log.txt"))
                 runs[name]["lincls"][str(f)] = read_acc(out)
         seconds[f"probe_{name}"] = time.time() - t0
-    if args.statistics:
-        t0 = time.time()
-        print("=> statistics: the probes on four statistics of each image ...", flush=True)
-        runs["statistics"] = probe_at_fractions(args, [image_statistics(build_dataset(data_args, split))
-                                                       for split in ("train", "val")], train.targets, n_classes,
-                                                args.fractions)
-        seconds["probe_statistics"] = time.time() - t0
+    return runs, seconds
 
-    t0 = time.time()
-    if args.supervised:
-        print("=> supervised from scratch on the same labels ...", flush=True)
-        runs["supervised"] = {"linear": {}, "knn": {}, "knn_white": {}}
-    for f in args.fractions if args.supervised else ():
+
+def probe_statistics(args: argparse.Namespace, data: Data) -> Dict[str, Dict[str, float]]:
+    """The hand-made baseline's row: the probes on four statistics of each image."""
+    print("=> statistics: the probes on four statistics of each image ...", flush=True)
+    return probe_at_fractions(args, [image_statistics(build_dataset(data.data_args, split))
+                                     for split in ("train", "val")], data.train.targets, data.n_classes,
+                              args.fractions)
+
+
+def supervised_baseline(args: argparse.Namespace, data: Data, crop: int, device: torch.device
+                        ) -> Dict[str, Dict[str, float]]:
+    """The network trained from scratch on each fraction's labels (main_lincls.py --finetune
+    --pretrained none; --reuse keeps a finished run): its own classifier's top-1 as 'linear',
+    kNN of its features with the labels it was trained on."""
+    import main_lincls
+
+    print("=> supervised from scratch on the same labels ...", flush=True)
+    row: Dict[str, Dict[str, float]] = {"linear": {}, "knn": {}, "knn_white": {}}
+    for f in args.fractions:
         out = os.path.join(args.output_dir, f"supervised_{f:g}")
         if not (args.reuse and os.path.isfile(os.path.join(out, "results.json"))):
-            run_script(main_lincls, lincls_argv(args, root, out, "none", f, labelled[f], True, crops["random_init"])
+            run_script(main_lincls, lincls_argv(args, data.root, out, "none", f, data.labelled[f], True, crop)
                        + ["--overwrite"],
                        os.path.join(out, "log.txt"))
-        # its own classifier's top-1; kNN of its features with the labels it was trained on
-        runs["supervised"]["linear"][str(f)] = read_acc(out)
-        sup = probe_at_fractions(args, embed(args, data_args, os.path.join(out, "checkpoint_last.pth.tar"), device,
-                                             crops["random_init"]), train.targets, n_classes, [f])
-        runs["supervised"]["knn"].update(sup["knn"])
-        runs["supervised"]["knn_white"].update(sup["knn_white"])
-    if args.lincls_probe and args.supervised:
-        runs["supervised"]["lincls"] = dict(runs["supervised"]["linear"])
+        row["linear"][str(f)] = read_acc(out)
+        sup = probe_at_fractions(args, embed(args, data.data_args, os.path.join(out, "checkpoint_last.pth.tar"),
+                                             device, crop), data.train.targets, data.n_classes, [f])
+        row["knn"].update(sup["knn"])
+        row["knn_white"].update(sup["knn_white"])
+    if args.lincls_probe:
+        row["lincls"] = dict(row["linear"])
+    return row
+
+
+def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: str) -> Dict:
+    """The whole protocol once: subsets drawn with `seed`, the methods pretrained on a pool
+    of `pool_images` unlabelled images (0: all), probes, random init, supervised."""
+    args = argparse.Namespace(**vars(args))
+    args.seed, args.output_dir, args.pretrain_images = seed, output_dir, pool_images
+    device = torch.device(args.device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    t_start = time.time()
+    data = prepare_data(args)
+    epochs = {m: pretrain_epochs(args, m, data.n_pool) for m in args.methods}
+    args.moco_k = args.moco_k or fitted_queue(data.n_pool, args.batch_size)
+    print(f"=> {args.dataset}, seed {seed}: pretraining on {data.n_pool} train images without labels "
+          f"({', '.join(f'{m} {e} epochs' for m, e in epochs.items())}); probes on {len(data.train)} train / "
+          f"{data.n_test} test images, label fractions "
+          + ", ".join(f"{f:g} ({n} images)" for f, n in data.labelled.items()), flush=True)
+    backbones, seconds = pretrain_methods(args, data, epochs)
+    backbones["random_init"] = "none"
+    # each run probed at its own crop (the recipe may choose it); random init at the first run's
+    crops = {name: run_crop(ckpt, 32) for name, ckpt in backbones.items()}
+    crops["random_init"] = next(iter(crops.values()))
+    runs, probe_seconds = probe_backbones(args, data, backbones, crops, device)
+    seconds.update(probe_seconds)
+    if args.statistics:
+        t0 = time.time()
+        runs["statistics"] = probe_statistics(args, data)
+        seconds["probe_statistics"] = time.time() - t0
+    t0 = time.time()
+    if args.supervised:
+        runs["supervised"] = supervised_baseline(args, data, crops["random_init"], device)
     seconds["supervised"] = time.time() - t0
     seconds["total"] = time.time() - t_start
-    return {"runs": runs, "seconds": seconds, "pool": n_pool, "train": n_train, "test": n_test,
-            "labelled": labelled, "epochs": epochs, "moco_k": args.moco_k, "crops": crops,
+    return {"runs": runs, "seconds": seconds, "pool": data.n_pool, "train": len(data.train), "test": data.n_test,
+            "labelled": data.labelled, "epochs": epochs, "moco_k": args.moco_k, "crops": crops,
             "recipes": {m: pretrain_argv(m, args, "DATA", f"OUT/{m}", epochs[m]) for m in args.methods}}
 
 
@@ -482,66 +538,81 @@ def mean_and_spread(values: List[float]) -> Tuple[float, float]:
     return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
 
 
-@report_user_errors
-def main(argv=None) -> Dict:
-    args = finalize(get_args_parser().parse_args(argv))
-    device = torch.device(args.device)
-    t_start = time.time()
-    by_pool: Dict[str, Dict] = {}
-    for pool in args.pools:
-        per_seed = {}
-        for seed in args.seeds:
-            out = args.output_dir if len(args.pools) == 1 and len(args.seeds) == 1 else \
-                os.path.join(args.output_dir, f"pool{pool}_seed{seed}")
-            per_seed[seed] = evaluate(args, pool, seed, out)
-        first = per_seed[args.seeds[0]]
-        means: Dict[str, Dict[str, Dict[str, float]]] = {}
-        spread: Dict[str, Dict[str, Dict[str, float]]] = {}
-        for name, row in first["runs"].items():
-            means[name], spread[name] = {}, {}
-            for kind, cells in row.items():
-                means[name][kind], spread[name][kind] = {}, {}
-                for f in cells:
-                    m, sd = mean_and_spread([r["runs"][name][kind][f] for r in per_seed.values()])
-                    means[name][kind][f], spread[name][kind][f] = m, sd
-        by_pool[str(first["pool"])] = {"results": means, "spread": spread, "per_seed": {str(k): v for k, v in
-                                                                                        per_seed.items()},
-                                       "epochs": first["epochs"], "moco_k": first["moco_k"], "train": first["train"],
-                                       "test": first["test"], "labelled": first["labelled"],
-                                       "recipes": first["recipes"]}
-    seconds_total = time.time() - t_start
+def seed_dir(args: argparse.Namespace, pool: int, seed: int) -> str:
+    """One evaluation's folder: OUTPUT_DIR itself for one pool and one seed."""
+    if len(args.pools) == 1 and len(args.seeds) == 1:
+        return args.output_dir
+    return os.path.join(args.output_dir, f"pool{pool}_seed{seed}")
+
+
+def pool_summary(args: argparse.Namespace, per_seed: Dict[int, Dict]) -> Dict:
+    """One pool's evaluations over the seeds: every cell's mean and spread, the seeds' own
+    records, and the sizes and recipes (the first seed's)."""
+    first = per_seed[args.seeds[0]]
+    means: Dict[str, Dict[str, Dict[str, float]]] = {}
+    spread: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for name, row in first["runs"].items():
+        means[name], spread[name] = {}, {}
+        for kind, cells in row.items():
+            means[name][kind], spread[name][kind] = {}, {}
+            for f in cells:
+                m, sd = mean_and_spread([r["runs"][name][kind][f] for r in per_seed.values()])
+                means[name][kind][f], spread[name][kind][f] = m, sd
+    return {"results": means, "spread": spread, "per_seed": {str(k): v for k, v in per_seed.items()},
+            "epochs": first["epochs"], "moco_k": first["moco_k"], "train": first["train"], "test": first["test"],
+            "labelled": first["labelled"], "recipes": first["recipes"]}
+
+
+LABEL = {"linear": "linear", "knn": "kNN", "knn_white": "kNN whitened", "lincls": "lincls"}
+
+
+def probe_kinds(args: argparse.Namespace) -> List[str]:
+    """The table's probe columns (each at every label fraction)."""
+    return ["linear", "knn", "knn_white"] + (["lincls"] if args.lincls_probe else [])
+
+
+def table_notes(args: argparse.Namespace) -> str:
+    """What the columns and rows mean, printed under the tables and kept in the record."""
+    return ("linear: logistic regression on the frozen, standardised features (L-BFGS, L2 "
+            f"{PROBE_WD:g}); kNN: k=20, T=0.07 on L2-normalised features; kNN whitened: the same on their first "
+            f"{KNN_WHITEN} principal axes at unit variance (fitted on all train images, labels unused: "
+            f"main_knn.py --whiten {KNN_WHITEN}); lincls: main_lincls.py's SGD probe; "
+            "supervised: the network trained from scratch on those labels; its 'linear' column is its own "
+            "classifier's top-1, its kNN uses its features; statistics: the same probes on four statistics of "
+            "each image (grayscale mean, std, mean absolute gradient in x and y)" + (
+                f"; mean +- sample standard deviation over seeds {args.seeds}" if len(args.seeds) > 1 else ""))
+
+
+def pool_table(args: argparse.Namespace, pool: str, rec: Dict, kinds: List[str]) -> str:
+    """One pool's table under its title: a row per backbone, a column per probe and fraction."""
+    means, spread = rec["results"], rec["spread"]
     fr = [str(f) for f in args.fractions]
-    kinds = ["linear", "knn", "knn_white"] + (["lincls"] if args.lincls_probe else [])
-    label = {"linear": "linear", "knn": "kNN", "knn_white": "kNN whitened", "lincls": "lincls"}
-    notes = ("linear: logistic regression on the frozen, standardised features (L-BFGS, L2 "
-             f"{PROBE_WD:g}); kNN: k=20, T=0.07 on L2-normalised features; kNN whitened: the same on their first "
-             f"{KNN_WHITEN} principal axes at unit variance (fitted on all train images, labels unused: "
-             f"main_knn.py --whiten {KNN_WHITEN}); lincls: main_lincls.py's SGD probe; "
-             "supervised: the network trained from scratch on those labels; its 'linear' column is its own "
-             "classifier's top-1, its kNN uses its features; statistics: the same probes on four statistics of "
-             "each image (grayscale mean, std, mean absolute gradient in x and y)" + (
-                 f"; mean +- sample standard deviation over seeds {args.seeds}" if len(args.seeds) > 1 else ""))
-    tables, checks = [], {}
+
+    def cell(name: str, k: str, f: str) -> str:
+        if k not in means[name]:  # (the statistics have no SGD probe)
+            return "-"
+        return f"{means[name][k][f]:.1f}" + (f" +- {spread[name][k][f]:.1f}" if len(args.seeds) > 1 else "")
+
+    header = ["backbone"] + [f"{LABEL[k]} {float(f) * 100:g}%" for k in kinds for f in fr]
+    table = format_table(header, [[name] + [cell(name, k, f) for k in kinds for f in fr] for name in means])
+    per_run = {m: torch.tensor([r["seconds"][f"pretrain_{m}"] for r in rec["per_seed"].values()]) for m in args.methods}
+    minutes = ", ".join(f"{m} {per_run[m].mean() / 60:.1f}" for m in args.methods)
+    title = (f"{args.dataset} test top-1 (%), pretrained on {pool} images ("
+             + ", ".join(f"{m} {e} epochs" for m, e in rec["epochs"].items()) + ", MoCo K "
+             f"{rec['moco_k']}; {minutes} min per run), probed on {rec['train']} train / {rec['test']} test "
+             f"images, {args.arch}, {'quick' if args.quick else 'full'} budget, {len(args.seeds)} seed(s)"
+             + (f", --init {args.init}" if args.init else ", from scratch"))
+    return f"{title}\n{table}"
+
+
+def targets_met(args: argparse.Namespace, by_pool: Dict[str, Dict], kinds: List[str]) -> Dict[str, bool]:
+    """Per pool, fraction, method and probe: does the method beat random init (and the
+    statistics; the supervised network by its linear column) by more than the seed spread?"""
+    checks: Dict[str, bool] = {}
     for pool, rec in by_pool.items():
         means, spread = rec["results"], rec["spread"]
-
-        def cell(name: str, k: str, f: str) -> str:
-            if k not in means[name]:  # (the statistics have no SGD probe)
-                return "-"
-            return f"{means[name][k][f]:.1f}" + (f" +- {spread[name][k][f]:.1f}" if len(args.seeds) > 1 else "")
-
-        header = ["backbone"] + [f"{label[k]} {float(f) * 100:g}%" for k in kinds for f in fr]
-        table = format_table(header, [[name] + [cell(name, k, f) for k in kinds for f in fr] for name in means])
-        minutes = ", ".join(f"{m} {torch.tensor([r['seconds'][f'pretrain_{m}'] for r in rec['per_seed'].values()]).mean() / 60:.1f}"
-                            for m in args.methods)
-        title = (f"{args.dataset} test top-1 (%), pretrained on {pool} images ("
-                 + ", ".join(f"{m} {e} epochs" for m, e in rec["epochs"].items()) + ", MoCo K "
-                 f"{rec['moco_k']}; {minutes} min per run), probed on {rec['train']} train / {rec['test']} test "
-                 f"images, {args.arch}, {'quick' if args.quick else 'full'} budget, {len(args.seeds)} seed(s)"
-                 + (f", --init {args.init}" if args.init else ", from scratch"))
-        tables.append(f"{title}\n{table}")
         suffix = "" if len(by_pool) == 1 else f"_pool{pool}"
-        for f in fr:
+        for f in [str(f) for f in args.fractions]:
             for m in args.methods:
                 for k in kinds:
                     # beating random init by more than the seed spread of either (with one seed: at all)
@@ -554,17 +625,39 @@ def main(argv=None) -> Dict:
                 if args.supervised:
                     checks[f"{m}_linear_beats_supervised_{f}{suffix}"] = \
                         means[m]["linear"][f] > means["supervised"]["linear"][f]
-    print("\n" + "\n\n".join(tables) + f"\n({notes}; {seconds_total / 60:.1f} min in all on {device})", flush=True)
+    return checks
+
+
+def quality_record(args: argparse.Namespace, by_pool: Dict[str, Dict], tables: List[str], checks: Dict[str, bool],
+                   notes: str, seconds_total: float, device: torch.device) -> Dict:
+    """OUTPUT_DIR/quality.json: the first pool's results at the top, every pool under by_pool."""
     first = next(iter(by_pool.values()))
-    record = {"benchmark": "quality", "dataset": args.dataset, "data_root": os.path.abspath(args.data),
-              "mode": "quick" if args.quick else "full", "pretrain_images": int(next(iter(by_pool))),
-              "train_images": first["train"], "test_images": first["test"],
-              "labelled_images": {str(f): n for f, n in first["labelled"].items()},
-              "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
-              "recipes": first["recipes"], "results": first["results"], "spread": first["spread"],
-              "by_pool": by_pool, "seconds": first["per_seed"][str(args.seeds[0])]["seconds"],
-              "seconds_total": seconds_total, "targets_met": checks, "notes": notes,
-              "machine": machine_info(device), "table": "\n\n".join(tables)}
+    return {"benchmark": "quality", "dataset": args.dataset, "data_root": os.path.abspath(args.data),
+            "mode": "quick" if args.quick else "full", "pretrain_images": int(next(iter(by_pool))),
+            "train_images": first["train"], "test_images": first["test"],
+            "labelled_images": {str(f): n for f, n in first["labelled"].items()},
+            "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
+            "recipes": first["recipes"], "results": first["results"], "spread": first["spread"],
+            "by_pool": by_pool, "seconds": first["per_seed"][str(args.seeds[0])]["seconds"],
+            "seconds_total": seconds_total, "targets_met": checks, "notes": notes,
+            "machine": machine_info(device), "table": "\n\n".join(tables)}
+
+
+@report_user_errors
+def main(argv=None) -> Dict:
+    args = finalize(get_args_parser().parse_args(argv))
+    device = torch.device(args.device)
+    t_start = time.time()
+    by_pool: Dict[str, Dict] = {}
+    for pool in args.pools:  # each seed's whole protocol (evaluate), then the pool's means and spreads
+        per_seed = {seed: evaluate(args, pool, seed, seed_dir(args, pool, seed)) for seed in args.seeds}
+        by_pool[str(per_seed[args.seeds[0]]["pool"])] = pool_summary(args, per_seed)
+    seconds_total = time.time() - t_start
+    kinds, notes = probe_kinds(args), table_notes(args)
+    tables = [pool_table(args, pool, rec, kinds) for pool, rec in by_pool.items()]
+    checks = targets_met(args, by_pool, kinds)
+    print("\n" + "\n\n".join(tables) + f"\n({notes}; {seconds_total / 60:.1f} min in all on {device})", flush=True)
+    record = quality_record(args, by_pool, tables, checks, notes, seconds_total, device)
     write_json(args.json, record)
     print(f"=> {args.json}", flush=True)
     return record
