@@ -12,7 +12,6 @@ eval mode, so its BatchNorm statistics do not move, and only the head is in the
 optimizer; after training every backbone tensor is checked against the checkpoint.
 """
 import argparse
-import functools
 import json
 import os
 from typing import Dict, List, Optional
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from common.ckpt.io import load_checkpoint, load_model_state, prepare_output_dir, save_checkpoint, training_state
+from common.ckpt.io import load_model_state, prepare_output_dir, save_checkpoint, training_state
 from common.ckpt.pretrained import follow_checkpoint
 from common.ckpt.resume import resolve_resume, resumed_args, run_seed
 from common.ckpt.retention import epoch_file_due, prune_epoch_checkpoints
@@ -35,15 +34,14 @@ from common.eval.label_tree import LabelTree
 from common.eval.inputs import check_label_subset_args, eval_splits, eval_view
 from common.log.progress import log
 from common.nets.precision import Precision
-from common.train.schedule import lr_at
-from lincls.data import TrainingData, log_training_data, training_data
+from lincls.data import TrainingData, check_classes, log_training_data, training_data
 from lincls.train_eval import build_criterion, build_optimizer, evaluate, train_one_epoch
 from lincls.epochs import ProbeEpochs, resume_probe
 from lincls.heads import backbone_state, parse_trainable_layers, place_classifier
 from lincls.hierarchy import CLASSIFIER_FLAGS, check_hierarchy_flags
 from lincls.logreg import fit_logreg_head
 from lincls.reports import jsonable, level_lines, summary_line, summary_record, write_report_files, write_results
-from lincls.resume import check_compatible
+from lincls.resume import probe_checkpoint
 from lincls.sanity import sanity_check
 
 # (lr, weight decay) when not given: the reference linear probe; fine-tuning the whole
@@ -144,20 +142,15 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     after each epoch; --evaluate and --probe logreg branch off once their inputs exist."""
     env, batch_size, workers = start_worker(local_rank, args)
 
-    # ---- data: labelled train and val, same classes. With --hierarchy-depth the classes
-    # are the deepest level's paths and the tree maps them up
+    # ---- data: labelled train and val, same classes (two at least). With --hierarchy-depth the
+    # classes are the deepest level's paths and the tree maps them up
     splits = eval_splits(args, needs="main_lincls.py", partly_labelled_train=True)
     classes, tree = splits.classes, splits.tree
-    if len(classes) < 2:  # one class: every prediction is right, 100 % top-1 and F1 that mean nothing
-        raise UserError(f"the dataset has only one class ({classes[0]!r}); a classifier needs at least two classes: "
-                        f"add another class folder to train/ and val/ (or another label to the csv files)")
+    check_classes(classes)
     val_dataset = eval_view(splits.val, args)
 
     # a checkpoint to continue (--resume) or to evaluate: read now, it fixes the head to build
-    resume_path = resolve_resume(args.resume or ("auto" if args.evaluate else ""), args.output_dir)
-    ckpt = load_checkpoint(resume_path, expected_method="lincls") if resume_path else None
-    if ckpt is not None:
-        check_compatible(ckpt, args, classes, resume_path)
+    resume_path, ckpt = probe_checkpoint(args, classes)
 
     # ---- model
     model, net, reference = place_classifier(args, env, len(classes), tree)
@@ -173,30 +166,25 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     scaler = Precision.from_args(args).scaler(env.device)
     criterion, chance_classes = build_criterion(args, len(classes), tree, train, env.device)
 
-    # ---- resume: model, optimizer, scaler, RNG and the best val top-1 so far
-    start_epoch, best_acc1, best_epoch = 0, 0.0, -1
-    if ckpt is not None:
-        start_epoch, best_acc1, best_epoch = resume_probe(ckpt, resume_path, model, optimizer, scaler)
-        if args.pretrained == "none":
-            reference = backbone_state(net)  # the random init lives in the checkpoint
-        del ckpt
-    lr_fn = functools.partial(lr_at, base_lr=args.lr, epochs=args.epochs, schedule=args.schedule,
-                              cos=args.cos, warmup_epochs=args.warmup_epochs)
-    # the disk plan, the metrics log, the best so far and the divergence warning (lincls/epochs.py)
-    run = ProbeEpochs(args, model, optimizer, start_epoch, best_acc1, best_epoch, lr_fn, chance_classes)
+    # ---- resume: model, optimizer, scaler, RNG and the best val top-1 so far (a fresh probe: epoch 0)
+    start_epoch, best_acc1, best_epoch = resume_probe(ckpt, resume_path, model, optimizer, scaler)
+    if ckpt is not None and args.pretrained == "none":
+        reference = backbone_state(net)  # the random init lives in the checkpoint
+    del ckpt
+    # the lr schedule, disk plan, metrics log, best so far and divergence warning (lincls/epochs.py)
+    run = ProbeEpochs(args, model, optimizer, start_epoch, best_acc1, best_epoch, chance_classes)
 
     # ---- epochs: train, evaluate, checkpoint (best by val top-1)
     report = None
     for epoch in range(start_epoch, args.epochs):
         train.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, train.loader, criterion, optimizer, scaler, epoch, len(train.loader), lr_fn,
-                                args, env, run.metrics, tree, first_epoch=epoch == start_epoch)
+        stats = train_one_epoch(model, train.loader, criterion, optimizer, scaler, epoch, len(train.loader),
+                                run.lr_fn, args, env, run.metrics, tree, first_epoch=epoch == start_epoch)
         report = evaluate(model, val_dataset, classes, args, env, workers, tree)
         record, is_best = run.end_epoch(epoch, stats, report)  # val lines, metrics line, report CSVs
         if is_main_process():
             save_checkpoint(training_state(model, optimizer, scaler, args, method="lincls", epoch=epoch + 1,
-                                           metrics=record, best_acc1=run.best_acc1, best_epoch=run.best_epoch,
-                                           classes=classes),
+                                           metrics=record, **run.checkpoint_keys(), classes=classes),
                             args.output_dir, epoch_file=epoch_file_due(args, epoch + 1), is_best=is_best)
             prune_epoch_checkpoints(args.output_dir, args.keep_checkpoints, args.keep_epochs)
 

@@ -12,9 +12,18 @@ from common.data.subsets import SubsetDataset, class_counts
 from common.data.transformed import TransformedDataset
 from common.distributed.collectives import DistEnv
 from common.eval.label_tree import LabelTree
+from common.errors import UserError
 from common.eval.inputs import training_labels
 from common.log.progress import log
 from lincls.balance import BalancedSampler
+
+
+def check_classes(classes: Sequence[str]) -> None:
+    """A classifier needs two classes: with one, every prediction is right, 100 % top-1 and F1
+    that mean nothing."""
+    if len(classes) < 2:
+        raise UserError(f"the dataset has only one class ({classes[0]!r}); a classifier needs at least two classes: "
+                        f"add another class folder to train/ and val/ (or another label to the csv files)")
 
 
 def training_subset(train: Dataset, args: argparse.Namespace) -> Tuple[Dataset, str]:

@@ -1,10 +1,22 @@
 """Which lincls checkpoint a run may continue or evaluate: only one of the same kind of
 model, trained on the same images and classes."""
 import argparse
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
-from common.ckpt.resume import check_arch, check_same_flags
+from common.ckpt.io import load_checkpoint
+from common.ckpt.resume import check_arch, check_same_flags, resolve_resume
 from common.errors import UserError
+
+
+def probe_checkpoint(args: argparse.Namespace, classes: List[str]) -> Tuple[Optional[str], Optional[Dict]]:
+    """(path, checkpoint) of the lincls checkpoint to continue (--resume) or to evaluate
+    (--evaluate: --resume, else the output folder's last), checked against this run's model
+    and classes; (None, None) for a fresh probe."""
+    path = resolve_resume(args.resume or ("auto" if args.evaluate else ""), args.output_dir)
+    ckpt = load_checkpoint(path, expected_method="lincls") if path else None
+    if ckpt is not None:
+        check_compatible(ckpt, args, classes, path)
+    return path, ckpt
 
 
 def check_compatible(ckpt: Dict, args: argparse.Namespace, classes: List[str], path: str) -> None:
