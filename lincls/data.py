@@ -11,8 +11,8 @@ from common.data.loader import ResumableSampler, make_loader
 from common.data.subsets import SubsetDataset, class_counts
 from common.data.transformed import TransformedDataset
 from common.distributed.collectives import DistEnv
-from common.eval.label_tree import LabelTree
 from common.errors import UserError
+from common.eval.label_tree import LabelTree
 from common.eval.inputs import training_labels
 from common.log.progress import log
 from lincls.balance import BalancedSampler

@@ -1,7 +1,7 @@
 """main_lincls.py's bookkeeping around its epoch loop: resuming the probe's best so far, the
-lr schedule, the checkpoint disk plan, and after each epoch the best val top-1, the val lines, the divergence
-warning, the metrics line and the report files; at the end the final lines and results.json.
-The checkpoint write itself is in the script."""
+lr schedule, the checkpoint disk plan, and after each epoch the best val top-1, the val lines,
+the divergence warning, the metrics line and the report files; at the end the final lines and
+results.json. The checkpoint write itself is in the script."""
 import argparse
 import functools
 import math
