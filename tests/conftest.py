@@ -174,24 +174,46 @@ def run_inline(capsys, main: Callable[[List[str]], object], argv: List[str], che
     return Ran(code, out, err)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[str], object]) -> str:
+    """A folder `build(folder)` fills once per test run: a session fixture is otherwise built
+    again by each xdist worker (a training run of tens of seconds twice). The workers share the
+    run's temp root and take turns on a lock file; the first builds, the others wait and reuse.
+    Tests read the folder, never write into it (one that must, copies it first)."""
+    import fcntl
+    import shutil
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = str(tmp_path_factory.mktemp(name))
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # pytest-of-<user>/pytest-<n>: this run's, every worker's
+    folder, done = os.path.join(root, name), os.path.join(root, name + ".done")
+    with open(os.path.join(root, name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
+            os.makedirs(folder)
+            build(folder)
+            open(done, "w").close()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def moco_pretrained(tmp_path_factory) -> str:
     """Checkpoint of a short MoCo v2 run on synthetic data that has learned something."""
-    out = tmp_path_factory.mktemp("moco_pretrained")
     # one thread: CPU kernels then sum in one fixed order, so the run is bit-reproducible
     # --export-at-end: tests/test_hub.py loads the run's exported/ backbone (no run of its own)
-    run_script("main_moco.py", MOCO_LEARN + ["--output-dir", str(out), "--export-at-end"],
-               env_extra={"OMP_NUM_THREADS": "1"})
-    return str(out / "checkpoint_last.pth.tar")
+    out = built_once(tmp_path_factory, "moco_pretrained", lambda folder: run_script(
+        "main_moco.py", MOCO_LEARN + ["--output-dir", folder, "--export-at-end"], env_extra={"OMP_NUM_THREADS": "1"}))
+    return os.path.join(out, "checkpoint_last.pth.tar")
 
 
 @pytest.fixture(scope="session")
 def one_epoch(tmp_path_factory):
     """One epoch of MOCO_TINY (seed 1): the run that test_resume_flags.py and test_loss_guard.py
     resume (the NaN test copies it first)."""
-    out = tmp_path_factory.mktemp("one_epoch")
-    run_script("main_moco.py", MOCO_TINY + ["--seed", "1", "--epochs", "1", "--output-dir", str(out)])
-    return out
+    import pathlib
+    return pathlib.Path(built_once(tmp_path_factory, "one_epoch", lambda folder: run_script(
+        "main_moco.py", MOCO_TINY + ["--seed", "1", "--epochs", "1", "--output-dir", folder])))
 
 
 @pytest.fixture
@@ -226,11 +248,11 @@ def moco_untrained(tmp_path_factory) -> str:
     with BatchNorm statistics from the same 16 batches, loadable by every script. What the
     probes gain over it is what training the weights bought; `--pretrained none` (a fresh
     network's identity statistics) is another model, not that baseline."""
-    out = tmp_path_factory.mktemp("moco_untrained")
     lr = MOCO_LEARN.index("--lr")
-    run_script("main_moco.py", MOCO_LEARN[:lr + 1] + ["0"] + MOCO_LEARN[lr + 2:] + ["--output-dir", str(out)],
-               env_extra={"OMP_NUM_THREADS": "1"})
-    return str(out / "checkpoint_last.pth.tar")
+    out = built_once(tmp_path_factory, "moco_untrained", lambda folder: run_script(
+        "main_moco.py", MOCO_LEARN[:lr + 1] + ["0"] + MOCO_LEARN[lr + 2:] + ["--output-dir", folder],
+        env_extra={"OMP_NUM_THREADS": "1"}))
+    return os.path.join(out, "checkpoint_last.pth.tar")
 
 
 def write_image_folder(root, classes=("a", "b"), per_class=4, size=16, seed=0, split_dirs=("train",)):

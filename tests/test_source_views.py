@@ -62,7 +62,7 @@ def test_source_scale_views_where_whole_image_views_keep_no_instance(inspection,
     # and its shorter budget: 20,000 images seen on 48 images, the recipe's warmup scaled with it
     assert args.epochs == 417 and args.warmup_epochs == round(10 * 417 / 2083, 2)
     assert "for 20,000 images seen: --epochs 417 --warmup-epochs 2" in out
-    given = finalize(main_simclr, [inspection, "--recipe", "small", "--crop-size", "32", "--epochs", "3"],
+    given = finalize(main_simclr, [inspection, "--recipe", "small", "--crop-size", "32", "--epochs", "3", "-a", "resnet18"],
                      tmp_path / "e")
     assert given.epochs == 3 and given.crop_max == 0.0625  # the views still chosen, the epochs kept
 
