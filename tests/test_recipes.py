@@ -71,11 +71,11 @@ def test_the_queue_fits_the_batch_in_use(tmp_path):
 
 @pytest.mark.slow
 def test_a_resumed_recipe_run_keeps_its_epochs_on_a_grown_dataset(tmp_path, capsys):
-    from conftest import run_script
+    from conftest import run_inline
     tiny = ["--dataset", "synthetic", "-a", "resnet18", "-j", "0", "--recipe", "small", "--moco-dim", "16",
-            "-p", "100", "--output-dir", str(tmp_path)]
+            "-p", "100", "--no-payoff", "--output-dir", str(tmp_path)]
     # 64 images: 200,000 images seen would be 3,125 epochs; stop the run after one
-    run_script("main_moco.py", tiny + ["--synthetic-size", "64", "--epochs", "1"])
+    run_inline(capsys, main_moco.main, tiny + ["--synthetic-size", "64", "--epochs", "1"])
     ckpt_epochs = 1
     capsys.readouterr()
     args = finalize(main_moco, tiny[:-2] + ["--synthetic-size", "128", "--resume", "auto"], tmp_path)
