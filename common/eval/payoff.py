@@ -230,9 +230,9 @@ class Payoff:
             named["untrained"] = self.probe.score_as_initialised(backbone)
         self.baselines = {size: {name: summary(scores[size]) for name, scores in named.items()}
                           for size in self.probe.sizes}
-        said = "; ".join(f"at {size} px " * (len(self.baselines) > 1)
-                         + ", ".join(f"{name} {b['top1']:.1f} +- {b['fold_std']:.1f}" for name, b in named_b.items())
-                         for size, named_b in self.baselines.items())
+        said = "; ".join((f"at {size} px " if len(self.baselines) > 1 else "")
+                         + ", ".join(f"{name} {b['top1']:.1f} +- {b['fold_std']:.1f}" for name, b in at_size.items())
+                         for size, at_size in self.baselines.items())
         grouped = (f", each of {len(set(self.probe.groups))} --payoff-groups groups in one fold"
                    if self.probe.groups is not None else "")
         log(f"=> payoff: {PAYOFF_FOLDS}-fold logreg probe on {len(self.probe.data)} labelled train images{grouped} "
