@@ -16,6 +16,7 @@ from common.errors import UserError
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
 from curate.duplicates import file_hash, find_duplicates, redundant_rows
+from curate.embedding_map import map_section
 from curate.items import Items
 from curate.labels import knn_probs, label_issues, probe_probs
 from curate.outliers import outlier_scores
@@ -119,6 +120,8 @@ def write_outputs(items: Items, found: Findings, args: argparse.Namespace) -> No
                               if items.splits[r] == split and r not in drop])
             log(f"=> {path}: {sum(s == split for s in items.splits) - sum(items.splits[r] == split for r in drop)} "
                 f"kept of the {split} images")
+    # the map first: an overview of every image, marking what the sections below flag
+    sections.insert(0, map_section(items, {s.title: s.marked for s in sections if s.marked}, out, seed=args.seed))
     report = write_html(out, "Data curation report", found.settings, sections)
     for s in sections:
         log(f"=> {s.title.lower()}: {s.summary}")

@@ -1,6 +1,7 @@
-"""Pictures of the findings: PNG grids with a caption under every cell (one duplicate
-group per row; outliers; label errors with the given and the suggested class) and small
-thumbnails for report.html, all files in the output folder so the report reads offline."""
+"""Pictures of the findings: PNG grids with a caption under every cell (duplicate groups
+side by side in frames; outliers; label errors with the given and the suggested class) and
+small thumbnails for report.html, all files in the output folder so the report reads offline."""
+import functools
 import os
 from typing import List, Sequence, Tuple
 
@@ -8,9 +9,19 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from common.files.atomic import atomic_path
 
-CELL = 96  # px per image in a grid
+CELL = 112  # px per image in a grid (28 px images at 4x)
 THUMB = 48  # px per thumbnail in the report's tables
-CAPTION = 24  # px of caption text under a grid cell (two lines)
+LINE = 12  # px per caption line
+LINES = 5  # caption lines at most under a cell
+GAP = 14  # px between two groups on one grid line
+WIDTH = 8  # cells per grid line
+Cell = Tuple[Image.Image, str]
+
+
+@functools.lru_cache(maxsize=None)
+def font() -> ImageFont.ImageFont:
+    """The captions' font: Pillow's own, so no system font is needed."""
+    return ImageFont.load_default(size=10)
 
 
 def _fit(img: Image.Image, side: int) -> Image.Image:
@@ -27,31 +38,100 @@ def save_png(img: Image.Image, path: str) -> str:
     return path
 
 
-def captioned_grid(rows: Sequence[Sequence[Tuple[Image.Image, str]]], path: str) -> str:
-    """One PNG of `rows` of (image, caption) cells; a caption is up to two lines of text
-    ("\\n" splits them), cut to the cell's width."""
+def _wrap(text: str, fnt: ImageFont.ImageFont, width: int) -> List[str]:
+    """`text` in lines of at most `width` px, broken after a separator (_ - / space) when one
+    lies in a line's second half, else anywhere: file names rarely have spaces."""
+    lines: List[str] = []
+    while text:
+        lo, hi = 1, len(text)  # the longest prefix that fits, at least one character
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fnt.getlength(text[:mid]) <= width else (lo, mid - 1)
+        n = lo
+        if n < len(text):
+            cut = max(text.rfind(c, 0, n) for c in "_-/ ") + 1
+            n = cut if cut > n // 2 else n
+        lines.append(text[:n])
+        text = text[n:]
+    return lines
+
+
+def _elide(text: str, fnt: ImageFont.ImageFont, width: int, lines: int) -> List[str]:
+    """`text` wrapped into at most `lines` lines; when it needs more, its middle is replaced
+    by "…": the start and the end (numbers and the extension, where names differ) stay."""
+    def cut(keep: int) -> List[str]:
+        tail = max(1, int(keep * 0.45))
+        return _wrap(text[:keep - tail] + "…" + text[-tail:], fnt, width)
+
+    out = _wrap(text, fnt, width)
+    if len(out) <= lines:
+        return out
+    lo, hi = 2, len(text) - 1  # the most characters kept that still fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(cut(mid)) <= lines else (lo, mid - 1)
+    return cut(lo)[:lines]
+
+
+def caption_lines(caption: str, width: int = CELL, lines: int = LINES) -> List[str]:
+    """A caption's lines under a cell `width` px wide: each "\\n"-separated part wrapped, every
+    part keeping at least a line, the last (a file name) the rest, elided in the middle past them."""
+    fnt, parts, out = font(), caption.split("\n"), []
+    for n, part in enumerate(parts):
+        if len(out) == lines:
+            break
+        out += _elide(part, fnt, width, max(1, lines - len(out) - (len(parts) - 1 - n)))
+    return out
+
+
+def _draw(blocks: Sequence[Sequence[Tuple[str, Sequence[Cell]]]], path: str) -> str:
+    """One PNG of grid lines, each a list of (label, cells) blocks side by side; a labelled
+    block is framed with its label above."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    font = ImageFont.load_default()
-    width = max(len(r) for r in rows)
-    grid = Image.new("RGB", (width * (CELL + 4) + 4, len(rows) * (CELL + CAPTION + 4) + 4), "white")
+    fnt = font()
+    captions = [[[caption_lines(c) for _, c in cells] for _, cells in line] for line in blocks]
+    heads = [LINE + 2 if any(label for label, _ in line) else 0 for line in blocks]
+    caps = [LINE * max((len(c) for b in line for c in b), default=0) for line in captions]
+    widths = [sum(len(cells) * (CELL + 4) for _, cells in line) + GAP * (len(line) - 1) for line in blocks]
+    grid = Image.new("RGB", (max(widths) + 8, sum(heads) + sum(caps) + len(blocks) * (CELL + 8) + 4), "white")
     draw = ImageDraw.Draw(grid)
-    for y, row in enumerate(rows):
-        for x, (img, caption) in enumerate(row):
-            left, top = 4 + x * (CELL + 4), 4 + y * (CELL + CAPTION + 4)
-            grid.paste(_fit(img, CELL), (left, top))
-            for n, line in enumerate(caption.split("\n")[:2]):
-                while line and draw.textlength(line, font=font) > CELL:
-                    line = line[:-1]
-                draw.text((left, top + CELL + 1 + 11 * n), line, fill="black", font=font)
+    top = 4
+    for line, caption, head, cap in zip(blocks, captions, heads, caps):
+        left = 4
+        for (label, cells), lines in zip(line, caption):
+            if label:
+                draw.rectangle((left - 2, top, left + len(cells) * (CELL + 4) - 2, top + head + CELL + cap + 4),
+                               fill="#eef0f4", outline="#9aa4b8")
+                draw.text((left + 1, top + 2), label, fill="#1a2a4a", font=fnt)
+            for x, ((img, _), text) in enumerate(zip(cells, lines)):
+                grid.paste(_fit(img, CELL), (left + x * (CELL + 4), top + head + 2))
+                for n, t in enumerate(text):
+                    draw.text((left + x * (CELL + 4), top + head + CELL + 3 + LINE * n), t, fill="black", font=fnt)
+            left += len(cells) * (CELL + 4) + GAP
+        top += head + CELL + cap + 8
     return save_png(grid, path)
 
 
-def write_grids(rows: Sequence[Sequence[Tuple[Image.Image, str]]], folder: str, name: str,
-                rows_per_grid: int = 8) -> List[str]:
-    """`rows` split into PNGs of `rows_per_grid` rows: FOLDER/NAME_000.png, ..."""
+def captioned_grid(rows: Sequence[Sequence[Cell]], path: str) -> str:
+    """One PNG of `rows` of (image, caption) cells; a caption's "\\n"-separated parts are
+    wrapped to the cell's width (caption_lines)."""
+    return _draw([[("", row)] for row in rows], path)
+
+
+def group_grids(groups: Sequence[Tuple[str, Sequence[Cell]]], folder: str, name: str, lines_per_grid: int = 8,
+                width: int = WIDTH) -> List[str]:
+    """(label, cells) groups packed whole onto grid lines of up to `width` cells (a larger
+    group is cut to `width`), each framed under its label, `lines_per_grid` lines per PNG:
+    FOLDER/NAME_000.png, ..."""
+    lines: List[List[Tuple[str, Sequence[Cell]]]] = []
+    for label, cells in groups:
+        cells = cells[:width]
+        if not lines or sum(len(c) for _, c in lines[-1]) + len(cells) > width:
+            lines.append([])
+        lines[-1].append((label, cells))
     os.makedirs(folder, exist_ok=True)
-    return [captioned_grid(rows[s:s + rows_per_grid], os.path.join(folder, f"{name}_{s // rows_per_grid:03d}.png"))
-            for s in range(0, len(rows), rows_per_grid)]
+    return [_draw(lines[s:s + lines_per_grid], os.path.join(folder, f"{name}_{s // lines_per_grid:03d}.png"))
+            for s in range(0, len(lines), lines_per_grid)]
 
 
 def thumbnail(img: Image.Image, folder: str, row: int) -> str:

@@ -29,10 +29,12 @@ class Section:
     grids: List[str] = field(default_factory=list)  # shown inline
     header: List[str] = field(default_factory=list)
     rows: List[List[Tuple[str, str]]] = field(default_factory=list)
+    marked: List[int] = field(default_factory=list)  # item rows the embedding map marks
 
 
-STYLE = ("body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse}"
-         "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:90%}"
+# overflow-wrap: a long path breaks anywhere rather than widening its table past the page
+STYLE = ("body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;max-width:100%}"
+         "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:90%}td{overflow-wrap:anywhere}"
          "img.grid{max-width:100%;border:1px solid #ccc}h2{margin-top:2em}")
 
 

@@ -1,12 +1,13 @@
 """Each finding as files and a report section: its csv (every row), its PNG grid(s) and a
-table of the first rows with thumbnails."""
+table of the first rows, with thumbnails where no grid pictures them (each image is shown
+once), and the rows the embedding map marks."""
 import os
 from typing import List, Sequence
 
 import torch
 
 from curate.duplicates import Pair, groups_of
-from curate.grids import captioned_grid, thumbnail, write_grids
+from curate.grids import captioned_grid, group_grids, thumbnail
 from curate.items import Items
 from curate.report import Section, write_csv
 
@@ -29,17 +30,25 @@ def duplicates_section(items: Items, pairs: Sequence[Pair], rule: str, out: str)
     groups = groups_of(pairs)
     cross = sum(p.cross_split for p in pairs)
     exact = sum(p.exact for p in pairs)
-    shown = sorted(groups, key=lambda g: min(k for k, p in enumerate(pairs) if p.group == g))[:SHOWN]
-    grid_rows = [[(items.image(r), f"{items.splits[r]} {items.class_of(items.labels[r])}\n"
-                                   f"{os.path.basename(items.paths[r])}") for r in groups[g][:8]] for g in shown]
+    ordered = list(dict.fromkeys(p.group for p in pairs))  # in the order of their first pair
+    shown = ordered[:SHOWN]
+    kinds: dict = {}
+    for p in pairs:
+        kinds.setdefault(p.group, set()).update(["exact" if p.exact else "near"] + ["cross-split"] * p.cross_split)
+    grid_groups = [(f"group {g}: {', '.join(sorted(kinds[g], key=['exact', 'near', 'cross-split'].index))}"
+                    + (f" ({len(groups[g])} images, 8 shown)" if len(groups[g]) > 8 else ""),
+                    [(items.image(r), f"{items.splits[r]} {items.class_of(items.labels[r])}\n"
+                                      f"{os.path.basename(items.paths[r])}") for r in groups[g][:8]]) for g in shown]
     s = Section("Duplicates", f"{len(pairs)} pairs in {len(groups)} groups: {exact} exact (same bytes), "
                 f"{len(pairs) - exact} near ({rule}); {cross} pairs cross splits (leakage), listed "
-                f"first", [csv_path], header=["kind", "similarity", "image a", "image b"])
-    s.grids = write_grids(grid_rows, os.path.join(out, "grids"), "duplicates") if grid_rows else []
+                f"first", [csv_path], header=["group", "kind", "similarity", "relative", "image a", "image b"])
+    s.grids = group_grids(grid_groups, os.path.join(out, "grids"), "duplicates") if grid_groups else []
     s.files += s.grids
-    s.rows = [[("", ("exact" if p.exact else "near") + (" cross-split" if p.cross_split else "")),
-               ("", f"{p.similarity:.3f}"), (_thumb(items, out, p.a), f"{items.splits[p.a]}: {items.paths[p.a]}"),
-               (_thumb(items, out, p.b), f"{items.splits[p.b]}: {items.paths[p.b]}")] for p in pairs[:SHOWN]]
+    # the grid pictures every image of a group once: the table names the pairs in text only
+    s.rows = [[("", str(p.group)), ("", ("exact" if p.exact else "near") + (" cross-split" if p.cross_split else "")),
+               ("", f"{p.similarity:.3f}"), ("", f"{p.relative:.3f}"), ("", f"{items.splits[p.a]}: {items.paths[p.a]}"),
+               ("", f"{items.splits[p.b]}: {items.paths[p.b]}")] for p in pairs[:SHOWN]]
+    s.marked = [r for g in ordered for r in groups[g]]
     return s
 
 
@@ -48,16 +57,16 @@ def outliers_section(items: Items, scores: torch.Tensor, k: int, per_class: bool
     csv_path = write_csv(os.path.join(out, "outliers.csv"), ["rank", "score", "path", "split", "class"],
                          [[n, f"{float(scores[r]):.4f}", items.paths[r], items.splits[r],
                            items.class_of(items.labels[r])] for n, r in enumerate(order)])
-    cells = [(items.image(r), f"#{n} {float(scores[r]):.3f}\n{items.class_of(items.labels[r])}")
-             for n, r in enumerate(order[:SHOWN])]
+    cells = [(items.image(r), f"#{n} {float(scores[r]):.3f} {items.class_of(items.labels[r])}\n"
+                              f"{os.path.basename(items.paths[r])}") for n, r in enumerate(order[:SHOWN])]
     grid = captioned_grid([cells[s:s + 8] for s in range(0, len(cells), 8)], os.path.join(out, "grids", "outliers.png"))
     where = "of its class" if per_class else "image"
     how = (f"1 - cosine to its {k}-th nearest {where}" if score == "kth" else
            f"its distance to its {k}-th nearest {where} over that of its {k} nearest (LOF-style)")
     return Section("Outliers", f"every image ranked by {how}; the first "
-                   f"{len(cells)} shown", [csv_path, grid], [grid], ["rank", "score", "image"],
-                   [[("", str(n)), ("", f"{float(scores[r]):.3f}"), (_thumb(items, out, r), items.paths[r])]
-                    for n, r in enumerate(order[:SHOWN])])
+                   f"{len(cells)} shown", [csv_path, grid], [grid], ["rank", "score", "path"],
+                   [[("", str(n)), ("", f"{float(scores[r]):.3f}"), ("", items.paths[r])]
+                    for n, r in enumerate(order[:SHOWN])], marked=order[:SHOWN])
 
 
 def label_errors_section(items: Items, rows: torch.Tensor, suspected: torch.Tensor, suggested: torch.Tensor,
@@ -69,16 +78,16 @@ def label_errors_section(items: Items, rows: torch.Tensor, suspected: torch.Tens
     csv_path = write_csv(os.path.join(out, "label_errors.csv"),
                          ["rank", "self_confidence", "path", "split", "given", "suggested"], table)
     cells = [(items.image(int(rows[i])), f"given {items.class_of(items.labels[rows[i]])}\nsuggested "
-              f"{items.class_of(suggested[i])}") for i in order[:SHOWN]]
+              f"{items.class_of(suggested[i])}\n{os.path.basename(items.paths[int(rows[i])])}") for i in order[:SHOWN]]
     files: List[str] = [csv_path]
     grids = [captioned_grid([cells[s:s + 8] for s in range(0, len(cells), 8)],
                             os.path.join(out, "grids", "label_errors.png"))] if cells else []
     return Section("Suspected label errors", f"{len(order)} of {len(rows)} labelled images, ranked by the "
                    f"out-of-fold ({method}) probability of their given label", files + grids, grids,
-                   ["p(given)", "given", "suggested", "image"],
+                   ["p(given)", "given", "suggested", "path"],
                    [[("", f"{float(self_conf[i]):.3f}"), ("", items.class_of(items.labels[rows[i]])),
-                     ("", items.class_of(suggested[i])), (_thumb(items, out, int(rows[i])), items.paths[int(rows[i])])]
-                    for i in order[:SHOWN]])
+                     ("", items.class_of(suggested[i])), ("", items.paths[int(rows[i])])]
+                    for i in order[:SHOWN]], marked=[int(rows[i]) for i in order])
 
 
 def suggestions_section(items: Items, rows: torch.Tensor, probs: torch.Tensor, out: str) -> Section:

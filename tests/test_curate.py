@@ -6,6 +6,7 @@ import csv
 import hashlib
 import html.parser
 import os
+import re
 import shutil
 import subprocess
 
@@ -19,6 +20,8 @@ from PIL import Image, ImageEnhance
 import main_curate
 from common.data.images import csv_manifest
 from curate.duplicates import find_duplicates, redundant_rows
+from curate.embedding_map import draw_map, robust_limits
+from curate.grids import CELL, caption_lines, font
 from curate.labels import knn_probs, label_issues
 from curate.outliers import outlier_scores
 from curate.search import self_neighbours
@@ -167,7 +170,7 @@ def test_report_links_resolve(curated):
     for link in files:
         assert not os.path.isabs(link) and "://" not in link, link  # offline: relative links only
         assert os.path.isfile(os.path.join(out, link)), link
-    for g in ("duplicates_000.png", "outliers.png", "label_errors.png"):
+    for g in ("duplicates_000.png", "outliers.png", "label_errors.png", "map.png"):
         with Image.open(os.path.join(out, "grids", g)) as img:
             assert len(set(img.convert("RGB").getdata())) > 50, g
 
@@ -196,6 +199,49 @@ def test_report_renders_in_headless_chromium(curated, tmp_path):
         colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
     # text alone gives a few grey levels; the thumbnails and grids give hundreds of colours
     assert colours is not None and len(colours) > 200, len(colours or [])
+
+
+def test_each_duplicate_image_is_pictured_once(curated):
+    """The duplicates section pictures its images in the group grid only (a group per frame,
+    each image once): the table of pairs names them in text, with no thumbnails."""
+    out = curated["out"]
+    with open(os.path.join(out, "report.html"), encoding="utf-8") as f:
+        page = f.read()
+    section = next(part for part in page.split("<h2 ")[1:] if ">Duplicates</h2>" in part)
+    pictures = re.findall(r"<img [^>]*src=['\"]([^'\"]+)", section)
+    assert pictures and len(set(pictures)) == len(pictures), pictures  # each grid once
+    assert all(re.fullmatch(r"grids/duplicates_\d{3}\.png", p) for p in pictures), pictures  # no thumbnails
+    for r in rows(os.path.join(out, "duplicates.csv"))[:24]:
+        assert html.escape(r["path_a"]) in section and html.escape(r["path_b"]) in section
+
+
+def test_map_limits_ignore_a_far_outlier(tmp_path):
+    """One point 1000 spreads away does not squash the map: the limits come from the 1st-99th
+    percentile (plus 10 %) of the 199 others (uniform in the unit square, all inside them), and
+    the far point alone is drawn on the border."""
+    xy = torch.rand(200, 2, generator=torch.Generator().manual_seed(0))
+    xy[7] = torch.tensor([1000.0, -1000.0])
+    x0, x1, y0, y1 = robust_limits(xy).tolist()
+    assert -0.2 < x0 < 0 and 1 < x1 < 1.2 and -0.2 < y0 < 0 and 1 < y1 < 1.2
+    labels = torch.arange(200) % 3 - 1  # -1: unlabelled (gray)
+    assert draw_map(xy, labels, ["a", "b"], {"Outliers": torch.tensor([7])}, ("x", "y"), str(tmp_path / "map.png")) == 1
+
+
+def test_captions_keep_names_apart():
+    """File names under a grid cell are wrapped, not cut: whole when they fit in the caption's
+    lines, else elided in the middle keeping their start and their end (the numbers and the
+    extension where names differ); every line fits the cell."""
+    names = ["fashion_product_photo_04794.png", "fashion_product_photo_04794 - Copy.png",
+             "imported_from_supplier_batch_2023_catalogue_scan_09705.png"]
+    for name in names:
+        lines = caption_lines("train T-shirt-top\n" + name)
+        assert lines[0] == "train T-shirt-top" and "".join(lines[1:]) == name
+        assert all(font().getlength(t) <= CELL for t in lines)
+    long = ["IMG_" + "very_long_common_camera_export_prefix_" * 4 + f"{k:04d}.jpeg" for k in (1, 2)]
+    shown = ["".join(caption_lines("#0 0.5 shirt\n" + n)[1:]) for n in long]
+    assert shown[0] != shown[1] and all(s.startswith("IMG_very") and "…" in s for s in shown)
+    assert shown[0].endswith("0001.jpeg") and shown[1].endswith("0002.jpeg")
+    assert len(caption_lines("#0 0.5 shirt\n" + long[0])) <= 5
 
 
 def clusters(n_clusters=5, per=10, dim=16, spread=0.05, seed=0):
