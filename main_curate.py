@@ -34,15 +34,18 @@ from common.log.progress import log
 from curate.duplicates import RULES
 from curate.embed import EMBEDDINGS, embed_split, keep_splits, stop_with_a_sentence
 from curate.findings import (Findings, duplicates, label_findings, outliers, selection, shared_neighbours,
-                             write_outputs)
+                             shared_pixels, write_outputs)
 from curate.items import join_splits, read_splits
-from curate.labels import METHODS, RULES as LABEL_RULES
+from curate.labels import METHODS, PROBE_ITERS, RULES as LABEL_RULES
 from curate.outliers import SCORES
 from curate.search import INDEXES
 
 FINDINGS = ("duplicates", "outliers", "labels")
-# near-duplicates (docs/curate.md: bench/curate.py): cosine distance at most DUP_RATIO x the two images'
-# smaller distance to their --dup-k-th neighbour; DUP_THRESHOLD: the absolute cosine of --dup-rule cosine
+# near copies (docs/curate.md: bench/curate.py): --dup-rule pixels, a pair's pixel correlation distance
+# at most COPY_RATIO x its images' smaller distance to their 5th nearest thumbnail; --dup-rule relative,
+# the embedding's cosine distance at most DUP_RATIO x the --dup-k-th neighbour's; DUP_THRESHOLD: the
+# absolute cosine of --dup-rule cosine
+COPY_RATIO = 0.3
 DUP_RATIO = 0.25
 DUP_THRESHOLD = 0.95
 
@@ -92,15 +95,22 @@ def get_args_parser() -> argparse.ArgumentParser:
            help="start over in an --output-dir that holds an earlier curation, deleting its outputs and embeddings "
                 "(without it, or --resume, such a folder is refused)")
     g = parser.add_argument_group("duplicates and outliers")
-    g.add_argument("--dup-rule", default="relative", choices=RULES,
-                   help="near-duplicates: relative (cosine distance at most --dup-ratio x the smaller of the two "
-                        "images' distances to their --dup-k-th neighbour) or cosine (at least --dup-threshold)")
+    g.add_argument("--dup-rule", default="pixels", choices=("pixels",) + RULES,
+                   help="near copies: pixels (candidates from the embedding's and the thumbnails' neighbours, "
+                        "confirmed by the thumbnails' correlation over small shifts; finds re-encoded, resized and "
+                        "shifted copies), or near-duplicates in the embedding: relative (cosine distance at most "
+                        "--dup-ratio x the smaller of the two images' distances to their --dup-k-th neighbour) or "
+                        "cosine (at least --dup-threshold)")
+    g.add_argument("--copy-ratio", default=COPY_RATIO, type=float,
+                   help="--dup-rule pixels: a pair's correlation distance over its images' smaller distance to "
+                        "their 5th nearest thumbnail")
     g.add_argument("--dup-ratio", default=DUP_RATIO, type=float,
                    help="--dup-rule relative: a pair's distance over its images' --dup-k-th-neighbour distance")
     g.add_argument("--dup-threshold", default=DUP_THRESHOLD, type=float,
                    help="--dup-rule cosine: cosine (centred features) at or above which two images are near-duplicates")
     g.add_argument("--dup-k", default=10, type=int,
-                   help="neighbours searched per image for near-duplicates (and --dup-rule relative's scale)")
+                   help="neighbours searched per image for near-duplicates, in the embedding and (--dup-rule "
+                        "pixels) the thumbnails (and --dup-rule relative's scale)")
     g.add_argument("--outlier-score", default="relative", choices=SCORES,
                    help="relative: the distance to the --outlier-k-th neighbour over its --outlier-k neighbours' "
                         "median of it (LOF-style: against the local density); kth: the distance itself")
@@ -119,7 +129,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-k", default=20, type=int,
                    help="neighbours that vote for label suggestions (and --label-method knn)")
     g.add_argument("--probe-folds", default=5, type=int, help="folds of the out-of-fold probe")
-    g.add_argument("--probe-steps", default=2000, type=int, help="minibatches of 512 each fold's probe trains for")
+    g.add_argument("--probe-iters", default=PROBE_ITERS, type=int,
+                   help="L-BFGS iterations of each fold's logistic regression, each about one pass over the fold's "
+                        "images (the cost follows the number of labelled images)")
     g = parser.add_argument_group("clean csv")
     switch(g, "--write-clean-csv",
            help="clean_<split>.csv: the images kept, as --dataset csv manifests (DATA is never changed)")
@@ -144,10 +156,12 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     follow_checkpoint(args)
     for flag, value, least in (("--select", args.select, 0), ("--dup-k", args.dup_k, 1),
                                ("--outlier-k", args.outlier_k, 1), ("--label-k", args.label_k, 1),
-                               ("--probe-folds", args.probe_folds, 2), ("--probe-steps", args.probe_steps, 1),
+                               ("--probe-folds", args.probe_folds, 2), ("--probe-iters", args.probe_iters, 1),
                                ("--chunk-size", args.chunk_size, 1), ("--shard-size", args.shard_size, 1)):
         if value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
+    if not 0.0 < args.copy_ratio < 1.0:
+        raise UserError(f"--copy-ratio is a distance ratio in (0, 1), got {args.copy_ratio}; e.g. {COPY_RATIO}")
     if not 0.0 < args.dup_ratio < 1.0:
         raise UserError(f"--dup-ratio is a distance ratio in (0, 1), got {args.dup_ratio}; e.g. {DUP_RATIO}")
     if not -1.0 <= args.dup_threshold <= 1.0:
@@ -262,12 +276,13 @@ def run_curation(args: argparse.Namespace, env: DistEnv, batch_size: int, worker
     found = Findings({"pretrained": f"{args.pretrained} ({source})", "arch": args.arch, "crop size": args.crop_size,
                       "images": len(items), "classes": len(classes), "neighbour search": args.index})
     neighbours = shared_neighbours(items, args)  # one search for the duplicates and the outliers
+    pixels = shared_pixels(items, args, workers)  # one pass: thumbnails (copies) and statistics (outliers)
 
     # ---- the findings (curate/findings.py), each adding its report section
-    if "duplicates" in args.findings:  # 1. same bytes, or cosine >= --dup-threshold among the --dup-k nearest
-        duplicates(items, neighbours, args, found)
-    if "outliers" in args.findings:  # 2. far from their k-th neighbour
-        outliers(items, neighbours, args, found)
+    if "duplicates" in args.findings:  # 1. same bytes, or a copy on the pixels (or near in the embedding)
+        duplicates(items, neighbours, pixels, args, found)
+    if "outliers" in args.findings:  # 2. far in the embedding, alone as a group, or odd pixel statistics
+        outliers(items, neighbours, pixels, args, found)
     if "labels" in args.findings:  # 3. suspected errors from out-of-fold probabilities, suggestions by kNN vote
         label_findings(items, len(classes), args, found)
     if args.select:  # 4. what to label next: k-center greedy from the labelled images

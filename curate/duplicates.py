@@ -1,8 +1,9 @@
-"""Duplicates: exact copies by a hash of the file's bytes, near-duplicates from the
-nearest-neighbour search (never an N x N matrix), joined into groups; pairs across splits
-(train/val leakage) first.
+"""Duplicates: exact copies by a hash of the file's bytes, and near copies confirmed on the
+pixels (curate/copies.py, rule "pixels", the default) or near-duplicates in the embedding
+(rules "relative" and "cosine", from the nearest-neighbour search, never an N x N matrix),
+joined into groups; pairs across splits (train/val leakage) first.
 
-A near-duplicate is judged against the two images' neighbourhoods (rule "relative"): the
+In the embedding, a near-duplicate is judged against the two images' neighbourhoods (rule "relative"): the
 pair's cosine distance divided by the smaller of the two images' distances to their k-th
 neighbour must be at most a ratio. One absolute cosine cannot serve a whole embedding:
 where images are dense (plain T-shirts) different images are closer than a re-encoded copy
@@ -18,11 +19,12 @@ import torch
 class Pair(NamedTuple):
     a: int
     b: int
-    similarity: float
-    relative: float  # cosine distance over the smaller k-th-neighbour distance of a and b
+    similarity: float  # the confirming test's score: 1 (sha256), pixel correlation or embedding cosine
+    relative: float  # the test's distance over the smaller k-th-neighbour distance of a and b
     exact: bool
     cross_split: bool
     group: int
+    test: str = "sha256"  # what confirmed the pair: sha256 (same bytes), pixels or embedding
 
 
 def file_hash(path: str) -> Optional[str]:
@@ -62,7 +64,7 @@ def _components(n: int, edges: Sequence[tuple]) -> List[int]:
     return [root(i) for i in range(n)]
 
 
-RULES = ("relative", "cosine")
+RULES = ("relative", "cosine")  # the embedding's rules; "pixels" is curate/copies.py
 
 
 def kth_distance(sim: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
@@ -83,45 +85,60 @@ def relative_distance(sim: torch.Tensor, idx: torch.Tensor, k: int) -> Tuple[tor
     return dist, dist / torch.minimum(scale.unsqueeze(1), scale[idx]).clamp_min(1e-6)
 
 
-def find_duplicates(sim: torch.Tensor, idx: torch.Tensor, hashes: Sequence[Optional[str]], splits: Sequence[str],
-                    threshold: float, rule: str = "cosine", ratio: float = 0.0, k: int = 10) -> List[Pair]:
-    """Pairs (a < b) of exact copies (same hash) or near-duplicates among each row's
-    neighbours (`sim`/`idx` from self_neighbours, at least k + 1 columns), with the group
-    (connected component) they belong to: rule "cosine", cosine >= threshold; rule
-    "relative", cosine distance <= ratio x the smaller k-th-neighbour distance of the two
-    rows (see the module). An exact group of m copies gives m - 1 pairs (its first row with
-    each other), not m^2. Order: cross-split pairs first, then exact, then nearest."""
+def embedding_near_pairs(sim: torch.Tensor, idx: torch.Tensor, threshold: float, rule: str = "cosine",
+                         ratio: float = 0.0, k: int = 10) -> Dict[Tuple[int, int], Tuple[float, float]]:
+    """{(a, b): (cosine, relative distance)} of the near-duplicates among each row's
+    neighbours (`sim`/`idx` from self_neighbours, at least k + 1 columns): rule "cosine",
+    cosine >= threshold; rule "relative", cosine distance <= ratio x the smaller
+    k-th-neighbour distance of the two rows (see the module)."""
     if rule not in RULES:
         raise ValueError(f"rule {rule!r} is not one of {RULES}")
-    n = len(hashes)
     _, rel = relative_distance(sim, idx, k)
-    exact = exact_groups(hashes)
-    same = {}
-    for rows in exact:
-        for r in rows:
-            same[r] = rows[0]
-    edges: Dict[tuple, Tuple[float, float]] = {}
-    for rows in exact:
-        for r in rows[1:]:
-            edges[(rows[0], r)] = (1.0, 0.0)
     near = sim >= threshold if rule == "cosine" else rel <= ratio
+    out: Dict[Tuple[int, int], Tuple[float, float]] = {}
     rows_, cols = near.nonzero(as_tuple=True)
     for r, c in zip(rows_.tolist(), cols.tolist()):
         j = int(idx[r, c])
         if j == r:
             continue
         a, b = min(r, j), max(r, j)
-        if a in same and same.get(b) == same[a]:
-            continue  # already listed against the group's first copy
-        old = edges.get((a, b), (-2.0, float("inf")))
-        edges[(a, b)] = (max(old[0], float(sim[r, c])), min(old[1], float(rel[r, c])))
+        old = out.get((a, b), (-2.0, float("inf")))
+        out[(a, b)] = (max(old[0], float(sim[r, c])), min(old[1], float(rel[r, c])))
+    return out
+
+
+def join_pairs(hashes: Sequence[Optional[str]], splits: Sequence[str],
+               near: Dict[Tuple[int, int], Tuple[float, float]], test: str) -> List[Pair]:
+    """Pairs (a < b) of exact copies (same hash, test "sha256") and the `near` ones {(a, b):
+    (score, relative)} confirmed by `test`, with the group (connected component) each belongs
+    to. An exact group of m copies gives m - 1 pairs (its first row with each other), not m^2,
+    and a near pair inside an exact group is not listed again. Order: cross-split pairs first,
+    then exact, then by relative distance."""
+    n = len(hashes)
+    exact = exact_groups(hashes)
+    same = {}
+    for rows in exact:
+        for r in rows:
+            same[r] = rows[0]
+    edges: Dict[tuple, Tuple[float, float, str]] = {}
+    for rows in exact:
+        for r in rows[1:]:
+            edges[(rows[0], r)] = (1.0, 0.0, "sha256")
+    for (a, b), (score, rel) in near.items():
+        if not (a in same and same.get(b) == same[a]):
+            edges[(a, b)] = (score, rel, test)
     group_of = _components(n, list(edges))
     names = {g: k for k, g in enumerate(sorted({group_of[a] for a, _ in edges}))}
-    pairs = [Pair(a, b, s, r, same.get(a) is not None and same.get(a) == same.get(b), splits[a] != splits[b],
-                  names[group_of[a]]) for (a, b), (s, r) in edges.items()]
-    pairs.sort(key=lambda p: (not p.cross_split, not p.exact, p.relative if rule == "relative" else -p.similarity,
-                              p.a, p.b))
+    pairs = [Pair(a, b, s, r, t == "sha256", splits[a] != splits[b], names[group_of[a]], t)
+             for (a, b), (s, r, t) in edges.items()]
+    pairs.sort(key=lambda p: (not p.cross_split, not p.exact, p.relative, -p.similarity, p.a, p.b))
     return pairs
+
+
+def find_duplicates(sim: torch.Tensor, idx: torch.Tensor, hashes: Sequence[Optional[str]], splits: Sequence[str],
+                    threshold: float, rule: str = "cosine", ratio: float = 0.0, k: int = 10) -> List[Pair]:
+    """Exact copies and the embedding's near-duplicates (embedding_near_pairs), as join_pairs."""
+    return join_pairs(hashes, splits, embedding_near_pairs(sim, idx, threshold, rule, ratio, k), "embedding")
 
 
 def groups_of(pairs: Sequence[Pair]) -> Dict[int, List[int]]:

@@ -1,7 +1,8 @@
 """Every image embedded once, resumably: each split is cut into shards of --shard-size
 images whose features are written to OUTPUT_DIR/embeddings/ beside a manifest naming the
 model and the files, so a rerun after an interruption embeds only the shards not yet
-written (a changed model or file list starts over)."""
+written (a changed model or file list starts over). A shard holds features and dataset
+indices only: labels, splits and paths are read from DATA on every run."""
 import argparse
 import contextlib
 import hashlib
@@ -85,7 +86,10 @@ def embed_split(model: nn.Module, dataset: Dataset, split: str, args: argparse.N
         path = os.path.join(folder, f"{split}_{s:05d}.pt")
         if fresh and os.path.isfile(path):
             shard = torch.load(path, map_location="cpu", weights_only=True)
-            f_, l_, i_ = shard["features"].to(env.device), shard["labels"], shard["index"]
+            f_, i_ = shard["features"].to(env.device), shard["index"]
+            # the labels are read from DATA on every run, never from the cache: a label fixed since
+            # (a csv edited, as the report suggests) is judged as it is now
+            l_ = torch.tensor([dataset.targets[i] for i in i_.tolist()], dtype=torch.long)
             reused += 1
         else:
             stop = min(start + args.shard_size, len(dataset))
@@ -94,7 +98,7 @@ def embed_split(model: nn.Module, dataset: Dataset, split: str, args: argparse.N
             l_, i_ = l_.cpu(), i_.cpu() + start
             if is_main_process():
                 with atomic_path(path) as tmp:
-                    torch.save({"features": f_.cpu(), "labels": l_, "index": i_}, tmp)
+                    torch.save({"features": f_.cpu(), "index": i_}, tmp)
         feats.append(f_)
         labels.append(l_)
         index.append(i_)

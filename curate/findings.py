@@ -5,6 +5,7 @@ report section, its line of the report's settings and the rows --clean-drop drop
 `Findings`."""
 import argparse
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -15,11 +16,13 @@ from PIL import Image
 from common.errors import UserError
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
-from curate.duplicates import file_hash, find_duplicates, redundant_rows
+from curate.copies import SCALE_K, confirm_copies, pixel_neighbours, shift_px
+from curate.duplicates import file_hash, find_duplicates, join_pairs, redundant_rows
 from curate.embedding_map import map_section
 from curate.items import Items
-from curate.labels import knn_probs, label_issues, probe_probs
-from curate.outliers import outlier_scores
+from curate.labels import knn_probs, label_issues, oof_accuracy, probe_probs, strength_notes
+from curate.outliers import combined_scores, group_k, outlier_scores
+from curate.pixels import SIDE, STATS, Pixels, read_pixels, stats_z
 from curate.report import Section, write_csv, write_html
 from curate.search import self_neighbours
 from curate.sections import (duplicates_section, label_errors_section, outliers_section, selection_section,
@@ -39,32 +42,69 @@ class Findings:
 
 
 def shared_neighbours(items: Items, args: argparse.Namespace) -> Neighbours:
-    """One neighbour search that serves the duplicates and the (all-class) outliers."""
+    """One neighbour search that serves the duplicates and the (all-class) outliers, their
+    group signal included."""
     if "duplicates" in args.findings or "outliers" in args.findings:
-        return self_neighbours(items.feats, max(args.dup_k, args.outlier_k), args.index, args.chunk_size)
+        k = max(args.dup_k, args.outlier_k)
+        if "outliers" in args.findings and not args.outlier_per_class:
+            k = max(k, group_k(len(items), args.outlier_k))
+        return self_neighbours(items.feats, k, args.index, args.chunk_size)
     return None
 
 
-def duplicates(items: Items, neighbours: Neighbours, args: argparse.Namespace, found: Findings) -> None:
-    """1. Same bytes, or cosine >= --dup-threshold (or --dup-rule relative) among the --dup-k nearest."""
+def shared_pixels(items: Items, args: argparse.Namespace, workers: int) -> Optional[Pixels]:
+    """One pass over the pixels: the thumbnails the copies are confirmed on and the statistics
+    the outliers are scored on."""
+    if (args.dup_rule == "pixels" and "duplicates" in args.findings) or "outliers" in args.findings:
+        return read_pixels(items.sources, workers)
+    return None
+
+
+def duplicates(items: Items, neighbours: Neighbours, pixels: Optional[Pixels], args: argparse.Namespace,
+               found: Findings) -> None:
+    """1. Same bytes; then near copies confirmed on the pixels (--dup-rule pixels: candidates
+    from the --dup-k nearest embeddings and thumbnails), or near in the embedding (relative,
+    cosine) among the --dup-k nearest."""
     sim, idx = neighbours[0][:, :args.dup_k + 1], neighbours[1][:, :args.dup_k + 1]
-    pairs = find_duplicates(sim, idx, [file_hash(p) for p in items.paths], items.splits, args.dup_threshold,
-                            args.dup_rule, args.dup_ratio, args.dup_k)
-    rule = (f"distance <= {args.dup_ratio} x the {args.dup_k}-th neighbour's" if args.dup_rule == "relative"
-            else f"cosine >= {args.dup_threshold}")
+    hashes = [file_hash(p) for p in items.paths]
+    if args.dup_rule == "pixels":
+        start = time.time()
+        thumbs, shift = pixels.thumbs, shift_px(pixels.side)
+        pix = pixel_neighbours(thumbs, max(args.dup_k, SCALE_K), shift)
+        candidates = [(min(r, int(j)), max(r, int(j))) for nb in (pix[1], idx) for r, row in enumerate(nb.tolist())
+                      for j in row if j != r]
+        near = confirm_copies(thumbs, candidates, pix, shift, args.copy_ratio)
+        pairs = join_pairs(hashes, items.splits, near, "pixels")
+        rule = (f"pixel correlation distance <= {args.copy_ratio} x the {SCALE_K}th nearest thumbnail's "
+                f"({SIDE} px grayscale, best over +-{shift} px shifts)")
+        log(f"=> copies: {len(set(candidates))} candidate pairs from the {args.dup_k} nearest embeddings and "
+            f"thumbnails, {len(near)} confirmed on the pixels ({time.time() - start:.0f} s)")
+    else:
+        pairs = find_duplicates(sim, idx, hashes, items.splits, args.dup_threshold, args.dup_rule, args.dup_ratio,
+                                args.dup_k)
+        rule = (f"embedding distance <= {args.dup_ratio} x the {args.dup_k}-th neighbour's"
+                if args.dup_rule == "relative" else f"embedding cosine >= {args.dup_threshold}")
     found.sections.append(duplicates_section(items, pairs, rule, args.output_dir))
     found.settings["near-duplicates"] = rule
     if "duplicates" in args.clean_drop:
         found.drop.update(redundant_rows(pairs, items.splits))
 
 
-def outliers(items: Items, neighbours: Neighbours, args: argparse.Namespace, found: Findings) -> None:
-    """2. Images far from their k-th neighbour (within their class with --outlier-per-class)."""
-    scores = outlier_scores(items.feats, args.outlier_k, items.labels if args.outlier_per_class else None,
-                            args.index, args.chunk_size, neighbours, args.outlier_score)
-    found.sections.append(outliers_section(items, scores, args.outlier_k, args.outlier_per_class, args.outlier_score,
-                                           args.output_dir))
-    found.settings["outliers"] = f"{args.outlier_score} score, k = {args.outlier_k}"
+def outliers(items: Items, neighbours: Neighbours, pixels: Pixels, args: argparse.Namespace, found: Findings) -> None:
+    """2. Images far from their k-th neighbour (within their class with --outlier-per-class),
+    from the rest as a group, or with pixel statistics no other image has: the largest of
+    the signals' robust z-scores (curate/outliers.py combined_scores)."""
+    labels = items.labels if args.outlier_per_class else None
+    embedding = outlier_scores(items.feats, args.outlier_k, labels, args.index, args.chunk_size, neighbours,
+                               args.outlier_score)
+    gk = group_k(len(items), args.outlier_k)
+    group = outlier_scores(items.feats, gk, labels, args.index, args.chunk_size, neighbours, "kth")
+    scores, signals = combined_scores(embedding, group, stats_z(pixels))
+    found.sections.append(outliers_section(items, scores, signals, args.outlier_k, gk, args.outlier_per_class,
+                                           args.outlier_score, args.output_dir))
+    found.settings["outliers"] = (f"the largest robust z-score of: the embedding's {args.outlier_score} score "
+                                  f"(k = {args.outlier_k}), the group signal (k = {gk}) and {len(STATS)} pixel "
+                                  f"statistics")
     if "outliers" in args.clean_drop:
         found.drop.update(torch.argsort(scores, descending=True)[:int(args.clean_outliers * len(items))].tolist())
 
@@ -79,15 +119,28 @@ def label_findings(items: Items, num_classes: int, args: argparse.Namespace, fou
         return
     out = args.output_dir
     lab_f, lab_l = items.feats[lab_rows.to(items.feats.device)], items.labels[lab_rows]
-    probs = [probe_probs(lab_f, lab_l, num_classes, args.probe_folds, args.seed, args.probe_steps)
-             for _ in range(args.label_method != "knn")]
-    probs += [knn_probs(lab_f, lab_l, lab_f, num_classes, args.label_k, leave_out_self=True)
-              for _ in range(args.label_method != "probe")]
-    suspected, suggested, self_conf = label_issues(sum(probs) / len(probs), lab_l, args.label_rule)
+    start = time.time()
+    probs: Dict[str, torch.Tensor] = {}
+    if args.label_method != "knn":
+        log(f"=> labels: out-of-fold probe on {len(lab_rows)} labelled images, {args.probe_folds} folds of "
+            f"{args.probe_iters} L-BFGS iterations")
+        probs["probe"] = probe_probs(lab_f, lab_l, num_classes, args.probe_folds, args.seed, args.probe_iters).probs
+    if args.label_method != "probe":
+        probs["kNN vote"] = knn_probs(lab_f, lab_l, lab_f, num_classes, args.label_k, leave_out_self=True)
+    used = sum(probs.values()) / len(probs)
+    suspected, suggested, self_conf = label_issues(used, lab_l, args.label_rule)
+    accuracy = {name: oof_accuracy(p, lab_l) for name, p in probs.items()}
+    if len(probs) > 1:
+        accuracy["their mean (used)"] = oof_accuracy(used, lab_l)
+    notes = strength_notes(accuracy, int(suspected.sum()), len(lab_rows))
+    log(f"=> labels: {notes[0]} ({time.time() - start:.0f} s)")
+    for note in notes[1:]:
+        log(f"=> labels: {note}")
     found.sections.append(label_errors_section(items, lab_rows, suspected, suggested, self_conf, args.label_method,
-                                               out))
-    found.settings["label errors"] = (f"{args.label_method} out-of-fold probabilities, confident learning "
-                                      f"({args.label_rule})")
+                                               out, notes))
+    how = {"probe": f"{args.probe_folds}-fold logistic regression", "kNN vote": f"{args.label_k}-neighbour vote"}
+    found.settings["label errors"] = (f"out-of-fold {' and '.join(how[name] for name in probs)}, confident "
+                                      f"learning ({args.label_rule}); {notes[0]}")
     if "labels" in args.clean_drop:
         found.drop.update(lab_rows[suspected].tolist())
     if len(unl_rows):

@@ -9,15 +9,26 @@ C[given, confident class], scaled so each row sums to the class's size. Rule "pr
 class j, the round(C[i, j]) images labelled i with the largest margin p_j - p_i, none whose
 most probable class is its given one; rule "confident" flags every image confidently of a
 class other than its given one (the joint's off-diagonal itself)."""
-from typing import Tuple
+import time
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from common.eval.knn import knn_search, knn_vote
+from common.eval.logreg import PROBE_WD, stratified_folds
+from common.log.progress import log
 
 METHODS = ("probe", "knn", "both")
 RULES = ("prune", "confident")
+# L-BFGS iterations of each fold's probe (common/eval/logreg.py's CV_MAX_ITER): docs/curate.md measures
+# it against the former 2,000 minibatches (bench/curate_labels.py)
+PROBE_ITERS = 100
+CHUNK_ROWS = 65536  # rows standardised and multiplied at once: 65,536 x 2,048 fp32 is 512 MiB
+# Below this out-of-fold accuracy (%) of the probabilities used, the flagged images were mostly the
+# probabilities' own mistakes: fewer than 3 in 10 were label errors in bench/curate_labels.py (Fashion-MNIST
+# with 5 % of the labels flipped, docs/curate.md), and the flagged share was 3 times the flipped one or more
+WEAK_ACCURACY = 76.0
 
 
 def knn_probs(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, num_classes: int, k: int,
@@ -33,36 +44,128 @@ def knn_probs(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor
     return votes / votes.sum(1, keepdim=True).clamp_min(1e-30)
 
 
+class OutOfFold(NamedTuple):
+    """Out-of-fold class probabilities (rows x classes, CPU) and what they cost."""
+    probs: torch.Tensor
+    passes: int  # evaluations of the loss over a fold's training rows, all folds together
+    rows: int  # rows those passes read: the cost, about folds x iters x N
+
+
+def _loss(feats: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+          mean: torch.Tensor, std: torch.Tensor, chunk_rows: int) -> float:
+    """The probe's loss over `rows` (mean cross-entropy + L2), its gradient accumulated into w
+    and b a chunk at a time."""
+    loss = PROBE_WD * (w ** 2).sum()
+    loss.backward()
+    total = float(loss.detach())
+    for s in range(0, len(rows), chunk_rows):
+        r = rows[s:s + chunk_rows]
+        part = F.cross_entropy(((feats[r].float() - mean) / std) @ w + b, y[r], reduction="sum") / len(rows)
+        part.backward()
+        total += float(part.detach())
+    return total
+
+
+def fastest_threads(work: Callable[[], object]) -> int:
+    """1 or torch's thread count, whichever runs `work` faster now (the better of two tries
+    each). On a 2-core machine that other jobs kept busy, 2 threads waiting on each other at
+    every small op made the former minibatch probe 50 times slower than 1 thread and this
+    one 3 times (docs/curate.md); on idle cores the threads pay."""
+    most = torch.get_num_threads()
+    if most == 1:
+        return 1
+    took: Dict[int, float] = {}
+    try:
+        for threads in (most, 1, most, 1):
+            torch.set_num_threads(threads)
+            start = time.perf_counter()
+            work()
+            took[threads] = min(took.get(threads, float("inf")), time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(most)
+    return min(took, key=took.__getitem__)
+
+
 def probe_probs(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, folds: int, seed: int,
-                steps: int = 2000, batch_size: int = 512) -> torch.Tensor:
-    """Out-of-fold class probabilities (CPU) of a linear softmax probe: the rows are cut
-    into `folds` seeded folds and each fold is predicted by a probe trained for `steps`
-    minibatches on the others, so no image is judged by a model that saw its (possibly
-    wrong) label. The cost is steps x batch whatever the number of images."""
+                iters: int = PROBE_ITERS, chunk_rows: int = CHUNK_ROWS) -> OutOfFold:
+    """Out-of-fold probabilities of a multinomial logistic regression (common/eval/logreg.py's
+    probe: L2 on standardised features, full-batch L-BFGS): the rows are dealt into `folds`
+    seeded stratified folds and each fold is predicted by a fit on the others, so no image is
+    judged by a model that saw its (possibly wrong) label. Each L-BFGS iteration evaluates the
+    loss over the fold's rows about once (at most 1.25 times on average: torch's max_eval), so
+    the cost is about folds x iters x N x D x C: it follows N, where the former fixed 2,000
+    minibatches of 512 per fold did not. Unlike logreg.py's fit, the features stay in their
+    fp16 rows, standardised `chunk_rows` at a time in fp32: no fp64 copy of a million rows.
+    On the CPU it runs on 1 thread or torch's count, whichever is faster at the start
+    (fastest_threads)."""
     n, device = len(feats), feats.device
-    g = torch.Generator().manual_seed(seed)
-    fold = torch.randperm(n, generator=g) % folds
-    out = torch.zeros(n, num_classes)
-    y = labels.to(device)
-    # unit-length rows have entries ~1/sqrt(D): scaled to ~1 so the probe's lr suits any width
-    scale = feats.shape[1] ** 0.5
-    for k in range(folds):
-        train, held = (fold != k).nonzero().squeeze(1), (fold == k).nonzero().squeeze(1)
-        if not len(held) or not len(train):
-            continue
-        probe = torch.nn.Linear(feats.shape[1], num_classes).to(device)
-        opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=1e-2)
-        for _ in range(steps):
-            rows = train[torch.randint(len(train), (min(batch_size, len(train)),), generator=g)].to(device)
-            loss = F.cross_entropy(probe(feats[rows].float() * scale), y[rows])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            for s in range(0, len(held), 65536):
-                rows = held[s:s + 65536]
-                out[rows] = probe(feats[rows.to(device)].float() * scale).softmax(1).cpu()
-    return out
+    fold = stratified_folds(labels.cpu(), folds, seed)
+    y = labels.long().to(device)
+    # standardised by every labelled row's mean and std: statistics without the labels, so no fold sees
+    # its own labels through them; D of them, summed a chunk at a time in fp64
+    sums = torch.zeros(feats.shape[1], dtype=torch.float64, device=device)
+    squares = torch.zeros_like(sums)
+    for s in range(0, n, chunk_rows):
+        x = feats[s:s + chunk_rows].double()
+        sums, squares = sums + x.sum(0), squares + (x ** 2).sum(0)
+    mean = (sums / n).float()
+    std = ((squares / n - (sums / n) ** 2).clamp_min(0).sqrt() + 1e-6).float()
+    out, passes, seen = torch.zeros(n, num_classes), 0, 0
+    most = torch.get_num_threads()
+    try:
+        for k in range(folds):
+            train = (fold != k).nonzero().squeeze(1).to(device)
+            held = (fold == k).nonzero().squeeze(1).to(device)
+            if not len(held) or not len(train):
+                continue
+            start = time.time()
+            w = torch.zeros(feats.shape[1], num_classes, device=device, requires_grad=True)
+            b = torch.zeros(num_classes, device=device, requires_grad=True)
+            if k == 0 and device.type == "cpu":
+                torch.set_num_threads(fastest_threads(lambda: _loss(feats, train, y, w, b, mean, std, chunk_rows)))
+            opt = torch.optim.LBFGS([w, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+            evaluations = [0]
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                evaluations[0] += 1
+                return torch.tensor(_loss(feats, train, y, w, b, mean, std, chunk_rows))
+
+            opt.step(closure)
+            passes += evaluations[0]
+            seen += evaluations[0] * len(train)
+            with torch.no_grad():
+                for s in range(0, len(held), chunk_rows):
+                    rows = held[s:s + chunk_rows]
+                    out[rows.cpu()] = (((feats[rows].float() - mean) / std) @ w + b).softmax(1).cpu()
+            log(f"=> labels: probe fold {k + 1}/{folds}: {len(train)} rows, {evaluations[0]} passes in "
+                f"{time.time() - start:.1f} s" + (f" on {torch.get_num_threads()} of {most} thread(s)"
+                                                  if device.type == "cpu" else ""))
+    finally:
+        torch.set_num_threads(most)
+    return OutOfFold(out, passes, seen)
+
+
+def oof_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """% of rows whose most probable class is their given label: out-of-fold, the accuracy the
+    probabilities would have on new images labelled as these are (label errors included)."""
+    return 100.0 * float((probs.argmax(1) == labels.to(probs.device)).float().mean()) if len(labels) else float("nan")
+
+
+def strength_notes(accuracy: Dict[str, float], flagged: int, labelled: int) -> List[str]:
+    """What the label-error count must be read with: the out-of-fold accuracy of each set of
+    probabilities (`accuracy`: name -> %, the last the one that flagged), and a warning when
+    that one is below WEAK_ACCURACY."""
+    notes = ["out-of-fold accuracy on the given labels: " + ", ".join(f"{name} {acc:.1f} %"
+                                                                      for name, acc in accuracy.items())]
+    used = list(accuracy.values())[-1]
+    if used < WEAK_ACCURACY:
+        notes.append(f"WARNING: the out-of-fold accuracy, {used:.1f} %, is below {WEAK_ACCURACY:.0f} %: the {flagged} "
+                     f"flagged images ({100.0 * flagged / max(labelled, 1):.1f} % of the labelled) are unreliable, "
+                     f"mostly the probabilities' own mistakes (below this level fewer than 3 in 10 flagged images "
+                     f"were label errors in docs/curate.md's benchmark); a checkpoint pretrained on these images, or "
+                     f"trained longer, or more labelled images would make them stronger")
+    return notes
 
 
 def label_issues(probs: torch.Tensor, labels: torch.Tensor, rule: str = "prune"

@@ -5,12 +5,18 @@ density around it: a sparse but ordinary region (patterned bags) scores near 1, 
 group of look-alike foreign images next to a dense region still stands out while the group
 has fewer than k / 2 members (the median is then one of the dense region's images, not a
 fellow outlier's). With per_class,
-neighbours are of the same class only (a dog among cats)."""
-from typing import Optional, Tuple
+neighbours are of the same class only (a dog among cats).
+
+A group of foreign images larger than k / 2 is its own density: main_curate.py therefore ranks
+by combined_scores, which adds a group signal (the distance to the neighbour 1 % of the set
+away) and the images' pixel statistics to the embedding's score, each as a robust z-score."""
+import math
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from curate.duplicates import kth_distance
+from curate.pixels import robust_z
 from curate.search import self_neighbours
 
 SCORES = ("relative", "kth")
@@ -50,3 +56,30 @@ def outlier_scores(feats: torch.Tensor, k: int, labels: Optional[torch.Tensor] =
         sim, idx = self_neighbours(feats[rows.to(feats.device)], k, index, chunk_size)
         scores[rows] = _score(sim, idx, k, score)
     return scores
+
+
+GROUP_FRACTION = 0.01  # the group signal's neighbourhood, of the images: past a foreign group of 0.5 %
+GROUP_K_MAX = 1000  # its cost bound (N x k neighbours kept)
+
+
+def group_k(n: int, k: int) -> int:
+    """The group signal's k: GROUP_FRACTION of the images, at least --outlier-k, at most n - 1."""
+    return max(1, min(n - 1, max(k, min(GROUP_K_MAX, math.ceil(GROUP_FRACTION * n)))))
+
+
+def combined_scores(embedding: torch.Tensor, group: Optional[torch.Tensor], stats: Dict[str, torch.Tensor]
+                    ) -> Tuple[torch.Tensor, List[str]]:
+    """(score, the signal that gave it) of every row: the largest robust z-score among the
+    embedding's outlier score, the group signal (the distance to the group_k-th neighbour: a
+    few dozen look-alike foreign images are each other's neighbours, but not 1 % of the set's)
+    and each image statistic's (curate/pixels.py). Each signal is judged by its own spread,
+    so a noise image (entropy, high frequency), a blank one (contrast) and an image far from the
+    rest in the embedding all rise to the top."""
+    signals = {"embedding": robust_z(embedding, one_sided=True)}
+    if group is not None:
+        signals["group"] = robust_z(group, one_sided=True)
+    signals.update(stats)
+    names = list(signals)
+    z = torch.stack([signals[n] for n in names], 1)
+    score, which = z.max(1)
+    return score, [names[i] for i in which.tolist()]

@@ -22,14 +22,14 @@ from common.data.images import csv_manifest
 from curate.duplicates import find_duplicates, redundant_rows
 from curate.embedding_map import draw_map, robust_limits
 from curate.grids import CELL, caption_lines, font
-from curate.labels import knn_probs, label_issues
+from curate.labels import knn_probs, label_issues, oof_accuracy, probe_probs, strength_notes
 from curate.outliers import outlier_scores
 from curate.search import self_neighbours
-from curate.select import k_center_greedy, typical_candidates
+from curate.select import k_center_greedy, kmeans, typical_candidates, typicality, typiclust
 
 # the network of the fast tests (ImageNet stem on 32 px images); random init with a fixed seed
 NET = ["--pretrained", "none", "-a", "resnet18", "--no-small-images", "--crop-size", "32", "-j", "0", "-p", "1000",
-       "--probe-steps", "200"]
+       "--probe-iters", "50"]
 HUES = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 210)}
 
 
@@ -41,12 +41,21 @@ def garment(rng: np.random.Generator, colour) -> Image.Image:
     return Image.fromarray(np.clip(arr + rng.normal(0, 4, (32, 32, 3)), 0, 255).astype(np.uint8))
 
 
+def re_encode(src: str, dst: str) -> None:
+    """A copy as it comes back from an export: resized 0.9x, shifted 2 px, 8 % darker, JPEG q 50."""
+    img = Image.open(src).convert("RGB")
+    img = Image.fromarray(np.roll(np.asarray(img.resize((29, 29), Image.BILINEAR)), 2, axis=1))
+    ImageEnhance.Brightness(img).enhance(0.92).save(dst, format="JPEG", quality=50)
+
+
 def write_planted(root) -> dict:
     """DATA/train and DATA/val of three colour classes, plus an --unlabelled pool, with
-    2 exact copies, 2 near-duplicates (brightness -8 %, shift 1 px), 2 val images copied
-    into train and 3 flipped labels. Returns the ground truth as sets of paths / pairs."""
+    2 exact copies, 2 re-encoded near copies (JPEG q 50 after a 0.9x resize, a 2 px shift and
+    brightness -8 %), 2 val images copied into train as bytes and 2 as such re-encoded
+    copies, 3 flipped labels and a group of 12 uniform-noise images (more than --outlier-k / 2:
+    each other's nearest neighbours). Returns the ground truth as sets of paths / pairs."""
     rng = np.random.default_rng(0)
-    truth = {"exact": set(), "near": set(), "leak": set(), "flipped": set()}
+    truth = {"exact": set(), "near": set(), "leak": set(), "re-encoded leak": set(), "flipped": set(), "noise": set()}
     names = list(HUES)
     for split, n in (("train", 16), ("val", 6)):
         for c in names:
@@ -61,13 +70,19 @@ def write_planted(root) -> dict:
         src = os.path.join(root, "train", c, "03.png")
         shutil.copyfile(src, os.path.join(root, "train", c, f"copy{k}.png"))
         truth["exact"].add(frozenset((src, os.path.join(root, "train", c, f"copy{k}.png"))))
-        img = ImageEnhance.Brightness(Image.open(os.path.join(root, "train", c, "05.png"))).enhance(0.92)
-        near = os.path.join(root, "train", c, f"near{k}.png")
-        Image.fromarray(np.roll(np.asarray(img), 1, axis=1)).save(near)
+        near = os.path.join(root, "train", c, f"near{k}.jpg")
+        re_encode(os.path.join(root, "train", c, "05.png"), near)
         truth["near"].add(frozenset((os.path.join(root, "train", c, "05.png"), near)))
         val = os.path.join(root, "val", c, "02.png")
         shutil.copyfile(val, os.path.join(root, "train", c, f"leak{k}.png"))
         truth["leak"].add(frozenset((val, os.path.join(root, "train", c, f"leak{k}.png"))))
+        re_encode(os.path.join(root, "val", c, "04.png"), os.path.join(root, "train", c, f"leak_jpeg{k}.jpg"))
+        truth["re-encoded leak"].add(frozenset((os.path.join(root, "val", c, "04.png"),
+                                                os.path.join(root, "train", c, f"leak_jpeg{k}.jpg"))))
+    for k in range(12):
+        p = os.path.join(root, "train", names[k % 3], f"noise{k:02d}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
+        truth["noise"].add(p)
     os.makedirs(os.path.join(root, "..", "pool"))
     for i in range(12):
         garment(rng, HUES[names[i % 3]]).save(os.path.join(root, "..", "pool", f"u{i:02d}.png"))
@@ -84,8 +99,9 @@ def tree_hashes(root) -> dict:
 
 
 def rows(path):
+    """A csv's rows; label_errors.csv opens with '#' lines (the probe's out-of-fold accuracy)."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +112,7 @@ def curated(tmp_path_factory):
     truth = write_planted(data)
     before = {d: tree_hashes(str(base / d)) for d in ("data", "pool")}
     out = str(base / "out")
-    # the default rule and ratio, given: the clean-csv checks depend on them (a random init puts
-    # different images of one colour at cosine 0.9 here, which an absolute threshold would pair)
     assert run_main(main_curate.main, [data, *NET, "--unlabelled", str(base / "pool"), "--select", "6",
-                                       "--dup-rule", "relative", "--dup-ratio", "0.25",
                                        "--write-clean-csv", "--output-dir", out]) == 0
     return {"data": data, "base": str(base), "out": out, "truth": truth, "before": before}
 
@@ -110,19 +123,33 @@ def pairs_found(out, kind=None, cross=None):
 
 
 def test_planted_problems_are_found(curated):
-    """Exact copies and val->train copies are found by their bytes: all of them. The
-    near-duplicates (brightness, a 1-px shift) and the flipped labels come from a random-init
-    network's features, whose recall on this set is stated as at least 1 of 2 near pairs and
-    2 of 3 flips (the flips are colour classes a random network separates)."""
+    """Exact copies and val->train copies are found by their bytes, re-encoded copies (resized,
+    shifted, darkened JPEGs) on the pixels, within train and across splits: all of them, and
+    no other pair (these images are distinct instances). The 12 noise images, a group larger
+    than k / 2, rank first of all images. The flipped labels come from a random-init network's
+    features, whose recall on this set is stated as at least 2 of 3 flips (the flips are
+    colour classes a random network separates)."""
     out, truth = curated["out"], curated["truth"]
     assert truth["exact"] <= pairs_found(out, "exact", "0")
     assert truth["leak"] <= pairs_found(out, "exact", "1")
     dup_rows = rows(os.path.join(out, "duplicates.csv"))
     crossing = [r["cross_split"] for r in dup_rows]
     assert crossing == sorted(crossing, reverse=True), "cross-split pairs (leakage) come first"
-    assert len(truth["near"] & pairs_found(out, "near")) >= 1
+    assert pairs_found(out, "near", "0") == truth["near"]
+    assert pairs_found(out, "near", "1") == truth["re-encoded leak"]
+    for r in dup_rows:  # which test confirmed each pair, and with what score
+        assert (r["test"], float(r["score"])) == ("sha256", 1.0) if r["kind"] == "exact" else \
+            r["test"] == "pixels" and 0.9 < float(r["score"]) <= 1.0
+    ranked = rows(os.path.join(out, "outliers.csv"))
+    assert {r["path"] for r in ranked[:12]} == truth["noise"]
+    assert all(r["signal"] for r in ranked)
     flagged = {r["path"] for r in rows(os.path.join(out, "label_errors.csv"))}
     assert len(truth["flipped"] & flagged) >= 2
+    # the count comes with the probabilities' out-of-fold accuracy, strong here (colours): no warning
+    with open(os.path.join(out, "label_errors.csv")) as f:
+        assert f.readline().startswith("# out-of-fold accuracy on the given labels: probe ") and f.readline()[0] != "#"
+    with open(os.path.join(out, "report.html")) as f:
+        assert "out-of-fold accuracy on the given labels" in f.read()
     for r in rows(os.path.join(out, "label_errors.csv")):
         if r["path"] in truth["flipped"]:  # flipK.png holds an image of class K, filed under class K+1
             k = int(os.path.basename(r["path"])[4])
@@ -274,6 +301,50 @@ def test_selection_covers_every_cluster_first_and_is_seeded():
     labelled, rest = pool[cluster < 2][:3], pool[cluster >= 2]
     picks, _ = k_center_greedy(feats, torch.cat([pool[cluster < 2][3:], rest]), labelled, 3, seed=0)
     assert sorted(cluster[picks].tolist()) == [2, 3, 4]
+
+
+def test_typiclust_picks_the_middle_of_every_cluster_and_is_seeded():
+    """TypiClust (--select-method typiclust): one pick per cluster before any repeat, each the
+    most typical image of its cluster (never an isolated one), the same picks for a seed, and
+    the clusters the labelled images hold come last."""
+    feats, cluster = clusters()
+    far = F.normalize(torch.randn(1, feats.shape[1], generator=torch.Generator().manual_seed(9)), dim=1).half()
+    x, none = torch.cat([feats, far]), torch.zeros(0, dtype=torch.long)
+    picks, typ = typiclust(x, torch.arange(51), none, 5, seed=0)
+    assert sorted(cluster[picks].tolist()) == [0, 1, 2, 3, 4] and 50 not in picks
+    for p, t in zip(picks, typ):  # the pick is its cluster's most typical image
+        members = (cluster == cluster[p]).nonzero().squeeze(1)
+        assert t == pytest.approx(float(typicality(x, members, 5).max()))
+    assert typiclust(x, torch.arange(51), none, 5, seed=0) == (picks, typ)
+    labelled = torch.tensor([0, 10])  # clusters 0 and 1 hold a labelled image each
+    later, _ = typiclust(x, torch.tensor([i for i in range(51) if i not in (0, 10)]), labelled, 3, seed=0)
+    assert sorted(cluster[later].tolist()) == [2, 3, 4]
+    assert len(set(kmeans(x, torch.arange(51), 5, seed=0).tolist())) == 5
+
+
+def test_label_probe_reports_its_strength_and_costs_in_proportion_to_n():
+    """The out-of-fold accuracy is reported, with a warning below WEAK_ACCURACY: it fires on
+    features that carry no class (labels drawn at random) and not on separable clusters. The
+    probe's cost follows N: at most folds x (1.25 x iters + one line search of 25) loss
+    evaluations, each over one fold's training rows (the former probe read 5 x 2,000 x 512
+    rows whatever N)."""
+    g = torch.Generator().manual_seed(1)
+    feats, cluster = clusters(n_clusters=4, per=40, dim=32)
+    noise = F.normalize(torch.randn(160, 32, generator=g), dim=1).half()
+    for x, y, weak in ((feats, cluster, False), (noise, torch.randint(0, 4, (160,), generator=g), True)):
+        probe = probe_probs(x, y, 4, folds=5, seed=0, iters=20).probs
+        knn = knn_probs(x, y, x, 4, k=5, leave_out_self=True)
+        accuracy = {"probe": oof_accuracy(probe, y), "kNN vote": oof_accuracy(knn, y),
+                    "their mean": oof_accuracy((probe + knn) / 2, y)}
+        notes = strength_notes(accuracy, 12, len(y))
+        assert notes[0].startswith("out-of-fold accuracy on the given labels: probe ")
+        assert [n.startswith("WARNING") for n in notes[1:]] == ([True] if weak else [])
+    assert accuracy["probe"] < 50 and strength_notes({"probe": 99.0}, 1, 10) == ["out-of-fold accuracy on the "
+                                                                                  "given labels: probe 99.0 %"]
+    for n in (100, 400):
+        x, y = clusters(n_clusters=4, per=n // 4, dim=16, spread=0.5)
+        fit = probe_probs(x, y, 4, folds=5, seed=0, iters=10)
+        assert fit.passes <= 5 * (10 * 5 // 4 + 25) and fit.rows <= fit.passes * n * 4 // 5 + fit.passes
 
 
 def test_near_duplicates_match_brute_force_and_chunking():

@@ -20,7 +20,7 @@ import main_knn
 # random-init resnet18 at 32 px: the features do not matter here, only which files appear
 NET = ["--pretrained", "none", "-a", "resnet18", "--no-small-images", "--crop-size", "32", "-j", "0", "-p", "1000"]
 # 16 images: the curation's neighbourhoods must leave images out (--dup-k etc. below 15)
-CURATE = NET + ["--probe-steps", "20", "--dup-k", "3", "--outlier-k", "4", "--label-k", "4"]
+CURATE = NET + ["--probe-iters", "20", "--dup-k", "3", "--outlier-k", "4", "--label-k", "4"]
 
 
 def tree(folder) -> dict:
@@ -141,7 +141,7 @@ def test_neighbour_counts_beyond_the_data_are_one_sentence(labelled_and_pool, tm
     # a finding left out is not checked, and the largest valid k runs
     ran = run_inline(capsys, main_curate.main, [data, *CURATE, "--findings", "duplicates", "--dup-k", "10",
                                                 "--label-k", "100", "--output-dir", str(out)])
-    assert "the 10-th neighbour" in ran.stdout
+    assert "from the 10 nearest embeddings and thumbnails" in ran.stdout
     two = tmp_path / "two"
     write_image_folder(two, classes=("",), per_class=2, size=32, split_dirs=("",))
     assert "each image has 1 possible neighbour(s), too few" in one_sentence(run_inline(
@@ -299,3 +299,13 @@ def test_a_csv_manifest_with_unlabelled_rows_is_curated_into_manifests(labelled_
     assert len(picked) == 2 and set(picked.targets) == {-1}
     clean = csv_manifest(os.path.join(out, "clean_train.csv"))
     assert sorted(clean.classes) == ["a", "b"] and sum(t < 0 for t in clean.targets) <= 4
+    # a label edited in DATA (here: taken back) is judged as it is now on a --resume into the same
+    # folder: the embedding shards are reused, but labels are read from the csv, never the cache
+    with open(os.path.join(data, "train.csv"), "w") as f:
+        f.write("path,label\n" + "".join(f"{c}/{i}.png,{c if i < 4 and (c, i) != ('a', 0) else ''}\n"
+                                         for c in "ab" for i in range(6)))
+    ran = run_inline(capsys, main_curate.main, [data, "--dataset", "csv", *CURATE, "--select", "2",
+                                                "--write-clean-csv", "--output-dir", out, "--resume"])
+    assert "1 of 1 embedding shard(s) reused" in ran.stdout
+    suggested = csv_manifest(os.path.join(out, "label_suggestions.csv"))
+    assert len(suggested) == 5 and any(p.endswith("a/0.png") for p, _ in suggested.samples)
