@@ -58,30 +58,31 @@ def _windows(v: torch.Tensor, shift: int) -> List[torch.Tensor]:
 
 
 @torch.no_grad()
-def pixel_neighbours(thumbs: torch.Tensor, k: int, shift: int, chunk: int = 256, bank_chunk: int = 16384
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(correlation, row) of the k nearest OTHER rows of every row, best first: the best
-    correlation over shifts of the row's crop against the other's centre crop."""
-    v = _blurred(thumbs)
+def pixel_neighbours(thumbs: torch.Tensor, k: int, shift: int, device: torch.device = torch.device("cpu"),
+                     chunk: int = 256, bank_chunk: int = 16384) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(correlation, row) of the k nearest OTHER rows of every row, best first, on the CPU: the
+    best correlation over shifts of the row's crop against the other's centre crop, computed
+    on `device` (the GPU when there is one: (2 shift + 1)^2 matrix products per chunk)."""
+    v = _blurred(thumbs.to(device))
     n = len(v)
     k = min(k, n - 1)
     bank = _windows(v, shift)[(2 * shift + 1) ** 2 // 2]  # the centre crop
-    top_s = torch.full((n, k), -2.0)
-    top_i = torch.zeros((n, k), dtype=torch.long)
+    top_s = torch.full((n, k), -2.0, device=device)
+    top_i = torch.zeros((n, k), dtype=torch.long, device=device)
     for q in range(0, n, chunk):
         queries = _windows(v[q:q + chunk], shift)
-        rows = torch.arange(q, min(q + chunk, n))
+        rows = torch.arange(q, min(q + chunk, n), device=device)
         for b in range(0, n, bank_chunk):
             part = bank[b:b + bank_chunk]
             s = queries[0] @ part.T
             for w in queries[1:]:
                 torch.maximum(s, w @ part.T, out=s)
-            cols = torch.arange(b, b + len(part))
+            cols = torch.arange(b, b + len(part), device=device)
             s[rows.unsqueeze(1) == cols.unsqueeze(0)] = -2.0  # not its own neighbour
             vals, idx = torch.cat([top_s[rows], s], 1), torch.cat([top_i[rows], cols.expand(len(rows), -1)], 1)
             best = vals.topk(k, dim=1)
             top_s[rows], top_i[rows] = best.values, idx.gather(1, best.indices)
-    return top_s, top_i
+    return top_s.cpu(), top_i.cpu()
 
 
 @torch.no_grad()

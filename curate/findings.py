@@ -27,7 +27,7 @@ from curate.report import Section, write_csv, write_html
 from curate.search import self_neighbours
 from curate.sections import (duplicates_section, label_errors_section, outliers_section, selection_section,
                              suggestions_section)
-from curate.select import k_center_greedy, typical_candidates
+from curate.select import k_center_greedy, typical_candidates, typiclust
 
 Neighbours = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -70,7 +70,7 @@ def duplicates(items: Items, neighbours: Neighbours, pixels: Optional[Pixels], a
     if args.dup_rule == "pixels":
         start = time.time()
         thumbs, shift = pixels.thumbs, shift_px(pixels.side)
-        pix = pixel_neighbours(thumbs, max(args.dup_k, SCALE_K), shift)
+        pix = pixel_neighbours(thumbs, max(args.dup_k, SCALE_K), shift, items.feats.device)
         candidates = [(min(r, int(j)), max(r, int(j))) for nb in (pix[1], idx) for r, row in enumerate(nb.tolist())
                       for j in row if j != r]
         near = confirm_copies(thumbs, candidates, pix, shift, args.copy_ratio)
@@ -149,17 +149,27 @@ def label_findings(items: Items, num_classes: int, args: argparse.Namespace, fou
 
 
 def selection(items: Items, args: argparse.Namespace, found: Findings) -> None:
-    """4. What to label next: --select unlabelled images by k-center greedy from the labelled ones."""
+    """4. What to label next: --select unlabelled images by --select-method, TypiClust or k-center
+    greedy, given the labelled ones."""
     lab_rows = (items.labels >= 0).nonzero().squeeze(1)
     unl_rows = (items.labels < 0).nonzero().squeeze(1)
     if args.select > len(unl_rows):
         raise UserError(f"--select {args.select} asks for more images than the {len(unl_rows)} readable "
                         f"unlabelled ones; pass --select {len(unl_rows)} or less")
-    candidates = typical_candidates(items.feats, unl_rows, args.select_typical, args.select, args.outlier_k,
-                                    args.chunk_size)
-    picks, gaps = k_center_greedy(items.feats, candidates, lab_rows, args.select, args.seed, args.chunk_size)
-    found.sections.append(selection_section(items, picks, gaps, len(unl_rows), args.select_typical,
-                                            args.output_dir))
+    start = time.time()
+    if args.select_method == "typiclust":
+        picks, scores = typiclust(items.feats, unl_rows, lab_rows, args.select, args.seed, chunk_size=args.chunk_size)
+        how, score = "TypiClust (the most typical image of each k-means cluster, the least labelled first)", \
+            "typicality"
+    else:
+        candidates = typical_candidates(items.feats, unl_rows, args.select_typical, args.select, args.outlier_k,
+                                        args.chunk_size)
+        picks, scores = k_center_greedy(items.feats, candidates, lab_rows, args.select, args.seed, args.chunk_size)
+        how, score = "k-center greedy" + (f" among the {args.select_typical:.0%} most typical"
+                                          if args.select_typical < 1 else ""), "distance"
+    log(f"=> select: {len(picks)} by {args.select_method} in {time.time() - start:.0f} s")
+    found.sections.append(selection_section(items, picks, scores, len(unl_rows), how, score, args.output_dir))
+    found.settings["what to label next"] = how
 
 
 def write_outputs(items: Items, found: Findings, args: argparse.Namespace) -> None:

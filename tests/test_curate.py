@@ -489,3 +489,42 @@ def test_bad_input_is_one_sentence(tmp_path, capsys, read_only_dir):
 def available_faiss() -> bool:
     from common.extras import available
     return available("faiss")
+
+
+def test_pixel_search_is_chunk_free_and_finds_a_shifted_darker_copy():
+    """The shifted-correlation search gives the same neighbours in any chunking; a copy moved by
+    2 px and darkened by 20 % is its original's nearest thumbnail at a correlation near 1, and
+    the pair's score (either image moved) is at least the search's (one direction)."""
+    from curate.copies import pair_correlations, pixel_neighbours
+    g = torch.Generator().manual_seed(0)
+    thumbs = (F.interpolate(torch.rand(200, 1, 8, 8, generator=g), size=32, mode="bilinear")[:, 0] * 255).byte()
+    thumbs[199] = (torch.roll(thumbs[0].float(), 2, dims=1) * 0.8).byte()
+    sims, idx = pixel_neighbours(thumbs, 5, 2)
+    sims2, idx2 = pixel_neighbours(thumbs, 5, 2, chunk=64, bank_chunk=70)
+    assert torch.equal(idx, idx2) and torch.allclose(sims, sims2, atol=1e-5)
+    assert int(idx[199, 0]) == 0 and int(idx[0, 0]) == 199 and float(sims[199, 0]) > 0.97
+    assert float(sims[1:199, 0].max()) < float(sims[199, 0])  # no two other random images come as close
+    pair = pair_correlations(thumbs, torch.arange(200), idx[:, 0], 2)
+    assert bool((pair >= sims[:, 0] - 1e-5).all())
+
+
+def test_pixel_statistics_name_a_noise_a_blank_and_a_colour_image():
+    """Among smooth gray images, uniform noise is ranked by entropy or high frequency, a blank
+    image by contrast or entropy and a colour image by saturation, above a far embedding outlier's own
+    ordinary statistics; every row names its signal (a blank image has no contrast and no entropy)."""
+    from curate.outliers import combined_scores
+    from curate.pixels import STATS, image_stats, robust_z
+    rng = np.random.default_rng(0)
+    smooth = lambda: Image.fromarray(np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)).resize(  # noqa
+        (32, 32), Image.BICUBIC)))
+    imgs = [smooth() for _ in range(40)] + [Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)),
+                                            Image.new("L", (32, 32), 128), Image.new("RGB", (32, 32), (200, 30, 30))]
+    stats = torch.tensor([image_stats(im)[1] for im in imgs])
+    z = {name: robust_z(stats[:, k], 0.05) for k, name in enumerate(STATS)}
+    embedding = 1.0 + 0.05 * torch.randn(len(imgs), generator=torch.Generator().manual_seed(0))
+    embedding[5] = 1.2  # an ordinary-looking image far in the embedding
+    score, signal = combined_scores(embedding, None, z)
+    top = torch.argsort(score, descending=True).tolist()
+    assert set(top[:3]) == {40, 41, 42} and top[3] == 5, (score, signal)
+    assert signal[40] in ("entropy", "high frequency") and signal[41] in ("contrast", "entropy") and signal[42] == "saturation"
+    assert signal[5] == "embedding"
