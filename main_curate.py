@@ -39,6 +39,7 @@ from curate.items import join_splits, read_splits
 from curate.labels import METHODS, PROBE_ITERS, RULES as LABEL_RULES
 from curate.outliers import SCORES
 from curate.search import INDEXES
+from curate.select import METHODS as SELECT_METHODS
 
 FINDINGS = ("duplicates", "outliers", "labels")
 # near copies (docs/curate.md: bench/curate.py): --dup-rule pixels, a pair's pixel correlation distance
@@ -67,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_eval_args(parser, batch_size=256, name="curate", helps={
         "batch_size": "global batch size of feature extraction over all processes",
         "print_freq": "progress line every N batches of feature extraction",
-        "seed": "seed of the --pretrained none init, the probe folds and the first --select pick",
+        "seed": "seed of the --pretrained none init, the probe folds and --select (TypiClust's k-means start, "
+                "k-center's first pick)",
         "output_dir": "folder for the report, csvs, grids and embedding shards (default: ./runs/curate)",
         "crop_size": "eval crop size (default: the --pretrained run's crop, else 224; 32 for CIFAR/MNIST/synthetic)",
         "amp": "mixed precision feature extraction"})
@@ -79,10 +81,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="a folder of unlabelled images (flat or nested) to suggest labels for and --select from, "
                         "besides the unlabelled images of DATA")
     g.add_argument("--select", default=0, type=int, metavar="N",
-                   help="write select.csv: the N unlabelled images to label next (k-center greedy from the labelled)")
+                   help="write select.csv: the N unlabelled images to label next (--select-method)")
+    g.add_argument("--select-method", default=SELECT_METHODS[0], choices=SELECT_METHODS,
+                   help="typiclust: the most typical image of each of N k-means clusters, those holding the fewest "
+                        "labelled images first (beat random picks at every N measured); k-center: greedy farthest "
+                        "point from the labelled (lost to random at N = 1,000: docs/curate.md)")
     g.add_argument("--select-typical", default=0.5, type=float, metavar="FRACTION",
-                   help="--select picks among this fraction of the pool nearest to their --outlier-k-th neighbour "
-                        "(1: the whole pool, plain k-center greedy)")
+                   help="--select-method k-center picks among this fraction of the pool nearest to their "
+                        "--outlier-k-th neighbour (1: the whole pool, plain k-center greedy)")
     g.add_argument("--index", default="torch", choices=INDEXES,
                    help="neighbour search: exact chunked torch (GPU when present) or faiss (pip install faiss-cpu)")
     g.add_argument("--chunk-size", default=1024, type=int, help="queries per similarity chunk")
@@ -285,7 +291,7 @@ def run_curation(args: argparse.Namespace, env: DistEnv, batch_size: int, worker
         outliers(items, neighbours, pixels, args, found)
     if "labels" in args.findings:  # 3. suspected errors from out-of-fold probabilities, suggestions by kNN vote
         label_findings(items, len(classes), args, found)
-    if args.select:  # 4. what to label next: k-center greedy from the labelled images
+    if args.select:  # 4. what to label next: TypiClust (or k-center greedy) given the labelled images
         selection(items, args, found)
 
     # ---- outputs: the clean csv, report.html, TensorBoard

@@ -167,7 +167,7 @@ def label_bench(emb: Dict[str, torch.Tensor], args: argparse.Namespace) -> Dict[
             r["R"].append(recall)
             r["seconds"].append(secs.get(name, secs.get(name.split("+")[0], 0.0) + secs["knn"]))
         print(f"   seed {seed}: " + ", ".join(f"{n} acc {res[n]['acc_given'][-1]:.1f} P/R {res[n]['P'][-1]:.0f}/"
-                                            f"{res[n]['R'][-1]:.0f}" for n in res), flush=True)
+                                            f"{res[n]['R'][-1]:.0f}" for n in probs), flush=True)
     return res
 
 
@@ -182,14 +182,14 @@ def select_bench(emb: Dict[str, torch.Tensor], args: argparse.Namespace) -> Dict
         "typical k-center": lambda n, s: torch.tensor(k_center_greedy(
             feats, typical_candidates(feats, pool, 0.5, n, OUTLIER_K), none, n, s)[0]),
         "k-center": lambda n, s: torch.tensor(k_center_greedy(feats, pool, none, n, s)[0]),
-        "typiclust": lambda n, s: torch.tensor(typiclust(feats, pool, none, n, s)[0]),
-        "typiclust uncapped": lambda n, s: torch.tensor(typiclust(feats, pool, none, n, s, max_clusters=n)[0]),
+        "typiclust": lambda n, s: torch.tensor(typiclust(feats, pool, none, n, s)[0]),  # N clusters
+        "typiclust 500": lambda n, s: torch.tensor(typiclust(feats, pool, none, n, s, clusters=500)[0]),
     }
     res: Dict[str, Dict] = {}
     for n in args.select_n:
         for seed in range(args.select_seeds):
             for name in args.select_methods:
-                if name == "typiclust uncapped" and n <= 500:
+                if name == "typiclust 500" and n <= 500:
                     continue  # the same picks as typiclust's
                 t = time.time()
                 rows = methods[name](n, seed)
@@ -225,7 +225,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-n", default=[50, 200, 1000], type=int, nargs="+")
     p.add_argument("--select-seeds", default=3, type=int)
     p.add_argument("--select-methods", nargs="+", default=["random", "typical k-center", "k-center", "typiclust",
-                                                           "typiclust uncapped"])
+                                                           "typiclust 500"],
+                   help="typiclust: N clusters from nothing labelled (main_curate.py's); typiclust 500: TypiClust's "
+                        "own cap of 500 clusters (differs at N > 500)")
     p.add_argument("--json", default="bench/results/curate_labels.json")
     return p
 

@@ -120,13 +120,13 @@ def suggestions_section(items: Items, rows: torch.Tensor, probs: torch.Tensor, o
                      (_thumb(items, out, int(rows[i])), items.paths[int(rows[i])])] for i in order[:SHOWN]])
 
 
-def selection_section(items: Items, picks: Sequence[int], gaps: Sequence[float], pool: int, typical: float,
-                      out: str) -> Section:
-    csv_path = write_csv(os.path.join(out, "select.csv"), ["path", "label", "rank", "distance"],
-                         [[items.paths[r], "", n, f"{g:.4f}"] for n, (r, g) in enumerate(zip(picks, gaps))])
-    among = f" among the {typical:.0%} most typical" if typical < 1 else ""
-    return Section("What to label next", f"{len(picks)} of {pool} unlabelled images by k-center greedy{among}, in "
-                   f"pick order (fill the label column: select.csv is a --dataset csv manifest)", [csv_path], [],
-                   ["rank", "distance", "image"],
+def selection_section(items: Items, picks: Sequence[int], scores: Sequence[float], pool: int, how: str,
+                      score: str, out: str) -> Section:
+    """`how`: the method in words; `score`: what `scores` holds for each pick (its column)."""
+    csv_path = write_csv(os.path.join(out, "select.csv"), ["path", "label", "rank", score],
+                         [[items.paths[r], "", n, f"{g:.4f}"] for n, (r, g) in enumerate(zip(picks, scores))])
+    return Section("What to label next", f"{len(picks)} of {pool} unlabelled images by {how}, in pick order (fill "
+                   f"the label column: select.csv is a --dataset csv manifest)", [csv_path], [],
+                   ["rank", score, "image"],
                    [[("", str(n)), ("", f"{g:.3f}"), (_thumb(items, out, r), items.paths[r])]
-                    for n, (r, g) in enumerate(list(zip(picks, gaps))[:SHOWN])])
+                    for n, (r, g) in enumerate(list(zip(picks, scores))[:SHOWN])])

@@ -5,7 +5,7 @@ second pick only after every cluster has one. Farthest points are often atypical
 cropped, odd) images, which teach little when few are labelled (Hacohen et al., 2022,
 TypiClust): the candidates can be limited to the more typical part of the pool first."""
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -15,8 +15,9 @@ from curate.outliers import outlier_scores
 CHUNK = 65536
 KMEANS_ITERS = 50  # Lloyd passes at most; stops earlier once no row changes cluster
 TYPICAL_K = 20  # TypiClust's neighbours for typicality (its K_NN)
-MAX_CLUSTERS = 500  # TypiClust's cap: past it a cluster gets a second pick (its MAX_NUM_CLUSTERS)
+MAX_CLUSTERS = 500  # TypiClust's cap (its MAX_NUM_CLUSTERS) on clusters beyond --select N: labelled images
 MIN_CLUSTER = 5  # TypiClust's MIN_CLUSTER_SIZE: smaller clusters are picked from last
+METHODS = ("typiclust", "k-center")  # --select-method; the first is the default (docs/curate.md measures both)
 
 
 @torch.no_grad()
@@ -112,19 +113,23 @@ def typicality(feats: torch.Tensor, rows: torch.Tensor, k: int, chunk_size: int 
 
 @torch.no_grad()
 def typiclust(feats: torch.Tensor, pool: torch.Tensor, labelled: torch.Tensor, n: int, seed: int,
-              k: int = TYPICAL_K, max_clusters: int = MAX_CLUSTERS, chunk_size: int = 1024
+              k: int = TYPICAL_K, clusters: Optional[int] = None, chunk_size: int = 1024
               ) -> Tuple[List[int], List[float]]:
     """`n` rows of `pool` by TypiClust (Hacohen et al., 2022), with each one's typicality in
-    its cluster: the labelled and pool images are cut by seeded k-means into min(labelled +
-    n, max_clusters) clusters; each pick is the most typical unpicked pool image (typicality
-    within its cluster, `k` neighbours) of the cluster holding the fewest labelled-or-picked
-    images, the largest first on ties. So every cluster gets one pick before any gets a
-    second, and a pick is a cluster's centre of mass, not its edge. Clusters of at most
-    MIN_CLUSTER images (a few copies, a handful of odd images) are passed over while others
-    are left."""
+    its cluster: the labelled and pool images are cut by seeded k-means into `clusters`
+    clusters (default: labelled + n, at most the larger of n and MAX_CLUSTERS: n picks from
+    nothing labelled are n clusters, where TypiClust's cap of 500 would give 1,000 picks two
+    per cluster and lost 1.6 points at N = 1,000, docs/curate.md); each pick is the most
+    typical unpicked pool image (typicality within its cluster, `k` neighbours) of the
+    cluster holding the fewest labelled-or-picked images, the largest first on ties. So
+    every cluster gets one pick before any gets a second, and a pick is a cluster's centre
+    of mass, not its edge. Clusters of at most MIN_CLUSTER images (a few copies, a handful
+    of odd images) are passed over while others are left."""
     pool, labelled = pool.cpu(), labelled.cpu()
     rows = torch.cat([labelled, pool])
-    assign = kmeans(feats, rows, min(len(rows), len(labelled) + n, max_clusters), seed).cpu()
+    if clusters is None:
+        clusters = min(len(labelled) + n, max(n, MAX_CLUSTERS))
+    assign = kmeans(feats, rows, min(len(rows), clusters), seed).cpu()
     clusters = int(assign.max()) + 1
     size = torch.bincount(assign, minlength=clusters)
     held = torch.bincount(assign[:len(labelled)], minlength=clusters)  # labelled (then picked) per cluster
