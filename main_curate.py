@@ -83,9 +83,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--select", default=0, type=int, metavar="N",
                    help="write select.csv: the N unlabelled images to label next (--select-method)")
     g.add_argument("--select-method", default=SELECT_METHODS[0], choices=SELECT_METHODS,
-                   help="typiclust: the most typical image of each of N k-means clusters, those holding the fewest "
-                        "labelled images first (beat random picks at every N measured); k-center: greedy farthest "
-                        "point from the labelled (lost to random at N = 1,000: docs/curate.md)")
+                   help="typiclust: k-means into labelled + N clusters (at most 500), a pick from each in turn, "
+                        "those holding the fewest labelled images first: its most typical image, or a random one "
+                        "where it holds one already (beat random picks at N = 50 and 200, matched them at 1,000); "
+                        "k-center: greedy farthest point from the labelled (lost to random at 1,000: docs/curate.md)")
     g.add_argument("--select-typical", default=0.5, type=float, metavar="FRACTION",
                    help="--select-method k-center picks among this fraction of the pool nearest to their "
                         "--outlier-k-th neighbour (1: the whole pool, plain k-center greedy)")

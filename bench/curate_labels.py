@@ -4,11 +4,17 @@ out-of-fold probe (the former 5 folds x 2,000 SGD minibatches of 512 against the
 logistic regression), how precise are the flagged labels at each out-of-fold accuracy (where
 the weak-probe warning belongs), and does --select beat random picks?
 
-    OMP_NUM_THREADS=1 python bench/curate_labels.py \\
-        --embed fm_none /tmp/c40/fm_data none 32 --embed fm_e1 /tmp/c40/fm_data CKPT_EPOCH1 - \\
-        --embed fm_e8 /tmp/c40/fm_data CKPT_LAST - \\
-        --embed ch_none ../shared/data/cahn-hilliard none 64 --embed ch_e3 ../shared/data/cahn-hilliard CKPT - \\
-        --cache /tmp/c40/feats --json bench/results/curate_labels_cpu.json
+    # FM: 10,000 Fashion-MNIST train images as PNGs in FM/train/<class>/, the 10,000 test images in FM/val/
+    python main_simclr.py FM_POOL -a resnet18 --no-small-images --recipe small --epochs 8 --seed 0 -j 1 \\
+        --output-dir /tmp/fm_simclr      # FM_POOL/train: the same 10,000 train images; 19 min on 2 busy cores
+    OMP_NUM_THREADS=1 python bench/curate_labels.py --cache /tmp/feats \\
+        --embed fm_none FM none 32 --embed fm_e1 FM /tmp/fm_simclr/checkpoint_0001.pth.tar - \\
+        --embed fm_e8 FM /tmp/fm_simclr/checkpoint_last.pth.tar - \\
+        --embed ch_none ../shared/data/cahn-hilliard none 64 \\
+        --embed ch_e3 ../shared/data/cahn-hilliard runs/real/cahn-hilliard_simclr_s0/checkpoint_last.pth.tar - \\
+        --parts select --json bench/results/curate_select_cpu.json
+    # the labels part also on epochs 2 and 4 (--embed fm_e2 ..., fm_e4 ...) and both probe budgets:
+    #   --parts labels --probe-iters 50 100 --json bench/results/curate_labels_cpu.json
 
 Each --embed NAME DATA CKPT CROP is embedded once by main_curate.py itself (--findings labels
 --label-method knn, into CACHE/run_NAME; CKPT none: a random-init resnet18 with the ImageNet stem;
@@ -20,8 +26,9 @@ draws), then out-of-fold probabilities of the probe(s), the leave-one-out kNN vo
 their mean, each through Confident Learning (prune by noise rate): the out-of-fold accuracy
 against the given (noisy) labels, what main_curate.py reports, the flagged share and precision /
 recall of the flips. Selection: N (--select-n) of the train split as a pool with nothing
-labelled, chosen by each method, labelled with their true labels; the test accuracy of a logistic
-regression (common/eval/logreg.py) on the val split, --select-seeds draws.
+labelled (or --select-labelled random ones), chosen by each method, labelled with their true
+labels; the test accuracy of a logistic regression (common/eval/logreg.py) on the val split,
+--select-seeds draws.
 """
 import argparse
 import os
@@ -172,29 +179,39 @@ def label_bench(emb: Dict[str, torch.Tensor], args: argparse.Namespace) -> Dict[
 
 
 def select_bench(emb: Dict[str, torch.Tensor], args: argparse.Namespace) -> Dict[str, Dict]:
-    """Test accuracy of a logistic regression on the N picks of each method, per N and seed."""
+    """Test accuracy of a logistic regression on the N picks of each method (and the
+    --select-labelled random images they start from), per N and seed."""
     feats, labels = emb["feats"], emb["labels"]
-    pool, test = (emb["split"] == 0).nonzero().squeeze(1), (emb["split"] == 1).nonzero().squeeze(1)
+    train, test = (emb["split"] == 0).nonzero().squeeze(1), (emb["split"] == 1).nonzero().squeeze(1)
     classes = int(labels.max()) + 1
-    none = torch.zeros(0, dtype=torch.long)
+    start = args.select_labelled
     methods = {
-        "random": lambda n, s: pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(s))[:n]],
-        "typical k-center": lambda n, s: torch.tensor(k_center_greedy(
-            feats, typical_candidates(feats, pool, 0.5, n, OUTLIER_K), none, n, s)[0]),
-        "k-center": lambda n, s: torch.tensor(k_center_greedy(feats, pool, none, n, s)[0]),
-        "typiclust": lambda n, s: torch.tensor(typiclust(feats, pool, none, n, s)[0]),  # N clusters
-        "typiclust 500": lambda n, s: torch.tensor(typiclust(feats, pool, none, n, s, clusters=500)[0]),
+        "random": lambda n, s, lab, pool: pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(s))[:n]],
+        "typical k-center": lambda n, s, lab, pool: torch.tensor(k_center_greedy(
+            feats, typical_candidates(feats, pool, 0.5, n, OUTLIER_K), lab, n, s)[0]),
+        "k-center": lambda n, s, lab, pool: torch.tensor(k_center_greedy(feats, pool, lab, n, s)[0]),
+        # TypiClust itself: min(labelled + N, 500) clusters, a cluster's later picks its next most typical images
+        "typiclust": lambda n, s, lab, pool: torch.tensor(typiclust(feats, pool, lab, n, s, repeats="typical")[0]),
+        "typiclust N clusters": lambda n, s, lab, pool: torch.tensor(typiclust(
+            feats, pool, lab, n, s, clusters=start + n, repeats="typical")[0]),
+        # main_curate.py's: a cluster's later picks (or its first beside labelled images) at random
+        "typiclust random repeats": lambda n, s, lab, pool: torch.tensor(typiclust(feats, pool, lab, n, s)[0]),
     }
     res: Dict[str, Dict] = {}
     for n in args.select_n:
         for seed in range(args.select_seeds):
+            order = (torch.randperm(len(train), generator=torch.Generator().manual_seed(500 + seed)) if start
+                     else torch.arange(len(train)))
+            lab, pool = train[order[:start]], train[order[start:]]
             for name in args.select_methods:
-                if name == "typiclust 500" and n <= 500:
-                    continue  # the same picks as typiclust's
+                if ((name == "typiclust N clusters" and start + n <= 500)
+                        or (name == "typiclust random repeats" and not start and n <= 500)):
+                    continue  # the same picks as typiclust's: one per cluster, none labelled
                 t = time.time()
-                rows = methods[name](n, seed)
+                rows = methods[name](n, seed, lab, pool)
                 took = time.time() - t
                 assert len(set(rows.tolist())) == n and bool(torch.isin(rows, pool).all())
+                rows = torch.cat([lab, rows])
                 acc = logistic_regression_accuracy(feats[rows].float(), labels[rows], feats[test].float(),
                                                    labels[test], classes)
                 r = res.setdefault(f"{name}@{n}", {"acc": [], "seconds": [], "classes_covered": []})
@@ -224,10 +241,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="draws scored with common/eval/logreg.py's fp64 fit itself (the first --probe-iters)")
     p.add_argument("--select-n", default=[50, 200, 1000], type=int, nargs="+")
     p.add_argument("--select-seeds", default=3, type=int)
+    p.add_argument("--select-labelled", default=0, type=int, metavar="L",
+                   help="start from L random train images already labelled (seeded per draw), as main_curate.py "
+                        "does with DATA's labels; the probe trains on them and the picks")
     p.add_argument("--select-methods", nargs="+", default=["random", "typical k-center", "k-center", "typiclust",
-                                                           "typiclust 500"],
-                   help="typiclust: N clusters from nothing labelled (main_curate.py's); typiclust 500: TypiClust's "
-                        "own cap of 500 clusters (differs at N > 500)")
+                                                           "typiclust N clusters", "typiclust random repeats"],
+                   help="typiclust: TypiClust's own (min(N, 500) clusters, repeats the next most typical); N "
+                        "clusters: one cluster per pick; random repeats: a cluster's later picks drawn at random "
+                        "(differ from typiclust at N > 500)")
     p.add_argument("--json", default="bench/results/curate_labels.json")
     return p
 

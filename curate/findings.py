@@ -159,8 +159,9 @@ def selection(items: Items, args: argparse.Namespace, found: Findings) -> None:
     start = time.time()
     if args.select_method == "typiclust":
         picks, scores = typiclust(items.feats, unl_rows, lab_rows, args.select, args.seed, chunk_size=args.chunk_size)
-        how, score = "TypiClust (the most typical image of each k-means cluster, the least labelled first)", \
-            "typicality"
+        how = ("TypiClust (k-means clusters, the least labelled first: the most typical image of each, a random "
+               "one where it holds one already)")
+        score = "typicality"
     else:
         candidates = typical_candidates(items.feats, unl_rows, args.select_typical, args.select, args.outlier_k,
                                         args.chunk_size)

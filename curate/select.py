@@ -15,7 +15,7 @@ from curate.outliers import outlier_scores
 CHUNK = 65536
 KMEANS_ITERS = 50  # Lloyd passes at most; stops earlier once no row changes cluster
 TYPICAL_K = 20  # TypiClust's neighbours for typicality (its K_NN)
-MAX_CLUSTERS = 500  # TypiClust's cap (its MAX_NUM_CLUSTERS) on clusters beyond --select N: labelled images
+MAX_CLUSTERS = 500  # TypiClust's cap (its MAX_NUM_CLUSTERS): k-means' cost is rows x clusters x D a pass
 MIN_CLUSTER = 5  # TypiClust's MIN_CLUSTER_SIZE: smaller clusters are picked from last
 METHODS = ("typiclust", "k-center")  # --select-method; the first is the default (docs/curate.md measures both)
 
@@ -113,22 +113,27 @@ def typicality(feats: torch.Tensor, rows: torch.Tensor, k: int, chunk_size: int 
 
 @torch.no_grad()
 def typiclust(feats: torch.Tensor, pool: torch.Tensor, labelled: torch.Tensor, n: int, seed: int,
-              k: int = TYPICAL_K, clusters: Optional[int] = None, chunk_size: int = 1024
+              k: int = TYPICAL_K, clusters: Optional[int] = None, repeats: str = "random", chunk_size: int = 1024
               ) -> Tuple[List[int], List[float]]:
     """`n` rows of `pool` by TypiClust (Hacohen et al., 2022), with each one's typicality in
     its cluster: the labelled and pool images are cut by seeded k-means into `clusters`
-    clusters (default: labelled + n, at most the larger of n and MAX_CLUSTERS: n picks from
-    nothing labelled are n clusters, where TypiClust's cap of 500 would give 1,000 picks two
-    per cluster and lost 1.6 points at N = 1,000, docs/curate.md); each pick is the most
-    typical unpicked pool image (typicality within its cluster, `k` neighbours) of the
-    cluster holding the fewest labelled-or-picked images, the largest first on ties. So
-    every cluster gets one pick before any gets a second, and a pick is a cluster's centre
-    of mass, not its edge. Clusters of at most MIN_CLUSTER images (a few copies, a handful
-    of odd images) are passed over while others are left."""
+    clusters (default TypiClust's: labelled + n, at most MAX_CLUSTERS); each pick goes to the
+    cluster holding the fewest labelled-or-picked images (the largest first on ties), so
+    every cluster gets one pick before any gets a second. A cluster's first pick is its most
+    typical unpicked pool image (typicality within the cluster, `k` neighbours): its centre
+    of mass, not its edge. Later picks in a cluster that already holds one (past 500 picks,
+    or beside labelled images) are drawn at random among its unpicked images (`repeats`
+    "random", seeded): its next most typical image (TypiClust's own, "typical") sits beside
+    the first and lost to random picks at N = 1,000 (docs/curate.md), as did one cluster
+    per pick. Clusters of at most MIN_CLUSTER images (a few copies, a handful of odd images)
+    are passed over while others are left."""
+    if repeats not in ("random", "typical"):
+        raise ValueError(f"repeats {repeats!r} is not random or typical")
+    g = torch.Generator().manual_seed(seed)
     pool, labelled = pool.cpu(), labelled.cpu()
     rows = torch.cat([labelled, pool])
     if clusters is None:
-        clusters = min(len(labelled) + n, max(n, MAX_CLUSTERS))
+        clusters = min(len(labelled) + n, MAX_CLUSTERS)
     assign = kmeans(feats, rows, min(len(rows), clusters), seed).cpu()
     clusters = int(assign.max()) + 1
     size = torch.bincount(assign, minlength=clusters)
@@ -148,7 +153,11 @@ def typiclust(feats: torch.Tensor, pool: torch.Tensor, labelled: torch.Tensor, n
         members = (assign == c).nonzero().squeeze(1)
         if c not in scores:
             scores[c] = typicality(feats, rows[members], min(k, len(members) // 2), chunk_size)
-        j = int(scores[c].masked_fill(taken[members], -1.0).argmax())
+        if repeats == "random" and int(held[c]) > 0:
+            unpicked = (~taken[members]).nonzero().squeeze(1)
+            j = int(unpicked[torch.randint(len(unpicked), (1,), generator=g)])
+        else:
+            j = int(scores[c].masked_fill(taken[members], -1.0).argmax())
         taken[members[j]] = True
         held[c] += 1
         free[c] -= 1

@@ -320,6 +320,11 @@ def test_typiclust_picks_the_middle_of_every_cluster_and_is_seeded():
     later, _ = typiclust(x, torch.tensor([i for i in range(51) if i not in (0, 10)]), labelled, 3, seed=0)
     assert sorted(cluster[later].tolist()) == [2, 3, 4]
     assert len(set(kmeans(x, torch.arange(51), 5, seed=0).tolist())) == 5
+    # past one pick per cluster (here 5 clusters for 10 picks) a cluster's second pick is drawn at
+    # random, seeded: every cluster twice, the first pick of each still its most typical
+    twice, _ = typiclust(x, torch.arange(51), none, 10, seed=0, clusters=5)
+    assert sorted(cluster[twice].tolist()) == sorted(list(range(5)) * 2) and twice[:5] == picks
+    assert typiclust(x, torch.arange(51), none, 10, seed=0, clusters=5)[0] == twice
 
 
 def test_label_probe_reports_its_strength_and_costs_in_proportion_to_n():
