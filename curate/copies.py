@@ -4,7 +4,8 @@ A re-saved JPEG, a resized export or a copy shifted by a pixel or two is, to a n
 to be invariant to crops and jitter, no nearer than the other images of its kind; and an
 absolute similarity cannot serve a whole set, where look-alike images are packed densely in
 one place and sparsely in another. What a copy keeps is its pixel layout. So every image is
-reduced to a small grayscale thumbnail (area resampling: a resized copy lands on the same grid),
+reduced to a small grayscale thumbnail (bilinear, averaging when it reduces: a resized copy
+lands on the same grid; box resampling copies pixels in blocks when it enlarges a 28 px image),
 lightly blurred (JPEG's block noise and resampling differ between copies, the shapes do not),
 and compared by normalised cross-correlation, the best over small shifts of one against the
 other (brightness and contrast changes drop out of a correlation).

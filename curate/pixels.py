@@ -35,7 +35,7 @@ def image_stats(img: Image.Image) -> Tuple[np.ndarray, list]:
     0 for gray images), log aspect ratio and log short side."""
     rgb = img.convert("RGB")
     gray = rgb.convert("L")
-    thumb = np.asarray(gray.resize((SIDE, SIDE), Image.BOX), dtype=np.uint8).copy()
+    thumb = np.asarray(gray.resize((SIDE, SIDE), Image.BILINEAR), dtype=np.uint8).copy()
     scale = min(1.0, STATS_SIDE / max(gray.size))
     size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
     g = np.asarray(gray.resize(size, Image.BOX) if scale < 1 else gray, dtype=np.float32)
