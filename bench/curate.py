@@ -214,6 +214,32 @@ def score_peers(files: List[str], truth: Dict[str, Set], source: Dict[str, int])
     return peers
 
 
+def cleanlab_row(root: str, out: str, truth: Dict[str, Set]) -> Tuple[float, float]:
+    """cleanlab's find_label_issues on the probabilities main_curate.py's defaults use (the
+    out-of-fold probe and kNN vote, averaged) of the run in `out`: its features from the
+    embedding shards, its labels from the folders."""
+    from cleanlab.filter import find_label_issues
+    from torchvision.datasets import ImageFolder
+    from curate.items import centre
+    from curate.labels import knn_probs, probe_probs
+    defaults = main_curate.get_args_parser().parse_args([root, "--pretrained", "none"])
+    feats, paths, labels = [], [], []
+    for split in ("train", "val"):
+        ds = ImageFolder(os.path.join(root, split))
+        for name in sorted(f for f in os.listdir(os.path.join(out, "embeddings")) if f.startswith(split + "_")
+                           and f.endswith(".pt")):
+            shard = torch.load(os.path.join(out, "embeddings", name), weights_only=True)
+            feats.append(shard["features"])
+            paths += [ds.samples[i][0] for i in shard["index"].tolist()]
+            labels += [ds.samples[i][1] for i in shard["index"].tolist()]
+    x, y = centre(torch.cat(feats)), torch.tensor(labels)
+    classes = int(y.max()) + 1
+    probs = (probe_probs(x, y, classes, defaults.probe_folds, defaults.seed, defaults.probe_iters).probs
+             + knn_probs(x, y, x, classes, defaults.label_k, leave_out_self=True)) / 2
+    mask = find_label_issues(y.numpy(), probs.numpy())
+    return pr({p for p, m in zip(paths, mask) if m and "/train/" in p}, truth["flipped"])
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default="fashion-mnist", choices=("fashion-mnist", "cahn-hilliard", "ising"),
@@ -228,7 +254,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", default=[0.2, 0.3, 0.4, 0.5], type=float, nargs="+",
                    help="--copy-ratio values scored (the run lists pairs up to the largest)")
     p.add_argument("--curate-args", default="", help="more main_curate.py flags, e.g. '--copy-ratio 0.4'")
-    p.add_argument("--no-peers", action="store_true", help="our rows only")
+    p.add_argument("--no-peers", action="store_true", help="no imagededup and cleanvision rows (cleanlab's stays)")
     p.add_argument("--write-only", action="store_true", help="write the planted folder and stop")
     p.add_argument("--json", default="", help="default: bench/results/curate_<data>.json")
     return p
@@ -272,6 +298,10 @@ def main(argv=None) -> None:
         results[label]["seconds"] = time.time() - t
         print(f"=> {label}: " + ", ".join(f"{k} {fmt(v)}" for k, v in results[label].items()), flush=True)
     peers = {} if args.no_peers else score_peers(files, truth, source)
+    if available("cleanlab") and results and "flipped" in list(results.values())[-1]:  # cheap: kept with --no-peers
+        last = args.pretrained[-1]  # the checkpoint's probabilities when one is given
+        out = os.path.join(args.root, args.data, "run_" + (os.path.basename(os.path.dirname(last)) or last))
+        peers["cleanlab find_label_issues, our probabilities"] = {"flipped": cleanlab_row(root, out, truth)}
     head = ["method", "exact P/R", "near P/R", "re-encoded leak P/R", "byte leak P/R", "noise top-K P/R",
             "noise in top 1 %", "flipped P/R", "s"]
     rows = [[name, fmt(r.get("exact")), fmt(r.get("near")), fmt(r.get("leak")), fmt(r.get("byte leak")),

@@ -22,16 +22,14 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from curate.pixels import SIDE
-
-BLUR = 1.0  # px (at SIDE) of the Gaussian blur before comparing
+BLUR = 1.0  # px (of the thumbnail) of the Gaussian blur before comparing
 SHIFT = 2  # source px a copy may be moved by; converted to thumbnail px per data set
 SCALE_K = 5  # the neighbour whose distance sets an image's scale: past a few look-alike copies
 
 
-def shift_px(source_side: int) -> int:
+def shift_px(thumb_side: int, source_side: int) -> int:
     """SHIFT source px in thumbnail px (at least 1: resampling alone moves edges by a fraction)."""
-    return max(1, round(SHIFT * SIDE / max(source_side, 1)))
+    return max(1, round(SHIFT * thumb_side / max(source_side, 1)))
 
 
 def _blurred(thumbs: torch.Tensor) -> torch.Tensor:
@@ -52,7 +50,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def _windows(v: torch.Tensor, shift: int) -> List[torch.Tensor]:
-    """The (2 shift + 1)^2 shifted crops of side SIDE - 2 shift of every row of v, unit rows."""
+    """The (2 shift + 1)^2 shifted crops of side (v's side - 2 shift) of every row of v, unit rows."""
     s = v.shape[-1] - 2 * shift
     return [_unit(v[:, shift + dy:shift + dy + s, shift + dx:shift + dx + s])
             for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]

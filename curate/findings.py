@@ -22,7 +22,7 @@ from curate.embedding_map import map_section
 from curate.items import Items
 from curate.labels import knn_probs, label_issues, oof_accuracy, probe_probs, strength_notes
 from curate.outliers import combined_scores, group_k, outlier_scores
-from curate.pixels import SIDE, STATS, Pixels, read_pixels, stats_z
+from curate.pixels import STATS, Pixels, read_pixels, stats_z
 from curate.report import Section, write_csv, write_html
 from curate.search import self_neighbours
 from curate.sections import (duplicates_section, label_errors_section, outliers_section, selection_section,
@@ -69,14 +69,15 @@ def duplicates(items: Items, neighbours: Neighbours, pixels: Optional[Pixels], a
     hashes = [file_hash(p) for p in items.paths]
     if args.dup_rule == "pixels":
         start = time.time()
-        thumbs, shift = pixels.thumbs, shift_px(pixels.side)
+        thumbs = pixels.thumbs
+        shift = shift_px(thumbs.shape[-1], pixels.side)
         pix = pixel_neighbours(thumbs, max(args.dup_k, SCALE_K), shift, items.feats.device)
         candidates = [(min(r, int(j)), max(r, int(j))) for nb in (pix[1], idx) for r, row in enumerate(nb.tolist())
                       for j in row if j != r]
         near = confirm_copies(thumbs, candidates, pix, shift, args.copy_ratio)
         pairs = join_pairs(hashes, items.splits, near, "pixels")
         rule = (f"pixel correlation distance <= {args.copy_ratio} x the {SCALE_K}th nearest thumbnail's "
-                f"({SIDE} px grayscale, best over +-{shift} px shifts)")
+                f"({thumbs.shape[-1]} px grayscale, best over +-{shift} px shifts)")
         log(f"=> copies: {len(set(candidates))} candidate pairs from the {args.dup_k} nearest embeddings and "
             f"thumbnails, {len(near)} confirmed on the pixels ({time.time() - start:.0f} s)")
     else:

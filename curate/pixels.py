@@ -13,14 +13,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.log.progress import log
 
-SIDE = 32  # px of the compared thumbnail: a 300 px photo and a 28 px digit compare at the same cost
+SIDE = 32  # px of the compared thumbnail at most: a 300 px photo and a 64 px texture compare at the same cost
+MIN_SIDE = 16  # px: smaller images are enlarged to it
+SAMPLE = 64  # images whose size sets the thumbnail side
 STATS_SIDE = 128  # px, at most, of the image the statistics are measured on (fine detail kept, cost bounded)
 STATS = ("brightness", "contrast", "entropy", "high frequency", "saturation", "aspect", "size")
 
 
 @dataclass
 class Pixels:
-    thumbs: torch.Tensor  # N x SIDE x SIDE uint8 grayscale
+    thumbs: torch.Tensor  # N x side x side uint8 grayscale (thumb_side)
     stats: torch.Tensor  # N x len(STATS) float
     side: int  # the median short side of the images, px
 
@@ -28,14 +30,23 @@ class Pixels:
         return self.stats[:, STATS.index(name)]
 
 
-def image_stats(img: Image.Image) -> Tuple[np.ndarray, list]:
-    """(SIDE x SIDE uint8 thumbnail, the STATS of `img`): brightness and contrast (mean and std
+def thumb_side(sources: Sequence[Tuple[Dataset, int]]) -> int:
+    """The thumbnail side for a data set: SIDE, or the median short side of its first SAMPLE
+    images where that is smaller (at least MIN_SIDE). Enlarging a 28 px digit to 32 px only
+    resamples it: measured on Fashion-MNIST's planted copies, 28 px found 79 % of them
+    against 72 % at 32 px, at the same precision (docs/curate.md)."""
+    sides = sorted(min(base[i][0].size) for base, i in sources[:SAMPLE])
+    return max(MIN_SIDE, min(SIDE, sides[len(sides) // 2])) if sides else SIDE
+
+
+def image_stats(img: Image.Image, side: int = SIDE) -> Tuple[np.ndarray, list]:
+    """(side x side uint8 thumbnail, the STATS of `img`): brightness and contrast (mean and std
     of gray, 0-255), entropy of the 64-bin gray histogram (bits), high-frequency energy (mean
     absolute Laplacian over the std: noise is all edges), saturation (mean max - min over RGB,
     0 for gray images), log aspect ratio and log short side."""
     rgb = img.convert("RGB")
     gray = rgb.convert("L")
-    thumb = np.asarray(gray.resize((SIDE, SIDE), Image.BILINEAR), dtype=np.uint8).copy()
+    thumb = np.asarray(gray.resize((side, side), Image.BILINEAR), dtype=np.uint8).copy()
     scale = min(1.0, STATS_SIDE / max(gray.size))
     size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
     g = np.asarray(gray.resize(size, Image.BOX) if scale < 1 else gray, dtype=np.float32)
@@ -51,8 +62,8 @@ def image_stats(img: Image.Image) -> Tuple[np.ndarray, list]:
 
 
 class _Read(Dataset):
-    def __init__(self, sources: Sequence[Tuple[Dataset, int]]):
-        self.sources = sources
+    def __init__(self, sources: Sequence[Tuple[Dataset, int]], side: int):
+        self.sources, self.side = sources, side
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -60,7 +71,7 @@ class _Read(Dataset):
     def __getitem__(self, row: int):
         base, i = self.sources[row]
         img = base[i][0]
-        thumb, stats = image_stats(img)
+        thumb, stats = image_stats(img, self.side)
         return torch.from_numpy(thumb), torch.tensor(stats), min(img.size)
 
 
@@ -68,7 +79,7 @@ def read_pixels(sources: Sequence[Tuple[Dataset, int]], workers: int, batch_size
     """Thumbnails and statistics of every row's image ((dataset, index) pairs), with a
     progress line every 20 batches."""
     start = time.time()
-    loader = DataLoader(_Read(sources), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(_Read(sources, thumb_side(sources)), batch_size=batch_size, num_workers=workers)
     thumbs, stats, sides = [], [], []
     for n, (t, s, side) in enumerate(loader):
         thumbs.append(t)
