@@ -81,15 +81,17 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
     return g
 
 
-def add_recipe_args(parser: argparse.ArgumentParser, what: str) -> argparse._ArgumentGroup:
-    """The "recipe" group: --recipe (`what`: the small recipe in words) and the recipe
-    trial's flags (common/train/trial.py)."""
+def add_recipe_args(parser: argparse.ArgumentParser, what: str, trial: bool = True) -> argparse._ArgumentGroup:
+    """The "recipe" group: --recipe (`what`: the small recipe in words) and, for the scripts
+    that run it (`trial`), the recipe trial's flags (common/train/trial.py)."""
     g = parser.add_argument_group("recipe")
     g.add_argument("--recipe", default="default", choices=RECIPES,
                    help=f"small: {what}; on sources 3x the crop or larger it picks the views (crop scale, "
                         f"colour strength) by the view check (docs/small-data.md); flags you pass yourself "
                         f"are kept; every value it sets is printed "
                         f"and stored in the checkpoint; a resumed run keeps the values it started with")
+    if not trial:
+        return g
     switch(g, "--trial", default=True,
            help="--recipe small with train labels: train each candidate recipe briefly, score it with a "
                 "cross-validated logreg probe on the train labels (never val), continue the best "

@@ -7,7 +7,7 @@ export after it) is in the scripts; the step loop is common/train/step.py, which
 calls into only through the scripts."""
 import argparse
 import functools
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch.nn as nn
 
@@ -21,7 +21,7 @@ from common.train.data import PretrainData
 from common.train.preempt import StopRequest
 from common.train.schedule import lr_at
 from common.train.step import EpochResult
-from common.watch.collapse import CollapseWatch, LearningWatch
+from common.watch.collapse import CollapseWatch, LearningWatch, StdWatch
 from common.watch.view_check import view_check, view_check_message
 
 # exit status of a run stopped by --stop-if-not-learning (2 is a usage error, 75 a requeue)
@@ -48,7 +48,7 @@ class PretrainRun:
 
     def __init__(self, args: argparse.Namespace, env: DistEnv, data: PretrainData, lr_fn: Callable[[float], float],
                  start: Tuple[int, int], checkpoints: Checkpoints, collapse_hint: str = "lower --lr",
-                 learning: Optional[LearningWatch] = None):
+                 learning: Optional[Union[LearningWatch, StdWatch]] = None):
         self.args, self.env, self.data, self.lr_fn, self.checkpoints = args, env, data, lr_fn, checkpoints
         # start_iter iterations of start_epoch are already done (a mid-epoch checkpoint)
         self.start_epoch, self.start_iter = start
@@ -61,7 +61,8 @@ class PretrainRun:
         self.stop = StopRequest(env)
         # (a resumed run starts watching afresh: a collapse across the resume point goes unnoticed)
         self.collapse = CollapseWatch(collapse_hint)
-        self.learning = learning  # contrastive methods: is the accuracy leaving chance?
+        # contrastive methods: is the accuracy leaving chance? BYOL/SimSiam: is the output spread?
+        self.learning = learning
         self.stuck: Optional[str] = None  # the learning watch's warning of the last epoch
     def before_training(self, backbone: nn.Module) -> None:
         """What the run starts from, to compare the trained network with: --knn-every's kNN
@@ -86,6 +87,15 @@ class PretrainRun:
             return  # (one image has no other to compare its views with)
         result = view_check(self.data.dataset.base, recipe, self.args.arch, self.args.small_images, self.env.device)
         log(view_check_message(result, self.learning.hint if self.learning is not None else "milder augmentations"))
+
+    def log_step(self, step: int, values: Dict[str, float]) -> None:
+        """A progress line's values (`step`: iterations since the run began): metrics.jsonl, and
+        the learning watch's per-line judgement (StdWatch: a collapse is told at once)."""
+        self.metrics.step(step, values)
+        if self.learning is not None and self.learning.stat in values:
+            warning = self.learning.step(values[self.learning.stat])
+            if warning:
+                log(f"WARNING: {warning}")
 
     def save_due(self, done: int) -> bool:
         """--save-every-iters: a mid-epoch checkpoint after `done` iterations (the epoch's last
@@ -116,7 +126,8 @@ class PretrainRun:
         self.untrained = {}
         collapsed = self.collapse.update(epoch, stats["acc1"]) if "acc1" in stats else None
         record["collapsed"] = collapsed is not None
-        stuck = self.learning.update(epoch, stats["acc1"]) if self.learning is not None and "acc1" in stats else None
+        watched = self.learning is not None and self.learning.stat in stats
+        stuck = self.learning.update(epoch, stats[self.learning.stat]) if watched else None
         if self.learning is not None:
             record["not_learning"] = stuck is not None
         self.stuck = stuck

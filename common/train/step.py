@@ -19,12 +19,14 @@ from common.watch.loss_guard import LossGuard
 
 class RunHooks(Protocol):
     """What the step loop asks of the run (common/train/run.py `PretrainRun`): where a
-    mid-epoch resume starts, the metrics log, the stop request, and mid-epoch checkpoints.
+    mid-epoch resume starts, the progress lines' values (metrics log, watches), the stop
+    request, and mid-epoch checkpoints.
     A protocol, so the run state can import this module and not the other way round."""
     start_epoch: int
     start_iter: int
-    metrics: object  # common.log.progress.MetricsLog: .step(iteration, values)
     stop: object  # common.train.preempt.StopRequest: .agreed()
+
+    def log_step(self, step: int, values: Dict[str, float]) -> None: ...
 
     def save_due(self, iterations: int) -> bool: ...
 
@@ -88,8 +90,8 @@ def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, sc
             guard.check()
             log(progress.line(it, images_seen, meters.latest(), meters.averages(across_ranks=False), lr))
             if run is not None:
-                run.metrics.step(epoch * data.iters_per_epoch + it + 1,
-                                 {**meters.latest(), "lr": lr, "data_wait": progress.data_wait_share()})
+                run.log_step(epoch * data.iters_per_epoch + it + 1,
+                             {**meters.latest(), "lr": lr, "data_wait": progress.data_wait_share()})
         if run is not None and run.stop.agreed():
             guard.check()  # never checkpoint NaN weights
             return EpochResult({**meters.averages(), "data_wait": progress.data_wait_share()}, it + 1, stopped=True)

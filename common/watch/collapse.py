@@ -1,7 +1,8 @@
 """Noticing a contrastive task that fails: one that collapses (the accuracy of picking the
 positive rose, then fell back: MoCo with a queue that holds much of a small dataset, or too
 high an lr), and one that never leaves chance (augmentations that leave two views of an
-image no more alike than views of different images)."""
+image no more alike than views of different images). For the methods without negatives
+(BYOL, SimSiam) the output itself can collapse to one vector: StdWatch."""
 import math
 from typing import Optional
 
@@ -43,6 +44,8 @@ class LearningWatch:
     warning used to fire in warmup and be gone an epoch after). The run's last epoch is always
     judged. `stuck_epochs` counts the epochs in a row it has spoken."""
 
+    stat = "acc1"  # the epoch average it judges (PretrainRun.end_epoch)
+
     def __init__(self, chance: float, epochs: int, hint: str, warmup_epochs: float = 0.0):
         self.chance, self.epochs, self.hint = chance, epochs, hint
         self.first_judged = max(1, math.ceil(warmup_epochs))  # the first epoch wholly past the warmup
@@ -56,3 +59,60 @@ class LearningWatch:
         return (f"the contrastive accuracy is {acc1:.2f}% against {self.chance:.2f}% by chance: the run is not "
                 f"learning (the augmentations leave two views of an image no more alike than views of different "
                 f"images); try {self.hint}")
+
+    def step(self, value: float) -> Optional[str]:
+        """Judged per epoch only: one batch's accuracy is too noisy, and MoCo's first epoch is
+        not judged at all."""
+        return None
+
+
+STD_FLOOR = 0.3  # an output std below this share of 1/sqrt(d) is called collapsed (docs/byol.md: the level)
+
+
+class StdWatch:
+    """The collapse watch of BYOL and SimSiam: the std over the batch of each dimension of the
+    l2-normalised online projection, averaged over the d dimensions (`std`; SimSiam section
+    4.1), against 1/sqrt(d), what an output spread over the unit sphere gives (a collapsed
+    output, one vector for every image, gives 0). It speaks at every progress line (`step`,
+    the last step's value: a run that collapses is told within a few print intervals, long
+    before a tenth of its budget) and per epoch (`update`, on the epoch's last progress line:
+    the epoch average would carry the healthy start of an epoch that collapsed midway), which
+    feeds the not-learning warning, metrics.jsonl's not_learning and --stop-if-not-learning.
+    An untrained network's projection is already spread (measured: docs/byol.md), so no epoch
+    is left unjudged. `stuck_epochs` counts the epochs in a row it has spoken."""
+
+    stat = "std"
+
+    def __init__(self, dim: int, hint: str, floor: float = STD_FLOOR):
+        self.level = floor / math.sqrt(dim)
+        self.dim, self.hint = dim, hint
+        self.stuck_epochs = 0
+        self.last: Optional[float] = None  # the last progress line's std
+        self.told = False  # the progress lines warn once per collapse, not every line
+
+    def message(self, std: float) -> str:
+        return (f"the output std is {std:.4f} against {1 / math.sqrt(self.dim):.4f} (1/sqrt({self.dim})) for an output "
+                f"spread over the sphere: the output collapsed (every image gets nearly the same vector) and the "
+                f"features stop improving; try {self.hint}")
+
+    def step(self, std: float) -> Optional[str]:
+        """A progress line's std: a sentence when it fell below the level (once, until it recovers)."""
+        self.last = std
+        if std >= self.level:
+            self.told = False
+            return None
+        if self.told:
+            return None
+        self.told = True
+        return self.message(std)
+
+    def update(self, epoch: int, std: float) -> Optional[str]:
+        """The epoch's sentence, judged on its last progress line's std (`std`, the epoch
+        average, when no line was printed)."""
+        value = self.last if self.last is not None else std
+        self.last = None
+        if value >= self.level:
+            self.stuck_epochs = 0
+            return None
+        self.stuck_epochs += 1
+        return self.message(value)
