@@ -85,8 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
            help="keep the predictor's lr at the base lr, out of the schedule (facebookresearch/simsiam's "
                 "--fix-pred-lr; default: on with --simsiam, off for BYOL)")
     switch(g, "--stop-grad", default=True,
-           help="SimSiam: no gradient through the target branch; --no-stop-grad is the paper's ablation, whose "
-                "output collapses (for checking the collapse watch)")
+           help="no gradient through the target branch; --no-stop-grad is both papers' ablation whose output "
+                "collapses: the targets are the online projections with their gradient, no momentum copy (for "
+                "checking the collapse watch)")
     add_view_args(parser)
     add_pretrain_args(parser)
     add_recipe_args(parser, "BYOL/SimSiam for 1k-20k images (epochs for 100,000 images seen, SGD at batch 64, "
@@ -138,9 +139,6 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         args.crop_min = 0.08  # BYOL's crop scale (SimSiam's code: 0.2)
     if not 0 <= args.byol_m <= 1:
         raise UserError(f"--byol-m {args.byol_m} is a momentum in [0, 1]; BYOL uses 0.996")
-    if not args.stop_grad and not args.simsiam:
-        raise UserError("--no-stop-grad is SimSiam's ablation (BYOL's target is a momentum copy, which no gradient "
-                        "reaches); add --simsiam or drop --no-stop-grad")
     if args.simsiam and given(args, "byol_m"):
         raise UserError("--byol-m sets BYOL's target momentum; SimSiam has no momentum copy: drop it or --simsiam")
     if args.batch_size < 2:
@@ -178,7 +176,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     # ---- model: online encoder + projector, predictor; BYOL: target encoder + projector
     model = BYOL(functools.partial(build_backbone, args.arch, small_images=args.small_images, crop_size=args.crop_size),
                  args.proj_dim, args.proj_hidden_dim, args.pred_hidden_dim, args.byol_m, args.simsiam, args.stop_grad)
-    init_backbone(args, model.encoder, *(() if args.simsiam else (model.target_encoder,)))  # --init
+    init_backbone(args, model.encoder, *((model.target_encoder,) if model.momentum_target else ()))  # --init
     if env.distributed and env.device.type == "cuda":
         # BYOL and SimSiam: BN statistics over the global batch (their references' SyncBN)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -198,12 +196,12 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- the run's monitors: metrics log, kNN monitor, payoff probe, the collapse watch on the output std
     # (no negatives: no contrastive accuracy to judge), stop
-    hint = "--simsiam with its predictor and stop-gradient" if not args.stop_grad else "a lower --lr"
+    hint = "dropping --no-stop-grad" if not args.stop_grad else "a lower --lr, or a --byol-m closer to 1"
     run = PretrainRun(args, env, data, lr_schedule(args, lr), (start_epoch, start_iter), checkpoints,
                       learning=StdWatch(args.proj_dim, hint))
 
     def per_step(progress: float) -> None:  # after the step's lr is set (common/train/step.py)
-        if not args.simsiam:  # BYOL's tau, per step: 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2
+        if byol.momentum_target:  # BYOL's tau, per step: 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2
             byol.m = cosine_momentum(args.byol_m, progress, args.epochs)
         for group in optimizer.param_groups:
             if group.get("fix_lr"):

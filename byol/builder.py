@@ -33,18 +33,20 @@ class BYOL(nn.Module):
         by BN (the last without affine: SimSiam's), `hidden_dim` wide (None: the backbone's width),
         output `dim` (2048); predictor
         Linear(pred_dim) + BN + ReLU + Linear(dim), a bottleneck (512); no target copy.
-        `stop_grad` False (SimSiam only): the paper's ablation whose output collapses at once,
-        kept for checking the collapse watch."""
+        `stop_grad` False: the ablation of both papers whose output collapses: the targets are the
+        online projections with their gradient (BYOL then has no target copy either); kept for
+        checking the collapse watch."""
         super().__init__()
         self.m, self.simsiam, self.stop_grad = m, simsiam, stop_grad
         self.encoder = base_encoder()
         width = feature_dim(self.encoder)
         if simsiam:
             self.encoder.fc = build_mlp(3, width, hidden_dim or width, dim, last_bn=True)
-            self.predictor = build_mlp(2, dim, pred_dim, dim, last_bn=False)
         else:
             self.encoder.fc = build_mlp(2, width, hidden_dim, dim, last_bn=False)
-            self.predictor = build_mlp(2, dim, pred_dim, dim, last_bn=False)
+        self.predictor = build_mlp(2, dim, pred_dim, dim, last_bn=False)
+        self.momentum_target = not simsiam and stop_grad
+        if self.momentum_target:
             # xi <- theta at the start (BYOL); then only the momentum rule moves it
             self.target_encoder = copy.deepcopy(self.encoder)
             for p in self.target_encoder.parameters():
@@ -52,7 +54,7 @@ class BYOL(nn.Module):
 
     def networks(self) -> Tuple[nn.Module, ...]:
         """What --compile compiles; the target update and the loss stay outside."""
-        return (self.encoder, self.predictor) + ((self.target_encoder,) if not self.simsiam else ())
+        return (self.encoder, self.predictor) + ((self.target_encoder,) if self.momentum_target else ())
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -68,13 +70,13 @@ class BYOL(nn.Module):
         z2 = self.encoder(x2)  # z2: NxC
         p1 = self.predictor(z1)  # p1: NxC prediction of view 2's target
         p2 = self.predictor(z2)  # p2: NxC
-        if self.simsiam:
-            t1, t2 = (z1.detach(), z2.detach()) if self.stop_grad else (z1, z2)  # t: NxC, sg(z)
-        else:
+        if self.momentum_target:
             with torch.no_grad():
                 self.update_target()
                 t1 = self.target_encoder(x1)  # t1: NxC target projection z'
                 t2 = self.target_encoder(x2)
+        else:
+            t1, t2 = (z1.detach(), z2.detach()) if self.stop_grad else (z1, z2)  # t: NxC, sg(z)
         loss, acc1 = symmetric_loss(p1, p2, t1, t2, self.simsiam)
         std = (std_of_l2_normalized(z1) + std_of_l2_normalized(z2)) / 2
         return loss, {"acc1": acc1, "std": std}
