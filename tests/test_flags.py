@@ -15,8 +15,8 @@ from common.ckpt.io import load_checkpoint
 from common.cli import ArgumentParser, switch
 
 # every script with a command line (tools/make_flags.py's list)
-SCRIPTS = ("main_moco", "main_moco_v3", "main_simclr", "main_inpaint", "main_lincls", "main_knn", "main_curate",
-           "export_backbone", "plot_run")
+SCRIPTS = ("main_moco", "main_moco_v3", "main_simclr", "main_byol", "main_inpaint", "main_lincls", "main_knn",
+           "main_curate", "export_backbone", "plot_run")
 MAX_GROUP = 12  # flags in one --help section
 FIELDS = ("style", "type", "nargs", "choices", "default")
 
@@ -24,24 +24,24 @@ FIELDS = ("style", "type", "nargs", "choices", "default")
 DIFFERENT: Dict[Tuple[str, str], str] = {
     ("--lr", "default"): "each method's reference value (moco 0.03, SimCLR 0.3, ...); None: chosen by optimizer/head",
     ("--epochs", "default"): "each method's reference schedule length",
-    ("--batch-size", "default"): "each method's reference batch (moco 256, moco-v3 4096, inpaint 128)",
+    ("--batch-size", "default"): "each method's reference batch (moco 256, moco-v3 4096, BYOL 512, inpaint 128)",
     ("--schedule", "default"): "step epochs of the reference recipes that have a step schedule (moco, lincls)",
     ("--cos", "default"): "SimCLR and MoCo v3 default to cosine, moco and lincls to steps (their references)",
-    ("--warmup-epochs", "default"): "SimCLR and MoCo v3 warm up 10 epochs (their papers), the others not",
+    ("--warmup-epochs", "default"): "SimCLR, MoCo v3 warm up 10 epochs (their papers), the others not; BYOL None: by method",
     ("--wd", "default"): "each method's reference weight decay; None: chosen by optimizer (moco-v3) or probe (lincls)",
     ("--save-freq", "default"): "main_lincls keeps checkpoint_last and model_best only (the reference's)",
     ("--arch", "default"): "None where --pretrained's checkpoint decides the network (follow_checkpoint)",
     ("--arch", "choices"): "export_backbone.py checks its -a against the known names; the others take any name",
     ("--seed", "default"): "main_knn/main_curate 0: a rerun draws the same queries and folds; training: drawn",
     ("--moco-dim", "default"): "moco v1/v2 128, moco-v3 256 (their references)",
-    ("--proj-dim", "default"): "moco 128, moco-v3 256, SimCLR 128 (their references)",
+    ("--proj-dim", "default"): "moco 128, moco-v3 256, SimCLR 128 (references); BYOL None: 256, SimSiam 2048",
     ("--proj-hidden-dim", "default"): "moco-v3 4096; SimCLR None: the backbone's feature width",
     ("--moco-m", "default"): "moco 0.999 (a queue of old keys), moco-v3 0.99 (its reference)",
     ("--moco-m-cos", "default"): "moco-v3's reference raises the momentum by cosine, moco v1/v2's keeps it fixed",
     ("--moco-t", "default"): "moco 0.07; moco-v3 None: 0.2 for ViTs, 1.0 otherwise (its reference)",
     ("--temperature", "default"): "moco 0.07, SimCLR 0.1, moco-v3 None (by family): their references",
     ("--optimizer", "choices"): "SimCLR trains with lars/sgd/adam, moco-v3 with its reference's lars/adamw",
-    ("--optimizer", "default"): "SimCLR lars; moco-v3 None: adamw for ViTs, lars otherwise (its reference)",
+    ("--optimizer", "default"): "SimCLR lars; moco-v3 None: adamw for ViTs else lars; BYOL None: lars, SimSiam sgd",
     ("--resume", "style"): "main_curate --resume continues in --output-dir (no checkpoint path to name)",
     ("--resume", "type"): "main_curate --resume is a switch; the training scripts take a checkpoint PATH",
     ("--resume", "default"): "main_curate --resume is a switch (off); the training scripts' is a path ('')",

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import SYNTHETIC, run_inline, run_main
 
+import main_byol
 import main_inpaint
 import main_moco
 import main_moco_v3
@@ -23,6 +24,8 @@ SCRIPTS = {  # script, its tiny flags, the backbones --init must reach (attribut
              ("encoder_q", "encoder_k")),
     "moco_v3": (main_moco_v3, ["--moco-dim", "16", "--moco-mlp-dim", "32"], ("base_encoder", "momentum_encoder")),
     "simclr": (main_simclr, [], ("encoder",)),
+    "byol": (main_byol, ["--proj-dim", "16", "--proj-hidden-dim", "32", "--pred-hidden-dim", "32"],
+             ("encoder", "target_encoder")),
     "inpaint": (main_inpaint, ["--patches", "2", "--patch-size", "8"], ("encoder",)),
 }
 
