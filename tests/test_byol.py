@@ -5,7 +5,6 @@ DDP's gradient average against one process."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, run_inline, run_main
+from test_simclr import ToyEncoder, _free_port  # a torchvision-shaped model without BatchNorm
 
 import main_byol
 import main_lincls
@@ -248,32 +248,15 @@ def test_sigusr1_mid_epoch_requeues_and_the_resume_reproduces_the_run(tmp_path):
 
 # ---------------------------------------------------------------- 2 gloo workers == 1 process
 
-class ToyEncoder(nn.Module):
-    """A torchvision-shaped model (`fc` head) without BatchNorm: per-process BN statistics would
-    differ from the whole batch's, and this test is about the loss and DDP's average."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 24), nn.ReLU())
-        self.fc = nn.Linear(24, 10)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
-
-
 def toy_byol() -> BYOL:
+    """BYOL on test_simclr's ToyEncoder, its MLPs without BN: per-process BN statistics would differ
+    from the whole batch's, and this test is about the loss and DDP's average."""
     model = BYOL(ToyEncoder, dim=8, hidden_dim=16, pred_dim=16, m=0.9)
     for mlp in (model.encoder.fc, model.target_encoder.fc, model.predictor):  # no BN (see ToyEncoder)
         for i, m in enumerate(mlp):
             if isinstance(m, nn.BatchNorm1d):
                 mlp[i] = nn.Identity()
     return model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dist_worker(rank: int, world: int, url: str, case: dict) -> None:
