@@ -123,9 +123,10 @@ def test_std_watch_speaks_below_the_floor_once_per_collapse_and_per_epoch():
     message = watch.step(collapsed)
     assert "collapsed" in message and "0.1250 (1/sqrt(64))" in message and "try a lower --lr" in message
     assert watch.step(collapsed) is None  # told once
-    assert watch.update(0, healthy) and watch.stuck_epochs == 1  # judged on the last line, not the average
-    assert watch.update(1, collapsed) and watch.stuck_epochs == 2
-    assert watch.step(healthy) is None and watch.update(2, collapsed) is None and watch.stuck_epochs == 0
+    assert watch.update(0, healthy) is None and watch.stuck_epochs == 0  # the epoch: its average over the ranks
+    assert watch.update(1, collapsed) and watch.update(2, collapsed) and watch.stuck_epochs == 2
+    assert watch.step(healthy) is None and watch.update(3, healthy) is None and watch.stuck_epochs == 0
+    assert watch.step(collapsed)  # told again after a recovery
 
 
 def run_in_process(argv) -> int:

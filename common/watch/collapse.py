@@ -74,12 +74,12 @@ class StdWatch:
     l2-normalised online projection, averaged over the d dimensions (`std`; SimSiam section
     4.1), against 1/sqrt(d), what an output spread over the unit sphere gives (a collapsed
     output, one vector for every image, gives 0). It speaks at every progress line (`step`,
-    the last step's value: a run that collapses is told within a few print intervals, long
-    before a tenth of its budget) and per epoch (`update`, on the epoch's last progress line:
-    the epoch average would carry the healthy start of an epoch that collapsed midway), which
-    feeds the not-learning warning, metrics.jsonl's not_learning and --stop-if-not-learning.
-    An untrained network's projection is already spread (measured: docs/byol.md), so no epoch
-    is left unjudged. `stuck_epochs` counts the epochs in a row it has spoken."""
+    the last step's value on this process: a run that collapses is told within a few print
+    intervals, long before a tenth of its budget) and per epoch (`update`, on the epoch's
+    average over every rank, so that all ranks agree on --stop-if-not-learning), which feeds
+    the not-learning warning, metrics.jsonl's not_learning and --stop-if-not-learning. An
+    untrained network's projection is already spread (measured: docs/byol.md), so no epoch is
+    left unjudged. `stuck_epochs` counts the epochs in a row it has spoken."""
 
     stat = "std"
 
@@ -87,7 +87,6 @@ class StdWatch:
         self.level = floor / math.sqrt(dim)
         self.dim, self.hint = dim, hint
         self.stuck_epochs = 0
-        self.last: Optional[float] = None  # the last progress line's std
         self.told = False  # the progress lines warn once per collapse, not every line
 
     def message(self, std: float) -> str:
@@ -97,7 +96,6 @@ class StdWatch:
 
     def step(self, std: float) -> Optional[str]:
         """A progress line's std: a sentence when it fell below the level (once, until it recovers)."""
-        self.last = std
         if std >= self.level:
             self.told = False
             return None
@@ -107,12 +105,9 @@ class StdWatch:
         return self.message(std)
 
     def update(self, epoch: int, std: float) -> Optional[str]:
-        """The epoch's sentence, judged on its last progress line's std (`std`, the epoch
-        average, when no line was printed)."""
-        value = self.last if self.last is not None else std
-        self.last = None
-        if value >= self.level:
+        """The epoch's sentence, judged on its average std over all ranks."""
+        if std >= self.level:
             self.stuck_epochs = 0
             return None
         self.stuck_epochs += 1
-        return self.message(value)
+        return self.message(std)
