@@ -17,9 +17,10 @@ from common.errors import UserError, reason
 from common.files import lock as run_lock
 from common.files.atomic import atomic_path
 
-METHODS = ("moco", "moco_v3", "simclr", "byol", "simsiam", "inpaint", "lincls")
+METHODS = ("moco", "moco_v3", "simclr", "byol", "simsiam", "distill", "inpaint", "lincls")
 SCRIPTS = {"moco": "main_moco.py", "moco_v3": "main_moco_v3.py", "simclr": "main_simclr.py", "byol": "main_byol.py",
-           "simsiam": "main_byol.py", "inpaint": "main_inpaint.py", "lincls": "main_lincls.py"}
+           "simsiam": "main_byol.py", "distill": "main_distill.py", "inpaint": "main_inpaint.py",
+           "lincls": "main_lincls.py"}
 
 
 # ---------------------------------------------------------------- writing

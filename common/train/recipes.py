@@ -15,8 +15,8 @@ from common.log.progress import log
 # images seen in pretraining (`--recipe small` sets --epochs = budget / images): the budgets that
 # beat random init in bench/quality.py's small-data table; MoCo learns more slowly per image than
 # SimCLR there (docs/small-data.md: why these values)
-# (BYOL/SimSiam: SimCLR's budget, not measured for them; docs/byol.md)
-SMALL_DATA_BUDGET = {"moco": 200000, "simclr": 100000, "inpaint": 100000, "byol": 100000}
+# (BYOL/SimSiam, distillation: SimCLR's budget, not measured for them; docs/byol.md, docs/distill.md)
+SMALL_DATA_BUDGET = {"moco": 200000, "simclr": 100000, "inpaint": 100000, "byol": 100000, "distill": 100000}
 SMALL_DATA_BATCH = 64  # both contrastive recipes' batch
 
 
