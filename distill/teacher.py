@@ -13,9 +13,11 @@ bilinearly to the teacher's own side (`size`: the checkpoint's crop, torchvision
 crop, 224 for hub:). With --cache-teacher the features of the un-augmented images (resized,
 centre crop at that side) are computed once and looked up by image index."""
 import argparse
+import importlib.util
 import json
 import os
-from typing import Optional
+import sys
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -128,7 +130,7 @@ def _hub_teacher(spec: str) -> nn.Module:
         raise UserError(f"--teacher {spec!r}: {repo!r} has no hubconf.py, so it is not a torch.hub repository; "
                         f"pass the folder that holds hubconf.py")
     try:
-        entries = torch.hub.list(repo, source="local")
+        entries = _hub_entries(repo)
     except Exception as e:
         raise UserError(f"--teacher {spec!r}: {os.path.join(repo, 'hubconf.py')!r} cannot be imported ({reason(e)}); "
                         f"install what it needs or pass another repository")
@@ -143,6 +145,19 @@ def _hub_teacher(spec: str) -> nn.Module:
     if not isinstance(net, nn.Module):
         raise UserError(f"--teacher {spec!r}: {entry}() returned a {type(net).__name__}, not a network")
     return net
+
+
+def _hub_entries(repo: str) -> List[str]:
+    """The public callables of `repo`'s hubconf.py (what torch.hub.list gives for a github repo),
+    imported with the repository first on sys.path as torch.hub.load(source="local") does."""
+    sys.path.insert(0, repo)
+    try:
+        spec = importlib.util.spec_from_file_location("hubconf", os.path.join(repo, "hubconf.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(repo)
+    return [name for name in dir(module) if callable(getattr(module, name)) and not name.startswith("_")]
 
 
 def _file_teacher(spec: str):
