@@ -15,8 +15,8 @@ from common.ckpt.io import load_checkpoint
 from common.cli import ArgumentParser, switch
 
 # every script with a command line (tools/make_flags.py's list)
-SCRIPTS = ("main_moco", "main_moco_v3", "main_simclr", "main_byol", "main_inpaint", "main_lincls", "main_knn",
-           "main_curate", "export_backbone", "plot_run")
+SCRIPTS = ("main_moco", "main_moco_v3", "main_simclr", "main_byol", "main_distill", "main_inpaint", "main_lincls",
+           "main_knn", "main_curate", "export_backbone", "plot_run")
 MAX_GROUP = 12  # flags in one --help section
 FIELDS = ("style", "type", "nargs", "choices", "default")
 
@@ -39,9 +39,9 @@ DIFFERENT: Dict[Tuple[str, str], str] = {
     ("--moco-m", "default"): "moco 0.999 (a queue of old keys), moco-v3 0.99 (its reference)",
     ("--moco-m-cos", "default"): "moco-v3's reference raises the momentum by cosine, moco v1/v2's keeps it fixed",
     ("--moco-t", "default"): "moco 0.07; moco-v3 None: 0.2 for ViTs, 1.0 otherwise (its reference)",
-    ("--temperature", "default"): "moco 0.07, SimCLR 0.1, moco-v3 None (by family): their references",
+    ("--temperature", "default"): "moco 0.07, SimCLR 0.1, moco-v3 None (by family), distill 0.2 (SEED): references",
     ("--optimizer", "choices"): "SimCLR trains with lars/sgd/adam, moco-v3 with its reference's lars/adamw",
-    ("--optimizer", "default"): "SimCLR lars; moco-v3 None: adamw for ViTs else lars; BYOL None: lars, SimSiam sgd",
+    ("--optimizer", "default"): "SimCLR lars; moco-v3 None: adamw for ViTs else lars; BYOL None: lars/SimSiam sgd; distill sgd",
     ("--resume", "style"): "main_curate --resume continues in --output-dir (no checkpoint path to name)",
     ("--resume", "type"): "main_curate --resume is a switch; the training scripts take a checkpoint PATH",
     ("--resume", "default"): "main_curate --resume is a switch (off); the training scripts' is a path ('')",
