@@ -21,12 +21,13 @@ from common.train.data import fit_default_batch
 #   and inpainting's --crop-size 128 stays;
 # - --init imagenet reads torchvision's weights from the local hub cache, which a test machine
 #   lacks: the SimCLR row's checkpoint stands in (the row names both);
-# - ckpt.pth.tar is the SimCLR row's checkpoint_last, runs/demo its output folder;
+# - ckpt.pth.tar is the SimCLR row's checkpoint_last (main_distill.py's teacher too), runs/demo its output folder;
 # - evaluation rows write into the test's folder (--output-dir, export_backbone's -o);
 # - sbatch (SLURM) and bench/gpu_check.sh (a GPU) are not run; tools/inspection_data.py writes a
 #   small set (--images 120 --size 48).
 ARCH_FOR_CPU = {"vit_b_16": ["vit_tiny", "--crop-size", "32"], "convnext_tiny": ["convnext_micro", "--crop-size", "32"]}
-PRETRAINING = ("main_simclr.py", "main_moco.py", "main_moco_v3.py", "main_byol.py", "main_inpaint.py")
+PRETRAINING = ("main_simclr.py", "main_moco.py", "main_moco_v3.py", "main_byol.py", "main_distill.py",
+               "main_inpaint.py")
 NOT_RUN = ("sbatch", "bench/gpu_check.sh")
 
 
