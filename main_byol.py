@@ -12,8 +12,8 @@ cosine over the steps, projector and predictor 4096 / 256; SimSiam (facebookrese
 SGD lr 0.05 x batch/256, weight decay 1e-4, momentum 0.9, cosine without warmup, the
 predictor's lr kept fixed (--fix-pred-lr), projector 2048, predictor bottleneck 512. Both
 default to 100 epochs and a batch of 512 (SimSiam's; BYOL's paper trains 300-1000 epochs at
-4096). The views are MoCo v2's for both views (crop 0.08 as BYOL), not BYOL's asymmetric
-blur/solarize pair. Checkpoints use facebookresearch/simsiam's keys (`module.encoder.*`,
+4096). The views are BYOL's asymmetric pair (blur 1.0 / 0.1, solarize 0.2 on the second;
+byol/augment.py), SimSiam's MoCo v2 aug-plus for both (crop 0.08 as BYOL). Checkpoints use facebookresearch/simsiam's keys (`module.encoder.*`,
 `module.predictor.*`) and, for BYOL, `module.target_encoder.*`. No negatives, so the
 collapse watch is the std of the l2-normalised output (common/watch/collapse.py StdWatch,
 docs/byol.md).
@@ -24,6 +24,7 @@ from typing import Dict
 
 import torch.nn as nn
 
+from byol.augment import byol_views
 from byol.builder import BYOL
 from common.augment import transforms as augment
 from common.ckpt.checkpoints import Checkpoints
@@ -147,10 +148,14 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def view_recipe(args: argparse.Namespace) -> augment.Recipe:
-    """The two views' augmentation; --view-check-only checks the same recipe without training."""
-    return moco_v2(args.crop_size, blur=args.crop_size > SMALL_CROP_MAX, strength=args.color_strength,
-                   crop_min=args.crop_min, gray_images=args.gray_images, crop_max=args.crop_max)
+def view_recipe(args: argparse.Namespace) -> augment.Views:
+    """The views: BYOL's asymmetric pair (view 1 always blurred, view 2 blurred 10 % and
+    solarized 20 %), SimSiam's MoCo v2 aug-plus for both (facebookresearch/simsiam); blur only
+    above SMALL_CROP_MAX px. --view-check-only and the run's view check take the same views
+    (a pair: view 1 against view 2)."""
+    kwargs = dict(blur=args.crop_size > SMALL_CROP_MAX, strength=args.color_strength, crop_min=args.crop_min,
+                  gray_images=args.gray_images, crop_max=args.crop_max)
+    return moco_v2(args.crop_size, **kwargs) if args.simsiam else byol_views(args.crop_size, **kwargs)
 
 
 def build_byol_optimizer(byol: BYOL, args: argparse.Namespace, lr: float):

@@ -8,7 +8,8 @@
 
 Defaults are moco-v3's recipes: for ResNets (LARS) lr 0.6 x batch/256, weight decay 1e-6, T 1.0;
 for ViTs (AdamW) lr 1.5e-4 x batch/256, weight decay 0.1, T 0.2 (RECIPES); both 10 warmup epochs
-then cosine, momentum 0.99 rising to 1 by a cosine. Checkpoints use moco-v3's keys
+then cosine, momentum 0.99 rising to 1 by a cosine; BYOL's asymmetric views (byol/augment.py,
+moco-v3's augmentation1 / augmentation2). Checkpoints use moco-v3's keys
 (`module.base_encoder.*`, `module.momentum_encoder.*`, `module.predictor.*`).
 """
 import argparse
@@ -17,6 +18,7 @@ import functools
 import torch
 import torch.nn as nn
 
+from byol.augment import byol_views
 from common.augment import transforms as augment
 from common.ckpt.checkpoints import Checkpoints
 from common.ckpt.init_weights import init_backbone
@@ -36,7 +38,6 @@ from common.train.pretrain_args import finalize_pretrain_args, finalize_view_arg
 from common.train.step import train_one_epoch
 from common.watch.view_check import view_check_only
 from export.backbone import export_at_end
-from moco.augment import moco_v2
 from moco.small_data import momentum_warning
 from mocov3.builder import MoCoV3
 
@@ -118,17 +119,18 @@ def fill_recipe_defaults(args: argparse.Namespace) -> None:
             + (f" (kept from the command line: {', '.join(kept)})" if kept else ""))
 
 
-def view_recipe(args: argparse.Namespace) -> augment.Recipe:
-    """The two views' augmentation; --view-check-only checks the same recipe without training."""
-    return moco_v2(args.crop_size, blur=args.crop_size > SMALL_CROP_MAX, strength=args.color_strength,
-                   crop_min=args.crop_min, gray_images=args.gray_images, crop_max=args.crop_max)
+def view_recipe(args: argparse.Namespace) -> augment.Views:
+    """moco-v3's views, BYOL's asymmetric pair (its main_moco.py augmentation1 / augmentation2:
+    view 1 always blurred, view 2 blurred 10 % and solarized 20 %; blur only above
+    SMALL_CROP_MAX px); --view-check-only checks the same pair without training."""
+    return byol_views(args.crop_size, blur=args.crop_size > SMALL_CROP_MAX, strength=args.color_strength,
+                      crop_min=args.crop_min, gray_images=args.gray_images, crop_max=args.crop_max)
 
 
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args, preemptible=True)
 
-    # ---- data: two views of every image, labels unused. MoCo v2's aug-plus for both views
-    # (moco-v3 uses BYOL's asymmetric pair: blur 1.0 / 0.1 and solarize on the second)
+    # ---- data: two views of every image, labels unused: BYOL's asymmetric pair, as moco-v3
     aug = view_recipe(args)
     data = two_view_data(args, env, aug, batch_size, workers)
     warning = momentum_warning(args.moco_m, args.epochs * data.iters_per_epoch, args.moco_m_cos,

@@ -2,25 +2,30 @@
 the online network, SimSiam's stop-gradient, the collapse watch (StdWatch) on a collapsing and
 a healthy run, resume (epoch end and SIGUSR1 mid-epoch), the checkpoint in main_lincls.py, and
 DDP's gradient average against one process."""
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from conftest import CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, run_inline, run_main
 from test_simclr import ToyEncoder, _free_port  # a torchvision-shaped model without BatchNorm
 
 import main_byol
 import main_lincls
+import main_moco_v3
 from byol.builder import BYOL
 from byol.loss import negative_cosine, regression_loss, retrieval_acc1, std_of_l2_normalized, symmetric_loss
+from common.augment.transforms import Recipe, two_views
 from common.ckpt.io import load_checkpoint
 from common.ckpt.pretrained import extract_backbone, load_backbone
 from common.nets.models import build_backbone
@@ -174,6 +179,38 @@ def test_bad_flags_are_one_sentence(capsys, tmp_path):
                            (["-b", "1"], "needs 2 or more images")):
         proc = run_inline(capsys, main_byol.main, TINY + extra + ["--output-dir", str(tmp_path)], check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_byol_views_are_the_asymmetric_pair_and_view_1_is_always_blurred(tmp_path):
+    """BYOL (and moco-v3): view 1 blurred always and never solarized, view 2 blurred 10 % and
+    solarized 20 %; SimSiam: MoCo v2's recipe for both. Checked on the CPU path's own draws:
+    view 1 of every sample is smoother than the crop alone, and view 2 is solarized in about a
+    fifth of the samples."""
+    parse = main_byol.get_args_parser().parse_args
+    args = main_byol.finalize_args(parse(["--dataset", "synthetic", "--crop-size", "96",
+                                          "--output-dir", str(tmp_path / "b")]))
+    first, second = main_byol.view_recipe(args)
+    assert (first.blur_p, first.solarize_p, "solarize" in first.ops) == (1.0, 0.0, False)
+    assert (second.blur_p, second.solarize_p, "solarize" in second.ops) == (0.1, 0.2, True)
+    assert first.jitter == second.jitter == (0.4, 0.4, 0.2, 0.1) and first.crop_min == 0.08
+    assert main_moco_v3.view_recipe(main_moco_v3.finalize_args(main_moco_v3.get_args_parser().parse_args(
+        ["--dataset", "synthetic", "--crop-size", "96", "--output-dir", str(tmp_path / "m")]))) == (first, second)
+    simsiam = main_byol.view_recipe(main_byol.finalize_args(parse(["--dataset", "synthetic", "--simsiam",
+                                                                   "--output-dir", str(tmp_path / "s")])))
+    assert isinstance(simsiam, Recipe) and "solarize" not in simsiam.ops
+    # the CPU path: with the crop and the colour ops off and sigma >= 1.5 (0.1 barely blurs), view 1 is
+    # the blurred crop every time
+    bare = dict(crop_min=1.0, jitter=(0.0, 0.0, 0.0, 0.0), gray_p=0.0, blur_sigma=(1.5, 2.0))
+    pair = tuple(dataclasses.replace(r, **bare) for r in (first, second))
+    img = Image.fromarray(((np.indices((96, 96)).sum(0) // 4 % 2) * 255).astype(np.uint8)).convert("RGB")
+    sharp = np.abs(np.diff(np.asarray(img, dtype=np.float32), axis=1)).mean()
+    solarized = 0
+    for seed in range(50):
+        torch.manual_seed(seed)
+        v1, v2 = two_views(pair)(img)
+        assert np.abs(np.diff(v1.numpy(), axis=2)).mean() * 0.229 * 255 < 0.9 * sharp, seed
+        solarized += int(v2.max() < 0.5)  # solarized, no pixel is above 127 of 255 (normalised 0.06)
+    assert 3 <= solarized <= 20  # p 0.2 of 50
 
 
 def test_paper_defaults_fill_the_unset_flags(tmp_path):

@@ -1,6 +1,7 @@
 """--gpu-augment: the batched photometric ops against torchvision's functional ops, the
 recipe's probabilities, per-sample seeding, and the split (channels-last) BatchNorm."""
 import copy
+import dataclasses
 import functools
 
 import numpy as np
@@ -9,7 +10,9 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from byol.augment import byol_views
 from common.augment import gpu as G
+from common.augment import gpu_decode as D
 from common.augment import transforms as augment
 from common.data.images import FileListDataset, pil_loader
 from common.data.transformed import TransformedDataset
@@ -262,3 +265,106 @@ def test_a_split_batchnorm_resnet_compiles_to_one_graph_and_matches_eager():
     torch.testing.assert_close(y_c, y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(net.conv1.weight.grad, eager.conv1.weight.grad, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(net.bn1.running_var, eager.bn1.running_var, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- solarization (BYOL's second view)
+
+def test_solarize_inverts_at_and_above_the_threshold_as_torchvision_and_pil():
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    ours = G.solarize(levels.float() / 255)
+    # [0, 1] units: 1 - x for x >= 0.5, else x (torchvision's solarize at threshold 0.5)
+    x = levels.float() / 255
+    assert torch.equal(ours, torch.where(x >= 0.5, 1 - x, x))
+    assert torch.equal(ours, TF.solarize(x, 0.5))
+    # uint8: 255 - x for x >= 128 (PIL's ImageOps.solarize, the CPU path's RandomSolarize at 128), exact
+    expected = torch.where(levels >= 128, 255 - levels, levels)
+    assert torch.equal((ours * 255).round().to(torch.uint8), expected)
+    cpu = augment.Recipe(16, 1.0, ("solarize",), jitter=(0, 0, 0, 0), solarize_p=1.0)
+    pil = TF.pil_to_tensor(cpu._op("solarize")(TF.to_pil_image(levels[0])))
+    assert torch.equal(pil, expected[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_solarize_in_the_batched_pipeline_matches_the_cpu_recipe(device):
+    """The batched path (jitter, gray, blur, then solarize) against torchvision's ops one image
+    at a time, solarized where SOLARIZE_ON says so; and the CPU recipe's PIL ops on the same
+    draws (solarize alone: exact)."""
+    first, second = byol_views(40)
+    spec = second.spec()
+    assert spec.solarize_p == 0.2 and spec.blur_p == 0.1 and first.spec().solarize_p == 0.0
+    u8 = photo(n=3, seed=2)
+    p = params_for(3, jitter_on=[1, 0, 0], brightness=[1.3, 1, 1], blur_on=[0, 1, 0], sigma=[1, 1.2, 1],
+                   solarize_on=[1, 1, 0])
+    out = G.photometric(u8.to(device), p, spec).cpu()
+    for i in range(3):
+        ref = u8[i].float() / 255
+        if p[i, G.JITTER_ON]:
+            ref = TF.adjust_brightness(ref, float(p[i, G.BRIGHTNESS]))
+        if p[i, G.BLUR_ON]:
+            ref = TF.gaussian_blur(ref, [spec.blur_kernel] * 2, [float(p[i, G.SIGMA])] * 2)
+        if p[i, G.SOLARIZE_ON]:
+            ref = TF.solarize(ref, 0.5)
+        ref = TF.normalize(ref, augment.IMAGENET_MEAN, augment.IMAGENET_STD)
+        # (a pixel the blur leaves within rounding of the threshold may fall either side: none here)
+        assert (out[i] - ref).abs().max() * 0.229 <= 2 * ONE_LEVEL, i
+    # solarize alone on uint8 crops: the PIL op of the CPU path, bit for bit
+    solar = G.photometric(u8.to(device), params_for(3, solarize_on=1), spec).cpu()
+    pil = torch.stack([TF.pil_to_tensor(TF.solarize(TF.to_pil_image(im), 128)) for im in u8])
+    ref = TF.normalize(pil.float() / 255, augment.IMAGENET_MEAN, augment.IMAGENET_STD)
+    assert (solar - ref).abs().max() < 1e-5
+
+
+def test_solarize_draws_follow_the_recipe_and_leave_other_recipes_draws_alone():
+    first, second = byol_views(224)
+    torch.manual_seed(0)
+    p1 = torch.stack([G.draw_params(first.spec()) for _ in range(4000)])
+    p2 = torch.stack([G.draw_params(second.spec()) for _ in range(4000)])
+    assert p1[:, G.BLUR_ON].min() == 1 and p1[:, G.SOLARIZE_ON].max() == 0  # view 1: always blurred, never solarized
+    assert abs(p2[:, G.BLUR_ON].mean() - 0.1) < 0.02 and abs(p2[:, G.SOLARIZE_ON].mean() - 0.2) < 0.03
+    # the solarize draw comes last and only where the recipe solarizes: the other ops' draws are
+    # those of a recipe without it, and a recipe without it draws nothing more (its stream is as before)
+    plain = moco_v2(224).spec()
+    solar = dataclasses.replace(plain, solarize_p=0.2)
+    torch.manual_seed(1)
+    a, x1, x2 = G.draw_params(plain), torch.rand(1), torch.rand(1)
+    torch.manual_seed(1)
+    b, after = G.draw_params(solar), torch.rand(1)
+    assert torch.equal(a[:G.SOLARIZE_ON], b[:G.SOLARIZE_ON]) and a[G.SOLARIZE_ON] == 0
+    assert b[G.SOLARIZE_ON] == float(x1 < 0.2) and torch.equal(after, x2)  # one draw more, the last
+
+
+def test_gray_images_keep_solarize_and_solarize_must_come_last():
+    first, second = byol_views(96, gray_images=True)
+    assert "solarize" in second.ops and "gray" not in second.ops and second.jitter[2:] == (0.0, 0.0)
+    assert second.spec().solarize_p == 0.2 and first.spec().blur_p == 1.0
+    with pytest.raises(ValueError, match="solarize must follow"):
+        augment.Recipe(32, 0.2, ("crop", "solarize", "jitter"), jitter=(0.4, 0.4, 0.4, 0.1), solarize_p=0.2).spec()
+
+
+def test_a_pair_of_recipes_gives_each_view_its_own_draws_on_every_path(tmp_path):
+    """two_view_data's three paths with BYOL's pair: the CPU transform, --gpu-augment's split
+    (view 1's parameters always blur and never solarize), and --gpu-decode's worker, which
+    draws exactly what the --gpu-augment worker draws for the same seed."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(path)
+    base = FileListDataset([(str(path), 0)] * 4, ["a"])
+    pair = byol_views(96)
+    cpu = TransformedDataset(base, augment.two_views(pair))
+    assert [v.shape for v in cpu[(0, 5)][0]] == [(3, 96, 96)] * 2
+    split = TransformedDataset(base, augment.TwoCropsTransform(pair[0].split(), pair[1].split()))
+    encoded = TransformedDataset(base, D.EncodedViews(pair), read=D.read_sample)
+    draws = []
+    for seed in range(40):
+        (v1, v2), _ = split[(0, seed)]
+        draws.append((v1[1], v2[1]))
+        assert torch.equal(encoded[(0, seed)][0][2], torch.stack([v1[1], v2[1]]))
+    first = torch.stack([d[0] for d in draws])
+    second = torch.stack([d[1] for d in draws])
+    assert first[:, G.BLUR_ON].min() == 1 and first[:, G.SOLARIZE_ON].max() == 0
+    assert second[:, G.BLUR_ON].mean() < 0.5 and second[:, G.SOLARIZE_ON].max() == 1
+    # the device side applies each view's own spec
+    batch = [[torch.stack([photo(n=1, size=96, seed=s)[0] for s in range(2)]), torch.stack(d)] for d in
+             ([draws[0][0], draws[1][0]], [draws[0][1], draws[1][1]])]
+    q, k = G.ViewsToDevice(torch.device("cpu"), spec=(pair[0].spec(), pair[1].spec()))(batch)
+    assert q.shape == k.shape == (2, 3, 96, 96)

@@ -5,12 +5,12 @@ photometric parameters of every view, drawn in the worker from the per-sample se
 (`draw_params`), so a resumed run sees the same augmentations. Here those parameters are
 applied to the batch at once: colour jitter (per-sample factors and order, as
 torchvision's ColorJitter draws them), grayscale, Gaussian blur (per-sample sigma) and
-normalisation. Every op is torchvision's functional op on float images in [0, 1]
+normalisation, with solarization last (per-sample on/off). Every op is torchvision's functional op on float images in [0, 1]
 (`tests/test_gpu_augment.py` compares them on one image within 1/255); they run on any
 device, so the CPU tests check the same code the GPU runs.
 """
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,9 @@ import torch.nn.functional as F
 # layout of one view's parameter vector (float32)
 JITTER_ON, BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3, 4
 ORDER = slice(5, 9)  # a permutation of 0..3: brightness, contrast, saturation, hue
-GRAY_ON, BLUR_ON, SIGMA = 9, 10, 11
-NUM_PARAMS = 12
+GRAY_ON, BLUR_ON, SIGMA, SOLARIZE_ON = 9, 10, 11, 12
+NUM_PARAMS = 13
+SOLARIZE_THRESHOLD = 0.5  # in [0, 1]: 128 of 255 on uint8 values, as PIL's ImageOps.solarize (BYOL's 0.5)
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class PhotometricSpec:
     """What a recipe does after the crop: colour jitter (strengths b, c, s, h, applied with
     probability jitter_p), grayscale with probability gray_p (before the jitter when
     gray_first, as MoCo v1), blur with probability blur_p and sigma in blur_sigma (kernel
-    blur_kernel; 0 = no blur), then normalisation with mean/std."""
+    blur_kernel; 0 = no blur), solarization with probability solarize_p, then normalisation
+    with mean/std."""
     jitter: Tuple[float, float, float, float]
     jitter_p: float
     gray_p: float
@@ -37,6 +39,7 @@ class PhotometricSpec:
     blur_kernel: int
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
+    solarize_p: float = 0.0
 
 
 def draw_params(spec: PhotometricSpec) -> torch.Tensor:
@@ -53,6 +56,8 @@ def draw_params(spec: PhotometricSpec) -> torch.Tensor:
     p[GRAY_ON] = float(torch.rand(1) < spec.gray_p)
     p[BLUR_ON] = float(spec.blur_kernel > 0 and torch.rand(1) < spec.blur_p)
     p[SIGMA] = torch.empty(1).uniform_(*spec.blur_sigma)
+    # drawn last, and only by a recipe that solarizes: the other recipes' draws stay as they were
+    p[SOLARIZE_ON] = float(spec.solarize_p > 0 and torch.rand(1) < spec.solarize_p)
     return p
 
 
@@ -131,6 +136,12 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return y.view(n, c, h, w)
 
 
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    """x -> 1 - x where x >= SOLARIZE_THRESHOLD (torchvision's solarize on [0, 1] images; on
+    uint8 values the same pixels as PIL's ImageOps.solarize at 128)."""
+    return torch.where(x >= SOLARIZE_THRESHOLD, 1 - x, x)
+
+
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
@@ -156,7 +167,7 @@ def photometric(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSpe
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 crops (N, 3, H, W) on the device and their parameters (N, NUM_PARAMS) on the
     CPU -> normalised float images on the device: jitter (per-sample factors and order),
-    grayscale, blur, normalisation."""
+    grayscale, blur, solarization, normalisation."""
     dev = images.device
     x = images.to(dtype).div_(255)  # a new tensor: the ops below work on it in place
     factors = params.to(dev, non_blocking=True).to(dtype)
@@ -174,6 +185,8 @@ def photometric(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSpe
     if spec.blur_kernel > 0:
         _apply_at(x, _index(params[:, BLUR_ON] > 0, dev), lambda v, s: gaussian_blur(v, s, spec.blur_kernel),
                   factors[:, SIGMA])
+    if spec.solarize_p > 0:
+        _apply_at(x, _index(params[:, SOLARIZE_ON] > 0, dev), solarize)
     mean = torch.tensor(spec.mean, dtype=dtype).view(1, 3, 1, 1).to(dev, non_blocking=True)
     std = torch.tensor(spec.std, dtype=dtype).view(1, 3, 1, 1).to(dev, non_blocking=True)
     return x.sub_(mean).div_(std)
@@ -182,18 +195,20 @@ def photometric(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSpe
 class ViewsToDevice:
     """The loader's views of one batch -> normalised float tensors on the device. A view
     is either a float tensor (CPU augmentation) or [uint8 crops, parameters]
-    (`--gpu-augment`: the photometric part runs here, batched)."""
+    (`--gpu-augment`: the photometric part runs here, batched). `spec`: one for every view, or
+    one per view (BYOL's asymmetric pair)."""
 
     def __init__(self, device: torch.device, channels_last: bool = False,
-                 spec: Optional[PhotometricSpec] = None):
+                 spec: Union[None, PhotometricSpec, Sequence[PhotometricSpec]] = None):
         self.device, self.channels_last, self.spec = device, channels_last, spec
 
     def __call__(self, views: Sequence) -> Tuple[torch.Tensor, ...]:
         out = []
-        for v in views:
+        for i, v in enumerate(views):
             if isinstance(v, (list, tuple)):
                 images, params = v
-                x = photometric(images.to(self.device, non_blocking=True), params, self.spec)
+                spec = self.spec if isinstance(self.spec, PhotometricSpec) else self.spec[i]
+                x = photometric(images.to(self.device, non_blocking=True), params, spec)
             else:
                 x = v.to(self.device, non_blocking=True)
             if self.channels_last:

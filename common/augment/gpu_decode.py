@@ -72,17 +72,26 @@ def read_sample(dataset, index: int, min_side: Optional[int] = None):
     return dataset[index]
 
 
+def per_view(recipe: Union[Recipe, Tuple[Recipe, Recipe]], num_views: int) -> List[Tuple[Recipe, object]]:
+    """(recipe, its PhotometricSpec) for each of `num_views` views: the one recipe for all, or
+    a pair's own per view."""
+    recipes = [recipe] * num_views if isinstance(recipe, Recipe) else list(recipe)
+    if len(recipes) != num_views or len({r.crop_size for r in recipes}) != 1:
+        raise ValueError(f"{num_views} views need one recipe each, of one crop size: {recipes}")
+    return [(r, r.spec()) for r in recipes]
+
+
 class EncodedViews:
     """The loader-worker half of `--gpu-decode`: for an EncodedImage or a PIL image, the
     payload (the JPEG's bytes, or the decoded image as a uint8 (3, H, W) tensor), and for
     each of `num_views` views its geometry (FLIP + 1 values: crop box, flip) and its
     photometric parameters, drawn in the order the `--gpu-augment` worker
-    (common.augment.transforms.GeometricPart) draws them for the same seed."""
+    (common.augment.transforms.GeometricPart) draws them for the same seed. `recipe`: one
+    for every view, or a pair, one per view (BYOL's asymmetric views)."""
 
-    def __init__(self, recipe: Recipe, num_views: int = 2):
-        self.recipe, self.num_views, self.spec = recipe, num_views, recipe.spec()
-        self.scale, self.ratio = (recipe.crop_min, recipe.crop_max), (3.0 / 4.0, 4.0 / 3.0)
-        self.flip = "flip" in recipe.ops
+    def __init__(self, recipe: Union[Recipe, Tuple[Recipe, Recipe]], num_views: int = 2):
+        self.recipes = per_view(recipe, num_views)
+        self.num_views, self.ratio = num_views, (3.0 / 4.0, 4.0 / 3.0)
 
     def __call__(self, img: Union[EncodedImage, Image.Image]) -> List[torch.Tensor]:
         if isinstance(img, EncodedImage):
@@ -95,11 +104,11 @@ class EncodedViews:
         shape_only = torch.empty(1, 1, 1).expand(3, height, width)
         geometry = torch.zeros(self.num_views, FLIP + 1, dtype=torch.int64)
         params = []
-        for v in range(self.num_views):
-            geometry[v, :FLIP] = torch.tensor(transforms.RandomResizedCrop.get_params(shape_only, self.scale,
-                                                                                      self.ratio))
-            geometry[v, FLIP] = int(self.flip and torch.rand(1) < 0.5)  # RandomHorizontalFlip's draw
-            params.append(draw_params(self.spec))
+        for v, (recipe, spec) in enumerate(self.recipes):
+            scale = (recipe.crop_min, recipe.crop_max)
+            geometry[v, :FLIP] = torch.tensor(transforms.RandomResizedCrop.get_params(shape_only, scale, self.ratio))
+            geometry[v, FLIP] = int("flip" in recipe.ops and torch.rand(1) < 0.5)  # RandomHorizontalFlip's draw
+            params.append(draw_params(spec))
         return [payload, geometry, torch.stack(params)]
 
 
@@ -218,10 +227,15 @@ def resized_crops(images: Sequence[torch.Tensor], geometry: torch.Tensor, size: 
 
 class DecodeToDevice:
     """The loader's batch of EncodedViews samples -> one normalised float tensor per view
-    on the device: decode, crop, flip, then the photometric ops (common.augment.gpu)."""
+    on the device: decode, crop, flip, then the photometric ops (common.augment.gpu); `recipe`:
+    one for every view, or a pair, one per view."""
 
-    def __init__(self, recipe: Recipe, device: torch.device, channels_last: bool = False, strict: bool = False):
-        self.spec, self.size, self.device = recipe.spec(), recipe.crop_size, device
+    def __init__(self, recipe: Union[Recipe, Tuple[Recipe, Recipe]], device: torch.device,
+                 channels_last: bool = False, strict: bool = False):
+        pair = not isinstance(recipe, Recipe)
+        self.specs = [spec for _, spec in per_view(recipe, 2)] if pair else None  # None: one spec for all views
+        first = recipe[0] if pair else recipe
+        self.spec, self.size, self.device = first.spec(), first.crop_size, device
         self.channels_last, self.strict = channels_last, strict
 
     def __call__(self, batch: Sequence) -> Tuple[torch.Tensor, ...]:
@@ -235,7 +249,7 @@ class DecodeToDevice:
                 crops[v].append(resized_crops(images, geometry[start:start + DECODE_CHUNK, v], self.size))
         out = []
         for v in range(num_views):
-            x = photometric(torch.cat(crops[v]), params[:, v], self.spec)
+            x = photometric(torch.cat(crops[v]), params[:, v], self.specs[v] if self.specs else self.spec)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out.append(x)

@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from PIL import Image, ImageFilter
@@ -22,13 +22,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TwoCropsTransform:
-    """Two independent augmentations of one image: the query and the key."""
+    """Two independent augmentations of one image: the query and the key; with `second`, the
+    second view through its own transform (BYOL's asymmetric pair), drawn after the first."""
 
-    def __init__(self, base_transform: Callable):
-        self.base_transform = base_transform
+    def __init__(self, base_transform: Callable, second: Optional[Callable] = None):
+        self.base_transform, self.second = base_transform, second or base_transform
 
     def __call__(self, x) -> List:
-        return [self.base_transform(x), self.base_transform(x)]
+        return [self.base_transform(x), self.second(x)]
 
 
 def _normalize() -> transforms.Normalize:
@@ -76,7 +77,8 @@ class PILGaussianBlur:
 @dataclass(frozen=True)
 class Recipe:
     """One view's augmentation as an ordered list of ops ("crop", "flip", "jitter", "gray",
-    "blur"). Called on a PIL image it runs the whole recipe in the loader worker (the CPU
+    "blur", "solarize": inverts the pixels at or above 128 of 255; it must follow the colour ops,
+    as the batched path applies it last). Called on a PIL image it runs the whole recipe in the loader worker (the CPU
     path). `split()` gives the `--gpu-augment` path: crop and flip in the worker, which
     returns the uint8 crop and its photometric parameters, and `spec()` for the batched
     photometric ops on the training device (common/augment/gpu.py). Flips commute with the
@@ -90,6 +92,7 @@ class Recipe:
     blur_p: float = 0.5
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
     crop_max: float = 1.0
+    solarize_p: float = 0.0
 
     def _op(self, name: str) -> Callable:
         if name == "crop":
@@ -101,6 +104,8 @@ class Recipe:
             return jitter if self.jitter_p >= 1 else transforms.RandomApply([jitter], p=self.jitter_p)
         if name == "gray":
             return transforms.RandomGrayscale(p=self.gray_p)
+        if name == "solarize":  # PIL's ImageOps.solarize: 255 - x for x >= 128
+            return transforms.RandomSolarize(threshold=128, p=self.solarize_p)
         return transforms.RandomApply([PILGaussianBlur(self.blur_sigma)], p=self.blur_p)
 
     @functools.cached_property
@@ -113,16 +118,30 @@ class Recipe:
     def spec(self) -> PhotometricSpec:
         """The photometric part, for common.augment.gpu.photometric."""
         ops = self.ops
+        if "solarize" in ops and any(ops.index(o) > ops.index("solarize") for o in ("jitter", "gray", "blur")
+                                     if o in ops):
+            raise ValueError(f"solarize must follow the colour ops and the blur (the batched path's order): {ops}")
         return PhotometricSpec(jitter=self.jitter, jitter_p=self.jitter_p if "jitter" in ops else 0.0,
                                gray_p=self.gray_p if "gray" in ops else 0.0,
                                gray_first="gray" in ops and "jitter" in ops and ops.index("gray") < ops.index("jitter"),
                                blur_p=self.blur_p, blur_sigma=self.blur_sigma,
                                blur_kernel=blur_kernel_size(self.crop_size) if "blur" in ops else 0,
-                               mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                               mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                               solarize_p=self.solarize_p if "solarize" in ops else 0.0)
+
+    def describe(self) -> str:
+        """The recipe in one line for the log, e.g. `crop 0.08-1, jitter (0.4, 0.4, 0.2, 0.1) p 0.8,
+        gray p 0.2, blur p 1, flip`."""
+        words = {"crop": f"crop {self.crop_size} px of {self.crop_min:g}-{self.crop_max:g}", "flip": "flip",
+                 "jitter": f"jitter ({', '.join(f'{v:g}' for v in self.jitter)}) p {self.jitter_p:g}",
+                 "gray": f"gray p {self.gray_p:g}", "blur": f"blur p {self.blur_p:g}",
+                 "solarize": f"solarize p {self.solarize_p:g}"}
+        return ", ".join(words[o] for o in self.ops)
 
     def for_gray_images(self) -> "Recipe":
-        """The recipe for grayscale images: the same crops, brightness and contrast; no saturation
-        or hue jitter and no random grayscale, which leave a gray image as it was."""
+        """The recipe for grayscale images: the same crops, brightness and contrast (and
+        solarization, defined on intensity); no saturation or hue jitter and no random
+        grayscale, which leave a gray image as it was."""
         b, c, _, _ = self.jitter
         return dataclasses.replace(self, ops=tuple(o for o in self.ops if o != "gray"), jitter=(b, c, 0.0, 0.0))
 
@@ -133,6 +152,26 @@ class Recipe:
 
     def split(self) -> "GeometricPart":
         return GeometricPart(self)
+
+
+# what a two-view script trains with: one recipe for both views, or one per view (BYOL's pair)
+Views = Union[Recipe, Tuple[Recipe, Recipe]]
+
+
+def view_pair(views: Views) -> Tuple[Recipe, Recipe]:
+    """(first view's recipe, second view's recipe)."""
+    return (views, views) if isinstance(views, Recipe) else (views[0], views[1])
+
+
+def two_views(views: Views) -> TwoCropsTransform:
+    """The CPU path's transform of an image into its two views."""
+    first, second = view_pair(views)
+    return TwoCropsTransform(first, second)
+
+
+def views_decode_side(views: Views) -> int:
+    """The shortest side both views' crops need (Recipe.decode_side)."""
+    return max(r.decode_side() for r in view_pair(views))
 
 
 class GeometricPart:

@@ -67,23 +67,29 @@ def pretrain_data(args: argparse.Namespace, env: DistEnv, transform, batch_size:
     return PretrainData(dataset, loader, sampler, batch_size, iters_per_epoch, to_device)
 
 
-def two_view_data(args: argparse.Namespace, env: DistEnv, recipe: augment.Recipe, batch_size: int,
+def two_view_data(args: argparse.Namespace, env: DistEnv, views: augment.Views, batch_size: int,
                   workers: int) -> PretrainData:
-    """Every image of the pretraining split as two independent views (labels unused); with
-    --gpu-augment the workers hand over uint8 crops and the photometric half of `recipe`
+    """Every image of the pretraining split as two independent views (labels unused); `views`:
+    one recipe for both, or a (first, second) pair (BYOL's asymmetric views). With
+    --gpu-augment the workers hand over uint8 crops and the photometric half of each recipe
     runs batched on the device (data.to_device); with --gpu-decode the workers hand over
     the JPEG bytes and the device decodes and crops too (common/augment/gpu_decode.py)."""
+    first, second = augment.view_pair(views)
+    for i, recipe in enumerate((first,) if first == second else (first, second)):
+        log(f"=> {'both views' if first == second else f'view {i + 1}'}: {recipe.describe()}")
+    decode_side = augment.views_decode_side(views)
     if args.gpu_decode:
         check_device_decoding(env.device)
-        data = pretrain_data(args, env, EncodedViews(recipe, 2), batch_size, workers, recipe.decode_side(),
-                             DecodeToDevice(recipe, env.device, args.channels_last, args.strict_data),
+        data = pretrain_data(args, env, EncodedViews(views, 2), batch_size, workers, decode_side,
+                             DecodeToDevice(views, env.device, args.channels_last, args.strict_data),
                              read=read_sample, collate_fn=collate_encoded)
         log(f"=> JPEG decoding, crops and colour/blur augmentation on {env.device.type} (--gpu-decode)")
         return data
-    view_transform = recipe.split() if args.gpu_augment else recipe
-    to_device = ViewsToDevice(env.device, args.channels_last, recipe.spec() if args.gpu_augment else None)
-    data = pretrain_data(args, env, augment.TwoCropsTransform(view_transform), batch_size, workers,
-                         recipe.decode_side(), to_device)
+    transform = augment.TwoCropsTransform(first.split(), second.split()) if args.gpu_augment else \
+        augment.two_views(views)
+    specs = (first.spec(), second.spec()) if args.gpu_augment else None
+    data = pretrain_data(args, env, transform, batch_size, workers, decode_side,
+                         ViewsToDevice(env.device, args.channels_last, specs))
     log(f"=> colour/blur augmentation on "
         f"{env.device.type + ' (--gpu-augment)' if args.gpu_augment else 'the loader workers'}")
     return data

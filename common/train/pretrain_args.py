@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Callable, Optional, Sequence
 
-from common.augment.transforms import Recipe
+from common.augment.transforms import Views
 from common.ckpt.io import (
     prepare_output_dir,
 )
@@ -53,7 +53,7 @@ def finalize_view_args(args: argparse.Namespace) -> None:
 
 def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Sequence[str] = (),
                            recipe: Optional[RecipeValues] = None,
-                           views: Optional[Callable[[argparse.Namespace], Recipe]] = None,
+                           views: Optional[Callable[[argparse.Namespace], Views]] = None,
                            trial: bool = False) -> argparse.Namespace:
     """Derived defaults every pretraining script shares; checked before any worker starts.
     `model_flags`: the script's flags that shape the model; resuming with another value of

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch.utils.data import Dataset
 
-from common.augment.transforms import Recipe
+from common.augment.transforms import Views
 from common.cli import given
 from common.log.progress import log
 from common.train.recipes import epochs_for_budget
@@ -63,7 +63,7 @@ def describe(candidate: Dict[str, object]) -> str:
 
 
 def choose_views(args: argparse.Namespace, dataset: Dataset, short_side: int,
-                 views: Callable[[argparse.Namespace], Recipe], saved: Dict[str, object]) -> Optional[Dict]:
+                 views: Callable[[argparse.Namespace], Views], saved: Dict[str, object]) -> Optional[Dict]:
     """Set args' crop scale and colour strength for sources of `short_side` px (see the module
     docstring); `views(args)` builds the script's recipe. A flag given on the command line is
     kept and nothing is measured; a resumed run (`saved`: its checkpoint's args) keeps the

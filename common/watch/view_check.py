@@ -50,10 +50,10 @@ def pixel_descriptor(views: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def view_check(dataset: Dataset, recipe: augment.Recipe, arch: str, small_images: bool, device: torch.device,
+def view_check(dataset: Dataset, recipe: augment.Views, arch: str, small_images: bool, device: torch.device,
                seed: int = 0) -> Dict[str, float]:
     """{"images", "pixels", "features"}: the separation (_separation: 0.5 chance, 1 perfect) of
-    the sampled images' two views, by pixel statistics and by the pooled features of an
+    the sampled images' two views (`recipe`: one for both, or a pair: view 1 against view 2), by pixel statistics and by the pooled features of an
     untrained `arch` (in train mode: BatchNorm normalises with the sample's statistics). The
     caller's random state is left as it was, so a run draws the same numbers with or without
     the check."""
@@ -61,12 +61,12 @@ def view_check(dataset: Dataset, recipe: augment.Recipe, arch: str, small_images
         return _view_check(dataset, recipe, arch, small_images, device, seed)
 
 
-def _view_check(dataset: Dataset, recipe: augment.Recipe, arch: str, small_images: bool, device: torch.device,
+def _view_check(dataset: Dataset, recipe: augment.Views, arch: str, small_images: bool, device: torch.device,
                 seed: int) -> Dict[str, float]:
     n = min(SAMPLE, len(dataset))
     step = max(1, len(dataset) // n)
-    views = TransformedDataset(dataset, augment.TwoCropsTransform(recipe), skip_unreadable=True,
-                               decode_side=recipe.decode_side())
+    views = TransformedDataset(dataset, augment.two_views(recipe), skip_unreadable=True,
+                               decode_side=augment.views_decode_side(recipe))
     pairs = [views[(i * step, seed + i)] for i in range(n)]
     pairs = [p[0] for p in pairs if p is not None]
     if len(pairs) < 2:
@@ -91,7 +91,7 @@ def view_check_message(result: Dict[str, float], hint: str) -> str:
     return line
 
 
-def view_check_only(views: Callable[[argparse.Namespace], augment.Recipe], args: argparse.Namespace) -> bool:
+def view_check_only(views: Callable[[argparse.Namespace], augment.Views], args: argparse.Namespace) -> bool:
     """--view-check-only (a two-view script's `script_main(..., instead=...)`): the view check of
     the recipe the script would train with (`views(args)`, on the finalized flags, --recipe
     small's choices included) on the pretraining split, one line per --view-check-seeds seed;
