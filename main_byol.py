@@ -15,8 +15,8 @@ default to 100 epochs and a batch of 512 (SimSiam's; BYOL's paper trains 300-100
 4096). The views are BYOL's asymmetric pair (blur 1.0 / 0.1, solarize 0.2 on the second;
 byol/augment.py), SimSiam's MoCo v2 aug-plus for both (crop 0.08 as BYOL). Checkpoints use facebookresearch/simsiam's keys (`module.encoder.*`,
 `module.predictor.*`) and, for BYOL, `module.target_encoder.*`. No negatives, so the
-collapse watch is the std of the l2-normalised output (common/watch/collapse.py StdWatch,
-docs/byol.md).
+collapse watch is the std and the effective rank of the l2-normalised output
+(common/watch/collapse.py StdWatch, docs/byol.md).
 """
 import argparse
 import functools
@@ -199,11 +199,12 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     checkpoints = Checkpoints(model, optimizer, scaler, args, method(args))
     start_epoch, start_iter = checkpoints.resume()
 
-    # ---- the run's monitors: metrics log, kNN monitor, payoff probe, the collapse watch on the output std
-    # (no negatives: no contrastive accuracy to judge), stop
+    # ---- the run's monitors: metrics log, kNN monitor, payoff probe, the collapse watch on the output's std
+    # and, for SimSiam (its last BN hides a collapse from the std), its effective rank (no negatives: no
+    # contrastive accuracy to judge), stop
     hint = "dropping --no-stop-grad" if not args.stop_grad else "a lower --lr, or a --byol-m closer to 1"
     run = PretrainRun(args, env, data, lr_schedule(args, lr), (start_epoch, start_iter), checkpoints,
-                      learning=StdWatch(args.proj_dim, hint))
+                      learning=StdWatch(args.proj_dim, hint, batch=batch_size, judge_rank=args.simsiam))
 
     def per_step(progress: float) -> None:  # after the step's lr is set (common/train/step.py)
         if byol.momentum_target:  # BYOL's tau, per step: 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2

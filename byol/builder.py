@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from byol.loss import std_of_l2_normalized, symmetric_loss
+from byol.loss import effective_rank, std_of_l2_normalized, symmetric_loss
 from common.nets.ema import momentum_update
 from common.nets.models import feature_dim
 from mocov3.builder import build_mlp
@@ -65,7 +65,8 @@ class BYOL(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Returns the symmetrised loss and {"acc1": % of predictions whose own target is the
-        batch's nearest, "std": std_of_l2_normalized of the online projections}."""
+        batch's nearest, "std": std_of_l2_normalized of the online projections, "rank": their
+        effective_rank}, each the mean over the two views."""
         z1 = self.encoder(x1)  # z1: NxC online projection of view 1
         z2 = self.encoder(x2)  # z2: NxC
         p1 = self.predictor(z1)  # p1: NxC prediction of view 2's target
@@ -79,4 +80,5 @@ class BYOL(nn.Module):
             t1, t2 = (z1.detach(), z2.detach()) if self.stop_grad else (z1, z2)  # t: NxC, sg(z)
         loss, acc1 = symmetric_loss(p1, p2, t1, t2, self.simsiam)
         std = (std_of_l2_normalized(z1) + std_of_l2_normalized(z2)) / 2
-        return loss, {"acc1": acc1, "std": std}
+        rank = (effective_rank(z1) + effective_rank(z2)) / 2
+        return loss, {"acc1": acc1, "std": std, "rank": rank}

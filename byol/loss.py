@@ -1,4 +1,4 @@
-"""BYOL's and SimSiam's losses, and the collapse statistic of both (methods without negatives).
+"""BYOL's and SimSiam's losses, and the collapse statistics of both (methods without negatives).
 
 BYOL (Grill et al., 2020), eq. 2: the online prediction p and the target projection z' are
 l2-normalised and L = ||p - z'||^2 = 2 - 2 cos(p, z'), symmetrised by swapping the views.
@@ -30,6 +30,24 @@ def std_of_l2_normalized(z: torch.Tensor) -> torch.Tensor:
     0 is a collapsed output (every image the same vector); an output spread evenly over the
     unit sphere gives 1/sqrt(C). z: NxC."""
     return F.normalize(z.float(), dim=1).std(dim=0).mean()
+
+
+@torch.no_grad()
+def effective_rank(z: torch.Tensor) -> torch.Tensor:
+    """The effective rank of the batch's l2-normalised outputs about their mean: the
+    participation ratio of the spectrum of the centred outputs' Gram matrix, (sum lambda)^2 /
+    sum lambda^2 (the exponential of the Renyi-2 entropy of the normalised eigenvalues; RankMe,
+    Garrido et al. 2023, takes the Shannon entropy of the singular values, which needs an SVD:
+    on CUDA a host sync every step). About 1 when the outputs vary along one line only (every
+    image +v or -v: a collapse that SimSiam's last BatchNorm holds at a healthy std), min(N, C)
+    when they vary evenly along that many directions. Centred, because BYOL's outputs share a
+    large common component that would otherwise dominate it; a collapse onto one point is the
+    std's to see (std_of_l2_normalized), as its small residue may still spread. One N x N (or
+    C x C) product, as retrieval_acc1's. z: NxC."""
+    zn = F.normalize(z.float(), dim=1)
+    zn = zn - zn.mean(dim=0)
+    gram = zn @ zn.T if zn.shape[0] <= zn.shape[1] else zn.T @ zn
+    return gram.trace() ** 2 / gram.square().sum().clamp_min(1e-30)
 
 
 @torch.no_grad()

@@ -24,14 +24,15 @@ import main_byol
 import main_lincls
 import main_moco_v3
 from byol.builder import BYOL
-from byol.loss import negative_cosine, regression_loss, retrieval_acc1, std_of_l2_normalized, symmetric_loss
+from byol.loss import (effective_rank, negative_cosine, regression_loss, retrieval_acc1, std_of_l2_normalized,
+                       symmetric_loss)
 from common.augment.transforms import Recipe, two_views
 from common.ckpt.io import load_checkpoint
 from common.ckpt.pretrained import extract_backbone, load_backbone
 from common.nets.models import build_backbone
 from common.train.preempt import REQUEUE_EXIT_CODE
 from common.train.run import NOT_LEARNING_EXIT, PretrainRun
-from common.watch.collapse import STD_FLOOR, StdWatch
+from common.watch.collapse import RANK_FLOOR, RANK_MIN_WIDTH, STD_FLOOR, StdWatch
 
 # 4 steps an epoch; SGD at a rate that moves a 4-step run (the papers' LARS with 10 warmup epochs would not)
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--proj-dim", "16", "--proj-hidden-dim", "32",
@@ -93,7 +94,7 @@ def test_target_is_the_ema_of_the_online_network_after_a_step():
         p1, p2 = model.predictor(model.encoder(x1)), model.predictor(model.encoder(x2))
         t1, t2 = model.target_encoder(x1), model.target_encoder(x2)
     torch.testing.assert_close(loss, regression_loss(p1, t2) + regression_loss(p2, t1))
-    assert set(stats) == {"acc1", "std"}
+    assert set(stats) == {"acc1", "std", "rank"}
     keys = {k.split(".")[0] for k in model.state_dict()}
     assert keys == {"encoder", "predictor", "target_encoder"}
 
@@ -122,16 +123,35 @@ def test_simsiam_has_no_target_copy_and_no_gradient_through_the_target_branch():
 # ---------------------------------------------------------------- the collapse watch
 
 def test_std_watch_speaks_below_the_floor_once_per_collapse_and_per_epoch():
-    watch = StdWatch(64, "a lower --lr")
+    watch = StdWatch(64, "a lower --lr", batch=32)
     healthy, collapsed = 0.9 / 8, 0.5 * STD_FLOOR / 8
-    assert watch.step(healthy) is None
-    message = watch.step(collapsed)
+    assert watch.step(healthy, 10.0) is None
+    message = watch.step(collapsed, 10.0)
     assert "collapsed" in message and "0.1250 (1/sqrt(64))" in message and "try a lower --lr" in message
-    assert watch.step(collapsed) is None  # told once
-    assert watch.update(0, healthy) is None and watch.stuck_epochs == 0  # the epoch: its average over the ranks
-    assert watch.update(1, collapsed) and watch.update(2, collapsed) and watch.stuck_epochs == 2
-    assert watch.step(healthy) is None and watch.update(3, healthy) is None and watch.stuck_epochs == 0
-    assert watch.step(collapsed)  # told again after a recovery
+    assert watch.step(collapsed, 10.0) is None  # told once
+    assert watch.update(0, healthy, 10.0) is None and watch.stuck_epochs == 0  # the epoch: averages over the ranks
+    assert watch.update(1, collapsed, 10.0) and watch.update(2, collapsed, 10.0) and watch.stuck_epochs == 2
+    assert watch.step(healthy, 10.0) is None and watch.update(3, healthy, 10.0) is None and watch.stuck_epochs == 0
+    assert watch.step(collapsed, 10.0)  # told again after a recovery
+
+
+def test_the_rank_sees_the_line_collapse_a_last_batchnorm_hides_from_the_std():
+    """Every image +v or -v, through SimSiam's last BN (no affine): the std stays near 1/sqrt(d),
+    the effective rank is 1; the watch speaks on the rank where asked (SimSiam), not below
+    RANK_MIN_WIDTH images."""
+    torch.manual_seed(0)
+    line = torch.sign(torch.randn(64, 1)) * torch.randn(1, 32) + 0.01 * torch.randn(64, 32)
+    z = nn.BatchNorm1d(32, affine=False)(line)
+    assert std_of_l2_normalized(z).item() > 0.7 * 32 ** -0.5 and effective_rank(z).item() < 1.1
+    spread = torch.randn(64, 32)
+    assert effective_rank(spread).item() > 15 and effective_rank(spread + 5).item() > 15  # centred: a mean is no rank
+    watch = StdWatch(32, "x", batch=64, judge_rank=True)
+    message = watch.step(std_of_l2_normalized(z).item(), effective_rank(z).item())
+    assert "effective rank" in message and "one direction" in message
+    assert watch.update(0, 0.9 / 32 ** 0.5, RANK_FLOOR - 0.1) and watch.stuck_epochs == 1
+    assert watch.update(1, 0.9 / 32 ** 0.5, RANK_FLOOR + 0.1) is None and watch.stuck_epochs == 0
+    assert StdWatch(32, "x", batch=RANK_MIN_WIDTH - 1, judge_rank=True).update(0, 0.9 / 32 ** 0.5, 1.0) is None
+    assert StdWatch(32, "x", batch=64).update(0, 0.9 / 32 ** 0.5, 1.0) is None  # BYOL: the std alone
 
 
 def run_in_process(argv) -> int:
@@ -169,6 +189,33 @@ def test_a_healthy_run_is_not_flagged(tmp_path, capsys, no_view_check):
         records = [json.loads(line) for line in open(out / "metrics.jsonl") if '"epoch"' in line]
         assert [r["not_learning"] for r in records] == [False, False]
         assert all(r["std"] > STD_FLOOR / 16 ** 0.5 for r in records)
+        if extra:  # (BYOL's rank is not judged: docs/byol.md)
+            assert all(r["rank"] > RANK_FLOOR for r in records)
+
+
+# SimSiam's collapse test and its control: the rate doubled (lr 0.1 at batch 16) so that the collapse comes early
+FAST = ["--simsiam", "--lr", "1.6", "-p", "1"]
+
+
+@pytest.mark.slow
+def test_a_collapsing_simsiam_run_is_told_by_the_rank_within_a_tenth_of_its_budget(tmp_path, capsys, no_view_check):
+    """SimSiam --no-stop-grad: its last BatchNorm keeps the std near 1/sqrt(d) while the output
+    collapses onto a line; the effective rank tells it before a tenth of the 120-step budget,
+    --stop-if-not-learning stops it. The same run with the stop-gradient is not flagged."""
+    argv = TINY + FAST + ["--no-stop-grad", "--epochs", "30", "--stop-if-not-learning"]
+    proc = run_inline(capsys, main_byol.main, argv + ["--output-dir", str(tmp_path / "collapse")], check=False)
+    assert proc.returncode == NOT_LEARNING_EXIT, proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    first_warning = next(i for i, line in enumerate(lines) if line.startswith("WARNING: the effective rank"))
+    steps_before = [line for line in lines[:first_warning] if line.startswith("Epoch [")]
+    assert len(steps_before) <= 12, steps_before  # a tenth of 30 epochs x 4 steps
+    records = [json.loads(line) for line in open(tmp_path / "collapse" / "metrics.jsonl") if '"epoch"' in line]
+    assert [r["not_learning"] for r in records][-2:] == [True, True] and len(records) <= 5
+    assert records[-1]["std"] > 0.5 / 16 ** 0.5 and records[-1]["rank"] < RANK_FLOOR  # the std alone is blind
+    healthy = run_inline(capsys, main_byol.main, TINY + FAST + ["--epochs", "4", "--output-dir", str(tmp_path / "ok")])
+    assert "WARNING" not in healthy.stdout
+    records = [json.loads(line) for line in open(tmp_path / "ok" / "metrics.jsonl") if '"epoch"' in line]
+    assert not any(r["not_learning"] for r in records) and all(r["rank"] > RANK_FLOOR for r in records)
 
 
 # ---------------------------------------------------------------- the script

@@ -7,7 +7,7 @@ export after it) is in the scripts; the step loop is common/train/step.py, which
 calls into only through the scripts."""
 import argparse
 import functools
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch.nn as nn
 
@@ -80,7 +80,7 @@ class PretrainRun:
             log(f"=> kNN before training: top-1 {before['knn_top1']:.1f} (the initial weights, BatchNorm statistics "
                 f"from the train images)")
 
-    def check_views(self, recipe: augment.Recipe) -> None:
+    def check_views(self, recipe: augment.Views) -> None:
         """A fresh run's view check (common/watch/view_check.py): do two views of an image still
         look alike? Printed before the first step, with what to try when they do not."""
         if self.start_epoch or self.start_iter or not is_main_process() or len(self.data.dataset) < 2:
@@ -92,10 +92,18 @@ class PretrainRun:
         """A progress line's values (`step`: iterations since the run began): metrics.jsonl, and
         the learning watch's per-line judgement (StdWatch: a collapse is told at once)."""
         self.metrics.step(step, values)
-        if self.learning is not None and self.learning.stat in values:
-            warning = self.learning.step(values[self.learning.stat])
+        watched = self._watched(values)
+        if watched is not None:
+            warning = self.learning.step(*watched)
             if warning:
                 log(f"WARNING: {warning}")
+
+    def _watched(self, values: Dict[str, float]) -> Optional[List[float]]:
+        """The learning watch's statistics (its `stats`, in order) from `values`; None without
+        a watch or when one is missing."""
+        if self.learning is None or any(k not in values for k in self.learning.stats):
+            return None
+        return [values[k] for k in self.learning.stats]
 
     def save_due(self, done: int) -> bool:
         """--save-every-iters: a mid-epoch checkpoint after `done` iterations (the epoch's last
@@ -126,8 +134,8 @@ class PretrainRun:
         self.untrained = {}
         collapsed = self.collapse.update(epoch, stats["acc1"]) if "acc1" in stats else None
         record["collapsed"] = collapsed is not None
-        watched = self.learning is not None and self.learning.stat in stats
-        stuck = self.learning.update(epoch, stats[self.learning.stat]) if watched else None
+        watched = self._watched(stats)
+        stuck = self.learning.update(epoch, *watched) if watched is not None else None
         if self.learning is not None:
             record["not_learning"] = stuck is not None
         self.stuck = stuck

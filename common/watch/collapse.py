@@ -44,7 +44,7 @@ class LearningWatch:
     warning used to fire in warmup and be gone an epoch after). The run's last epoch is always
     judged. `stuck_epochs` counts the epochs in a row it has spoken."""
 
-    stat = "acc1"  # the epoch average it judges (PretrainRun.end_epoch)
+    stats = ("acc1",)  # the epoch average it judges (PretrainRun.end_epoch)
 
     def __init__(self, chance: float, epochs: int, hint: str, warmup_epochs: float = 0.0):
         self.chance, self.epochs, self.hint = chance, epochs, hint
@@ -66,48 +66,64 @@ class LearningWatch:
         return None
 
 
-STD_FLOOR = 0.3  # an output std below this share of 1/sqrt(d) is called collapsed (docs/byol.md: the level)
+STD_FLOOR = 0.3  # an output std below this share of 1/sqrt(d) is called collapsed (docs/byol.md: the levels)
+RANK_FLOOR = 2.5  # an effective rank of the batch's outputs below this is called collapsed (docs/byol.md)
+RANK_MIN_WIDTH = 16  # ...judged only where min(batch per process, d) reaches this: 2 images have rank <= 1
 
 
 class StdWatch:
-    """The collapse watch of BYOL and SimSiam: the std over the batch of each dimension of the
-    l2-normalised online projection, averaged over the d dimensions (`std`; SimSiam section
-    4.1), against 1/sqrt(d), what an output spread over the unit sphere gives (a collapsed
-    output, one vector for every image, gives 0). It speaks at every progress line (`step`,
-    the last step's value on this process: a run that collapses is told within a few print
-    intervals, long before a tenth of its budget) and per epoch (`update`, on the epoch's
-    average over every rank, so that all ranks agree on --stop-if-not-learning), which feeds
-    the not-learning warning, metrics.jsonl's not_learning and --stop-if-not-learning. An
-    untrained network's projection is already spread (measured: docs/byol.md), so no epoch is
-    left unjudged. `stuck_epochs` counts the epochs in a row it has spoken."""
+    """The collapse watch of BYOL and SimSiam, on two statistics of the l2-normalised online
+    projection. `std`: the std over the batch of each dimension, averaged over the d dimensions
+    (SimSiam section 4.1), against 1/sqrt(d), what an output spread over the unit sphere gives
+    (one vector for every image gives 0). `rank`: the effective rank of the batch's outputs
+    (byol/loss.py effective_rank), about 1 for one line (every image +v or -v), which a last
+    BatchNorm without affine (SimSiam's projector) holds at a healthy std. The rank is judged
+    only with `judge_rank` (an output that ends in such a BatchNorm: the std cannot see its
+    collapse) and where min(batch per process, d) reaches RANK_MIN_WIDTH: healthy BYOL outputs,
+    with no last BatchNorm, vary along few directions too (measured: docs/byol.md), and the std
+    sees their collapse. It speaks at every progress line (`step`,
+    the last step's values on this process: a run that collapses is told within a few print
+    intervals of the collapse) and per epoch (`update`, on the epoch's averages over every rank,
+    so that all ranks agree on --stop-if-not-learning), which feeds the not-learning warning,
+    metrics.jsonl's not_learning and --stop-if-not-learning. An untrained network's projection
+    is already spread (measured: docs/byol.md), so no epoch is left unjudged. `stuck_epochs`
+    counts the epochs in a row it has spoken."""
 
-    stat = "std"
+    stats = ("std", "rank")
 
-    def __init__(self, dim: int, hint: str, floor: float = STD_FLOOR):
+    def __init__(self, dim: int, hint: str, batch: int = RANK_MIN_WIDTH, judge_rank: bool = False,
+                 floor: float = STD_FLOOR, rank_floor: float = RANK_FLOOR):
         self.level = floor / math.sqrt(dim)
+        self.rank_level = rank_floor if judge_rank and min(batch, dim) >= RANK_MIN_WIDTH else 0.0
         self.dim, self.hint = dim, hint
         self.stuck_epochs = 0
         self.told = False  # the progress lines warn once per collapse, not every line
 
-    def message(self, std: float) -> str:
-        return (f"the output std is {std:.4f} against {1 / math.sqrt(self.dim):.4f} (1/sqrt({self.dim})) for an output "
-                f"spread over the sphere: the output collapsed (every image gets nearly the same vector) and the "
-                f"features stop improving; try {self.hint}")
+    def message(self, std: float, rank: float) -> Optional[str]:
+        """The sentence for a collapsed output; None for a healthy one."""
+        if std < self.level:
+            return (f"the output std is {std:.4f} against {1 / math.sqrt(self.dim):.4f} (1/sqrt({self.dim})) for an "
+                    f"output spread over the sphere: the output collapsed (every image gets nearly the same vector) "
+                    f"and the features stop improving; try {self.hint}")
+        if rank < self.rank_level:
+            return (f"the effective rank of the batch's outputs is {rank:.3f} (below {self.rank_level:g}; 1 is one "
+                    f"line) though the output std is {std:.4f}: the output collapsed onto (nearly) one direction, "
+                    f"every image +v or -v, and the features stop improving; try {self.hint}")
+        return None
 
-    def step(self, std: float) -> Optional[str]:
-        """A progress line's std: a sentence when it fell below the level (once, until it recovers)."""
-        if std >= self.level:
+    def step(self, std: float, rank: float = math.inf) -> Optional[str]:
+        """A progress line's values: a sentence when either fell below its level (once, until it recovers)."""
+        message = self.message(std, rank)
+        if message is None:
             self.told = False
             return None
         if self.told:
             return None
         self.told = True
-        return self.message(std)
+        return message
 
-    def update(self, epoch: int, std: float) -> Optional[str]:
-        """The epoch's sentence, judged on its average std over all ranks."""
-        if std >= self.level:
-            self.stuck_epochs = 0
-            return None
-        self.stuck_epochs += 1
-        return self.message(std)
+    def update(self, epoch: int, std: float, rank: float = math.inf) -> Optional[str]:
+        """The epoch's sentence, judged on its averages over all ranks."""
+        message = self.message(std, rank)
+        self.stuck_epochs = self.stuck_epochs + 1 if message else 0
+        return message
