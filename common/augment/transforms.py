@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image, ImageFilter
@@ -30,6 +30,17 @@ class TwoCropsTransform:
 
     def __call__(self, x) -> List:
         return [self.base_transform(x), self.second(x)]
+
+
+class MultiViewTransform:
+    """Views of one image, view i through transforms[i], drawn in order (DINO's multi-crop:
+    2 global + n local crops; two transforms are TwoCropsTransform's pair)."""
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, x) -> List:
+        return [t(x) for t in self.transforms]
 
 
 def _normalize() -> transforms.Normalize:

@@ -5,7 +5,7 @@ the epoch's checkpoint with retention (--save-freq, --keep-checkpoints, --keep-e
 a checkpoint holds and how it is written atomically: common/ckpt/io.py; which file --resume
 picks: common/ckpt/resume.py."""
 import argparse
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,8 +45,11 @@ class Checkpoints:
     on the main process only; every other process gets None back."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, args: argparse.Namespace,
-                 method: str):
+                 method: str, keys: Optional[Callable[[], Dict[str, Any]]] = None):
+        """`keys()`: the method's own keys in every checkpoint it writes (DINO: `student` and
+        `teacher` in facebookresearch/dino's layout)."""
         self.model, self.optimizer, self.scaler, self.args, self.method = model, optimizer, scaler, args, method
+        self.keys = keys or dict
 
     def resume(self) -> Tuple[int, int]:
         """Restore a --resume checkpoint (see resume_training) and return (epoch, iteration)
@@ -65,7 +68,7 @@ class Checkpoints:
         if not is_main_process():
             return None
         state = training_state(self.model, self.optimizer, self.scaler, self.args, method=self.method,
-                               epoch=epoch, iteration=iteration)
+                               epoch=epoch, iteration=iteration, **self.keys())
         path = save_checkpoint(state, self.args.output_dir, epoch_file=False)
         log(f"=> saved mid-epoch checkpoint {path} (epoch {epoch}, iteration {iteration})")
         return path
@@ -79,7 +82,7 @@ class Checkpoints:
             return None
         a = self.args
         state = training_state(self.model, self.optimizer, self.scaler, a, method=self.method, epoch=epoch + 1,
-                               metrics=metrics, **extra)
+                               metrics=metrics, **self.keys(), **extra)
         path = save_checkpoint(state, a.output_dir, epoch_file=epoch_file_due(a, epoch + 1))
         prune_epoch_checkpoints(a.output_dir, a.keep_checkpoints, a.keep_epochs)
         return state, path

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from common.ckpt.pretrained import check_finite, checked_checkpoint, extract_backbone, load_backbone, load_pretrained
+from common.ckpt.io import with_dino_state_dict
 from common.ckpt.resume import check_arch, resolve_resume
 from common.errors import UserError, reason
 from common.log.progress import log
@@ -37,6 +38,7 @@ def read_init(spec: str, arch: str) -> Dict[str, Any]:
     except Exception as e:
         raise UserError(f"cannot read --init {spec!r} ({reason(e)}); it is damaged or was not written by torch.save: "
                         f"pass a checkpoint, an export_backbone.py .pth or a torchvision state_dict")
+    loaded = with_dino_state_dict(loaded)
     if isinstance(loaded, dict) and "state_dict" in loaded:
         return checked_checkpoint(loaded, arch, spec)
     if not isinstance(loaded, dict) or not loaded or not all(torch.is_tensor(v) for v in loaded.values()):

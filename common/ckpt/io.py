@@ -17,9 +17,9 @@ from common.errors import UserError, reason
 from common.files import lock as run_lock
 from common.files.atomic import atomic_path
 
-METHODS = ("moco", "moco_v3", "simclr", "byol", "simsiam", "distill", "inpaint", "lincls")
+METHODS = ("moco", "moco_v3", "simclr", "byol", "simsiam", "dino", "distill", "inpaint", "lincls")
 SCRIPTS = {"moco": "main_moco.py", "moco_v3": "main_moco_v3.py", "simclr": "main_simclr.py", "byol": "main_byol.py",
-           "simsiam": "main_byol.py", "distill": "main_distill.py", "inpaint": "main_inpaint.py",
+           "simsiam": "main_byol.py", "dino": "main_dino.py", "distill": "main_distill.py", "inpaint": "main_inpaint.py",
            "lincls": "main_lincls.py"}
 
 
@@ -218,6 +218,7 @@ def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool
                             f"save its state_dict again")
         raise UserError(f"cannot read checkpoint {path!r} ({reason(e)}); "
                         f"it is damaged or not a checkpoint of this repository")
+    ckpt = with_dino_state_dict(ckpt)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{path!r} is not a training checkpoint (no 'state_dict'); "
                         f"pass a .pth.tar written by main_moco.py, main_simclr.py or main_lincls.py")
@@ -228,6 +229,15 @@ def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool
         wrote = SCRIPTS.get(method, "another program")
         raise UserError(f"{path!r} was written by {wrote}, but {SCRIPTS[expected_method]} can only "
                         f"resume its own checkpoints; pass one from a {SCRIPTS[expected_method]} run")
+    return ckpt
+
+
+def with_dino_state_dict(ckpt: Any) -> Any:
+    """facebookresearch/dino's checkpoint ({"student": ..., "teacher": ...}, no state_dict): its
+    teacher as the state_dict, the network DINO's own evaluation takes (--checkpoint_key
+    teacher); anything else as it is."""
+    if isinstance(ckpt, dict) and "state_dict" not in ckpt and isinstance(ckpt.get("teacher"), dict):
+        return {**ckpt, "state_dict": ckpt["teacher"]}
     return ckpt
 
 

@@ -18,9 +18,10 @@ from common.ckpt.vit_keys import is_timm_vit, timm_to_torchvision
 from common.nets.backbones import HEAD_ATTRS, adopt_position_embedding
 
 # prefixes under which pretraining checkpoints keep the backbone, most specific first
-# (MoCo v3, ours and facebookresearch/moco-v3: `base_encoder`; MoCo v1/v2: `encoder_q`)
+# (MoCo v3, ours and facebookresearch/moco-v3: `base_encoder`; MoCo v1/v2: `encoder_q`; DINO: the
+# teacher's, ours `module.teacher.backbone`, facebookresearch/dino's `backbone`, `module.backbone` under DDP)
 BACKBONE_PREFIXES = ("module.base_encoder.", "base_encoder.", "module.encoder_q.", "encoder_q.", "module.encoder.",
-                     "encoder.")
+                     "encoder.", "module.teacher.backbone.", "teacher.backbone.", "module.backbone.", "backbone.")
 # moco-v3's own names of the architectures torchvision also builds
 REFERENCE_ARCHS = {"vit_base": "vit_b_16", "vit_large": "vit_l_16", "vit_huge": "vit_h_14"}
 
@@ -36,7 +37,8 @@ def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, tor
     MoCo (ours and facebookresearch/moco: `module.encoder_q.*`), MoCo v3 (ours and
     facebookresearch/moco-v3: `module.base_encoder.*`, the projector under `fc` for a ResNet
     and for our ViTs, under `head` for theirs, whose timm keys are renamed to torchvision's),
-    SimCLR (`module.encoder.*`), a classifier from main_lincls.py or torchvision (`module.*`
+    SimCLR (`module.encoder.*`), DINO (ours: the teacher's `module.teacher.backbone.*`;
+    facebookresearch/dino's `teacher` dict, `backbone.*`, its ViTs under timm's names), a classifier from main_lincls.py or torchvision (`module.*`
     or bare keys). Returns (weights, layout name)."""
     # torchvision's own ViT: its `encoder.*` is not SimCLR's
     for prefix in (BACKBONE_PREFIXES if "class_token" not in state_dict else ()):
@@ -47,7 +49,7 @@ def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, tor
         keys = list(state_dict)
         if any(k.startswith("module.") for k in keys):
             prefix, layout = "module.", "classifier"
-        elif ("conv1.weight" in state_dict or "class_token" in state_dict
+        elif ("conv1.weight" in state_dict or "class_token" in state_dict or "cls_token" in state_dict
               or any(k.startswith(("layer1.", "body.", "features.", "stem.")) for k in keys)):
             # `body.*`: a non-ResNet family as common.nets.backbones.Backbone wraps it; `features.*`,
             # `stem.*`, `class_token`: torchvision's own ConvNeXt/EfficientNet/..., RegNet, ViT
@@ -55,7 +57,7 @@ def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, tor
         else:
             raise UserError(f"unknown checkpoint layout (first keys: {keys[:4]}); expected keys starting with "
                             f"{', '.join(BACKBONE_PREFIXES)} or a plain ResNet (or `body.*`) state_dict")
-    heads = ("fc.", "head.") if "base_encoder" in prefix else ("fc.",)
+    heads = ("fc.", "head.") if "base_encoder" in prefix or "backbone" in prefix else ("fc.",)
     out = {k[len(prefix):]: v for k, v in state_dict.items()
            if k.startswith(prefix) and not k[len(prefix):].startswith(heads)}
     if is_timm_vit(out):  # moco-v3's ViT: under our wrapped ViT's names (common.nets.backbones.Backbone)

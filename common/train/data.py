@@ -1,10 +1,10 @@
 """The pretraining input: every image of the pretraining split through a view transform,
 seeded per sample, in a resumable order (`PretrainData`); the two-view loader with the
---gpu-augment and --gpu-decode paths."""
+--gpu-augment and --gpu-decode paths, and the N-view one (DINO's multi-crop)."""
 import argparse
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from torch.utils.data import DataLoader
 
@@ -85,10 +85,21 @@ def two_view_data(args: argparse.Namespace, env: DistEnv, views: augment.Views, 
                              read=read_sample, collate_fn=collate_encoded)
         log(f"=> JPEG decoding, crops and colour/blur augmentation on {env.device.type} (--gpu-decode)")
         return data
-    transform = augment.TwoCropsTransform(first.split(), second.split()) if args.gpu_augment else \
-        augment.two_views(views)
-    specs = (first.spec(), second.spec()) if args.gpu_augment else None
-    data = pretrain_data(args, env, transform, batch_size, workers, decode_side,
+    return multi_view_data(args, env, (first, second), batch_size, workers)
+
+
+def multi_view_data(args: argparse.Namespace, env: DistEnv, recipes: Sequence[augment.Recipe], batch_size: int,
+                    workers: int) -> PretrainData:
+    """Every image of the pretraining split as len(recipes) views, view i through recipes[i]
+    (DINO's multi-crop: 2 global + n local crops; two_view_data's pair), labels unused; the
+    views may differ in size. With --gpu-augment the workers hand over uint8 crops and each
+    view's photometric ops run batched on the device with its own recipe's spec."""
+    if args.gpu_decode and len(recipes) != 2:
+        raise UserError(f"--gpu-decode decodes two views per image, not {len(recipes)}; drop --gpu-decode "
+                        f"(--gpu-augment keeps the colour and blur ops on the device)")
+    transform = augment.MultiViewTransform([r.split() for r in recipes] if args.gpu_augment else recipes)
+    specs = [r.spec() for r in recipes] if args.gpu_augment else None
+    data = pretrain_data(args, env, transform, batch_size, workers, max(r.decode_side() for r in recipes),
                          ViewsToDevice(env.device, args.channels_last, specs))
     log(f"=> colour/blur augmentation on "
         f"{env.device.type + ' (--gpu-augment)' if args.gpu_augment else 'the loader workers'}")

@@ -43,7 +43,9 @@ class EpochResult:
 def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     lr_fn: Callable[[float], float], epoch: int, args: argparse.Namespace, env: DistEnv,
                     run: Optional[RunHooks] = None,
-                    per_step: Optional[Callable[[float], None]] = None) -> EpochResult:
+                    per_step: Optional[Callable[[float], None]] = None,
+                    after_backward: Optional[Callable[[], None]] = None,
+                    after_step: Optional[Callable[[], None]] = None) -> EpochResult:
     """One pass over `data.loader` (a common.train.data.PretrainData, set to this epoch's order
     and past the iterations a mid-epoch resume has done; `data.to_device` turns a batch's two
     views into device tensors and runs --gpu-augment's photometric ops).
@@ -54,7 +56,10 @@ def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, sc
     agrees on one, the loop returns with `stopped` and the script checkpoints and requeues.
     A NaN/inf loss stops the run with a UserError (LossGuard) before anything is saved.
     `per_step(fractional epoch)` runs before each step, beside the lr: a schedule of the
-    method's own (MoCo's --moco-m-cos).
+    method's own (MoCo's --moco-m-cos). `after_backward()` runs between backward and the
+    optimizer step (DINO: gradient clipping, the last layer's gradient dropped in its first
+    epochs; it unscales through the scaler itself under fp16), `after_step()` after the step
+    (DINO: the teacher's EMA of the stepped student).
     """
     model.train()
     precision = Precision.from_args(args)
@@ -76,8 +81,12 @@ def train_one_epoch(model: nn.Module, data, optimizer: torch.optim.Optimizer, sc
             loss, stats = model(*views)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if after_backward is not None:
+            after_backward()
         scaler.step(optimizer)
         scaler.update()
+        if after_step is not None:
+            after_step()
 
         n = views[0].shape[0]
         meters.update(n, loss=loss, **stats)
