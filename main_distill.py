@@ -42,9 +42,8 @@ from common.train.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfil
 from common.train.run import PretrainRun, lr_schedule
 from common.train.pretrain_args import finalize_pretrain_args, finalize_view_args
 from common.train.step import train_one_epoch
-from common.watch.collapse import LearningWatch
 from common.watch.view_check import view_check_only
-from distill.builder import Distill
+from distill.builder import Distill, DistillLearningWatch
 from distill.data import with_image_index
 from distill.loss import LOSSES
 from distill.teacher import load_teacher
@@ -171,7 +170,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     hint = (f"a lower --lr (now {args.lr:g}), weaker colour jitter (--color-strength {args.color_strength / 2:g}), or "
             f"a teacher whose features tell these images apart")
     run = PretrainRun(args, env, data, lr_schedule(args, lr), (start_epoch, start_iter), checkpoints,
-                      learning=LearningWatch(chance, args.epochs, hint, args.warmup_epochs))
+                      learning=DistillLearningWatch(chance, args.epochs, hint, args.warmup_epochs))
 
     run.check_views(aug)  # do two views of an image still look alike? (a few seconds)
     run.before_training(distill.encoder)  # the untrained student's kNN and payoff probe, to compare with

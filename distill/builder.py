@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from byol.loss import retrieval_acc1
 from common.distributed.collectives import concat_all_gather
+from common.eval.metrics import retrieval_acc1
 from common.nets.models import feature_dim
+from common.watch.collapse import LearningWatch
 from distill.loss import distill_loss
 from distill.teacher import FrozenTeacher
 from mocov3.builder import build_mlp
@@ -49,14 +50,19 @@ class Distill(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, t: torch.Tensor) -> None:
-        """MoCo's ring buffer over every rank's teacher features (t: nxD, this rank's)."""
+        """MoCo's ring buffer over every rank's teacher features (t: nxD, this rank's): the
+        global batch's, gathered in rank order (rank 0's rows first), so every rank writes the
+        same rows at the same place and all hold one queue, the one a single process on the
+        whole batch holds. A global batch larger than the queue leaves its last K rows where
+        writing them one by one would."""
         if not self.queue.shape[0]:
             return
         keys = F.normalize(concat_all_gather(t.float()), dim=1)
         k, n = self.queue.shape[0], keys.shape[0]
         ptr = int(self.queue_ptr)
-        idx = (torch.arange(n, device=keys.device) + ptr) % k
-        self.queue[idx] = keys[-k:] if n > k else keys
+        first = max(0, n - k)  # rows before it would be overwritten within this batch
+        idx = (torch.arange(first, n, device=keys.device) + ptr) % k
+        self.queue[idx] = keys[first:]
         self.queue_ptr[0] = (ptr + n) % k
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor,
@@ -77,3 +83,17 @@ class Distill(nn.Module):
         acc1 = retrieval_acc1(s[:n], t[:n])  # first views: chance 100/N
         self._enqueue(t[:n])  # one entry per image
         return loss, {"acc1": acc1}
+
+
+class DistillLearningWatch(LearningWatch):
+    """The shared not-learning check (common/watch/collapse.py LearningWatch: same statistic,
+    level and epochs judged) with distillation's sentence: `acc1` here is not a contrastive
+    accuracy between two views but the % of students whose own image's teacher feature is the
+    batch's nearest (retrieval_acc1 of the first views)."""
+
+    def update(self, epoch: int, acc1: float) -> Optional[str]:
+        if super().update(epoch, acc1) is None:
+            return None
+        return (f"only {acc1:.2f}% of students have their own image's teacher feature as the batch's nearest, against "
+                f"{self.chance:.2f}% by chance: the run is not learning (the student does not tell these images apart "
+                f"the way the teacher does); try {self.hint}")

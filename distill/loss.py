@@ -14,6 +14,8 @@ s pays the teacher's whole spread."""
 import torch
 import torch.nn.functional as F
 
+from common.distributed.collectives import all_gather_with_grad, concat_all_gather
+
 LOSSES = ("seed", "cosine")
 
 
@@ -33,10 +35,14 @@ def seed_loss(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, t_student: 
 
 def cosine_variance_loss(s: torch.Tensor, t: torch.Tensor, var_weight: float) -> torch.Tensor:
     """s, t: NxD. mean(1 - cos(s_i, t_i)) + var_weight * mean_d relu(std_d(t^) - std_d(s^)),
-    std over the batch of the normalised vectors (^)."""
+    std over the batch of the normalised vectors (^). Under DDP the std is the global batch's
+    (every rank's rows gathered, s with its gradient, as VICReg does): a std of each rank's
+    rows alone is not the whole batch's, and DDP's average of the rank losses' gradients is
+    then one process's on the whole batch (tests/test_distill.py, 2 gloo workers)."""
     s, t = F.normalize(s.float(), dim=1), F.normalize(t.float(), dim=1)
     cos = (s * t).sum(1)  # N
-    spread = F.relu(t.std(dim=0) - s.std(dim=0)).mean() if s.shape[0] > 1 else s.new_zeros(())
+    s_all, t_all = all_gather_with_grad(s), concat_all_gather(t)  # themselves in one process
+    spread = F.relu(t_all.std(dim=0) - s_all.std(dim=0)).mean() if s_all.shape[0] > 1 else s.new_zeros(())
     return (1 - cos).mean() + var_weight * spread
 
 

@@ -1,15 +1,25 @@
 """main_distill.py and distill/: the teacher is frozen (no gradient, eval mode, bitwise
 unchanged, not in the checkpoint), neither loss is won by a constant student, the teacher
 specs (a SimCLR checkpoint into another family, torchvision:NAME absent from the hub cache,
-hub:DIR:ENTRY on disk) and their one-sentence errors, --cache-teacher, resume equals the
-uninterrupted run, the student checkpoint in main_lincls.py, and a distilled student ahead of
-the untrained network under the kNN probe."""
+hub:DIR:ENTRY on disk) and their one-sentence errors, --cache-teacher, 2 gloo workers equal one
+process on the whole batch (the queue gathered in rank order), resume after an epoch and after
+SIGUSR1 mid-epoch equal the uninterrupted run, the student checkpoint in main_lincls.py, the
+not-learning sentence, and a distilled student ahead of the untrained network under the kNN
+probe."""
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
-from conftest import SYNTHETIC, assert_same_weights, run_inline, run_main
+import torch.nn.functional as F
+from conftest import CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, run_inline, run_main
+from test_simclr import ToyEncoder, _free_port  # a torchvision-shaped model without BatchNorm
+from test_slurm import load, signal_after_line
 
 import main_distill
 import main_lincls
@@ -17,8 +27,9 @@ import main_simclr
 from common.ckpt.io import load_checkpoint
 from common.ckpt.pretrained import extract_backbone, load_backbone
 from common.nets.models import build_backbone
+from common.train.preempt import REQUEUE_EXIT_CODE
 from common.train.run import PretrainRun
-from distill.builder import Distill
+from distill.builder import Distill, DistillLearningWatch
 from distill.loss import cosine_variance_loss, seed_loss
 from distill.teacher import FrozenTeacher
 
@@ -98,6 +109,26 @@ def test_no_constant_student_output_wins_the_loss(loss):
     assert constant > matched + 0.05, (constant, matched)
     if loss == "cosine":  # without the variance term the constant comes much closer
         assert cosine_variance_loss(c.detach().expand(64, 32), t, 0.0).item() - matched < constant - matched
+
+
+def test_a_global_batch_larger_than_the_queue_keeps_its_last_rows_in_ring_order():
+    torch.manual_seed(0)
+    model = Distill(ToyEncoder, tiny_teacher(), proj_hidden_dim=16, queue_size=6)
+    x1 = torch.randn(8, 3, 4, 4)
+    model(x1, torch.randn(8, 3, 4, 4))
+    t = F.normalize(model.teacher(x1), dim=1)  # rows 0..7 written one by one from 0: 6, 7 overwrite 0, 1
+    torch.testing.assert_close(model.queue, torch.cat([t[6:], t[2:6]]))
+    assert int(model.queue_ptr) == 2
+
+
+def test_the_not_learning_sentence_speaks_of_the_teacher_not_of_two_views():
+    watch = DistillLearningWatch(chance=6.25, epochs=2, hint="a lower --lr (now 0.8)")
+    assert watch.update(0, 6.0) is None  # the first epoch is not judged (the shared rule)
+    message = watch.update(1, 9.38)
+    assert message.startswith("only 9.38% of students have their own image's teacher feature as the batch's "
+                              "nearest, against 6.25% by chance: the run is not learning")
+    assert "two views" not in message and "contrastive" not in message and message.endswith("(now 0.8)")
+    assert watch.stuck_epochs == 1 and watch.update(1, 40.0) is None and watch.stuck_epochs == 0
 
 
 # ---------------------------------------------------------------- teachers and their errors
@@ -211,3 +242,116 @@ def test_a_distilled_student_beats_the_untrained_network_under_knn(tmp_path, moc
     student = student_knn(knn, str(out / "checkpoint_last.pth.tar"))
     print(f"kNN top-1: untrained {control:.1f}, distilled {student:.1f}")
     assert student > control + 5
+
+
+@pytest.mark.slow
+def test_sigusr1_mid_epoch_requeues_and_the_resume_reproduces_the_run(tmp_path, simclr_teacher):
+    """Preempted in the middle of epoch 0 (SEED's queue half filled): the mid-epoch checkpoint,
+    exit 75, and `--resume auto` ends bitwise where the uninterrupted run does; with
+    --cache-teacher the resumed process rebuilds the table of teacher features (the same
+    teacher, the same un-augmented images) and matches too."""
+    script = os.path.join(ROOT, "main_distill.py")
+    for extra in ([], ["--cache-teacher"]):
+        argv = TINY + extra + ["--teacher", simclr_teacher, "--epochs", "2", "-p", "1"]
+        straight = tmp_path / f"straight{len(extra)}"
+        subprocess.run([sys.executable, script] + argv + ["--output-dir", str(straight)], cwd=ROOT, env=clean_env(),
+                       check=True, capture_output=True, timeout=CHILD_WAIT_S)
+        out = tmp_path / f"stopped{len(extra)}"
+        argv += ["--output-dir", str(out), "--resume", "auto"]
+        env = clean_env(SLURM_JOB_ID=4242, PATH="/nonexistent")  # no scontrol: the requeue is logged
+        proc = subprocess.Popen([sys.executable, script] + argv, cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        seen, code, err = signal_after_line(proc, "Epoch [0/2][2/4]", signal.SIGUSR1)
+        assert code == REQUEUE_EXIT_CODE, seen + err
+        assert "SIGUSR1 received" in err and "Traceback" not in err
+        mid = load(out / "checkpoint_last.pth.tar")
+        assert (mid["epoch"], mid["method"]) == (0, "distill") and 2 <= mid["iteration"] <= 4, mid["iteration"]
+        assert int(mid["state_dict"]["module.queue_ptr"]) == 16 * mid["iteration"] % 32
+        resumed = subprocess.run([sys.executable, script] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=CHILD_WAIT_S)
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"iteration {mid['iteration']}" in resumed.stdout
+        assert ("--cache-teacher: the teacher's features" in resumed.stdout) == bool(extra)
+        assert_same_weights(straight / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
+
+
+# ---------------------------------------------------------------- 2 gloo workers == 1 process
+
+DDP_CASES = {  # name: (loss, queue size, --cache-teacher); the global batch is 8, 4 a rank
+    "seed": ("seed", 12, False),  # the second step's 8 rows wrap around the ring
+    "seed, queue < global batch": ("seed", 6, False),  # each rank's 4 rows fit, the gathered 8 do not
+    "seed, cached teacher": ("seed", 12, True),
+    "cosine": ("cosine", 0, False),  # the variance term's std: the global batch's
+}
+
+
+def toy_distill(loss: str, queue_size: int, cached: bool) -> Distill:
+    """Distill on test_simclr's ToyEncoder, its head without BN (per-process BN statistics would
+    differ from the whole batch's; this test is about the loss, the queue and DDP's average).
+    Seeded: the teacher (and its --cache-teacher table of 16 images) is not in the state, so
+    every process builds the same one."""
+    torch.manual_seed(0)
+    teacher = tiny_teacher()
+    if cached:
+        teacher.table = F.normalize(torch.randn(16, teacher.dim), dim=1)
+    model = Distill(ToyEncoder, teacher, proj_hidden_dim=16, loss=loss, queue_size=queue_size)
+    head = model.encoder.fc
+    for i, m in enumerate(head):
+        if isinstance(m, nn.BatchNorm1d):
+            head[i] = nn.Identity()
+    return model
+
+
+def two_steps(model: Distill, batches, rank: int = 0, world: int = 1):
+    """Two SGD steps (momentum) on this rank's share of each global batch (x1, x2, image index);
+    the second step's SEED loss reads the queue the first filled. Returns each step's gradients."""
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    grads = []
+    for x1, x2, index in batches:
+        n = x1.shape[0] // world
+        sl = slice(rank * n, (rank + 1) * n)
+        loss, _ = net(x1[sl], x2[sl], index[sl] if model.teacher.table is not None else None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    return grads
+
+
+def _dist_worker(rank: int, world: int, url: str, cases: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world)
+    try:
+        for name, case in cases.items():
+            model = toy_distill(*DDP_CASES[name])
+            model.load_state_dict(case["state"])
+            grads = two_steps(model, case["batches"], rank, world)
+            for step, (got, want) in enumerate(zip(grads, case["grads"])):
+                for k in want:  # DDP's average of the rank losses' gradients == the whole batch's
+                    torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=f"{name} step {step} {k}")
+            for k, v in model.state_dict().items():  # the student, its head, the queue and its pointer
+                torch.testing.assert_close(v, case["after"][k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+            queues = [torch.empty_like(model.queue) for _ in range(world)]
+            dist.all_gather(queues, model.queue)
+            assert all(torch.equal(q, queues[0]) for q in queues), name  # one queue, bitwise, on every rank
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_workers_equal_one_process_on_the_full_batch():
+    """Each rank enqueues the global batch's teacher features in rank order (rank 0's rows
+    first: the single process's order), so both ranks hold the single process's queue and
+    SEED's per-rank loss (a mean over its rows against that queue) averages, through DDP, to
+    the whole batch's: gradients and weights after two steps match one process."""
+    cases = {}
+    for name, spec in DDP_CASES.items():
+        torch.manual_seed(1)
+        batches = [(torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4), torch.randperm(16)[:8]) for _ in range(2)]
+        model = toy_distill(*spec)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        grads = two_steps(model, batches)
+        cases[name] = {"batches": batches, "state": state, "grads": grads,
+                       "after": {k: v.clone() for k, v in model.state_dict().items()}}
+    mp.spawn(_dist_worker, args=(2, f"tcp://127.0.0.1:{_free_port()}", cases), nprocs=2, join=True)

@@ -8,6 +8,7 @@ import torch
 from conftest import SYNTHETIC, run_inline, run_main
 
 import main_byol
+import main_distill
 import main_inpaint
 import main_moco
 import main_moco_v3
@@ -27,6 +28,8 @@ SCRIPTS = {  # script, its tiny flags, the backbones --init must reach (attribut
     "byol": (main_byol, ["--proj-dim", "16", "--proj-hidden-dim", "32", "--pred-hidden-dim", "32"],
              ("encoder", "target_encoder")),
     "inpaint": (main_inpaint, ["--patches", "2", "--patch-size", "8"], ("encoder",)),
+    # the student; its teacher: an export (teacher_export), written per test
+    "distill": (main_distill, ["--queue-size", "32", "--proj-hidden-dim", "32"], ("encoder",)),
 }
 
 
@@ -49,6 +52,16 @@ def capture_first_step(monkeypatch, script):
     return seen
 
 
+def teacher_export(folder) -> str:
+    """A resnet18 teacher for main_distill.py: an export_backbone.py-style file (weights + JSON
+    sidecar) of other weights than the init file's, so that the student's start is told apart."""
+    path = str(folder / "teacher.pth")
+    init_file(path, seed=7)
+    with open(path + ".json", "w") as f:
+        json.dump({"arch": "resnet18", "small_images": False, "crop_size": 32}, f)
+    return path
+
+
 def init_file(path, arch="resnet18", seed=123):
     """A torchvision state_dict (1000-class fc included) with visible BatchNorm statistics."""
     torch.manual_seed(seed)
@@ -64,6 +77,8 @@ def init_file(path, arch="resnet18", seed=123):
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_first_step_starts_from_the_init_file(name, tmp_path, monkeypatch, capsys):
     script, extra, encoders = SCRIPTS[name]
+    if script is main_distill:
+        extra = extra + ["--teacher", teacher_export(tmp_path)]
     expected = init_file(tmp_path / "init.pth")
     seen = capture_first_step(monkeypatch, script)
     with pytest.raises(FirstStep):

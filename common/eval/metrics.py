@@ -1,11 +1,13 @@
 """Classification metrics: top-k accuracy, confusion matrix, per-class and macro
 precision / recall / F1, and their CSV files. Pure tensor math on logits and labels;
-main_lincls.py, main_knn.py and bench/ all report through these functions."""
+main_lincls.py, main_knn.py and bench/ all report through these functions. Also the
+pretraining runs' retrieval top-1 (retrieval_acc1: does each row find its own pair in the batch?)."""
 import csv
 import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> List[float]:
@@ -18,6 +20,16 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (
         correct = pred == target.view(-1, 1)
         n = max(target.shape[0], 1)
         return [100.0 * correct[:, :k].any(dim=1).float().sum().item() / n for k in ks]
+
+
+@torch.no_grad()
+def retrieval_acc1(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """% of queries whose own key (same row) is the most cosine-similar key of the batch
+    (chance: 100/N), as a device tensor (no host sync: the step loop reads it with the meters).
+    queries, keys: NxC, row i of both from image i (distillation: student projection, teacher
+    feature)."""
+    sim = F.normalize(queries.float(), dim=1) @ F.normalize(keys.float(), dim=1).T  # NxN
+    return (sim.argmax(dim=1) == torch.arange(sim.shape[0], device=sim.device)).float().mean() * 100.0
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
