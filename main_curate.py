@@ -34,7 +34,7 @@ from common.log.progress import log
 from curate.duplicates import RULES
 from curate.embed import EMBEDDINGS, embed_split, keep_splits, stop_with_a_sentence
 from curate.findings import (Findings, duplicates, label_findings, outliers, selection, shared_neighbours,
-                             shared_pixels, write_outputs)
+                             shared_copy_search, shared_pixels, write_outputs)
 from curate.items import join_splits, read_splits
 from curate.labels import METHODS, PROBE_ITERS, RULES as LABEL_RULES
 from curate.outliers import SCORES
@@ -284,12 +284,13 @@ def run_curation(args: argparse.Namespace, env: DistEnv, batch_size: int, worker
                       "images": len(items), "classes": len(classes), "neighbour search": args.index})
     neighbours = shared_neighbours(items, args)  # one search for the duplicates and the outliers
     pixels = shared_pixels(items, args, workers)  # one pass: thumbnails (copies) and statistics (outliers)
+    copies = shared_copy_search(items, pixels, args)  # the nearest thumbnails: copies' candidates, outliers' twins
 
     # ---- the findings (curate/findings.py), each adding its report section
     if "duplicates" in args.findings:  # 1. same bytes, or a copy on the pixels (or near in the embedding)
-        duplicates(items, neighbours, pixels, args, found)
+        duplicates(items, neighbours, pixels, copies, args, found)
     if "outliers" in args.findings:  # 2. far in the embedding, alone as a group, or odd pixel statistics
-        outliers(items, neighbours, pixels, args, found)
+        outliers(items, neighbours, pixels, copies, args, found)
     if "labels" in args.findings:  # 3. suspected errors from out-of-fold probabilities, suggestions by kNN vote
         label_findings(items, len(classes), args, found)
     if args.select:  # 4. what to label next: TypiClust (or k-center greedy) given the labelled images

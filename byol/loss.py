@@ -11,6 +11,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from common.eval.metrics import retrieval_acc1
+
 
 def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL's normalised MSE, batch mean: 2 - 2 cos(p, z). p: NxC predictions; z: NxC targets
@@ -43,20 +45,11 @@ def effective_rank(z: torch.Tensor) -> torch.Tensor:
     when they vary evenly along that many directions. Centred, because BYOL's outputs share a
     large common component that would otherwise dominate it; a collapse onto one point is the
     std's to see (std_of_l2_normalized), as its small residue may still spread. One N x N (or
-    C x C) product, as retrieval_acc1's. z: NxC."""
+    C x C) product, as common/eval/metrics.py retrieval_acc1's. z: NxC."""
     zn = F.normalize(z.float(), dim=1)
     zn = zn - zn.mean(dim=0)
     gram = zn @ zn.T if zn.shape[0] <= zn.shape[1] else zn.T @ zn
     return gram.trace() ** 2 / gram.square().sum().clamp_min(1e-30)
-
-
-@torch.no_grad()
-def retrieval_acc1(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """% of predictions whose own target is the most similar target of the batch (chance:
-    100/N): a cheap sign that the two views still find each other. p, z: NxC, row i of both
-    from image i."""
-    sim = F.normalize(p.float(), dim=1) @ F.normalize(z.float(), dim=1).T  # NxN
-    return (sim.argmax(dim=1) == torch.arange(p.shape[0], device=p.device)).float().mean() * 100.0
 
 
 def symmetric_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,

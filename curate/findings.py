@@ -60,8 +60,22 @@ def shared_pixels(items: Items, args: argparse.Namespace, workers: int) -> Optio
     return None
 
 
-def duplicates(items: Items, neighbours: Neighbours, pixels: Optional[Pixels], args: argparse.Namespace,
-               found: Findings) -> None:
+def shared_copy_search(items: Items, pixels: Optional[Pixels], args: argparse.Namespace) -> Neighbours:
+    """One search of every thumbnail's nearest thumbnails by shifted correlation (--dup-rule
+    pixels; curate/copies.py): the copies' candidates, and for the outliers each image's best
+    pixel twin (an image that another one matches on the pixels is not foreign to the set)."""
+    if pixels is None or args.dup_rule != "pixels":
+        return None
+    start = time.time()
+    shift = shift_px(pixels.thumbs.shape[-1], pixels.side)
+    found = pixel_neighbours(pixels.thumbs, max(args.dup_k, SCALE_K), shift, items.feats.device)
+    log(f"=> copy search: the {max(args.dup_k, SCALE_K)} nearest thumbnails of {len(items)} images by shifted "
+        f"correlation ({time.time() - start:.0f} s)")
+    return found
+
+
+def duplicates(items: Items, neighbours: Neighbours, pixels: Optional[Pixels], copies: Neighbours,
+               args: argparse.Namespace, found: Findings) -> None:
     """1. Same bytes; then near copies confirmed on the pixels (--dup-rule pixels: candidates
     from the --dup-k nearest embeddings and thumbnails), or near in the embedding (relative,
     cosine) among the --dup-k nearest."""
@@ -71,10 +85,9 @@ def duplicates(items: Items, neighbours: Neighbours, pixels: Optional[Pixels], a
         start = time.time()
         thumbs = pixels.thumbs
         shift = shift_px(thumbs.shape[-1], pixels.side)
-        pix = pixel_neighbours(thumbs, max(args.dup_k, SCALE_K), shift, items.feats.device)
-        candidates = [(min(r, int(j)), max(r, int(j))) for nb in (pix[1], idx) for r, row in enumerate(nb.tolist())
+        candidates = [(min(r, int(j)), max(r, int(j))) for nb in (copies[1], idx) for r, row in enumerate(nb.tolist())
                       for j in row if j != r]
-        near = confirm_copies(thumbs, candidates, pix, shift, args.copy_ratio)
+        near = confirm_copies(thumbs, candidates, copies, shift, args.copy_ratio)
         pairs = join_pairs(hashes, items.splits, near, "pixels")
         rule = (f"pixel correlation distance <= {args.copy_ratio} x the {SCALE_K}th nearest thumbnail's "
                 f"({thumbs.shape[-1]} px grayscale, best over +-{shift} px shifts)")
@@ -91,7 +104,8 @@ def duplicates(items: Items, neighbours: Neighbours, pixels: Optional[Pixels], a
         found.drop.update(redundant_rows(pairs, items.splits))
 
 
-def outliers(items: Items, neighbours: Neighbours, pixels: Pixels, args: argparse.Namespace, found: Findings) -> None:
+def outliers(items: Items, neighbours: Neighbours, pixels: Pixels, copies: Neighbours, args: argparse.Namespace,
+             found: Findings) -> None:
     """2. Images far from their k-th neighbour (within their class with --outlier-per-class),
     from the rest as a group, or with pixel statistics no other image has: the largest of
     the signals' robust z-scores (curate/outliers.py combined_scores)."""
@@ -100,8 +114,9 @@ def outliers(items: Items, neighbours: Neighbours, pixels: Pixels, args: argpars
                                args.outlier_score)
     gk = group_k(len(items), args.outlier_k)
     group = outlier_scores(items.feats, gk, labels, args.index, args.chunk_size, neighbours, "kth")
-    scores, signals = combined_scores(embedding, group, stats_z(pixels))
-    found.sections.append(outliers_section(items, scores, signals, args.outlier_k, gk, args.outlier_per_class,
+    twin = None if copies is None else copies[0][:, 0]  # each image's best correlation with another one
+    scores, signals = combined_scores(embedding, group, stats_z(pixels), twin)
+    found.sections.append(outliers_section(items, scores, signals, twin, args.outlier_k, gk, args.outlier_per_class,
                                            args.outlier_score, args.output_dir))
     found.settings["outliers"] = (f"the largest robust z-score of: the embedding's {args.outlier_score} score "
                                   f"(k = {args.outlier_k}), the group signal (k = {gk}) and {len(STATS)} pixel "

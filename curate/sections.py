@@ -3,7 +3,7 @@ table of the first rows, with thumbnails where no grid pictures them (each image
 once), and the rows the embedding map marks."""
 import csv
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -11,6 +11,7 @@ from common.files.atomic import atomic_path
 from curate.duplicates import Pair, groups_of
 from curate.grids import captioned_grid, group_grids, thumbnail
 from curate.items import Items
+from curate.outliers import TWIN
 from curate.report import Section, write_csv
 
 SHOWN = 24  # rows of a finding shown in report.html and its grids (the csv has all)
@@ -57,13 +58,14 @@ def duplicates_section(items: Items, pairs: Sequence[Pair], rule: str, out: str)
     return s
 
 
-def outliers_section(items: Items, scores: torch.Tensor, signals: Sequence[str], k: int, group_k: int, per_class: bool,
-                     score: str, out: str) -> Section:
-    """`scores`: the combined robust z-score of each row, `signals`: the signal that gave it."""
+def outliers_section(items: Items, scores: torch.Tensor, signals: Sequence[str], twin: Optional[torch.Tensor], k: int,
+                     group_k: int, per_class: bool, score: str, out: str) -> Section:
+    """`scores`: the combined robust z-score of each row, `signals`: the signal that gave it,
+    `twin`: its best pixel correlation with another image (None without the copy search)."""
     order = torch.argsort(scores, descending=True, stable=True).tolist()
-    csv_path = write_csv(os.path.join(out, "outliers.csv"), ["rank", "score", "signal", "path", "split", "class"],
-                         [[n, f"{float(scores[r]):.4f}", signals[r], items.paths[r], items.splits[r],
-                           items.class_of(items.labels[r])] for n, r in enumerate(order)])
+    csv_path = write_csv(os.path.join(out, "outliers.csv"), ["rank", "score", "signal", "twin", "path", "split", "class"],
+                         [[n, f"{float(scores[r]):.4f}", signals[r], "" if twin is None else f"{float(twin[r]):.4f}",
+                           items.paths[r], items.splits[r], items.class_of(items.labels[r])] for n, r in enumerate(order)])
     cells = [(items.image(r), f"#{n} z {float(scores[r]):.1f} {signals[r]}\n"
                               f"{os.path.basename(items.paths[r])}") for n, r in enumerate(order[:SHOWN])]
     grid = captioned_grid([cells[s:s + 8] for s in range(0, len(cells), 8)], os.path.join(out, "grids", "outliers.png"))
@@ -72,10 +74,12 @@ def outliers_section(items: Items, scores: torch.Tensor, signals: Sequence[str],
            f"its distance to its {k}-th nearest {where} over that of its {k} nearest (LOF-style)")
     flagged = {name: sum(signals[r] == name for r in order[:max(1, len(order) // 100)]) for name in set(signals)}
     top = ", ".join(f"{c} by {name}" for name, c in sorted(flagged.items(), key=lambda kv: -kv[1]) if c)
+    twins = "" if twin is None else (f"; the embedding's score does not count for the {int((twin >= TWIN).sum())} "
+                                     f"images that another image matches on the pixels (correlation >= {TWIN})")
     return Section("Outliers", f"every image ranked by the largest robust z-score of its signals: embedding ({how}), "
                    f"group (1 - cosine to its {group_k}-th nearest {where}: a group of look-alike foreign images) "
                    f"and pixel statistics (brightness, contrast, entropy, high frequency, saturation, aspect, "
-                   f"size); the top 1 %: {top}; the first {len(cells)} shown", [csv_path, grid], [grid],
+                   f"size){twins}; the top 1 %: {top}; the first {len(cells)} shown", [csv_path, grid], [grid],
                    ["rank", "z", "signal", "path"],
                    [[("", str(n)), ("", f"{float(scores[r]):.1f}"), ("", signals[r]), ("", items.paths[r])]
                     for n, r in enumerate(order[:SHOWN])], marked=order[:SHOWN])

@@ -24,10 +24,10 @@ import main_byol
 import main_lincls
 import main_moco_v3
 from byol.builder import BYOL
-from byol.loss import (effective_rank, negative_cosine, regression_loss, retrieval_acc1, std_of_l2_normalized,
-                       symmetric_loss)
+from byol.loss import effective_rank, negative_cosine, regression_loss, std_of_l2_normalized, symmetric_loss
 from common.augment.transforms import Recipe, two_views
 from common.ckpt.io import load_checkpoint
+from common.eval.metrics import retrieval_acc1
 from common.ckpt.pretrained import extract_backbone, load_backbone
 from common.nets.models import build_backbone
 from common.train.preempt import REQUEUE_EXIT_CODE

@@ -533,3 +533,26 @@ def test_pixel_statistics_name_a_noise_a_blank_and_a_colour_image():
     assert set(top[:3]) == {40, 41, 42} and top[3] == 5, (score, signal)
     assert signal[40] in ("entropy", "high frequency") and signal[41] in ("contrast", "entropy") and signal[42] == "saturation"
     assert signal[5] == "embedding"
+
+
+def test_an_image_another_one_matches_on_the_pixels_is_not_foreign():
+    """A re-encoded copy can sit far out by the embedding's density score (among near-identical
+    frames, hundreds of deviations): with its pixel twin given (correlation >= TWIN) that score
+    does not count, and a noise image with a weaker statistic outranks it; without a twin it
+    still ranks first."""
+    from curate.outliers import TWIN, combined_scores
+    g = torch.Generator().manual_seed(0)
+    embedding = 1.0 + 0.01 * torch.randn(50, generator=g)
+    embedding[3] = 5.0  # the copy: far by the density score
+    high_frequency = 0.01 * torch.randn(50, generator=g).abs()
+    high_frequency[7] = 1.0  # the noise image
+    stats = {"high frequency": high_frequency / 0.01}
+    twin = torch.full((50,), 0.99)
+    twin[7] = 0.3  # nothing resembles the noise image
+    score, signal = combined_scores(embedding, None, stats)
+    assert int(score.argmax()) == 3 and signal[3] == "embedding"
+    score, signal = combined_scores(embedding, None, stats, twin)
+    assert int(score.argmax()) == 7 and signal[7] == "high frequency"
+    assert float(score[3]) < float(score[7]) / 10
+    twin[3] = TWIN - 0.01  # below TWIN the copy's embedding score counts again
+    assert int(combined_scores(embedding, None, stats, twin)[0].argmax()) == 3
