@@ -111,7 +111,7 @@ def fill_recipe_defaults(args: argparse.Namespace) -> None:
     chosen = []
     for dest, value in {**RECIPES[args.optimizer], **CROPS[family]}.items():
         if getattr(args, dest) is None:
-            setattr(args, dest, value)
+            setattr(args, dest, list(value) if isinstance(value, tuple) else value)  # (a list, as nargs=2 parses)
             shown = " ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
             chosen.append(f"--{dest.replace('_', '-')} {shown}")
     if chosen:
@@ -125,11 +125,12 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                                                        "--local-crops-number", "--optimizer"))
     finalize_view_args(args)
     args.local_crop_size = args.local_crop_size or local_crop_size(args.crop_size)
-    for flag in ("crop_min", "crop_max", "stop_if_not_learning"):
+    for flag in ("crop_min", "crop_max"):
         if given(args, flag):
-            raise UserError(f"--{flag.replace('_', '-')} is not a DINO flag: the crops' areas are "
-                            f"--global-crops-scale and --local-crops-scale, and DINO has no contrastive accuracy "
-                            f"for the not-learning stop")
+            raise UserError(f"--{flag.replace('_', '-')} is not DINO's: its crops' areas are --global-crops-scale "
+                            f"and --local-crops-scale")
+    if args.stop_if_not_learning:
+        raise UserError("--stop-if-not-learning watches a contrastive accuracy, which DINO has not; drop it")
     for flag in ("global_crops_scale", "local_crops_scale"):
         lo, hi = getattr(args, flag)
         if not 0 < lo <= hi <= 1:

@@ -1,0 +1,303 @@
+"""main_dino.py and dino/: DINOLoss (centring, the teacher temperature schedule, no crop is its
+own target), the teacher as the EMA of the student after the step and without gradient, the
+last layer frozen in the first epochs, the weight-normed head, multi-crop shapes (the teacher
+sees the global crops only), resume (epoch end and SIGUSR1 mid-epoch), and checkpoints in
+facebookresearch/dino's layout both ways (theirs in main_lincls/main_knn/export/--init, ours
+under DINO's eval_linear loading rule)."""
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as tvm
+from PIL import Image
+from conftest import CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, run_inline, run_main
+from test_simclr import ToyEncoder
+
+import main_dino
+import main_knn
+import main_lincls
+from common.ckpt.io import load_checkpoint
+from common.ckpt.pretrained import extract_backbone, load_backbone
+from common.ckpt.vit_keys import torchvision_to_timm
+from common.nets.models import build_backbone
+from common.train.preempt import REQUEUE_EXIT_CODE
+from common.train.run import PretrainRun
+from dino.augment import dino_views, local_crop_size
+from dino.builder import DINO
+from dino.head import DINOHead
+from dino.loss import DINOLoss, teacher_temp_schedule
+from dino.schedule import clip_gradients, lr_at, weight_decay_at
+
+# 4 steps an epoch, 2 global + 2 local crops, a small head; SGD at a rate that moves 4 steps
+TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--out-dim", "32", "--local-crops-number", "2",
+                    "--seed", "3", "-p", "2", "--no-payoff", "--optimizer", "sgd", "--lr", "0.5", "--wd", "1e-4",
+                    "--warmup-epochs", "0", "--momentum-teacher", "0.9"]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture
+def no_view_check(monkeypatch):
+    monkeypatch.setattr(PretrainRun, "check_views", lambda self, recipe: None)  # seconds, unrelated
+
+
+def toy_dino(n_local: int = 2, **kw) -> DINO:
+    return DINO(ToyEncoder, out_dim=16, n_local_crops=n_local, hidden_dim=32, bottleneck_dim=8, **kw)
+
+
+# ---------------------------------------------------------------- the math
+
+def test_teacher_temperature_schedule_is_linear_then_flat():
+    np.testing.assert_allclose(teacher_temp_schedule(0.04, 0.07, 3, 5), [0.04, 0.055, 0.07, 0.07, 0.07])
+    loss = DINOLoss(8, 4, 0.04, 0.07, 30, 100)
+    assert loss.teacher_temp(0) == pytest.approx(0.04) and loss.teacher_temp(29) == pytest.approx(0.07)
+    assert loss.teacher_temp(99) == pytest.approx(0.07) and loss.teacher_temp(150) == pytest.approx(0.07)
+    assert DINOLoss(8, 4, 0.04, 0.04, 0, 3).teacher_temp(0) == pytest.approx(0.04)
+
+
+def test_loss_is_the_cross_entropy_over_pairs_of_other_crops_and_the_centre_moves_exactly():
+    torch.manual_seed(0)
+    b, k, n = 3, 6, 4  # 2 global + 2 local crops
+    loss_fn = DINOLoss(k, n, 0.04, 0.07, 2, 10, center_momentum=0.9)
+    loss_fn.center.copy_(torch.randn(1, k))
+    center0 = loss_fn.center.clone()
+    student, teacher = torch.randn(n * b, k), torch.randn(2 * b, k)
+    loss, stats = loss_fn(student, teacher, epoch=1)  # teacher temperature 0.07
+    q = F.softmax((teacher - center0) / 0.07, dim=-1).chunk(2)
+    s = F.log_softmax(student / 0.1, dim=-1).chunk(n)
+    pairs = [(t, v) for t in range(2) for v in range(n) if v != t]
+    assert len(pairs) == 2 * (n - 1)
+    expected = sum((-q[t] * s[v]).sum(-1).mean() for t, v in pairs) / len(pairs)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss_fn.center, 0.9 * center0 + 0.1 * teacher.mean(0, keepdim=True))
+    assert set(stats) == {"teacher_entropy", "batch_entropy"}
+    # global crop 0 is never its own target: its student rows take their gradient from teacher crop 1 only
+    grads = []
+    for t0 in (teacher[:b], 5 * torch.randn(b, k)):
+        st = student.clone().requires_grad_()
+        DINOLoss(k, n, 0.04, 0.07, 2, 10)(st, torch.cat([t0, teacher[b:]]), epoch=1)[0].backward()
+        grads.append(st.grad[:b])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_schedules_and_clipping_are_dinos():
+    assert lr_at(0.0, 1.0, 0.01, 10, 2) == 0 and lr_at(1.0, 1.0, 0.01, 10, 2) == pytest.approx(0.5)
+    assert lr_at(2.0, 1.0, 0.01, 10, 2) == pytest.approx(1.0) and lr_at(10.0, 1.0, 0.01, 10, 2) == pytest.approx(0.01)
+    assert weight_decay_at(0, 0.04, 0.4, 10) == pytest.approx(0.04) and weight_decay_at(10, 0.04, 0.4, 10) == 0.4
+    assert weight_decay_at(5, 0.04, 0.4, 10) == pytest.approx(0.22)
+    big, small = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    big.grad, small.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4])
+    clip_gradients([big, small], 1.0)  # each tensor on its own: 5 -> 1, 0.5 kept
+    torch.testing.assert_close(big.grad, torch.tensor([0.6, 0.8, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(small.grad, torch.tensor([0.3, 0.4]))
+
+
+def test_head_is_weight_normed_with_fixed_norms_and_dinos_keys():
+    head = DINOHead(24, 16, hidden_dim=32, bottleneck_dim=8)
+    assert not head.last_layer.weight_g.requires_grad and torch.equal(head.last_layer.weight_g, torch.ones(16, 1))
+    keys = set(head.state_dict())
+    assert {"last_layer.weight_g", "last_layer.weight_v", "mlp.0.weight", "mlp.4.bias"} <= keys
+    out = head(torch.randn(5, 24))
+    assert out.shape == (5, 16)
+    head.last_layer.weight_v.data.mul_(7)  # the effective prototypes keep norm g = 1 whatever v's
+    head(torch.randn(1, 24))
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(16))
+    assert DINOHead(24, 16, norm_last_layer=False).last_layer.weight_g.requires_grad
+    assert any(isinstance(m, nn.BatchNorm1d) for m in DINOHead(24, 16, use_bn=True).mlp)
+
+
+def test_teacher_is_the_ema_of_the_student_after_a_step_and_gets_no_gradient():
+    torch.manual_seed(0)
+    model = toy_dino()
+    for s, t in zip(model.student.state_dict().values(), model.teacher.state_dict().values()):
+        assert torch.equal(s, t)  # the teacher starts as the student
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    crops = [torch.randn(4, 3, 4, 4) for _ in range(4)]
+    loss, _ = model(*crops)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    opt.step()
+    before = [t.clone() for t in model.teacher.parameters()]
+    model.m = 0.9
+    model.update_teacher()
+    for old, s, t in zip(before, model.student.parameters(), model.teacher.parameters()):
+        torch.testing.assert_close(t, 0.9 * old + 0.1 * s)
+    assert {k.split(".")[0] for k in model.state_dict()} == {"student", "teacher", "loss"}
+
+
+def test_multi_crop_shapes_and_the_teacher_sees_only_the_global_crops():
+    views = dino_views(32, local_crop_size(32), 3, (0.4, 1.0), (0.05, 0.4), blur=False)
+    assert local_crop_size(224) == 96 and local_crop_size(32) == 16
+    crops = [v(Image.new("RGB", (40, 40), (200, 30, 90))) for v in views]
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert "solarize" in views[1].ops and "solarize" not in views[0].ops + views[2].ops
+    model = DINO(lambda: build_backbone("resnet18", small_images=True), out_dim=16, n_local_crops=3, hidden_dim=32,
+                 bottleneck_dim=8)
+    seen = {"student": [], "teacher": []}
+    for name in seen:
+        getattr(model, name).backbone.register_forward_hook(lambda m, i, o, n=name: seen[n].append(tuple(i[0].shape)))
+    b = 2
+    batch = [torch.randn(b, 3, 32, 32) for _ in range(2)] + [torch.randn(b, 3, 16, 16) for _ in range(3)]
+    out = model.student(batch)
+    assert out.shape == (5 * b, 16)  # (n_crops*B) x out_dim
+    model(*batch)
+    assert seen["teacher"] == [(2 * b, 3, 32, 32)]  # the global crops, in one batch
+    assert seen["student"][-2:] == [(2 * b, 3, 32, 32), (3 * b, 3, 16, 16)]
+
+
+# ---------------------------------------------------------------- runs
+
+@pytest.mark.slow
+def test_last_layer_frozen_first_epoch_then_moves_and_resume_equals_the_uninterrupted_run(tmp_path, capsys,
+                                                                                         no_view_check):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_main(main_dino.main, TINY + ["--epochs", "2", "--output-dir", str(straight)]) == 0
+    assert run_main(main_dino.main, TINY + ["--epochs", "2", "--stop-at-epoch", "1", "--output-dir", str(split)]) == 0
+    first = load(split / "checkpoint_last.pth.tar")
+    # epoch 0: the student's last layer stayed at its start, so the teacher's EMA of it too (up to the EMA's
+    # rounding of m x + (1 - m) x); the rest moved
+    v, mlp = "head.last_layer.weight_v", "head.mlp.0.weight"
+    torch.testing.assert_close(first["student"][v], first["teacher"][v], rtol=1e-6, atol=1e-8)
+    assert (first["student"][mlp] - first["teacher"][mlp]).abs().max() > 1e-4
+    assert run_main(main_dino.main, TINY + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert_same_weights(straight / "checkpoint_last.pth.tar", split / "checkpoint_last.pth.tar")
+    ckpt = load(straight / "checkpoint_last.pth.tar")
+    assert not torch.equal(ckpt["student"][v], first["student"][v])  # epoch 1: it learns
+    assert torch.equal(ckpt["student"]["head.last_layer.weight_g"], torch.ones(32, 1))  # --norm-last-layer
+    assert ckpt["method"] == "dino" and {k.split(".")[1] for k in ckpt["state_dict"]} == {"student", "teacher",
+                                                                                          "loss"}
+    # DINO's layout, the same tensors as the state_dict; the teacher is what evaluation takes
+    assert all(k.startswith(("backbone.", "head.")) for k in list(ckpt["student"]) + list(ckpt["teacher"]))
+    assert torch.equal(ckpt["teacher"]["backbone.conv1.weight"],
+                       ckpt["state_dict"]["module.teacher.backbone.conv1.weight"])
+    weights, layout = extract_backbone(ckpt["state_dict"])
+    assert layout == "module.teacher.backbone" and torch.equal(weights["conv1.weight"],
+                                                               ckpt["teacher"]["backbone.conv1.weight"])
+    # DINO's eval_linear.py rule: ckpt["teacher"], "module." and "backbone." stripped, strict=False
+    model = tvm.resnet18()
+    model.fc = nn.Identity()
+    state = {k.replace("module.", "").replace("backbone.", ""): v for k, v in ckpt["teacher"].items()}
+    assert model.load_state_dict(state, strict=False).missing_keys == []
+    assert torch.equal(model.conv1.weight, ckpt["teacher"]["backbone.conv1.weight"])
+
+
+@pytest.mark.slow
+def test_sigusr1_mid_epoch_requeues_and_the_resume_reproduces_the_run(tmp_path):
+    """Preempted in the middle of epoch 1 (after the frozen epoch): the centre, the teacher and
+    the momentum buffers come back exactly."""
+    script = os.path.join(ROOT, "main_dino.py")
+    argv = TINY + ["--epochs", "2", "-p", "1"]
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, script] + argv + ["--output-dir", str(straight)], cwd=ROOT, env=clean_env(),
+                   check=True, capture_output=True, timeout=CHILD_WAIT_S)
+    out = tmp_path / "stopped"
+    argv += ["--output-dir", str(out), "--resume", "auto"]
+    env = clean_env(SLURM_JOB_ID=4242, PATH="/nonexistent")
+    proc = subprocess.Popen([sys.executable, script] + argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for line in proc.stdout:
+            if "Epoch [1/2][1/4]" in line:
+                proc.send_signal(signal.SIGUSR1)
+                break
+        proc.stdout.read()
+        assert proc.wait(timeout=CHILD_WAIT_S) == REQUEUE_EXIT_CODE
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    mid = load(out / "checkpoint_last.pth.tar")
+    assert mid["epoch"] == 1 and 1 <= mid["iteration"] < 4 and "teacher" in mid and "student" in mid
+    resumed = subprocess.run([sys.executable, script] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=CHILD_WAIT_S)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(straight / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
+    a, b = load(straight / "checkpoint_last.pth.tar"), load(out / "checkpoint_last.pth.tar")
+    assert torch.equal(a["state_dict"]["module.loss.center"], b["state_dict"]["module.loss.center"])
+
+
+def official_layout(backbone: dict, out_dim: int = 16) -> dict:
+    """A dict shaped like facebookresearch/dino's checkpoint: `student` as DDP writes it
+    (`module.backbone.*`), `teacher` bare, heads beside; no `state_dict`."""
+    head = {"head.mlp.0.weight": torch.randn(32, 8), "head.last_layer.weight_g": torch.ones(out_dim, 1),
+            "head.last_layer.weight_v": torch.randn(out_dim, 8)}
+    student = {"module.backbone." + k: v + 1 for k, v in backbone.items()}  # not the teacher's weights
+    student.update({"module." + k: v for k, v in head.items()})
+    return {"student": student, "teacher": {**{"backbone." + k: v for k, v in backbone.items()}, **head},
+            "epoch": 100}
+
+
+@pytest.mark.slow
+def test_an_official_dino_checkpoint_loads_in_lincls_knn_export_and_init(tmp_path, capsys, no_view_check):
+    torch.manual_seed(0)
+    resnet = tvm.resnet18()
+    resnet.fc = nn.Identity()  # as DINO builds its ResNets
+    teacher = resnet.state_dict()
+    path = tmp_path / "dino_resnet18.pth"
+    torch.save(official_layout(teacher), path)
+    backbone = build_backbone("resnet18", small_images=False)
+    load_backbone(backbone, load_checkpoint(str(path)))
+    assert torch.equal(backbone.conv1.weight, teacher["conv1.weight"])  # the teacher, as DINO evaluates
+    data = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "-p", "100", "--pretrained", str(path)]
+    run_inline(capsys, main_knn.main, data + ["--output-dir", str(tmp_path / "knn")])
+    run_inline(capsys, main_lincls.main, data + ["--probe", "logreg", "--output-dir", str(tmp_path / "lincls")])
+    exported = tmp_path / "exported.pth"
+    subprocess.run([sys.executable, os.path.join(ROOT, "export_backbone.py"), str(path), "-a", "resnet18",
+                    "--no-small-images", "--output", str(exported)], cwd=ROOT, env=clean_env(), check=True,
+                   capture_output=True, timeout=CHILD_WAIT_S)
+    assert torch.equal(load(exported)["conv1.weight"], teacher["conv1.weight"])
+    # --init: our DINO starts from it
+    out = tmp_path / "init"
+    assert run_main(main_dino.main, TINY + ["--epochs", "1", "--stop-at-epoch", "1", "--init", str(path), "--lr", "0", "--min-lr", "0",
+                                            "--clip-grad", "0", "--output-dir", str(out)]) == 0
+    ours = load(out / "checkpoint_last.pth.tar")
+    assert torch.equal(ours["student"]["backbone.conv1.weight"], teacher["conv1.weight"])  # lr 0: still the init
+
+    # a ViT as DINO's vision_transformer.py names it (timm's names) in the same layout
+    vit = build_backbone("vit_tiny")
+    vit.fc = nn.Identity()
+    timm = torchvision_to_timm({k[len("body."):]: v for k, v in vit.state_dict().items()})
+    torch.save(official_layout(timm), tmp_path / "dino_vit.pth")
+    fresh = build_backbone("vit_tiny")
+    load_backbone(fresh, load_checkpoint(str(tmp_path / "dino_vit.pth")))
+    for k, v in vit.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+def test_a_vit_checkpoint_has_dinos_vit_names(tmp_path, no_view_check):
+    """-a vit_tiny with AdamW (DINO's ViT recipe): the teacher in DINO's ViT names (what its
+    vision_transformer.py's VisionTransformer holds for depth 2), and main_lincls' loading rule
+    gives back the state_dict's teacher."""
+    argv = SYNTHETIC[:2] + ["-a", "vit_tiny", "-j", "0", "--synthetic-size", "32", "-b", "16", "--out-dim", "32",
+                            "--local-crops-number", "1", "--epochs", "1", "--no-payoff", "--output-dir", str(tmp_path)]
+    assert run_main(main_dino.main, argv) == 0
+    ckpt = load(tmp_path / "checkpoint_last.pth.tar")
+    assert ckpt["args"]["optimizer"] == "adamw" and ckpt["args"]["global_crops_scale"] == [0.4, 1.0]
+    names = {k[len("backbone."):] for k in ckpt["teacher"] if k.startswith("backbone.")}
+    per_block = [f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+                 for p in ("weight", "bias")]
+    assert names == {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                     "norm.bias"} | {f"blocks.{i}.{n}" for i in range(2) for n in per_block}
+    assert {k[len("module.backbone."):] for k in ckpt["student"] if k.startswith("module.backbone.")} == set() and \
+        {k[len("backbone."):] for k in ckpt["student"] if k.startswith("backbone.")} == names  # one process
+    fresh = build_backbone("vit_tiny")
+    load_backbone(fresh, load_checkpoint(str(tmp_path / "checkpoint_last.pth.tar")))
+    assert torch.equal(fresh.body.class_token, ckpt["state_dict"]["module.teacher.backbone.body.class_token"])
+
+
+def test_bad_flags_are_one_sentence(tmp_path, capsys):
+    for bad in (["--crop-min", "0.3"], ["--global-crops-scale", "0.5", "0.2"], ["--teacher-temp", "0"],
+                ["--gpu-decode"]):
+        code = run_main(main_dino.main, TINY + bad + ["--output-dir", str(tmp_path / "x"), "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, (bad, err)
