@@ -15,8 +15,8 @@ from common.ckpt.io import load_checkpoint
 from common.cli import ArgumentParser, switch
 
 # every script with a command line (tools/make_flags.py's list)
-SCRIPTS = ("main_moco", "main_moco_v3", "main_simclr", "main_byol", "main_distill", "main_inpaint", "main_lincls",
-           "main_knn", "main_curate", "export_backbone", "plot_run")
+SCRIPTS = ("main_moco", "main_moco_v3", "main_simclr", "main_byol", "main_dino", "main_distill", "main_inpaint",
+           "main_lincls", "main_knn", "main_curate", "export_backbone", "plot_run")
 MAX_GROUP = 12  # flags in one --help section
 FIELDS = ("style", "type", "nargs", "choices", "default")
 
