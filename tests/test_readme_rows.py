@@ -26,8 +26,8 @@ from common.train.data import fit_default_batch
 # - sbatch (SLURM) and bench/gpu_check.sh (a GPU) are not run; tools/inspection_data.py writes a
 #   small set (--images 120 --size 48).
 ARCH_FOR_CPU = {"vit_b_16": ["vit_tiny", "--crop-size", "32"], "convnext_tiny": ["convnext_micro", "--crop-size", "32"]}
-PRETRAINING = ("main_simclr.py", "main_moco.py", "main_moco_v3.py", "main_byol.py", "main_distill.py",
-               "main_inpaint.py")
+PRETRAINING = ("main_simclr.py", "main_moco.py", "main_moco_v3.py", "main_byol.py", "main_dino.py",
+               "main_distill.py", "main_inpaint.py")
 NOT_RUN = ("sbatch", "bench/gpu_check.sh")
 
 
