@@ -99,14 +99,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def is_vit(arch: str) -> bool:
-    return arch.startswith("vit_")
-
-
 def fill_recipe_defaults(args: argparse.Namespace) -> None:
     """--optimizer by family, then --lr, --wd, --weight-decay-end by optimizer and the crop scales
     by family, where the command line left them out; what was chosen is printed."""
-    family = "vit" if is_vit(args.arch) else "other"
+    family = "vit" if args.arch.startswith("vit_") else "other"
     args.optimizer = args.optimizer or ("adamw" if family == "vit" else "sgd")
     chosen = []
     for dest, value in {**RECIPES[args.optimizer], **CROPS[family]}.items():
@@ -203,7 +199,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     # ---- resume (--resume PATH|auto): model (centre included), optimizer, scaler and RNG; every checkpoint
     # also holds `student` and `teacher` in facebookresearch/dino's layout
     checkpoints = Checkpoints(model, optimizer, scaler, args, "dino",
-                              keys=lambda: checkpoint_layout(dino, env.distributed, is_vit(args.arch)))
+                              keys=lambda: checkpoint_layout(dino, env.distributed, args.arch.startswith("vit_")))
     start_epoch, start_iter = checkpoints.resume()
 
     # ---- the run's monitors: metrics log, kNN monitor and payoff probe on the teacher's backbone, stop
