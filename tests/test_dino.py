@@ -273,6 +273,42 @@ def test_an_official_dino_checkpoint_loads_in_lincls_knn_export_and_init(tmp_pat
         assert torch.equal(fresh.state_dict()[k], v), k
 
 
+def test_a_released_full_checkpoint_with_an_argparse_namespace_loads_and_other_pickles_are_refused(tmp_path):
+    """DINO's released *_full_checkpoint.pth pickle its flags (`args`, an argparse.Namespace):
+    main_lincls' loader (follow_checkpoint, load_pretrained) and --init's read them; any other
+    pickled object, inside the Namespace too, is refused in the one sentence."""
+    import argparse
+    from fractions import Fraction
+
+    from common.ckpt.init_weights import read_init
+    from common.ckpt.pretrained import follow_checkpoint, load_pretrained
+    from common.errors import UserError
+    torch.manual_seed(0)
+    resnet = tvm.resnet18()
+    resnet.fc = nn.Identity()
+    teacher = resnet.state_dict()
+    path = tmp_path / "dino_resnet18_pretrain_full_checkpoint.pth"
+    dino_args = argparse.Namespace(arch="resnet18", out_dim=16, lr=0.03, global_crops_scale=(0.14, 1.0))
+    torch.save({**official_layout(teacher), "args": dino_args, "dino_loss": {"center": torch.zeros(1, 16)}}, path)
+    args = argparse.Namespace(pretrained=str(path), arch=None, crop_size=None, small_images=None, dataset="synthetic")
+    follow_checkpoint(args)  # main_lincls' and main_knn's first read
+    assert args.arch == "resnet50"  # DINO stores no top-level arch: the default (-a picks another)
+    ckpt = load_pretrained(str(path), "resnet18")
+    assert ckpt["args"]["out_dim"] == 16 and ckpt["args"]["lr"] == 0.03  # the Namespace as a dict, as ours
+    backbone = build_backbone("resnet18", small_images=False)
+    load_backbone(backbone, ckpt)
+    assert torch.equal(backbone.conv1.weight, teacher["conv1.weight"])
+    assert torch.equal(read_init(str(path), "resnet18")["state_dict"]["backbone.conv1.weight"], teacher["conv1.weight"])
+    for bad in ({"state_dict": {}, "args": Fraction(1, 3)},
+                {"state_dict": {}, "args": argparse.Namespace(lr=Fraction(1, 3))}):
+        torch.save(bad, tmp_path / "foreign.pth.tar")
+        with pytest.raises(UserError, match="it holds pickled Python objects besides tensors") as e:
+            load_checkpoint(str(tmp_path / "foreign.pth.tar"))
+        assert "\n" not in str(e.value)
+        with pytest.raises(UserError, match="cannot read --init"):
+            read_init(str(tmp_path / "foreign.pth.tar"), "resnet18")
+
+
 @pytest.mark.slow
 def test_a_vit_checkpoint_has_dinos_vit_names(tmp_path, no_view_check):
     """-a vit_tiny with AdamW (DINO's ViT recipe): the teacher in DINO's ViT names (what its

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from common.ckpt.pretrained import check_finite, checked_checkpoint, extract_backbone, load_backbone, load_pretrained
-from common.ckpt.io import with_dino_state_dict
+from common.ckpt.io import safe_load, with_dino_state_dict
 from common.ckpt.resume import check_arch, resolve_resume
 from common.errors import UserError, reason
 from common.log.progress import log
@@ -34,7 +34,7 @@ def read_init(spec: str, arch: str) -> Dict[str, Any]:
         raise UserError(f"--init {spec!r} does not exist; pass 'imagenet' or a checkpoint, exported backbone or "
                         f"torchvision state_dict file")
     try:
-        loaded = torch.load(spec, map_location="cpu", weights_only=True)
+        loaded = safe_load(spec)  # weights_only, argparse.Namespace allowed (DINO's full checkpoints)
     except Exception as e:
         raise UserError(f"cannot read --init {spec!r} ({reason(e)}); it is damaged or was not written by torch.save: "
                         f"pass a checkpoint, an export_backbone.py .pth or a torchvision state_dict")

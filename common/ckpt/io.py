@@ -2,6 +2,7 @@
 atomic writes that never destroy the last good file, reading with a plain error, and
 restoring model, optimizer, scaler and RNG state. Which checkpoint to resume is
 common/ckpt/resume.py; backbones for evaluation common/ckpt/pretrained.py."""
+import argparse
 import os
 import random
 import re
@@ -203,13 +204,25 @@ def current_args(saved: Dict[str, Any]) -> Dict[str, Any]:
     return args
 
 
+# the one pickled class a checkpoint may hold besides tensors and plain values: facebookresearch/dino's
+# (and other reference repos') full checkpoints store their flags as an argparse.Namespace under "args"
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def safe_load(path: str, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True, which also allows SAFE_GLOBALS (argparse.Namespace:
+    plain attributes, no code runs); any other pickled object is still refused."""
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool = False) -> Dict[str, Any]:
     """Load safely (weights_only) and check that the right script wrote it. `mmap`: map the
     tensors instead of reading them (cheap when only the metadata is needed)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist; check the path (or use --resume auto)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ckpt = safe_load(path, mmap=mmap)
     except Exception as e:  # truncated files, pickles of foreign classes, not a torch file
         if "Weights only load failed" in str(e):
             raise UserError(f"cannot read checkpoint {path!r}: it holds pickled Python objects besides tensors, and "
@@ -222,6 +235,8 @@ def load_checkpoint(path: str, expected_method: Optional[str] = None, mmap: bool
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{path!r} is not a training checkpoint (no 'state_dict'); "
                         f"pass a .pth.tar written by main_moco.py, main_simclr.py or main_lincls.py")
+    if isinstance(ckpt.get("args"), argparse.Namespace):  # a reference repo's flags: a dict, as ours
+        ckpt["args"] = vars(ckpt["args"])
     if isinstance(ckpt.get("args"), dict):
         ckpt["args"] = current_args(ckpt["args"])
     method = ckpt.get("method")
