@@ -18,7 +18,7 @@ import torch.nn as nn
 from byol.loss import effective_rank, std_of_l2_normalized, symmetric_loss
 from common.nets.ema import momentum_update
 from common.nets.models import feature_dim
-from mocov3.builder import build_mlp
+from common.nets.mlp import build_mlp
 
 
 class BYOL(nn.Module):

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from common.distributed.collectives import concat_all_gather
 from common.eval.metrics import retrieval_acc1
 from common.nets.models import feature_dim
+from common.nets.mlp import build_mlp
 from common.watch.collapse import LearningWatch
 from distill.loss import distill_loss
 from distill.teacher import FrozenTeacher
-from mocov3.builder import build_mlp
 
 
 class Distill(nn.Module):

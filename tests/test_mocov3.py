@@ -20,9 +20,10 @@ import main_lincls
 import main_moco_v3
 from common.ckpt.pretrained import checkpoint_arch, extract_backbone
 from common.ckpt.vit_keys import torchvision_to_timm
+from common.nets.mlp import build_mlp
 from common.nets.models import build_backbone
 from common.train.schedule import cosine_momentum
-from mocov3.builder import MoCoV3, build_mlp, contrastive_loss
+from mocov3.builder import MoCoV3, contrastive_loss
 
 TINY = SYNTHETIC + ["--synthetic-size", "32", "-b", "16", "--epochs", "1", "--moco-dim", "16", "--moco-mlp-dim", "32",
                     "--seed", "3", "-p", "100", "--no-payoff"]
