@@ -37,6 +37,7 @@ from common.train.pretrain_args import finalize_pretrain_args, finalize_view_arg
 from common.train.run import PretrainRun
 from common.train.schedule import cosine_momentum
 from common.train.step import train_one_epoch
+from common.watch.entropy import EntropyWatch
 from common.watch.view_check import view_check_only
 from dino import schedule
 from dino.augment import dino_views, local_crop_size
@@ -125,8 +126,6 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         if given(args, flag):
             raise UserError(f"--{flag.replace('_', '-')} is not DINO's: its crops' areas are --global-crops-scale "
                             f"and --local-crops-scale")
-    if args.stop_if_not_learning:
-        raise UserError("--stop-if-not-learning watches a contrastive accuracy, which DINO has not; drop it")
     for flag in ("global_crops_scale", "local_crops_scale"):
         lo, hi = getattr(args, flag)
         if not 0 < lo <= hi <= 1:
@@ -205,7 +204,9 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     # ---- the run's monitors: metrics log, kNN monitor and payoff probe on the teacher's backbone, stop
     lr_fn = functools.partial(schedule.lr_at, base_lr=lr, min_lr=args.min_lr, epochs=args.epochs,
                               warmup_epochs=args.warmup_epochs)
-    run = PretrainRun(args, env, data, lr_fn, (start_epoch, start_iter), checkpoints)
+    # the collapse watch (common/watch/entropy.py): warnings, not_learning, --stop-if-not-learning
+    watch = EntropyWatch(args.out_dim, "--center-momentum below 1 (DINO: 0.9) and --teacher-temp 0.04 to 0.07")
+    run = PretrainRun(args, env, data, lr_fn, (start_epoch, start_iter), checkpoints, learning=watch)
 
     def per_step(at: float) -> None:  # before the step, beside its lr: DINO's per-iteration schedules
         dino.epoch = int(at)  # the teacher temperature's

@@ -45,8 +45,8 @@ class DINOLoss(nn.Module):
         """student_output: (n_crops*B) x out_dim, crop-major (crop 0 of every image, then crop 1 ...);
         teacher_output: (2*B) x out_dim, the two global crops. Returns the loss (the mean over
         the pairs of the batch-mean cross-entropy) and {"teacher_entropy": the teacher's
-        per-image entropy, "batch_entropy": that of its batch mean} (nats; both near
-        log(out_dim): uniform collapse; both near 0: one-dimension collapse). Updates the centre."""
+        per-image entropy, "batch_entropy": that of its batch mean, "kl": the student's mean KL
+        from the teacher} (nats; common/watch/entropy.py judges them). Updates the centre."""
         student_out = (student_output / self.student_temp).chunk(self.n_crops)  # n_crops x (B x out_dim)
         temp = self.teacher_temp(epoch)
         teacher_p = F.softmax((teacher_output - self.center) / temp, dim=-1).detach()  # (2B) x out_dim
@@ -60,7 +60,10 @@ class DINOLoss(nn.Module):
                 terms += 1
         self.update_center(teacher_output)
         with torch.no_grad():
-            stats = {"teacher_entropy": entropy(teacher_p), "batch_entropy": entropy(teacher_p.mean(0, keepdim=True))}
+            h = entropy(teacher_p)
+            # every teacher crop is the target of as many pairs: the mean cross-entropy less its entropy
+            stats = {"teacher_entropy": h, "batch_entropy": entropy(teacher_p.mean(0, keepdim=True)),
+                     "kl": (total / terms).detach() - h}
         return total / terms, stats
 
     @torch.no_grad()

@@ -4,6 +4,7 @@ last layer frozen in the first epochs, the weight-normed head, multi-crop shapes
 sees the global crops only), resume (epoch end and SIGUSR1 mid-epoch), and checkpoints in
 facebookresearch/dino's layout both ways (theirs in main_lincls/main_knn/export/--init, ours
 under DINO's eval_linear loading rule)."""
+import json
 import os
 import signal
 import subprocess
@@ -28,12 +29,13 @@ from common.ckpt.pretrained import extract_backbone, load_backbone
 from common.ckpt.vit_keys import torchvision_to_timm
 from common.nets.models import build_backbone
 from common.train.preempt import REQUEUE_EXIT_CODE
-from common.train.run import PretrainRun
+from common.train.run import NOT_LEARNING_EXIT, PretrainRun
 from dino.augment import dino_views, local_crop_size
 from dino.builder import DINO
 from dino.head import DINOHead
 from dino.loss import DINOLoss, teacher_temp_schedule
 from dino.schedule import clip_gradients, lr_at, weight_decay_at
+from common.watch.entropy import EntropyWatch
 
 # 4 steps an epoch, 2 global + 2 local crops, a small head; SGD at a rate that moves 4 steps
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--out-dim", "32", "--local-crops-number", "2",
@@ -79,7 +81,9 @@ def test_loss_is_the_cross_entropy_over_pairs_of_other_crops_and_the_centre_move
     expected = sum((-q[t] * s[v]).sum(-1).mean() for t, v in pairs) / len(pairs)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(loss_fn.center, 0.9 * center0 + 0.1 * teacher.mean(0, keepdim=True))
-    assert set(stats) == {"teacher_entropy", "batch_entropy"}
+    assert set(stats) == {"teacher_entropy", "batch_entropy", "kl"}
+    kl = sum((torch.special.xlogy(q[t], q[t]) - q[t] * s[v]).sum(-1).mean() for t, v in pairs) / len(pairs)
+    torch.testing.assert_close(stats["kl"], kl)
     # global crop 0 is never its own target: its student rows take their gradient from teacher crop 1 only
     grads = []
     for t0 in (teacher[:b], 5 * torch.randn(b, k)):
@@ -190,6 +194,42 @@ def test_last_layer_frozen_first_epoch_then_moves_and_resume_equals_the_uninterr
     state = {k.replace("module.", "").replace("backbone.", ""): v for k, v in ckpt["teacher"].items()}
     assert model.load_state_dict(state, strict=False).missing_keys == []
     assert torch.equal(model.conv1.weight, ckpt["teacher"]["backbone.conv1.weight"])
+
+
+def test_entropy_watch_tells_uniform_and_one_dimension_collapse():
+    watch = EntropyWatch(32, "a hint")  # log(32) = 3.466
+    assert watch.message(3.40, 3.45, 0.11) is None  # the healthy TINY run's last epoch (docs/dino.md)
+    assert "uniform" in watch.message(3.465, 3.466, 0.04) and "a hint" in watch.message(3.465, 3.466, 0.04)
+    assert watch.message(3.465, 3.466, 0.2) is None  # uniform teacher, but the student still learns from it
+    assert "same dimension" in watch.message(0.4, 0.5, 0.05)
+    assert watch.step(0.4, 0.5, 0.05) and watch.step(0.4, 0.5, 0.05) is None  # once per collapse
+    assert watch.step(2.0, 2.5, 0.3) is None and watch.step(0.4, 0.5, 0.05)
+    assert watch.update(0, 0.4, 0.5, 0.05) and watch.update(1, 0.4, 0.5, 0.05) and watch.stuck_epochs == 2
+    assert watch.update(2, 2.0, 2.5, 0.3) is None and watch.stuck_epochs == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("collapse", [["--center-momentum", "1"],  # no centring: one dimension
+                                      ["--center-momentum", "0", "--teacher-temp", "1", "--warmup-teacher-temp", "1"]])
+def test_a_collapsing_run_stops_within_a_tenth_of_its_budget(tmp_path, capsys, no_view_check, collapse):
+    """--stop-if-not-learning on the collapse watch: 40 epochs budgeted, stopped (exit 3) after
+    at most 4; the measured levels are docs/dino.md's (the collapse watch)."""
+    out = tmp_path / "run"
+    argv = TINY + ["--epochs", "40", "--stop-if-not-learning", "--knn-every", "0", "--output-dir", str(out)]
+    assert run_main(main_dino.main, argv + collapse) == NOT_LEARNING_EXIT
+    assert "WARNING: " in capsys.readouterr().out
+    epochs = [json.loads(line) for line in open(out / "metrics.jsonl") if '"epoch"' in line]
+    assert len(epochs) <= 4 and epochs[-1]["not_learning"] and epochs[-2]["not_learning"]
+
+
+@pytest.mark.slow
+def test_a_healthy_run_is_not_called_collapsed(tmp_path, capsys, no_view_check):
+    out = tmp_path / "run"
+    argv = TINY + ["--epochs", "10", "--stop-if-not-learning", "--knn-every", "0", "--output-dir", str(out)]
+    assert run_main(main_dino.main, argv) == 0
+    assert "WARNING" not in capsys.readouterr().out
+    epochs = [json.loads(line) for line in open(out / "metrics.jsonl") if '"epoch"' in line]
+    assert len(epochs) == 10 and not any(e["not_learning"] for e in epochs)
 
 
 @pytest.mark.slow
