@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision.models as tvm
 from PIL import Image
 from conftest import (CHILD_WAIT_S, ROOT, SYNTHETIC, assert_same_weights, clean_env, run_inline, run_main,
                       wait_for_line)
-from test_simclr import ToyEncoder
+from test_simclr import ToyEncoder, _free_port
 
 import main_dino
 import main_knn
@@ -157,6 +159,47 @@ def test_multi_crop_shapes_and_the_teacher_sees_only_the_global_crops():
     model(*batch)
     assert seen["teacher"] == [(2 * b, 3, 32, 32)]  # the global crops, in one batch
     assert seen["student"][-2:] == [(2 * b, 3, 32, 32), (3 * b, 3, 16, 16)]
+
+
+# ---------------------------------------------------------------- 2 gloo workers == 1 process
+
+def _dist_worker(rank: int, world: int, url: str, case: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world)
+    try:
+        n = case["crops"][0].shape[0] // world
+        model = toy_dino()  # ToyEncoder and a head without BN: per-process BN statistics would differ
+        model.load_state_dict(case["state"])
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        ddp(*[c[rank * n:(rank + 1) * n] for c in case["crops"]])[0].backward()
+        opt.step()
+        model.m = 0.9
+        model.update_teacher()
+        # the centre is all-reduced: half batches on 2 processes give the whole batch's centre
+        torch.testing.assert_close(model.loss.center, case["center"], rtol=1e-5, atol=1e-6)
+        for name, t in model.teacher.state_dict().items():
+            torch.testing.assert_close(t, case["teacher"][name], rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_workers_give_the_centre_and_teacher_of_one_process_on_the_whole_batch():
+    torch.manual_seed(0)
+    model = toy_dino()
+    model.loss.center.copy_(torch.randn(1, 16))  # a centre that has moved: its momentum is checked too
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    crops = [torch.randn(8, 3, 4, 4) for _ in range(4)]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(*crops)[0].backward()
+    opt.step()
+    model.m = 0.9
+    model.update_teacher()
+    assert not torch.equal(model.loss.center, state["loss.center"])
+    case = {"crops": crops, "state": state, "center": model.loss.center.clone(),
+            "teacher": {k: v.clone() for k, v in model.teacher.state_dict().items()}}
+    mp.spawn(_dist_worker, args=(2, f"tcp://127.0.0.1:{_free_port()}", case), nprocs=2, join=True)
 
 
 # ---------------------------------------------------------------- runs
