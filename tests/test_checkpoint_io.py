@@ -100,11 +100,13 @@ def test_metrics_keep_one_line_per_epoch_after_a_kill_between_line_and_checkpoin
 
 
 def test_pickled_objects_are_refused_in_one_sentence(tmp_path):
-    import argparse
+    """Any pickled object but an argparse.Namespace (which DINO's released checkpoints hold under
+    "args", tests/test_dino.py) is refused."""
+    import fractions
 
     from common.ckpt.io import load_checkpoint
     from common.errors import UserError
-    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "foreign.pth.tar")
+    torch.save({"state_dict": {}, "args": fractions.Fraction(1, 3)}, tmp_path / "foreign.pth.tar")
     with pytest.raises(UserError, match="it holds pickled Python objects besides tensors") as e:
         load_checkpoint(str(tmp_path / "foreign.pth.tar"))
     assert "\n" not in str(e.value)
