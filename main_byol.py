@@ -13,7 +13,7 @@ SGD lr 0.05 x batch/256, weight decay 1e-4, momentum 0.9, cosine without warmup,
 predictor's lr kept fixed (--fix-pred-lr), projector 2048, predictor bottleneck 512. Both
 default to 100 epochs and a batch of 512 (SimSiam's; BYOL's paper trains 300-1000 epochs at
 4096). The views are BYOL's asymmetric pair (blur 1.0 / 0.1, solarize 0.2 on the second;
-byol/augment.py), SimSiam's MoCo v2 aug-plus for both (crop 0.08 as BYOL). Checkpoints use facebookresearch/simsiam's keys (`module.encoder.*`,
+common/augment/asymmetric.py), SimSiam's MoCo v2 aug-plus for both (crop 0.08 as BYOL). Checkpoints use facebookresearch/simsiam's keys (`module.encoder.*`,
 `module.predictor.*`) and, for BYOL, `module.target_encoder.*`. No negatives, so the
 collapse watch is the std and the effective rank of the l2-normalised output
 (common/watch/collapse.py StdWatch, docs/byol.md).
@@ -24,9 +24,9 @@ from typing import Dict
 
 import torch.nn as nn
 
-from byol.augment import byol_views
 from byol.builder import BYOL
 from common.augment import transforms as augment
+from common.augment.asymmetric import byol_views
 from common.ckpt.checkpoints import Checkpoints
 from common.ckpt.init_weights import init_backbone
 from common.cli import (ArgumentParser, add_pretrain_args, add_recipe_args, add_training_args, add_view_args,

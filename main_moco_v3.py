@@ -8,7 +8,7 @@
 
 Defaults are moco-v3's recipes: for ResNets (LARS) lr 0.6 x batch/256, weight decay 1e-6, T 1.0;
 for ViTs (AdamW) lr 1.5e-4 x batch/256, weight decay 0.1, T 0.2 (RECIPES); both 10 warmup epochs
-then cosine, momentum 0.99 rising to 1 by a cosine; BYOL's asymmetric views (byol/augment.py,
+then cosine, momentum 0.99 rising to 1 by a cosine; BYOL's asymmetric views (common/augment/asymmetric.py,
 moco-v3's augmentation1 / augmentation2). Checkpoints use moco-v3's keys
 (`module.base_encoder.*`, `module.momentum_encoder.*`, `module.predictor.*`).
 """
@@ -18,8 +18,8 @@ import functools
 import torch
 import torch.nn as nn
 
-from byol.augment import byol_views
 from common.augment import transforms as augment
+from common.augment.asymmetric import byol_views
 from common.ckpt.checkpoints import Checkpoints
 from common.ckpt.init_weights import init_backbone
 from common.cli import ArgumentParser, add_pretrain_args, add_training_args, add_view_args, given, switch

@@ -5,7 +5,7 @@ blurred half the time. DINO resizes its crops bicubically; these use RandomResiz
 bilinear default, as the repo's other recipes."""
 from typing import List, Tuple
 
-from byol.augment import byol_views
+from common.augment.asymmetric import byol_views
 from common.augment.transforms import Recipe
 
 

@@ -10,10 +10,10 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from byol.augment import byol_views
 from common.augment import gpu as G
 from common.augment import gpu_decode as D
 from common.augment import transforms as augment
+from common.augment.asymmetric import byol_views
 from common.data.images import FileListDataset, pil_loader
 from common.data.transformed import TransformedDataset
 from common.nets.models import build_backbone

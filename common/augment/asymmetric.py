@@ -1,5 +1,5 @@
-"""BYOL's asymmetric pair of views (Grill et al., 2020, table 6), which moco-v3 uses too
-(its main_moco.py augmentation1 / augmentation2)."""
+"""BYOL's asymmetric pair of views (Grill et al., 2020, table 6), which moco-v3 uses too (its
+main_moco.py augmentation1 / augmentation2) and DINO for its two global crops."""
 from typing import Optional, Tuple
 
 from common.augment.transforms import Recipe
