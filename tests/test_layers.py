@@ -30,7 +30,7 @@ COMMON_ORDER = [
     "common.train",  # the pretraining run: data, step loop, run state, schedules, optimizers
 ]
 # one layer above common/; none imports another (each is one method's or one job's parts)
-METHOD_AND_JOB_FOLDERS = ["moco", "mocov3", "simclr", "inpaint", "lincls", "knn", "curate", "export"]
+METHOD_AND_JOB_FOLDERS = ["moco", "mocov3", "simclr", "byol", "dino", "distill", "inpaint", "lincls", "knn", "curate", "export"]
 # above them the scripts: every .py file at the repository's top (main_*.py, hubconf.py,
 # export_backbone.py, plot_run.py); none imports another. On top the tools, which may import anything.
 TOOLS = ["bench", "tools", "tests"]
