@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Representation quality on Fashion-MNIST: MoCo v2, SimCLR and (with --methods ... inpaint)
-the context encoder, pretrained on the train images without labels, then a linear probe and
-kNN on the test set with 100 %, 10 % and 1 % of the train labels, against a random-init
-backbone and a ResNet trained from scratch
+the context encoder (--methods also takes moco_v3, byol, simsiam and dino), pretrained on the
+train images without labels, then a linear probe and kNN on the test set with 100 %, 10 % and
+1 % of the train labels, against a random-init backbone and a ResNet trained from scratch
 (main_lincls.py --finetune --pretrained none) on the same labels. Every training run is
 the product's own script, called through its main(argv).
 
@@ -110,12 +110,18 @@ def budget_arg(text: str) -> Union[int, str]:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number of images nor 'recipe'")
 
 
+# every method's pretraining script (pretrain_methods) and --recipe small budget's key in SMALL_DATA_BUDGET:
+# SimSiam is main_byol.py --simsiam, whose recipe uses BYOL's budget; DINO has no --recipe small, so BYOL's
+# (SimCLR's 100k, not measured for either); MoCo v3 has none either: MoCo's
+METHODS = ("moco", "moco_v3", "simclr", "inpaint", "byol", "simsiam", "dino")
+BUDGET_OF = {"simsiam": "byol", "dino": "byol", "moco_v3": "moco"}
+
+
 def pretrain_epochs(args: argparse.Namespace, method: str, pool: int) -> int:
     """Epochs of `method` on a pool of `pool` images under --pretrain-budget."""
     if not args.pretrain_budget:
         return args.pretrain_epochs
-    # MoCo v3 has no --recipe small yet: MoCo's budget
-    recipe_budget = SMALL_DATA_BUDGET.get(method, SMALL_DATA_BUDGET["moco"])
+    recipe_budget = SMALL_DATA_BUDGET[BUDGET_OF.get(method, method)]
     budget = recipe_budget if args.pretrain_budget == "recipe" else args.pretrain_budget
     return epochs_for_budget(pool, budget)
 
@@ -137,7 +143,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--supervised", default=True, action=argparse.BooleanOptionalAction,
                    help="also train the network from scratch on the labels (the supervised row)")
     p.add_argument("--quick", action="store_true", help="small budget for 2 CPU cores (see PRESETS)")
-    p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=("moco", "moco_v3", "simclr", "inpaint"))
+    p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=METHODS)
     p.add_argument("--init", default=None, metavar="imagenet|PATH",
                    help="every pretraining run starts from these weights (the scripts' --init): continued "
                         "pretraining, to compare with the same budget from scratch (without it)")
@@ -274,21 +280,32 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str, ep
     """The scripts' `--recipe small` (key momentum 0.99, lr 0.06 MoCo; SGD lr 0.1, T 0.2
     SimCLR, where LARS' trust ratio with lr 0.3 x B/256 barely moves the weights), with this
     benchmark's batch, epochs, crop-min, MoCo T and queue given explicitly (kept by the
-    recipe); SimCLR at batches of 1024 and more keeps its LARS defaults."""
+    recipe); SimCLR at batches of 1024 and more keeps its LARS defaults. BYOL and SimSiam:
+    main_byol.py's `--recipe small`, the same way; DINO (no recipe): see its branch."""
     # --save-freq past the end: only the last epoch's file (one per epoch fills a disk on long runs)
     argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(epochs),
                                        "--output-dir", out, "-p", "20", "--save-freq", "1000000"]
     argv += ["--init", args.init] if args.init else []
     # (evaluate() sets args.moco_k per pool on a copy of args)
     if args.dataset in FOLDERS:  # the README's command: the recipe chooses, nothing else given
-        if method in ("inpaint", "moco_v3"):
+        if method in ("inpaint", "moco_v3", "dino"):
             raise UserError(f"--dataset {args.dataset} benchmarks the --recipe small runs, which {method} has not; "
                             f"drop {method} from --methods")
         argv = common_flags(args, root) + ["--epochs", str(epochs), "--output-dir", out, "-p", "20",
                                            "--save-freq", "1000000", "--recipe", "small"]
-        return argv + args.pretrain_flags.split()
+        return argv + (["--simsiam"] if method == "simsiam" else []) + args.pretrain_flags.split()
     if method == "inpaint":  # the tutorial's Adam lr 1e-3 and BCE; 4 patches of 8 px on 32 px images (a quarter)
         return argv + ["--lr", "1e-3", "--patches", "4", "--patch-size", "8"]
+    if method == "dino":
+        # no --recipe small: the README's ResNet row (--out-dim 4096, 2 local crops; DINO's SGD lr 0.03 x B/256),
+        # and what the recipe gives the other methods here: grayscale views, the warmup a tenth of the epochs,
+        # the global crops' smallest area --crop-min (DINO refuses the flag itself; its local crops end where the
+        # global ones start, as in both of DINO's recipes); teacher momentum 0.99 (MoCo's small-data key
+        # momentum): at 0.996 a run of a few hundred steps leaves the evaluated teacher ~40 % random init. Untuned
+        return argv + ["--out-dim", "4096", "--local-crops-number", "2", "--gray-images",
+                       "--warmup-epochs", str(min(10.0, epochs / 10)), "--momentum-teacher", "0.99",
+                       "--global-crops-scale", str(args.crop_min), "1", "--local-crops-scale", "0.05",
+                       str(args.crop_min)]
     argv += ["--crop-min", str(args.crop_min)]
     if method == "moco_v3":  # AdamW for both families at small batches (LARS needs a far larger lr there); untuned
         return argv + ["--optimizer", "adamw", "--lr", "0.02", "--wd", "0.01", "--moco-t", "0.2",
@@ -296,6 +313,8 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str, ep
     if method == "moco":
         return argv + ["--recipe", "small", "--moco-t", str(args.moco_t), "--moco-k", str(args.moco_k),
                        "--bn-splits", "8" if args.batch_size >= 256 else "2"]
+    if method in ("byol", "simsiam"):  # main_byol.py's --recipe small (SGD lr 0.05 x B/256, wd 1e-4)
+        return argv + ["--recipe", "small"] + (["--simsiam"] if method == "simsiam" else [])
     if args.batch_size < 1024:
         return argv + ["--recipe", "small"]
     return argv + ["--temperature", "0.2", "--warmup-epochs", str(min(10.0, epochs / 10))]
@@ -415,12 +434,15 @@ def pretrain_methods(args: argparse.Namespace, data: Data, epochs: Dict[str, int
                      ) -> Tuple[Dict[str, str], Dict[str, float]]:
     """Each method's pretraining, its script's main(argv) on the pool (--reuse: a finished run
     is kept): ({method: its last checkpoint}, {"pretrain_<method>": seconds})."""
+    import main_byol
+    import main_dino
     import main_inpaint
     import main_moco
     import main_moco_v3
     import main_simclr
 
-    scripts = {"moco": main_moco, "moco_v3": main_moco_v3, "simclr": main_simclr, "inpaint": main_inpaint}
+    scripts = {"moco": main_moco, "moco_v3": main_moco_v3, "simclr": main_simclr, "inpaint": main_inpaint,
+               "byol": main_byol, "simsiam": main_byol, "dino": main_dino}
     backbones: Dict[str, str] = {}
     seconds: Dict[str, float] = {}
     for method in args.methods:
