@@ -22,6 +22,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
+# the folder listings the scripts cache (common/data/listing.py) go to a temporary folder, not the
+# user's ~/.cache; the scripts the tests start inherit it
+if not os.environ.get("SSL_PRETRAIN_LISTINGS"):
+    import tempfile
+    os.environ["SSL_PRETRAIN_LISTINGS"] = tempfile.mkdtemp(prefix="listings-")
+
 # Fast, still learnable: resnet18 with the ImageNet stem on 32 px synthetic images (class =
 # hue, layout random). 16 steps of this MoCo config (BN groups of 32, fast key encoder
 # m=0.9, mild colour jitter since the class is the hue, the queue one batch: a tenth of the

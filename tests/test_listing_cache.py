@@ -52,6 +52,7 @@ def _uncached(root):
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("SSL_PRETRAIN_LISTINGS", raising=False)  # conftest's temp folder: here the default path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
@@ -156,6 +157,7 @@ def test_the_first_scan_shows_progress(tmp_path, cache, capsys, monkeypatch):
 def test_an_unwritable_cache_folder_still_lists(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
+    monkeypatch.delenv("SSL_PRETRAIN_LISTINGS", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file: the cache folder cannot be made
     root = _make(str(tmp_path / "data"))
     _age(root, 100)

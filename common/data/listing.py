@@ -2,7 +2,7 @@
 image_folder and csv_manifest): walking a folder of a million images costs seconds to
 minutes (much more on a network disk), a csv of a million rows a stat per row, and every
 script that reads the data did it again. The listing is kept in a cache folder,
-`$XDG_CACHE_HOME/ssl-pretrain/listings/` (default `~/.cache/...`), one file per data folder;
+`$XDG_CACHE_HOME/ssl-pretrain/listings/` (default `~/.cache/...`, or `$SSL_PRETRAIN_LISTINGS`), one file per data folder;
 the data folder itself is never written to (it is often read-only or shared).
 
 The cache file holds the listing (paths relative to the folder, labels, classes) and the
@@ -40,7 +40,12 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
+CACHE_ENV = "SSL_PRETRAIN_LISTINGS"  # a folder of its own for the listings (the test suite points it at a temp folder)
+
+
 def cache_dir() -> str:
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "ssl-pretrain", "listings")
 
