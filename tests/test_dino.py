@@ -446,3 +446,22 @@ def test_a_short_run_beats_the_untrained_network_under_knn(tmp_path, no_view_che
     learned = knn.evaluate(backbone)["knn_top1"]
     print(f"kNN top-1: untrained {control:.1f}, DINO {learned:.1f}")
     assert learned > control + 5
+
+
+def test_vit_small_has_dinos_vit_s16_shape_and_its_layout_loads(tmp_path):
+    """-a vit_small is DINO's ViT-S/16 (DeiT-S): its weights in DINO's (timm's) names have the
+    released dino_deitsmall16_pretrain.pth's keys and shapes, and that layout loads back."""
+    vit = build_backbone("vit_small")
+    vit.fc = nn.Identity()
+    timm = torchvision_to_timm({k[len("body."):]: v for k, v in vit.state_dict().items()})
+    released = {"cls_token": (1, 1, 384), "pos_embed": (1, 197, 384), "patch_embed.proj.weight": (384, 3, 16, 16),
+                "blocks.0.attn.qkv.weight": (1152, 384), "blocks.11.mlp.fc1.weight": (1536, 384),
+                "blocks.11.mlp.fc2.weight": (384, 1536), "norm.weight": (384,)}
+    for k, shape in released.items():
+        assert tuple(timm[k].shape) == shape, k
+    assert sum(v.numel() for v in timm.values()) == 21_665_664  # ViT-S/16: 21.7M
+    torch.save(official_layout(timm), tmp_path / "dino_vits16.pth")
+    fresh = build_backbone("vit_small")
+    load_backbone(fresh, load_checkpoint(str(tmp_path / "dino_vits16.pth")))
+    for k, v in vit.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k

@@ -19,6 +19,9 @@ from common.errors import UserError
 
 # a ViT small enough for CPU tests: patch 4 (32 px -> 8x8 tokens), 2 layers, 2 heads, width 64
 TINY_VIT = {"vit_tiny": dict(patch_size=4, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128)}
+# ViT shapes torchvision lacks, as DINO, DeiT and timm name them: ViT-S/16, whose DINO weights are
+# the most used (patch 4 with --small-images, as torchvision's ViTs)
+MORE_VIT = {"vit_small": dict(patch_size=16, num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536)}
 # a ConvNeXt as narrow: stages of width 32 .. 256 with 1, 1, 2, 1 blocks (torchvision's smallest is 28M parameters)
 TINY_CONVNEXT = {"convnext_micro": [(32, 64, 1), (64, 128, 1), (128, 256, 2), (256, None, 1)]}
 HEAD_ATTRS = ("classifier", "head", "heads")
@@ -98,7 +101,7 @@ def arch_names() -> list:
     return sorted([n for n, f in vars(tvm).items()
                    if n.islower() and not n.startswith("_") and callable(f)
                    and n not in ("get_model", "get_weight", "list_models", "get_model_weights", "get_model_builder")]
-                  + list(TINY_VIT) + list(TINY_CONVNEXT))
+                  + list(TINY_VIT) + list(MORE_VIT) + list(TINY_CONVNEXT))
 
 
 def family(model: nn.Module) -> str:
@@ -126,6 +129,8 @@ def replace_batchnorm(model: nn.Module, norm_layer: Callable[[int], nn.Module]) 
 def _build_vit(arch: str, num_classes: int, small_images: bool, crop_size: Optional[int]) -> VisionTransformer:
     if arch in TINY_VIT:
         cfg = TINY_VIT[arch]
+    elif arch in MORE_VIT:
+        cfg = dict(MORE_VIT[arch], patch_size=4 if small_images else MORE_VIT[arch]["patch_size"])
     else:
         ref = tvm.__dict__[arch]()
         cfg = dict(patch_size=4 if small_images else ref.patch_size, num_layers=len(ref.encoder.layers),
