@@ -299,36 +299,36 @@ def test_checkpoint_loads_in_lincls_and_resume_equals_the_uninterrupted_run(tmp_
 
 
 @pytest.mark.slow
-def test_sigusr1_mid_epoch_requeues_and_the_resume_reproduces_the_run(tmp_path):
+@pytest.mark.parametrize("extra", [["--simsiam"], []], ids=["simsiam", "byol"])
+def test_sigusr1_mid_epoch_requeues_and_the_resume_reproduces_the_run(tmp_path, extra):
     """SimSiam with --fix-pred-lr (the predictor's lr outside the schedule) and BYOL's momentum
     both come back exactly after a preemption in the middle of an epoch."""
     script = os.path.join(ROOT, "main_byol.py")
-    for extra in (["--simsiam"], []):
-        argv = TINY + extra + ["--epochs", "2", "-p", "1"]
-        straight = tmp_path / f"straight{len(extra)}"
-        subprocess.run([sys.executable, script] + argv + ["--output-dir", str(straight)], cwd=ROOT, env=clean_env(),
-                       check=True, capture_output=True, timeout=CHILD_WAIT_S)
-        out = tmp_path / f"stopped{len(extra)}"
-        argv += ["--output-dir", str(out), "--resume", "auto"]
-        env = clean_env(SLURM_JOB_ID=4242, PATH="/nonexistent")
-        proc = subprocess.Popen([sys.executable, script] + argv, cwd=ROOT, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        try:
-            for line in proc.stdout:
-                if "Epoch [1/2][1/4]" in line:
-                    proc.send_signal(signal.SIGUSR1)
-                    break
-            proc.stdout.read()
-            assert proc.wait(timeout=CHILD_WAIT_S) == REQUEUE_EXIT_CODE
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        mid = load(out / "checkpoint_last.pth.tar")
-        assert mid["epoch"] == 1 and 1 <= mid["iteration"] < 4
-        resumed = subprocess.run([sys.executable, script] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                                 timeout=CHILD_WAIT_S)
-        assert resumed.returncode == 0, resumed.stderr
-        assert_same_weights(straight / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
+    argv = TINY + extra + ["--epochs", "2", "-p", "1"]
+    straight = tmp_path / f"straight{len(extra)}"
+    subprocess.run([sys.executable, script] + argv + ["--output-dir", str(straight)], cwd=ROOT, env=clean_env(),
+                   check=True, capture_output=True, timeout=CHILD_WAIT_S)
+    out = tmp_path / f"stopped{len(extra)}"
+    argv += ["--output-dir", str(out), "--resume", "auto"]
+    env = clean_env(SLURM_JOB_ID=4242, PATH="/nonexistent")
+    proc = subprocess.Popen([sys.executable, script] + argv, cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        for line in proc.stdout:
+            if "Epoch [1/2][1/4]" in line:
+                proc.send_signal(signal.SIGUSR1)
+                break
+        proc.stdout.read()
+        assert proc.wait(timeout=CHILD_WAIT_S) == REQUEUE_EXIT_CODE
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    mid = load(out / "checkpoint_last.pth.tar")
+    assert mid["epoch"] == 1 and 1 <= mid["iteration"] < 4
+    resumed = subprocess.run([sys.executable, script] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=CHILD_WAIT_S)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(straight / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
 
 
 # ---------------------------------------------------------------- 2 gloo workers == 1 process

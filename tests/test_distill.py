@@ -245,34 +245,34 @@ def test_a_distilled_student_beats_the_untrained_network_under_knn(tmp_path, moc
 
 
 @pytest.mark.slow
-def test_sigusr1_mid_epoch_requeues_and_the_resume_reproduces_the_run(tmp_path, simclr_teacher):
+@pytest.mark.parametrize("extra", [[], ["--cache-teacher"]], ids=["plain", "cache-teacher"])
+def test_sigusr1_mid_epoch_requeues_and_the_resume_reproduces_the_run(tmp_path, simclr_teacher, extra):
     """Preempted in the middle of epoch 0 (SEED's queue half filled): the mid-epoch checkpoint,
     exit 75, and `--resume auto` ends bitwise where the uninterrupted run does; with
     --cache-teacher the resumed process rebuilds the table of teacher features (the same
     teacher, the same un-augmented images) and matches too."""
     script = os.path.join(ROOT, "main_distill.py")
-    for extra in ([], ["--cache-teacher"]):
-        argv = TINY + extra + ["--teacher", simclr_teacher, "--epochs", "2", "-p", "1"]
-        straight = tmp_path / f"straight{len(extra)}"
-        subprocess.run([sys.executable, script] + argv + ["--output-dir", str(straight)], cwd=ROOT, env=clean_env(),
-                       check=True, capture_output=True, timeout=CHILD_WAIT_S)
-        out = tmp_path / f"stopped{len(extra)}"
-        argv += ["--output-dir", str(out), "--resume", "auto"]
-        env = clean_env(SLURM_JOB_ID=4242, PATH="/nonexistent")  # no scontrol: the requeue is logged
-        proc = subprocess.Popen([sys.executable, script] + argv, cwd=ROOT, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        seen, code, err = signal_after_line(proc, "Epoch [0/2][2/4]", signal.SIGUSR1)
-        assert code == REQUEUE_EXIT_CODE, seen + err
-        assert "SIGUSR1 received" in err and "Traceback" not in err
-        mid = load(out / "checkpoint_last.pth.tar")
-        assert (mid["epoch"], mid["method"]) == (0, "distill") and 2 <= mid["iteration"] <= 4, mid["iteration"]
-        assert int(mid["state_dict"]["module.queue_ptr"]) == 16 * mid["iteration"] % 32
-        resumed = subprocess.run([sys.executable, script] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                                 timeout=CHILD_WAIT_S)
-        assert resumed.returncode == 0, resumed.stderr
-        assert f"iteration {mid['iteration']}" in resumed.stdout
-        assert ("--cache-teacher: the teacher's features" in resumed.stdout) == bool(extra)
-        assert_same_weights(straight / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
+    argv = TINY + extra + ["--teacher", simclr_teacher, "--epochs", "2", "-p", "1"]
+    straight = tmp_path / f"straight{len(extra)}"
+    subprocess.run([sys.executable, script] + argv + ["--output-dir", str(straight)], cwd=ROOT, env=clean_env(),
+                   check=True, capture_output=True, timeout=CHILD_WAIT_S)
+    out = tmp_path / f"stopped{len(extra)}"
+    argv += ["--output-dir", str(out), "--resume", "auto"]
+    env = clean_env(SLURM_JOB_ID=4242, PATH="/nonexistent")  # no scontrol: the requeue is logged
+    proc = subprocess.Popen([sys.executable, script] + argv, cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen, code, err = signal_after_line(proc, "Epoch [0/2][2/4]", signal.SIGUSR1)
+    assert code == REQUEUE_EXIT_CODE, seen + err
+    assert "SIGUSR1 received" in err and "Traceback" not in err
+    mid = load(out / "checkpoint_last.pth.tar")
+    assert (mid["epoch"], mid["method"]) == (0, "distill") and 2 <= mid["iteration"] <= 4, mid["iteration"]
+    assert int(mid["state_dict"]["module.queue_ptr"]) == 16 * mid["iteration"] % 32
+    resumed = subprocess.run([sys.executable, script] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=CHILD_WAIT_S)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"iteration {mid['iteration']}" in resumed.stdout
+    assert ("--cache-teacher: the teacher's features" in resumed.stdout) == bool(extra)
+    assert_same_weights(straight / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
 
 
 # ---------------------------------------------------------------- 2 gloo workers == 1 process
