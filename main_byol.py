@@ -40,7 +40,7 @@ from common.nets.models import build_backbone
 from common.nets.precision import Precision
 from common.train.data import two_view_data
 from common.train.optim import OPTIMIZERS, build_optimizer, scaled_lr, split_decay_groups
-from common.train.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, chosen, epochs_for_budget
+from common.train.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, chosen, epochs_for_budget, shown
 from common.train.run import PretrainRun, lr_schedule
 from common.train.schedule import cosine_momentum
 from common.train.pretrain_args import finalize_pretrain_args, finalize_view_args
@@ -112,11 +112,6 @@ def small_data_recipe(data: DataProfile, crop_size: int, args: argparse.Namespac
     if crop_size <= SMALL_CROP_MAX:
         values["crop_min"] = 0.3
     return values
-
-
-def shown(dest: str, value: object) -> str:
-    flag = "--wd" if dest == "weight_decay" else "--" + dest.replace("_", "-")
-    return (flag if value else "--no-" + flag[2:]) if isinstance(value, bool) else f"{flag} {value}"
 
 
 def fill_paper_defaults(args: argparse.Namespace) -> None:

@@ -30,7 +30,10 @@ def flag(dest: str) -> str:
 
 
 def shown(dest: str, value: object) -> str:
-    return flag(dest) if value is True else f"{flag(dest)} {value}"
+    """A value as the command line gives it: --x, --no-x, --x VALUE."""
+    if isinstance(value, bool):
+        return flag(dest) if value else "--no-" + flag(dest)[2:]
+    return f"{flag(dest)} {value}"
 
 
 def chosen(args: argparse.Namespace, dest: str, recipe_value: object) -> object:
