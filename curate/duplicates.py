@@ -14,7 +14,10 @@ import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.data import Dataset
 
+from common.data.shard_reader import ShardDataset
+from common.eval.embeddings import path_of
 
 class Pair(NamedTuple):
     a: int
@@ -36,6 +39,16 @@ def file_hash(path: str) -> Optional[str]:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def image_hash(dataset: Dataset, index: int) -> Optional[str]:
+    """file_hash of the image's file, or sha256 of its bytes inside a shard."""
+    if isinstance(dataset, ShardDataset):
+        try:
+            return hashlib.sha256(dataset.read_bytes(index)).hexdigest()
+        except OSError:
+            return None
+    return file_hash(path_of(dataset, index))
 
 
 def exact_groups(hashes: Sequence[Optional[str]]) -> List[List[int]]:

@@ -17,7 +17,7 @@ from common.errors import UserError
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
 from curate.copies import SCALE_K, confirm_copies, pixel_neighbours, shift_px
-from curate.duplicates import file_hash, find_duplicates, join_pairs, redundant_rows
+from curate.duplicates import find_duplicates, image_hash, join_pairs, redundant_rows
 from curate.embedding_map import map_section
 from curate.items import Items
 from curate.labels import knn_probs, label_issues, oof_accuracy, probe_probs, strength_notes
@@ -80,7 +80,7 @@ def duplicates(items: Items, neighbours: Neighbours, pixels: Optional[Pixels], c
     from the --dup-k nearest embeddings and thumbnails), or near in the embedding (relative,
     cosine) among the --dup-k nearest."""
     sim, idx = neighbours[0][:, :args.dup_k + 1], neighbours[1][:, :args.dup_k + 1]
-    hashes = [file_hash(p) for p in items.paths]
+    hashes = [image_hash(base, i) for base, i in items.sources]
     if args.dup_rule == "pixels":
         start = time.time()
         thumbs = pixels.thumbs

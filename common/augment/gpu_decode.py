@@ -29,7 +29,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from common.augment.gpu import draw_params, photometric
 from common.augment.transforms import Recipe
-from common.data.images import FileListDataset, pil_loader
+from common.data.images import FileListDataset, decode_image
+from common.data.shard_reader import ShardDataset
 from common.data.subsets import SubsetDataset
 from common.errors import UserError
 
@@ -54,19 +55,25 @@ def read_for_device(path: str, min_side: Optional[int] = None) -> Union[EncodedI
     progressive JPEG in RGB or grayscale without an EXIF rotation); otherwise the image
     decoded here by `pil_loader` (EXIF rotation, 16-bit, CMYK, other formats)."""
     with open(path, "rb") as f:
-        data = f.read()
+        return bytes_for_device(f.read(), min_side)
+
+
+def bytes_for_device(data: bytes, min_side: Optional[int] = None) -> Union[EncodedImage, Image.Image]:
+    """read_for_device for an image's bytes already read (a file's, or a member of a shard)."""
     img = Image.open(io.BytesIO(data))  # reads the header only
     if img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(_EXIF_ORIENTATION, 1) == 1:
         return EncodedImage(data, *img.size)
-    return pil_loader(path, min_side)
+    return decode_image(io.BytesIO(data), min_side)
 
 
 def read_sample(dataset, index: int, min_side: Optional[int] = None):
-    """(read_for_device(path), target) for image files; other datasets (in memory,
+    """(read_for_device(path), target) for image files and shards; other datasets (in memory,
     generated) give their PIL image, which goes to the device whole."""
     if isinstance(dataset, FileListDataset):
         path, target = dataset.samples[index]
         return read_for_device(path, min_side), target
+    if isinstance(dataset, ShardDataset):  # the JPEG's bytes straight from the shard
+        return bytes_for_device(dataset.read_bytes(index), min_side), dataset.targets[index]
     if isinstance(dataset, SubsetDataset):
         return read_sample(dataset.base, dataset.indices[index], min_side)
     return dataset[index]

@@ -35,6 +35,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--dataset", default="imagefolder", choices=DATASETS,
                    help="where images come from (default: imagefolder, DATA/train + DATA/val "
                         "or a folder of class folders)")
+    g.add_argument("--shuffle-buffer", default=1000, type=int, metavar="N",
+                   help="--dataset shards: each rank mixes the samples it reads in a seeded buffer of N "
+                        "(0: the shards' own order, the most sequential reads)")
     switch(g, "--download", help="let torchvision download cifar10/cifar100/stl10/mnist/fashion-mnist into DATA")
     switch(g, "--strict-data", help="stop on an unreadable image instead of skipping it with a warning")
     g.add_argument("--synthetic-size", default=2000, type=int,

@@ -1,6 +1,7 @@
 """`--dataset` (the flags: common/cli/groups.py): the factory that turns them into a dataset of
 `(PIL image, label)`: imagefolder (default), csv manifest, cifar10, cifar100, stl10, mnist,
-fashion-mnist (torchvision, `--download` only when asked) and synthetic (generated,
+fashion-mnist (torchvision, `--download` only when asked), shards (tar files in the WebDataset
+layout, common/data/shard_reader.py) and synthetic (generated,
 learnable, for tests and demos). Image files are read in common/data/images.py; the
 augmentation is applied by common/data/transformed.py."""
 import argparse
@@ -11,10 +12,11 @@ import torchvision.datasets as tvd
 from torch.utils.data import Dataset
 
 from common.data.images import csv_manifest, image_folder
+from common.data.shard_reader import shard_dataset
 from common.data.synthetic import SyntheticPatterns
 from common.errors import UserError
 
-DATASETS = ("imagefolder", "csv", "cifar10", "cifar100", "stl10", "mnist", "fashion-mnist", "synthetic")
+DATASETS = ("imagefolder", "csv", "shards", "cifar10", "cifar100", "stl10", "mnist", "fashion-mnist", "synthetic")
 # images of these datasets are small: default crop 32 px (96 for STL-10)
 SMALL_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "mnist": 32, "fashion-mnist": 32, "stl10": 96, "synthetic": 32}
 # px: a crop this size or smaller is a small image (CIFAR-sized), a larger one an ImageNet-sized
@@ -76,6 +78,12 @@ def build_dataset(args: argparse.Namespace, split: str) -> Optional[Dataset]:
         return SyntheticPatterns(n, args.synthetic_classes, args.synthetic_image_size, seed=1 if split == "val" else 0)
     if name in ("cifar10", "cifar100", "stl10", "mnist", "fashion-mnist"):
         return _torchvision(name, root, split, args.download)
+    if name == "shards":
+        # DATA: a folder of train-*.tar (+ val-*.tar), a .tar pattern or a list of shard paths
+        if split == "val":
+            train = shard_dataset(root, "train", args.strict_data, args.shuffle_buffer)
+            return shard_dataset(root, "val", args.strict_data, args.shuffle_buffer, classes=train.classes)
+        return shard_dataset(root, "train", args.strict_data, args.shuffle_buffer)
     if name == "csv":
         # DATA is train.csv, or a folder holding train.csv and val.csv
         if os.path.isdir(root):

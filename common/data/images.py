@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import BinaryIO, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -27,16 +27,21 @@ def pil_loader(path: str, min_side: Optional[int] = None) -> Image.Image:
     1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's draft) as long as both sides stay at
     least `min_side`: a 4000x3000 photo for 224 px crops decodes about 10x faster."""
     with open(path, "rb") as f:
-        img = Image.open(f)
-        if min_side:
-            img.draft(None, (min_side, min_side))  # no-op for other formats
-        img = ImageOps.exif_transpose(img)  # phone photos are stored sideways with an EXIF rotation
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit (and 32-bit integer) images: PIL's convert("RGB") clips them to 255, almost all white
-            arr = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
-        return img.convert("RGB")
+        return decode_image(f, min_side)
+
+
+def decode_image(f: BinaryIO, min_side: Optional[int] = None) -> Image.Image:
+    """pil_loader's decoding of an open file or a BytesIO (an image inside a shard)."""
+    img = Image.open(f)
+    if min_side:
+        img.draft(None, (min_side, min_side))  # no-op for other formats
+    img = ImageOps.exif_transpose(img)  # phone photos are stored sideways with an EXIF rotation
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (and 32-bit integer) images: PIL's convert("RGB") clips them to 255, almost all white
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 class FileListDataset(Dataset):

@@ -6,6 +6,10 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from common.data.seeding import sample_seed
+from common.data.shard_order import ShardOrderSampler
+from common.data.shard_reader import ShardDataset
+from common.data.transformed import TransformedDataset
 from common.distributed.collectives import DistEnv
 from common.distributed.signals import ignore_preemption_signals
 
@@ -49,7 +53,7 @@ class ResumableSampler(Sampler):
             if pos < self.start:
                 continue
             # one seed per (run seed, epoch, sample): augmentations independent of workers/resume
-            yield idx, ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + idx) % (2 ** 63)
+            yield idx, sample_seed(self.seed, self.epoch, idx)
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -62,6 +66,10 @@ def make_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int, s
     """Per-process loader over this rank's share, batches of `batch_size` (per worker).
     `sampler` replaces the default one (e.g. lincls.balance.BalancedSampler); `collate_fn`
     the default collation (e.g. common.augment.gpu_decode.collate_encoded)."""
+    base = dataset.base if isinstance(dataset, TransformedDataset) else dataset
+    if sampler is None and shuffle and isinstance(base, ShardDataset):
+        # shards are read front to back, a run of them per rank (common/data/shard_order.py)
+        sampler = ShardOrderSampler(base.spans, env.world_size, env.rank, seed=seed, buffer=base.shuffle_buffer)
     if sampler is None:
         sampler = ResumableSampler(len(dataset), env.world_size, env.rank, shuffle=shuffle, seed=seed,
                                    drop_last=drop_last)

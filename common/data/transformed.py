@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from common.data.images import FileListDataset
+from common.data.shard_reader import ShardDataset
 from common.data.subsets import SubsetDataset
 from common.errors import UserError
 
@@ -20,7 +21,7 @@ READ_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for bad file
 
 def load_sample(dataset: Dataset, index: int, min_side: Optional[int] = None):
     """dataset[index], decoded at reduced size where the source can (image files)."""
-    if isinstance(dataset, FileListDataset):
+    if isinstance(dataset, (FileListDataset, ShardDataset)):
         return dataset.load(index, min_side)
     if isinstance(dataset, SubsetDataset):
         return load_sample(dataset.base, dataset.indices[index], min_side)

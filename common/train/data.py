@@ -14,6 +14,7 @@ from common.augment.gpu_decode import DecodeToDevice, EncodedViews, check_device
 from common.cli import given
 from common.data.datasets import build_dataset
 from common.data.loader import ResumableSampler, make_loader
+from common.data.shard_order import ShardOrderSampler
 from common.data.transformed import TransformedDataset, load_sample
 from common.distributed.collectives import DistEnv
 from common.errors import UserError
@@ -64,6 +65,12 @@ def pretrain_data(args: argparse.Namespace, env: DistEnv, transform, batch_size:
                         f"lower --batch-size or add images")
     log(f"=> {len(dataset)} images, {iters_per_epoch} iterations/epoch, {env.world_size} process(es), "
         f"batch {batch_size}/process on {env.device}")
+    if isinstance(sampler, ShardOrderSampler):
+        left = sampler.left_out(batch_size)
+        log(f"=> shards: each process reads a run of the {len(sampler.spans)} shards front to back (their order "
+            f"reshuffled every epoch), samples mixed in a buffer of {sampler.buffer} (--shuffle-buffer); "
+            + (f"{left} of the {sampler.total} samples an epoch fill no whole batch on every process and are left "
+               f"out, other ones each epoch" if left else "every sample is trained on once an epoch"))
     return PretrainData(dataset, loader, sampler, batch_size, iters_per_epoch, to_device)
 
 
