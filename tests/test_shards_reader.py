@@ -4,9 +4,11 @@ every sample once an epoch over 1, 2 and 4 real gloo processes with uneven shard
 mid-epoch SIGUSR1 + `--resume auto` reproduces the run; each broken shard is one sentence,
 or a counted skip without --strict-data."""
 import argparse
+import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +19,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import CHILD_WAIT_S, ROOT, assert_same_weights, clean_env, write_image_folder
+from conftest import CHILD_WAIT_S, ROOT, assert_same_weights, clean_env, run_inline, write_image_folder
 from PIL import Image
 from test_slurm import signal_after_line
 
+import main_curate
+import main_knn
+import main_lincls
 import make_shards
 from common.augment.gpu_decode import EncodedImage, read_sample
 from common.data.datasets import build_dataset
@@ -304,8 +309,10 @@ SIMCLR = ["--dataset", "shards", "-a", "resnet18", "--crop-size", "16", "-b", "8
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
+    """32 train and 33 val images in shards; val's last is a byte copy of a train image (a leak)."""
     root = tmp_path_factory.mktemp("shards")
     data = write_image_folder(root / "data", classes=("a", "b"), per_class=16, split_dirs=("train", "val"))
+    shutil.copyfile(os.path.join(data, "train", "a", "3.png"), os.path.join(data, "val", "b", "leak.png"))
     for split in ("train", "val"):
         make_shards.main([data, str(root / "shards"), "--split", split, "--shard-size", "30KB"])
     return str(root / "shards")
@@ -333,18 +340,19 @@ def test_sigusr1_mid_epoch_and_resume_auto_reproduce_the_run_on_shards(tmp_path,
     assert_same_weights(straight / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
 
 
-def test_knn_and_linear_probe_read_shards_and_name_shard_and_key(tmp_path, shards):
-    common = ["--dataset", "shards", "--pretrained", "none", "-a", "resnet18", "--crop-size", "16", "-j", "0"]
-    knn = subprocess.run([sys.executable, "main_knn.py", shards] + common + ["--output-dir", str(tmp_path / "knn"),
-                          "--retrieval", "2"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                         timeout=CHILD_WAIT_S)
-    assert knn.returncode == 0, knn.stderr
-    assert "kNN" in knn.stdout
+def test_knn_lincls_and_curate_read_shards_and_name_shard_and_key(tmp_path, shards, capsys):
+    net = ["--dataset", "shards", "--pretrained", "none", "-a", "resnet18", "--crop-size", "16", "-j", "0"]
+    knn = run_inline(capsys, main_knn.main, [shards, *net, "--output-dir", str(tmp_path / "knn"), "--retrieval", "2"])
+    assert "33 val" in knn.stdout or "val 33" in knn.stdout
     listed = "".join(open(os.path.join(r, f)).read() for r, _, fs in os.walk(tmp_path / "knn") for f in fs
                      if f.endswith(".csv"))
-    assert ".tar:0000" in listed  # retrieval names the shard and the key
-    lin = subprocess.run([sys.executable, "main_lincls.py", shards] + common + ["--epochs", "1", "-b", "8",
-                          "--output-dir", str(tmp_path / "lin")], cwd=ROOT, env=clean_env(), capture_output=True,
-                         text=True, timeout=CHILD_WAIT_S)
-    assert lin.returncode == 0, lin.stderr
-    assert "Acc@1" in lin.stdout or "acc1" in lin.stdout
+    assert os.path.join(shards, "val-0000") in listed and ".tar:0000" in listed  # which shard, which key
+    run_inline(capsys, main_lincls.main, [shards, *net, "--epochs", "1", "-b", "8", "--output-dir",
+                                          str(tmp_path / "lin")])
+    run_inline(capsys, main_curate.main, [shards, *net, "--output-dir", str(tmp_path / "cur"), "--findings",
+                                          "duplicates"])
+    with open(tmp_path / "cur" / "duplicates.csv") as f:
+        rows = list(csv.DictReader(f))
+    exact = [r for r in rows if r["test"] == "sha256"]
+    assert len(exact) == 1 and (exact[0]["split_a"], exact[0]["split_b"]) == ("train", "val"), rows  # the leak
+    assert ".tar:" in exact[0]["path_a"] and os.path.join(shards, "val-") in exact[0]["path_b"]
