@@ -41,10 +41,18 @@ class ShardOrderSampler(Sampler):
         return order
 
     def stream(self) -> np.ndarray:
-        """This rank's samples in the order its shards are read: its run of the epoch's shard order."""
-        runs = [np.arange(a, a + n, dtype=np.int64) for a, n in (self.spans[s] for s in self.shard_order())]
-        whole = np.concatenate(runs) if runs else np.zeros(0, np.int64)
-        return whole[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]
+        """This rank's samples in the order its shards are read: its run of the epoch's shard
+        order (only the shards it overlaps are expanded: a rank holds its own share, not the set's)."""
+        lo, hi = self.rank * self.num_samples, (self.rank + 1) * self.num_samples
+        runs, at = [], 0
+        for s in self.shard_order():
+            a, n = self.spans[s]
+            if at + n > lo and at < hi:
+                runs.append(np.arange(a + max(lo - at, 0), a + min(hi - at, n), dtype=np.int64))
+            at += n
+            if at >= hi:
+                break
+        return np.concatenate(runs) if runs else np.zeros(0, np.int64)
 
     def indices(self) -> List[int]:
         """The stream through the shuffle buffer: fill it, then each sample read replaces one

@@ -45,6 +45,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 LABEL_EXTS = ("cls", "json", "txt")  # the first one a sample has is its label
 CACHE_VERSION = 1
 OPEN_FILES = 16  # shard files a process keeps open for reading
+# the header scan reads this much at a time: small images put many headers in one read, and a
+# large image's data is skipped by a seek past the buffer
+READ_BUFFER = 1 << 20
 _BRACE = re.compile(r"\{([0-9]+)\.\.([0-9]+)\}")
 _BLOCK = tarfile.BLOCKSIZE
 
@@ -123,7 +126,7 @@ def _members(path: str) -> Tuple[List[Tuple[str, int, int]], Optional[str]]:
     long-name headers is read by tarfile."""
     out: List[Tuple[str, int, int]] = []
     size_on_disk = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=READ_BUFFER) as f:  # a seek inside the buffer costs no read
         offset = 0
         while True:
             f.seek(offset)
@@ -175,9 +178,9 @@ def _members_by_tarfile(path: str, size_on_disk: int) -> Tuple[List[Tuple[str, i
 def split_name(name: str) -> Tuple[str, str]:
     """WebDataset's (key, extension): the path up to the first dot of the file name, the rest
     in lower case."""
-    folder, base = os.path.split(name)
+    folder, slash, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
-    return (os.path.join(folder, stem) if folder else stem), ext.lower() if dot else ""
+    return folder + slash + stem, ext.lower() if dot else ""
 
 
 class Problems:
@@ -203,14 +206,15 @@ def scan_shard(path: str, problems: Problems) -> Tuple[List[str], List[int], Lis
     without an image, and the rest of a truncated or damaged shard, go to `problems`."""
     members, broken = _members(path)
     keys, offsets, sizes, labels = [], [], [], []
-    with open(path, "rb") as f:
+    named = [split_name(m[0]) for m in members]
+    with open(path, "rb", buffering=READ_BUFFER) as f:
         i = 0
         while i < len(members):
-            key = split_name(members[i][0])[0]
+            key = named[i][0]
             j = i
             image, label, label_ext = None, None, None
-            while j < len(members) and split_name(members[j][0])[0] == key:
-                _, ext = split_name(members[j][0])
+            while j < len(members) and named[j][0] == key:
+                ext = named[j][1]
                 if ext in IMAGE_EXTS and image is None:
                     image = members[j]
                 elif ext in LABEL_EXTS and (label_ext is None or LABEL_EXTS.index(ext) < LABEL_EXTS.index(label_ext)):
@@ -289,7 +293,7 @@ class ShardDataset(Dataset):
     (first sample, count). Reads are `os.pread` on files opened once per process (no shared
     file position between loader workers)."""
 
-    def __init__(self, paths: List[str], keys: List[str], shard_of: np.ndarray, offsets: np.ndarray,
+    def __init__(self, paths: List[str], keys: np.ndarray, shard_of: np.ndarray, offsets: np.ndarray,
                  sizes: np.ndarray, targets: List[int], classes: List[str], shuffle_buffer: int):
         self.paths, self.keys = paths, keys
         self.shard_of, self.offsets, self.sizes = shard_of, offsets, sizes
@@ -424,7 +428,9 @@ def shard_dataset(spec: str, split: str, strict: bool, shuffle_buffer: int,
             raise UserError(f"cannot read the label map of {index_file!r} ({reason(e)}); rewrite it with "
                             f"make_shards.py or remove it") from None
     targets, classes = label_map([str(t) for t in table["labels"]], classes, spec)
-    ds = ShardDataset(paths, [str(k) for k in table["keys"]], table["shard_of"].astype(np.int64), table["offsets"],
+    # numpy columns, not a million Python objects: ~60 bytes a sample, and forked loader workers
+    # share the pages (a Python list's refcounts would copy them)
+    ds = ShardDataset(paths, table["keys"], table["shard_of"], table["offsets"],
                       table["sizes"], targets, classes, shuffle_buffer)
     listing.log(f"=> shards: {split} {len(ds)} images in {len(paths)} shard(s) of {spec}, {len(classes)} classes")
     return ds
