@@ -21,7 +21,7 @@ if ROOT not in sys.path:
 FLAGS_MD = os.path.join(ROOT, "docs", "flags.md")
 # the scripts with a command line, as modules of the repository root; each has get_args_parser()
 SCRIPTS = ("main_moco", "main_moco_v3", "main_simclr", "main_byol", "main_dino", "main_distill", "main_inpaint",
-           "main_lincls", "main_knn", "main_curate", "export_backbone", "plot_run")
+           "main_lincls", "main_knn", "main_curate", "export_backbone", "plot_run", "make_shards")
 
 MAX_CHOICES = 12  # longer choice lists are shortened to their first names and "..."
 
