@@ -28,13 +28,14 @@ from common.augment.transforms import eval_decode_side, eval_transform
 from common.ckpt.init_weights import read_init
 from common.ckpt.io import load_checkpoint
 from common.ckpt.pretrained import checked_checkpoint, checkpoint_arch, load_backbone, load_pretrained
-from common.data.datasets import SMALL_CROP_MAX, build_dataset
+from common.data.datasets import SMALL_CROP_MAX
 from common.data.transformed import TransformedDataset
 from common.errors import UserError, reason
 from common.eval.features import extract_indexed_features
 from common.log.progress import log
 from common.nets.models import build_backbone
 from common.nets.precision import Precision
+from common.train.data import pretraining_images
 
 HUB_SIZE = 224  # a multiple of 14 (DINOv2's patches) and of 16
 
@@ -76,8 +77,7 @@ class FrozenTeacher(nn.Module):
         (un-augmented), through the teacher once; under DDP each rank embeds its share and
         all get the whole table (common/eval/features.py). Unreadable images keep a zero row
         (training reads the next readable image in their place, and looks up that one's)."""
-        base = build_dataset(args, "pretrain")
-        dataset = TransformedDataset(base, eval_transform(self.size), decode_side=eval_decode_side(self.size),
+        dataset = TransformedDataset(pretraining_images(args), eval_transform(self.size), decode_side=eval_decode_side(self.size),
                                      skip_unreadable=True)
         feats, _, index = extract_indexed_features(self, dataset, args.batch_size, device, workers,
                                                    Precision.from_args(args), normalize=True,

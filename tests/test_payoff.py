@@ -48,13 +48,26 @@ def test_the_probe_reads_the_train_split_only(tmp_path, monkeypatch):
     args = main_moco.finalize_args(main_moco.get_args_parser().parse_args(
         [data, "-a", "resnet18", "--output-dir", str(tmp_path / "run")]))
     probe = payoff.PayoffProbe(args, DistEnv(0, 1, 0, torch.device("cpu"), False))
-    assert read == ["train"] and len(probe.data) == 12
+    assert read == ["train"]
+    # --payoff-holdout 0.2: a class-stratified fifth held out, the probe fitted on the rest
+    fitted = {probe.data.path(i) for i in range(len(probe.data))}
+    held = {probe.held_at_size[args.crop_size].path(i) for i in range(len(probe.held))}
+    assert len(fitted) == 10 and len(held) == 2 and not fitted & held
+    assert len({os.path.basename(os.path.dirname(p)) for p in held}) == 2  # one of each class
+    # ... and never among the images the run pretrains on
+    from common.train.data import pretraining_images
+    pretrained_on = pretraining_images(args)
+    assert len(pretrained_on) == 10 and {pretrained_on.path(i) for i in range(10)} == fitted
+    args.payoff_holdout = 0
+    probe = payoff.PayoffProbe(args, DistEnv(0, 1, 0, torch.device("cpu"), False))
+    assert len(probe.data) == 12 and probe.held == [] and len(pretraining_images(args)) == 12
 
 
 def test_the_learning_run_paid_off_and_says_so_in_payoff_json(moco_pretrained):
     with open(os.path.join(os.path.dirname(moco_pretrained), "payoff.json")) as f:
         doc = json.load(f)
-    assert doc["images"] == 512 and doc["epoch"] == 1 and doc["against"] == "untrained"
+    assert doc["images"] + doc["held_out"] == 512 and 96 <= doc["held_out"] <= 108  # --payoff-holdout 0.2
+    assert doc["epoch"] == 1 and doc["against"] == "untrained"
     assert len(doc["baselines"]["untrained"]["fold_top1"]) == len(doc["final"]["fold_top1"]) == payoff.PAYOFF_FOLDS
     v = doc["verdicts"]["untrained"]
     # this config over seeds 1-3: gains 35.4, 34.0, 28.9 points (fold spreads 8.7, 4.2, 4.2)
@@ -71,7 +84,8 @@ def test_noise_labels_give_the_warning_and_a_resumed_run_keeps_its_baseline(tmp_
     argv = [data, "-a", "resnet18", "--no-small-images", "-j", "0", "--crop-size", "32", "-b", "16", "--moco-k",
             "32", "--moco-dim", "16", "--bn-splits", "2", "--seed", "3", "-p", "100", "--output-dir", str(out)]
     ran = run_inline(capsys, main_moco.main, argv + ["--epochs", "1"])
-    assert "=> payoff: 5-fold logreg probe on 80 labelled train images before training: untrained" in ran.stdout
+    assert ("=> payoff: logreg probe fitted on 64 labelled train images and scored on the 16 held out of pretraining "
+            "(--payoff-holdout), before training: untrained") in ran.stdout
     assert "WARNING: pretraining did not pay off on these images: the gain is inside the fold spread; try " \
            "--init imagenet" in ran.stdout
     first = json.load(open(out / "payoff.json"))
@@ -125,7 +139,7 @@ def test_source_scale_views_are_scored_at_both_sizes_and_the_probes_follow_the_c
     ran = run_inline(capsys, main_moco.main, [
         data, "-a", "resnet18", "--no-small-images", "-j", "0", "--crop-size", "16", "--crop-min", area, "--crop-max",
         area, "-b", "8", "--moco-k", "16", "--moco-dim", "16", "--bn-splits", "2", "--epochs", "1", "--seed", "0", "-p", "100",
-        "--output-dir", str(out)])
+        "--payoff-holdout", "0", "--output-dir", str(out)])
     doc = json.load(open(out / "payoff.json"))
     assert doc["sizes"] == [16, 64] and set(doc["by_size"]) == {"16", "64"}
     at = {int(s): d["final"]["top1"] for s, d in doc["by_size"].items()}
@@ -173,6 +187,12 @@ def test_payoff_groups_come_from_file_names_and_a_bad_pattern_is_one_sentence(tm
     env = DistEnv(0, 1, 0, torch.device("cpu"), False)
     args = main_moco.finalize_args(parse([data, "--payoff-groups", r"^(s\d+)_", "--output-dir", str(tmp_path / "r")]))
     probe = payoff.PayoffProbe(args, env)
+    # held out: whole groups, three of the six (the verdict's parts), none of their images fitted
+    assert probe.groups is None and len(set(probe.held_groups)) == 3 and len(probe.held) == 6
+    fitted = {os.path.basename(probe.data.path(i)).split("_")[0] for i in range(len(probe.data))}
+    assert len(fitted) == 3 and not fitted & set(probe.held_groups)
+    args.payoff_holdout = 0  # without a holdout: 5 folds, each group in one
+    probe = payoff.PayoffProbe(args, env)
     assert sorted(set(probe.groups)) == [f"s{i}" for i in range(6)] and len(probe.groups) == 12
     for pattern, said in ((r"^(t\d+)_", "matches no group in 12 of the 12 labelled file names, e.g."),
                           (r"_(a|b)\.", "finds 2 group(s) in the labelled file names; the 5-fold probe needs at least 5"),
@@ -180,6 +200,9 @@ def test_payoff_groups_come_from_file_names_and_a_bad_pattern_is_one_sentence(tm
         args.payoff_groups = pattern
         with pytest.raises(UserError, match=said.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
             payoff.PayoffProbe(args, env)
+    args.payoff_holdout, args.payoff_groups = 0.2, r"^(s)\d"  # one group: nothing to hold out and fit on
+    with pytest.raises(UserError, match="finds 1 group.s. in the labelled file names; --payoff-holdout needs at least 2"):
+        payoff.PayoffProbe(args, env)
 
 
 def test_inpainting_has_no_views_and_no_learned_size():
@@ -195,7 +218,7 @@ def test_with_two_sizes_the_probe_scores_a_smaller_sample_at_both(tmp_path, monk
     parse = main_moco.get_args_parser().parse_args
     env = DistEnv(0, 1, 0, torch.device("cpu"), False)
     one = payoff.PayoffProbe(main_moco.finalize_args(parse([data, "--crop-size", "16", "--output-dir", "r"])), env)
-    assert one.sizes == [16] and len(one.data) == 24
+    assert one.sizes == [16] and len(one.data) + len(one.held) == 24
     two = payoff.PayoffProbe(main_moco.finalize_args(parse([data, "--crop-size", "16", "--crop-min", "0.25",
                                                             "--crop-max", "0.25", "--output-dir", "r"])), env)
     assert two.sizes == [16, 32] and len(two.at_size[16]) == len(two.at_size[32]) == 10

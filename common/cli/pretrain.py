@@ -58,6 +58,11 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
            help="when the train split has labels: a 5-fold logreg probe on them (never val) before training and at "
                 "the end (and every --knn-every epochs) says whether pretraining beat the network it started from "
                 "(OUTPUT_DIR/payoff.json)")
+    g.add_argument("--payoff-holdout", default=0.2, type=float, metavar="FRACTION",
+                   help="share of the labelled train images (whole --payoff-groups groups) kept out of pretraining, "
+                        "1,000 images at most: the payoff probe is fitted on the other labelled images and scored "
+                        "on these, which pretraining never saw, as val's are; 0: none kept out, a 5-fold probe on "
+                        "images pretraining saw (an upper bound: it can memorise them) (default: 0.2)")
     g.add_argument("--payoff-groups", default=None, metavar="REGEX",
                    help="keep images of one group (a simulation, a part, a wafer) in one fold of the payoff "
                         "probe and the recipe trial: the regex's first group (else its match) in each file name "

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from common.data.seeding import sample_seed
 from common.data.shard_order import ShardOrderSampler
 from common.data.shard_reader import ShardDataset
+from common.data.subsets import SubsetDataset
 from common.data.transformed import TransformedDataset
 from common.distributed.collectives import DistEnv
 from common.distributed.signals import ignore_preemption_signals
@@ -67,9 +68,13 @@ def make_loader(dataset: Dataset, batch_size: int, env: DistEnv, workers: int, s
     `sampler` replaces the default one (e.g. lincls.balance.BalancedSampler); `collate_fn`
     the default collation (e.g. common.augment.gpu_decode.collate_encoded)."""
     base = dataset.base if isinstance(dataset, TransformedDataset) else dataset
+    keep = None
+    if isinstance(base, SubsetDataset) and isinstance(base.base, ShardDataset):
+        base, keep = base.base, base.indices
     if sampler is None and shuffle and isinstance(base, ShardDataset):
         # shards are read front to back, a run of them per rank (common/data/shard_order.py)
-        sampler = ShardOrderSampler(base.spans, env.world_size, env.rank, seed=seed, buffer=base.shuffle_buffer)
+        sampler = ShardOrderSampler(base.spans, env.world_size, env.rank, seed=seed, buffer=base.shuffle_buffer,
+                                    keep=keep)
     if sampler is None:
         sampler = ResumableSampler(len(dataset), env.world_size, env.rank, shuffle=shuffle, seed=seed,
                                    drop_last=drop_last)

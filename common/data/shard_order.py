@@ -11,7 +11,7 @@ another and no sample is read twice. What cannot fill a whole batch on every ran
 than world x batch samples, at the end of the epoch's order, so other ones each epoch) is
 left out and counted by `left_out`, as drop_last does for folders."""
 import random
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -24,10 +24,21 @@ class ShardOrderSampler(Sampler):
     buffer's size in samples (0: the shards' own order, the most sequential reads)."""
 
     def __init__(self, spans: Sequence[Tuple[int, int]], num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 buffer: int = 1000):
+                 buffer: int = 1000, keep: Optional[Sequence[int]] = None):
         self.spans, self.num_replicas, self.rank = list(spans), num_replicas, rank
         self.seed, self.buffer = seed, buffer
-        self.total = sum(n for _, n in self.spans)
+        # keep: the samples of a SubsetDataset of the shards (the pretraining images without the
+        # payoff's held-out ones); the order then yields positions in it
+        self.position = None
+        if keep is not None:
+            size = sum(n for _, n in self.spans)
+            self.position = np.full(size, -1, dtype=np.int64)
+            self.position[np.asarray(keep, dtype=np.int64)] = np.arange(len(keep))
+            kept = self.position >= 0
+            self.counts = [int(kept[a:a + n].sum()) for a, n in self.spans]
+        else:
+            self.counts = [n for _, n in self.spans]
+        self.total = sum(self.counts)
         self.num_samples = self.total // num_replicas
         self.epoch, self.start = 0, 0
 
@@ -47,9 +58,14 @@ class ShardOrderSampler(Sampler):
         runs, at = [], 0
         for s in self.shard_order():
             a, n = self.spans[s]
-            if at + n > lo and at < hi:
-                runs.append(np.arange(a + max(lo - at, 0), a + min(hi - at, n), dtype=np.int64))
-            at += n
+            count = self.counts[s]
+            if at + count > lo and at < hi:
+                run = np.arange(a, a + n, dtype=np.int64)
+                if self.position is not None:
+                    run = self.position[run]
+                    run = run[run >= 0]
+                runs.append(run[max(lo - at, 0):min(hi - at, count)])
+            at += count
             if at >= hi:
                 break
         return np.concatenate(runs) if runs else np.zeros(0, np.int64)

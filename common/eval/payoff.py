@@ -23,18 +23,19 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Subset
 
 from common.augment.transforms import eval_decode_side, eval_transform
 from common.files.atomic import write_json_atomic
 from common.data.datasets import build_dataset
 from common.data.images import FileListDataset
-from common.data.subsets import stratified_subset
+from common.data.subsets import SubsetDataset, stratified_subset
 from common.data.transformed import TransformedDataset
 from common.distributed.collectives import DistEnv, is_main_process
 from common.errors import UserError
+from common.eval.embeddings import path_of
 from common.eval.features import extract_indexed_features
-from common.eval.logreg import cross_validated_accuracy
+from common.eval.logreg import (CV_MAX_ITER, cross_validated_accuracy, fit_logistic_regression, group_folds,
+                                stratified_folds)
 from common.log.progress import log
 from common.nets.batchnorm import recalibrate_batchnorm
 from common.nets.models import build_backbone, without_head
@@ -49,6 +50,11 @@ PAYOFF_IMAGES = 5000
 # the same, smaller sample, so the payoff stays a small part of the run
 TWO_SIZES_IMAGES = 1000
 PAYOFF_FILE = "payoff.json"
+# the most labelled images --payoff-holdout keeps out of pretraining: enough for the verdict's
+# parts, a negligible share of a large set
+HOLDOUT_MAX = 1000
+# with --payoff-groups, the verdict's parts are the held-out groups when there are this many
+MIN_HELD_GROUPS = 3
 # the fewest labelled images of a class for every fold to hold one
 MIN_PER_CLASS = PAYOFF_FOLDS
 WHAT_TO_TRY = ("--init imagenet (weights you already have), a larger --crop-size if the images are much larger "
@@ -67,10 +73,11 @@ def learned_size(args: argparse.Namespace) -> Optional[int]:
     return size if size > args.crop_size else None
 
 
-def file_groups(pattern: str, paths: List[str]) -> List[str]:
+def file_groups(pattern: str, paths: List[str], least: int = PAYOFF_FOLDS) -> List[str]:
     """Each file's group under --payoff-groups (the regex's first group, else its whole match,
     in the file name). Refused in one sentence when a name does not match or there are fewer
-    groups than folds."""
+    than `least` groups (the folds of the probe without a holdout; two for a holdout: one
+    held out, one to fit on)."""
     try:
         regex = re.compile(pattern)
     except re.error as e:
@@ -86,10 +93,45 @@ def file_groups(pattern: str, paths: List[str]) -> List[str]:
         raise UserError(f"--payoff-groups {pattern!r} matches no group in {len(missed)} of the {len(paths)} labelled "
                         f"file names, e.g. {missed[0]!r}; give a regex that every file name matches, its first "
                         f"group naming the image's group")
-    if len(set(groups)) < PAYOFF_FOLDS:
+    if len(set(groups)) < least:
+        need = (f"the {PAYOFF_FOLDS}-fold probe needs at least {PAYOFF_FOLDS}" if least == PAYOFF_FOLDS else
+                f"--payoff-holdout needs at least {least}: groups to hold out and groups to fit the probe on")
         raise UserError(f"--payoff-groups {pattern!r} finds {len(set(groups))} group(s) in the labelled file names; "
-                        f"the {PAYOFF_FOLDS}-fold probe needs at least {PAYOFF_FOLDS}")
+                        f"{need}")
     return groups
+
+
+def holdout(args: argparse.Namespace, train) -> List[int]:
+    """The labelled train images (indices of `train`) kept out of pretraining for the payoff
+    probe to be scored on (--payoff-holdout): a class-stratified, seeded share of them, at
+    most HOLDOUT_MAX, or with --payoff-groups whole groups in a seeded order until the share
+    is reached. Empty when the payoff is off, --payoff-holdout is 0 or the labels are too
+    few to measure. The pretraining data (common/train/data.py) and the probe both call it:
+    the same seed gives the same images, on every rank and after a resume."""
+    if not args.payoff or args.payoff_holdout <= 0 or labels_to_measure(train):
+        return []
+    if not 0 < args.payoff_holdout < 1:
+        raise UserError(f"--payoff-holdout {args.payoff_holdout} is not a share; pass a fraction such as 0.2 (0: "
+                        f"keep no labelled images out of pretraining)")
+    labelled = [i for i, t in enumerate(train.targets) if t >= 0]
+    want = min(int(round(args.payoff_holdout * len(labelled))), HOLDOUT_MAX)
+    if args.payoff_groups is not None:
+        groups = file_groups(args.payoff_groups, [path_of(train, i) for i in labelled], least=2)
+        names = sorted(set(groups))
+        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        members: Dict[str, List[int]] = {}
+        for i, g in zip(labelled, groups):
+            members.setdefault(g, []).append(i)
+        held: List[int] = []
+        # whole groups until the share is reached, at least MIN_HELD_GROUPS of them (the verdict's
+        # spread is then over groups), never more than half the groups (the probe is fitted on the rest)
+        for taken, k in enumerate(order[:len(names) // 2]):
+            if len(held) >= want and taken >= MIN_HELD_GROUPS:
+                break
+            held += members[names[k]]
+        return sorted(held)
+    drawn = stratified_subset([train.targets[i] for i in labelled], want / len(labelled), args.seed)
+    return sorted(labelled[i] for i in drawn)
 
 
 def summary(folds: List[float]) -> Dict[str, object]:
@@ -122,10 +164,14 @@ def labels_to_measure(train) -> str:
 
 
 class PayoffProbe:
-    """The cross-validated logreg probe on (up to PAYOFF_IMAGES of) a run's labelled train
-    images, at the run's crop and at its learned_size when it has one (`sizes`; then on up to
-    TWO_SIZES_IMAGES). `data` (the
-    images at the crop) is None when there are too few labels to measure."""
+    """The logreg probe on a run's labelled train images, at the run's crop and at its
+    learned_size when it has one (`sizes`). With a --payoff-holdout (`held`, never in the
+    pretraining data) it is fitted on up to PAYOFF_IMAGES of the other labelled images and
+    scored on the held-out ones, in PAYOFF_FOLDS parts (the held-out groups with
+    --payoff-groups): the score of images pretraining never saw, as val's. Without, a
+    PAYOFF_FOLDS-fold cross-validation on labelled images pretraining saw. With two sizes, on
+    at most TWO_SIZES_IMAGES. `data` (the fitted images at the crop) is None when there are
+    too few labels to measure."""
 
     def __init__(self, args: argparse.Namespace, env: DistEnv):
         self.args, self.env = args, env
@@ -137,24 +183,42 @@ class PayoffProbe:
         classes = list(train.classes)
         self.sizes = [args.crop_size] + [s for s in [learned_size(args)] if s]
         most = PAYOFF_IMAGES if len(self.sizes) == 1 else TWO_SIZES_IMAGES
-        labelled = [i for i, t in enumerate(train.targets) if t >= 0]
+        if args.payoff_groups is not None and not isinstance(train, FileListDataset):
+            raise UserError("--payoff-groups reads the images' file names: give DATA as a folder (or csv) of image "
+                            "files, or leave the flag out")
+        self.held = holdout(args, train)
+        held = set(self.held)
+        labelled = [i for i, t in enumerate(train.targets) if t >= 0 and i not in held]
         if len(labelled) > most:
             drawn = stratified_subset([train.targets[i] for i in labelled], most / len(labelled), args.seed)
             labelled = [labelled[i] for i in drawn]
         self.num_classes = len(classes)
-        if args.payoff_groups is not None and not isinstance(train, FileListDataset):
-            raise UserError("--payoff-groups reads the images' file names: give DATA as a folder (or csv) of image "
-                            "files, or leave the flag out")
-        self.groups = file_groups(args.payoff_groups, [train.samples[i][0] for i in labelled]) \
-            if args.payoff_groups is not None else None
+        self.groups = file_groups(args.payoff_groups, [path_of(train, i) for i in labelled]) \
+            if args.payoff_groups is not None and not self.held else None
+        self.held_groups = file_groups(args.payoff_groups, [path_of(train, i) for i in self.held], least=1) \
+            if args.payoff_groups is not None and self.held else None
+
         # an unreadable image gets no row rather than a stand-in under its label
-        self.at_size = {size: TransformedDataset(Subset(train, labelled), eval_transform(size),
-                                                 decode_side=eval_decode_side(size), skip_unreadable=True)
-                        for size in self.sizes}
+        def images(index: List[int], size: int) -> TransformedDataset:
+            return TransformedDataset(SubsetDataset(train, index), eval_transform(size), decode_side=eval_decode_side(size),
+                                      skip_unreadable=True)
+
+        self.at_size = {size: images(labelled, size) for size in self.sizes}
+        self.held_at_size = {size: images(self.held, size) for size in self.sizes} if self.held else {}
         self.data = self.at_size[args.crop_size]
 
+    def describe(self) -> str:
+        """What the probe is fitted and scored on, for the log."""
+        if not self.held:
+            grouped = (f", each of {len(set(self.groups))} --payoff-groups groups in one fold"
+                       if self.groups is not None else "")
+            return f"{PAYOFF_FOLDS}-fold logreg probe on {len(self.data)} labelled train images{grouped}"
+        where = (f" of {len(set(self.held_groups))} --payoff-groups groups" if self.held_groups is not None else "")
+        return (f"logreg probe fitted on {len(self.data)} labelled train images and scored on the {len(self.held)} "
+                f"held out of pretraining{where} (--payoff-holdout)")
+
     def score(self, encoder: nn.Module) -> Dict[int, List[float]]:
-        """Per-fold top-1 (%) of the probe on `encoder`'s features (its head removed), per size."""
+        """Per-part (per-fold) top-1 (%) of the probe on `encoder`'s features (its head removed), per size."""
         return {size: self._score_at(encoder, size) for size in self.sizes}
 
     def score_as_initialised(self, encoder: nn.Module) -> Dict[int, List[float]]:
@@ -175,13 +239,27 @@ class PayoffProbe:
         at_crop = at_crop or max(self.args.batch_size // self.env.world_size, 64)
         return max(8, at_crop * self.args.crop_size ** 2 // size ** 2)
 
-    def _score_at(self, encoder: nn.Module, size: int) -> List[float]:
+    def _features(self, encoder: nn.Module, dataset: TransformedDataset, size: int):
         with without_head(encoder):
-            x, y, kept = extract_indexed_features(encoder, self.at_size[size], self._batch(size), self.env.device,
-                                                  precision=Precision.from_args(self.args), normalize=False)
-        groups = [self.groups[i] for i in kept.tolist()] if self.groups is not None else None
-        return cross_validated_accuracy(x.float(), y, self.num_classes, PAYOFF_FOLDS, seed=self.args.seed,
-                                        groups=groups)
+            return extract_indexed_features(encoder, dataset, self._batch(size), self.env.device,
+                                            precision=Precision.from_args(self.args), normalize=False)
+
+    def _score_at(self, encoder: nn.Module, size: int) -> List[float]:
+        x, y, kept = self._features(encoder, self.at_size[size], size)
+        if not self.held:
+            groups = [self.groups[i] for i in kept.tolist()] if self.groups is not None else None
+            return cross_validated_accuracy(x.float(), y, self.num_classes, PAYOFF_FOLDS, seed=self.args.seed,
+                                            groups=groups)
+        hx, hy, hkept = self._features(encoder, self.held_at_size[size], size)
+        w, b = fit_logistic_regression(x.float(), y, self.num_classes, max_iter=PAYOFF_FOLDS * CV_MAX_ITER)
+        right = ((hx.double() @ w + b).argmax(1) == hy).double()
+        if self.held_groups is not None and len(set(self.held_groups)) >= MIN_HELD_GROUPS:
+            names = [self.held_groups[i] for i in hkept.tolist()]
+            part = group_folds(names, len(set(names)), self.args.seed)
+        else:
+            part = stratified_folds(hy.cpu(), PAYOFF_FOLDS, self.args.seed)
+        part = part.to(right.device)
+        return [100.0 * right[part == p].mean().item() for p in range(int(part.max()) + 1) if (part == p).any()]
 
 
 class Payoff:
@@ -233,10 +311,7 @@ class Payoff:
         said = "; ".join((f"at {size} px " if len(self.baselines) > 1 else "")
                          + ", ".join(f"{name} {b['top1']:.1f} +- {b['fold_std']:.1f}" for name, b in at_size.items())
                          for size, at_size in self.baselines.items())
-        grouped = (f", each of {len(set(self.probe.groups))} --payoff-groups groups in one fold"
-                   if self.probe.groups is not None else "")
-        log(f"=> payoff: {PAYOFF_FOLDS}-fold logreg probe on {len(self.probe.data)} labelled train images{grouped} "
-            f"before training: {said}")
+        log(f"=> payoff: {self.probe.describe()}, before training: {said}")
         self._write({})
 
     def _fresh(self) -> nn.Module:
@@ -264,10 +339,10 @@ class Payoff:
         main = verdicts[against]
         record = {"payoff_top1": final["top1"], "payoff_baseline_top1": baselines[against]["top1"],
                   "payoff_gain": main["gain"], "payoff_spread": main["spread"], "paid_off": main["paid_off"]}
-        line = (f"=> payoff after epoch {epoch}: the {PAYOFF_FOLDS}-fold logreg probe on {len(self.probe.data)} "
-                f"labelled train images scores {final['top1']:.1f} against {baselines[against]['top1']:.1f} for "
-                f"the {'--init weights' if against == 'init' else 'untrained network'} (gain {main['gain']:+.1f}, "
-                f"fold spread {main['spread']:.1f})")
+        line = (f"=> payoff after epoch {epoch}: the {self.probe.describe()} scores {final['top1']:.1f} against "
+                f"{baselines[against]['top1']:.1f} for the {'--init weights' if against == 'init' else 'untrained network'} "
+                f"(gain {main['gain']:+.1f}, spread {main['spread']:.1f} over {len(final['fold_top1'])} "
+                f"{'parts' if self.probe.held else 'folds'})")
         if "init" in verdicts:
             line += f"; {verdicts['untrained']['gain']:+.1f} over an untrained network"
         if len(finals) > 1:
@@ -287,11 +362,10 @@ class Payoff:
     def _write(self, result: Dict[str, object]) -> None:
         if not is_main_process():
             return
-        folds = (f"{PAYOFF_FOLDS} folds keeping each --payoff-groups {self.args.payoff_groups!r} group together "
-                 f"({len(set(self.probe.groups))} groups)" if self.probe.groups is not None
-                 else f"{PAYOFF_FOLDS}-fold stratified")
-        doc = {"probe": f"{folds} logistic regression on the train labels (never val)",
-               "images": len(self.probe.data), "crop_size": self.args.crop_size, "sizes": self.probe.sizes,
+        doc = {"probe": self.probe.describe() + " (train labels only, never val)",
+               "images": len(self.probe.data), "held_out": len(self.probe.held),
+               "held_out_groups": sorted(set(self.probe.held_groups or [])),
+               "crop_size": self.args.crop_size, "sizes": self.probe.sizes,
                "baselines": self.baselines[self.args.crop_size] if self.args.crop_size in self.baselines else {},
                "by_size": {str(s): {"baselines": b} for s, b in self.baselines.items()}, **result}
         write_json_atomic(self.path, doc)

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from common.augment import transforms as augment
 from common.augment.gpu import ViewsToDevice
@@ -15,9 +15,12 @@ from common.cli import given
 from common.data.datasets import build_dataset
 from common.data.loader import ResumableSampler, make_loader
 from common.data.shard_order import ShardOrderSampler
+from common.data.subsets import SubsetDataset
 from common.data.transformed import TransformedDataset, load_sample
 from common.distributed.collectives import DistEnv
 from common.errors import UserError
+from common.eval.embeddings import path_of
+from common.eval.payoff import file_groups, holdout
 from common.log.progress import log
 
 
@@ -50,13 +53,35 @@ def fit_default_batch(args: argparse.Namespace, images: int, world: int) -> None
     args.batch_size = fitted
 
 
+def pretraining_images(args: argparse.Namespace) -> Dataset:
+    """The images a pretraining run trains on: the pretraining split without the labelled
+    images --payoff-holdout keeps for the payoff probe (common/eval/payoff.py `holdout`),
+    which the probe then scores as images pretraining never saw."""
+    images = build_dataset(args, "pretrain")
+    train = build_dataset(args, "train")
+    held = holdout(args, train)
+    if not held:
+        return images
+    # the pretraining split starts with the train split's images, in its order (STL-10's train+unlabeled too)
+    if len(images) < len(train) or any(path_of(images, i) != path_of(train, i) for i in held):
+        raise UserError(f"the pretraining images of {args.data!r} are not listed like its labelled train images, "
+                        f"so --payoff-holdout cannot keep its images out; pass --payoff-holdout 0")
+    kept = sorted(set(range(len(images))) - set(held))
+    log(f"=> payoff: {len(held)} of the {len(images)} images (labelled train images"
+        + (f" of {len(set(file_groups(args.payoff_groups, [path_of(train, i) for i in held], least=1)))} --payoff-groups "
+           f"groups" if args.payoff_groups is not None else "")
+        + ") kept out of pretraining, for the payoff probe to be scored on images the run never saw "
+          "(--payoff-holdout 0 trains on them too)")
+    return SubsetDataset(images, kept)
+
+
 def pretrain_data(args: argparse.Namespace, env: DistEnv, transform, batch_size: int, workers: int,
                   decode_side: int, to_device: Callable, read: Callable = load_sample,
                   collate_fn: Optional[Callable] = None) -> PretrainData:
     """Every image of the pretraining split through `transform` (seeded per sample; labels
     unused), in batches of `batch_size` per process. `read` and `collate_fn`: how a sample
     is read and batched (--gpu-decode reads bytes and keeps them in a list)."""
-    dataset = TransformedDataset(build_dataset(args, "pretrain"), transform, args.strict_data, decode_side=decode_side,
+    dataset = TransformedDataset(pretraining_images(args), transform, args.strict_data, decode_side=decode_side,
                                  read=read)
     loader, sampler = make_loader(dataset, batch_size, env, workers, env.seed, collate_fn=collate_fn)
     iters_per_epoch = len(dataset) // env.world_size // batch_size
