@@ -86,7 +86,7 @@ def test_noise_labels_give_the_warning_and_a_resumed_run_keeps_its_baseline(tmp_
     ran = run_inline(capsys, main_moco.main, argv + ["--epochs", "1"])
     assert ("=> payoff: logreg probe fitted on 64 labelled train images and scored on the 16 held out of pretraining "
             "(--payoff-holdout), before training: untrained") in ran.stdout
-    assert "WARNING: pretraining did not pay off on these images: the gain is inside the fold spread; try " \
+    assert "WARNING: pretraining did not pay off on these images: the gain is inside the spread; try " \
            "--init imagenet" in ran.stdout
     first = json.load(open(out / "payoff.json"))
     # this run over seeds 3-6: gains -17.5, +10.0, 0.0, -1.2 points against fold spreads 20, 21, 15, 17

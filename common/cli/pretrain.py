@@ -98,8 +98,8 @@ def add_recipe_args(parser: argparse.ArgumentParser, what: str, trial: bool = Tr
     if not trial:
         return g
     switch(g, "--trial", default=True,
-           help="--recipe small with train labels: train each candidate recipe briefly, score it with a "
-                "cross-validated logreg probe on the train labels (never val), continue the best "
+           help="--recipe small with train labels: train each candidate recipe briefly, score it with "
+                "the payoff probe on the train labels (never val), continue the best "
                 "(OUTPUT_DIR/trial.json); --no-trial: the view check alone picks the views")
     switch(g, "--stop-if-no-gain",
            help="stop after the trial (exit status 4, the trial runs kept) when even the best candidate "

@@ -1,11 +1,13 @@
 """Did pretraining pay off on the user's own images? A pretraining run whose data carries
-train labels scores its backbone with a cross-validated logistic-regression probe on those
-labels (never val: the run must not choose or judge anything on the held-out split) and
-compares it, fold by fold, with the network it started from: the untrained network (its
-BatchNorm statistics from the same images, as the trained one's are), or the --init weights
-and a fresh random network when --init is given. The verdict, with the fold spread, goes to
-the log, metrics.jsonl and OUTPUT_DIR/payoff.json; a gain inside the spread is a WARNING
-naming what to try.
+train labels keeps a share of them out of pretraining (--payoff-holdout) and scores its
+backbone with a logistic-regression probe fitted on the other labelled train images and
+scored on those it never pretrained on (never val: the run must not choose or judge anything
+on the held-out split), compared, part by part, with the network it started from: the
+untrained network (its BatchNorm statistics from the same images, as the trained one's are),
+or the --init weights and a fresh random network when --init is given. The verdict, with the
+spread over the parts, goes to the log, metrics.jsonl and OUTPUT_DIR/payoff.json; a gain
+inside the spread is a WARNING naming what to try. With --payoff-holdout 0 the probe is
+cross-validated on images pretraining saw (an upper bound: docs/payoff.md).
 
 A run whose views were cut at the source's own scale (source-scale views, --crop-max < 1) saw
 its images at that scale, not resized into the crop: the probe then scores the backbone at
@@ -352,7 +354,7 @@ class Payoff:
                      + ", ".join(f"{f['top1']:.1f} at {s} px" for s, f in finals.items())
                      + f": main_lincls.py and main_knn.py evaluate this checkpoint at {size} px by default")
         if not main["paid_off"]:
-            line += (f"\n=> WARNING: pretraining did not pay off on these images: the gain is inside the fold spread; "
+            line += (f"\n=> WARNING: pretraining did not pay off on these images: the gain is inside the spread; "
                      f"try {WHAT_TO_TRY}")
         log(line)
         self._write({"epoch": epoch, "final": final, "verdicts": verdicts, "against": against, "eval_size": size,

@@ -2,7 +2,8 @@
 labels, each candidate recipe (the method's views, weaker jitter, larger crops, and on sources
 much larger than the crop the source-scale views at two strengths) is trained for the first
 epochs of its own schedule, a few thousand images seen, and scored by the payoff probe
-(common/eval/payoff.py: a cross-validated logreg probe on the train labels, never val). The
+(common/eval/payoff.py: a logreg probe scored on labelled train images the candidates never
+pretrained on, never val). The
 best candidate's run is then continued, exactly, for its full budget: its trial epochs are
 not lost, and the others cost about a quarter of the run's budget at most. The table is
 printed and stored in OUTPUT_DIR/trial.json. Without labels the view check decides
@@ -101,7 +102,7 @@ def recipe_trial(worker: Callable, args: argparse.Namespace) -> argparse.Namespa
         raise UserError(f"--stop-at-epoch {args.stop_at_epoch} ends inside the recipe trial's first {stop} epoch(s); "
                         f"pass a larger --stop-at-epoch, or --no-trial")
     log(f"=> --recipe {args.recipe}: trial of {len(cands)} candidate recipes, {stop} epoch(s) ({stop * images:,} "
-        f"images) each, scored by a cross-validated logreg probe on the train labels (never val)")
+        f"images) each, scored by the payoff probe on the train labels (never val)")
     rows = []
     for i, cand in enumerate(cands):
         folder = os.path.join(args.output_dir, TRIAL_DIR, f"{i}")
