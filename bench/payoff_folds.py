@@ -42,6 +42,7 @@ def scores(data: str, ckpt_path: str, groups: str) -> Dict[str, Dict[str, List[f
         args = main_simclr.finalize_args(main_simclr.get_args_parser().parse_args(
             argv + (["--payoff-groups", pattern] if pattern else [])))
         args.crop_max = 1.0  # the checkpoint's crop only: this compares folds, not sizes
+        args.payoff_holdout = 0  # the 5-fold cross-validation, the two kinds of folds compared
         probe = payoff.PayoffProbe(args, env)
         torch.manual_seed(0)
         fresh = build_backbone(ckpt["arch"], small_images=args.small_images, crop_size=args.crop_size)

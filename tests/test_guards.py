@@ -105,7 +105,7 @@ def test_main_moco_warns_about_queue_and_momentum_and_takes_moco_m_cos(tmp_path,
     # 64 images, K 32 (half the dataset), 4 steps at momentum 0.999
     proc = run_inline(capsys, main_moco.main, SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32",
                                                    "--moco-dim", "16", "--bn-splits", "2", "--epochs", "1",
-                                                   "--moco-m-cos", "--output-dir", str(tmp_path)])
+                                                   "--moco-m-cos", "--no-payoff", "--output-dir", str(tmp_path)])
     assert "warning: the queue (--moco-k 32) holds 50% of the 64 images" in proc.stdout
     assert "warning: with --moco-m 0.999 and --moco-m-cos the key encoder still holds" in proc.stdout
     ckpt = torch.load(tmp_path / "checkpoint_last.pth.tar", weights_only=True)

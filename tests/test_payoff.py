@@ -222,3 +222,14 @@ def test_with_two_sizes_the_probe_scores_a_smaller_sample_at_both(tmp_path, monk
     two = payoff.PayoffProbe(main_moco.finalize_args(parse([data, "--crop-size", "16", "--crop-min", "0.25",
                                                             "--crop-max", "0.25", "--output-dir", "r"])), env)
     assert two.sizes == [16, 32] and len(two.at_size[16]) == len(two.at_size[32]) == 10
+
+
+def test_held_out_parts_are_even_and_hold_every_class():
+    y = torch.arange(16) % 8  # 8 classes of 2 images: dealt from part 0 per class, parts 2-4 would be empty
+    part = payoff.held_parts(y, 5, seed=0)
+    assert sorted(torch.bincount(part, minlength=5).tolist()) == [3, 3, 3, 3, 4]
+    y = torch.tensor([0] * 50 + [1] * 25)
+    part = payoff.held_parts(y, 5, seed=1)
+    for p in range(5):
+        assert torch.bincount(y[part == p]).tolist() == [10, 5]
+    assert torch.equal(part, payoff.held_parts(y, 5, seed=1)) and not torch.equal(part, payoff.held_parts(y, 5, seed=2))

@@ -18,7 +18,7 @@ from common.train.preempt import REQUEUE_EXIT_CODE
 
 # 4 iterations per epoch; -j 0 and a fixed seed make runs bitwise repeatable
 TINY = SYNTHETIC + ["--synthetic-size", "64", "-b", "16", "--moco-k", "32", "--moco-dim", "16",
-                    "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "3", "-p", "1", "--schedule", "1"]
+                    "--mlp", "--aug-plus", "--bn-splits", "2", "--seed", "3", "-p", "1", "--schedule", "1", "--no-payoff"]
 
 
 def load(path):

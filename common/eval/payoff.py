@@ -36,8 +36,7 @@ from common.distributed.collectives import DistEnv, is_main_process
 from common.errors import UserError
 from common.eval.embeddings import path_of
 from common.eval.features import extract_indexed_features
-from common.eval.logreg import (CV_MAX_ITER, cross_validated_accuracy, fit_logistic_regression, group_folds,
-                                stratified_folds)
+from common.eval.logreg import CV_MAX_ITER, cross_validated_accuracy, fit_logistic_regression, group_folds
 from common.log.progress import log
 from common.nets.batchnorm import recalibrate_batchnorm
 from common.nets.models import build_backbone, without_head
@@ -165,6 +164,20 @@ def labels_to_measure(train) -> str:
     return ""
 
 
+def held_parts(y: torch.Tensor, parts: int, seed: int) -> torch.Tensor:
+    """The part (0 .. parts-1) of every held-out image: the images sorted by class (seeded
+    order within), then dealt round-robin over the whole list, so the parts are as even in
+    size as they can be and each holds its share of every class (dealing each class from
+    part 0, as stratified_folds does, would leave the last parts empty when classes hold
+    fewer images than parts)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([members[torch.randperm(len(members), generator=g)]
+                       for members in ((y == c).nonzero().squeeze(1) for c in torch.unique(y))])
+    part = torch.empty(len(y), dtype=torch.long)
+    part[order] = torch.arange(len(y)) % parts
+    return part
+
+
 class PayoffProbe:
     """The logreg probe on a run's labelled train images, at the run's crop and at its
     learned_size when it has one (`sizes`). With a --payoff-holdout (`held`, never in the
@@ -259,7 +272,7 @@ class PayoffProbe:
             names = [self.held_groups[i] for i in hkept.tolist()]
             part = group_folds(names, len(set(names)), self.args.seed)
         else:
-            part = stratified_folds(hy.cpu(), PAYOFF_FOLDS, self.args.seed)
+            part = held_parts(hy.cpu(), PAYOFF_FOLDS, self.args.seed)
         part = part.to(right.device)
         return [100.0 * right[part == p].mean().item() for p in range(int(part.max()) + 1) if (part == p).any()]
 

@@ -53,7 +53,7 @@ def fit_default_batch(args: argparse.Namespace, images: int, world: int) -> None
     args.batch_size = fitted
 
 
-def pretraining_images(args: argparse.Namespace) -> Dataset:
+def pretraining_images(args: argparse.Namespace, say: bool = True) -> Dataset:
     """The images a pretraining run trains on: the pretraining split without the labelled
     images --payoff-holdout keeps for the payoff probe (common/eval/payoff.py `holdout`),
     which the probe then scores as images pretraining never saw."""
@@ -67,11 +67,12 @@ def pretraining_images(args: argparse.Namespace) -> Dataset:
         raise UserError(f"the pretraining images of {args.data!r} are not listed like its labelled train images, "
                         f"so --payoff-holdout cannot keep its images out; pass --payoff-holdout 0")
     kept = sorted(set(range(len(images))) - set(held))
-    log(f"=> payoff: {len(held)} of the {len(images)} images (labelled train images"
-        + (f" of {len(set(file_groups(args.payoff_groups, [path_of(train, i) for i in held], least=1)))} --payoff-groups "
-           f"groups" if args.payoff_groups is not None else "")
-        + ") kept out of pretraining, for the payoff probe to be scored on images the run never saw "
-          "(--payoff-holdout 0 trains on them too)")
+    if say:
+        log(f"=> payoff: {len(held)} of the {len(images)} images (labelled train images"
+            + (f" of {len(set(file_groups(args.payoff_groups, [path_of(train, i) for i in held], least=1)))} "
+               f"--payoff-groups groups" if args.payoff_groups is not None else "")
+            + ") kept out of pretraining, for the payoff probe to be scored on images the run never saw "
+              "(--payoff-holdout 0 trains on them too)")
     return SubsetDataset(images, kept)
 
 

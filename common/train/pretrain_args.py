@@ -12,10 +12,10 @@ from common.ckpt.io import (
 )
 from common.ckpt.resume import check_same_flags, resumed_args, run_seed
 from common.cli import check_training_flags, given
-from common.data.datasets import SMALL_CROP_MAX, build_dataset, default_crop_size
+from common.data.datasets import SMALL_CROP_MAX, default_crop_size
 from common.distributed.world import expected_world_size, is_first_process, per_worker, uses_cuda
 from common.errors import UserError
-from common.train.data import fit_default_batch
+from common.train.data import fit_default_batch, pretraining_images
 from common.train.recipes import RecipeValues, apply_recipe
 from common.train.source_views import choose_views
 from common.train.trial import trial_planned
@@ -83,8 +83,8 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Seq
         raise UserError(f"--save-every-iters {args.save_every_iters} is negative; pass N > 0, or 0 to save only at "
                         f"epoch ends")
     if not given(args, "batch_size"):  # (a given -b is kept: too large, the loader says so)
-        fit_default_batch(args, profiled[0].images if profiled else len(build_dataset(args, "pretrain")),
-                          expected_world_size(args))
+        # the images the run trains on: without the payoff's held-out ones
+        fit_default_batch(args, len(pretraining_images(args, say=False)), expected_world_size(args))
     per_worker(args.batch_size, expected_world_size(args))
     if resume_path:
         # (-a/--arch is checked with the checkpoint's own arch field when it is loaded)
