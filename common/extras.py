@@ -14,6 +14,7 @@ EXTRAS = {
     "onnxscript": "export_backbone.py --format onnx",
     "onnxruntime": "checking an ONNX export",
     "pyarrow": "main_knn.py --export-format parquet",
+    "tifffile": "reading a multi-band TIFF",
 }
 
 
