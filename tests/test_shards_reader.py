@@ -26,6 +26,7 @@ from test_slurm import signal_after_line
 import main_curate
 import main_knn
 import main_lincls
+import main_simclr
 import make_shards
 from common.augment.gpu_decode import EncodedImage, read_sample
 from common.data.datasets import build_dataset
@@ -291,8 +292,9 @@ def test_real_gloo_processes_see_every_sample_once_an_epoch(tmp_path, world, wor
         n += c
     port = 29500 + (os.getpid() * 7 + world) % 2000
     out = tmp_path / "seen.json"
+    # fork: the processes start with this one's imports (spawn re-imports torch in each, ~5 s apiece)
     mp.start_processes(_gloo_worker, args=(world, port, str(tmp_path), str(out), 4, workers), nprocs=world,
-                       start_method="spawn")
+                       start_method="fork")
     result = json.loads(out.read_text())
     for epoch, seen in result["seen"].items():
         assert len(seen) == len(set(seen)) == n - result["left_out"], (epoch, sorted(seen))
@@ -319,10 +321,9 @@ def shards(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigusr1_mid_epoch_and_resume_auto_reproduce_the_run_on_shards(tmp_path, shards):
+def test_sigusr1_mid_epoch_and_resume_auto_reproduce_the_run_on_shards(tmp_path, shards, capsys):
     straight = tmp_path / "straight"
-    subprocess.run([sys.executable, "main_simclr.py", shards] + SIMCLR + ["--output-dir", str(straight)], cwd=ROOT,
-                   env=clean_env(), check=True, capture_output=True, timeout=CHILD_WAIT_S)
+    run_inline(capsys, main_simclr.main, [shards] + SIMCLR + ["--output-dir", str(straight)])
     out = tmp_path / "out"
     args = [shards] + SIMCLR + ["--output-dir", str(out), "--resume", "auto"]
     env = clean_env(SLURM_JOB_ID=4242, PATH="/nonexistent")
@@ -333,9 +334,7 @@ def test_sigusr1_mid_epoch_and_resume_auto_reproduce_the_run_on_shards(tmp_path,
     assert "each process reads a run of the" in seen and "every sample is trained on once" in seen
     mid = torch.load(out / "checkpoint_last.pth.tar", map_location="cpu", weights_only=True)
     assert mid["epoch"] == 0 and 1 <= mid["iteration"] < 4
-    resumed = subprocess.run([sys.executable, "main_simclr.py"] + args, cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=CHILD_WAIT_S)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = run_inline(capsys, main_simclr.main, args)  # the requeued job runs the same command
     assert f"Epoch [0/1][{mid['iteration']}/4]" not in resumed.stdout
     assert_same_weights(straight / "checkpoint_last.pth.tar", out / "checkpoint_last.pth.tar")
 
