@@ -298,6 +298,7 @@ def test_checkpoint_loads_in_lincls_and_resume_equals_the_uninterrupted_run(tmp_
     assert proc.returncode == 2 and "main_byol.py" in proc.stderr
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--simsiam"], []], ids=["simsiam", "byol"])
 def test_sigusr1_mid_epoch_requeues_and_the_resume_reproduces_the_run(tmp_path, extra):

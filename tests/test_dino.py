@@ -265,6 +265,7 @@ def test_a_collapsing_run_stops_within_a_tenth_of_its_budget(tmp_path, capsys, n
     assert len(epochs) <= 4 and epochs[-1]["not_learning"] and epochs[-2]["not_learning"]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_healthy_run_is_not_called_collapsed(tmp_path, capsys, no_view_check):
     out = tmp_path / "run"
@@ -275,6 +276,7 @@ def test_a_healthy_run_is_not_called_collapsed(tmp_path, capsys, no_view_check):
     assert len(epochs) == 10 and not any(e["not_learning"] for e in epochs)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_sigusr1_mid_epoch_requeues_and_the_resume_reproduces_the_run(tmp_path):
     """Preempted in the middle of epoch 1 (after the frozen epoch): the centre, the teacher and

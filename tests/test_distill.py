@@ -225,6 +225,7 @@ def test_cache_teacher_matches_the_views_to_the_unaugmented_images(tmp_path, cap
     assert load_checkpoint(str(out / "checkpoint_last.pth.tar"))["args"]["cache_teacher"] is True
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_distilled_student_beats_the_untrained_network_under_knn(tmp_path, moco_pretrained, no_view_check):
     """The MoCo teacher of conftest (MOCO_LEARN, kNN 80.3) distilled into a fresh resnet18 for 4
@@ -244,6 +245,7 @@ def test_a_distilled_student_beats_the_untrained_network_under_knn(tmp_path, moc
     assert student > control + 5
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--cache-teacher"]], ids=["plain", "cache-teacher"])
 def test_sigusr1_mid_epoch_requeues_and_the_resume_reproduces_the_run(tmp_path, simclr_teacher, extra):

@@ -155,6 +155,7 @@ def test_pretraining_beats_the_untrained_network_under_the_same_knn(moco_pretrai
     assert pretrained > control + 8
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_compile_keeps_the_checkpoint_contract_and_the_numbers(tmp_path):
     # aot_eager traces fwd+bwd through dynamo/AOTAutograd like inductor, without a C compiler.

@@ -124,6 +124,7 @@ def test_no_cos_gives_the_step_schedule(tmp_path, capsys, monkeypatch):
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == pytest.approx([base / 10] * 2)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_mid_epoch_checkpoint_exactly(tmp_path):
     """SIGKILL (no handler runs) after a --save-every-iters checkpoint: --resume auto

@@ -68,6 +68,7 @@ def straight(tmp_path_factory):
     return out / "checkpoint_last.pth.tar"
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_sigusr1_checkpoints_mid_epoch_exits_for_requeue_and_resumes_exactly(tmp_path, straight):
     out = tmp_path / "out"
@@ -95,6 +96,7 @@ def test_sigusr1_checkpoints_mid_epoch_exits_for_requeue_and_resumes_exactly(tmp
     assert_same_weights(straight, out / "checkpoint_last.pth.tar")
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_sigusr1_and_resume_without_seed_keep_the_runs_own_seed(tmp_path):
     """slurm/pretrain.sbatch passes no --seed: the interrupted run's seed must come back."""
