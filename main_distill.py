@@ -142,7 +142,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     if args.cache_teacher:
         data = with_image_index(data)
         teacher.cache(args, env.device, workers)
-    model = Distill(functools.partial(build_backbone, args.arch, small_images=args.small_images,
+    model = Distill(functools.partial(build_backbone, args.arch, small_images=args.small_images, in_channels=args.in_channels,
                                       crop_size=args.crop_size),
                     teacher, args.proj_hidden_dim, args.distill_loss, args.queue_size, args.temperature,
                     args.teacher_temperature, args.var_weight)

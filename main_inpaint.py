@@ -96,7 +96,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
 
     # ---- model: encoder up to its last feature map (common/nets/feature_maps.py) + decoder of
     # 2x transposed convolutions
-    model = ContextEncoder(functools.partial(build_backbone, args.arch, small_images=args.small_images,
+    model = ContextEncoder(functools.partial(build_backbone, args.arch, small_images=args.small_images, in_channels=args.in_channels,
                                              crop_size=args.crop_size),
                            args.loss, args.masked_weight)
     init_backbone(args, model.encoder)  # --init: continued pretraining from weights you have

@@ -139,7 +139,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
         log(f"warning: {warning}")
 
     # ---- model: base encoder + projector + predictor, momentum encoder + projector
-    model = MoCoV3(lambda: build_backbone(args.arch, small_images=args.small_images, crop_size=args.crop_size),
+    model = MoCoV3(lambda: build_backbone(args.arch, small_images=args.small_images, crop_size=args.crop_size,
+                                          in_channels=args.in_channels),
                    args.moco_dim, args.moco_mlp_dim, args.moco_t, args.moco_m, args.stop_grad_conv1)
     init_backbone(args, model.base_encoder, model.momentum_encoder)  # --init: both encoders start from it
     if env.distributed and env.device.type == "cuda":

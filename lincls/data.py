@@ -15,6 +15,7 @@ from common.errors import UserError
 from common.eval.label_tree import LabelTree
 from common.eval.inputs import training_labels
 from common.log.progress import log
+from common.data.channels import channels_of
 from lincls.balance import BalancedSampler
 
 
@@ -50,7 +51,7 @@ def training_data(train: Dataset, args: argparse.Namespace, env: DistEnv, batch_
     """The augmented training images (a label subset with --label-fraction / --label-subset)
     and their loader; with --balanced-sampling, small classes of --balance-level oversampled."""
     images, chosen = training_subset(train, args)
-    dataset = TransformedDataset(images, augment.train_classifier(args.crop_size), args.strict_data,
+    dataset = TransformedDataset(images, augment.train_classifier(args.crop_size, channels_of(args)), args.strict_data,
                                  decode_side=augment.train_classifier_decode_side(args.crop_size))
     balance_targets, balance_classes = images.targets, len(train.classes)
     if tree is not None:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 JITTER_ON, BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3, 4
 ORDER = slice(5, 9)  # a permutation of 0..3: brightness, contrast, saturation, hue
 GRAY_ON, BLUR_ON, SIGMA, SOLARIZE_ON = 9, 10, 11, 12
-NUM_PARAMS = 13
+NOISE_ON, NOISE_SIGMA, NOISE_SEED = 13, 14, 15  # NOISE_SEED: an integer below 2^24, exact in float32
+NUM_PARAMS = 16
 SOLARIZE_THRESHOLD = 0.5  # in [0, 1]: 128 of 255 on uint8 values, as PIL's ImageOps.solarize (BYOL's 0.5)
 
 
@@ -37,9 +38,14 @@ class PhotometricSpec:
     blur_p: float
     blur_sigma: Tuple[float, float]
     blur_kernel: int
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
     solarize_p: float = 0.0
+    # full depth (--in-channels other than 3): crops are float stored values, not uint8; only
+    # brightness and contrast of the jitter apply, unclipped, contrast per channel
+    full_depth: bool = False
+    noise_p: float = 0.0  # Gaussian noise added after normalisation, sigma ~ U(noise_sigma)
+    noise_sigma: Tuple[float, float] = (0.0, 0.0)
 
 
 def draw_params(spec: PhotometricSpec) -> torch.Tensor:
@@ -58,6 +64,10 @@ def draw_params(spec: PhotometricSpec) -> torch.Tensor:
     p[SIGMA] = torch.empty(1).uniform_(*spec.blur_sigma)
     # drawn last, and only by a recipe that solarizes: the other recipes' draws stay as they were
     p[SOLARIZE_ON] = float(spec.solarize_p > 0 and torch.rand(1) < spec.solarize_p)
+    if spec.noise_p > 0:  # likewise drawn only by a recipe with noise
+        p[NOISE_ON] = float(torch.rand(1) < spec.noise_p)
+        p[NOISE_SIGMA] = torch.empty(1).uniform_(*spec.noise_sigma)
+        p[NOISE_SEED] = float(torch.randint(0, 2 ** 24, (1,)))
     return p
 
 
@@ -145,6 +155,33 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
+# ---------------------------------------------------------------- the same ops on full-depth channels
+# x: (N, C, H, W) float stored values (16-bit, bands): no [0, 1] range to clip to
+
+def scale_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return x * _per_sample(f)
+
+
+def band_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Each channel blended with its own mean (bands differ in range; for one channel this
+    is torchvision's contrast, unclipped)."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    return _per_sample(f) * x + (1 - _per_sample(f)) * mean
+
+
+_BAND_JITTER_OPS = (scale_brightness, band_contrast)
+
+
+def add_noise(x: torch.Tensor, sigma: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """x + sigma * N(0, 1), each sample's field drawn from its own seed (so a resumed run, or
+    the CPU path, draws the same field on the same device type)."""
+    out = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        g = torch.Generator(device=x.device).manual_seed(int(seeds[i]))
+        out[i] = torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+    return x + _per_sample(sigma) * out
+
+
 def _index(mask: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
     """Indices where the CPU `mask` holds, on `device`; None when there are none. The
     parameters stay on the CPU for this: deciding on the GPU would sync the host with it
@@ -167,8 +204,11 @@ def photometric(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSpe
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 crops (N, 3, H, W) on the device and their parameters (N, NUM_PARAMS) on the
     CPU -> normalised float images on the device: jitter (per-sample factors and order),
-    grayscale, blur, solarization, normalisation."""
+    grayscale, blur, solarization, normalisation, noise. With spec.full_depth: float crops
+    (N, C, H, W) of stored values (_full_depth)."""
     dev = images.device
+    if spec.full_depth:
+        return _full_depth(images, params, spec, dtype)
     x = images.to(dtype).div_(255)  # a new tensor: the ops below work on it in place
     factors = params.to(dev, non_blocking=True).to(dtype)
     gray = _index(params[:, GRAY_ON] > 0, dev)
@@ -187,9 +227,38 @@ def photometric(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSpe
                   factors[:, SIGMA])
     if spec.solarize_p > 0:
         _apply_at(x, _index(params[:, SOLARIZE_ON] > 0, dev), solarize)
-    mean = torch.tensor(spec.mean, dtype=dtype).view(1, 3, 1, 1).to(dev, non_blocking=True)
-    std = torch.tensor(spec.std, dtype=dtype).view(1, 3, 1, 1).to(dev, non_blocking=True)
-    return x.sub_(mean).div_(std)
+    return _normalise_and_noise(x, params, factors, spec)
+
+
+def _normalise_and_noise(x: torch.Tensor, params: torch.Tensor, factors: torch.Tensor,
+                         spec: PhotometricSpec) -> torch.Tensor:
+    dev, c = x.device, x.shape[1]
+    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, c, 1, 1).to(dev, non_blocking=True)
+    std = torch.tensor(spec.std, dtype=x.dtype).view(1, c, 1, 1).to(dev, non_blocking=True)
+    x = x.sub_(mean).div_(std)
+    noisy = (params[:, NOISE_ON] > 0).nonzero().squeeze(1) if spec.noise_p > 0 else None
+    if noisy is not None and noisy.numel():  # the seeds stay on the CPU: reading them does not sync
+        idx = noisy.to(dev)
+        x[idx] = add_noise(x[idx], factors[idx, NOISE_SIGMA], params[noisy, NOISE_SEED])
+    return x
+
+
+def _full_depth(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSpec,
+                dtype: torch.dtype) -> torch.Tensor:
+    """photometric() for float crops of stored values: brightness and contrast (in each
+    sample's drawn order), blur, normalisation with the measured statistics, noise."""
+    dev = images.device
+    x = images.to(dtype, copy=True)
+    factors = params.to(dev, non_blocking=True).to(dtype)
+    on = params[:, JITTER_ON] > 0
+    order = params[:, ORDER].long()
+    for pos in range(4):
+        for op in range(2):  # saturation and hue (ops 2, 3) have no meaning here
+            _apply_at(x, _index(on & (order[:, pos] == op), dev), _BAND_JITTER_OPS[op], factors[:, BRIGHTNESS + op])
+    if spec.blur_kernel > 0:
+        _apply_at(x, _index(params[:, BLUR_ON] > 0, dev), lambda v, s: gaussian_blur(v, s, spec.blur_kernel),
+                  factors[:, SIGMA])
+    return _normalise_and_noise(x, params, factors, spec)
 
 
 class ViewsToDevice:

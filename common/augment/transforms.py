@@ -14,11 +14,12 @@ from PIL import Image, ImageFilter
 from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 
-from common.augment.gpu import PhotometricSpec, draw_params
+from common.augment.gpu import NOISE_ON, NOISE_SEED, NOISE_SIGMA, PhotometricSpec, add_noise, draw_params, photometric
+from common.data.channels import IMAGENET_MEAN, IMAGENET_STD, RGB, Channels  # noqa: F401 (IMAGENET_*: re-exported)
 from common.data.datasets import SMALL_CROP_MAX
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# ops that need colour: left out of a recipe for --in-channels other than 3 (Recipe.for_channels)
+COLOUR_OPS = {"gray": "random grayscale", "solarize": "solarization (defined on [0, 1] intensities)"}
 
 
 class TwoCropsTransform:
@@ -43,8 +44,12 @@ class MultiViewTransform:
         return [t(x) for t in self.transforms]
 
 
-def _normalize() -> transforms.Normalize:
-    return transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def _to_normalised(channels: Channels) -> List[Callable]:
+    """The last step of an eval or classifier transform: PIL -> normalised tensor (RGB), or
+    the normalisation of a full-depth tensor with the run's measured statistics."""
+    if channels.full_depth:
+        return [transforms.Normalize(mean=channels.mean, std=channels.std)]
+    return [transforms.ToTensor(), transforms.Normalize(mean=channels.mean, std=channels.std)]
 
 
 class ToNormalizedTensor:
@@ -104,6 +109,9 @@ class Recipe:
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
     crop_max: float = 1.0
     solarize_p: float = 0.0
+    noise_p: float = 0.0  # "noise": Gaussian noise of sigma ~ U(noise_sigma), in normalised units
+    noise_sigma: Tuple[float, float] = (0.0, 0.1)
+    channels: Channels = RGB  # what the images are (for_channels) and how they are normalised
 
     def _op(self, name: str) -> Callable:
         if name == "crop":
@@ -120,11 +128,29 @@ class Recipe:
         return transforms.RandomApply([PILGaussianBlur(self.blur_sigma)], p=self.blur_p)
 
     @functools.cached_property
-    def _pil(self) -> transforms.Compose:
-        return transforms.Compose([self._op(o) for o in self.ops] + [ToNormalizedTensor()])
+    def _pil(self) -> Callable:
+        if self.channels.full_depth:  # tensors: crop and flip, then the batched path's ops on one sample
+            return FullDepthViews(self)
+        tail = [ToNormalizedTensor(self.channels.mean, self.channels.std)]
+        if "noise" in self.ops:
+            tail.append(NoiseAfterNormalising(self.spec()))
+        return transforms.Compose([self._op(o) for o in self.ops if o != "noise"] + tail)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self._pil(img)
+
+    def for_channels(self, channels: Channels) -> Tuple["Recipe", List[str]]:
+        """This recipe for `channels`: RGB as it is; for another count the crops, flip,
+        brightness, contrast, blur and noise, without the colour ops (saturation, hue, random
+        grayscale, solarization). Returns (recipe, what was left out and why) for the log."""
+        if not channels.full_depth:
+            return dataclasses.replace(self, channels=channels), []
+        dropped = [COLOUR_OPS[o] for o in self.ops if o in COLOUR_OPS]
+        b, c, sat, hue = self.jitter
+        if "jitter" in self.ops and (sat or hue):
+            dropped.insert(0, "saturation and hue jitter")
+        return dataclasses.replace(self, ops=tuple(o for o in self.ops if o not in COLOUR_OPS), jitter=(b, c, 0.0, 0.0),
+                                   channels=channels), dropped
 
     def spec(self) -> PhotometricSpec:
         """The photometric part, for common.augment.gpu.photometric."""
@@ -137,8 +163,10 @@ class Recipe:
                                gray_first="gray" in ops and "jitter" in ops and ops.index("gray") < ops.index("jitter"),
                                blur_p=self.blur_p, blur_sigma=self.blur_sigma,
                                blur_kernel=blur_kernel_size(self.crop_size) if "blur" in ops else 0,
-                               mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                               solarize_p=self.solarize_p if "solarize" in ops else 0.0)
+                               mean=self.channels.mean, std=self.channels.std,
+                               solarize_p=self.solarize_p if "solarize" in ops else 0.0,
+                               full_depth=self.channels.full_depth,
+                               noise_p=self.noise_p if "noise" in ops else 0.0, noise_sigma=self.noise_sigma)
 
     def describe(self) -> str:
         """The recipe in one line for the log, e.g. `crop 0.08-1, jitter (0.4, 0.4, 0.2, 0.1) p 0.8,
@@ -146,8 +174,10 @@ class Recipe:
         words = {"crop": f"crop {self.crop_size} px of {self.crop_min:g}-{self.crop_max:g}", "flip": "flip",
                  "jitter": f"jitter ({', '.join(f'{v:g}' for v in self.jitter)}) p {self.jitter_p:g}",
                  "gray": f"gray p {self.gray_p:g}", "blur": f"blur p {self.blur_p:g}",
-                 "solarize": f"solarize p {self.solarize_p:g}"}
-        return ", ".join(words[o] for o in self.ops)
+                 "solarize": f"solarize p {self.solarize_p:g}",
+                 "noise": f"noise {self.noise_sigma[0]:g}-{self.noise_sigma[1]:g} std p {self.noise_p:g}"}
+        where = "" if not self.channels.full_depth else f" ({self.channels.count} channel(s) at full depth)"
+        return ", ".join(words[o] for o in self.ops) + where
 
     def for_gray_images(self) -> "Recipe":
         """The recipe for grayscale images: the same crops, brightness and contrast (and
@@ -174,6 +204,26 @@ def view_pair(views: Views) -> Tuple[Recipe, Recipe]:
     return (views, views) if isinstance(views, Recipe) else (views[0], views[1])
 
 
+def views_for(views: Views, channels: Channels) -> Tuple[Views, List[str]]:
+    """`views` for the run's channels (Recipe.for_channels) and what was left out of them."""
+    first, second = view_pair(views)
+    (a, dropped), (b, _) = first.for_channels(channels), second.for_channels(channels)
+    return (a if isinstance(views, Recipe) else (a, b)), dropped
+
+
+def with_noise(views: Views, strength: float) -> Views:
+    """--noise S: every view adds Gaussian noise with probability 0.5, sigma ~ U(0, S), after
+    normalisation (the last op of both the CPU and the batched path)."""
+    if strength <= 0:
+        return views
+
+    def noisy(r: Recipe) -> Recipe:
+        ops = r.ops if "noise" in r.ops else r.ops + ("noise",)
+        return dataclasses.replace(r, ops=ops, noise_p=0.5, noise_sigma=(0.0, strength))
+    first, second = view_pair(views)
+    return noisy(first) if isinstance(views, Recipe) else (noisy(first), noisy(second))
+
+
 def two_views(views: Views) -> TwoCropsTransform:
     """The CPU path's transform of an image into its two views."""
     first, second = view_pair(views)
@@ -188,22 +238,51 @@ def views_decode_side(views: Views) -> int:
 class GeometricPart:
     """The loader-worker half of `--gpu-augment`: crop and flip on the PIL image, then the
     uint8 crop (no float work) and the view's photometric parameters, drawn here from the
-    per-sample seed so resume stays exact."""
+    per-sample seed so resume stays exact. A full-depth image (a float tensor) gives its
+    float crop."""
 
     def __init__(self, recipe: Recipe):
         self.spec = recipe.spec()
         self.geometric = transforms.Compose([recipe._op(o) for o in recipe.ops if o in ("crop", "flip")])
 
-    def __call__(self, img: Image.Image) -> List[torch.Tensor]:
-        crop = pil_to_tensor(self.geometric(img))
-        return [crop, draw_params(self.spec)]
+    def __call__(self, img: Union[Image.Image, torch.Tensor]) -> List[torch.Tensor]:
+        crop = self.geometric(img)
+        return [crop if isinstance(crop, torch.Tensor) else pil_to_tensor(crop), draw_params(self.spec)]
 
 
-def train_classifier(crop_size: int = 224) -> transforms.Compose:
+class FullDepthViews:
+    """A recipe on a full-depth (C, H, W) tensor in the loader worker: GeometricPart, then the
+    `--gpu-augment` path's photometric ops on this one sample, so both paths run the same code
+    on the same per-sample draws."""
+
+    def __init__(self, recipe: Recipe):
+        self.part = GeometricPart(recipe)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if not isinstance(img, torch.Tensor):
+            raise TypeError("a full-depth recipe takes (C, H, W) tensors; read the images with --in-channels")
+        crop, params = self.part(img)
+        return photometric(crop[None], params[None], self.part.spec)[0]
+
+
+class NoiseAfterNormalising:
+    """The noise op of an RGB recipe on the CPU path: drawn and added as photometric() does."""
+
+    def __init__(self, spec: PhotometricSpec):
+        self.spec = spec
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        params = draw_params(self.spec)
+        if params[NOISE_ON] > 0:
+            x = add_noise(x[None], params[NOISE_SIGMA].view(1), params[NOISE_SEED].view(1))[0]
+        return x
+
+
+def train_classifier(crop_size: int = 224, channels: Channels = RGB) -> transforms.Compose:
     """Supervised training augmentation for the linear probe (as in facebookresearch/moco)."""
     ops = [transforms.RandomResizedCrop(crop_size)] if crop_size > SMALL_CROP_MAX else \
         [transforms.Resize(crop_size), transforms.RandomCrop(crop_size, padding=crop_size // 8)]
-    return transforms.Compose(ops + [transforms.RandomHorizontalFlip(), transforms.ToTensor(), _normalize()])
+    return transforms.Compose(ops + [transforms.RandomHorizontalFlip()] + _to_normalised(channels))
 
 
 def train_classifier_decode_side(crop_size: int = 224) -> int:
@@ -217,8 +296,7 @@ def eval_decode_side(crop_size: int = 224) -> int:
     return int(round(crop_size / 0.875)) if crop_size > SMALL_CROP_MAX else crop_size
 
 
-def eval_transform(crop_size: int = 224) -> transforms.Compose:
+def eval_transform(crop_size: int = 224, channels: Channels = RGB) -> transforms.Compose:
     """Resize to crop/0.875 then centre crop (256 -> 224 for ImageNet); small images just resize."""
     resize = int(round(crop_size / 0.875)) if crop_size > SMALL_CROP_MAX else crop_size
-    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop_size),
-                               transforms.ToTensor(), _normalize()])
+    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop_size)] + _to_normalised(channels))

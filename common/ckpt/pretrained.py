@@ -11,11 +11,12 @@ import torchvision.models as tvm
 
 from common.ckpt.io import METHODS, load_checkpoint
 from common.ckpt.resume import check_arch
-from common.data.datasets import SMALL_CROP_MAX, default_crop_size
+from common.data.channels import adapt_rgb_filters, first_conv_note
+from common.data.datasets import SMALL_CROP_MAX, default_crop_size, resolve_channels
 from common.errors import UserError, reason
 from common.log.progress import log
 from common.ckpt.vit_keys import is_timm_vit, timm_to_torchvision
-from common.nets.backbones import HEAD_ATTRS, adopt_position_embedding
+from common.nets.backbones import HEAD_ATTRS, adopt_position_embedding, first_conv
 
 # prefixes under which pretraining checkpoints keep the backbone, most specific first
 # (MoCo v3, ours and facebookresearch/moco-v3: `base_encoder`; MoCo v1/v2: `encoder_q`; DINO: the
@@ -65,6 +66,20 @@ def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, tor
     return out, layout
 
 
+def fit_first_layer(model: nn.Module, weights: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
+    """RGB weights for a network built for another --in-channels: the first layer's filters
+    summed (1 channel) or repeated and scaled (more), said in the log; weights trained on
+    another count than 3 are left for load_backbone to refuse."""
+    name, conv = first_conv(model)
+    key = name + ".weight"
+    saved = weights.get(key)
+    if saved is None or saved.ndim != 4 or saved.shape[1] != 3 or conv.in_channels == 3:
+        return weights
+    log(f"=> {path}: its first layer reads RGB; for {conv.in_channels} channel(s), "
+        f"{first_conv_note(conv.in_channels)}")
+    return {**weights, key: adapt_rgb_filters(saved, conv.in_channels)}
+
+
 def load_backbone(model: nn.Module, ckpt: Dict[str, Any], path: str = "checkpoint") -> str:
     """Load a checkpoint's backbone into `model` (a torchvision model; its `fc` is left
     alone). Any other missing or mismatched key is a plain error naming the likely cause."""
@@ -77,6 +92,7 @@ def load_backbone(model: nn.Module, ckpt: Dict[str, Any], path: str = "checkpoin
         # without the classifier's last Linear
         weights = {"body." + k: v for k, v in weights.items() if "body." + k in own or not k.startswith(HEAD_ATTRS)}
     adopt_position_embedding(model, weights)  # a ViT trained at another crop than it was built for
+    weights = fit_first_layer(model, weights, path)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -137,6 +153,8 @@ def follow_checkpoint(args: argparse.Namespace, default_arch: str = "resnet50") 
     if args.small_images is None:
         saved = saved_args.get("small_images")
         args.small_images = bool(saved) if saved is not None else args.crop_size <= SMALL_CROP_MAX
+    # --in-channels and its statistics: the checkpoint's, else measured on the train images
+    resolve_channels(args, "train", saved_args)
 
 
 def load_pretrained(pretrained: str, arch: str) -> Optional[Dict[str, Any]]:

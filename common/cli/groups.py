@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from common.ckpt.retention import check_retention_flags
 from common.cli.parser import NO_HELPS, ArgumentAdder, Helps, switch
+from common.data.channels import parse_in_channels
 from common.data.datasets import DATASETS, SMALL_CROP_MAX
 from common.errors import UserError
 from common.log.tensorboard import check_tensorboard_flag
@@ -38,6 +39,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--shuffle-buffer", default=1000, type=int, metavar="N",
                    help="--dataset shards: each rank mixes the samples it reads in a seeded buffer of N "
                         "(0: the shards' own order, the most sequential reads)")
+    g.add_argument("--in-channels", default=None, type=parse_in_channels, metavar="N|auto",
+                   help="channels the network sees: 3 reads 8-bit RGB (JPEG, PNG); 1 (grayscale) or the number of "
+                        "bands reads images at full depth (16-bit PNG/TIFF, multi-band TIFF, .npy), normalised with "
+                        "statistics measured on the training images; auto reads the first images (default: the "
+                        "--pretrained checkpoint's, else 3)")
     switch(g, "--download", help="let torchvision download cifar10/cifar100/stl10/mnist/fashion-mnist into DATA")
     switch(g, "--strict-data", help="stop on an unreadable image instead of skipping it with a warning")
     g.add_argument("--synthetic-size", default=2000, type=int,

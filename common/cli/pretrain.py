@@ -20,6 +20,9 @@ def add_view_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
            help="the images are grayscale: views get brightness and contrast jitter only (saturation, hue and random "
                 "grayscale do nothing to a gray image); --recipe small sets it when every sampled image has equal "
                 "channels")
+    g.add_argument("--noise", default=0.0, type=float, metavar="S",
+                   help="Gaussian noise on half the views, sigma ~ U(0, S) in units of each channel's std, added "
+                        "after normalisation; for any --in-channels (default 0: off)")
     g.add_argument("--crop-min", default=None, type=float,
                    help="smallest RandomResizedCrop area fraction (default: the method's, 0.2 MoCo, 0.08 "
                         "SimCLR; raise it for small objects or low-resolution images)")

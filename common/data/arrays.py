@@ -5,10 +5,10 @@ as (H, W, C) float32 arrays holding the stored values unchanged (a 16-bit 65535 
 statistics' job, not the reader's, so no bit is thrown away here (pil_loader, the 8-bit RGB
 path, scales a 16-bit image to 8 bits).
 
-Not wired into the scripts yet: `--in-channels` and the N-channel augmentation that will
-read through this module are issue 44's items 1, 3 and 4."""
+The datasets read through it when `--in-channels` is not 3 (common/data/channels.py)."""
+import io
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -17,6 +17,12 @@ from common.errors import UserError, reason
 from common.extras import require
 
 NPY_EXTENSIONS = (".npy",)
+
+
+class UnreadableImage(OSError, UserError):
+    """A file that cannot be decoded: an OSError, so the loaders skip it (or stop with
+    --strict-data) as they do a broken JPEG, and a UserError's one sentence."""
+
 TIFF_EXTENSIONS = (".tif", ".tiff")
 # PIL modes -> the channels read (alpha is dropped: a mask, not a band)
 _PIL_CHANNELS = {"1": 1, "L": 1, "LA": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "I;16N": 1, "F": 1, "P": 3,
@@ -29,8 +35,9 @@ def npy_layout(shape: Tuple[int, ...]) -> str:
     return "CHW" if shape[0] < shape[2] else "HWC"
 
 
-def _npy(path: str) -> np.ndarray:
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+def _npy(path: str, data: Optional[bytes] = None) -> np.ndarray:
+    arr = np.load(io.BytesIO(data) if data is not None else path, mmap_mode=None if data is not None else "r",
+                  allow_pickle=False)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     elif arr.ndim == 3:
@@ -59,21 +66,30 @@ def _pil(img: Image.Image) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def read_array(path: str) -> np.ndarray:
-    """The image at `path` as an (H, W, C) float32 array of its stored values. Multi-band
-    TIFFs need tifffile (one sentence when it is missing); anything unreadable is one
-    sentence naming the file."""
-    ext = os.path.splitext(path)[1].lower()
+def _sniff(data: bytes) -> str:
+    """The extension bytes of a shard member read as (its name in the shard has none)."""
+    if data[:6] == b"\x93NUMPY":
+        return ".npy"
+    return ".tif" if data[:4] in (b"II*\x00", b"MM\x00*") else ".png"
+
+
+def read_array(path: str, data: Optional[bytes] = None) -> np.ndarray:
+    """The image at `path` (or its bytes `data`, named by `path`: a shard member) as an
+    (H, W, C) float32 array of its stored values. Multi-band TIFFs need tifffile (one
+    sentence when it is missing); anything unreadable is one sentence naming the file
+    (UnreadableImage)."""
+    ext = os.path.splitext(path)[1].lower() if data is None else _sniff(data)
+    source = (lambda: io.BytesIO(data)) if data is not None else (lambda: path)  # noqa: E731
     try:
         if ext in NPY_EXTENSIONS:
-            return _npy(path)
+            return _npy(path, data)
         if ext in TIFF_EXTENSIONS:
             try:
-                with Image.open(path) as img:
+                with Image.open(source()) as img:
                     return _pil(img)
             except (OSError, ValueError, SyntaxError):  # PIL reads 1-4 samples of 8/16 bits, not bands
                 tifffile = require("tifffile")
-                with tifffile.TiffFile(path) as tif:
+                with tifffile.TiffFile(source()) as tif:
                     series = tif.series[0]
                     arr, axes = np.asarray(series.asarray()), series.axes
                 if arr.ndim == 2:
@@ -84,12 +100,12 @@ def read_array(path: str) -> np.ndarray:
                     raise UserError(f"{path!r} holds a {arr.ndim}-d image of shape {arr.shape}; pass one image "
                                     f"(H x W x bands) per file")
                 return arr.astype(np.float32)
-        with Image.open(path) as img:
+        with Image.open(source()) as img:
             return _pil(img)
     except UserError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise UserError(f"cannot read image {path!r} ({reason(e)}); fix or remove the file") from None
+        raise UnreadableImage(f"cannot read image {path!r} ({reason(e)}); fix or remove the file") from None
 
 
 def channel_count(path: str) -> int:

@@ -6,13 +6,16 @@ learnable, for tests and demos). Image files are read in common/data/images.py; 
 augmentation is applied by common/data/transformed.py."""
 import argparse
 import os
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torchvision.datasets as tvd
 from torch.utils.data import Dataset
 
-from common.data.images import csv_manifest, image_folder
-from common.data.shard_reader import shard_dataset
+from common.data import listing
+from common.data.arrays import check_channels, read_array
+from common.data.channels import DETECT_SAMPLE, Channels, channels_of, describe, measure_stats, pil_full_depth, sample_indices
+from common.data.images import FileListDataset, csv_manifest, image_folder
+from common.data.shard_reader import ShardDataset, shard_dataset
 from common.data.synthetic import SyntheticPatterns
 from common.errors import UserError
 
@@ -28,10 +31,12 @@ SMALL_CROP_MAX = 64
 # ---------------------------------------------------------------- torchvision sources
 
 class _TorchvisionDataset(Dataset):
-    """A torchvision dataset giving RGB PIL images (MNIST-style grayscale is made 3-channel)."""
+    """A torchvision dataset giving RGB PIL images (MNIST-style grayscale is made 3-channel),
+    or with `full_depth` N (read_channels) (N, H, W) float tensors."""
 
     def __init__(self, ds):
         self.ds = ds
+        self.full_depth = 0
         self.classes = list(getattr(ds, "classes", []))
         targets = getattr(ds, "targets", None)
         if targets is None:
@@ -43,6 +48,8 @@ class _TorchvisionDataset(Dataset):
 
     def __getitem__(self, index: int):
         img, target = self.ds[index]
+        if self.full_depth:
+            return pil_full_depth(img, self.full_depth, self.path(index)), int(target)
         return img.convert("RGB"), int(target)
 
     def path(self, index: int) -> str:
@@ -68,9 +75,24 @@ def _torchvision(name: str, root: str, split: str, download: bool) -> Dataset:
 
 # ---------------------------------------------------------------- factory
 
+def read_channels(dataset: Dataset, channels: int) -> Dataset:
+    """`dataset` reading (channels, H, W) float tensors at full depth (channels other than 3:
+    common/data/channels.py), or 8-bit RGB PIL images (3)."""
+    dataset.full_depth = 0 if channels == 3 else channels
+    return dataset
+
+
 def build_dataset(args: argparse.Namespace, split: str) -> Optional[Dataset]:
     """The raw dataset (PIL image, label) for `split`: 'pretrain' (every image, labels
     ignored), 'train' or 'val' (labelled). Returns None when there is no val split."""
+    dataset = _build(args, split)
+    # --in-channels auto is read from the images themselves (common/train/channels.py), as PIL images
+    if dataset is not None and args.in_channels not in (None, "auto"):
+        read_channels(dataset, int(args.in_channels))
+    return dataset
+
+
+def _build(args: argparse.Namespace, split: str) -> Optional[Dataset]:
     name, root = args.dataset, args.data
     if name == "synthetic":
         n = args.synthetic_size if split in ("train", "pretrain") else max(args.synthetic_size // 4, args.synthetic_classes)
@@ -112,3 +134,60 @@ def build_dataset(args: argparse.Namespace, split: str) -> Optional[Dataset]:
 
 def default_crop_size(args: argparse.Namespace) -> int:
     return SMALL_IMAGE_SIZE.get(args.dataset, 224)
+
+
+# ---------------------------------------------------------------- --in-channels
+
+def detect_channels(dataset: Dataset) -> int:
+    """--in-channels auto: the channel count of the first images (a spread of DETECT_SAMPLE);
+    a mix is one sentence naming two files."""
+    picks = list(sample_indices(len(dataset), DETECT_SAMPLE, 0))
+    if isinstance(dataset, FileListDataset):
+        return check_channels([dataset.path(i) for i in picks])
+    counts = {}
+    for i in picks:
+        if isinstance(dataset, ShardDataset):
+            c = read_array(dataset.keys[i], dataset.read_bytes(i)).shape[2]
+        else:
+            img = dataset.ds[i][0] if isinstance(dataset, _TorchvisionDataset) else dataset[i][0]
+            c = 1 if img.mode in ("L", "1", "I", "I;16", "F") else 3
+        counts.setdefault(c, dataset.path(i) if hasattr(dataset, "path") else str(i))
+        if len(counts) > 1:
+            (a, pa), (b, pb) = list(counts.items())[:2]
+            raise UserError(f"the images mix channel counts: {pa!r} has {a}, {pb!r} has {b}; give one kind of "
+                            f"image per folder (convert the others, or split the folder)")
+    return next(iter(counts))
+
+
+def resolve_channels(args: argparse.Namespace, split: str, saved: Optional[Dict[str, Any]] = None) -> Channels:
+    """Turn --in-channels into the run's Channels, kept in args (in_channels, channel_mean,
+    channel_std: the checkpoint keeps them): a checkpoint's (`saved`, its args) when it has
+    them, else the count given or read from the images (auto), with per-channel statistics
+    measured on a seeded sample of `split` for counts other than 3."""
+    given = args.in_channels
+    if saved and saved.get("in_channels") is not None:
+        n = int(saved["in_channels"])
+        if given not in (None, "auto", str(n)):
+            raise UserError(f"the checkpoint was trained on {n} channel(s), not the {given} of --in-channels; drop "
+                            f"--in-channels (it follows the checkpoint)")
+        args.in_channels, args.channel_mean, args.channel_std = n, saved.get("channel_mean"), saved.get("channel_std")
+        return channels_of(args)
+    if given == "auto":
+        dataset = _build(args, split) or _build(args, "train")
+        n = detect_channels(dataset)
+        listing.log(f"=> --in-channels auto: {n} channel(s) in each of the {min(len(dataset), DETECT_SAMPLE)} "
+                    f"images read" + (", read at full depth" if n != 3 else ", read as 8-bit RGB"))
+    else:
+        n = 3 if given is None else int(given)
+    args.in_channels, args.channel_mean, args.channel_std = n, None, None
+    if n == 3:
+        return channels_of(args)
+    dataset = build_dataset(args, split)
+    seed = args.seed or 0
+    mean, std, read = measure_stats(dataset, n, seed)
+    args.channel_mean, args.channel_std = list(mean), list(std)
+    ch = channels_of(args)
+    listing.log(f"=> {n} input channel(s) at full depth, normalised per channel with the {split} images' own "
+                f"statistics, measured on {read} images (seed {seed}): {describe(ch)}")
+    return ch
+

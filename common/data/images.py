@@ -13,9 +13,12 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from common.data import listing
+from common.data.arrays import NPY_EXTENSIONS, read_array
+from common.data.channels import check_count, to_tensor
 from common.errors import UserError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# .npy arrays are read with --in-channels other than 3 (common/data/arrays.py)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp") + NPY_EXTENSIONS
 
 
 def is_image_file(path: str) -> bool:
@@ -44,13 +47,30 @@ def decode_image(f: BinaryIO, min_side: Optional[int] = None) -> Image.Image:
     return img.convert("RGB")
 
 
+def load_full_depth(path: str, channels: int, data: Optional[bytes] = None):
+    """The image as a (C, H, W) float tensor of its stored values (--in-channels other than 3);
+    another channel count than the run's is one sentence."""
+    arr = read_array(path, data)
+    check_count(arr.shape[2], channels, repr(path))
+    return to_tensor(arr)
+
+
+def refuse_array(path: str) -> None:
+    if path.lower().endswith(NPY_EXTENSIONS):
+        raise UserError(f"{path!r} is an array, which the 8-bit RGB path (--in-channels 3) does not read; pass "
+                        f"--in-channels with its channel count, or auto")
+
+
 class FileListDataset(Dataset):
-    """Images on disk: `samples` is a list of (path, label); label -1 means unlabelled."""
+    """Images on disk: `samples` is a list of (path, label); label -1 means unlabelled.
+    `full_depth` (set by common.data.datasets.read_channels): 0 decodes 8-bit RGB PIL
+    images, N reads (N, H, W) float tensors at full depth."""
 
     def __init__(self, samples: List[Tuple[str, int]], classes: List[str]):
         self.samples = samples
         self.classes = classes
         self.targets = [t for _, t in samples]
+        self.full_depth = 0
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -60,6 +80,9 @@ class FileListDataset(Dataset):
 
     def load(self, index: int, min_side: Optional[int] = None):
         path, target = self.samples[index]
+        if self.full_depth:
+            return load_full_depth(path, self.full_depth), target
+        refuse_array(path)
         return pil_loader(path, min_side), target
 
     def path(self, index: int) -> str:

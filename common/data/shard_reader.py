@@ -37,13 +37,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from common.data import listing
-from common.data.images import decode_image
+from common.data.images import decode_image, load_full_depth, refuse_array
 from common.data.shards import index_name
 from common.errors import UserError, reason
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "npy")  # npy: --in-channels
 LABEL_EXTS = ("cls", "json", "txt")  # the first one a sample has is its label
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: .npy members are images
 OPEN_FILES = 16  # shard files a process keeps open for reading
 # the header scan reads this much at a time: small images put many headers in one read, and a
 # large image's data is skipped by a seek past the buffer
@@ -338,6 +338,9 @@ class ShardDataset(Dataset):
         return data
 
     def load(self, index: int, min_side: Optional[int] = None) -> Tuple[Image.Image, int]:
+        if self.full_depth:  # --in-channels other than 3: a (C, H, W) float tensor
+            return load_full_depth(self.keys[index], self.full_depth, self.read_bytes(index)), self.targets[index]
+        refuse_array(self.path(index))
         return decode_image(io.BytesIO(self.read_bytes(index)), min_side), self.targets[index]
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:

@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.data.channels import pil_full_depth
 from common.errors import UserError
 
 
@@ -31,6 +32,7 @@ class SyntheticPatterns(Dataset):
         self.size, self.num_classes, self.image_size, self.seed = size, num_classes, image_size, seed
         self.classes = [f"hue{round(360 * i / num_classes):03d}" for i in range(num_classes)]
         self.targets = [i % num_classes for i in range(size)]
+        self.full_depth = 0  # common.data.datasets.read_channels
 
     def __len__(self) -> int:
         return self.size
@@ -76,4 +78,7 @@ class SyntheticPatterns(Dataset):
         fg = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)), dtype=np.float32)
         bg = np.full(3, rng.uniform(0.0, 0.3), dtype=np.float32)
         img = np.where(mask, fg, bg) + rng.normal(0, 0.05, size=(s, s, 3)).astype(np.float32)
-        return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label
+        img = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+        if self.full_depth:  # --in-channels 1: the gray image (another count: one sentence)
+            return pil_full_depth(img, self.full_depth, self.path(index)), label
+        return img, label

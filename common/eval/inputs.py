@@ -20,6 +20,7 @@ from common.errors import UserError
 from common.eval.hierarchical_data import hierarchical_dataset
 from common.eval.label_tree import LabelTree
 from common.nets.models import build_backbone
+from common.data.channels import channels_of
 
 def pretrained_backbone(args: argparse.Namespace, num_classes: int = 1000, load: bool = True,
                         keep_reference: bool = False) -> Tuple[nn.Module, str, Dict[str, torch.Tensor]]:
@@ -29,7 +30,8 @@ def pretrained_backbone(args: argparse.Namespace, num_classes: int = 1000, load:
     a later sanity check, else {})."""
     # num_classes sizes the fc a classifier replaces: it still draws from the RNG, so a run's
     # head init depends on it
-    model = build_backbone(args.arch, num_classes=num_classes, small_images=args.small_images)
+    model = build_backbone(args.arch, num_classes=num_classes, small_images=args.small_images,
+                           in_channels=args.in_channels)
     ckpt = load_pretrained(args.pretrained, args.arch) if load else None
     if ckpt is None:
         return model, "random init", {}
@@ -137,5 +139,5 @@ def eval_view(dataset: Dataset, args: argparse.Namespace) -> TransformedDataset:
     """What the network is evaluated on: resize and centre crop, no augmentation. An
     unreadable image is left out: a stand-in would be counted (or fitted) under this
     image's label, once more."""
-    return TransformedDataset(dataset, eval_transform(args.crop_size), args.strict_data,
+    return TransformedDataset(dataset, eval_transform(args.crop_size, channels_of(args)), args.strict_data,
                               decode_side=eval_decode_side(args.crop_size), skip_unreadable=True)

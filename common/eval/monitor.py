@@ -15,6 +15,7 @@ from common.log.progress import log
 from common.nets.batchnorm import recalibrate_batchnorm
 from common.nets.models import without_head
 from common.nets.precision import Precision
+from common.data.channels import channels_of
 
 RECALIBRATION_IMAGES = 2048  # enough for BatchNorm's means and variances, a bounded cost on large sets
 
@@ -31,7 +32,7 @@ class KnnMonitor:
             log("=> kNN monitor off: it needs a labelled train split and a val split")
             self.train = self.val = None
             return
-        tf, side = eval_transform(args.crop_size), eval_decode_side(args.crop_size)
+        tf, side = eval_transform(args.crop_size, channels_of(args)), eval_decode_side(args.crop_size)
         # an unreadable image gets no row: with a stand-in it would vote (or count) twice
         self.train = TransformedDataset(train, tf, decode_side=side, skip_unreadable=True)
         self.val = TransformedDataset(val, tf, decode_side=side, skip_unreadable=True)

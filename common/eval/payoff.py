@@ -41,6 +41,7 @@ from common.log.progress import log
 from common.nets.batchnorm import recalibrate_batchnorm
 from common.nets.models import build_backbone, without_head
 from common.nets.precision import Precision
+from common.data.channels import channels_of
 
 PAYOFF_FOLDS = 5
 # labelled train images the probe uses at most (class-stratified, seeded): its cost stays a
@@ -215,7 +216,7 @@ class PayoffProbe:
 
         # an unreadable image gets no row rather than a stand-in under its label
         def images(index: List[int], size: int) -> TransformedDataset:
-            return TransformedDataset(SubsetDataset(train, index), eval_transform(size), decode_side=eval_decode_side(size),
+            return TransformedDataset(SubsetDataset(train, index), eval_transform(size, channels_of(args)), decode_side=eval_decode_side(size),
                                       skip_unreadable=True)
 
         self.at_size = {size: images(labelled, size) for size in self.sizes}
@@ -333,7 +334,8 @@ class Payoff:
         """A random network of the run's architecture, drawn from the run's seed."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.args.seed)
-            net = build_backbone(self.args.arch, small_images=self.args.small_images, crop_size=self.args.crop_size)
+            net = build_backbone(self.args.arch, small_images=self.args.small_images, crop_size=self.args.crop_size,
+                                 in_channels=self.args.in_channels)
         return net.to(self.env.device)
 
     def measure(self, backbone: nn.Module, epoch: int) -> Dict[str, object]:

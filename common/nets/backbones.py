@@ -6,7 +6,7 @@ facebookresearch/moco checkpoints. Every other family (ConvNeXt, EfficientNet, M
 MNASNet, DenseNet, Swin, ViT, MaxViT, VGG, AlexNet) is wrapped in `Backbone`: `body` is
 the torchvision model with its last Linear (and the Dropout in front of it) removed, so it
 returns the pooled feature vector, and `fc` is a fresh Linear on it."""
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -184,8 +184,37 @@ def _small_stem(model: nn.Module, arch: str) -> None:
                         f"pass --no-small-images")
 
 
+def first_conv(model: nn.Module) -> Tuple[str, nn.Conv2d]:
+    """(name, module) of the layer that reads the image: the first Conv2d of every family
+    (ResNet conv1, ConvNeXt/Swin's patchify, ViT's conv_proj, EfficientNet's stem, ...)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return name, m
+    raise UserError(f"{type(model).__name__} has no convolution reading the image, so --in-channels cannot "
+                    f"change its input; pick a convolutional network or a ViT")
+
+
+def set_in_channels(model: nn.Module, in_channels: int) -> None:
+    """The first layer rebuilt for `in_channels` inputs, drawn afresh with the family's RGB
+    init scaled by sqrt(3 / in_channels), so its outputs keep their variance on inputs of
+    the same per-channel variance (pretrained RGB filters are fitted instead by
+    common/ckpt/init_weights.py)."""
+    name, conv = first_conv(model)
+    if conv.in_channels == in_channels:
+        return
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups if conv.groups == 1 else in_channels, conv.bias is not None, conv.padding_mode)
+    with torch.no_grad():
+        new.weight.normal_(0.0, float(conv.weight.std()) * (3.0 / in_channels) ** 0.5)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
 def build_any(arch: str, num_classes: int, small_images: bool,
-              norm_layer: Optional[Callable[[int], nn.Module]], crop_size: Optional[int]) -> nn.Module:
+              norm_layer: Optional[Callable[[int], nn.Module]], crop_size: Optional[int],
+              in_channels: int = 3) -> nn.Module:
     if arch in TINY_VIT or arch.startswith("vit_"):
         model = _build_vit(arch, num_classes, small_images, crop_size)
     elif arch in TINY_CONVNEXT:
@@ -206,6 +235,8 @@ def build_any(arch: str, num_classes: int, small_images: bool,
             replace_batchnorm(model, norm_layer)
     if small_images:
         _small_stem(model, arch)
+    if in_channels != 3:
+        set_in_channels(model, in_channels)
     if isinstance(getattr(model, "fc", None), nn.Linear):
         return model
     fam = family(model)

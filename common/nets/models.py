@@ -10,7 +10,7 @@ from common.nets.backbones import TINY_CONVNEXT, TINY_VIT, arch_names, build_any
 
 def build_backbone(arch: str, num_classes: int = 1000, small_images: bool = False,
                    norm_layer: Optional[Callable[[int], nn.Module]] = None,
-                   crop_size: Optional[int] = None) -> nn.Module:
+                   crop_size: Optional[int] = None, in_channels: int = 3) -> nn.Module:
     """A torchvision classification model whose `fc` is the head.
 
     Models with an `fc` Linear (ResNet, ResNeXt, Wide ResNet, RegNet, ...) come as torchvision
@@ -23,13 +23,14 @@ def build_backbone(arch: str, num_classes: int = 1000, small_images: bool = Fals
     (ResNet: 3x3 conv, stride 1, no max-pool; others: common.nets.backbones._small_stem).
     norm_layer (e.g. SplitBatchNorm) replaces BatchNorm2d; LayerNorm networks have none.
     crop_size: the side a ViT's position embedding is built for (default 224, 32 with
-    small_images or vit_tiny); other sides are interpolated.
+    small_images or vit_tiny); other sides are interpolated. in_channels: what the first
+    layer reads (--in-channels; common/data/channels.py).
     """
     if arch not in arch_names():
         raise UserError(f"unknown architecture {arch!r}; pick a torchvision model such as "
                         f"resnet18, resnet50, resnext50_32x4d, convnext_tiny, efficientnet_b0, vit_b_16 "
                         f"(or {', '.join(list(TINY_VIT) + list(TINY_CONVNEXT))}, a tiny ViT and ConvNeXt for tests)")
-    return build_any(arch, num_classes, small_images, norm_layer, crop_size)
+    return build_any(arch, num_classes, small_images, norm_layer, crop_size, int(in_channels))
 
 
 def feature_dim(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ from common.augment import transforms as augment
 from common.augment.gpu import ViewsToDevice
 from common.augment.gpu_decode import DecodeToDevice, EncodedViews, check_device_decoding, collate_encoded, read_sample
 from common.cli import given
+from common.data.channels import channels_of
 from common.data.datasets import build_dataset
 from common.data.loader import ResumableSampler, make_loader
 from common.data.shard_order import ShardOrderSampler
@@ -76,6 +77,15 @@ def pretraining_images(args: argparse.Namespace, say: bool = True) -> Dataset:
     return SubsetDataset(images, kept)
 
 
+def run_channels(args: argparse.Namespace, views: augment.Views) -> augment.Views:
+    """`views` for the run's --in-channels (Recipe.for_channels), saying what was left out."""
+    converted, dropped = augment.views_for(augment.with_noise(views, args.noise), channels_of(args))
+    if dropped:
+        log(f"=> {args.in_channels} channel(s): the views leave out {', '.join(dropped)}, which need RGB colour; "
+            f"crops, flips, brightness, contrast, blur (and --noise) apply to every channel")
+    return converted
+
+
 def pretrain_data(args: argparse.Namespace, env: DistEnv, transform, batch_size: int, workers: int,
                   decode_side: int, to_device: Callable, read: Callable = load_sample,
                   collate_fn: Optional[Callable] = None) -> PretrainData:
@@ -107,11 +117,16 @@ def two_view_data(args: argparse.Namespace, env: DistEnv, views: augment.Views, 
     --gpu-augment the workers hand over uint8 crops and the photometric half of each recipe
     runs batched on the device (data.to_device); with --gpu-decode the workers hand over
     the JPEG bytes and the device decodes and crops too (common/augment/gpu_decode.py)."""
+    views = run_channels(args, views)
     first, second = augment.view_pair(views)
     for i, recipe in enumerate((first,) if first == second else (first, second)):
         log(f"=> {'both views' if first == second else f'view {i + 1}'}: {recipe.describe()}")
     decode_side = augment.views_decode_side(views)
     if args.gpu_decode:
+        if channels_of(args).full_depth:
+            raise UserError(f"--gpu-decode decodes 8-bit RGB JPEGs, not the {args.in_channels}-channel images of "
+                            f"--in-channels {args.in_channels}; drop --gpu-decode (--gpu-augment still runs the "
+                            f"brightness, contrast and blur on the device)")
         check_device_decoding(env.device)
         data = pretrain_data(args, env, EncodedViews(views, 2), batch_size, workers, decode_side,
                              DecodeToDevice(views, env.device, args.channels_last, args.strict_data),
@@ -130,6 +145,7 @@ def multi_view_data(args: argparse.Namespace, env: DistEnv, recipes: Sequence[au
     if args.gpu_decode and len(recipes) != 2:
         raise UserError(f"--gpu-decode decodes two views per image, not {len(recipes)}; drop --gpu-decode "
                         f"(--gpu-augment keeps the colour and blur ops on the device)")
+    recipes = [run_channels(args, r) for r in recipes]
     transform = augment.MultiViewTransform([r.split() for r in recipes] if args.gpu_augment else recipes)
     specs = [r.spec() for r in recipes] if args.gpu_augment else None
     data = pretrain_data(args, env, transform, batch_size, workers, max(r.decode_side() for r in recipes),

@@ -12,7 +12,7 @@ from common.ckpt.io import (
 )
 from common.ckpt.resume import check_same_flags, resumed_args, run_seed
 from common.cli import check_training_flags, given
-from common.data.datasets import SMALL_CROP_MAX, default_crop_size
+from common.data.datasets import SMALL_CROP_MAX, default_crop_size, resolve_channels
 from common.distributed.world import expected_world_size, is_first_process, per_worker, uses_cuda
 from common.errors import UserError
 from common.train.data import fit_default_batch, pretraining_images
@@ -45,6 +45,8 @@ def finalize_view_args(args: argparse.Namespace) -> None:
         args.gpu_augment = uses_cuda(args) or args.gpu_decode
     if args.gpu_decode and not args.gpu_augment:
         raise UserError("--gpu-decode runs the whole augmentation on the device; drop --no-gpu-augment")
+    if args.noise < 0:
+        raise UserError(f"--noise {args.noise} is a noise strength in channel stds; pass 0 (off) or more, e.g. 0.1")
     if args.crop_min is not None and not 0 < args.crop_min <= 1:
         raise UserError(f"--crop-min {args.crop_min} is an area fraction; use a value in (0, 1], e.g. 0.2")
     if not 0 < args.crop_max <= 1 or (args.crop_min is not None and args.crop_max < args.crop_min):
@@ -67,8 +69,9 @@ def finalize_pretrain_args(args: argparse.Namespace, name: str, model_flags: Seq
         prepare_output_dir(args.output_dir, new_run=not args.resume, overwrite=args.overwrite,
                            lock=is_first_process(args))
     resume_path, saved = resumed_args(args.resume, args.output_dir, name)
-    profiled = apply_recipe(args, recipe, saved) if recipe is not None else None
     args.seed = run_seed(args.seed, saved)  # stored in the checkpoint: resume replays it
+    resolve_channels(args, "pretrain", saved)  # --in-channels, and the statistics of a count other than 3
+    profiled = apply_recipe(args, recipe, saved) if recipe is not None else None
     args.crop_size = args.crop_size or default_crop_size(args)
     if args.small_images is None:
         args.small_images = args.crop_size <= SMALL_CROP_MAX

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from common.cli import given
@@ -70,6 +71,10 @@ def profile_data(dataset: Dataset, sample: int = PROFILE_SAMPLE) -> DataProfile:
         try:
             img = dataset[i][0]
         except (OSError, ValueError):
+            continue
+        if isinstance(img, torch.Tensor):  # --in-channels other than 3: (C, H, W), gray when C is 1
+            sides.append(min(img.shape[1:]))
+            gray = gray and img.shape[0] == 1
             continue
         sides.append(min(img.size))
         if gray and img.mode not in ("L", "1", "I", "F", "I;16"):

@@ -22,6 +22,7 @@ from common.train.preempt import StopRequest
 from common.train.schedule import lr_at
 from common.train.step import EpochResult
 from common.watch.collapse import CollapseWatch, LearningWatch, StdWatch
+from common.data.channels import channels_of
 from common.watch.view_check import view_check, view_check_message
 
 # exit status of a run stopped by --stop-if-not-learning (2 is a usage error, 75 a requeue)
@@ -85,6 +86,7 @@ class PretrainRun:
         look alike? Printed before the first step, with what to try when they do not."""
         if self.start_epoch or self.start_iter or not is_main_process() or len(self.data.dataset) < 2:
             return  # (one image has no other to compare its views with)
+        recipe = augment.views_for(recipe, channels_of(self.args))[0]
         result = view_check(self.data.dataset.base, recipe, self.args.arch, self.args.small_images, self.env.device)
         log(view_check_message(result, self.learning.hint if self.learning is not None else "milder augmentations"))
 

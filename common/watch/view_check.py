@@ -20,6 +20,7 @@ from common.data.transformed import TransformedDataset
 from common.distributed.world import is_first_process, uses_cuda
 from common.errors import UserError
 from common.log.progress import log
+from common.data.channels import channels_of
 from common.nets.models import build_backbone, without_head
 
 SAMPLE = 64  # images; a few seconds even at 224 px
@@ -73,7 +74,8 @@ def _view_check(dataset: Dataset, recipe: augment.Views, arch: str, small_images
         raise UserError("the view check needs two readable images; fix or remove the unreadable files")
     first, second = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     torch.manual_seed(seed)
-    net = build_backbone(arch, small_images=small_images).to(device).train()
+    net = build_backbone(arch, small_images=small_images,
+                         in_channels=augment.view_pair(recipe)[0].channels.count).to(device).train()
     with without_head(net):
         feats = net(torch.cat([first, second]).to(device)).cpu()
     return {"images": len(pairs), "pixels": _separation(pixel_descriptor(first), pixel_descriptor(second)),
@@ -108,7 +110,7 @@ def view_check_only(views: Callable[[argparse.Namespace], augment.Views], args: 
     log(f"=> --view-check-only: the views of crop {args.crop_size} px, --crop-min {crop_min}, --crop-max "
         f"{args.crop_max:g}, --color-strength {args.color_strength:g}"
         f"{', --gray-images' if args.gray_images else ''}; nothing is trained or written")
-    recipe = views(args)
+    recipe = augment.views_for(views(args), channels_of(args))[0]
     for seed in args.view_check_seeds:
         line = view_check_message(view_check(dataset, recipe, args.arch, args.small_images, device, seed=seed), HINT)
         log(f"seed {seed}: {line.lstrip('=> ')}")
