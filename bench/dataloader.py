@@ -164,7 +164,7 @@ def build_source(args: argparse.Namespace, tmp: str):
         return image_folder(tmp)
     if args.source == "synthetic":
         return SyntheticPatterns(args.num_images, 8, args.image_size[0])
-    ds = build_dataset(argparse.Namespace(dataset=args.source, data=args.data, download=False), "pretrain")
+    ds = build_dataset(argparse.Namespace(in_channels=None, dataset=args.source, data=args.data, download=False), "pretrain")
     if len(ds) > args.num_images:
         from common.data.subsets import SubsetDataset
         ds = SubsetDataset(ds, range(args.num_images))

@@ -422,9 +422,9 @@ def prepare_data(args: argparse.Namespace) -> Data:
     if args.pretrain_images and args.dataset not in FOLDERS:  # the unlabelled pool (its test split is unused)
         pool_root = mnist_subset(args.data, os.path.join(args.output_dir, "data_pool"), args.pretrain_images, 10,
                                  args.dataset, seed=args.seed + 1)
-    data_args = argparse.Namespace(dataset=script_dataset(args), data=root, download=False)
+    data_args = argparse.Namespace(in_channels=None, dataset=script_dataset(args), data=root, download=False)
     train = build_dataset(data_args, "train")
-    n_pool = len(build_dataset(argparse.Namespace(dataset=script_dataset(args), data=pool_root, download=False),
+    n_pool = len(build_dataset(argparse.Namespace(in_channels=None, dataset=script_dataset(args), data=pool_root, download=False),
                                "train"))
     labelled = {f: (len(train) if f >= 1 else len(stratified_subset(train.targets, f, 0))) for f in args.fractions}
     return Data(root, pool_root, data_args, train, n_pool, len(build_dataset(data_args, "val")), labelled)

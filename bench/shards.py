@@ -78,7 +78,7 @@ def read_only(dataset, index: int, min_side=None):
 
 def one_pass(kind: str, data: str, load: str, workers: int, batch: int, limit: int) -> Dict[str, float]:
     t0 = time.perf_counter()
-    args = argparse.Namespace(dataset=kind, data=data, strict_data=False, shuffle_buffer=1000)
+    args = argparse.Namespace(in_channels=None, dataset=kind, data=data, strict_data=False, shuffle_buffer=1000)
     base = build_dataset(args, "pretrain")
     built = time.perf_counter() - t0
     if load == "read":

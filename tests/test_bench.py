@@ -40,7 +40,7 @@ def write_tiny_mnist(root, folder="FashionMNIST", n_train=60, n_test=30, seed=0)
 @pytest.mark.parametrize("name,folder", [("fashion-mnist", "FashionMNIST"), ("mnist", "MNIST")])
 def test_mnist_format_gives_3_channel_32px_tensors(tmp_path, name, folder):
     root, (tr_x, tr_y) = write_tiny_mnist(tmp_path, folder, n_train=20, n_test=10)
-    args = argparse.Namespace(dataset=name, data=root, download=False)
+    args = argparse.Namespace(in_channels=None, dataset=name, data=root, download=False)
     train, val = build_dataset(args, "train"), build_dataset(args, "val")
     assert (len(train), len(val)) == (20, 10) and len(train.classes) == 10
     assert train.targets == [int(t) for t in tr_y]
@@ -57,9 +57,9 @@ def test_mnist_format_gives_3_channel_32px_tensors(tmp_path, name, folder):
 def test_mnist_subset_is_class_balanced(tmp_path):
     src, _ = write_tiny_mnist(tmp_path / "src", n_train=60, n_test=30)
     dst = mnist_subset(src, str(tmp_path / "dst"), train_n=20, test_n=0)
-    train = build_dataset(argparse.Namespace(dataset="fashion-mnist", data=dst, download=False), "train")
+    train = build_dataset(argparse.Namespace(in_channels=None, dataset="fashion-mnist", data=dst, download=False), "train")
     assert np.bincount(train.targets).tolist() == [2] * 10
-    assert len(build_dataset(argparse.Namespace(dataset="fashion-mnist", data=dst, download=False), "val")) == 30
+    assert len(build_dataset(argparse.Namespace(in_channels=None, dataset="fashion-mnist", data=dst, download=False), "val")) == 30
     assert stratified_first(np.array([0, 0, 1, 1, 1]), 0).tolist() == [0, 1, 2, 3, 4]
 
 

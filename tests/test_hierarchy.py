@@ -71,7 +71,7 @@ def tree_data(tmp_path_factory) -> str:
 
 
 def data_args(root: str, dataset: str = "imagefolder") -> argparse.Namespace:
-    return argparse.Namespace(data=str(root), dataset=dataset, hierarchy_depth=2)
+    return argparse.Namespace(in_channels=None, data=str(root), dataset=dataset, hierarchy_depth=2)
 
 
 def lincls_args(root: str, out) -> argparse.Namespace:

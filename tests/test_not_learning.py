@@ -101,7 +101,7 @@ def test_the_view_check_leaves_the_random_state_as_it_was():
     from common.data.datasets import build_dataset
     from common.watch.view_check import view_check
     from simclr.augment import simclr_augmentation
-    ds = build_dataset(argparse.Namespace(dataset="synthetic", data="", synthetic_size=16, synthetic_classes=2,
+    ds = build_dataset(argparse.Namespace(in_channels=None, dataset="synthetic", data="", synthetic_size=16, synthetic_classes=2,
                                           synthetic_image_size=32), "pretrain")
     torch.manual_seed(7)
     expected = torch.rand(3)

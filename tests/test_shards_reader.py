@@ -61,7 +61,7 @@ def jpeg(seed, size=24):
 
 
 def args_for(data, **kw):
-    base = dict(dataset="shards", data=str(data), strict_data=False, shuffle_buffer=8)
+    base = dict(dataset="shards", data=str(data), strict_data=False, shuffle_buffer=8, in_channels=None)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -73,12 +73,12 @@ def test_make_shards_output_reads_back_as_the_folder_it_came_from(tmp_path):
     out = tmp_path / "shards"
     for split in ("train", "val"):
         assert make_shards.main([data, str(out), "--split", split, "--shard-size", "40KB"]) in (None, 0)
-    folder = build_dataset(argparse.Namespace(dataset="imagefolder", data=data), "train")
+    folder = build_dataset(argparse.Namespace(in_channels=None, dataset="imagefolder", data=data), "train")
     for split in ("train", "val"):
         ds = build_dataset(args_for(out), split)
         assert isinstance(ds, ShardDataset) and len(ds.paths) > 1 and len(ds) == 18
         assert ds.classes == ["a", "b", "c"]
-        src = build_dataset(argparse.Namespace(dataset="imagefolder", data=data), split)
+        src = build_dataset(argparse.Namespace(in_channels=None, dataset="imagefolder", data=data), split)
         want = sorted((open(p, "rb").read(), t) for p, t in src.samples)
         got = sorted((ds.read_bytes(i), ds.targets[i]) for i in range(len(ds)))
         assert got == want  # every image once, bytes unchanged, its class

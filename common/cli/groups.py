@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from common.ckpt.retention import check_retention_flags
 from common.cli.parser import NO_HELPS, ArgumentAdder, Helps, switch
 from common.data.channels import parse_in_channels
+from common.data.display import parse_bands
 from common.data.datasets import DATASETS, SMALL_CROP_MAX
 from common.errors import UserError
 from common.log.tensorboard import check_tensorboard_flag
@@ -44,6 +45,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                         "bands reads images at full depth (16-bit PNG/TIFF, multi-band TIFF, .npy), normalised with "
                         "statistics measured on the training images; auto reads the first images (default: the "
                         "--pretrained checkpoint's, else 3)")
+    # the measured statistics of --in-channels other than 3 (common/data/datasets.py resolve_channels)
+    parser.set_defaults(channel_mean=None, channel_std=None)
+    g.add_argument("--show-bands", default=None, type=parse_bands, metavar="R,G,B",
+                   help="images of more than 3 channels: the three shown as red, green and blue in grids, thumbnails "
+                        "and reports, counted from 0 (default: 0,1,2); one channel is shown as gray")
     switch(g, "--download", help="let torchvision download cifar10/cifar100/stl10/mnist/fashion-mnist into DATA")
     switch(g, "--strict-data", help="stop on an unreadable image instead of skipping it with a warning")
     g.add_argument("--synthetic-size", default=2000, type=int,

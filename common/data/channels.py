@@ -41,7 +41,7 @@ RGB = Channels()
 
 def channels_of(args: argparse.Namespace) -> Channels:
     """The Channels a resolved `args` describes (resolve_channels / follow_checkpoint set them)."""
-    if args.in_channels == 3 or args.channel_mean is None:
+    if args.in_channels in (None, "auto", "3", 3) or args.channel_mean is None:
         return RGB
     return Channels(int(args.in_channels), tuple(args.channel_mean), tuple(args.channel_std))
 
