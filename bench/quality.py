@@ -68,7 +68,7 @@ from tools.inspection_data import write_inspection_set  # noqa: E402
 from bench.util import format_table, machine_info, mnist_subset, resolve_device, write_json  # noqa: E402
 from common.augment import transforms as augment  # noqa: E402
 from common.ckpt.pretrained import load_backbone, load_pretrained  # noqa: E402
-from common.data.datasets import build_dataset  # noqa: E402
+from common.data.datasets import build_dataset, resolve_channels  # noqa: E402
 from common.data.subsets import stratified_subset  # noqa: E402
 from common.data.transformed import TransformedDataset  # noqa: E402
 from common.errors import UserError, report_user_errors  # noqa: E402
@@ -181,6 +181,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="CIFAR stem (preset: off for --quick, it is ~10x slower on a CPU; on for full)")
     p.add_argument("--amp", action="store_true", help="pass --amp to every run (GPU)")
     p.add_argument("--channels-last", action="store_true", help="pass --channels-last to every run (GPU)")
+    p.add_argument("--in-channels", default=None, metavar="N|auto",
+                   help="pass --in-channels to every run and probe (e.g. 1: Fashion-MNIST as one gray channel, not "
+                        "today's 3-channel copy)")
     return p
 
 
@@ -250,6 +253,8 @@ def common_flags(args: argparse.Namespace, root: str) -> List[str]:
         flags.append("--amp")
     if args.channels_last:
         flags.append("--channels-last")
+    if args.in_channels:
+        flags += ["--in-channels", args.in_channels]
     return flags
 
 
@@ -344,12 +349,17 @@ def embed(args: argparse.Namespace, data_args: argparse.Namespace, ckpt_path: st
           crop: int = 32):
     """Raw fp32 backbone features (and labels) of the train and test images, un-augmented
     (eval transform at `crop` px); ckpt_path 'none' is the random-init backbone (seeded by --seed)."""
+    ckpt = load_pretrained(ckpt_path, args.arch) if ckpt_path != "none" else None
+    # --in-channels: the checkpoint's channels and statistics, else (random init) measured on train
+    data_args = argparse.Namespace(**{**vars(data_args), "in_channels": args.in_channels, "seed": args.seed,
+                                      "channel_mean": None, "channel_std": None})
+    channels = resolve_channels(data_args, "train", (ckpt or {}).get("args"))
     torch.manual_seed(args.seed)
-    model = build_backbone(args.arch, small_images=args.small_images)
-    if ckpt_path != "none":
-        load_backbone(model, load_pretrained(ckpt_path, args.arch), ckpt_path)
+    model = build_backbone(args.arch, small_images=args.small_images, in_channels=channels.count)
+    if ckpt is not None:
+        load_backbone(model, ckpt, ckpt_path)
     model.to(device)
-    tf = augment.eval_transform(crop)
+    tf = augment.eval_transform(crop, channels)
     with without_head(model):
         return [extract_features(model, TransformedDataset(build_dataset(data_args, split), tf), 256, device,
                                  workers=args.workers, normalize=False) for split in ("train", "val")]
