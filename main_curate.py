@@ -24,6 +24,7 @@ import torch
 from common.ckpt.io import prepare_output_dir, previous_run_files
 from common.ckpt.pretrained import follow_checkpoint
 from common.cli import ArgumentParser, add_eval_args, check_common_flags, switch
+from common.data.display import check_bands
 from common.distributed.collectives import DistEnv, barrier, is_main_process
 from common.distributed.launch import script_main, start_worker
 from common.distributed.world import expected_world_size, is_first_process, per_worker
@@ -161,6 +162,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     prepare_output_dir(args.output_dir, new_run=not (args.resume or args.overwrite), lock=is_first_process(args),
                        run_files=RUN_FILES, resume_hint="--resume to continue it (its embeddings are reused)")
     follow_checkpoint(args)
+    check_bands(args.show_bands, args.in_channels)  # before the embedding, not when the grids are drawn
     for flag, value, least in (("--select", args.select, 0), ("--dup-k", args.dup_k, 1),
                                ("--outlier-k", args.outlier_k, 1), ("--label-k", args.label_k, 1),
                                ("--probe-folds", args.probe_folds, 2), ("--probe-iters", args.probe_iters, 1),
@@ -275,7 +277,7 @@ def run_curation(args: argparse.Namespace, env: DistEnv, batch_size: int, worker
         clear_earlier_run(args, [name for name, _ in parts])
     barrier()  # the other ranks read the shards' manifests only once rank 0 has cleared them
     items = join_splits([(name, ds, *embed_split(model, ds, name, args, env, batch_size, workers))
-                         for name, ds in parts], classes)
+                         for name, ds in parts], classes, args.show_bands)
     check_neighbourhoods(args, items.labels, len(classes))  # again without the unreadable images
     if not is_main_process():  # the findings are cheap next to extraction: rank 0 does them
         barrier()

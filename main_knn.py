@@ -24,7 +24,9 @@ from common.ckpt.io import prepare_output_dir, previous_run_files
 from common.ckpt.pretrained import follow_checkpoint
 from common.cli import (ArgumentParser, add_eval_args, add_hierarchy_args, add_label_subset_args, check_common_flags,
                         switch)
-from common.data.images import is_image_file, pil_loader
+from common.data.channels import channels_of
+from common.data.display import check_bands
+from common.data.images import is_image_file
 from common.distributed.collectives import barrier, is_main_process
 from common.distributed.launch import script_main, start_worker
 from common.distributed.world import expected_world_size, is_first_process, per_worker
@@ -37,6 +39,7 @@ from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
 from knn.embeddings import EXPORT_FORMATS
 from knn.outputs import Split, check_export_space, embedding_maps, export_splits, knn_report, retrieval_grids
+from knn.retrieval import read_query
 
 # Every name main_knn.py writes in --output-dir, here and nowhere else: knn/reports.py's results and
 # per-class csvs, the --label-fraction draw (common/eval/inputs.py), knn/embeddings.py's exports,
@@ -125,6 +128,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         require("pyarrow.parquet", "pyarrow")
     args.output_dir = args.output_dir or os.path.join("runs", "knn")
     follow_checkpoint(args)  # -a, the crop and the stem of the pretraining run unless given
+    check_bands(args.show_bands, args.in_channels)  # before any extraction, not when the grids are drawn
     if args.whiten < 0:
         raise UserError(f"--whiten must be a number of principal axes (64 is a start) or 0 for off, got "
                         f"{args.whiten}")
@@ -145,7 +149,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         if not os.path.isfile(path):
             raise UserError(f"--query image {path!r} does not exist; pass the path of an image file")
         try:
-            pil_loader(path)
+            read_query(path, channels_of(args))  # as the data is read: full depth with --in-channels other than 3
         except (OSError, ValueError, SyntaxError) as e:
             hint = "" if is_image_file(path) else f" (supported: {', '.join(('.jpg', '.png', '.bmp', '.webp'))}...)"
             raise UserError(f"--query {path!r} cannot be read as an image ({e}){hint}; pass an image file")

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from common.data.channels import channels_of
 from common.distributed.collectives import DistEnv, barrier, is_main_process
 from common.eval.embeddings import embed, path_of
 from common.files.atomic import atomic_path
@@ -52,9 +53,14 @@ def fingerprint(dataset: Dataset, args: argparse.Namespace) -> dict:
         st = os.stat(pretrained)
         stamp = [os.path.abspath(pretrained), st.st_size, st.st_mtime_ns]
     files = hashlib.sha256("\n".join(path_of(dataset, i) for i in range(len(dataset))).encode()).hexdigest()
+    ch = channels_of(args)
     return {"pretrained": pretrained, "checkpoint": stamp, "arch": args.arch, "crop_size": args.crop_size,
             "small_images": bool(args.small_images), "seed": args.seed if pretrained == "none" else None,
-            "images": len(dataset), "files_sha256": files, "shard_size": args.shard_size}
+            "images": len(dataset), "files_sha256": files, "shard_size": args.shard_size,
+            # the eval view of --in-channels other than 3 (a random or ImageNet init's first layer and
+            # the normalisation follow it); absent for RGB, so earlier RGB shards are still reused
+            **({"in_channels": ch.count, "channel_mean": list(ch.mean), "channel_std": list(ch.std)}
+               if ch.full_depth else {})}
 
 
 def embed_split(model: nn.Module, dataset: Dataset, split: str, args: argparse.Namespace, env: DistEnv,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.data.channels import channels_of
 from common.errors import UserError
 from common.log.progress import log
 from common.log.tensorboard import TensorBoardLog
@@ -56,7 +57,7 @@ def shared_pixels(items: Items, args: argparse.Namespace, workers: int) -> Optio
     """One pass over the pixels: the thumbnails the copies are confirmed on and the statistics
     the outliers are scored on."""
     if (args.dup_rule == "pixels" and "duplicates" in args.findings) or "outliers" in args.findings:
-        return read_pixels(items.sources, workers)
+        return read_pixels(items.sources, workers, channels=channels_of(args))
     return None
 
 

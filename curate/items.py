@@ -2,14 +2,15 @@
 label (-1: unlabelled), a split name and the image behind it; and the splits it reads."""
 import argparse
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.data.datasets import build_dataset
+from common.data.datasets import build_dataset, read_channels
+from common.data.display import to_display
 from common.data.images import FileListDataset, image_folder
 from common.errors import UserError
 from common.eval.embeddings import class_name, path_of
@@ -23,6 +24,7 @@ class Items:
     paths: List[str]
     classes: List[str]
     sources: List[Tuple[Dataset, int]]  # (dataset, index) of each row, to show the image
+    bands: Optional[Sequence[int]] = None  # --show-bands: what a full-depth image is shown as
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -31,8 +33,11 @@ class Items:
         return class_name(self.classes, int(label))
 
     def image(self, row: int) -> Image.Image:
+        """Row `row`'s image as a picture to show: an RGB image as read, a full-depth (C, H, W)
+        tensor as gray or its --show-bands triple, stretched (common/data/display.py)."""
         base, i = self.sources[row]
-        return base[i][0]
+        img = base[i][0]
+        return img if isinstance(img, Image.Image) else to_display(img, self.bands)
 
 
 def centre(feats: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
@@ -50,8 +55,9 @@ def centre(feats: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
 
 
 def join_splits(parts: Sequence[Tuple[str, Dataset, torch.Tensor, torch.Tensor, torch.Tensor]],
-                classes: Sequence[str]) -> Items:
-    """One table from (split name, dataset, features, labels, index) of each split."""
+                classes: Sequence[str], bands: Optional[Sequence[int]] = None) -> Items:
+    """One table from (split name, dataset, features, labels, index) of each split; `bands`:
+    --show-bands."""
     feats, labels, splits, paths, sources = [], [], [], [], []
     for name, base, f, lab, index in parts:
         feats.append(f)
@@ -60,7 +66,7 @@ def join_splits(parts: Sequence[Tuple[str, Dataset, torch.Tensor, torch.Tensor, 
             splits.append(name)
             paths.append(path_of(base, i))
             sources.append((base, i))
-    return Items(centre(torch.cat(feats)), torch.cat(labels), splits, paths, list(classes), sources)
+    return Items(centre(torch.cat(feats)), torch.cat(labels), splits, paths, list(classes), sources, bands)
 
 
 def read_splits(args: argparse.Namespace) -> Tuple[List[Tuple[str, Dataset]], List[str]]:
@@ -72,7 +78,9 @@ def read_splits(args: argparse.Namespace) -> Tuple[List[Tuple[str, Dataset]], Li
     parts = [("train", train)] + ([("val", val)] if val is not None else [])
     if args.unlabelled:
         pool = image_folder(args.unlabelled)
-        parts.append(("unlabelled", FileListDataset([(p, -1) for p, _ in pool.samples], [])))
+        # read as DATA is: at full depth with --in-channels other than 3
+        parts.append(("unlabelled", read_channels(FileListDataset([(p, -1) for p, _ in pool.samples], []),
+                                                  args.in_channels)))
     total = sum(len(ds) for _, ds in parts)
     if total < 2:
         raise UserError(f"found {total} image; curating needs at least 2 (duplicates and outliers compare images "

@@ -2,33 +2,50 @@
 training images, as PNG grids with a captions.csv naming every cell."""
 import argparse
 import csv
+import functools
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from PIL import Image
 from torchvision import transforms
 from torchvision.utils import save_image
 
 from common.augment.transforms import eval_transform
-from common.data.images import pil_loader
+from common.data.channels import RGB, Channels, channels_of
+from common.data.display import to_display
+from common.data.images import load_full_depth, pil_loader
 from common.data.transformed import TransformedDataset
 from common.eval.embeddings import class_name, path_of
 from common.eval.knn import knn_search
 
 
-def display_transform(crop_size: int) -> transforms.Compose:
-    """What the network sees (resize + centre crop), without the normalisation, for grids."""
-    tf = eval_transform(crop_size).transforms
+def display_transform(crop_size: int, channels: Channels = RGB,
+                      bands: Optional[Sequence[int]] = None) -> transforms.Compose:
+    """What the network sees (resize + centre crop), without the normalisation, for grids: a
+    (3, H, W) tensor in [0, 1]. A full-depth view (stored values, any number of bands) is made
+    a picture by to_display, gray or the --show-bands triple, stretched after the crop so
+    the stretch is the shown part's own."""
+    tf = eval_transform(crop_size, channels).transforms
     assert isinstance(tf[-1], transforms.Normalize)
-    return transforms.Compose(tf[:-1])
+    if not channels.full_depth:
+        return transforms.Compose(tf[:-1])
+    return transforms.Compose(tf[:-1] + [functools.partial(to_display, bands=bands), transforms.ToTensor()])
+
+
+def read_query(path: str, channels: Channels) -> Union[Image.Image, torch.Tensor]:
+    """A --query file as the data is read: a (C, H, W) tensor of stored values at full depth,
+    else an RGB PIL image."""
+    return load_full_depth(path, channels.count) if channels.full_depth else pil_loader(path)
 
 
 @torch.no_grad()
-def embed_files(model: nn.Module, paths: Sequence[str], crop_size: int, device: torch.device) -> torch.Tensor:
+def embed_files(model: nn.Module, paths: Sequence[str], crop_size: int, device: torch.device,
+                channels: Channels = RGB) -> torch.Tensor:
     """L2-normalised fp16 features of the user's own images (--query)."""
-    tf = eval_transform(crop_size)
-    images = torch.stack([tf(pil_loader(p)) for p in paths]).to(device)
+    tf = eval_transform(crop_size, channels)
+    images = torch.stack([tf(read_query(p, channels)) for p in paths]).to(device)
     model.eval()
     return nn.functional.normalize(model(images).float(), dim=1).half()
 
@@ -41,7 +58,8 @@ def retrieval(model: nn.Module, train_base, train_f: torch.Tensor, train_index: 
     `*_index`: the dataset index of each feature row (unreadable images have none)."""
     folder = os.path.join(args.output_dir, "retrieval")
     os.makedirs(folder, exist_ok=True)
-    show = display_transform(args.crop_size)
+    channels = channels_of(args)
+    show = display_transform(args.crop_size, channels, args.show_bands)
     # queries: (caption fields, feature, image tensor)
     queries: List[Tuple[Dict, torch.Tensor, torch.Tensor]] = []
     if args.retrieval:
@@ -54,10 +72,10 @@ def retrieval(model: nn.Module, train_base, train_f: torch.Tensor, train_index: 
             queries.append(({"split": query_split, "index": i, "path": path_of(query_base, i), "label": label,
                              "class": class_name(classes, label)}, query_f[row], img))
     if args.query:
-        feats = embed_files(model, args.query, args.crop_size, device)
+        feats = embed_files(model, args.query, args.crop_size, device, channels)
         for p, f in zip(args.query, feats):
             queries.append(({"split": "query", "index": "", "path": p, "label": "", "class": ""}, f,
-                            show(pil_loader(p))))
+                            show(read_query(p, channels))))
     top_sim, top_idx = knn_search(train_f, torch.stack([f for _, f, _ in queries]), args.retrieval_k,
                                   args.chunk_size, args.train_chunk_size)
     train_shown = TransformedDataset(train_base, show)
