@@ -227,3 +227,20 @@ def test_in_channels_1_on_the_synthetic_set_trains_on_gray(tmp_path, capsys):
     ckpt = torch.load(tmp_path / "r" / "checkpoint_last.pth.tar", map_location="cpu", weights_only=True)
     assert ckpt["args"]["in_channels"] == 1
     assert channels_of(argparse.Namespace(**ckpt["args"])).count == 1
+
+
+def test_recipe_small_on_large_16_bit_sources_checks_the_one_channel_views(tmp_path, capsys):
+    """--recipe small's choice of views on sources 3x the crop runs the view check on the
+    full-depth images with the N-channel views (common/train/source_views.py)."""
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        os.makedirs(tmp_path / "d" / f"c{c}")
+        for i in range(8):
+            img = (rng.integers(0, 2000, (200, 200)) + 30000 + 5000 * c).astype(np.uint16)
+            Image.fromarray(img).save(tmp_path / "d" / f"c{c}" / f"{i}.png")
+    argv = [str(tmp_path / "d"), "-a", "resnet18", "--no-small-images", "-j", "0", "--recipe", "small",
+            "--in-channels", "1", "--view-check-only", "--no-payoff", "--no-trial"]
+    assert run_main(main_simclr.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "1 input channel(s) at full depth" in out and "source-scale views (--crop-min" in out
+    assert "view check on 16 images" in out

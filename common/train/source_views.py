@@ -19,8 +19,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch.utils.data import Dataset
 
-from common.augment.transforms import Views
+from common.augment.transforms import Views, views_for
 from common.cli import given
+from common.data.channels import channels_of
 from common.log.progress import log
 from common.train.recipes import epochs_for_budget
 from common.watch.view_check import NO_SIGNAL_PIXELS, view_check
@@ -81,7 +82,8 @@ def choose_views(args: argparse.Namespace, dataset: Dataset, short_side: int,
     for cand in candidates(args, short_side):
         trial = argparse.Namespace(**{**vars(args), **cand})
         # seed 0 for every candidate: the same images and draws, so the figures compare the views alone
-        result = view_check(dataset, views(trial), args.arch, args.small_images, torch.device("cpu"))
+        recipe = views_for(views(trial), channels_of(args))[0]  # (--in-channels other than 3: the N-channel views)
+        result = view_check(dataset, recipe, args.arch, args.small_images, torch.device("cpu"))
         figures.append(f"{describe(cand)}: {100 * result['pixels']:.0f}% by pixels, "
                        f"{100 * result['features']:.0f}% by features")
         measured.append((result["pixels"], cand))
