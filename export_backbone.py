@@ -12,7 +12,9 @@ facebookresearch/moco's. Formats:
   torchvision   a state_dict that `torchvision.models.<arch>()` loads with strict=True once
                 its `fc` is nn.Identity() (with a lincls linear head: with its `fc`, for
                 `<arch>(num_classes=C)`); CIFAR-stem backbones also need the stem swap the
-                sidecar JSON describes (hubconf.py's `backbone` entry point does both).
+                sidecar JSON describes, and a checkpoint of --in-channels other than 3 its
+                first layer (conv1) reading the JSON's "in_channels" (hubconf.py's
+                `backbone` entry point does all of them).
                 Other families (ConvNeXt, EfficientNet, MobileNet, DenseNet, Swin, ViT, ...)
                 are exported in our layout, `body.*` (+ `fc.*`): rebuild them with
                 common.nets.models.build_backbone(arch, small_images=...) as the sidecar's
@@ -21,7 +23,8 @@ facebookresearch/moco's. Formats:
                 as torch.hub.load_state_dict_from_url(check_hash=True) wants it
   torchscript   the whole backbone, architecture included (torch.jit.load)
   torch-export  the same as a torch.export program (torch.export.load(f).module()), batch dynamic
-  onnx          the same as an ONNX graph, input "images" N x 3 x H x W, output "features"
+  onnx          the same as an ONNX graph, input "images" N x C x H x W (C: "in_channels", 3
+                for RGB), output "features"
   detectron2    the pickle detectron2's DetectionCheckpointer reads for its ResNet (res2..res5,
                 stem.conv1, matching_heuristics), as facebookresearch/moco's
                 convert-pretrain-to-detectron2.py writes it, without the head
@@ -29,8 +32,12 @@ Before anything is written, the exported model's features are compared with ours
 random batch (fp32: the largest difference within 1e-4 of the largest feature, + 1e-5; ONNX
 through onnxruntime when it is installed; detectron2 read back under torchvision's names).
 `<output file>.json` beside the export (e.g. checkpoint_last_backbone-1a2b3c4d.pth.json)
-records the architecture, stem, feature width, input size, sha256 and torchvision's
-Weights.meta fields (num_params, min_size, mean/std, the recipe and the run's metrics).
+records the architecture, stem, input channels, feature width, input size, sha256 and
+torchvision's Weights.meta fields (num_params, min_size, mean/std, the recipe and the run's
+metrics). mean/std are ImageNet's for RGB; for a checkpoint of --in-channels N other than 3
+they are the N per-channel statistics the run measured, in the images' stored units
+("input_values" says which), and every example input (check batch, TorchScript trace, ONNX
+graph) has N channels.
 """
 import argparse
 import os

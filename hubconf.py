@@ -5,10 +5,13 @@
 `path`: an export_backbone.py (torchvision format) or --export-at-end `.pth` with its `.pth.json`
 beside it, a folder of them (the newest is taken), or a run's output folder (its exported/).
 The network is the torchvision model the JSON names, with its stem (`small_images`) and, for
-families other than ResNet, our `body.*` wrapper (common.nets.models.build_backbone); `fc`,
-the head, is nn.Identity(), so `net(images)` gives the features (a lincls export keeps its
-linear head). Returned in eval mode, on the CPU; `net.meta` is the JSON. A file whose sha256
-is not the one its JSON records (a damaged copy, an interrupted export) is refused.
+families other than ResNet, our `body.*` wrapper (common.nets.models.build_backbone), its first
+layer reading the JSON's `in_channels` (an --in-channels run's count; 3 when an older JSON does
+not say); `fc`, the head, is nn.Identity(), so `net(images)` gives the features (a lincls export
+keeps its linear head). Returned in eval mode, on the CPU; `net.meta` is the JSON, whose
+`mean`/`std` normalise the input (ImageNet's for RGB, the run's measured per-channel statistics
+of the stored values otherwise). A file whose sha256 is not the one its JSON records (a damaged
+copy, an interrupted export) is refused.
 """
 dependencies = ["torch", "torchvision"]
 

@@ -12,9 +12,11 @@ features by default, or cosine + a variance term; docs/distill.md has the measur
 chose it). The teacher (distill/teacher.py: a checkpoint or export this project reads,
 torchvision:NAME from the local hub cache, or hub:REPO_DIR:ENTRY) is frozen: eval mode, no
 gradient, under --amp's autocast like the student, and not in the checkpoint (its --teacher
-spec and feature width are, in args: a resume rebuilds it). The student's checkpoint is read
-like a SimCLR one (`module.encoder.*`) by main_lincls.py, main_knn.py, export_backbone.py and
---init. Defaults: SGD lr 0.05 x batch/256, momentum 0.9, weight decay 1e-4, cosine, 100
+spec and feature width are, in args: a resume rebuilds it). With --in-channels N other than 3
+the student reads N channels; an RGB teacher is fed the gray channel three times (N = 1) or
+the --show-bands triple of them, a teacher trained on N channels all of them. The student's
+checkpoint is read like a SimCLR one (`module.encoder.*`) by main_lincls.py, main_knn.py,
+export_backbone.py and --init. Defaults: SGD lr 0.05 x batch/256, momentum 0.9, weight decay 1e-4, cosine, 100
 epochs, batch 256, MoCo v2's views (crop 0.2) for both views.
 """
 import argparse
@@ -28,7 +30,9 @@ from common.ckpt.checkpoints import Checkpoints
 from common.ckpt.init_weights import init_backbone
 from common.cli import (ArgumentParser, add_pretrain_args, add_recipe_args, add_training_args, add_view_args,
                         switch)
+from common.data.channels import channels_of
 from common.data.datasets import SMALL_CROP_MAX
+from common.data.display import check_bands
 from common.distributed.launch import script_main, start_worker
 from common.distributed.placement import place_model
 from common.distributed.world import expected_world_size
@@ -117,6 +121,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--queue-size {args.queue_size} and --var-weight {args.var_weight} cannot be negative")
     if args.teacher_size is not None and args.teacher_size < 8:
         raise UserError(f"--teacher-size {args.teacher_size} is too small; pass the side in pixels, e.g. 224")
+    if channels_of(args).full_depth:
+        check_bands(args.show_bands, args.in_channels)  # the teacher's triple: refused before any worker starts
     if args.cache_teacher and args.gpu_decode:
         raise UserError("--cache-teacher reads each image's index with its views, which --gpu-decode's loader does "
                         "not; drop one of them")
@@ -137,13 +143,14 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     data = two_view_data(args, env, aug, batch_size, workers)
 
     # ---- the frozen teacher (rebuilt from --teacher on resume: it is not in the checkpoint), the student
-    teacher = load_teacher(args.teacher, args.teacher_size).to(env.device)
+    # an RGB teacher of an --in-channels student is fed a band triple of its input (distill/teacher.py)
+    teacher = load_teacher(args.teacher, args.teacher_size, args.in_channels, args.show_bands).to(env.device)
     args.teacher_dim = teacher.dim  # stored with the flags in every checkpoint
     if args.cache_teacher:
         data = with_image_index(data)
         teacher.cache(args, env.device, workers)
-    model = Distill(functools.partial(build_backbone, args.arch, small_images=args.small_images, in_channels=args.in_channels,
-                                      crop_size=args.crop_size),
+    model = Distill(functools.partial(build_backbone, args.arch, small_images=args.small_images,
+                                      in_channels=args.in_channels, crop_size=args.crop_size),
                     teacher, args.proj_hidden_dim, args.distill_loss, args.queue_size, args.temperature,
                     args.teacher_temperature, args.var_weight)
     init_backbone(args, model.encoder)  # --init: the student starts from weights you have

@@ -67,10 +67,10 @@ class Distill(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor,
                 index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """x1, x2: Nx3xHxW, two augmented views of N images; `index`: N dataset indices when the
-        teacher's features are cached (--cache-teacher: of the un-augmented images). Returns
-        the loss averaged over both views and {"acc1": % of students whose own teacher feature
-        is the batch's nearest}."""
+        """x1, x2: NxCxHxW (C: --in-channels), two augmented views of N images; `index`: N
+        dataset indices when the teacher's features are cached (--cache-teacher: of the
+        un-augmented images). Returns the loss averaged over both views and {"acc1": % of
+        students whose own teacher feature is the batch's nearest}."""
         n = x1.shape[0]
         s = self.encoder(torch.cat([x1, x2]))  # s: 2NxD student projections, both views in one pass
         with torch.no_grad():

@@ -26,7 +26,8 @@ def backbone_and_head(ckpt: Dict, info: Dict, path: str, with_head: bool) -> Tup
     prefix = "module." if any(k.startswith("module.fc.") for k in state) else ""
     head = {k[len(prefix) + 3:]: v for k, v in state.items() if k.startswith(prefix + "fc.")}
     linear_head = layout == "classifier" and set(head) == {"weight", "bias"} and head["weight"].ndim == 2
-    model = build_backbone(info["arch"], small_images=info["small_images"])
+    # the first layer as trained: an --in-channels run's reads its own count (describe: 3 for older checkpoints)
+    model = build_backbone(info["arch"], small_images=info["small_images"], in_channels=info["in_channels"])
     load_backbone(model, ckpt, path)  # a missing, extra or misshapen tensor is a plain error naming the flags
     model.fc = nn.Identity()
     if with_head and linear_head:
@@ -70,7 +71,7 @@ def export_model(fmt: str, model: nn.Module, weights: Dict, info: Dict, ckpt: Di
     if fmt == "detectron2":
         detectron2.check_convertible(info)
     torch.manual_seed(0)
-    x = torch.randn(4, 3, info["crop_size"], info["crop_size"])
+    x = torch.randn(4, info["in_channels"], info["crop_size"], info["crop_size"])  # every format traces on it
     with torch.no_grad():
         expected = model(x)
     if not torch.isfinite(expected).all():

@@ -59,13 +59,22 @@ def write(fmt: str, model: nn.Module, data: Optional[bytes], example: torch.Tens
                               external_data=False)  # one self-contained file
 
 
+def in_channels(info: Dict) -> int:
+    """The channels an export reads: its JSON's `in_channels`; a JSON written before
+    --in-channels has none and describes an RGB network."""
+    return int(info.get("in_channels") or 3)
+
+
 def plain_torchvision(info: Dict) -> nn.Module:
     """torchvision's own ResNet as the sidecar JSON describes it, built here without our
     code: the check that a user's `torchvision.models.<arch>()` takes the export."""
     net = tvm.get_model(info["arch"], num_classes=info.get("num_classes", 1000))
+    channels = in_channels(info)
     if info["small_images"]:
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(channels, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
+    elif channels != 3:  # torchvision's own stem, reading the export's channel count
+        net.conv1 = nn.Conv2d(channels, net.conv1.out_channels, kernel_size=7, stride=2, padding=3, bias=False)
     if "num_classes" not in info:
         net.fc = nn.Identity()
     return net
@@ -75,7 +84,8 @@ def network(info: Dict, state: Dict[str, torch.Tensor]) -> nn.Module:
     """The network the export's `state` loads into strictly: build_backbone with the JSON's
     arch and stem, a ViT's position embedding on the grid `state` has, `fc` an Identity (a
     lincls export keeps its linear head)."""
-    net = build_backbone(info["arch"], num_classes=info.get("num_classes", 1000), small_images=info["small_images"])
+    net = build_backbone(info["arch"], num_classes=info.get("num_classes", 1000), small_images=info["small_images"],
+                         in_channels=in_channels(info))
     adopt_position_embedding(net, state)
     if "num_classes" not in info:
         net.fc = nn.Identity()

@@ -2,11 +2,13 @@
 image; the target is the image itself. Drawn from torch's global RNG, which the loader
 seeds per sample (common/data/transformed.py), so the same sample in the same epoch gets the
 same patches on any number of workers and after a resume, and new ones every epoch."""
-from typing import List
+from typing import List, Union
 
 import torch
 from PIL import Image
 from torchvision import transforms
+
+from common.data.channels import RGB, Channels
 
 
 def random_patches(height: int, width: int, num_patches: int, patch_size: int) -> torch.Tensor:
@@ -22,14 +24,23 @@ def random_patches(height: int, width: int, num_patches: int, patch_size: int) -
 
 class InpaintingPair:
     """PIL image -> [masked image, image, mask]: the image resized to crop x crop (as the
-    tutorial does), as a float tensor in [0, 1]; the masked copy is 0 inside the patches."""
+    tutorial does), as a float tensor in [0, 1]; the masked copy is 0 inside the patches.
 
-    def __init__(self, crop_size: int, num_patches: int, patch_size: int, flip: bool = True):
+    With `channels` at full depth (--in-channels other than 3) the image is a (C, H, W) tensor
+    of stored values, resized and kept in those units (ContextEncoder normalises it); the
+    masked copy holds each channel's mean inside the patches, 0 once normalised: a stored 0
+    can lie many standard deviations below a 16-bit band's values."""
+
+    def __init__(self, crop_size: int, num_patches: int, patch_size: int, flip: bool = True,
+                 channels: Channels = RGB):
         ops = [transforms.Resize((crop_size, crop_size))] + ([transforms.RandomHorizontalFlip()] if flip else [])
-        self.image = transforms.Compose(ops + [transforms.ToTensor()])
+        self.image = transforms.Compose(ops if channels.full_depth else ops + [transforms.ToTensor()])
+        self.fill = torch.tensor(channels.mean).view(-1, 1, 1) if channels.full_depth else None
         self.crop_size, self.num_patches, self.patch_size = crop_size, num_patches, patch_size
 
-    def __call__(self, img: Image.Image) -> List[torch.Tensor]:
+    def __call__(self, img: Union[Image.Image, torch.Tensor]) -> List[torch.Tensor]:
         x = self.image(img)
         mask = random_patches(self.crop_size, self.crop_size, self.num_patches, self.patch_size)
+        if self.fill is not None:
+            return [torch.where(mask, self.fill, x), x, mask]
         return [x.masked_fill(mask, 0.0), x, mask]
