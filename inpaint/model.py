@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from common.data.channels import RGB, Channels
 from common.errors import UserError
-from common.nets.backbones import Backbone, family
-from common.nets.feature_maps import PROBE_SIDE, check_has_feature_map, feature_map, map_shape
+from common.nets.feature_maps import check_has_feature_map, feature_map, map_shape
 
 LOSSES = ("bce", "mse", "l1")
 
@@ -42,21 +41,6 @@ def decoder(in_channels: int, num_layers: int, out_channels: int = 3) -> nn.Sequ
 
 
 @torch.no_grad()
-def full_depth_map_shape(encoder: nn.Module, in_channels: int) -> Tuple[int, int]:
-    """map_shape (common/nets/feature_maps.py) of an encoder whose first layer reads
-    `in_channels`: its probe image has 3 channels, so the probe is made here with the count."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        probe = torch.zeros(1, in_channels, PROBE_SIDE, PROBE_SIDE, device=next(encoder.parameters()).device)
-        fmap = feature_map(encoder, probe)
-    finally:
-        encoder.train(was_training)
-    net = encoder.body if isinstance(encoder, Backbone) else encoder
-    stride = net.patch_size if family(encoder) == "VisionTransformer" else PROBE_SIDE // fmap.shape[-1]
-    return fmap.shape[1], stride
-
-
 class ContextEncoder(nn.Module):
     def __init__(self, base_encoder: Callable[[], nn.Module], loss: str = "bce", masked_weight: float = 1.0,
                  channels: Channels = RGB):
@@ -71,8 +55,7 @@ class ContextEncoder(nn.Module):
         self.encoder = base_encoder()
         check_has_feature_map(self.encoder, "main_inpaint.py")
         self.encoder.fc = nn.Identity()
-        width, self.stride = map_shape(self.encoder) if channels.count == 3 else \
-            full_depth_map_shape(self.encoder, channels.count)
+        width, self.stride = map_shape(self.encoder)
         self.decoder = decoder(width, max(1, round(math.log2(self.stride))), channels.count)
         self.loss, self.masked_weight, self.full_depth = loss, masked_weight, channels.full_depth
         # the encoder sees images normalised as main_lincls.py / main_knn.py feed it: RGB with ImageNet's

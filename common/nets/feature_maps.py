@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import UserError
-from common.nets.backbones import Backbone, family
+from common.nets.backbones import Backbone, family, first_conv
 
 # families whose `body.features` ends right before the pooling, channels first
 FEATURES_FAMILIES = ("ConvNeXt", "EfficientNet", "MobileNetV2", "MobileNetV3", "VGG", "AlexNet")
@@ -27,7 +27,7 @@ def check_has_feature_map(model: nn.Module, user: str) -> str:
 
 
 def feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """model's last feature map for images x (N x 3 x H x W), N x C x h x w."""
+    """model's last feature map for images x (N x in_channels x H x W), N x C x h x w."""
     net = model.body if isinstance(model, Backbone) else model
     fam = family(model)
     if fam == "ResNet":
@@ -55,7 +55,9 @@ def map_shape(model: nn.Module) -> Tuple[int, int]:
     was_training = model.training
     model.eval()
     try:
-        fmap = feature_map(model, torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE, device=next(model.parameters()).device))
+        # as many channels as the first layer reads (--in-channels)
+        fmap = feature_map(model, torch.zeros(1, first_conv(model)[1].in_channels, PROBE_SIDE, PROBE_SIDE,
+                                              device=next(model.parameters()).device))
     finally:
         model.train(was_training)
     net = model.body if isinstance(model, Backbone) else model
