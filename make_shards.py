@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def source(data: str, dataset: str, split: str) -> FileListDataset:
     """The split's listing through the training scripts' build_dataset (image_folder or csv_manifest)."""
     try:
-        ds = build_dataset(argparse.Namespace(dataset=dataset, data=data, download=False), split)
+        ds = build_dataset(argparse.Namespace(dataset=dataset, data=data, download=False, in_channels=None), split)
     except OSError as e:
         raise UserError(f"cannot read {data!r} ({reason(e)}); pass a readable image folder or csv manifest") from None
     if ds is None:

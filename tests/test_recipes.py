@@ -105,9 +105,11 @@ def test_the_recipe_follows_the_data_grayscale_and_source_size(tmp_path, capsys)
     from common.train.recipes import crop_for_source, profile_data
     gray = _png_folder(tmp_path / "gray", (256, 200), "L")
     colour = _png_folder(tmp_path / "colour", (40, 48), "RGB")
-    profile = profile_data(build_dataset(argparse.Namespace(dataset="imagefolder", data=gray), "pretrain"))
+    profile = profile_data(build_dataset(argparse.Namespace(dataset="imagefolder", data=gray, in_channels=None),
+                                         "pretrain"))
     assert (profile.images, profile.grayscale, profile.short_side) == (6, True, 200)
-    assert not profile_data(build_dataset(argparse.Namespace(dataset="imagefolder", data=colour), "pretrain")).grayscale
+    colour_args = argparse.Namespace(dataset="imagefolder", data=colour, in_channels=None)
+    assert not profile_data(build_dataset(colour_args, "pretrain")).grayscale
     args = finalize(main_simclr, [gray, "--recipe", "small"], tmp_path / "g")
     out = capsys.readouterr().out
     assert args.gray_images and args.crop_size == crop_for_source(200, 224)

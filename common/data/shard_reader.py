@@ -299,6 +299,7 @@ class ShardDataset(Dataset):
         self.shard_of, self.offsets, self.sizes = shard_of, offsets, sizes
         self.targets, self.classes = targets, classes
         self.shuffle_buffer = shuffle_buffer  # the training order's buffer (common/data/shard_order.py)
+        self.full_depth = 0  # common.data.datasets.read_channels: N reads (N, H, W) float tensors
         counts = np.bincount(shard_of, minlength=len(paths)) if len(shard_of) else np.zeros(len(paths), np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(paths) else np.zeros(0, np.int64)
         self.spans = [(int(a), int(n)) for a, n in zip(starts, counts)]
