@@ -243,6 +243,25 @@ def _normalise_and_noise(x: torch.Tensor, params: torch.Tensor, factors: torch.T
     return x
 
 
+def photometric_one(crop: torch.Tensor, params: torch.Tensor, spec: PhotometricSpec) -> torch.Tensor:
+    """_full_depth() of one (C, H, W) crop, the loader worker's CPU path: the same op functions
+    on the same parameters, read as numbers instead of through the batch's masks (a tenth of
+    the overhead per sample; tests/test_channels.py holds the two paths equal)."""
+    p = params.tolist()
+    x = crop.to(torch.float32, copy=True)[None]
+    if p[JITTER_ON] > 0:
+        for op in p[ORDER]:  # saturation and hue (2, 3) have no meaning here
+            if op < 2:
+                x = _BAND_JITTER_OPS[int(op)](x, params[BRIGHTNESS + int(op)].view(1))
+    if spec.blur_kernel > 0 and p[BLUR_ON] > 0:
+        x = gaussian_blur(x, params[SIGMA].view(1), spec.blur_kernel)
+    c = x.shape[1]
+    x = (x - torch.tensor(spec.mean).view(1, c, 1, 1)) / torch.tensor(spec.std).view(1, c, 1, 1)
+    if spec.noise_p > 0 and p[NOISE_ON] > 0:
+        x = add_noise(x, params[NOISE_SIGMA].view(1), params[NOISE_SEED].view(1))
+    return x[0]
+
+
 def _full_depth(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSpec,
                 dtype: torch.dtype) -> torch.Tensor:
     """photometric() for float crops of stored values: brightness and contrast (in each

@@ -14,7 +14,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 
-from common.augment.gpu import NOISE_ON, NOISE_SEED, NOISE_SIGMA, PhotometricSpec, add_noise, draw_params, photometric
+from common.augment.gpu import NOISE_ON, NOISE_SEED, NOISE_SIGMA, PhotometricSpec, add_noise, draw_params, photometric_one
 from common.data.channels import IMAGENET_MEAN, IMAGENET_STD, RGB, Channels  # noqa: F401 (IMAGENET_*: re-exported)
 from common.data.datasets import SMALL_CROP_MAX
 
@@ -262,7 +262,7 @@ class FullDepthViews:
         if not isinstance(img, torch.Tensor):
             raise TypeError("a full-depth recipe takes (C, H, W) tensors; read the images with --in-channels")
         crop, params = self.part(img)
-        return photometric(crop[None], params[None], self.part.spec)[0]
+        return photometric_one(crop, params, self.part.spec)
 
 
 class NoiseAfterNormalising:
