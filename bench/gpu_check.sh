@@ -11,7 +11,8 @@
 # Parts: ops splitbn throughput endtoend dataloader endtoend_simclr compile endtoend_compile ceiling endtoend_decode
 #        recipes small_data families moco_v3
 #   ops              tests/test_gpu_augment.py on the GPU (each batched op vs torchvision, within 1/255) and
-#                    tests/test_gpu_decode.py (nvJPEG decode + crops vs the PIL worker path)
+#                    tests/test_gpu_decode.py (nvJPEG decode + crops vs the PIL worker path), and the
+#                    --in-channels 1 and 5 batched ops vs the loader path (tests/test_channels.py)
 #   splitbn          one BN layer: SplitBatchNorm NCHW / NHWC reshape (reference) / NHWC grouped (ours) / plain BN
 #   throughput       MoCo v2 and SimCLR R50 224 px batch 256 step rate: reference-style loop vs every flag
 #   endtoend         main_moco.py on 4,096 JPEGs (500x375) with -j 15, next to the step rate of the same flags
@@ -98,7 +99,7 @@ for p in "${PARTS[@]}"; do
     ops)
       # (the script-level resume test is CPU-only: cudnn autotuning is not bitwise repeatable)
       part ops 90 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_augment.py tests/test_gpu_decode.py \
-        -k "not main_moco" ;;
+        tests/test_channels.py -k "not main_moco and (not test_channels or batched_full_depth)" ;;
     splitbn)
       part splitbn 60 $PY bench/split_bn.py --device "$DEV" --shape $SHAPE --repeats 10 --json "$WORK/splitbn.json" ;;
     throughput)

@@ -150,6 +150,25 @@ def test_gpu_augment_path_equals_the_cpu_path_per_op(n, ops, kw):
     assert torch.allclose(batched, torch.stack(cpu), atol=1e-5)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # bench/gpu_check.sh's ops part runs both
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 5])
+def test_the_batched_full_depth_ops_on_the_device_equal_the_loader_path(device, n):
+    """--gpu-augment on `device` against the loader worker's photometric_one, every op on, 16-bit
+    values (noise left out: each device type draws its own field from a sample's seed)."""
+    recipe = full_depth_recipe(n, ("crop", "jitter", "blur", "flip"), jitter_p=1.0, blur_p=0.5)
+    parts = []
+    for i in range(8):
+        torch.manual_seed(i)
+        parts.append(recipe.split()(torch.rand(n, 20, 18) * 60000))
+    crops, params = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    one = torch.stack([gpu.photometric_one(c, p, recipe.spec()) for c, p in parts])
+    batched = gpu.photometric(crops.to(device), params, recipe.spec()).cpu()
+    assert torch.allclose(batched, one, atol=1e-3)  # normalised units; TF32/fused kernels on a GPU
+
+
 @pytest.mark.parametrize("n", [1, 5])
 def test_each_full_depth_op_is_what_it_says(n):
     x = torch.rand(3, n, 10, 10) * 60000  # 16-bit range: nothing is clipped
