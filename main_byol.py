@@ -174,7 +174,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     data = two_view_data(args, env, aug, batch_size, workers)
 
     # ---- model: online encoder + projector, predictor; BYOL: target encoder + projector
-    model = BYOL(functools.partial(build_backbone, args.arch, small_images=args.small_images, in_channels=args.in_channels, crop_size=args.crop_size),
+    model = BYOL(functools.partial(build_backbone, args.arch, small_images=args.small_images,
+                                   in_channels=args.in_channels, crop_size=args.crop_size),
                  args.proj_dim, args.proj_hidden_dim, args.pred_hidden_dim, args.byol_m, args.simsiam, args.stop_grad)
     init_backbone(args, model.encoder, *((model.target_encoder,) if model.momentum_target else ()))  # --init
     if env.distributed and env.device.type == "cuda":

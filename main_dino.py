@@ -177,7 +177,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     data = multi_view_data(args, env, crops, batch_size, workers)
 
     # ---- model: student and teacher (backbone + DINO head), the loss with its centre
-    model = DINO(functools.partial(build_backbone, args.arch, small_images=args.small_images, in_channels=args.in_channels, crop_size=args.crop_size),
+    model = DINO(functools.partial(build_backbone, args.arch, small_images=args.small_images,
+                                   in_channels=args.in_channels, crop_size=args.crop_size),
                  args.out_dim, args.local_crops_number, use_bn_in_head=args.use_bn_in_head,
                  norm_last_layer=args.norm_last_layer, warmup_teacher_temp=args.warmup_teacher_temp,
                  teacher_temp=args.teacher_temp, warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,

@@ -144,8 +144,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
             raise UserError(f"--batch-size {batch_size} is not divisible by --bn-splits {args.bn_splits}; "
                             f"change one of them")
         norm_layer = functools.partial(SplitBatchNorm, num_splits=args.bn_splits)
-    model = MoCo(functools.partial(build_backbone, args.arch, small_images=args.small_images, in_channels=args.in_channels, norm_layer=norm_layer,
-                                   crop_size=args.crop_size),
+    model = MoCo(functools.partial(build_backbone, args.arch, small_images=args.small_images, norm_layer=norm_layer,
+                                   crop_size=args.crop_size, in_channels=args.in_channels),
                  args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.symmetric)
     init_backbone(args, model.encoder_q, model.encoder_k)  # --init: both encoders start from it
     model = place_model(model, env, args, networks=model.networks())

@@ -139,7 +139,8 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     data = two_view_data(args, env, aug, batch_size, workers)
 
     # ---- model
-    model = SimCLR(functools.partial(build_backbone, args.arch, small_images=args.small_images, in_channels=args.in_channels, crop_size=args.crop_size),
+    model = SimCLR(functools.partial(build_backbone, args.arch, small_images=args.small_images,
+                                     in_channels=args.in_channels, crop_size=args.crop_size),
                    args.proj_dim, args.proj_hidden_dim, args.proj_layers, args.proj_bn, args.temperature)
     init_backbone(args, model.encoder)  # --init: continued pretraining from weights you have
     if env.distributed and env.device.type == "cuda" and args.sync_bn is not False:

@@ -434,8 +434,8 @@ def prepare_data(args: argparse.Namespace) -> Data:
                                  args.dataset, seed=args.seed + 1)
     data_args = argparse.Namespace(in_channels=None, dataset=script_dataset(args), data=root, download=False)
     train = build_dataset(data_args, "train")
-    n_pool = len(build_dataset(argparse.Namespace(in_channels=None, dataset=script_dataset(args), data=pool_root, download=False),
-                               "train"))
+    pool_args = argparse.Namespace(in_channels=None, dataset=script_dataset(args), data=pool_root, download=False)
+    n_pool = len(build_dataset(pool_args, "train"))
     labelled = {f: (len(train) if f >= 1 else len(stratified_subset(train.targets, f, 0))) for f in args.fractions}
     return Data(root, pool_root, data_args, train, n_pool, len(build_dataset(data_args, "val")), labelled)
 

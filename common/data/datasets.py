@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from common.data import listing
 from common.data.arrays import check_channels, read_array
-from common.data.channels import DETECT_SAMPLE, Channels, channels_of, describe, measure_stats, pil_full_depth, sample_indices
+from common.data.channels import (DETECT_SAMPLE, Channels, channels_of, describe, measure_stats, pil_full_depth,
+                                  sample_indices)
 from common.data.images import FileListDataset, csv_manifest, image_folder
 from common.data.shard_reader import ShardDataset, shard_dataset
 from common.data.synthetic import SyntheticPatterns

@@ -216,8 +216,8 @@ class PayoffProbe:
 
         # an unreadable image gets no row rather than a stand-in under its label
         def images(index: List[int], size: int) -> TransformedDataset:
-            return TransformedDataset(SubsetDataset(train, index), eval_transform(size, channels_of(args)), decode_side=eval_decode_side(size),
-                                      skip_unreadable=True)
+            return TransformedDataset(SubsetDataset(train, index), eval_transform(size, channels_of(args)),
+                                      decode_side=eval_decode_side(size), skip_unreadable=True)
 
         self.at_size = {size: images(labelled, size) for size in self.sizes}
         self.held_at_size = {size: images(self.held, size) for size in self.sizes} if self.held else {}
