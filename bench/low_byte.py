@@ -63,7 +63,7 @@ def run(main, argv: List[str]) -> None:
 
 def top1(folder: str) -> float:
     with open(os.path.join(folder, "results.json")) as f:
-        return float(json.load(f)["acc1"])
+        return float(json.load(f)["final"]["acc1"])
 
 
 def main() -> None:
@@ -87,9 +87,11 @@ def main() -> None:
         for seed in args.seeds:
             out = os.path.join(args.output, f"{'full' if flags else '8bit'}_s{seed}")
             t0 = time.time()
-            run(main_simclr, [data] + common + flags + ["--recipe", "small", "--epochs", str(args.epochs),
-                                                         "--seed", str(seed), "--no-payoff", "--output-dir", out,
-                                                         "--overwrite", "-p", "1000"])
+            if not os.path.isfile(os.path.join(out, f"checkpoint_{args.epochs:04d}.pth.tar")):  # (a rerun reuses it)
+                # --no-trial: both paths train the recipe's own views, so only the reading differs
+                run(main_simclr, [data] + common + flags + ["--recipe", "small", "--epochs", str(args.epochs),
+                                                             "--seed", str(seed), "--no-payoff", "--no-trial",
+                                                             "--output-dir", out, "--overwrite", "-p", "1000"])
             seconds[f"{name} s{seed}"] = time.time() - t0
             for kind, pretrained in (("pretrained", os.path.join(out, "checkpoint_last.pth.tar")),
                                      ("random init", "none")):
