@@ -31,7 +31,7 @@ from simclr.augment import simclr_augmentation  # noqa: E402
 def views_per_second(data: str, in_channels: str, n: int) -> float:
     """Two views of `n` train images through the quick benchmark's views (32 px, gray recipe)."""
     args = argparse.Namespace(dataset="fashion-mnist", data=data, download=False, in_channels=in_channels, seed=0,
-                              channel_mean=None, channel_std=None)
+                              channel_mean=None, channel_std=None, channel_norm=None)
     channels = resolve_channels(args, "train")
     recipe = simclr_augmentation(32, strength=1.0, blur=False, crop_min=0.3, gray_images=True).for_channels(channels)[0]
     views = TransformedDataset(build_dataset(args, "train"), two_views(recipe))

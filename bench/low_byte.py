@@ -10,8 +10,9 @@ and phase, plus noise. Every pixel of an image stays inside one 8-bit bin, so th
     python bench/low_byte.py --seeds 0 1 2 --output runs/low_byte --json bench/results/low_byte_cpu.json
 
 Per seed: the set (written once per --data-seed), SimCLR pretraining with --recipe small on
-the train images through each path, then main_lincls.py --probe logreg (all labels) on val,
-against the random-init network through the same path.
+the train images through each path (8-bit; full depth normalised with the set's statistics;
+full depth with each image standardised by its own, --channel-norm image), then main_lincls.py
+--probe logreg (all labels) on val, against the random-init network through the same path.
 """
 import argparse
 import json
@@ -31,7 +32,11 @@ import main_lincls  # noqa: E402
 import main_simclr  # noqa: E402
 from common.files.atomic import write_json_atomic  # noqa: E402
 
-PATHS = {"8-bit (default)": [], "full depth (--in-channels 1)": ["--in-channels", "1"]}
+PATHS = {"8-bit (default)": [], "full depth (--in-channels 1)": ["--in-channels", "1"],
+         "full depth, per image (--in-channels 1 --channel-norm image)": ["--in-channels", "1", "--channel-norm",
+                                                                         "image"]}
+FOLDER = {"8-bit (default)": "8bit", "full depth (--in-channels 1)": "full",
+          "full depth, per image (--in-channels 1 --channel-norm image)": "image"}
 
 
 def write_set(root: str, train: int, val: int, side: int, seed: int) -> None:
@@ -85,7 +90,7 @@ def main() -> None:
     for name, flags in PATHS.items():
         rows[name] = {"pretrained": [], "random init": []}
         for seed in args.seeds:
-            out = os.path.join(args.output, f"{'full' if flags else '8bit'}_s{seed}")
+            out = os.path.join(args.output, f"{FOLDER[name]}_s{seed}")
             t0 = time.time()
             if not os.path.isfile(os.path.join(out, f"checkpoint_{args.epochs:04d}.pth.tar")):  # (a rerun reuses it)
                 # --no-trial: both paths train the recipe's own views, so only the reading differs

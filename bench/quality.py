@@ -352,7 +352,7 @@ def embed(args: argparse.Namespace, data_args: argparse.Namespace, ckpt_path: st
     ckpt = load_pretrained(ckpt_path, args.arch) if ckpt_path != "none" else None
     # --in-channels: the checkpoint's channels and statistics, else (random init) measured on train
     data_args = argparse.Namespace(**{**vars(data_args), "in_channels": args.in_channels, "seed": args.seed,
-                                      "channel_mean": None, "channel_std": None})
+                                      "channel_mean": None, "channel_std": None, "channel_norm": None})
     channels = resolve_channels(data_args, "train", (ckpt or {}).get("args"))
     torch.manual_seed(args.seed)
     model = build_backbone(args.arch, small_images=args.small_images, in_channels=channels.count)

@@ -59,8 +59,8 @@ def fingerprint(dataset: Dataset, args: argparse.Namespace) -> dict:
             "images": len(dataset), "files_sha256": files, "shard_size": args.shard_size,
             # the eval view of --in-channels other than 3 (a random or ImageNet init's first layer and
             # the normalisation follow it); absent for RGB, so earlier RGB shards are still reused
-            **({"in_channels": ch.count, "channel_mean": list(ch.mean), "channel_std": list(ch.std)}
-               if ch.full_depth else {})}
+            **({"in_channels": ch.count, "channel_mean": list(ch.mean), "channel_std": list(ch.std),
+                "per_image": ch.per_image} if ch.full_depth else {})}
 
 
 def embed_split(model: nn.Module, dataset: Dataset, split: str, args: argparse.Namespace, env: DistEnv,

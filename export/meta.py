@@ -16,6 +16,8 @@ from common.errors import UserError
 # since the full-depth statistics are in the images' own units (a 16-bit band's mean ~ 2000)
 RGB_VALUES = "8-bit RGB scaled to [0, 1], then (x - mean) / std"
 FULL_DEPTH_VALUES = "the images' stored values at full depth (16-bit kept, bands, .npy), then (x - mean) / std"
+PER_IMAGE_VALUES = ("the images' stored values at full depth, each image's channels then standardised by their own "
+                    "mean and std over the image's pixels (--channel-norm image)")
 
 
 def describe(ckpt: Dict, path: str, arch: Optional[str] = None, small_images: Optional[bool] = None,
@@ -44,6 +46,8 @@ def normalisation(ckpt: Dict, channels: int) -> Dict:
     if channels == 3:
         return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input_values": RGB_VALUES}
     saved = ckpt["args"]
+    if saved.get("channel_norm") == "image":  # nothing of the set's: each image is standardised by its own
+        return {"mean": None, "std": None, "input_values": PER_IMAGE_VALUES}
     return {"mean": [float(v) for v in saved["channel_mean"]], "std": [float(v) for v in saved["channel_std"]],
             "input_values": FULL_DEPTH_VALUES}
 

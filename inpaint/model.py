@@ -52,6 +52,9 @@ class ContextEncoder(nn.Module):
         super().__init__()
         if channels.full_depth and loss == "bce":
             raise UserError(bce_refusal(channels.count))
+        if channels.per_image:  # its target and blanked patches are in the set's normalised units
+            raise UserError("main_inpaint.py paints back the images normalised with the set's statistics; drop "
+                            "--channel-norm image (--channel-norm set)")
         self.encoder = base_encoder()
         check_has_feature_map(self.encoder, "main_inpaint.py")
         self.encoder.fc = nn.Identity()

@@ -15,7 +15,7 @@ from PIL import Image
 import main_lincls
 import main_simclr
 from common.augment import gpu
-from common.augment.transforms import Recipe
+from common.augment.transforms import Recipe, eval_transform
 from common.ckpt.pretrained import fit_first_layer
 from common.data.channels import Channels, adapt_rgb_filters, channels_of
 from common.data.datasets import build_dataset, resolve_channels
@@ -41,8 +41,8 @@ def bands_folder(root, n_per_class=12, bands=5, side=16, seed=0, val=4):
 
 
 def data_args(root, in_channels, **kw):
-    return argparse.Namespace(dataset="imagefolder", data=str(root), in_channels=in_channels, seed=0,
-                              channel_mean=None, channel_std=None, **kw)
+    return argparse.Namespace(**{"dataset": "imagefolder", "data": str(root), "in_channels": in_channels, "seed": 0,
+                                 "channel_mean": None, "channel_std": None, "channel_norm": None, **kw})
 
 
 def test_16_bit_values_reach_the_input_tensor_bit_exactly(tmp_path):
@@ -121,8 +121,8 @@ def test_every_family_reads_n_channels_and_rgb_weights_are_fitted(arch):
 
 # ---------------------------------------------------------------- the views: CPU path == --gpu-augment path
 
-def full_depth_recipe(n, ops, **kw):
-    ch = Channels(n, tuple(100.0 + 10 * i for i in range(n)), tuple(20.0 + i for i in range(n)))
+def full_depth_recipe(n, ops, per_image=False, **kw):
+    ch = Channels(n, tuple(100.0 + 10 * i for i in range(n)), tuple(20.0 + i for i in range(n)), per_image=per_image)
     return Recipe(12, 0.5, ops, jitter=(0.6, 0.6, 0.0, 0.0), **kw).for_channels(ch)[0]
 
 
@@ -131,6 +131,7 @@ def full_depth_recipe(n, ops, **kw):
     (("crop", "flip", "jitter"), dict(jitter_p=1.0)),
     (("crop", "blur"), dict(blur_p=1.0)),
     (("crop", "noise"), dict(noise_p=1.0, noise_sigma=(0.1, 0.3))),
+    (("crop", "jitter"), dict(jitter_p=1.0, per_image=True)),  # --channel-norm image
 ])
 def test_gpu_augment_path_equals_the_cpu_path_per_op(n, ops, kw):
     recipe = full_depth_recipe(n, ops, **kw)
@@ -148,6 +149,9 @@ def test_gpu_augment_path_equals_the_cpu_path_per_op(n, ops, kw):
     assert crops.dtype == torch.float32  # stored values, not uint8
     batched = gpu.photometric(crops, params, recipe.spec())
     assert torch.allclose(batched, torch.stack(cpu), atol=1e-5)
+    if recipe.channels.per_image:  # each view's channels at zero mean, unit std
+        assert torch.allclose(batched.mean(dim=(2, 3)), torch.zeros(6, n), atol=1e-4)
+        assert torch.allclose(batched.std(dim=(2, 3), unbiased=False), torch.ones(6, n), atol=1e-3)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # bench/gpu_check.sh's ops part runs both
@@ -263,3 +267,36 @@ def test_recipe_small_on_large_16_bit_sources_checks_the_one_channel_views(tmp_p
     out = capsys.readouterr().out
     assert "1 input channel(s) at full depth" in out and "source-scale views (--crop-min" in out
     assert "view check on 16 images" in out
+
+
+def test_channel_norm_image_removes_a_per_image_offset_and_follows_the_checkpoint(tmp_path, capsys):
+    """--channel-norm image: a 16-bit texture under an offset that differs per image reaches the
+    network at unit scale (the set's statistics would leave it at a thousandth of a std); the
+    probe follows the checkpoint's choice, and another one is one sentence."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 2)):
+        for c in range(2):
+            os.makedirs(tmp_path / "d" / split / f"c{c}")
+            for i in range(n):
+                y, x = np.mgrid[0:16, 0:16]
+                img = 257 * rng.integers(20, 235) + 30 * (1 + np.sin((y if c else x) * 1.5))
+                Image.fromarray(img.astype(np.uint16)).save(tmp_path / "d" / split / f"c{c}" / f"{i}.png")
+    root = str(tmp_path / "d")
+    args = data_args(root, "1", channel_norm="image")
+    ch = resolve_channels(args, "train")
+    assert ch.per_image and args.channel_norm == "image"
+    view = eval_transform(16, ch)(build_dataset(args, "train")[0][0])
+    assert abs(float(view.mean())) < 1e-4 and abs(float(view.std(unbiased=False)) - 1) < 1e-3
+    run = tmp_path / "run"
+    assert run_main(main_simclr.main, [root] + TINY[:-2] + ["--in-channels", "1", "--channel-norm", "image",
+                                                            "--epochs", "1", "--output-dir", str(run)]) == 0
+    assert "each image standardised per channel by its own mean and std" in capsys.readouterr().out
+    ckpt = str(run / "checkpoint_last.pth.tar")
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["args"]["channel_norm"] == "image"
+    assert run_main(main_lincls.main, [root, "--pretrained", ckpt, "-j", "0", "--probe", "logreg",
+                                       "--output-dir", str(tmp_path / "p")]) == 0
+    assert run_main(main_lincls.main, [root, "--pretrained", ckpt, "-j", "0", "--probe", "logreg", "--channel-norm",
+                                       "set", "--output-dir", str(tmp_path / "p2")]) == 2
+    assert "normalised per image, not per set" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--channel-norm image is for images read at full depth"):
+        resolve_channels(data_args(root, "3", channel_norm="image"), "train")

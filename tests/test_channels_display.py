@@ -136,9 +136,13 @@ def test_embedding_fingerprint_follows_the_channels():
     base = dict(pretrained="none", arch="resnet18", crop_size=16, small_images=True, seed=0, shard_size=10)
     rgb = fingerprint(ds, argparse.Namespace(**base, in_channels=3, channel_mean=None, channel_std=None))
     assert "in_channels" not in rgb
-    five = fingerprint(ds, argparse.Namespace(**base, in_channels=5, channel_mean=[1.0] * 5, channel_std=[2.0] * 5))
-    four = fingerprint(ds, argparse.Namespace(**base, in_channels=4, channel_mean=[1.0] * 4, channel_std=[2.0] * 4))
-    assert five != rgb and five != four and five["in_channels"] == 5
+    five = fingerprint(ds, argparse.Namespace(**base, in_channels=5, channel_mean=[1.0] * 5, channel_std=[2.0] * 5,
+                                              channel_norm="set"))
+    four = fingerprint(ds, argparse.Namespace(**base, in_channels=4, channel_mean=[1.0] * 4, channel_std=[2.0] * 4,
+                                              channel_norm="set"))
+    per_image = fingerprint(ds, argparse.Namespace(**base, in_channels=5, channel_mean=[1.0] * 5,
+                                                   channel_std=[2.0] * 5, channel_norm="image"))
+    assert five != rgb and five != four and five["in_channels"] == 5 and per_image != five
 
 
 def test_query_of_another_channel_count_is_one_sentence(tmp_path, capsys):

@@ -364,7 +364,7 @@ def test_a_released_full_checkpoint_with_an_argparse_namespace_loads_and_other_p
     path = tmp_path / "dino_resnet18_pretrain_full_checkpoint.pth"
     dino_args = argparse.Namespace(arch="resnet18", out_dim=16, lr=0.03, global_crops_scale=(0.14, 1.0))
     torch.save({**official_layout(teacher), "args": dino_args, "dino_loss": {"center": torch.zeros(1, 16)}}, path)
-    args = argparse.Namespace(in_channels=None, seed=0, pretrained=str(path), arch=None, crop_size=None, small_images=None,
+    args = argparse.Namespace(in_channels=None, channel_norm=None, seed=0, pretrained=str(path), arch=None, crop_size=None, small_images=None,
                               dataset="synthetic")
     follow_checkpoint(args)  # main_lincls' and main_knn's first read
     assert args.arch == "resnet50"  # DINO stores no top-level arch: the default (-a picks another)

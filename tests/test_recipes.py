@@ -161,7 +161,8 @@ def test_the_probes_take_the_crop_the_run_learned_on(tmp_path):
 
     def followed(**given):
         args = argparse.Namespace(**{"pretrained": path, "arch": None, "crop_size": None, "small_images": None,
-                                     "dataset": "imagefolder", "in_channels": None, **given})
+                                     "dataset": "imagefolder", "in_channels": None, "channel_norm": None,
+                                     **given})
         follow_checkpoint(args)
         return args.crop_size, args.small_images, args.arch
     assert followed() == (64, False, "resnet18")

@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from common.data.channels import standardise_per_image
+
 # layout of one view's parameter vector (float32)
 JITTER_ON, BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3, 4
 ORDER = slice(5, 9)  # a permutation of 0..3: brightness, contrast, saturation, hue
@@ -44,6 +46,7 @@ class PhotometricSpec:
     # full depth (--in-channels other than 3): crops are float stored values, not uint8; only
     # brightness and contrast of the jitter apply, unclipped, contrast per channel
     full_depth: bool = False
+    per_image: bool = False  # --channel-norm image: each sample standardised by its own mean and std
     noise_p: float = 0.0  # Gaussian noise added after normalisation, sigma ~ U(noise_sigma)
     noise_sigma: Tuple[float, float] = (0.0, 0.0)
 
@@ -233,9 +236,12 @@ def photometric(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSpe
 def _normalise_and_noise(x: torch.Tensor, params: torch.Tensor, factors: torch.Tensor,
                          spec: PhotometricSpec) -> torch.Tensor:
     dev, c = x.device, x.shape[1]
-    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, c, 1, 1).to(dev, non_blocking=True)
-    std = torch.tensor(spec.std, dtype=x.dtype).view(1, c, 1, 1).to(dev, non_blocking=True)
-    x = x.sub_(mean).div_(std)
+    if spec.per_image:
+        x = standardise_per_image(x)
+    else:
+        mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, c, 1, 1).to(dev, non_blocking=True)
+        std = torch.tensor(spec.std, dtype=x.dtype).view(1, c, 1, 1).to(dev, non_blocking=True)
+        x = x.sub_(mean).div_(std)
     noisy = (params[:, NOISE_ON] > 0).nonzero().squeeze(1) if spec.noise_p > 0 else None
     if noisy is not None and noisy.numel():  # the seeds stay on the CPU: reading them does not sync
         idx = noisy.to(dev)
@@ -256,7 +262,10 @@ def photometric_one(crop: torch.Tensor, params: torch.Tensor, spec: PhotometricS
     if spec.blur_kernel > 0 and p[BLUR_ON] > 0:
         x = gaussian_blur(x, params[SIGMA].view(1), spec.blur_kernel)
     c = x.shape[1]
-    x = (x - torch.tensor(spec.mean).view(1, c, 1, 1)) / torch.tensor(spec.std).view(1, c, 1, 1)
+    if spec.per_image:
+        x = standardise_per_image(x)
+    else:
+        x = (x - torch.tensor(spec.mean).view(1, c, 1, 1)) / torch.tensor(spec.std).view(1, c, 1, 1)
     if spec.noise_p > 0 and p[NOISE_ON] > 0:
         x = add_noise(x, params[NOISE_SIGMA].view(1), params[NOISE_SEED].view(1))
     return x[0]

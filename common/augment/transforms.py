@@ -15,7 +15,8 @@ from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 
 from common.augment.gpu import NOISE_ON, NOISE_SEED, NOISE_SIGMA, PhotometricSpec, add_noise, draw_params, photometric_one
-from common.data.channels import IMAGENET_MEAN, IMAGENET_STD, RGB, Channels  # noqa: F401 (IMAGENET_*: re-exported)
+from common.data.channels import (IMAGENET_MEAN, IMAGENET_STD, RGB, Channels,  # noqa: F401 (IMAGENET_*: re-exported)
+                                  StandardisePerImage)
 from common.data.datasets import SMALL_CROP_MAX
 
 # ops that need colour: left out of a recipe for --in-channels other than 3 (Recipe.for_channels)
@@ -47,6 +48,8 @@ class MultiViewTransform:
 def _to_normalised(channels: Channels) -> List[Callable]:
     """The last step of an eval or classifier transform: PIL -> normalised tensor (RGB), or
     the normalisation of a full-depth tensor with the run's measured statistics."""
+    if channels.per_image:
+        return [StandardisePerImage()]
     if channels.full_depth:
         return [transforms.Normalize(mean=channels.mean, std=channels.std)]
     return [transforms.ToTensor(), transforms.Normalize(mean=channels.mean, std=channels.std)]
@@ -165,7 +168,7 @@ class Recipe:
                                blur_kernel=blur_kernel_size(self.crop_size) if "blur" in ops else 0,
                                mean=self.channels.mean, std=self.channels.std,
                                solarize_p=self.solarize_p if "solarize" in ops else 0.0,
-                               full_depth=self.channels.full_depth,
+                               full_depth=self.channels.full_depth, per_image=self.channels.per_image,
                                noise_p=self.noise_p if "noise" in ops else 0.0, noise_sigma=self.noise_sigma)
 
     def describe(self) -> str:

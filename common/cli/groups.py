@@ -45,6 +45,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                         "bands reads images at full depth (16-bit PNG/TIFF, multi-band TIFF, .npy), normalised with "
                         "statistics measured on the training images; auto reads the first images (default: the "
                         "--pretrained checkpoint's, else 3)")
+    g.add_argument("--channel-norm", default=None, choices=("set", "image"),
+                   help="images read at full depth (--in-channels other than 3): set normalises each channel with the "
+                        "mean and std measured on the training images; image standardises each image by its own, "
+                        "for an offset or exposure that varies from image to image (default: the --pretrained "
+                        "checkpoint's, else set)")
     # the measured statistics of --in-channels other than 3 (common/data/datasets.py resolve_channels)
     parser.set_defaults(channel_mean=None, channel_std=None)
     g.add_argument("--show-bands", default=None, type=parse_bands, metavar="R,G,B",

@@ -29,6 +29,9 @@ class Channels:
     count: int = 3
     mean: Tuple[float, ...] = IMAGENET_MEAN
     std: Tuple[float, ...] = IMAGENET_STD
+    # --channel-norm image: each image standardised by its own per-channel mean and std instead
+    # (mean/std above are then only the set's, for curation's pixel statistics)
+    per_image: bool = False
 
     @property
     def full_depth(self) -> bool:
@@ -43,7 +46,8 @@ def channels_of(args: argparse.Namespace) -> Channels:
     """The Channels a resolved `args` describes (resolve_channels / follow_checkpoint set them)."""
     if args.in_channels in (None, "auto", "3", 3) or args.channel_mean is None:
         return RGB
-    return Channels(int(args.in_channels), tuple(args.channel_mean), tuple(args.channel_std))
+    return Channels(int(args.in_channels), tuple(args.channel_mean), tuple(args.channel_std),
+                    per_image=args.channel_norm == "image")
 
 
 def parse_in_channels(value: str) -> str:
@@ -114,6 +118,24 @@ def describe(ch: Channels) -> str:
     def fmt(vs: Sequence[float]) -> str:
         return ", ".join(f"{v:.4g}" for v in vs[:8]) + (", ..." if len(vs) > 8 else "")
     return f"mean ({fmt(ch.mean)}), std ({fmt(ch.std)})"
+
+
+def standardise_per_image(x: torch.Tensor) -> torch.Tensor:
+    """(..., C, H, W) -> each image's channels at zero mean and unit std over their pixels
+    (--channel-norm image); a flat channel becomes 0."""
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    std = x.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+class StandardisePerImage:
+    """The eval transforms' last step for --channel-norm image."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return standardise_per_image(x)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 def check_count(found: int, expected: int, where: str) -> None:

@@ -171,7 +171,12 @@ def resolve_channels(args: argparse.Namespace, split: str, saved: Optional[Dict[
         if given not in (None, "auto", str(n)):
             raise UserError(f"the checkpoint was trained on {n} channel(s), not the {given} of --in-channels; drop "
                             f"--in-channels (it follows the checkpoint)")
+        norm = saved.get("channel_norm") or "set"
+        if args.channel_norm not in (None, norm):
+            raise UserError(f"the checkpoint's images were normalised per {norm}, not per {args.channel_norm}; drop "
+                            f"--channel-norm (it follows the checkpoint)")
         args.in_channels, args.channel_mean, args.channel_std = n, saved.get("channel_mean"), saved.get("channel_std")
+        args.channel_norm = norm
         return channels_of(args)
     if given == "auto":
         dataset = _build(args, split) or _build(args, "train")
@@ -181,6 +186,10 @@ def resolve_channels(args: argparse.Namespace, split: str, saved: Optional[Dict[
     else:
         n = 3 if given is None else int(given)
     args.in_channels, args.channel_mean, args.channel_std = n, None, None
+    if n == 3 and args.channel_norm == "image":
+        raise UserError("--channel-norm image is for images read at full depth (--in-channels other than 3); RGB "
+                        "images are normalised with ImageNet's statistics")
+    args.channel_norm = args.channel_norm or "set"
     if n == 3:
         return channels_of(args)
     dataset = build_dataset(args, split)
@@ -188,7 +197,12 @@ def resolve_channels(args: argparse.Namespace, split: str, saved: Optional[Dict[
     mean, std, read = measure_stats(dataset, n, seed)
     args.channel_mean, args.channel_std = list(mean), list(std)
     ch = channels_of(args)
-    listing.log(f"=> {n} input channel(s) at full depth, normalised per channel with the {split} images' own "
-                f"statistics, measured on {read} images (seed {seed}): {describe(ch)}")
+    if ch.per_image:
+        listing.log(f"=> {n} input channel(s) at full depth, each image standardised per channel by its own mean and "
+                    f"std (--channel-norm image); the {split} images' statistics, for curation, measured on {read} "
+                    f"images (seed {seed}): {describe(ch)}")
+    else:
+        listing.log(f"=> {n} input channel(s) at full depth, normalised per channel with the {split} images' own "
+                    f"statistics, measured on {read} images (seed {seed}): {describe(ch)}")
     return ch
 
