@@ -369,8 +369,14 @@ class Payoff:
                      + ", ".join(f"{f['top1']:.1f} at {s} px" for s, f in finals.items())
                      + f": main_lincls.py and main_knn.py evaluate this checkpoint at {size} px by default")
         if not main["paid_off"]:
-            line += (f"\n=> WARNING: pretraining did not pay off on these images: the gain is inside the spread; "
-                     f"try {WHAT_TO_TRY}")
+            why = (f"the features got worse than the ones it started from ({main['gain']:+.1f}, beyond the spread "
+                   f"{main['spread']:.1f})" if main["gain"] < -main["spread"] else "the gain is inside the spread")
+            channels = channels_of(self.args)
+            # full depth normalised by the set: a faint signal under an offset that varies per image stays
+            # a sliver of the set's std (docs/channels.md, the low-byte set)
+            hint = ("--channel-norm image (when the offset or exposure varies from image to image), "
+                    if channels.full_depth and not channels.per_image else "") + WHAT_TO_TRY
+            line += f"\n=> WARNING: pretraining did not pay off on these images: {why}; try {hint}"
         log(line)
         self._write({"epoch": epoch, "final": final, "verdicts": verdicts, "against": against, "eval_size": size,
                      "baselines": baselines, "by_size": {str(s): d for s, d in by_size.items()}})
