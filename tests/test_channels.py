@@ -300,3 +300,21 @@ def test_channel_norm_image_removes_a_per_image_offset_and_follows_the_checkpoin
     assert "normalised per image, not per set" in capsys.readouterr().err
     with pytest.raises(UserError, match="--channel-norm image is for images read at full depth"):
         resolve_channels(data_args(root, "3", channel_norm="image"), "train")
+
+
+def test_the_multi_crop_and_momentum_methods_train_on_5_bands(tmp_path):
+    """DINO's multi-crop views and MoCo's key encoder go through the same N-channel views and
+    first layer (one step each: the wiring, not the learning)."""
+    import main_dino
+    import main_moco
+    root = bands_folder(tmp_path / "d", n_per_class=8, val=1)
+    common = [root, "-a", "resnet18", "--small-images", "-j", "0", "-b", "16", "--crop-size", "16", "--epochs", "1",
+              "--no-payoff", "--in-channels", "5", "-p", "50"]
+    assert run_main(main_dino.main, common + ["--out-dim", "32", "--local-crops-number", "2", "--local-crop-size", "8",
+                                              "--output-dir", str(tmp_path / "dino")]) == 0
+    assert run_main(main_moco.main, common + ["--moco-k", "32", "--moco-dim", "16", "--mlp", "--aug-plus",
+                                              "--bn-splits", "2", "--output-dir", str(tmp_path / "moco")]) == 0
+    for name, key in (("dino", "student"), ("moco", "state_dict")):
+        ckpt = torch.load(tmp_path / name / "checkpoint_last.pth.tar", map_location="cpu", weights_only=True)
+        assert ckpt["args"]["in_channels"] == 5
+        assert any(v.ndim == 4 and v.shape[1] == 5 for v in ckpt[key].values())
