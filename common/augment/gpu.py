@@ -261,14 +261,7 @@ def photometric_one(crop: torch.Tensor, params: torch.Tensor, spec: PhotometricS
                 x = _BAND_JITTER_OPS[int(op)](x, params[BRIGHTNESS + int(op)].view(1))
     if spec.blur_kernel > 0 and p[BLUR_ON] > 0:
         x = gaussian_blur(x, params[SIGMA].view(1), spec.blur_kernel)
-    c = x.shape[1]
-    if spec.per_image:
-        x = standardise_per_image(x)
-    else:
-        x = (x - torch.tensor(spec.mean).view(1, c, 1, 1)) / torch.tensor(spec.std).view(1, c, 1, 1)
-    if spec.noise_p > 0 and p[NOISE_ON] > 0:
-        x = add_noise(x, params[NOISE_SIGMA].view(1), params[NOISE_SEED].view(1))
-    return x[0]
+    return _normalise_and_noise(x, params[None], params[None], spec)[0]
 
 
 def _full_depth(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSpec,

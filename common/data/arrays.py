@@ -8,7 +8,7 @@ path, scales a 16-bit image to 8 bits).
 The datasets read through it when `--in-channels` is not 3 (common/data/channels.py)."""
 import io
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -126,9 +126,14 @@ def channel_count(path: str) -> int:
 def check_channels(paths: Sequence[str]) -> int:
     """The one channel count of `paths` (a sample of a folder); a mix is one sentence naming an
     example file of two counts."""
+    return one_count((channel_count(p), p) for p in paths)
+
+
+def one_count(counts: Iterable[Tuple[int, str]]) -> int:
+    """The one channel count of (count, where) pairs, read lazily; a mix is one sentence naming
+    an example of two counts."""
     seen: List[Tuple[int, str]] = []
-    for p in paths:
-        c = channel_count(p)
+    for c, p in counts:
         if seen and c != seen[0][0]:
             raise UserError(f"the images mix channel counts: {seen[0][1]!r} has {seen[0][0]}, {p!r} has {c}; "
                             f"give one kind of image per folder (convert the others, or split the folder)")

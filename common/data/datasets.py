@@ -12,7 +12,7 @@ import torchvision.datasets as tvd
 from torch.utils.data import Dataset
 
 from common.data import listing
-from common.data.arrays import check_channels, read_array
+from common.data.arrays import check_channels, one_count, read_array
 from common.data.channels import (DETECT_SAMPLE, Channels, channels_of, describe, measure_stats, pil_full_depth,
                                   sample_indices)
 from common.data.images import FileListDataset, csv_manifest, image_folder
@@ -145,19 +145,13 @@ def detect_channels(dataset: Dataset) -> int:
     picks = list(sample_indices(len(dataset), DETECT_SAMPLE, 0))
     if isinstance(dataset, FileListDataset):
         return check_channels([dataset.path(i) for i in picks])
-    counts = {}
-    for i in picks:
+
+    def count(i: int) -> int:
         if isinstance(dataset, ShardDataset):
-            c = read_array(dataset.keys[i], dataset.read_bytes(i)).shape[2]
-        else:
-            img = dataset.ds[i][0] if isinstance(dataset, _TorchvisionDataset) else dataset[i][0]
-            c = 1 if img.mode in ("L", "1", "I", "I;16", "F") else 3
-        counts.setdefault(c, dataset.path(i) if hasattr(dataset, "path") else str(i))
-        if len(counts) > 1:
-            (a, pa), (b, pb) = list(counts.items())[:2]
-            raise UserError(f"the images mix channel counts: {pa!r} has {a}, {pb!r} has {b}; give one kind of "
-                            f"image per folder (convert the others, or split the folder)")
-    return next(iter(counts))
+            return read_array(dataset.keys[i], dataset.read_bytes(i)).shape[2]
+        img = dataset.ds[i][0] if isinstance(dataset, _TorchvisionDataset) else dataset[i][0]
+        return 1 if img.mode in ("L", "1", "I", "I;16", "F") else 3
+    return one_count((count(i), dataset.path(i)) for i in picks)
 
 
 def resolve_channels(args: argparse.Namespace, split: str, saved: Optional[Dict[str, Any]] = None) -> Channels:
