@@ -104,3 +104,9 @@ def test_the_trial_runs_real_candidates_and_continues_the_best_exactly(tmp_path,
     assert epochs == [0, 1, 2]  # the trial's epochs, then the same schedule's next, to --stop-at-epoch
     assert json.load(open(out / "payoff.json"))["baselines"] == \
         json.load(open(out / "trial" / str(best) / "payoff.json"))["baselines"]
+    # --resume auto later keeps the trial's views (on sources as small as the crop, where no view
+    # check runs, it used to fall back to the command line's: the method's views)
+    resumed = main_moco.finalize_args(main_moco.get_args_parser().parse_args(
+        argv + ["--recipe", "small", "--warmup-epochs", "0", "--output-dir", str(out), "--resume", "auto"]))
+    assert {k: getattr(resumed, k) for k in cands[best]} == cands[best]
+    assert "the resumed run keeps the views it started with: --crop-min" in capsys.readouterr().out

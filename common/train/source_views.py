@@ -69,14 +69,17 @@ def choose_views(args: argparse.Namespace, dataset: Dataset, short_side: int,
     docstring); `views(args)` builds the script's recipe. A flag given on the command line is
     kept and nothing is measured; a resumed run (`saved`: its checkpoint's args) keeps the
     values it started with. Returns the chosen candidate (None when nothing was measured)."""
+    if saved:  # whoever chose them (this check, or the recipe trial on any source size)
+        kept = [f for f in FLAGS if saved.get(f) is not None and not given(args, f)]
+        for f in kept:
+            setattr(args, f, saved[f])
+        if kept:
+            log(f"=> --recipe {args.recipe}: the resumed run keeps the views it started with: "
+                + " ".join(f"--{f.replace('_', '-')} {saved[f]:g}" for f in kept))
+        return None
     if short_side < SOURCE_SCALE_RATIO * args.crop_size or len(dataset) < 2:
         return None
     if any(given(args, f) for f in FLAGS):
-        return None
-    if saved:
-        for f in FLAGS:
-            if f in saved:
-                setattr(args, f, saved[f])
         return None
     measured, figures = [], []
     for cand in candidates(args, short_side):
