@@ -44,10 +44,10 @@ from curate.select import METHODS as SELECT_METHODS
 
 FINDINGS = ("duplicates", "outliers", "labels")
 # near copies (docs/curate.md: bench/curate.py): --dup-rule pixels, a pair's pixel correlation distance
-# at most COPY_RATIO x its images' smaller distance to their 5th nearest thumbnail; --dup-rule relative,
+# at most COPY_RATIO x its images' smaller distance to their SCALE_K-th (4th) nearest thumbnail; --dup-rule relative,
 # the embedding's cosine distance at most DUP_RATIO x the --dup-k-th neighbour's; DUP_THRESHOLD: the
 # absolute cosine of --dup-rule cosine
-COPY_RATIO = 0.3
+COPY_RATIO = 0.25
 DUP_RATIO = 0.25
 DUP_THRESHOLD = 0.95
 

@@ -146,6 +146,11 @@ def read_rows(path: str) -> List[Dict[str, str]]:
         return list(csv.DictReader(line for line in f if not line.startswith("#")))
 
 
+def unplanted(path: str) -> bool:
+    """A file of the real set as it was (not a copy, a leak or a noise image written by write_planted)."""
+    return os.path.basename(path)[:1].isdigit() or os.path.basename(path)[:2] == "v0"
+
+
 def is_leak(p: frozenset) -> bool:
     return len({"/val/" in f for f in p}) == 2
 
@@ -164,6 +169,9 @@ def score_ours(out: str, truth: Dict[str, Set], source: Dict[str, int], ratios: 
     for ratio in ratios:
         res[f"near@{ratio}"] = pairs_pr(found("near", False, ratio), truth["near"], source)
         res[f"leak@{ratio}"] = pairs_pr(found("near", True, ratio), truth["leak"], source)
+    # the false pairs of two files nothing was planted in: the set's own near-identical images
+    res["unplanted pairs"] = sum(1 for p in found("near", False, main_curate.COPY_RATIO) | found(
+        "near", True, main_curate.COPY_RATIO) if all(unplanted(f) for f in p) and len({source[f] for f in p}) == 2)
     ranked = [r["path"] for r in read_rows(os.path.join(out, "outliers.csv"))]
     top1 = set(ranked[:max(1, len(ranked) // 100)])
     res["noise"] = pr(set(ranked[:len(truth["noise"])]), truth["noise"])
@@ -263,7 +271,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def fmt(v) -> str:
     if v is None:
         return "—"
-    if isinstance(v, float):
+    if isinstance(v, (int, float)):
         return f"{v:.0f}"
     return f"{v[0]:.0f} / {v[1]:.0f}"
 
@@ -303,9 +311,10 @@ def main(argv=None) -> None:
         out = os.path.join(args.root, args.data, "run_" + (os.path.basename(os.path.dirname(last)) or last))
         peers["cleanlab find_label_issues, our probabilities"] = {"flipped": cleanlab_row(root, out, truth)}
     head = ["method", "exact P/R", "near P/R", "re-encoded leak P/R", "byte leak P/R", "noise top-K P/R",
-            "noise in top 1 %", "flipped P/R", "s"]
+            "noise in top 1 %", "flipped P/R", "near pairs of two unplanted images", "s"]
     rows = [[name, fmt(r.get("exact")), fmt(r.get("near")), fmt(r.get("leak")), fmt(r.get("byte leak")),
-             fmt(r.get("noise")), fmt(r.get("noise in top 1 %")), fmt(r.get("flipped")), fmt(r.get("seconds"))]
+             fmt(r.get("noise")), fmt(r.get("noise in top 1 %")), fmt(r.get("flipped")), fmt(r.get("unplanted pairs")),
+             fmt(r.get("seconds"))]
             for name, r in {**results, **peers}.items()]
     sweep = format_table(["embedding"] + [f"near / leak P/R @ {t}" for t in args.ratios],
                          [[n] + [f"{fmt(r[f'near@{t}'])}; {fmt(r[f'leak@{t}'])}" for t in args.ratios]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 BLUR = 1.0  # px (of the thumbnail) of the Gaussian blur before comparing
 SHIFT = 2  # source px a copy may be moved by; converted to thumbnail px per data set
-SCALE_K = 5  # the neighbour whose distance sets an image's scale: past a few look-alike copies
+SCALE_K = 4  # the neighbour whose distance sets an image's scale: past a few look-alike copies
 
 
 def shift_px(thumb_side: int, source_side: int) -> int:
@@ -84,31 +84,73 @@ def pixel_neighbours(thumbs: torch.Tensor, k: int, shift: int, device: torch.dev
     return top_s.cpu(), top_i.cpu()
 
 
+SUBPIXEL = 0.25  # px (of the thumbnail) between the fractional offsets tried around the best whole-pixel one
+SUBPIXEL_STEPS = 2  # of them either way: half a pixel, where the best whole pixel leaves the true offset
+
+
 @torch.no_grad()
-def pair_correlations(thumbs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shift: int, chunk: int = 8192
+def pair_correlations(thumbs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shift: int, chunk: int = 4096
                       ) -> torch.Tensor:
-    """The best correlation over shifts, either image moved, of every pair (a[i], b[i])."""
+    """The best correlation of every pair (a[i], b[i]) over offsets of one image against the
+    other's centre, each way round: the whole-pixel offsets up to `shift`, then fractions of a
+    pixel (SUBPIXEL steps, up to half a pixel either way) around the best of them, the moved image
+    resampled bilinearly. A copy resized and moved by a fraction of a pixel is off the
+    whole-pixel grid by up to half a pixel, which at 28 px costs it more correlation than
+    separates it from a look-alike image; and a copy shifted with its edges repeated matches
+    its original better one way round than the other (docs/curate.md has both measurements)."""
     out = torch.empty(len(a))
     for s in range(0, len(a), chunk):
         va, vb = _blurred(thumbs[a[s:s + chunk]]), _blurred(thumbs[b[s:s + chunk]])
         wa, wb = _windows(va, shift), _windows(vb, shift)
-        centre = len(wa) // 2
-        best = torch.stack([(w * wb[centre]).sum(1) for w in wa] + [(w * wa[centre]).sum(1) for w in wb]).amax(0)
-        out[s:s + chunk] = best
+        out[s:s + chunk] = torch.maximum(_aligned(va, vb, wa, wb, shift), _aligned(vb, va, wb, wa, shift))
     return out
+
+
+def _aligned(va: torch.Tensor, vb: torch.Tensor, wa: List[torch.Tensor], wb: List[torch.Tensor], shift: int
+             ) -> torch.Tensor:
+    """The best correlation of each va's centre crop with vb moved (wa, wb: their _windows):
+    whole pixels (either crop moved), then SUBPIXEL fractions around the best, vb resampled."""
+    side, n = va.shape[-1], len(va)
+    inner = side - 2 * shift
+    offsets = torch.tensor([[float(dy), float(dx)] for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)])
+    steps = torch.arange(-SUBPIXEL_STEPS, SUBPIXEL_STEPS + 1, dtype=torch.float32) * SUBPIXEL
+    base = torch.arange(shift, side - shift, dtype=torch.float32)
+    centre = len(wa) // 2
+    # vb's window at +o against va's centre, or va's window at +o against vb's centre (vb moved by -o)
+    scores = torch.stack([(wa[centre] * w).sum(1) for w in wb] + [(w * wb[centre]).sum(1) for w in wa])
+    best, k = scores.max(0)
+    at = torch.where((k < len(wb)).unsqueeze(1), offsets[k % len(wb)], -offsets[k % len(wb)])
+    for fy in steps:
+        for fx in steps:
+            if fy == 0 and fx == 0:
+                continue
+            ys, xs = base.view(1, -1) + at[:, :1] + fy, base.view(1, -1) + at[:, 1:] + fx  # n x inner
+            grid = torch.stack([xs.unsqueeze(1).expand(n, inner, inner), ys.unsqueeze(2).expand(n, inner, inner)],
+                               -1) * (2.0 / (side - 1)) - 1.0
+            moved = F.grid_sample(vb.unsqueeze(1), grid, mode="bilinear", padding_mode="border",
+                                  align_corners=True).squeeze(1)
+            best = torch.maximum(best, (wa[centre] * _unit(moved)).sum(1))
+    return best
 
 
 def confirm_copies(thumbs: torch.Tensor, candidates: Sequence[Tuple[int, int]], neighbours: Tuple[torch.Tensor,
                    torch.Tensor], shift: int, ratio: float) -> Dict[Tuple[int, int], Tuple[float, float]]:
     """{(a, b): (correlation, relative distance)} of the candidate pairs confirmed as copies:
     1 - correlation at most `ratio` x the smaller SCALE_K-th-neighbour distance of a and b
-    (`neighbours`: pixel_neighbours of every row)."""
+    (`neighbours`: pixel_neighbours of every row, whose whole-pixel correlations are measured
+    again as pair_correlations measures the candidates, so a pair and its scale are alike)."""
     if not candidates:
         return {}
-    pairs = torch.tensor(sorted(set(candidates)))
+    rows = torch.arange(len(thumbs)).repeat_interleave(neighbours[1].shape[1])
+    pairs = torch.tensor(sorted(set(candidates) | {(min(int(r), int(j)), max(int(r), int(j)))
+                                                   for r, j in zip(rows, neighbours[1].flatten())}))
     corr = pair_correlations(thumbs, pairs[:, 0], pairs[:, 1], shift)
-    sims = neighbours[0]
+    measured = {(int(x), int(y)): float(c) for (x, y), c in zip(pairs.tolist(), corr.tolist())}
+    sims = torch.tensor([[measured[(min(r, j), max(r, j))] for j in row] for r, row in
+                         enumerate(neighbours[1].tolist())]).sort(1, descending=True).values
     scale = (1.0 - sims[:, min(SCALE_K, sims.shape[1]) - 1]).clamp_min(1e-6)
-    rel = (1.0 - corr).clamp_min(0.0) / torch.minimum(scale[pairs[:, 0]], scale[pairs[:, 1]])
+    cand = torch.tensor(sorted(set(candidates)))
+    c = torch.tensor([measured[(int(x), int(y))] for x, y in cand.tolist()])
+    rel = (1.0 - c).clamp_min(0.0) / torch.minimum(scale[cand[:, 0]], scale[cand[:, 1]])
     keep = (rel <= ratio).nonzero().squeeze(1).tolist()
-    return {(int(pairs[i, 0]), int(pairs[i, 1])): (float(corr[i]), float(rel[i])) for i in keep}
+    return {(int(cand[i, 0]), int(cand[i, 1])): (float(c[i]), float(rel[i])) for i in keep}

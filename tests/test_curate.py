@@ -513,6 +513,23 @@ def test_pixel_search_is_chunk_free_and_finds_a_shifted_darker_copy():
     assert bool((pair >= sims[:, 0] - 1e-5).all())
 
 
+def test_a_copy_moved_by_a_fraction_of_a_pixel_is_aligned_to_it(monkeypatch):
+    """A copy moved by 1.5 and 0.5 thumbnail px (3 and 1 px before a 2x reduction) is off the
+    whole-pixel grid: aligned to a quarter pixel its correlation distance to the original is a
+    fraction of the whole-pixel one, and a pair scores the same either way round."""
+    import curate.copies as copies
+    g = torch.Generator().manual_seed(0)
+    big = F.interpolate(torch.rand(50, 1, 10, 10, generator=g), size=64, mode="bicubic", align_corners=False)
+    moved = F.avg_pool2d(torch.roll(big, shifts=(3, 1), dims=(2, 3)), 2)[:, 0]
+    thumbs = (torch.cat([F.avg_pool2d(big, 2)[:, 0], moved]).clamp(0, 1) * 255).round().byte()
+    a, b = torch.arange(50), torch.arange(50, 100)
+    aligned = copies.pair_correlations(thumbs, a, b, 2)
+    assert torch.equal(aligned, copies.pair_correlations(thumbs, b, a, 2))
+    monkeypatch.setattr(copies, "SUBPIXEL_STEPS", 0)
+    whole = copies.pair_correlations(thumbs, a, b, 2)
+    assert bool((1 - aligned <= (1 - whole) / 5).all())  # measured: 0.0009 against 0.043 (medians)
+
+
 def test_pixel_statistics_name_a_noise_a_blank_and_a_colour_image():
     """Among smooth gray images, uniform noise is ranked by entropy or high frequency, a blank
     image by contrast or entropy and a colour image by saturation, above a far embedding outlier's own
