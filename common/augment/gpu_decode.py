@@ -215,15 +215,16 @@ def _decode(payloads: Sequence[torch.Tensor], device: torch.device, strict: bool
     return [img if img is not None else good[i % len(good)] for i, img in enumerate(out)]
 
 
-def resized_crops(images: Sequence[torch.Tensor], geometry: torch.Tensor, size: int) -> torch.Tensor:
+def resized_crops(images: Sequence[torch.Tensor], geometry: torch.Tensor, size: int,
+                  mode: str = "bilinear") -> torch.Tensor:
     """uint8 (3, H_i, W_i) images and their (N, FLIP + 1) geometry -> uint8 (N, 3, size, size)
-    crops: each box resized with bilinear antialiasing (torchvision's tensor resized_crop),
-    then flipped where FLIP says so."""
+    crops: each box resized with antialiasing, `mode` the recipe's interpolation (bilinear:
+    torchvision's tensor resized_crop), then flipped where FLIP says so."""
     device = images[0].device
     out = torch.empty(len(images), 3, size, size, device=device)
     for i, (img, (top, left, height, width, _)) in enumerate(zip(images, geometry.tolist())):
         region = img[:, top:top + height, left:left + width].unsqueeze(0).float()
-        out[i] = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        out[i] = F.interpolate(region, size=(size, size), mode=mode, antialias=True, align_corners=False)[0]
     flip = geometry[:, FLIP].nonzero().squeeze(1)
     if flip.numel():
         flip = flip.to(device)
@@ -242,7 +243,7 @@ class DecodeToDevice:
         pair = not isinstance(recipe, Recipe)
         self.specs = [spec for _, spec in per_view(recipe, 2)] if pair else None  # None: one spec for all views
         first = recipe[0] if pair else recipe
-        self.spec, self.size, self.device = first.spec(), first.crop_size, device
+        self.spec, self.size, self.device, self.mode = first.spec(), first.crop_size, device, first.interpolation
         self.channels_last, self.strict = channels_last, strict
 
     def __call__(self, batch: Sequence) -> Tuple[torch.Tensor, ...]:
@@ -253,7 +254,7 @@ class DecodeToDevice:
         for start in range(0, len(samples), DECODE_CHUNK):
             images = _decode(samples[start:start + DECODE_CHUNK], self.device, self.strict)
             for v in range(num_views):
-                crops[v].append(resized_crops(images, geometry[start:start + DECODE_CHUNK, v], self.size))
+                crops[v].append(resized_crops(images, geometry[start:start + DECODE_CHUNK, v], self.size, self.mode))
         out = []
         for v in range(num_views):
             x = photometric(torch.cat(crops[v]), params[:, v], self.specs[v] if self.specs else self.spec)

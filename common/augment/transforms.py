@@ -93,6 +93,9 @@ class PILGaussianBlur:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
 
+INTERPOLATION = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One view's augmentation as an ordered list of ops ("crop", "flip", "jitter", "gray",
@@ -115,10 +118,12 @@ class Recipe:
     noise_p: float = 0.0  # "noise": Gaussian noise of sigma ~ U(noise_sigma), in normalised units
     noise_sigma: Tuple[float, float] = (0.0, 0.1)
     channels: Channels = RGB  # what the images are (for_channels) and how they are normalised
+    interpolation: str = "bilinear"  # of the crop's resize: "bicubic" as DINO's repo resizes
 
     def _op(self, name: str) -> Callable:
         if name == "crop":
-            return transforms.RandomResizedCrop(self.crop_size, scale=(self.crop_min, self.crop_max))
+            return transforms.RandomResizedCrop(self.crop_size, scale=(self.crop_min, self.crop_max),
+                                                interpolation=INTERPOLATION[self.interpolation])
         if name == "flip":
             return transforms.RandomHorizontalFlip()
         if name == "jitter":
@@ -174,7 +179,8 @@ class Recipe:
     def describe(self) -> str:
         """The recipe in one line for the log, e.g. `crop 0.08-1, jitter (0.4, 0.4, 0.2, 0.1) p 0.8,
         gray p 0.2, blur p 1, flip`."""
-        words = {"crop": f"crop {self.crop_size} px of {self.crop_min:g}-{self.crop_max:g}", "flip": "flip",
+        words = {"crop": f"crop {self.crop_size} px of {self.crop_min:g}-{self.crop_max:g}"
+                         + (f" ({self.interpolation})" if self.interpolation != "bilinear" else ""), "flip": "flip",
                  "jitter": f"jitter ({', '.join(f'{v:g}' for v in self.jitter)}) p {self.jitter_p:g}",
                  "gray": f"gray p {self.gray_p:g}", "blur": f"blur p {self.blur_p:g}",
                  "solarize": f"solarize p {self.solarize_p:g}",
