@@ -110,8 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "--dup-ratio x the smaller of the two images' distances to their --dup-k-th neighbour) or "
                         "cosine (at least --dup-threshold)")
     g.add_argument("--copy-ratio", default=COPY_RATIO, type=float,
-                   help="--dup-rule pixels: a pair's correlation distance over its images' smaller distance to "
-                        "their 5th nearest thumbnail")
+                   help="--dup-rule pixels: a pair's correlation distance (aligned to a quarter pixel) over its "
+                        "images' smaller distance to their 4th nearest thumbnail")
     g.add_argument("--dup-ratio", default=DUP_RATIO, type=float,
                    help="--dup-rule relative: a pair's distance over its images' --dup-k-th-neighbour distance")
     g.add_argument("--dup-threshold", default=DUP_THRESHOLD, type=float,

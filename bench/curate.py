@@ -151,6 +151,25 @@ def unplanted(path: str) -> bool:
     return os.path.basename(path)[:1].isdigit() or os.path.basename(path)[:2] == "v0"
 
 
+def unplanted_pairs(out: str, source: Dict[str, int]) -> List[Tuple[str, str]]:
+    """The near pairs at the default --copy-ratio whose two files are both of the real set as it
+    was, from two of its images: by the planting false, by eye mostly one photograph twice."""
+    return [(r["path_a"], r["path_b"]) for r in read_rows(os.path.join(out, "duplicates.csv"))
+            if r["kind"] == "near" and float(r["relative"]) <= main_curate.COPY_RATIO
+            and unplanted(r["path_a"]) and unplanted(r["path_b"]) and source[r["path_a"]] != source[r["path_b"]]]
+
+
+def pairs_png(pairs: List[Tuple[str, str]], path: str, side: int = 84, per_row: int = 4) -> None:
+    """A grid of image pairs side by side (nearest-neighbour enlarged to `side` px), for the docs."""
+    rows = (len(pairs) + per_row - 1) // per_row
+    sheet = Image.new("L", (per_row * (2 * side + 12), max(rows, 1) * (side + 8)), 255)
+    for k, (a, b) in enumerate(pairs):
+        x, y = (k % per_row) * (2 * side + 12), (k // per_row) * (side + 8)
+        for j, f in enumerate((a, b)):
+            sheet.paste(Image.open(f).convert("L").resize((side, side), Image.NEAREST), (x + 2 + j * (side + 2), y + 4))
+    sheet.save(path)
+
+
 def is_leak(p: frozenset) -> bool:
     return len({"/val/" in f for f in p}) == 2
 
@@ -170,8 +189,7 @@ def score_ours(out: str, truth: Dict[str, Set], source: Dict[str, int], ratios: 
         res[f"near@{ratio}"] = pairs_pr(found("near", False, ratio), truth["near"], source)
         res[f"leak@{ratio}"] = pairs_pr(found("near", True, ratio), truth["leak"], source)
     # the false pairs of two files nothing was planted in: the set's own near-identical images
-    res["unplanted pairs"] = sum(1 for p in found("near", False, main_curate.COPY_RATIO) | found(
-        "near", True, main_curate.COPY_RATIO) if all(unplanted(f) for f in p) and len({source[f] for f in p}) == 2)
+    res["unplanted pairs"] = len(unplanted_pairs(out, source))
     ranked = [r["path"] for r in read_rows(os.path.join(out, "outliers.csv"))]
     top1 = set(ranked[:max(1, len(ranked) // 100)])
     res["noise"] = pr(set(ranked[:len(truth["noise"])]), truth["noise"])
@@ -265,6 +283,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="no imagededup and cleanvision rows (cleanlab's stays)")
     p.add_argument("--write-only", action="store_true", help="write the planted folder and stop")
     p.add_argument("--json", default="", help="default: bench/results/curate_<data>.json")
+    p.add_argument("--unplanted-png", default="", metavar="PATH",
+                   help="also draw the first random-init run's near pairs of two unplanted images (at most 24)")
     return p
 
 
@@ -287,6 +307,7 @@ def main(argv=None) -> None:
         return
     files = sorted(source)
     results: Dict[str, Dict] = {}
+    ran: List[str] = []  # the output folders of the runs that finished
     for name in args.pretrained:
         out = os.path.join(args.root, args.data, "run_" + (os.path.basename(os.path.dirname(name)) or name))
         argv = [root, "--pretrained", name, "--crop-size", str(args.crop_size), "-j", "0", "--output-dir", out,
@@ -303,13 +324,15 @@ def main(argv=None) -> None:
         label = "ours, random init" if name == "none" else \
             f"ours, checkpoint {os.path.basename(os.path.dirname(os.path.abspath(name)))}"
         results[label] = score_ours(out, truth, source, args.ratios)
+        ran.append(out)
+        if args.unplanted_png and name == "none":
+            pairs_png(unplanted_pairs(out, source)[:24], args.unplanted_png)
         results[label]["seconds"] = time.time() - t
         print(f"=> {label}: " + ", ".join(f"{k} {fmt(v)}" for k, v in results[label].items()), flush=True)
     peers = {} if args.no_peers else score_peers(files, truth, source)
     if available("cleanlab") and results and "flipped" in list(results.values())[-1]:  # cheap: kept with --no-peers
-        last = args.pretrained[-1]  # the checkpoint's probabilities when one is given
-        out = os.path.join(args.root, args.data, "run_" + (os.path.basename(os.path.dirname(last)) or last))
-        peers["cleanlab find_label_issues, our probabilities"] = {"flipped": cleanlab_row(root, out, truth)}
+        # the last run that finished: the checkpoint's probabilities when one is given
+        peers["cleanlab find_label_issues, our probabilities"] = {"flipped": cleanlab_row(root, ran[-1], truth)}
     head = ["method", "exact P/R", "near P/R", "re-encoded leak P/R", "byte leak P/R", "noise top-K P/R",
             "noise in top 1 %", "flipped P/R", "near pairs of two unplanted images", "s"]
     rows = [[name, fmt(r.get("exact")), fmt(r.get("near")), fmt(r.get("leak")), fmt(r.get("byte leak")),

@@ -91,7 +91,7 @@ def duplicates(items: Items, neighbours: Neighbours, pixels: Optional[Pixels], c
         near = confirm_copies(thumbs, candidates, copies, shift, args.copy_ratio)
         pairs = join_pairs(hashes, items.splits, near, "pixels")
         rule = (f"pixel correlation distance <= {args.copy_ratio} x the {SCALE_K}th nearest thumbnail's "
-                f"({thumbs.shape[-1]} px grayscale, best over +-{shift} px shifts)")
+                f"({thumbs.shape[-1]} px grayscale, aligned to a quarter pixel within +-{shift} px)")
         log(f"=> copies: {len(set(candidates))} candidate pairs from the {args.dup_k} nearest embeddings and "
             f"thumbnails, {len(near)} confirmed on the pixels ({time.time() - start:.0f} s)")
     else:
