@@ -18,12 +18,14 @@ beside this repo's state_dict; evaluation takes the teacher, as DINO's own (docs
 """
 import argparse
 import functools
+from typing import Dict
 
 import torch
 
 from common.ckpt.checkpoints import Checkpoints
 from common.ckpt.init_weights import init_backbone
-from common.cli import ArgumentParser, add_pretrain_args, add_training_args, add_view_args, given, switch
+from common.cli import (ArgumentParser, add_pretrain_args, add_recipe_args, add_training_args, add_view_args, given,
+                        switch)
 from common.data.datasets import SMALL_CROP_MAX
 from common.distributed.launch import script_main, start_worker
 from common.distributed.placement import place_model
@@ -34,6 +36,7 @@ from common.nets.precision import Precision
 from common.train.data import multi_view_data
 from common.train.optim import LARS, scaled_lr, split_decay_groups
 from common.train.pretrain_args import finalize_pretrain_args, finalize_view_args
+from common.train.recipes import SMALL_DATA_BATCH, SMALL_DATA_BUDGET, DataProfile, chosen, epochs_for_budget
 from common.train.run import PretrainRun
 from common.train.schedule import cosine_momentum
 from common.train.step import train_one_epoch
@@ -97,7 +100,27 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="local crop side in px (default: 3/7 of --crop-size on a multiple of 8: 96 for 224)")
     add_view_args(parser)
     add_pretrain_args(parser)
+    add_recipe_args(parser, "DINO for 1k-20k images (epochs for 100,000 images seen, batch 64, warmup a tenth of "
+                            "the epochs, --out-dim 4096, 2 local crops, teacher momentum 0.99; at <= "
+                            f"{SMALL_CROP_MAX} px global crops of 0.3-1 and local ones of 0.05-0.3): "
+                            "bench/quality.py's small-data DINO, one seed, untuned", trial=False)
     return parser
+
+
+def small_data_recipe(data: DataProfile, crop_size: int, args: argparse.Namespace) -> Dict[str, object]:
+    """`--recipe small`: bench/quality.py's small-data DINO (docs/dino.md). DINO's optimizer
+    values per family stay (fill_recipe_defaults: SGD lr 0.03 x B/256 for ResNets). A smaller
+    head (4,096 prototypes, not 65,536) and 2 local crops keep a CPU step cheap; teacher
+    momentum 0.99 (MoCo's small-data key momentum): at 0.996 a run of a few hundred steps
+    leaves the evaluated teacher ~40 % random init. Small crops share the global crops'
+    smallest area with the local crops' largest, as both of DINO's recipes do."""
+    epochs = chosen(args, "epochs", epochs_for_budget(data.images, SMALL_DATA_BUDGET["dino"]))
+    values: Dict[str, object] = dict(epochs=epochs, warmup_epochs=min(10.0, epochs / 10),
+                                     batch_size=SMALL_DATA_BATCH, out_dim=4096, local_crops_number=2,
+                                     momentum_teacher=0.99)
+    if crop_size <= SMALL_CROP_MAX:
+        values.update(global_crops_scale=[0.3, 1.0], local_crops_scale=[0.05, 0.3])
+    return values
 
 
 def fill_recipe_defaults(args: argparse.Namespace) -> None:
@@ -119,7 +142,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
     fill_recipe_defaults(args)
     finalize_pretrain_args(args, "dino", model_flags=("--out-dim", "--use-bn-in-head", "--norm-last-layer",
-                                                       "--local-crops-number", "--optimizer"))
+                                                       "--local-crops-number", "--optimizer"),
+                           recipe=small_data_recipe)
     finalize_view_args(args)
     args.local_crop_size = args.local_crop_size or local_crop_size(args.crop_size)
     for flag in ("crop_min", "crop_max"):

@@ -286,14 +286,15 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str, ep
     SimCLR, where LARS' trust ratio with lr 0.3 x B/256 barely moves the weights), with this
     benchmark's batch, epochs, crop-min, MoCo T and queue given explicitly (kept by the
     recipe); SimCLR at batches of 1024 and more keeps its LARS defaults. BYOL and SimSiam:
-    main_byol.py's `--recipe small`, the same way; DINO (no recipe): see its branch."""
+    main_byol.py's `--recipe small`, the same way; DINO: its branch spells out what main_dino.py's
+    `--recipe small` was made from, with this benchmark's crop-min."""
     # --save-freq past the end: only the last epoch's file (one per epoch fills a disk on long runs)
     argv = common_flags(args, root) + ["-b", str(args.batch_size), "--epochs", str(epochs),
                                        "--output-dir", out, "-p", "20", "--save-freq", "1000000"]
     argv += ["--init", args.init] if args.init else []
     # (evaluate() sets args.moco_k per pool on a copy of args)
     if args.dataset in FOLDERS:  # the README's command: the recipe chooses, nothing else given
-        if method in ("inpaint", "moco_v3", "dino"):
+        if method in ("inpaint", "moco_v3"):
             raise UserError(f"--dataset {args.dataset} benchmarks the --recipe small runs, which {method} has not; "
                             f"drop {method} from --methods")
         argv = common_flags(args, root) + ["--epochs", str(epochs), "--output-dir", out, "-p", "20",
@@ -302,7 +303,8 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str, ep
     if method == "inpaint":  # the tutorial's Adam lr 1e-3 and BCE; 4 patches of 8 px on 32 px images (a quarter)
         return argv + ["--lr", "1e-3", "--patches", "4", "--patch-size", "8"]
     if method == "dino":
-        # no --recipe small: the README's ResNet row (--out-dim 4096, 2 local crops; DINO's SGD lr 0.03 x B/256),
+        # main_dino.py's --recipe small came from this: the README's ResNet row (--out-dim 4096, 2 local crops;
+        # DINO's SGD lr 0.03 x B/256),
         # and what the recipe gives the other methods here: grayscale views, the warmup a tenth of the epochs,
         # the global crops' smallest area --crop-min (DINO refuses the flag itself; its local crops end where the
         # global ones start, as in both of DINO's recipes); teacher momentum 0.99 (MoCo's small-data key

@@ -488,3 +488,22 @@ def test_every_dino_crop_is_resized_bicubically_as_dinos_repo():
         dev = gpu_decode.resized_crops([torch.from_numpy(np.array(img)).permute(2, 0, 1)], geometry, size, "bicubic")
         # torch's antialiased bicubic against PIL's: rounding differs (measured 0.21 levels on average)
         assert float((dev[0].permute(1, 2, 0).float() - torch.from_numpy(out).float()).abs().mean()) < 1.0
+
+
+def test_recipe_small_sets_the_benchmarks_small_data_dino_and_a_resumed_run_keeps_it(tmp_path, capsys):
+    """--recipe small: epochs for 100,000 images seen, batch 64, a 4,096-prototype head, 2 local
+    crops, teacher momentum 0.99 and at small crops global 0.3-1 / local 0.05-0.3 (bench/quality.py's
+    DINO), DINO's SGD values for a ResNet; flags typed are kept; a resume keeps its values."""
+    def finalize(*extra):
+        return main_dino.finalize_args(main_dino.get_args_parser().parse_args(
+            ["--dataset", "synthetic", "--synthetic-size", "500", "-a", "resnet18", "--recipe", "small",
+             "--output-dir", str(tmp_path), *extra]))
+    args = finalize("--local-crops-number", "4")
+    assert (args.epochs, args.batch_size, args.out_dim, args.momentum_teacher) == (200, 64, 4096, 0.99)
+    assert args.local_crops_number == 4 and args.crop_size == 32 and args.local_crop_size == 16
+    assert args.global_crops_scale == [0.3, 1.0] and args.local_crops_scale == [0.05, 0.3]
+    assert (args.optimizer, args.lr, args.weight_decay) == ("sgd", 0.03, 1e-4)
+    assert "--global-crops-scale 0.3 1 --local-crops-scale 0.05 0.3" in capsys.readouterr().out
+    torch.save({"method": "dino", "epoch": 1, "state_dict": {}, "args": {**vars(args), "epochs": 7}},
+               tmp_path / "checkpoint_last.pth.tar")
+    assert finalize("--resume", "auto", "--local-crops-number", "4").epochs == 7

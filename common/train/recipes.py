@@ -17,7 +17,8 @@ from common.log.progress import log
 # beat random init in bench/quality.py's small-data table; MoCo learns more slowly per image than
 # SimCLR there (docs/small-data.md: why these values)
 # (BYOL/SimSiam, distillation: SimCLR's budget, not measured for them; docs/byol.md, docs/distill.md)
-SMALL_DATA_BUDGET = {"moco": 200000, "simclr": 100000, "inpaint": 100000, "byol": 100000, "distill": 100000}
+SMALL_DATA_BUDGET = {"moco": 200000, "simclr": 100000, "inpaint": 100000, "byol": 100000, "distill": 100000,
+                     "dino": 100000}
 SMALL_DATA_BATCH = 64  # both contrastive recipes' batch
 
 
@@ -34,6 +35,8 @@ def shown(dest: str, value: object) -> str:
     """A value as the command line gives it: --x, --no-x, --x VALUE."""
     if isinstance(value, bool):
         return flag(dest) if value else "--no-" + flag(dest)[2:]
+    if isinstance(value, (list, tuple)):  # nargs flags: --global-crops-scale 0.3 1
+        return f"{flag(dest)} {' '.join(f'{v:g}' for v in value)}"
     return f"{flag(dest)} {value}"
 
 
