@@ -56,7 +56,8 @@ def test_the_best_candidate_continues_and_the_table_is_stored(labelled, tmp_path
     assert out.color_strength == 0.25 and out.resume == os.path.join(ran[1].output_dir, "checkpoint_last.pth.tar")
     assert out.output_dir == str(tmp_path / "run") and out.epochs == 40 and out.stop_at_epoch == 0
     doc = json.load(open(tmp_path / "run" / "trial.json"))
-    assert doc["chosen"] == "--color-strength 0.25" and doc["images_each"] == 60 and len(doc["rows"]) == 3
+    # 5 epochs of the 10 images left after the payoff's holdout of 2 (of 12 labelled)
+    assert doc["chosen"] == "--color-strength 0.25" and doc["images_each"] == 50 and len(doc["rows"]) == 3
     assert os.path.isfile(tmp_path / "run" / "payoff.json") and os.path.isfile(tmp_path / "run" / "metrics.jsonl")
     assert "val" not in read
 
@@ -98,7 +99,7 @@ def test_the_trial_runs_real_candidates_and_continues_the_best_exactly(tmp_path,
                                                      "3", "--output-dir", str(out)])
     doc = json.load(open(out / "trial.json"))
     best = max(range(2), key=lambda i: doc["rows"][i]["top1"])
-    assert doc["chosen"] == trial.describe(cands[best]) and doc["images_each"] == 512
+    assert doc["chosen"] == trial.describe(cands[best]) and doc["images_each"] == 2 * 208  # 48 of 256 held out
     assert f"=> resumed from {out}/trial/{best}/checkpoint_last.pth.tar at epoch 2" in ran.stdout
     epochs = [json.loads(line)["epoch"] for line in open(out / "metrics.jsonl")]
     assert epochs == [0, 1, 2]  # the trial's epochs, then the same schedule's next, to --stop-at-epoch

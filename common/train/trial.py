@@ -25,6 +25,7 @@ from common.distributed.world import detect_launcher
 from common.errors import UserError
 from common.eval.payoff import PAYOFF_FILE, WHAT_TO_TRY, labels_to_measure
 from common.log.progress import log
+from common.train.data import pretraining_images
 from common.train.recipes import profile_data
 from common.train.source_views import FLAGS, SOURCE_SCALE_RATIO, shorter_budget, source_scale_area
 
@@ -101,7 +102,10 @@ def recipe_trial(worker: Callable, args: argparse.Namespace) -> argparse.Namespa
     if 0 < args.stop_at_epoch <= stop:
         raise UserError(f"--stop-at-epoch {args.stop_at_epoch} ends inside the recipe trial's first {stop} epoch(s); "
                         f"pass a larger --stop-at-epoch, or --no-trial")
-    log(f"=> --recipe {args.recipe}: trial of {len(cands)} candidate recipes, {stop} epoch(s) ({stop * images:,} "
+    # (the epochs are counted on the whole split, as measured in docs/payoff.md; an epoch shows the
+    # images left after the payoff's holdout)
+    seen = stop * len(pretraining_images(args, say=False))
+    log(f"=> --recipe {args.recipe}: trial of {len(cands)} candidate recipes, {stop} epoch(s) ({seen:,} "
         f"images) each, scored by the payoff probe on the train labels (never val)")
     rows = []
     for i, cand in enumerate(cands):
@@ -131,8 +135,8 @@ def recipe_trial(worker: Callable, args: argparse.Namespace) -> argparse.Namespa
     table = "\n   ".join(f"{'*' if r is best else ' '} {r['views']:<58} {r['top1']:5.1f} +- {r['fold_std']:4.1f}  "
                          f"{r['gain']:+5.1f} over untrained ({r['untrained_top1']:.1f})  {r['minutes']:.1f} min"
                          for r in rows)
-    log(f"=> trial (probe top-1 on the train labels, {stop * images:,} images seen each):\n   {table}")
-    _write(args.output_dir, {"images_each": stop * images, "epochs_each": stop, "rows": rows,
+    log(f"=> trial (probe top-1 on the train labels, {seen:,} images seen each):\n   {table}")
+    _write(args.output_dir, {"images_each": seen, "epochs_each": stop, "rows": rows,
                              "chosen": best["views"]})
     if not best["paid_off"]:
         log(f"=> WARNING: no candidate pays off on these images yet (the best gains {best['gain']:+.1f} against a "
