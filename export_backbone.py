@@ -113,7 +113,9 @@ def main(argv=None) -> None:
         raise UserError(f"{args.checkpoint!r} holds no model weights; pass a checkpoint from main_moco.py, "
                         f"main_simclr.py, main_lincls.py or facebookresearch/moco")
     info = describe(ckpt, args.checkpoint, args.arch, args.small_images, args.crop_size)
-    model, weights = backbone_and_head(ckpt, info, args.checkpoint, with_head=args.lincls_head)
+    # detectron2's layout holds no classifier (moco's converter keeps one as stem.fc.*, which detectron2 ignores)
+    model, weights = backbone_and_head(ckpt, info, args.checkpoint,
+                                       with_head=args.lincls_head and args.format != "detectron2")
     # the default name of a state_dict carries its hash (torch.hub's check_hash); -o is kept as given
     out = export_model(args.format, model, weights, info, ckpt, args.checkpoint, out,
                        hash_in_name=not args.output)

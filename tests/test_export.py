@@ -186,6 +186,19 @@ def test_detectron2_refuses_other_families_and_the_cifar_stem(checkpoints, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.pth.tar"]
 
 
+def test_a_lincls_checkpoint_exports_to_detectron2_as_its_backbone(tmp_path, capsys):
+    """detectron2's layout keeps no classifier: a lincls checkpoint's head is left out, and the
+    read-back compares the backbone's features (it used to fail on the missing fc.* keys)."""
+    net = build_backbone("resnet18", num_classes=3, small_images=False)
+    torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}, "arch": "resnet18",
+                "method": "lincls", "args": {"small_images": False, "crop_size": 32}}, tmp_path / "cls.pth.tar")
+    code, err = export([str(tmp_path / "cls.pth.tar"), "--format", "detectron2", "-o", str(tmp_path / "d2.pkl")],
+                       capsys)
+    assert code == 0, err
+    info = json.load(open(tmp_path / "d2.pkl.json"))
+    assert "num_classes" not in info and info["feature_dim"] == 512 and info["max_abs_difference"] <= 1e-5
+
+
 @pytest.mark.slow
 def test_torch_export_program_reloads_and_gives_our_features(checkpoints, tmp_path):
     out = tmp_path / "backbone.pt2"
