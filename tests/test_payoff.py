@@ -235,3 +235,18 @@ def test_held_out_parts_are_even_and_hold_every_class():
     for p in range(5):
         assert torch.bincount(y[part == p]).tolist() == [10, 5]
     assert torch.equal(part, payoff.held_parts(y, 5, seed=1)) and not torch.equal(part, payoff.held_parts(y, 5, seed=2))
+
+
+def test_the_warning_says_a_loss_as_a_loss_and_points_full_depth_runs_at_per_image_norm():
+    """Inside the spread: 'inside the spread'; below minus the spread (the low-byte set's run:
+    48.0 against 85.0, gain -37.0, spread 10.2): 'got worse'; a full-depth run normalised by the
+    set's statistics is pointed at --channel-norm image first, one normalised per image is not."""
+    from common.data.channels import RGB, Channels
+    from common.eval.payoff import no_gain_warning
+    inside = no_gain_warning(1.0, 1.6, RGB)
+    assert "the gain is inside the spread; try --init imagenet" in inside and "--channel-norm" not in inside
+    worse = no_gain_warning(-37.0, 10.2, Channels(1, (0.5,), (0.1,)))
+    assert "the features got worse than the ones it started from (-37.0, beyond the spread 10.2)" in worse
+    assert "; try --channel-norm image (when the offset or exposure varies" in worse
+    assert "--channel-norm" not in no_gain_warning(-37.0, 10.2, Channels(1, (0.5,), (0.1,), per_image=True))
+    assert "inside the spread" in no_gain_warning(-5.0, 10.2, RGB)

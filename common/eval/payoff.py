@@ -41,7 +41,7 @@ from common.log.progress import log
 from common.nets.batchnorm import recalibrate_batchnorm
 from common.nets.models import build_backbone, without_head
 from common.nets.precision import Precision
-from common.data.channels import channels_of
+from common.data.channels import Channels, channels_of
 
 PAYOFF_FOLDS = 5
 # labelled train images the probe uses at most (class-stratified, seeded): its cost stays a
@@ -177,6 +177,17 @@ def held_parts(y: torch.Tensor, parts: int, seed: int) -> torch.Tensor:
     part = torch.empty(len(y), dtype=torch.long)
     part[order] = torch.arange(len(y)) % parts
     return part
+
+
+def no_gain_warning(gain: float, spread: float, channels: Channels) -> str:
+    """The WARNING of a run that did not pay off: a loss beyond the spread said as a loss, and
+    what to try (a full-depth run normalised by the set's statistics first: a faint signal under
+    an offset that varies per image stays a sliver of the set's std, docs/channels.md)."""
+    why = (f"the features got worse than the ones it started from ({gain:+.1f}, beyond the spread {spread:.1f})"
+           if gain < -spread else "the gain is inside the spread")
+    hint = ("--channel-norm image (when the offset or exposure varies from image to image), "
+            if channels.full_depth and not channels.per_image else "") + WHAT_TO_TRY
+    return f"=> WARNING: pretraining did not pay off on these images: {why}; try {hint}"
 
 
 class PayoffProbe:
@@ -369,14 +380,7 @@ class Payoff:
                      + ", ".join(f"{f['top1']:.1f} at {s} px" for s, f in finals.items())
                      + f": main_lincls.py and main_knn.py evaluate this checkpoint at {size} px by default")
         if not main["paid_off"]:
-            why = (f"the features got worse than the ones it started from ({main['gain']:+.1f}, beyond the spread "
-                   f"{main['spread']:.1f})" if main["gain"] < -main["spread"] else "the gain is inside the spread")
-            channels = channels_of(self.args)
-            # full depth normalised by the set: a faint signal under an offset that varies per image stays
-            # a sliver of the set's std (docs/channels.md, the low-byte set)
-            hint = ("--channel-norm image (when the offset or exposure varies from image to image), "
-                    if channels.full_depth and not channels.per_image else "") + WHAT_TO_TRY
-            line += f"\n=> WARNING: pretraining did not pay off on these images: {why}; try {hint}"
+            line += "\n" + no_gain_warning(main["gain"], main["spread"], channels_of(self.args))
         log(line)
         self._write({"epoch": epoch, "final": final, "verdicts": verdicts, "against": against, "eval_size": size,
                      "baselines": baselines, "by_size": {str(s): d for s, d in by_size.items()}})
