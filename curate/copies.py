@@ -12,7 +12,8 @@ other (brightness and contrast changes drop out of a correlation).
 
 Candidates come from two signals: each image's nearest thumbnails by that shifted correlation
 (an exhaustive search, chunked: no N x N matrix) and its nearest embeddings. Each candidate
-pair is then confirmed on the thumbnails, against the two images' own neighbourhoods (as the
+pair, and each image's nearest thumbnails, are then aligned to a fraction of a pixel
+(pair_correlations) and the pair confirmed against the two images' own neighbourhoods (as the
 embedding's relative rule in curate/duplicates.py): the pair's correlation distance must be at
 most a ratio of the smaller of the two images' distances to their SCALE_K-th nearest thumbnail.
 docs/curate.md has the measurements behind the constants."""
@@ -141,16 +142,15 @@ def confirm_copies(thumbs: torch.Tensor, candidates: Sequence[Tuple[int, int]], 
     again as pair_correlations measures the candidates, so a pair and its scale are alike)."""
     if not candidates:
         return {}
-    rows = torch.arange(len(thumbs)).repeat_interleave(neighbours[1].shape[1])
-    pairs = torch.tensor(sorted(set(candidates) | {(min(int(r), int(j)), max(int(r), int(j)))
-                                                   for r, j in zip(rows, neighbours[1].flatten())}))
-    corr = pair_correlations(thumbs, pairs[:, 0], pairs[:, 1], shift)
-    measured = {(int(x), int(y)): float(c) for (x, y), c in zip(pairs.tolist(), corr.tolist())}
-    sims = torch.tensor([[measured[(min(r, j), max(r, j))] for j in row] for r, row in
-                         enumerate(neighbours[1].tolist())]).sort(1, descending=True).values
+    nearest = neighbours[1].tolist()
+    wanted = sorted(set(candidates))
+    pairs = sorted(set(wanted) | {(min(r, j), max(r, j)) for r, row in enumerate(nearest) for j in row})
+    index = torch.tensor(pairs)
+    measured = dict(zip(pairs, pair_correlations(thumbs, index[:, 0], index[:, 1], shift).tolist()))
+    sims = torch.tensor([[measured[(min(r, j), max(r, j))] for j in row] for r, row in enumerate(nearest)])
+    sims = sims.sort(1, descending=True).values
     scale = (1.0 - sims[:, min(SCALE_K, sims.shape[1]) - 1]).clamp_min(1e-6)
-    cand = torch.tensor(sorted(set(candidates)))
-    c = torch.tensor([measured[(int(x), int(y))] for x, y in cand.tolist()])
-    rel = (1.0 - c).clamp_min(0.0) / torch.minimum(scale[cand[:, 0]], scale[cand[:, 1]])
-    keep = (rel <= ratio).nonzero().squeeze(1).tolist()
-    return {(int(cand[i, 0]), int(cand[i, 1])): (float(c[i]), float(rel[i])) for i in keep}
+    corr = torch.tensor([measured[p] for p in wanted])
+    rows = torch.tensor(wanted)
+    rel = (1.0 - corr).clamp_min(0.0) / torch.minimum(scale[rows[:, 0]], scale[rows[:, 1]])
+    return {wanted[i]: (float(corr[i]), float(rel[i])) for i in (rel <= ratio).nonzero().squeeze(1).tolist()}
