@@ -35,6 +35,14 @@ run this way, with the README's command, as for the inspection set:
     python bench/quality.py ../shared/data/cahn-hilliard --dataset folder --quick --seeds 0 1 2 \
         --pretrain-budget recipe --methods simclr --no-supervised
 
+`--methods distill --teacher CKPT` distils that teacher into `-a` on the pool (main_distill.py
+`--recipe small`) and adds the teacher's own probes as a row, at its own architecture; every
+backbone's feature-extraction images/s goes under the table (what it costs where it is used):
+
+    python bench/quality.py ../shared/data/fashion-mnist --quick --pools 2000 --seeds 0 1 2 \
+        --pretrain-budget 30000 --methods simclr distill --teacher runs/teacher/checkpoint_last.pth.tar \
+        -a mobilenet_v3_small --no-supervised
+
 Every table also has the hand-made baseline of ../shared/data/README.md: logistic regression on
 four statistics of each image (grayscale mean, std, mean absolute gradient in x and y), which a
 pretrained backbone has to beat to be worth its cost ("statistics" row).
@@ -113,7 +121,7 @@ def budget_arg(text: str) -> Union[int, str]:
 # every method's pretraining script (pretrain_methods) and --recipe small budget's key in SMALL_DATA_BUDGET:
 # SimSiam is main_byol.py --simsiam, whose recipe uses BYOL's budget; DINO has no --recipe small, so BYOL's
 # (SimCLR's 100k, not measured for either); MoCo v3 has none either: MoCo's
-METHODS = ("moco", "moco_v3", "simclr", "inpaint", "byol", "simsiam", "dino")
+METHODS = ("moco", "moco_v3", "simclr", "inpaint", "byol", "simsiam", "dino", "distill")
 BUDGET_OF = {"simsiam": "byol", "dino": "byol", "moco_v3": "moco"}
 
 
@@ -144,6 +152,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also train the network from scratch on the labels (the supervised row)")
     p.add_argument("--quick", action="store_true", help="small budget for 2 CPU cores (see PRESETS)")
     p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=METHODS)
+    p.add_argument("--teacher", default=None, metavar="CKPT",
+                   help="the frozen teacher of the distill method (main_distill.py --teacher), and a 'teacher' row: "
+                        "its own probes at its own architecture and crop (inference images/s of every backbone "
+                        "go to quality.json beside it)")
     p.add_argument("--init", default=None, metavar="imagenet|PATH",
                    help="every pretraining run starts from these weights (the scripts' --init): continued "
                         "pretraining, to compare with the same budget from scratch (without it)")
@@ -195,6 +207,12 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
     args.device = resolve_device(args.device)
     if any(not 0 < f <= 1 for f in args.fractions):
         raise UserError(f"--fractions must be in (0, 1], got {args.fractions}")
+    if "distill" in args.methods and not args.teacher:
+        raise UserError("--methods distill needs the teacher to distil: pass --teacher CKPT (a checkpoint this "
+                        "project reads)")
+    if args.teacher and not os.path.isfile(args.teacher):
+        raise UserError(f"--teacher {args.teacher!r} is not a file; pass the teacher's checkpoint (its probes are "
+                        f"the table's 'teacher' row)")
     args.json = args.json or os.path.join(args.output_dir, "quality.json")
     args.seeds = args.seeds or [args.seed]
     args.pools = args.pools or [args.pretrain_images]
@@ -299,7 +317,8 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str, ep
                             f"drop {method} from --methods")
         argv = common_flags(args, root) + ["--epochs", str(epochs), "--output-dir", out, "-p", "20",
                                            "--save-freq", "1000000", "--recipe", "small"]
-        return argv + (["--simsiam"] if method == "simsiam" else []) + args.pretrain_flags.split()
+        return (argv + (["--simsiam"] if method == "simsiam" else []) + teacher_flags(method, args)
+                + args.pretrain_flags.split())
     if method == "inpaint":  # the tutorial's Adam lr 1e-3 and BCE; 4 patches of 8 px on 32 px images (a quarter)
         return argv + ["--lr", "1e-3", "--patches", "4", "--patch-size", "8"]
     if method == "dino":
@@ -320,11 +339,23 @@ def pretrain_argv(method: str, args: argparse.Namespace, root: str, out: str, ep
     if method == "moco":
         return argv + ["--recipe", "small", "--moco-t", str(args.moco_t), "--moco-k", str(args.moco_k),
                        "--bn-splits", "8" if args.batch_size >= 256 else "2"]
+    if method == "distill":  # main_distill.py's --recipe small (SimCLR's: SGD lr 0.1, batch 64), SEED's loss
+        return argv + ["--recipe", "small"] + teacher_flags(method, args)
     if method in ("byol", "simsiam"):  # main_byol.py's --recipe small (SGD lr 0.05 x B/256, wd 1e-4)
         return argv + ["--recipe", "small"] + (["--simsiam"] if method == "simsiam" else [])
     if args.batch_size < 1024:
         return argv + ["--recipe", "small"]
     return argv + ["--temperature", "0.2", "--warmup-epochs", str(min(10.0, epochs / 10))]
+
+
+def teacher_flags(method: str, args: argparse.Namespace) -> List[str]:
+    """The distill run's teacher."""
+    return ["--teacher", args.teacher] if method == "distill" else []
+
+
+def checkpoint_arch(path: str) -> str:
+    """The architecture a checkpoint of this project was trained with."""
+    return str(torch.load(path, map_location="cpu", weights_only=True)["arch"])
 
 
 def probe_batch(n_labelled: int, batch_size: int) -> int:
@@ -348,16 +379,18 @@ def lincls_argv(args: argparse.Namespace, root: str, out: str, pretrained: str, 
 
 
 def embed(args: argparse.Namespace, data_args: argparse.Namespace, ckpt_path: str, device: torch.device,
-          crop: int = 32):
+          crop: int = 32, arch: str = ""):
     """Raw fp32 backbone features (and labels) of the train and test images, un-augmented
-    (eval transform at `crop` px); ckpt_path 'none' is the random-init backbone (seeded by --seed)."""
-    ckpt = load_pretrained(ckpt_path, args.arch) if ckpt_path != "none" else None
+    (eval transform at `crop` px); ckpt_path 'none' is the random-init backbone (seeded by --seed).
+    `arch`: the backbone's, when it is not --arch (the teacher's)."""
+    arch = arch or args.arch
+    ckpt = load_pretrained(ckpt_path, arch) if ckpt_path != "none" else None
     # --in-channels: the checkpoint's channels and statistics, else (random init) measured on train
     data_args = argparse.Namespace(**{**vars(data_args), "in_channels": args.in_channels, "seed": args.seed,
                                       "channel_mean": None, "channel_std": None, "channel_norm": None})
     channels = resolve_channels(data_args, "train", (ckpt or {}).get("args"))
     torch.manual_seed(args.seed)
-    model = build_backbone(args.arch, small_images=args.small_images, in_channels=channels.count)
+    model = build_backbone(arch, small_images=args.small_images, in_channels=channels.count)
     if ckpt is not None:
         load_backbone(model, ckpt, ckpt_path)
     model.to(device)
@@ -448,13 +481,15 @@ def pretrain_methods(args: argparse.Namespace, data: Data, epochs: Dict[str, int
     is kept): ({method: its last checkpoint}, {"pretrain_<method>": seconds})."""
     import main_byol
     import main_dino
+    import main_distill
     import main_inpaint
     import main_moco
     import main_moco_v3
     import main_simclr
 
     scripts = {"moco": main_moco, "moco_v3": main_moco_v3, "simclr": main_simclr, "inpaint": main_inpaint,
-               "byol": main_byol, "simsiam": main_byol, "dino": main_dino}
+               "byol": main_byol, "simsiam": main_byol, "dino": main_dino,
+               "distill": main_distill}
     backbones: Dict[str, str] = {}
     seconds: Dict[str, float] = {}
     for method in args.methods:
@@ -473,18 +508,23 @@ def pretrain_methods(args: argparse.Namespace, data: Data, epochs: Dict[str, int
 
 
 def probe_backbones(args: argparse.Namespace, data: Data, backbones: Dict[str, str], crops: Dict[str, int],
-                    device: torch.device) -> Tuple[Dict[str, Dict], Dict[str, float]]:
-    """The probes of every backbone at its crop: linear and kNN at each label fraction, and
-    (--lincls-probe) main_lincls.py's SGD probe: ({name: row}, {"probe_<name>": seconds})."""
+                    device: torch.device, archs: Dict[str, str]
+                    ) -> Tuple[Dict[str, Dict], Dict[str, float], Dict[str, float]]:
+    """The probes of every backbone at its crop and architecture (--arch unless `archs` names
+    another): linear and kNN at each label fraction, and (--lincls-probe) main_lincls.py's SGD
+    probe: ({name: row}, {"probe_<name>": seconds}, {name: images/s of the feature extraction,
+    train and test images, one process: what the backbone costs where it is used})."""
     import main_lincls
 
     runs: Dict[str, Dict] = {}
     seconds: Dict[str, float] = {}
+    inference: Dict[str, float] = {}
     for name, ckpt in backbones.items():
         print(f"=> {name}: linear probe and kNN at {crops[name]} px ...", flush=True)
         t0 = time.time()
-        runs[name] = probe_at_fractions(args, embed(args, data.data_args, ckpt, device, crops[name]),
-                                        data.train.targets, data.n_classes, args.fractions)
+        features = embed(args, data.data_args, ckpt, device, crops[name], archs.get(name, ""))
+        inference[name] = (len(features[0][1]) + len(features[1][1])) / (time.time() - t0)
+        runs[name] = probe_at_fractions(args, features, data.train.targets, data.n_classes, args.fractions)
         if args.lincls_probe:
             runs[name]["lincls"] = {}
             for f in args.fractions:
@@ -494,7 +534,7 @@ def probe_backbones(args: argparse.Namespace, data: Data, backbones: Dict[str, s
                            os.path.join(out, "log.txt"))
                 runs[name]["lincls"][str(f)] = read_acc(out)
         seconds[f"probe_{name}"] = time.time() - t0
-    return runs, seconds
+    return runs, seconds, inference
 
 
 def probe_statistics(args: argparse.Namespace, data: Data) -> Dict[str, Dict[str, float]]:
@@ -547,10 +587,14 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
           + ", ".join(f"{f:g} ({n} images)" for f, n in data.labelled.items()), flush=True)
     backbones, seconds = pretrain_methods(args, data, epochs)
     backbones["random_init"] = "none"
+    archs = {}
+    if args.teacher:  # the teacher's own probes: what distillation is measured against
+        backbones["teacher"] = args.teacher
+        archs["teacher"] = checkpoint_arch(args.teacher)
     # each run probed at its own crop (the recipe may choose it); random init at the first run's
     crops = {name: run_crop(ckpt, 32) for name, ckpt in backbones.items()}
     crops["random_init"] = next(iter(crops.values()))
-    runs, probe_seconds = probe_backbones(args, data, backbones, crops, device)
+    runs, probe_seconds, inference = probe_backbones(args, data, backbones, crops, device, archs)
     seconds.update(probe_seconds)
     if args.statistics:
         t0 = time.time()
@@ -561,7 +605,8 @@ def evaluate(args: argparse.Namespace, pool_images: int, seed: int, output_dir: 
         runs["supervised"] = supervised_baseline(args, data, crops["random_init"], device)
     seconds["supervised"] = time.time() - t0
     seconds["total"] = time.time() - t_start
-    return {"runs": runs, "seconds": seconds, "pool": data.n_pool, "train": len(data.train), "test": data.n_test,
+    return {"runs": runs, "seconds": seconds, "inference_images_per_sec": inference, "pool": data.n_pool,
+            "train": len(data.train), "test": data.n_test,
             "labelled": data.labelled, "epochs": epochs, "moco_k": args.moco_k, "crops": crops,
             "recipes": {m: pretrain_argv(m, args, "DATA", f"OUT/{m}", epochs[m]) for m in args.methods}}
 
@@ -592,7 +637,10 @@ def pool_summary(args: argparse.Namespace, per_seed: Dict[int, Dict]) -> Dict:
             for f in cells:
                 m, sd = mean_and_spread([r["runs"][name][kind][f] for r in per_seed.values()])
                 means[name][kind][f], spread[name][kind][f] = m, sd
+    inference = {name: mean_and_spread([r["inference_images_per_sec"][name] for r in per_seed.values()])[0]
+                 for name in first["inference_images_per_sec"]}
     return {"results": means, "spread": spread, "per_seed": {str(k): v for k, v in per_seed.items()},
+            "inference_images_per_sec": inference,
             "epochs": first["epochs"], "moco_k": first["moco_k"], "train": first["train"], "test": first["test"],
             "labelled": first["labelled"], "recipes": first["recipes"]}
 
@@ -636,7 +684,9 @@ def pool_table(args: argparse.Namespace, pool: str, rec: Dict, kinds: List[str])
              f"{rec['moco_k']}; {minutes} min per run), probed on {rec['train']} train / {rec['test']} test "
              f"images, {args.arch}, {'quick' if args.quick else 'full'} budget, {len(args.seeds)} seed(s)"
              + (f", --init {args.init}" if args.init else ", from scratch"))
-    return f"{title}\n{table}"
+    speed = "feature extraction, images/s: " + ", ".join(f"{name} {v:.0f}"
+                                                         for name, v in rec["inference_images_per_sec"].items())
+    return f"{title}\n{table}\n{speed}"
 
 
 def targets_met(args: argparse.Namespace, by_pool: Dict[str, Dict], kinds: List[str]) -> Dict[str, bool]:

@@ -334,3 +334,32 @@ def test_payoff_folds_scores_a_checkpoint_with_shuffled_and_grouped_folds(tmp_pa
     assert "shuffled folds: untrained" in said and "grouped folds: untrained" in said
     doc = json.load(open(tmp_path / "out.json"))[str(tmp_path / "c.pth.tar")]
     assert set(doc) == {"shuffled", "grouped"} and len(doc["grouped"]["checkpoint"]) == 5
+
+
+@pytest.mark.slow
+def test_quality_distils_a_teacher_and_probes_it_at_its_own_architecture(tmp_path):
+    """--methods distill --teacher: main_distill.py runs with that teacher, and the 'teacher' row
+    is probed at the teacher's architecture (resnet18) while the student is another family; every
+    backbone's feature extraction speed is recorded."""
+    from common.nets.models import build_backbone
+    root, _ = write_tiny_mnist(tmp_path / "data", n_train=60, n_test=30)
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", small_images=False, crop_size=32)
+    teacher = str(tmp_path / "teacher.pth.tar")
+    torch.save({"arch": "resnet18", "method": "simclr", "args": {"small_images": False, "crop_size": 32},
+                "state_dict": {f"module.encoder.{k}": v for k, v in net.state_dict().items()}}, teacher)
+    out = tmp_path / "q"
+    rec = bench_quality.main([root, "--quick", "--pretrain-images", "40", "--train-images", "0", "--test-images", "0",
+                              "--pretrain-epochs", "1", "--batch-size", "16", "--fractions", "1", "--no-supervised",
+                              "--methods", "distill", "--teacher", teacher, "-a", "mobilenet_v3_small",
+                              "--device", "cpu", "--output-dir", str(out)])
+    assert set(rec["results"]) == {"distill", "random_init", "teacher", "statistics"}
+    assert rec["recipes"]["distill"][-2:] == ["--teacher", teacher]
+    log = (out / "distill" / "log.txt").read_text()
+    assert "mobilenet_v3_small" in log and "teacher" in log
+    per_seed = rec["by_pool"]["40"]["per_seed"]["0"]
+    assert set(per_seed["inference_images_per_sec"]) == {"distill", "random_init", "teacher"}
+    assert all(v > 0 for v in per_seed["inference_images_per_sec"].values())
+    assert "feature extraction, images/s: distill" in rec["table"]
+    with pytest.raises(SystemExit):  # distill without a teacher: one sentence, before anything runs
+        bench_quality.main([root, "--quick", "--methods", "distill", "--device", "cpu", "--output-dir", str(out)])
