@@ -123,27 +123,30 @@ def small_data_recipe(data: DataProfile, crop_size: int, args: argparse.Namespac
     return values
 
 
-def fill_recipe_defaults(args: argparse.Namespace) -> None:
-    """--optimizer by family, then --lr, --wd, --weight-decay-end by optimizer and the crop scales
-    by family, where the command line left them out; what was chosen is printed."""
-    family = "vit" if args.arch.startswith("vit_") else "other"
-    args.optimizer = args.optimizer or ("adamw" if family == "vit" else "sgd")
+def fill_recipe_defaults(args: argparse.Namespace, values: Dict[str, object], what: str) -> None:
+    """Each of `values` where neither the command line nor `--recipe small` set it; what was
+    chosen is printed."""
     chosen = []
-    for dest, value in {**RECIPES[args.optimizer], **CROPS[family]}.items():
+    for dest, value in values.items():
         if getattr(args, dest) is None:
             setattr(args, dest, list(value) if isinstance(value, tuple) else value)  # (a list, as nargs=2 parses)
             shown = " ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
             chosen.append(f"--{dest.replace('_', '-')} {shown}")
     if chosen:
-        log(f"=> DINO's defaults for {args.optimizer} and -a {args.arch}: {' '.join(chosen)}")
+        log(f"=> DINO's defaults for {what}: {' '.join(chosen)}")
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject impossible combinations before any worker starts."""
-    fill_recipe_defaults(args)
+    # --optimizer by family, then --lr, --wd, --weight-decay-end by optimizer; the crop scales by family
+    # after the recipe, which sets its own for small crops (so the log never shows values it then replaces)
+    family = "vit" if args.arch.startswith("vit_") else "other"
+    args.optimizer = args.optimizer or ("adamw" if family == "vit" else "sgd")
+    fill_recipe_defaults(args, RECIPES[args.optimizer], args.optimizer)
     finalize_pretrain_args(args, "dino", model_flags=("--out-dim", "--use-bn-in-head", "--norm-last-layer",
                                                        "--local-crops-number", "--optimizer"),
                            recipe=small_data_recipe)
+    fill_recipe_defaults(args, CROPS[family], f"-a {args.arch}")
     finalize_view_args(args)
     args.local_crop_size = args.local_crop_size or local_crop_size(args.crop_size)
     for flag in ("crop_min", "crop_max"):

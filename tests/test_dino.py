@@ -503,7 +503,12 @@ def test_recipe_small_sets_the_benchmarks_small_data_dino_and_a_resumed_run_keep
     assert args.local_crops_number == 4 and args.crop_size == 32 and args.local_crop_size == 16
     assert args.global_crops_scale == [0.3, 1.0] and args.local_crops_scale == [0.05, 0.3]
     assert (args.optimizer, args.lr, args.weight_decay) == ("sgd", 0.03, 1e-4)
-    assert "--global-crops-scale 0.3 1 --local-crops-scale 0.05 0.3" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "--global-crops-scale 0.3 1 --local-crops-scale 0.05 0.3" in said
+    assert "--global-crops-scale 0.14" not in said  # DINO's default, which the recipe replaces, is never shown
+    big = finalize("--crop-size", "96")  # past the recipe's small crops: DINO's own scales, shown as its defaults
+    assert big.global_crops_scale == [0.14, 1.0] and "defaults for -a resnet18: --global-crops-scale 0.14 1" in \
+        capsys.readouterr().out
     torch.save({"method": "dino", "epoch": 1, "state_dict": {}, "args": {**vars(args), "epochs": 7}},
                tmp_path / "checkpoint_last.pth.tar")
     assert finalize("--resume", "auto", "--local-crops-number", "4").epochs == 7
