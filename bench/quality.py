@@ -119,10 +119,9 @@ def budget_arg(text: str) -> Union[int, str]:
 
 
 # every method's pretraining script (pretrain_methods) and --recipe small budget's key in SMALL_DATA_BUDGET:
-# SimSiam is main_byol.py --simsiam, whose recipe uses BYOL's budget; DINO has no --recipe small, so BYOL's
-# (SimCLR's 100k, not measured for either); MoCo v3 has none either: MoCo's
+# SimSiam is main_byol.py --simsiam, whose recipe uses BYOL's budget; MoCo v3 has no --recipe small: MoCo's
 METHODS = ("moco", "moco_v3", "simclr", "inpaint", "byol", "simsiam", "dino", "distill")
-BUDGET_OF = {"simsiam": "byol", "dino": "byol", "moco_v3": "moco"}
+BUDGET_OF = {"simsiam": "byol", "moco_v3": "moco"}
 
 
 def pretrain_epochs(args: argparse.Namespace, method: str, pool: int) -> int:
