@@ -1,6 +1,6 @@
 """`--recipe small`'s trial on the train labels (common/train/trial.py): every candidate is
-trained for the first epochs of its own schedule and scored by the payoff probe; the best
-one's run continues; the table is stored; val is never read."""
+trained for the first epochs of its own schedule and scored by the payoff probe; the method's
+views continue when they pay off, else the best one's run; the table is stored; val is never read."""
 import json
 import os
 
@@ -49,8 +49,9 @@ def test_the_best_candidate_continues_and_the_table_is_stored(labelled, tmp_path
     args = finalize(labelled, tmp_path / "run")
     assert args.crop_max == 1.0  # the view check did not choose: the trial will
     ran = []
-    # the method's views (1.0) learn little, weaker jitter (0.25) most, larger crops stop themselves
-    out = trial.recipe_trial(fake_worker({1.0: 55.0, 0.25: 70.0, args.color_strength: 55.0}, ran), args)
+    # the method's views (1.0) do not pay off (gain 1 against a spread of 2), weaker jitter (0.25)
+    # scores best; larger crops share the method's strength (1.0) and score as it does
+    out = trial.recipe_trial(fake_worker({1.0: 51.0, 0.25: 70.0}, ran), args)
     assert [r.color_strength for r in ran] == [1.0, 0.25, 1.0] and ran[2].crop_min == 0.6
     assert all(r.stop_at_epoch == 5 and r.output_dir.startswith(str(tmp_path / "run" / "trial")) for r in ran)
     assert out.color_strength == 0.25 and out.resume == os.path.join(ran[1].output_dir, "checkpoint_last.pth.tar")
@@ -60,6 +61,19 @@ def test_the_best_candidate_continues_and_the_table_is_stored(labelled, tmp_path
     assert doc["chosen"] == "--color-strength 0.25" and doc["images_each"] == 50 and len(doc["rows"]) == 3
     assert os.path.isfile(tmp_path / "run" / "payoff.json") and os.path.isfile(tmp_path / "run" / "metrics.jsonl")
     assert "val" not in read
+
+
+def test_the_method_s_views_are_kept_when_they_pay_off_though_another_scores_higher(labelled, tmp_path, capsys):
+    args = finalize(labelled, tmp_path / "run")
+    ran = []
+    out = trial.recipe_trial(fake_worker({1.0: 55.0, 0.25: 70.0}, ran), args)
+    assert len(ran) == 3 and out.color_strength == 1.0 and out.crop_min == args.crop_min
+    assert out.resume == os.path.join(ran[0].output_dir, "checkpoint_last.pth.tar")
+    assert json.load(open(tmp_path / "run" / "trial.json"))["chosen"] == "the method's views"
+    said = capsys.readouterr().out
+    assert "the method's views pay off (+5.0 against a spread of 2.0), so they are kept although " \
+           "--color-strength 0.25 scores 15.0 higher this early" in said
+    assert "continues the trial's choice, the method's views" in said
 
 
 def test_a_candidate_that_stops_is_left_out_and_no_gain_can_stop_the_run(labelled, tmp_path, capsys):

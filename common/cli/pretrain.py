@@ -102,8 +102,8 @@ def add_recipe_args(parser: argparse.ArgumentParser, what: str, trial: bool = Tr
         return g
     switch(g, "--trial", default=True,
            help="--recipe small with train labels: train each candidate recipe briefly, score it with "
-                "the payoff probe on the train labels (never val), continue the best "
-                "(OUTPUT_DIR/trial.json); --no-trial: the view check alone picks the views")
+                "the payoff probe on the train labels (never val), continue the method's views when "
+                "they pay off, else the best (OUTPUT_DIR/trial.json); --no-trial: the view check alone picks the views")
     switch(g, "--stop-if-no-gain",
            help="stop after the trial (exit status 4, the trial runs kept) when even the best candidate "
                 "does not beat the untrained network by more than the fold spread")
