@@ -166,6 +166,14 @@ def build_byol_optimizer(byol: BYOL, args: argparse.Namespace, lr: float):
     return optimizer
 
 
+def collapse_hint(args: argparse.Namespace) -> str:
+    """What the collapse warning tells the user to try (SimSiam has no target network, so
+    --byol-m is not named for it)."""
+    if not args.stop_grad:
+        return "dropping --no-stop-grad"
+    return "a lower --lr" if args.simsiam else "a lower --lr, or a --byol-m closer to 1"
+
+
 def main_worker(local_rank, args: argparse.Namespace) -> None:
     env, batch_size, workers = start_worker(local_rank, args, preemptible=True)
 
@@ -198,7 +206,7 @@ def main_worker(local_rank, args: argparse.Namespace) -> None:
     # ---- the run's monitors: metrics log, kNN monitor, payoff probe, the collapse watch on the output's std
     # and, for SimSiam (its last BN hides a collapse from the std), its effective rank (no negatives: no
     # contrastive accuracy to judge), stop
-    hint = "dropping --no-stop-grad" if not args.stop_grad else "a lower --lr, or a --byol-m closer to 1"
+    hint = collapse_hint(args)
     run = PretrainRun(args, env, data, lr_schedule(args, lr), (start_epoch, start_iter), checkpoints,
                       learning=StdWatch(args.proj_dim, hint, batch=batch_size, judge_rank=args.simsiam))
 

@@ -220,6 +220,13 @@ def test_a_collapsing_simsiam_run_is_told_by_the_rank_within_a_tenth_of_its_budg
 
 # ---------------------------------------------------------------- the script
 
+def test_the_collapse_hint_names_what_the_method_has():
+    parse = lambda *extra: main_byol.get_args_parser().parse_args(["DATA", *extra])
+    assert main_byol.collapse_hint(parse()) == "a lower --lr, or a --byol-m closer to 1"
+    assert main_byol.collapse_hint(parse("--simsiam")) == "a lower --lr"  # no target network, no --byol-m
+    assert main_byol.collapse_hint(parse("--simsiam", "--no-stop-grad")) == "dropping --no-stop-grad"
+
+
 def test_bad_flags_are_one_sentence(capsys, tmp_path):
     for extra, message in ((["--byol-m", "1.5"], "--byol-m 1.5 is a momentum"),
                            (["--simsiam", "--byol-m", "0.99"], "SimSiam has no momentum copy"),
