@@ -6,9 +6,9 @@ epochs of its own schedule, a few thousand images seen, and scored by the payoff
 pretrained on, never val). The method's own views are kept when they already pay off in the
 trial (choose()); otherwise the best-scoring candidate is. The chosen run is then continued,
 exactly, for its full budget: its trial epochs are not lost, and the others cost about a
-quarter of the run's budget at most. The table is
-printed and stored in OUTPUT_DIR/trial.json. Without labels the view check decides
-(common/train/source_views.py) and the log says the choice was not measured."""
+quarter of the run's budget at most. The table is printed and stored in
+OUTPUT_DIR/trial.json. Without labels the view check decides (common/train/source_views.py)
+and the log says the choice was not measured."""
 import argparse
 import json
 import os
